@@ -1,0 +1,59 @@
+"""effx: rewrite a language model's graph before it runs, and run the result.
+
+    import effx
+    model, tokenizer = effx.models.load("smollm2-135m")
+    prog = effx.transform(model, passes=[])          # a dense Program, token-identical to model.generate
+    out = prog.generate(tokenizer("Explain tides", return_tensors="pt").input_ids, max_new_tokens=64)
+    prog.report()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from . import models
+from .capture import capture
+from .errors import (
+    ArtifactError,
+    EffxError,
+    GenerationInputError,
+    ModelLoadError,
+    PassConfigError,
+    PassError,
+    PlanError,
+    UnsupportedModelError,
+)
+from .passes import Pass, PassManager, parse_pipeline
+from .program import Plan, Program
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactError",
+    "EffxError",
+    "GenerationInputError",
+    "ModelLoadError",
+    "Pass",
+    "PassConfigError",
+    "PassError",
+    "PassManager",
+    "Plan",
+    "PlanError",
+    "Program",
+    "UnsupportedModelError",
+    "capture",
+    "models",
+    "parse_pipeline",
+    "transform",
+]
+
+
+def transform(model, passes: str | Pass | Sequence[Pass | str] | None = None, *, progress: bool = False) -> Program:
+    """Capture ``model`` and apply ``passes`` (Pass objects and/or a pipeline string) in order.
+
+    The pipeline is validated before capture starts. The user's model is never modified: the Program shares
+    its weights read-only, and passes build new tensors for whatever they change.
+    """
+    manager = PassManager(passes)
+    program = capture(model, progress=progress)
+    return manager.run(program)

@@ -1,0 +1,399 @@
+"""Capture a Hugging Face decoder-only model as a staged :class:`~effx.program.Program`.
+
+This is the one module that touches ``torch.export`` and transformers internals. It exports (non-strict)
+three kinds of stage:
+
+* ``embed``   ``(input_ids, position_ids) -> (hidden, cos, sin)``: token embedding and rotary tables;
+* ``layer.i`` ``(hidden, cos, sin, mask, past_k, past_v) -> (hidden, k, v)``: one decoder layer, with its
+  KV cache explicit: ``past_*`` are the cached keys/values ``[batch, kv_heads, past, head_dim]`` and
+  ``k``/``v`` those of the new tokens only (the runtime owns the cache and writes them in);
+* ``head``    ``(hidden) -> logits``: final norm and LM head.
+
+Batch, sequence and past length are dynamic in every graph (past may be 0), so one graph serves prefill,
+decode and multi-token extension. The decoder layers of a model usually share one structure: capture
+exports the first and re-binds its graph to the weights of the others (checked per layer; a layer whose
+structure differs is exported on its own). Parameters are shared with the user's model, never copied or
+modified.
+
+Every ATen node is tagged in ``node.meta``: ``effx_role`` (``embed``, ``rope``, ``norm``, ``attn.q``,
+``attn.k``, ``attn.v``, ``attn.core``, ``attn.sdpa``, ``attn.o``, ``mlp.gate``, ``mlp.up``, ``mlp.act``,
+``mlp.mul``, ``mlp.down``, ``residual``, ``lm_head``, ``shape``, ``io``), ``effx_layer`` (the decoder
+layer index, or None) and ``effx_module`` (the sub-module path from ``nn_module_stack``).
+
+Attention is exported through a registered transformers attention function (``"effx"``) that calls
+``scaled_dot_product_attention`` with the explicit mask the runtime builds. It has no shape-dependent
+branches, and on CPU it is bitwise equal to the ``sdpa`` path that ``model.generate`` takes.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.export import Dim, export
+
+from .errors import UnsupportedModelError
+from .program import ModelInfo, Program, Stage
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "capture"]
+
+# Model types whose glue between layers (embedding, rotary tables, mask, final norm) is the plain Llama one
+# that the runtime reproduces. Capture also checks the result numerically against the model's own forward.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+_ATTN_NAME = "effx"
+
+_MODULE_ROLES = {
+    "embed_tokens": "embed",
+    "rotary_emb": "rope",
+    "input_layernorm": "norm",
+    "post_attention_layernorm": "norm",
+    "norm": "norm",
+    "q_norm": "norm",
+    "k_norm": "norm",
+    "q_proj": "attn.q",
+    "k_proj": "attn.k",
+    "v_proj": "attn.v",
+    "o_proj": "attn.o",
+    "gate_proj": "mlp.gate",
+    "up_proj": "mlp.up",
+    "down_proj": "mlp.down",
+    "act_fn": "mlp.act",
+    "lm_head": "lm_head",
+}
+
+
+def _effx_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA with the runtime's explicit additive mask; ``query`` may have more heads than ``key`` (GQA)."""
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+class _StageCache:
+    """The cache object a decoder layer sees during export: cached K/V in, new K/V recorded."""
+
+    def __init__(self, past_k: torch.Tensor, past_v: torch.Tensor):
+        self.past_k, self.past_v = past_k, past_v
+        self.new: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        self.new = (key_states, value_states)
+        return torch.cat([self.past_k, key_states], dim=2), torch.cat([self.past_v, value_states], dim=2)
+
+
+class _Embed(torch.nn.Module):
+    def __init__(self, embed_tokens, rotary_emb):
+        super().__init__()
+        self.embed_tokens, self.rotary_emb = embed_tokens, rotary_emb
+
+    def forward(self, input_ids, position_ids):
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(hidden, position_ids)
+        return hidden, cos, sin
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden, cos, sin, mask, past_k, past_v):
+        cache = _StageCache(past_k, past_v)
+        out = self.layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=cache)
+        if isinstance(out, tuple):
+            out = out[0]
+        k, v = cache.new
+        return out, k, v
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, norm, lm_head):
+        super().__init__()
+        self.norm, self.lm_head = norm, lm_head
+
+    def forward(self, hidden):
+        return self.lm_head(self.norm(hidden))
+
+
+def _fail(model, step: str, detail: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"cannot capture {type(model).__name__} (model_type={getattr(model.config, 'model_type', '?')!r}): "
+        f"step '{step}' failed: {detail}"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _check_architecture(model) -> None:
+    config = getattr(model, "config", None)
+    if config is None or not isinstance(model, torch.nn.Module):
+        raise UnsupportedModelError(
+            f"cannot capture {type(model).__name__}: step 'check architecture' failed: "
+            "not a transformers PreTrainedModel (no .config)"
+        )
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise _fail(
+            model,
+            "check architecture",
+            f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
+        )
+    base = getattr(model, "model", None)
+    for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if base is None or not hasattr(base, attr):
+            raise _fail(model, "check architecture", f"expected model.model.{attr} (a decoder-only LM with a head)")
+    if not hasattr(model, "lm_head"):
+        raise _fail(model, "check architecture", "expected model.lm_head: capture needs a causal LM, not a base model")
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    if _ATTN_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_ATTN_NAME, _effx_attention)
+
+
+def _private_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` that shares its parameters and buffers but has its own config objects, set to
+    the effx attention function. The user's model is left exactly as it was."""
+    memo = {id(t): t for t in module.parameters()}
+    memo.update({id(t): t for t in module.buffers()})
+    clone = copy.deepcopy(module, memo)
+    for sub in clone.modules():
+        cfg = getattr(sub, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = _ATTN_NAME
+    return clone
+
+
+def _layer_windows(config) -> list[int | None]:
+    """The sliding-attention window of each layer (None for full attention), as transformers applies it."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return [window if t == "sliding_attention" else None for t in layer_types[:n]]
+    if config.model_type == "mistral":
+        return [window] * n
+    return [None] * n
+
+
+def _structure(module: torch.nn.Module) -> tuple:
+    """What must match for two layers to share one exported graph."""
+    params = tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters())
+    buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in module.named_buffers())
+    classes = tuple((n, type(m).__qualname__) for n, m in module.named_modules())
+    return params, buffers, classes
+
+
+def _export(module: torch.nn.Module, args: tuple, dynamic: tuple) -> torch.fx.GraphModule:
+    with torch.no_grad():
+        ep = export(module, args, dynamic_shapes=dynamic, strict=False)
+    gm = ep.module()
+    # A plain GraphModule over the same graph: positional inputs, a tuple out, and no per-call input guards
+    # (the runtime checks shapes once per generate call, not once per stage call).
+    graph = copy.deepcopy(gm.graph)
+    graph._codegen = torch.fx.graph.CodeGen()
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    return _rebind(gm, graph, gm)
+
+
+def _rebind(template: torch.nn.Module, graph: torch.fx.Graph, owner: torch.nn.Module) -> torch.fx.GraphModule:
+    """A GraphModule running ``graph`` with the attributes (weights) of ``owner``; attributes that only the
+    template has (constants lifted by export) come from the template."""
+    root = {}
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target not in root:
+            try:
+                root[node.target] = operator.attrgetter(node.target)(owner)
+            except AttributeError:
+                root[node.target] = operator.attrgetter(node.target)(template)
+    return torch.fx.GraphModule(root, graph)
+
+
+_NOOP_TARGETS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
+def _simplify(gm: torch.fx.GraphModule) -> None:
+    """Drop export's metadata asserts and dtype conversions to the dtype a tensor already has."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _NOOP_TARGETS and not node.users:
+            gm.graph.erase_node(node)
+        elif node.target == torch.ops.aten.to.dtype:
+            src = node.args[0]
+            val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+            if val is not None and val.dtype == node.args[1] and len(node.args) == 2 and not node.kwargs:
+                node.replace_all_uses_with(src)
+                gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def _role(node: torch.fx.Node, path: str, stage_kind: str) -> str:
+    if node.op in ("placeholder", "output"):
+        return "io"
+    if node.op == "get_attr":
+        return "weight"
+    if node.target == torch.ops.aten.scaled_dot_product_attention.default:
+        return "attn.sdpa"
+    if node.target == torch.ops.aten.sym_size.int:
+        return "shape"
+    parts = [p for p in path.split(".") if p and not p.isdigit()]
+    for part in reversed(parts):
+        if part in _MODULE_ROLES:
+            return _MODULE_ROLES[part]
+    if "self_attn" in parts:
+        return "attn.core"
+    if "mlp" in parts:
+        return "mlp.mul"
+    return "residual" if stage_kind == "layer" else "other"
+
+
+def tag_roles(gm: torch.fx.GraphModule, stage_kind: str, layer: int | None) -> None:
+    """Write ``effx_role``, ``effx_layer`` and ``effx_module`` on every node of a captured stage graph."""
+    wrapper_attr = {"embed": "", "layer": "layer", "head": ""}[stage_kind]
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        path = ""
+        if stack:
+            path = list(stack.values())[-1][0]
+            if path.startswith("L['self']."):
+                path = path[len("L['self'].") :]
+            if wrapper_attr and path.startswith(wrapper_attr + "."):
+                path = path[len(wrapper_attr) + 1 :]
+            elif path == wrapper_attr:
+                path = ""
+        node.meta["effx_module"] = path
+        node.meta["effx_role"] = _role(node, path, stage_kind)
+        node.meta["effx_layer"] = layer
+
+
+def _model_info(model) -> ModelInfo:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return ModelInfo(
+        architecture=type(model).__name__,
+        model_type=c.model_type,
+        num_layers=c.num_hidden_layers,
+        hidden_size=c.hidden_size,
+        intermediate_size=getattr(c, "intermediate_size", 0),
+        num_heads=c.num_attention_heads,
+        num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        head_dim=head_dim,
+        vocab_size=c.vocab_size,
+        max_positions=getattr(c, "max_position_embeddings", 8192),
+        dtype=str(model.dtype).replace("torch.", ""),
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+    )
+
+
+def capture(
+    model,
+    *,
+    reuse_layer_graphs: bool = True,
+    verify: bool = True,
+    progress: bool = False,
+) -> Program:
+    """Capture ``model`` (a transformers causal LM of the Llama family) as a dense :class:`Program`.
+
+    ``reuse_layer_graphs`` exports one decoder layer and re-binds its graph to the others' weights when their
+    structure matches (set False to export each layer). ``verify`` checks the captured stages against the
+    model's own forward on a short input and raises :class:`UnsupportedModelError` if they disagree.
+    """
+    _check_architecture(model)
+    _register_attention()
+    info = _model_info(model)
+    base = model.model
+    dtype = model.dtype
+    windows = _layer_windows(model.config)
+
+    b, s, p = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=info.max_positions), Dim(
+        "past", min=0, max=info.max_positions
+    )
+    B, S, P = 2, 3, 2
+    ids = torch.zeros(B, S, dtype=torch.long)
+    hidden = torch.zeros(B, S, info.hidden_size, dtype=dtype)
+    step = "export embed"
+    try:
+        # distinct example tensors: export treats one tensor passed twice as one input
+        pos = torch.arange(S).expand(B, S).clone()
+        embed_gm = _export(_Embed(base.embed_tokens, base.rotary_emb), (ids, pos), ({0: b, 1: s}, {0: b, 1: s}))
+        with torch.no_grad():
+            _, cos, sin = embed_gm(ids, pos)
+        mask = torch.zeros(B, 1, S, P + S, dtype=dtype)
+        past_k = torch.zeros(B, info.num_kv_heads, P, info.head_dim, dtype=dtype)
+        layer_args = (hidden, cos, sin, mask, past_k, past_k.clone())
+        layer_dyn = (
+            {0: b, 1: s},
+            {0: b, 1: s},
+            {0: b, 1: s},
+            {0: b, 2: s, 3: Dim.AUTO},
+            {0: b, 2: p},
+            {0: b, 2: p},
+        )
+        stages = [Stage("embed", "embed", embed_gm)]
+        exported: list[tuple[tuple, torch.fx.GraphModule]] = []
+        layers = list(base.layers)
+        iterator: Callable = iter
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = lambda xs: tqdm(xs, desc="capture layers", unit="layer")  # noqa: E731
+        for i in iterator(range(len(layers))):
+            step = f"export layer {i}"
+            wrapper = _Layer(layers[i])
+            key = _structure(layers[i])
+            template = next((gm for k, gm in exported if k == key), None) if reuse_layer_graphs else None
+            if template is None:
+                gm = _export(_Layer(_private_copy(layers[i])), layer_args, layer_dyn)
+                exported.append((key, gm))
+            else:
+                gm = _rebind(template, copy.deepcopy(template.graph), wrapper)
+            stages.append(Stage(f"layer.{i}", "layer", gm, layer=i, attrs={"sliding_window": windows[i]}))
+        step = "export head"
+        head_gm = _export(_Head(base.norm, model.lm_head), (hidden,), ({0: b, 1: s},))
+        stages.append(Stage("head", "head", head_gm))
+    except UnsupportedModelError:
+        raise
+    except Exception as e:  # torch.export raises many types; the user gets one with the step named
+        raise _fail(model, step, _first_line(e)) from e
+
+    for stage in stages:
+        _simplify(stage.graph)
+        tag_roles(stage.graph, stage.kind, stage.layer)
+    program = Program.from_stages(stages, info, generation_config=getattr(model, "generation_config", None))
+    if verify:
+        _verify(model, program)
+    return program
+
+
+def _verify(model, program: Program) -> None:
+    """The captured stages must reproduce the model's own logits on a short input."""
+    from .runtime.forward import forward_logits
+
+    ids = torch.arange(1, 9, dtype=torch.long).remainder(program.info.vocab_size)[None]
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+        got = forward_logits(program, ids)
+    err = (ref - got).abs().max().item()
+    scale = ref.abs().max().item() + 1.0
+    tol = 1e-4 if ref.dtype == torch.float32 else 2e-2
+    if not err <= tol * scale:
+        raise _fail(model, "verify", f"captured stages differ from the model's forward by {err:.3g} (max |logit|)")

@@ -1,0 +1,35 @@
+"""The typed errors effx raises. Every message says what is wrong and what fixes it."""
+
+from __future__ import annotations
+
+
+class EffxError(Exception):
+    """Base class of every error effx raises on purpose."""
+
+
+class UnsupportedModelError(EffxError):
+    """The model (its class, an op, or a step of capture) is not supported."""
+
+
+class ModelLoadError(EffxError):
+    """A model could not be found or loaded (missing package, wrong path, missing extra)."""
+
+
+class PassError(EffxError):
+    """A pass failed, was misordered, or broke the promise it states."""
+
+
+class PassConfigError(PassError, ValueError):
+    """A pass was given an invalid argument, or a pipeline string is malformed."""
+
+
+class PlanError(EffxError):
+    """A plan is malformed, inconsistent, or from an unknown schema version."""
+
+
+class ArtifactError(EffxError):
+    """An exported artifact is missing a file, fails its checksum, or is otherwise unusable."""
+
+
+class GenerationInputError(EffxError, ValueError):
+    """The inputs of generate() are invalid (empty prompt, bad mask, bad generation settings)."""

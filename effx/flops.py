@@ -1,0 +1,160 @@
+"""FLOPs of a Program, counted exactly from its stage graphs.
+
+A stage graph is run on ``meta`` tensors (shapes only, no arithmetic) and every matrix product is counted:
+``linear``, ``mm``/``addmm``/``bmm``/``matmul`` and ``scaled_dot_product_attention`` (its two products).
+One multiply-add is 2 FLOPs. Element-wise ops, norms and softmax are not counted; fvcore does the same
+for element-wise ops and counts a multiply-add as 1, so ``effx FLOPs == 2 * fvcore`` on the ops both
+count (tests/test_flops.py checks this).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+__all__ = ["count_graph_flops", "decode_flops", "format_report", "prefill_flops", "program_flops", "stage_inputs"]
+
+aten = torch.ops.aten
+_META = torch.device("meta")
+
+
+def _numel(shape) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def _matmul_flops(a, b, out) -> int:
+    return 2 * _numel(out.shape) * int(a.shape[-1])
+
+
+def _op_flops(target, args, kwargs, out) -> int:
+    if target == aten.linear.default:
+        x, w = args[0], args[1]
+        return 2 * (_numel(x.shape) // int(x.shape[-1])) * int(w.shape[0]) * int(w.shape[1])
+    if target in (aten.mm.default, aten.bmm.default, aten.matmul.default):
+        return _matmul_flops(args[0], args[1], out)
+    if target == aten.addmm.default:
+        return _matmul_flops(args[1], args[2], out)
+    if target == aten.scaled_dot_product_attention.default:
+        q, k, v = args[0], args[1], args[2]
+        rows = _numel(q.shape[:-1])  # batch * heads * queries
+        keys = int(k.shape[-2])
+        return 2 * rows * keys * int(q.shape[-1]) + 2 * rows * keys * int(v.shape[-1])
+    return 0
+
+
+class _MetaCounter(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self.by_role: dict[str, int] = {}
+
+    def fetch_attr(self, target: str):
+        value = super().fetch_attr(target)
+        if isinstance(value, torch.Tensor):
+            return torch.empty_like(value, device="meta")
+        return value
+
+    def call_function(self, target, args, kwargs):
+        # ops that name a device (``to.device``, factories) must stay on meta
+        args = tuple(_META if isinstance(a, torch.device) else a for a in args)
+        if isinstance(kwargs.get("device"), torch.device):
+            kwargs = {**kwargs, "device": _META}
+        out = super().call_function(target, args, kwargs)
+        flops = _op_flops(target, args, kwargs, out)
+        if flops:
+            role = self.current_node.meta.get("effx_role", "other")
+            self.by_role[role] = self.by_role.get(role, 0) + flops
+        return out
+
+    def run_node(self, n):
+        self.current_node = n
+        return super().run_node(n)
+
+
+def count_graph_flops(gm: torch.fx.GraphModule, inputs: tuple) -> dict[str, int]:
+    """FLOPs of one run of ``gm`` on inputs of the given shapes, by node role (``effx_role``)."""
+    meta_inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
+    counter = _MetaCounter(gm)
+    with torch.no_grad():
+        counter.run(*meta_inputs)
+    return counter.by_role
+
+
+def stage_inputs(program, kind: str, *, batch: int, seq: int, past: int) -> tuple:
+    """Example inputs (meta tensors) for a stage of ``kind`` at the given batch, new tokens and cached tokens."""
+    info = program.info
+    dt = info.torch_dtype
+    m = "meta"
+    if kind == "embed":
+        ids = torch.zeros(batch, seq, dtype=torch.long, device=m)
+        return ids, ids
+    if kind == "layer":
+        hidden = torch.empty(batch, seq, info.hidden_size, dtype=dt, device=m)
+        rope = torch.empty(batch, seq, info.head_dim, dtype=dt, device=m)
+        mask = torch.empty(batch, 1, seq, past + seq, dtype=dt, device=m)
+        kv = torch.empty(batch, info.num_kv_heads, past, info.head_dim, dtype=dt, device=m)
+        return hidden, rope, rope, mask, kv, kv
+    if kind == "head":
+        return (torch.empty(batch, seq, info.hidden_size, dtype=dt, device=m),)
+    raise ValueError(f"unknown stage kind {kind!r}")
+
+
+def program_flops(program, *, context: int = 512, prompt: int | None = None, batch: int = 1) -> dict[str, int]:
+    """FLOPs per stage: one decode token at ``context`` cached tokens, or (``prompt=N``) a prefill of N tokens
+    (the head then runs on the last position only, as in generation)."""
+    seq, past = (1, context) if prompt is None else (prompt, 0)
+    out: dict[str, int] = {}
+    for stage in program:
+        s = 1 if stage.kind == "head" else seq
+        inputs = stage_inputs(program, stage.kind, batch=batch, seq=s, past=past)
+        out[stage.name] = sum(count_graph_flops(stage.graph, inputs).values())
+    return out
+
+
+def decode_flops(program, *, context: int = 512) -> int:
+    """Total FLOPs to decode one token at ``context`` cached tokens (batch 1)."""
+    return sum(program_flops(program, context=context).values())
+
+
+def prefill_flops(program, prompt: int) -> int:
+    return sum(program_flops(program, prompt=prompt).values())
+
+
+def _param_bytes(gm: torch.fx.GraphModule) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def format_report(program, *, context: int = 512) -> str:
+    info = program.info
+    per_stage = program_flops(program, context=context)
+    total = sum(per_stage.values())
+    lines: list[str] = [
+        f"effx Program: {info.architecture} ({info.model_type}), {info.num_layers} layers, hidden {info.hidden_size}, "
+        f"heads {info.num_heads}/{info.num_kv_heads} kv, vocab {info.vocab_size}, {info.dtype}",
+        "",
+        f"{'stage':<10} {'nodes':>6} {'MB':>8} {'MFLOPs/token':>13}  roles",
+    ]
+    summary: dict[str, Any] = {}
+    for stage in program:
+        roles = stage.role_counts()
+        n_nodes = sum(roles.values())
+        roles_text = " ".join(f"{r}:{c}" for r, c in sorted(roles.items()) if r not in ("shape",))
+        mb = _param_bytes(stage.graph) / 1e6
+        summary[stage.name] = roles
+        lines.append(f"{stage.name:<10} {n_nodes:>6} {mb:>8.1f} {per_stage[stage.name] / 1e6:>13.2f}  {roles_text}")
+    lines.append("")
+    lines.append(f"decode FLOPs/token at context {context}: {total:,} ({total / 1e6:.1f} MFLOPs)")
+    if program.reports:
+        lines.append("")
+        lines.append("passes:")
+        lines += ["  " + line for r in program.reports for line in r.format().splitlines()]
+    else:
+        lines.append("passes: none (dense)")
+    return "\n".join(lines)

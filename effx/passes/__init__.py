@@ -1,0 +1,23 @@
+"""Graph passes. Each pass is a registered, frozen dataclass; see :mod:`effx.passes.base`."""
+
+from .base import (
+    Pass,
+    PassManager,
+    PassReport,
+    PassResult,
+    get_pass,
+    parse_pipeline,
+    register_pass,
+    registered_passes,
+)
+
+__all__ = [
+    "Pass",
+    "PassManager",
+    "PassReport",
+    "PassResult",
+    "get_pass",
+    "parse_pipeline",
+    "register_pass",
+    "registered_passes",
+]

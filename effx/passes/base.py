@@ -1,0 +1,318 @@
+"""Pass infrastructure: Pass configs, results and reports, a registry, a pipeline parser and a manager.
+
+A pass is a frozen dataclass: its fields are its configuration, validated in ``__post_init__``
+(:class:`PassConfigError`, a ValueError). ``apply(program)`` returns a :class:`PassResult` with a *new*
+Program (never an edited one), ``modified`` computed from what changed, and a :class:`PassReport` of the
+sites changed and the sites skipped with their reasons. ``ensures(program)`` checks the promise the pass's
+docstring states and raises :class:`PassError` when it does not hold.
+
+Pipelines parse from strings: ``"early-exit{layers=8,16,24 measure=top2-gap}, neuron-mask{keep=0.5}"``.
+Inside braces, arguments are ``key=value`` separated by spaces or ``;``; a value with commas is a list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..errors import PassConfigError, PassError
+
+__all__ = [
+    "Pass",
+    "PassManager",
+    "PassReport",
+    "PassResult",
+    "get_pass",
+    "parse_pipeline",
+    "register_pass",
+    "registered_passes",
+]
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+@dataclass
+class PassReport:
+    """What a pass did: sites changed, sites skipped (with why), FLOPs per token before and after."""
+
+    name: str
+    config: dict[str, Any]
+    changed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    flops_before: int | None = None
+    flops_after: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def change(self, site: str, what: str) -> None:
+        self.changed.append((site, what))
+
+    def skip(self, site: str, why: str) -> None:
+        self.skipped.append((site, why))
+
+    def format(self) -> str:
+        lines = [f"pass {self.name} {self.config}"]
+        lines += [f"  changed {site}: {what}" for site, what in self.changed]
+        lines += [f"  skipped {site}: {why}" for site, why in self.skipped]
+        if not self.changed:
+            lines.append("  (changed nothing)")
+        if self.flops_before is not None and self.flops_after is not None:
+            ratio = self.flops_after / self.flops_before if self.flops_before else float("nan")
+            lines.append(f"  FLOPs/token {self.flops_before:,} -> {self.flops_after:,} ({ratio:.3f}x)")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass
+class PassResult:
+    program: Any  # effx.program.Program
+    modified: bool
+    report: PassReport
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base class of passes. Subclasses are frozen dataclasses registered with :func:`register_pass`.
+
+    Class attributes: ``name`` (registry and pipeline name), ``after`` (names of passes that, when present
+    in a pipeline, must run before this one) and ``before`` (names that must run after it).
+    """
+
+    name: ClassVar[str] = ""
+    after: ClassVar[tuple[str, ...]] = ()
+    before: ClassVar[tuple[str, ...]] = ()
+
+    def apply(self, program) -> PassResult:
+        raise NotImplementedError(f"{type(self).__name__} does not implement apply()")
+
+    def ensures(self, program) -> None:
+        """Check the pass's postcondition on its output; raise PassError if it does not hold."""
+
+    def config(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "config": self.config()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Pass:
+        if not isinstance(data, dict) or "name" not in data:
+            raise PassConfigError(f"a pass is a JSON object with 'name' and 'config', got {data!r}")
+        klass = get_pass(data["name"])
+        return _construct(klass, dict(data.get("config", {})))
+
+    def new_report(self) -> PassReport:
+        return PassReport(self.name, self.config())
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available by its ``name`` (in pipelines and JSON)."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} needs a class attribute 'name' to be registered")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing.__qualname__ != cls.__qualname__:
+        raise TypeError(f"pass name {cls.name!r} is taken by {existing.__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    return dict(_REGISTRY)
+
+
+def get_pass(name: str) -> type[Pass]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none registered"
+        raise PassConfigError(f"unknown pass {name!r}; known passes: {known}") from None
+
+
+def _construct(klass: type[Pass], kwargs: dict[str, Any]) -> Pass:
+    fields = {f.name: f for f in dataclasses.fields(klass)}
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise PassConfigError(
+            f"pass {klass.name!r} has no argument(s) {unknown}; its arguments are {sorted(fields) or 'none'}"
+        )
+    hints = typing.get_type_hints(klass)
+    coerced = {k: _coerce(klass.name, k, v, hints.get(k)) for k, v in kwargs.items()}
+    try:
+        return klass(**coerced)
+    except TypeError as e:
+        raise PassConfigError(f"pass {klass.name!r}: {e}") from e
+
+
+def _coerce(pass_name: str, key: str, value, hint):
+    """Make JSON/pipeline values fit the field's type: lists become tuples, a lone item a 1-tuple."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    wants_tuple = origin is tuple or any(typing.get_origin(a) is tuple for a in args)
+    if wants_tuple:
+        if isinstance(value, list):
+            return tuple(value)
+        if not isinstance(value, tuple) and value is not None:
+            return (value,)
+    return value
+
+
+# -- pipeline strings -----------------------------------------------------------------------------------
+
+_NAME = re.compile(r"\s*([A-Za-z][\w-]*)\s*")
+
+
+def _parse_scalar(text: str):
+    t = text.strip()
+    if not t:
+        raise ValueError("empty value")
+    low = t.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    if len(t) >= 2 and t[0] == t[-1] and t[0] in "'\"":
+        return t[1:-1]
+    return t
+
+
+def _parse_args(pass_name: str, body: str) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    for item in re.split(r"[;\s]+", body.strip()):
+        if not item:
+            continue
+        if "=" not in item:
+            raise PassConfigError(f"pass {pass_name!r}: argument {item!r} is not of the form key=value")
+        key, _, raw = item.partition("=")
+        if not re.fullmatch(r"[A-Za-z_]\w*", key):
+            raise PassConfigError(f"pass {pass_name!r}: {key!r} is not an argument name")
+        if key in args:
+            raise PassConfigError(f"pass {pass_name!r}: argument {key!r} given twice")
+        try:
+            parts = [_parse_scalar(p) for p in raw.split(",")]
+        except ValueError:
+            raise PassConfigError(f"pass {pass_name!r}: argument {key!r} has an empty value") from None
+        args[key] = parts[0] if len(parts) == 1 else tuple(parts)
+    return args
+
+
+def parse_pipeline(text: str) -> list[Pass]:
+    """Parse ``"name{key=value ...}, name2, ..."`` into pass instances (validated)."""
+    if not isinstance(text, str):
+        raise PassConfigError(f"a pipeline is a string, got {type(text).__name__}")
+    passes: list[Pass] = []
+    pos = 0
+    n = len(text)
+    while pos < n:
+        if text[pos:].strip() == "":
+            break
+        m = _NAME.match(text, pos)
+        if not m:
+            raise PassConfigError(f"pipeline {text!r}: expected a pass name at character {pos}: {text[pos:]!r}")
+        name = m.group(1)
+        pos = m.end()
+        args: dict[str, Any] = {}
+        if pos < n and text[pos] == "{":
+            close = text.find("}", pos)
+            if close < 0:
+                raise PassConfigError(f"pipeline {text!r}: '{{' after {name!r} is never closed")
+            if "{" in text[pos + 1 : close]:
+                raise PassConfigError(f"pipeline {text!r}: nested '{{' in the arguments of {name!r}")
+            args = _parse_args(name, text[pos + 1 : close])
+            pos = close + 1
+        passes.append(_construct(get_pass(name), args))
+        rest = text[pos:].lstrip()
+        pos = n - len(rest)
+        if pos < n:
+            if text[pos] != ",":
+                raise PassConfigError(
+                    f"pipeline {text!r}: expected ',' between passes at character {pos}, found {text[pos]!r}"
+                )
+            pos += 1
+            if text[pos:].strip() == "":
+                raise PassConfigError(f"pipeline {text!r}: trailing ',' with no pass after it")
+    return passes
+
+
+# -- the manager ----------------------------------------------------------------------------------------
+
+
+def _as_passes(passes: str | Pass | Iterable[Pass | str] | None) -> list[Pass]:
+    if passes is None:
+        return []
+    if isinstance(passes, str):
+        return parse_pipeline(passes)
+    if isinstance(passes, Pass):
+        return [passes]
+    out: list[Pass] = []
+    for p in passes:
+        if isinstance(p, str):
+            out.extend(parse_pipeline(p))
+        elif isinstance(p, Pass):
+            out.append(p)
+        else:
+            raise PassConfigError(f"expected a Pass or a pipeline string, got {type(p).__name__}: {p!r}")
+    return out
+
+
+class PassManager:
+    """Runs passes in order after checking their ordering constraints.
+
+    Any error names the failing pass and the passes that ran before it.
+    """
+
+    def __init__(self, passes: str | Pass | Sequence[Pass | str] | None):
+        self.passes = _as_passes(passes)
+        self.check_order()
+
+    def _context(self, index: int) -> str:
+        before = [p.name for p in self.passes[:index]]
+        return f"pass {self.passes[index].name!r} (#{index + 1}; after: {', '.join(before) or 'none'})"
+
+    def check_order(self) -> None:
+        names = [p.name for p in self.passes]
+        for i, p in enumerate(self.passes):
+            for other in p.after:
+                late = [j for j, n in enumerate(names) if n == other and j > i]
+                if late:
+                    raise PassError(f"{self._context(i)} must run after {other!r}, which comes later in the pipeline")
+            for other in p.before:
+                early = [j for j, n in enumerate(names) if n == other and j < i]
+                if early:
+                    raise PassError(f"{self._context(i)} must run before {other!r}, which comes earlier in the pipeline")
+
+    def run(self, program):
+        from ..flops import decode_flops
+
+        for i, p in enumerate(self.passes):
+            before = decode_flops(program)
+            try:
+                result = p.apply(program)
+            except PassError as e:
+                raise type(e)(f"{self._context(i)}: {e}") from e
+            except Exception as e:
+                raise PassError(f"{self._context(i)} failed: {type(e).__name__}: {e}") from e
+            if not isinstance(result, PassResult):
+                raise PassError(f"{self._context(i)} returned {type(result).__name__}, not PassResult")
+            try:
+                p.ensures(result.program)
+            except PassError as e:
+                raise PassError(f"{self._context(i)} broke its promise: {e}") from e
+            report = result.report
+            report.flops_before = before
+            report.flops_after = decode_flops(result.program)
+            program = result.program.with_pass(p.to_json(), report)
+        return program

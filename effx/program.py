@@ -1,0 +1,284 @@
+"""Program: ordered stages (torch.fx GraphModules) plus a frozen, JSON-serializable Plan.
+
+The Plan is all the runtime reads to decide what to run: stage order and signatures, the model's shapes,
+the passes applied, and generation defaults. Stage graphs hold the computation; the plan holds the
+decisions around them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TextIO
+
+import torch
+
+from .errors import PlanError
+
+if TYPE_CHECKING:
+    from .passes.base import PassReport
+
+__all__ = ["PLAN_SCHEMA_VERSION", "ModelInfo", "Plan", "Program", "Stage", "StageSpec"]
+
+PLAN_SCHEMA_VERSION = 1
+
+STAGE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "embed": (("input_ids", "position_ids"), ("hidden", "cos", "sin")),
+    "layer": (("hidden", "cos", "sin", "mask", "past_k", "past_v"), ("hidden", "k", "v")),
+    "head": (("hidden",), ("logits",)),
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Shapes and identity of the captured model."""
+
+    architecture: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    dtype: str
+    tie_word_embeddings: bool
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage as the plan records it: its name, kind, layer and signature."""
+
+    name: str
+    kind: str
+    layer: int | None
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    sliding_window: int | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Frozen, JSON-serializable description of a Program. ``from_json(to_json())`` round-trips."""
+
+    model: ModelInfo
+    stages: tuple[StageSpec, ...]
+    passes: tuple[dict[str, Any], ...] = ()
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    schema_version: int = PLAN_SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        if not isinstance(data, dict):
+            raise PlanError(f"a plan is a JSON object, got {type(data).__name__}")
+        version = data.get("schema_version")
+        if version != PLAN_SCHEMA_VERSION:
+            raise PlanError(
+                f"plan schema version {version!r} is not supported (this effx reads version {PLAN_SCHEMA_VERSION}); "
+                "re-create the plan with this version of effx"
+            )
+        try:
+            model = ModelInfo(**data["model"])
+            stages = tuple(
+                StageSpec(**{**s, "inputs": tuple(s["inputs"]), "outputs": tuple(s["outputs"])})
+                for s in data["stages"]
+            )
+            plan = cls(
+                model=model,
+                stages=stages,
+                passes=tuple(data.get("passes", ())),
+                eos_token_ids=tuple(data.get("eos_token_ids", ())),
+                pad_token_id=data.get("pad_token_id"),
+            )
+        except (KeyError, TypeError) as e:
+            raise PlanError(f"malformed plan: {e}") from e
+        plan.validate()
+        return plan
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise PlanError(f"plan is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    def validate(self) -> None:
+        """Check that the stages form a runnable model: embed, each layer once and in order, head."""
+        kinds = [s.kind for s in self.stages]
+        if not kinds or kinds[0] != "embed" or kinds[-1] != "head":
+            raise PlanError(f"a plan starts with an embed stage and ends with a head stage; got {kinds}")
+        layers = [s.layer for s in self.stages if s.kind == "layer"]
+        if layers != list(range(self.model.num_layers)):
+            raise PlanError(f"plan layers {layers} are not 0..{self.model.num_layers - 1} in order")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise PlanError(f"stage names repeat: {names}")
+        for s in self.stages:
+            if s.kind not in STAGE_SIGNATURES:
+                raise PlanError(f"stage {s.name!r} has unknown kind {s.kind!r}")
+            if (s.inputs, s.outputs) != STAGE_SIGNATURES[s.kind]:
+                raise PlanError(f"stage {s.name!r} signature {s.inputs} -> {s.outputs} is not that of a {s.kind}")
+
+
+@dataclass
+class Stage:
+    """One captured graph and what the plan says about it."""
+
+    name: str
+    kind: str
+    graph: torch.fx.GraphModule
+    layer: int | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> StageSpec:
+        inputs, outputs = STAGE_SIGNATURES[self.kind]
+        return StageSpec(self.name, self.kind, self.layer, inputs, outputs, self.attrs.get("sliding_window"))
+
+    def with_graph(self, graph: torch.fx.GraphModule) -> Stage:
+        return dataclasses.replace(self, graph=graph, attrs=dict(self.attrs))
+
+    def copy_graph(self) -> torch.fx.GraphModule:
+        """A new GraphModule over a copy of this stage's graph that shares its weights: edit it freely."""
+        gm = self.graph
+        return torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+    def role_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for node in self.graph.graph.nodes:
+            if node.op == "call_function":
+                role = node.meta.get("effx_role", "?")
+                counts[role] = counts.get(role, 0) + 1
+        return counts
+
+
+class Program:
+    """Ordered stages + Plan. Passes return new Programs; the runtime runs them.
+
+    ``Program`` objects are treated as immutable: a pass builds a new one (sharing unchanged stages and
+    weights) rather than editing one in place.
+    """
+
+    def __init__(
+        self,
+        stages: list[Stage],
+        plan: Plan,
+        *,
+        generation_config=None,
+        reports: tuple[PassReport, ...] = (),
+    ):
+        self._stages = list(stages)
+        self.plan = plan
+        self.generation_config = generation_config
+        self.reports = tuple(reports)
+        specs = tuple(s.spec for s in self._stages)
+        if specs != plan.stages:
+            raise PlanError("the plan's stages do not match the program's stages")
+        plan.validate()
+        self.embed = self._stages[0]
+        self.layers = [s for s in self._stages if s.kind == "layer"]
+        self.head = self._stages[-1]
+        self.windows: frozenset[int | None] = frozenset(s.attrs.get("sliding_window") for s in self.layers)
+
+    @classmethod
+    def from_stages(cls, stages: list[Stage], info: ModelInfo, *, generation_config=None) -> Program:
+        gen = copy.deepcopy(generation_config) if generation_config is not None else None
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        pad = getattr(gen, "pad_token_id", None) if gen is not None else None
+        plan = Plan(
+            model=info,
+            stages=tuple(s.spec for s in stages),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+            pad_token_id=None if pad is None else int(pad),
+        )
+        return cls(stages, plan, generation_config=gen)
+
+    # -- structure -------------------------------------------------------------------------------------
+    @property
+    def info(self) -> ModelInfo:
+        return self.plan.model
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        return tuple(self._stages)
+
+    def __iter__(self) -> Iterator[Stage]:
+        return iter(self._stages)
+
+    def stage(self, name: str) -> Stage:
+        for s in self._stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"no stage named {name!r}; stages: {[s.name for s in self._stages]}")
+
+    def replace(self, stages: dict[str, Stage]) -> Program:
+        """A new Program with some stages replaced (by name); the rest are shared."""
+        unknown = set(stages) - {s.name for s in self._stages}
+        if unknown:
+            raise PlanError(f"cannot replace unknown stages {sorted(unknown)}")
+        new_stages = [stages.get(s.name, s) for s in self._stages]
+        plan = dataclasses.replace(self.plan, stages=tuple(s.spec for s in new_stages))
+        return Program(new_stages, plan, generation_config=self.generation_config, reports=self.reports)
+
+    def with_pass(self, record: dict[str, Any], report: PassReport) -> Program:
+        """The same Program with a pass recorded in its plan and its report kept (the PassManager's job)."""
+        plan = dataclasses.replace(self.plan, passes=self.plan.passes + (record,))
+        return Program(self._stages, plan, generation_config=self.generation_config, reports=self.reports + (report,))
+
+    # -- running ---------------------------------------------------------------------------------------
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        """Generate like ``model.generate``: same inputs and output (prompt + new tokens, [batch, length]).
+
+        See :func:`effx.runtime.generate` for the keyword arguments.
+        """
+        from .runtime import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    def __call__(self, input_ids, attention_mask=None):
+        """Logits for every position of ``input_ids`` (a full forward, no cache)."""
+        from .runtime.forward import forward_logits
+
+        return forward_logits(self, input_ids, attention_mask)
+
+    # -- measurement -----------------------------------------------------------------------------------
+    def flops(self, *, context: int = 512, prompt: int | None = None) -> dict[str, int]:
+        """FLOPs per stage for one decode token at ``context`` cached tokens (or a prefill of ``prompt``)."""
+        from .flops import program_flops
+
+        return program_flops(self, context=context, prompt=prompt)
+
+    def report(self, file: TextIO | None = sys.stdout, *, context: int = 512) -> str:
+        """Write (to ``file``, unless None) and return a summary: stages, roles, passes, FLOPs per token."""
+        from .flops import format_report
+
+        text = format_report(self, context=context)
+        if file is not None:
+            file.write(text + "\n")
+        return text
+
+    def __repr__(self) -> str:
+        names = [p.get("name") for p in self.plan.passes]
+        return (
+            f"Program({self.info.architecture}, {len(self.layers)} layers, "
+            f"passes={names or '[]'}, stages={len(self._stages)})"
+        )

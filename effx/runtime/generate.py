@@ -1,0 +1,150 @@
+"""The decode loop: prefill, then one token at a time over the Program's stages with a preallocated cache."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import GenerationInputError
+from .forward import KVCache, check_left_padded, positions_from_mask, run_step
+from .sampling import Sampler
+
+__all__ = ["generate"]
+
+# model.generate keywords that effx accepts and that change nothing here (effx always uses its KV cache).
+_ACCEPTED_NOOPS = {"use_cache"}
+
+
+def _resolve_config(program, generation_config, kwargs: dict[str, Any]):
+    from transformers import GenerationConfig
+
+    base = generation_config if generation_config is not None else program.generation_config
+    config = copy.deepcopy(base) if base is not None else GenerationConfig()
+    unknown = [k for k in kwargs if not hasattr(config, k) and k not in _ACCEPTED_NOOPS]
+    if unknown:
+        raise GenerationInputError(
+            f"unknown generation argument(s) {sorted(unknown)}; effx takes the GenerationConfig fields "
+            "(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, ...)"
+        )
+    for k, v in kwargs.items():
+        if k not in _ACCEPTED_NOOPS:
+            setattr(config, k, v)
+    return config
+
+
+def _as_ids(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+def generate(
+    program,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    generation_config=None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    streamer=None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+    progress: bool = False,
+    **kwargs,
+) -> torch.LongTensor:
+    """Generate with the same inputs and output as ``model.generate``.
+
+    Takes ``input_ids [batch, prompt]`` (left-padded for batches, with ``attention_mask``) and the
+    GenerationConfig fields as keywords (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
+    ``top_p``, ``eos_token_id``, ``pad_token_id``); defaults come from the model's generation config.
+    Returns ``[batch, prompt + new]`` token ids; rows that stop early are filled with ``pad_token_id``.
+
+    Sampling is reproducible with ``seed`` (or your own ``generator``). ``streamer`` is a transformers
+    streamer (``put``/``end``, e.g. ``TextStreamer``); ``on_token(ids [batch])`` is called after every step;
+    ``progress=True`` shows a progress bar.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        raise GenerationInputError("input_ids must be a 2-D LongTensor [batch, prompt_length]")
+    batch, prompt_len = input_ids.shape
+    if batch == 0 or prompt_len == 0:
+        raise GenerationInputError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise GenerationInputError(
+            f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape "
+            f"{tuple(input_ids.shape)}"
+        )
+    check_left_padded(attention_mask)
+
+    config = _resolve_config(program, generation_config, kwargs)
+    max_new = config.max_new_tokens
+    if max_new is None:
+        max_new = (config.max_length or 20) - prompt_len
+    if max_new < 1:
+        raise GenerationInputError(f"max_new_tokens must be >= 1, got {max_new}")
+    total = prompt_len + max_new
+    if total > program.info.max_positions:
+        raise GenerationInputError(
+            f"prompt ({prompt_len}) + max_new_tokens ({max_new}) = {total} exceeds the model's "
+            f"{program.info.max_positions} positions"
+        )
+    eos = torch.tensor(_as_ids(config.eos_token_id) or list(program.plan.eos_token_ids), dtype=torch.long)
+    pad = config.pad_token_id if config.pad_token_id is not None else program.plan.pad_token_id
+    if pad is None:
+        pad = int(eos[0]) if len(eos) else 0
+    sampler = Sampler(
+        do_sample=bool(config.do_sample),
+        temperature=float(config.temperature if config.temperature is not None else 1.0),
+        top_k=config.top_k if config.top_k else None,
+        top_p=float(config.top_p if config.top_p is not None else 1.0),
+    )
+    if sampler.do_sample and generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_new, desc="generate", unit="tok")
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    input_ids = input_ids.long()
+    out = torch.full((batch, total), pad, dtype=torch.long)
+    out[:, :prompt_len] = input_ids
+    key_valid = torch.ones(batch, total, dtype=torch.bool)
+    key_valid[:, :prompt_len] = attention_mask.bool()
+    finished = torch.zeros(batch, dtype=torch.bool)
+    length = prompt_len
+    with torch.inference_mode():
+        cache = KVCache.for_program(program, batch, total)
+        positions = positions_from_mask(attention_mask)
+        logits = run_step(program, cache, input_ids, positions, key_valid[:, :prompt_len])
+        next_pos = positions[:, -1:] + 1
+        for step in range(max_new):
+            token = sampler(logits, generator)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            out[:, length] = token
+            length += 1
+            if len(eos):
+                finished |= torch.isin(token, eos)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            if on_token is not None:
+                on_token(token)
+            if bar is not None:
+                bar.update(1)
+            if bool(finished.all()) or step == max_new - 1:
+                break
+            logits = run_step(program, cache, token[:, None], next_pos, key_valid[:, :length])
+            next_pos = next_pos + 1
+    if bar is not None:
+        bar.close()
+    if streamer is not None:
+        streamer.end()
+    return out[:, :length]
