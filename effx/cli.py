@@ -84,8 +84,9 @@ def _cmd_generate(args) -> int:
     import effx
     from transformers import TextStreamer
 
+    passes = effx.parse_pipeline(args.passes)  # a bad pipeline fails before the model loads
     model, tokenizer = effx.models.load(args.model)
-    program = effx.transform(model, passes=args.passes or None)
+    program = effx.transform(model, passes=passes)
     ids = _prompt_ids(tokenizer, args.prompt, chat=not args.no_chat_template)
     streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
@@ -115,8 +116,9 @@ def _cmd_generate(args) -> int:
 def _cmd_inspect(args) -> int:
     import effx
 
+    passes = effx.parse_pipeline(args.passes)
     model, _ = effx.models.load(args.model)
-    program = effx.transform(model, passes=args.passes or None)
+    program = effx.transform(model, passes=passes)
     program.report(sys.stdout, context=args.context)
     if args.plan:
         print(program.plan.to_json())

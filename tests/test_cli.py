@@ -1,0 +1,62 @@
+import subprocess
+import sys
+
+import pytest
+from conftest import tiny_model
+
+from effx.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama").save_pretrained(path)
+    vocab = {f"w{i}": i for i in range(96)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="w2", pad_token="w0").save_pretrained(path)
+    return path
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "generate" in out and "inspect" in out and "smollm2-135m" in out
+
+
+@pytest.mark.parametrize("cmd", ["generate", "inspect"])
+def test_subcommand_help(cmd, capsys):
+    with pytest.raises(SystemExit):
+        main([cmd, "--help"])
+    out = capsys.readouterr().out
+    assert "--model" in out and "--passes" in out
+
+
+def test_generate_on_a_local_model(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "--max-new-tokens", "5", "--no-stream", "w5 w6 w7"]) == 0
+    captured = capsys.readouterr()
+    assert "tokens/s" in captured.err and "MFLOPs/token" in captured.err
+
+
+def test_inspect_prints_stages_and_plan(model_dir, capsys):
+    assert main(["inspect", "--model", str(model_dir), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "layer.1" in out and "decode FLOPs/token" in out and '"schema_version": 1' in out
+
+
+def test_errors_are_one_line_not_tracebacks(model_dir, capsys):
+    assert main(["inspect", "--model", str(model_dir), "--passes", "no-such-pass"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("effx: error: unknown pass 'no-such-pass'") and "Traceback" not in err  # before loading
+    assert main(["generate", "--model", "/no/such/dir", "x"]) == 1
+    assert "unknown model" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "effx.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "usage: effx" in result.stdout

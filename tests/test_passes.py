@@ -1,0 +1,171 @@
+"""Pass infrastructure, exercised with small real passes defined here."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import effx
+from effx.errors import PassConfigError, PassError
+from effx.passes import Pass, PassManager, PassResult, get_pass, parse_pipeline, register_pass
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class ScaleLogits(Pass):
+    """Multiply the head's logits by a constant: logits -> logits * factor (factor=1 changes nothing)."""
+
+    name = "test-scale-logits"
+    factor: float = 1.0
+
+    def __post_init__(self):
+        if not self.factor > 0:
+            raise PassConfigError(f"factor must be > 0, got {self.factor}")
+
+    def apply(self, program):
+        report = self.new_report()
+        if self.factor == 1.0:
+            report.skip("head", "factor is 1: nothing to do")
+            return PassResult(program, False, report)
+        gm = program.head.copy_graph()
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        logits = out.args[0][0]
+        with gm.graph.inserting_after(logits):
+            scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (logits, self.factor))
+        scaled.meta.update(effx_role="lm_head", effx_layer=None, effx_pass=self.name)
+        out.args = ((scaled,),)
+        gm.recompile()
+        report.change("head", f"logits scaled by {self.factor}")
+        return PassResult(program.replace({"head": program.head.with_graph(gm)}), True, report)
+
+    def ensures(self, program):
+        tagged = [n for n in program.head.graph.graph.nodes if n.meta.get("effx_pass") == self.name]
+        if self.factor != 1.0 and not tagged:
+            raise PassError("no scaled logits in the head")
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class NeedsScale(Pass):
+    """Does nothing, but must run after test-scale-logits (to exercise ordering checks)."""
+
+    name = "test-needs-scale"
+    after = ("test-scale-logits",)
+    layers: tuple[int, ...] = ()
+    flag: bool = False
+    label: str = ""
+
+    def apply(self, program):
+        report = self.new_report()
+        report.skip("all", "this pass never changes anything")
+        return PassResult(program, False, report)
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class Broken(Pass):
+    """Raises inside apply()."""
+
+    name = "test-broken"
+
+    def apply(self, program):
+        raise RuntimeError("boom")
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class Liar(Pass):
+    """Claims a change but breaks its own postcondition."""
+
+    name = "test-liar"
+
+    def apply(self, program):
+        return PassResult(program, True, self.new_report())
+
+    def ensures(self, program):
+        raise PassError("the promised node is missing")
+
+
+def test_pass_rewrites_graph_tags_provenance_and_reports(llama, llama_program):
+    prog = effx.transform(llama, passes=[ScaleLogits(factor=2.0)])
+    head = prog.head.graph
+    assert sum(1 for n in head.graph.nodes if n.meta.get("effx_pass") == "test-scale-logits") == 1
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.allclose(prog(ids), llama_program(ids) * 2.0)
+    # the input program is untouched (functional passes)
+    assert not any(n.meta.get("effx_pass") for n in llama_program.head.graph.graph.nodes)
+    assert prog.plan.passes == ({"name": "test-scale-logits", "config": {"factor": 2.0}},)
+    text = prog.report(file=None)
+    assert "changed head: logits scaled by 2.0" in text and "FLOPs/token" in text
+
+
+def test_identity_setting_reports_unmodified(llama):
+    result = ScaleLogits(factor=1.0).apply(effx.capture(llama))
+    assert result.modified is False
+    assert result.report.skipped == [("head", "factor is 1: nothing to do")]
+
+
+def test_pipeline_string_parses_values():
+    p1, p2 = parse_pipeline(" test-scale-logits{factor=0.5} , test-needs-scale{layers=8,16,24 flag=true; label=x}")
+    assert p1 == ScaleLogits(factor=0.5)
+    assert p2 == NeedsScale(layers=(8, 16, 24), flag=True, label="x")
+    assert parse_pipeline("test-needs-scale{layers=3}")[0].layers == (3,)
+    assert parse_pipeline("") == []
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("test-scale-logits{factor=2", "never closed"),
+        ("test-scale-logits{factor=2},", "trailing ','"),
+        ("test-scale-logits{factor}", "key=value"),
+        ("test-scale-logits{factor=}", "empty value"),
+        ("test-scale-logits{factor=1 factor=2}", "given twice"),
+        ("test-scale-logits test-needs-scale", "expected ','"),
+        ("{factor=2}", "expected a pass name"),
+        ("no-such-pass", "unknown pass 'no-such-pass'; known passes: .*test-scale-logits"),
+        ("test-scale-logits{speed=2}", r"has no argument\(s\) \['speed'\]; its arguments are \['factor'\]"),
+        ("test-scale-logits{factor=-1}", "factor must be > 0"),
+    ],
+)
+def test_malformed_pipelines(text, match):
+    with pytest.raises(PassConfigError, match=match):
+        parse_pipeline(text)
+
+
+def test_invalid_argument_is_a_value_error():
+    with pytest.raises(ValueError, match="factor must be > 0"):
+        ScaleLogits(factor=0)
+
+
+def test_json_round_trip():
+    p = NeedsScale(layers=(1, 2), flag=True, label="a")
+    data = p.to_json()
+    assert data == {"name": "test-needs-scale", "config": {"layers": [1, 2], "flag": True, "label": "a"}}
+    assert Pass.from_json(data) == p
+    assert get_pass("test-needs-scale") is NeedsScale
+    with pytest.raises(PassConfigError):
+        Pass.from_json({"config": {}})
+
+
+def test_ordering_constraint_names_the_passes():
+    with pytest.raises(PassError, match=r"'test-needs-scale' \(#1; after: none\) must run after 'test-scale-logits'"):
+        PassManager("test-needs-scale, test-scale-logits{factor=2}")
+    PassManager("test-scale-logits{factor=2}, test-needs-scale")  # the right order is fine
+
+
+def test_failing_pass_error_names_it_and_those_before(llama):
+    with pytest.raises(PassError, match=r"'test-broken' \(#3; after: test-scale-logits, test-needs-scale\) failed: RuntimeError: boom"):
+        effx.transform(llama, passes="test-scale-logits{factor=2}, test-needs-scale, test-broken")
+
+
+def test_broken_promise_is_caught(llama):
+    with pytest.raises(PassError, match="'test-liar'.*broke its promise: the promised node is missing"):
+        effx.transform(llama, passes=[Liar()])
+
+
+def test_transform_rejects_non_passes(llama):
+    with pytest.raises(PassConfigError, match="expected a Pass or a pipeline string"):
+        effx.transform(llama, passes=[42])
