@@ -71,15 +71,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prompt_ids(tokenizer, prompt: str, chat: bool):
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        return ids["input_ids"]
-    return tokenizer(prompt, return_tensors="pt").input_ids
-
-
 def _cmd_generate(args) -> int:
     import effx
     from transformers import TextStreamer
@@ -87,7 +78,9 @@ def _cmd_generate(args) -> int:
     passes = effx.parse_pipeline(args.passes)  # a bad pipeline fails before the model loads
     model, tokenizer = effx.models.load(args.model)
     program = effx.transform(model, passes=passes)
-    ids = _prompt_ids(tokenizer, args.prompt, chat=not args.no_chat_template)
+    from .data import encode_prompts
+
+    ids, _ = encode_prompts(tokenizer, args.prompt, chat=not args.no_chat_template)
     streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
     out = program.generate(

@@ -1,0 +1,59 @@
+"""The real model: effx's dense runtime is token-identical to model.generate on SmolLM2-135M-Instruct."""
+
+import pytest
+import torch
+
+import effx
+from effx.data import PROMPTS, encode_prompts
+from effx.models import cache_dir
+
+pytestmark = pytest.mark.integration
+
+NEW_TOKENS = 128
+
+
+@pytest.fixture(scope="module")
+def dense(smollm2):
+    model, tokenizer = smollm2
+    return model, tokenizer, effx.transform(model)
+
+
+def test_converted_once_and_cached(smollm2):
+    cached = cache_dir() / "models" / "smollm2-135m"
+    assert (cached / "model.safetensors").is_file() and (cached / "effx_source.json").is_file()
+    model, _ = smollm2
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
+
+
+def test_capture_is_exact_and_tagged(dense):
+    model, tokenizer, prog = dense
+    assert len(prog.layers) == 30
+    ids, mask = encode_prompts(tokenizer, PROMPTS[:2])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate uses for left-padded rows
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    assert torch.equal(prog(ids, mask)[real], ref[real])
+    roles = prog.layers[17].role_counts()
+    assert roles["mlp.down"] == 1 and roles["attn.sdpa"] == 1
+
+
+def test_batch1_token_identical_to_hf_generate(dense):
+    model, tokenizer, prog = dense
+    for prompt in PROMPTS:
+        ids, _ = encode_prompts(tokenizer, prompt)
+        with torch.no_grad():
+            ref = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        out = prog.generate(ids, max_new_tokens=NEW_TOKENS)
+        assert torch.equal(out, ref), f"diverged on {prompt!r}"
+
+
+def test_batch4_mixed_lengths_token_identical_to_hf_generate(dense):
+    model, tokenizer, prog = dense
+    for start in (0, 4):
+        ids, mask = encode_prompts(tokenizer, PROMPTS[start : start + 4])
+        assert len(set(mask.sum(1).tolist())) > 1  # prompts of different lengths: real padding
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+        out = prog.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS)
+        assert torch.equal(out, ref)
