@@ -1,10 +1,10 @@
 """effx: rewrite a language model's graph before it runs, and run the result.
 
-    import effx
-    model, tokenizer = effx.models.load("smollm2-135m")
-    prog = effx.transform(model, passes=[])          # a dense Program, token-identical to model.generate
-    out = prog.generate(tokenizer("Explain tides", return_tensors="pt").input_ids, max_new_tokens=64)
-    prog.report()
+import effx
+model, tokenizer = effx.models.load("smollm2-135m")
+prog = effx.transform(model, passes=[])          # a dense Program, token-identical to model.generate
+out = prog.generate(tokenizer("Explain tides", return_tensors="pt").input_ids, max_new_tokens=64)
+prog.report()
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ __all__ = [
 ]
 
 
-def transform(model, passes: str | Pass | Sequence[Pass | str] | None = None, *, progress: bool = False) -> Program:
+def transform(
+    model, passes: str | Pass | Sequence[Pass | str] | None = None, *, progress: bool = False
+) -> Program:
     """Capture ``model`` and apply ``passes`` (Pass objects and/or a pipeline string) in order.
 
     The pipeline is validated before capture starts. The user's model is never modified: the Program shares

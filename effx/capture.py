@@ -154,9 +154,13 @@ def _check_architecture(model) -> None:
     base = getattr(model, "model", None)
     for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
         if base is None or not hasattr(base, attr):
-            raise _fail(model, "check architecture", f"expected model.model.{attr} (a decoder-only LM with a head)")
+            raise _fail(
+                model, "check architecture", f"expected model.model.{attr} (a decoder-only LM with a head)"
+            )
     if not hasattr(model, "lm_head"):
-        raise _fail(model, "check architecture", "expected model.lm_head: capture needs a causal LM, not a base model")
+        raise _fail(
+            model, "check architecture", "expected model.lm_head: capture needs a causal LM, not a base model"
+        )
 
 
 def _register_attention() -> None:
@@ -324,8 +328,10 @@ def capture(
     dtype = model.dtype
     windows = _layer_windows(model.config)
 
-    b, s, p = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=info.max_positions), Dim(
-        "past", min=0, max=info.max_positions
+    b, s, p = (
+        Dim("batch", min=1, max=1024),
+        Dim("seq", min=1, max=info.max_positions),
+        Dim("past", min=0, max=info.max_positions),
     )
     B, S, P = 2, 3, 2
     ids = torch.zeros(B, S, dtype=torch.long)
@@ -334,7 +340,9 @@ def capture(
     try:
         # distinct example tensors: export treats one tensor passed twice as one input
         pos = torch.arange(S).expand(B, S).clone()
-        embed_gm = _export(_Embed(base.embed_tokens, base.rotary_emb), (ids, pos), ({0: b, 1: s}, {0: b, 1: s}))
+        embed_gm = _export(
+            _Embed(base.embed_tokens, base.rotary_emb), (ids, pos), ({0: b, 1: s}, {0: b, 1: s})
+        )
         with torch.no_grad():
             _, cos, sin = embed_gm(ids, pos)
         mask = torch.zeros(B, 1, S, P + S, dtype=dtype)
@@ -396,4 +404,6 @@ def _verify(model, program: Program) -> None:
     scale = ref.abs().max().item() + 1.0
     tol = 1e-4 if ref.dtype == torch.float32 else 2e-2
     if not err <= tol * scale:
-        raise _fail(model, "verify", f"captured stages differ from the model's forward by {err:.3g} (max |logit|)")
+        raise _fail(
+            model, "verify", f"captured stages differ from the model's forward by {err:.3g} (max |logit|)"
+        )

@@ -1,7 +1,7 @@
 """The ``effx`` command line: generate text and inspect Programs.
 
-    effx generate --model smollm2-135m "Explain tides in two sentences."
-    effx inspect --model smollm2-135m
+effx generate --model smollm2-135m "Explain tides in two sentences."
+effx inspect --model smollm2-135m
 """
 
 from __future__ import annotations
@@ -22,8 +22,14 @@ passes: a pipeline string such as "early-exit{layers=8,16 measure=top2-gap}, neu
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="known model name or local HF model directory (default: %(default)s)")
-    p.add_argument("--passes", default="", help="pass pipeline string to apply (default: none, the dense model)")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="known model name or local HF model directory (default: %(default)s)",
+    )
+    p.add_argument(
+        "--passes", default="", help="pass pipeline string to apply (default: none, the dense model)"
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -33,7 +39,9 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what effx does (conversion, capture)")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log what effx does (conversion, capture)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     g = sub.add_parser(
@@ -46,14 +54,24 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(g)
     g.add_argument("prompt", help="the prompt text")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)")
-    g.add_argument("--no-chat-template", action="store_true", help="use the prompt as raw text even for chat models")
+    g.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)"
+    )
+    g.add_argument(
+        "--no-chat-template", action="store_true", help="use the prompt as raw text even for chat models"
+    )
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
+    g.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)"
+    )
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: %(default)s)")
+    g.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: %(default)s)"
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for sampling (default: %(default)s)")
-    g.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it is made")
+    g.add_argument(
+        "--no-stream", action="store_true", help="print the text at the end instead of as it is made"
+    )
 
     i = sub.add_parser(
         "inspect",
@@ -64,16 +82,24 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(i)
-    i.add_argument("--context", type=int, default=512, help="cached tokens assumed for FLOPs/token (default: %(default)s)")
+    i.add_argument(
+        "--context",
+        type=int,
+        default=512,
+        help="cached tokens assumed for FLOPs/token (default: %(default)s)",
+    )
     i.add_argument("--plan", action="store_true", help="also print the plan as JSON")
 
-    sub.add_parser("passes", help="list the registered passes", description="List the passes a pipeline string can name.")
+    sub.add_parser(
+        "passes", help="list the registered passes", description="List the passes a pipeline string can name."
+    )
     return parser
 
 
 def _cmd_generate(args) -> int:
-    import effx
     from transformers import TextStreamer
+
+    import effx
 
     passes = effx.parse_pipeline(args.passes)  # a bad pipeline fails before the model loads
     model, tokenizer = effx.models.load(args.model)
@@ -136,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     handler = {"generate": _cmd_generate, "inspect": _cmd_inspect, "passes": _cmd_passes}[args.command]
     try:
         return handler(args)

@@ -32,7 +32,9 @@ def encode_prompts(tokenizer, prompts, *, chat: bool = True):
         prompts = [prompts]
     if chat and getattr(tokenizer, "chat_template", None):
         texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
             for p in prompts
         ]
     else:

@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["count_graph_flops", "decode_flops", "format_report", "prefill_flops", "program_flops", "stage_inputs"]
+__all__ = [
+    "count_graph_flops",
+    "decode_flops",
+    "format_report",
+    "prefill_flops",
+    "program_flops",
+    "stage_inputs",
+]
 
 aten = torch.ops.aten
 _META = torch.device("meta")
@@ -100,7 +107,9 @@ def stage_inputs(program, kind: str, *, batch: int, seq: int, past: int) -> tupl
     raise ValueError(f"unknown stage kind {kind!r}")
 
 
-def program_flops(program, *, context: int = 512, prompt: int | None = None, batch: int = 1) -> dict[str, int]:
+def program_flops(
+    program, *, context: int = 512, prompt: int | None = None, batch: int = 1
+) -> dict[str, int]:
     """FLOPs per stage: one decode token at ``context`` cached tokens, or (``prompt=N``) a prefill of N tokens
     (the head then runs on the last position only, as in generation)."""
     seq, past = (1, context) if prompt is None else (prompt, 0)
@@ -148,7 +157,9 @@ def format_report(program, *, context: int = 512) -> str:
         roles_text = " ".join(f"{r}:{c}" for r, c in sorted(roles.items()) if r not in ("shape",))
         mb = _param_bytes(stage.graph) / 1e6
         summary[stage.name] = roles
-        lines.append(f"{stage.name:<10} {n_nodes:>6} {mb:>8.1f} {per_stage[stage.name] / 1e6:>13.2f}  {roles_text}")
+        lines.append(
+            f"{stage.name:<10} {n_nodes:>6} {mb:>8.1f} {per_stage[stage.name] / 1e6:>13.2f}  {roles_text}"
+        )
     lines.append("")
     lines.append(f"decode FLOPs/token at context {context}: {total:,} ({total / 1e6:.1f} MFLOPs)")
     if program.reports:

@@ -129,7 +129,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} is a directory but has no config.json: not a Hugging Face model directory")
+            raise ModelLoadError(
+                f"{path} is a directory but has no config.json: not a Hugging Face model directory"
+            )
         return path
     raise ModelLoadError(
         f"unknown model '{key}': give a known name ({', '.join(sorted(KNOWN_MODELS))}) "

@@ -135,7 +135,9 @@ class Plan:
             if s.kind not in STAGE_SIGNATURES:
                 raise PlanError(f"stage {s.name!r} has unknown kind {s.kind!r}")
             if (s.inputs, s.outputs) != STAGE_SIGNATURES[s.kind]:
-                raise PlanError(f"stage {s.name!r} signature {s.inputs} -> {s.outputs} is not that of a {s.kind}")
+                raise PlanError(
+                    f"stage {s.name!r} signature {s.inputs} -> {s.outputs} is not that of a {s.kind}"
+                )
 
 
 @dataclass
@@ -242,7 +244,9 @@ class Program:
     def with_pass(self, record: dict[str, Any], report: PassReport) -> Program:
         """The same Program with a pass recorded in its plan and its report kept (the PassManager's job)."""
         plan = dataclasses.replace(self.plan, passes=self.plan.passes + (record,))
-        return Program(self._stages, plan, generation_config=self.generation_config, reports=self.reports + (report,))
+        return Program(
+            self._stages, plan, generation_config=self.generation_config, reports=self.reports + (report,)
+        )
 
     # -- running ---------------------------------------------------------------------------------------
     def generate(self, input_ids=None, attention_mask=None, **kwargs):

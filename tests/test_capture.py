@@ -6,7 +6,18 @@ import effx
 from effx import UnsupportedModelError
 from effx.capture import capture
 
-ROLES_EVERY_LAYER = {"attn.q", "attn.k", "attn.v", "attn.o", "attn.sdpa", "mlp.gate", "mlp.up", "mlp.act", "mlp.down", "norm"}
+ROLES_EVERY_LAYER = {
+    "attn.q",
+    "attn.k",
+    "attn.v",
+    "attn.o",
+    "attn.sdpa",
+    "mlp.gate",
+    "mlp.up",
+    "mlp.act",
+    "mlp.down",
+    "norm",
+}
 
 
 def test_stages_signatures_and_roles(llama_program):
@@ -38,7 +49,12 @@ def test_kv_cache_is_explicit(llama_program):
     # the same graph runs with an empty cache (prefill) and one new token (decode)
     empty = torch.zeros(1, 2, 0, 16)
     assert layer(hidden[:1], cos[:1], cos[:1], torch.zeros(1, 1, 3, 3), empty, empty)[0].shape == (1, 3, 64)
-    assert layer(hidden[:1, :1], cos[:1, :1], cos[:1, :1], torch.zeros(1, 1, 1, 6), past[:1], past[:1])[1].shape[2] == 1
+    assert (
+        layer(hidden[:1, :1], cos[:1, :1], cos[:1, :1], torch.zeros(1, 1, 1, 6), past[:1], past[:1])[1].shape[
+            2
+        ]
+        == 1
+    )
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
@@ -93,7 +109,9 @@ def test_not_a_model_is_rejected():
 def test_mismatch_is_caught_by_verification():
     model = tiny_model("llama")
 
-    class Scaled(torch.nn.Module):  # glue capture does not reproduce: embeddings scaled in the model's forward
+    class Scaled(
+        torch.nn.Module
+    ):  # glue capture does not reproduce: embeddings scaled in the model's forward
         def __init__(self, inner):
             super().__init__()
             self.inner = inner

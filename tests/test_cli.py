@@ -38,7 +38,9 @@ def test_subcommand_help(cmd, capsys):
 
 
 def test_generate_on_a_local_model(model_dir, capsys):
-    assert main(["generate", "--model", str(model_dir), "--max-new-tokens", "5", "--no-stream", "w5 w6 w7"]) == 0
+    assert (
+        main(["generate", "--model", str(model_dir), "--max-new-tokens", "5", "--no-stream", "w5 w6 w7"]) == 0
+    )
     captured = capsys.readouterr()
     assert "tokens/s" in captured.err and "MFLOPs/token" in captured.err
 
@@ -52,11 +54,15 @@ def test_inspect_prints_stages_and_plan(model_dir, capsys):
 def test_errors_are_one_line_not_tracebacks(model_dir, capsys):
     assert main(["inspect", "--model", str(model_dir), "--passes", "no-such-pass"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("effx: error: unknown pass 'no-such-pass'") and "Traceback" not in err  # before loading
+    assert (
+        err.startswith("effx: error: unknown pass 'no-such-pass'") and "Traceback" not in err
+    )  # before loading
     assert main(["generate", "--model", "/no/such/dir", "x"]) == 1
     assert "unknown model" in capsys.readouterr().err
 
 
 def test_console_script_runs():
-    result = subprocess.run([sys.executable, "-m", "effx.cli", "--help"], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "effx.cli", "--help"], capture_output=True, text=True, check=True
+    )
     assert "usage: effx" in result.stdout

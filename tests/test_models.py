@@ -9,10 +9,12 @@ from effx.models import GGUFSource, cache_dir, resolve
 def test_local_directory_loads(tmp_path):
     model = tiny_model("llama")
     model.save_pretrained(tmp_path)
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    )
     tok.save_pretrained(tmp_path)
     loaded, tokenizer = effx.models.load(tmp_path)
     assert type(loaded).__name__ == "LlamaForCausalLM" and not loaded.training

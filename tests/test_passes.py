@@ -108,7 +108,9 @@ def test_identity_setting_reports_unmodified(llama):
 
 
 def test_pipeline_string_parses_values():
-    p1, p2 = parse_pipeline(" test-scale-logits{factor=0.5} , test-needs-scale{layers=8,16,24 flag=true; label=x}")
+    p1, p2 = parse_pipeline(
+        " test-scale-logits{factor=0.5} , test-needs-scale{layers=8,16,24 flag=true; label=x}"
+    )
     assert p1 == ScaleLogits(factor=0.5)
     assert p2 == NeedsScale(layers=(8, 16, 24), flag=True, label="x")
     assert parse_pipeline("test-needs-scale{layers=3}")[0].layers == (3,)
@@ -151,13 +153,18 @@ def test_json_round_trip():
 
 
 def test_ordering_constraint_names_the_passes():
-    with pytest.raises(PassError, match=r"'test-needs-scale' \(#1; after: none\) must run after 'test-scale-logits'"):
+    with pytest.raises(
+        PassError, match=r"'test-needs-scale' \(#1; after: none\) must run after 'test-scale-logits'"
+    ):
         PassManager("test-needs-scale, test-scale-logits{factor=2}")
     PassManager("test-scale-logits{factor=2}, test-needs-scale")  # the right order is fine
 
 
 def test_failing_pass_error_names_it_and_those_before(llama):
-    with pytest.raises(PassError, match=r"'test-broken' \(#3; after: test-scale-logits, test-needs-scale\) failed: RuntimeError: boom"):
+    with pytest.raises(
+        PassError,
+        match=r"'test-broken' \(#3; after: test-scale-logits, test-needs-scale\) failed: RuntimeError: boom",
+    ):
         effx.transform(llama, passes="test-scale-logits{factor=2}, test-needs-scale, test-broken")
 
 

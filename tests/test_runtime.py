@@ -24,7 +24,9 @@ def hf_generate(model, ids, mask=None, **kw):
 )
 def test_greedy_matches_hf_generate(kind, layers, heads_kv, head_dim, tie, lengths, seed):
     heads, kv = heads_kv
-    model = tiny_model(kind, layers=layers, heads=heads, kv_heads=kv, hidden=heads * head_dim, tie=tie, seed=seed)
+    model = tiny_model(
+        kind, layers=layers, heads=heads, kv_heads=kv, hidden=heads * head_dim, tie=tie, seed=seed
+    )
     prog = effx.transform(model)
     ids, mask = left_padded_batch(lengths, 96, seed)
     ref = hf_generate(model, ids, mask, max_new_tokens=12)
@@ -43,7 +45,9 @@ def test_eos_stops_and_pads_finished_rows(llama, llama_program):
     ids, mask = left_padded_batch([4, 6], 96, seed=3)
     free = llama_program.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
     stop_at = int(free[0, ids.shape[1] + 1])  # row 0's second new token becomes its end token
-    out = llama_program.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=stop_at, pad_token_id=0)
+    out = llama_program.generate(
+        ids, attention_mask=mask, max_new_tokens=6, eos_token_id=stop_at, pad_token_id=0
+    )
     ref = hf_generate(llama, ids, mask, max_new_tokens=6, eos_token_id=stop_at, pad_token_id=0)
     assert torch.equal(out, ref)
     assert (out[0, ids.shape[1] + 2 :] == 0).all()
@@ -82,7 +86,12 @@ def test_streamer_and_callback_see_every_token(llama_program):
             calls.append("end")
 
     out = llama_program.generate(
-        ids, max_new_tokens=5, eos_token_id=[], streamer=Streamer(), on_token=lambda t: calls.append(int(t[0])), progress=True
+        ids,
+        max_new_tokens=5,
+        eos_token_id=[],
+        streamer=Streamer(),
+        on_token=lambda t: calls.append(int(t[0])),
+        progress=True,
     )
     assert torch.equal(seen[0], ids)
     assert [int(t[0]) for t in seen[1:]] == out[0, 3:].tolist() == calls[:-1]

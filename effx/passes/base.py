@@ -221,7 +221,9 @@ def parse_pipeline(text: str) -> list[Pass]:
             break
         m = _NAME.match(text, pos)
         if not m:
-            raise PassConfigError(f"pipeline {text!r}: expected a pass name at character {pos}: {text[pos:]!r}")
+            raise PassConfigError(
+                f"pipeline {text!r}: expected a pass name at character {pos}: {text[pos:]!r}"
+            )
         name = m.group(1)
         pos = m.end()
         args: dict[str, Any] = {}
@@ -288,11 +290,15 @@ class PassManager:
             for other in p.after:
                 late = [j for j, n in enumerate(names) if n == other and j > i]
                 if late:
-                    raise PassError(f"{self._context(i)} must run after {other!r}, which comes later in the pipeline")
+                    raise PassError(
+                        f"{self._context(i)} must run after {other!r}, which comes later in the pipeline"
+                    )
             for other in p.before:
                 early = [j for j, n in enumerate(names) if n == other and j < i]
                 if early:
-                    raise PassError(f"{self._context(i)} must run before {other!r}, which comes earlier in the pipeline")
+                    raise PassError(
+                        f"{self._context(i)} must run before {other!r}, which comes earlier in the pipeline"
+                    )
 
     def run(self, program):
         from ..flops import decode_flops

@@ -6,7 +6,14 @@ import torch
 
 from ..errors import GenerationInputError
 
-__all__ = ["KVCache", "attention_masks", "check_left_padded", "forward_logits", "positions_from_mask", "run_step"]
+__all__ = [
+    "KVCache",
+    "attention_masks",
+    "check_left_padded",
+    "forward_logits",
+    "positions_from_mask",
+    "run_step",
+]
 
 
 class KVCache:
@@ -104,10 +111,14 @@ def run_step(
     return program.head.graph(hidden)[0]
 
 
-def forward_logits(program, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def forward_logits(
+    program, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Logits ``[batch, seq, vocab]`` for every position: a full forward of the Program, no cache kept."""
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise GenerationInputError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(input_ids.shape)}")
+        raise GenerationInputError(
+            f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(input_ids.shape)}"
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     batch, seq = input_ids.shape

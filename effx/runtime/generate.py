@@ -93,7 +93,11 @@ def generate(
             f"prompt ({prompt_len}) + max_new_tokens ({max_new}) = {total} exceeds the model's "
             f"{program.info.max_positions} positions"
         )
-    eos = torch.tensor(_as_ids(config.eos_token_id) or list(program.plan.eos_token_ids), dtype=torch.long)
+    # eos_token_id=[] turns stopping off; None falls back to the plan's end tokens
+    eos_ids = (
+        _as_ids(config.eos_token_id) if config.eos_token_id is not None else list(program.plan.eos_token_ids)
+    )
+    eos = torch.tensor(eos_ids, dtype=torch.long)
     pad = config.pad_token_id if config.pad_token_id is not None else program.plan.pad_token_id
     if pad is None:
         pad = int(eos[0]) if len(eos) else 0

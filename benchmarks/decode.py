@@ -1,0 +1,101 @@
+"""Decode speed: HF ``model.generate`` vs effx's dense runtime, timed in the same run.
+
+Runs are interleaved (HF, effx, HF, effx, ...) so that machine noise hits both; each figure is the median
+over repeats. Greedy decoding, the effx.data prompt suite, batch 1 (prompt by prompt) and batch 4 (mixed
+lengths, left-padded). Also checks that the outputs are identical and reports time to first token for a
+512-token prompt.
+
+    python benchmarks/decode.py                       # SmolLM2-135M, 128 new tokens
+    python benchmarks/decode.py --new-tokens 32 --prompts 2 --repeats 1   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import effx
+from effx.data import PROMPTS, encode_prompts
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _compare(label, runs, model, prog, batches, new_tokens, repeats):
+    hf_times, fx_times, tokens, identical = [], [], 0, True
+    for _ in range(repeats):
+        hf_total = fx_total = 0.0
+        tokens = 0
+        for ids, mask in batches:
+            kw = dict(attention_mask=mask, max_new_tokens=new_tokens)
+            with torch.inference_mode():
+                ref, t_hf = _timed(lambda: model.generate(ids, do_sample=False, **kw))  # noqa: B023
+            out, t_fx = _timed(lambda: prog.generate(ids, eos_token_id=[], **kw))  # noqa: B023
+            identical &= torch.equal(out, ref)
+            hf_total += t_hf
+            fx_total += t_fx
+            tokens += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+        hf_times.append(hf_total)
+        fx_times.append(fx_total)
+    hf_tps = tokens / statistics.median(hf_times)
+    fx_tps = tokens / statistics.median(fx_times)
+    runs.append((label, hf_tps, fx_tps, identical))
+    print(
+        f"{label:<10} HF {hf_tps:7.2f} tok/s   effx {fx_tps:7.2f} tok/s   ratio {fx_tps / hf_tps:5.2f}x   "
+        f"identical: {identical}   (spread HF {min(hf_times):.1f}-{max(hf_times):.1f} s, "
+        f"effx {min(fx_times):.1f}-{max(fx_times):.1f} s)",
+        flush=True,
+    )
+
+
+def _ttft(model, prog, tokenizer, length, repeats):
+    text = " ".join(PROMPTS) * 40
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :length]
+    hf, fx = [], []
+    for _ in range(repeats):
+        with torch.inference_mode():
+            hf.append(_timed(lambda: model.generate(ids, max_new_tokens=1, do_sample=False))[1])
+        fx.append(_timed(lambda: prog.generate(ids, max_new_tokens=1, eos_token_id=[]))[1])
+    h, f = statistics.median(hf), statistics.median(fx)
+    print(
+        f"TTFT {ids.shape[1]}-token prompt: HF {h * 1000:.0f} ms   effx {f * 1000:.0f} ms   ratio {h / f:.2f}x faster"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompts", type=int, default=4, help="prompts from the suite (batch 1 runs each)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ttft-length", type=int, default=512)
+    args = parser.parse_args()
+
+    model, tokenizer = effx.models.load(args.model)
+    prog, t = _timed(lambda: effx.transform(model))
+    print(
+        f"{args.model}: captured in {t:.1f} s; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    prompts = list(PROMPTS[: args.prompts])
+    runs: list = []
+    # no stop token: every run decodes exactly --new-tokens, so both sides do the same work
+    model.generation_config.eos_token_id = None
+    batch1 = [encode_prompts(tokenizer, p) for p in prompts]
+    _compare("batch 1", runs, model, prog, batch1, args.new_tokens, args.repeats)
+    batch4 = [encode_prompts(tokenizer, PROMPTS[i : i + 4]) for i in range(0, len(prompts), 4)]
+    _compare("batch 4", runs, model, prog, batch4, args.new_tokens, args.repeats)
+    _ttft(model, prog, tokenizer, args.ttft_length, args.repeats)
+    flops = prog.flops(context=256)
+    print(f"FLOPs/token at context 256: {sum(flops.values()) / 1e6:.1f} MFLOPs")
+
+
+if __name__ == "__main__":
+    main()
