@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -359,12 +358,12 @@ def capture(
         stages = [Stage("embed", "embed", embed_gm)]
         exported: list[tuple[tuple, torch.fx.GraphModule]] = []
         layers = list(base.layers)
-        iterator: Callable = iter
+        indices = range(len(layers))
         if progress:
             from tqdm.auto import tqdm
 
-            iterator = lambda xs: tqdm(xs, desc="capture layers", unit="layer")  # noqa: E731
-        for i in iterator(range(len(layers))):
+            indices = tqdm(indices, desc="capture layers", unit="layer")
+        for i in indices:
             step = f"export layer {i}"
             wrapper = _Layer(layers[i])
             key = _structure(layers[i])

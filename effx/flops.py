@@ -10,7 +10,6 @@ count (tests/test_flops.py checks this).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -148,18 +147,22 @@ def format_report(program, *, context: int = 512) -> str:
         f"effx Program: {info.architecture} ({info.model_type}), {info.num_layers} layers, hidden {info.hidden_size}, "
         f"heads {info.num_heads}/{info.num_kv_heads} kv, vocab {info.vocab_size}, {info.dtype}",
         "",
-        f"{'stage':<10} {'nodes':>6} {'MB':>8} {'MFLOPs/token':>13}  roles",
+        f"{'stage':<20} {'nodes':>6} {'MB':>8} {'MFLOPs/token':>13}  roles (ATen nodes per role)",
     ]
-    summary: dict[str, Any] = {}
+    rows: list[list] = []  # consecutive layers that look the same share a row: "layer.0-29 (x30)"
     for stage in program:
         roles = stage.role_counts()
-        n_nodes = sum(roles.values())
-        roles_text = " ".join(f"{r}:{c}" for r, c in sorted(roles.items()) if r not in ("shape",))
-        mb = _param_bytes(stage.graph) / 1e6
-        summary[stage.name] = roles
-        lines.append(
-            f"{stage.name:<10} {n_nodes:>6} {mb:>8.1f} {per_stage[stage.name] / 1e6:>13.2f}  {roles_text}"
-        )
+        roles_text = " ".join(f"{r}:{c}" for r, c in sorted(roles.items()) if r != "shape")
+        row = (sum(roles.values()), _param_bytes(stage.graph) / 1e6, per_stage[stage.name] / 1e6, roles_text)
+        if rows and stage.kind == "layer" and rows[-1][0] == "layer" and rows[-1][3] == row:
+            rows[-1][2] = stage.layer
+            rows[-1][4] += 1
+        else:
+            rows.append([stage.kind, stage.name, stage.layer, row, 1])
+    for _kind, name, last, (n_nodes, mb, mflops, roles_text), count in rows:
+        if count > 1:
+            name = f"{name}-{last} (x{count})"
+        lines.append(f"{name:<20} {n_nodes:>6} {mb:>8.1f} {mflops:>13.2f}  {roles_text}")
     lines.append("")
     lines.append(f"decode FLOPs/token at context {context}: {total:,} ({total / 1e6:.1f} MFLOPs)")
     if program.reports:

@@ -145,14 +145,14 @@ def _construct(klass: type[Pass], kwargs: dict[str, Any]) -> Pass:
             f"pass {klass.name!r} has no argument(s) {unknown}; its arguments are {sorted(fields) or 'none'}"
         )
     hints = typing.get_type_hints(klass)
-    coerced = {k: _coerce(klass.name, k, v, hints.get(k)) for k, v in kwargs.items()}
+    coerced = {k: _coerce(v, hints.get(k)) for k, v in kwargs.items()}
     try:
         return klass(**coerced)
     except TypeError as e:
         raise PassConfigError(f"pass {klass.name!r}: {e}") from e
 
 
-def _coerce(pass_name: str, key: str, value, hint):
+def _coerce(value, hint):
     """Make JSON/pipeline values fit the field's type: lists become tuples, a lone item a 1-tuple."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
