@@ -30,6 +30,7 @@ STAGE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "embed": (("input_ids", "position_ids"), ("hidden", "cos", "sin")),
     "layer": (("hidden", "cos", "sin", "mask", "past_k", "past_v"), ("hidden", "k", "v")),
     "head": (("hidden",), ("logits",)),
+    "exit": (("hidden", "prev_hidden"), ("logits", "confidence")),
 }
 
 
@@ -57,14 +58,18 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """A stage as the plan records it: its name, kind, layer and signature."""
+    """A stage as the plan records it: its name, kind, layer, signature and attributes.
+
+    ``attrs`` holds what the runtime needs to know about the stage: ``sliding_window`` for a layer;
+    ``threshold`` and ``measure`` for an exit (whose ``layer`` is the layer it follows).
+    """
 
     name: str
     kind: str
     layer: int | None
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    sliding_window: int | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class Plan:
     model: ModelInfo
     stages: tuple[StageSpec, ...]
     passes: tuple[dict[str, Any], ...] = ()
+    policy: dict[str, Any] = field(default_factory=dict)
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     schema_version: int = PLAN_SCHEMA_VERSION
@@ -104,6 +110,7 @@ class Plan:
                 model=model,
                 stages=stages,
                 passes=tuple(data.get("passes", ())),
+                policy=dict(data.get("policy", {})),
                 eos_token_ids=tuple(data.get("eos_token_ids", ())),
                 pad_token_id=data.get("pad_token_id"),
             )
@@ -121,7 +128,8 @@ class Plan:
         return cls.from_dict(data)
 
     def validate(self) -> None:
-        """Check that the stages form a runnable model: embed, each layer once and in order, head."""
+        """Check that the stages form a runnable model: embed, each layer once and in order (each optionally
+        followed by an exit stage), head."""
         kinds = [s.kind for s in self.stages]
         if not kinds or kinds[0] != "embed" or kinds[-1] != "head":
             raise PlanError(f"a plan starts with an embed stage and ends with a head stage; got {kinds}")
@@ -131,13 +139,16 @@ class Plan:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise PlanError(f"stage names repeat: {names}")
+        for prev, s in zip(self.stages, self.stages[1:]):
+            if s.kind == "exit" and not (prev.kind == "layer" and prev.layer == s.layer):
+                raise PlanError(f"exit stage {s.name!r} must directly follow layer {s.layer}")
         for s in self.stages:
             if s.kind not in STAGE_SIGNATURES:
                 raise PlanError(f"stage {s.name!r} has unknown kind {s.kind!r}")
             if (s.inputs, s.outputs) != STAGE_SIGNATURES[s.kind]:
-                raise PlanError(
-                    f"stage {s.name!r} signature {s.inputs} -> {s.outputs} is not that of a {s.kind}"
-                )
+                raise PlanError(f"stage {s.name!r} signature {s.inputs} -> {s.outputs} is not that of a {s.kind}")
+            if s.kind == "exit" and not isinstance(s.attrs.get("threshold"), (int, float)):
+                raise PlanError(f"exit stage {s.name!r} has no numeric threshold")
 
 
 @dataclass
@@ -153,7 +164,7 @@ class Stage:
     @property
     def spec(self) -> StageSpec:
         inputs, outputs = STAGE_SIGNATURES[self.kind]
-        return StageSpec(self.name, self.kind, self.layer, inputs, outputs, self.attrs.get("sliding_window"))
+        return StageSpec(self.name, self.kind, self.layer, inputs, outputs, dict(self.attrs))
 
     def with_graph(self, graph: torch.fx.GraphModule) -> Stage:
         return dataclasses.replace(self, graph=graph, attrs=dict(self.attrs))
@@ -198,6 +209,8 @@ class Program:
         self.embed = self._stages[0]
         self.layers = [s for s in self._stages if s.kind == "layer"]
         self.head = self._stages[-1]
+        # exit stages by the layer they follow
+        self.exits: dict[int, Stage] = {s.layer: s for s in self._stages if s.kind == "exit"}
         self.windows: frozenset[int | None] = frozenset(s.attrs.get("sliding_window") for s in self.layers)
 
     @classmethod
@@ -240,6 +253,15 @@ class Program:
         new_stages = [stages.get(s.name, s) for s in self._stages]
         plan = dataclasses.replace(self.plan, stages=tuple(s.spec for s in new_stages))
         return Program(new_stages, plan, generation_config=self.generation_config, reports=self.reports)
+
+    def with_stages(self, stages: list[Stage], *, policy: dict[str, Any] | None = None) -> Program:
+        """A new Program with this stage list (stages may be added, e.g. exits) and, if given, a new policy."""
+        plan = dataclasses.replace(
+            self.plan,
+            stages=tuple(s.spec for s in stages),
+            policy=dict(self.plan.policy if policy is None else policy),
+        )
+        return Program(list(stages), plan, generation_config=self.generation_config, reports=self.reports)
 
     def with_pass(self, record: dict[str, Any], report: PassReport) -> Program:
         """The same Program with a pass recorded in its plan and its report kept (the PassManager's job)."""
