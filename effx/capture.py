@@ -37,7 +37,7 @@ from torch.export import Dim, export
 from .errors import UnsupportedModelError
 from .program import ModelInfo, Program, Stage
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "capture"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "capture", "export_function"]
 
 # Model types whose glue between layers (embedding, rotary tables, mask, final norm) is the plain Llama one
 # that the runtime reproduces. Capture also checks the result numerically against the model's own forward.
@@ -214,6 +214,28 @@ def _export(module: torch.nn.Module, args: tuple, dynamic: tuple) -> torch.fx.Gr
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
     return _rebind(gm, graph, gm)
+
+
+class _Function(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def export_function(fn, args: tuple, dynamic_axes: tuple[dict[int, str], ...]) -> torch.fx.GraphModule:
+    """Export a small eager function (no parameters) to an ATen GraphModule, for passes that splice a
+    pattern into stage graphs. ``dynamic_axes`` names the dynamic dimensions of each input, e.g.
+    ``({0: "batch", 1: "seq"},)``; the same name is the same dimension. Inputs are positional placeholders;
+    the output is a tuple."""
+    dims: dict[str, Dim] = {}
+    spec = tuple(
+        {axis: dims.setdefault(name, Dim(name, min=1)) for axis, name in axes.items()}
+        for axes in dynamic_axes
+    )
+    return _export(_Function(fn), args, (spec,))
 
 
 def _rebind(template: torch.nn.Module, graph: torch.fx.Graph, owner: torch.nn.Module) -> torch.fx.GraphModule:

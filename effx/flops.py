@@ -103,6 +103,9 @@ def stage_inputs(program, kind: str, *, batch: int, seq: int, past: int) -> tupl
         return hidden, rope, rope, mask, kv, kv
     if kind == "head":
         return (torch.empty(batch, seq, info.hidden_size, dtype=dt, device=m),)
+    if kind == "exit":
+        hidden = torch.empty(batch, seq, info.hidden_size, dtype=dt, device=m)
+        return hidden, hidden
     raise ValueError(f"unknown stage kind {kind!r}")
 
 
@@ -114,7 +117,7 @@ def program_flops(
     seq, past = (1, context) if prompt is None else (prompt, 0)
     out: dict[str, int] = {}
     for stage in program:
-        s = 1 if stage.kind == "head" else seq
+        s = 1 if stage.kind in ("head", "exit") else seq
         inputs = stage_inputs(program, stage.kind, batch=batch, seq=s, past=past)
         out[stage.name] = sum(count_graph_flops(stage.graph, inputs).values())
     return out

@@ -139,14 +139,16 @@ class Plan:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise PlanError(f"stage names repeat: {names}")
-        for prev, s in zip(self.stages, self.stages[1:]):
+        for prev, s in zip(self.stages[:-1], self.stages[1:], strict=True):
             if s.kind == "exit" and not (prev.kind == "layer" and prev.layer == s.layer):
                 raise PlanError(f"exit stage {s.name!r} must directly follow layer {s.layer}")
         for s in self.stages:
             if s.kind not in STAGE_SIGNATURES:
                 raise PlanError(f"stage {s.name!r} has unknown kind {s.kind!r}")
             if (s.inputs, s.outputs) != STAGE_SIGNATURES[s.kind]:
-                raise PlanError(f"stage {s.name!r} signature {s.inputs} -> {s.outputs} is not that of a {s.kind}")
+                raise PlanError(
+                    f"stage {s.name!r} signature {s.inputs} -> {s.outputs} is not that of a {s.kind}"
+                )
             if s.kind == "exit" and not isinstance(s.attrs.get("threshold"), (int, float)):
                 raise PlanError(f"exit stage {s.name!r} has no numeric threshold")
 

@@ -10,8 +10,10 @@ from .base import (
     register_pass,
     registered_passes,
 )
+from .early_exit import EarlyExit
 
 __all__ = [
+    "EarlyExit",
     "Pass",
     "PassManager",
     "PassReport",

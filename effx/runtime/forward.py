@@ -1,4 +1,4 @@
-"""The pieces of a forward pass over a Program's stages: KV cache, masks, positions, one step."""
+"""The pieces of a forward pass over a Program's stages: KV cache, masks, positions, running layers."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from ..errors import GenerationInputError
 
 __all__ = [
     "KVCache",
+    "MaskCache",
     "attention_masks",
     "check_left_padded",
     "forward_logits",
     "positions_from_mask",
+    "run_layers",
     "run_step",
 ]
 
@@ -19,8 +21,9 @@ __all__ = [
 class KVCache:
     """A preallocated KV cache, one ``[batch, kv_heads, capacity, head_dim]`` pair of tensors per layer.
 
-    ``length`` slots are filled; a step reads ``past(i)`` (views, no copy) and writes its new keys and values
-    after them. Slot order is time order, so causality is by slot index.
+    ``lengths[i]`` slots of layer ``i`` are filled; a layer reads ``past(i)`` (views, no copy) and writes its
+    new keys and values right after them. Slot order is time order, so causality is by slot index. Layers
+    may be filled to different lengths (a token that exited early has not reached the deeper ones yet).
     """
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype):
@@ -28,7 +31,7 @@ class KVCache:
         self.k = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
         self.capacity = capacity
-        self.length = 0
+        self.lengths = [0] * num_layers
 
     @classmethod
     def for_program(cls, program, batch: int, capacity: int) -> KVCache:
@@ -36,14 +39,21 @@ class KVCache:
         return cls(info.num_layers, batch, info.num_kv_heads, capacity, info.head_dim, info.torch_dtype)
 
     def past(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[layer][:, :, : self.length], self.v[layer][:, :, : self.length]
+        n = self.lengths[layer]
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        end = self.length + k.shape[2]
+        start = self.lengths[layer]
+        end = start + k.shape[2]
         if end > self.capacity:
             raise RuntimeError(f"KV cache overflow: {end} > capacity {self.capacity}")
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        self.lengths[layer] = end
+
+    def truncate(self, length: int) -> None:
+        """Forget every slot from ``length`` on, in every layer (rejected draft tokens)."""
+        self.lengths = [min(n, length) for n in self.lengths]
 
 
 def check_left_padded(attention_mask: torch.Tensor) -> None:
@@ -62,7 +72,7 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def attention_masks(
-    key_valid: torch.Tensor, q_start: int, q_len: int, windows: set[int | None], dtype
+    key_valid: torch.Tensor, q_start: int, q_len: int, windows, dtype
 ) -> dict[int | None, torch.Tensor]:
     """Additive masks ``[batch, 1, q_len, keys]`` by sliding window (None: full causal attention).
 
@@ -83,6 +93,33 @@ def attention_masks(
     return out
 
 
+class MaskCache:
+    """Masks for one step, built once per query start and shared by every layer that needs them."""
+
+    def __init__(self, program, key_valid: torch.Tensor, dtype):
+        self.windows = program.windows
+        self.key_valid = key_valid
+        self.dtype = dtype
+        self._masks: dict[tuple[int, int], dict] = {}
+
+    def get(self, q_start: int, q_len: int, window) -> torch.Tensor:
+        key = (q_start, q_len)
+        if key not in self._masks:
+            self._masks[key] = attention_masks(self.key_valid, q_start, q_len, self.windows, self.dtype)
+        return self._masks[key][window]
+
+
+def run_layers(program, cache: KVCache, layers, hidden, cos, sin, masks: MaskCache) -> torch.Tensor:
+    """Run ``layers`` (stages) on new tokens that start at each layer's filled length; fill the cache."""
+    q_len = hidden.shape[1]
+    for stage in layers:
+        i = stage.layer
+        mask = masks.get(cache.lengths[i], q_len, stage.attrs.get("sliding_window"))
+        hidden, k, v = stage.graph(hidden, cos, sin, mask, *cache.past(i))
+        cache.write(i, k, v)
+    return hidden
+
+
 def run_step(
     program,
     cache: KVCache,
@@ -97,15 +134,9 @@ def run_step(
     ``key_valid`` covers every slot up to and including the new tokens. Returns logits of the last position
     (``[batch, vocab]``) or of all positions (``[batch, seq, vocab]``).
     """
-    q_len = input_ids.shape[1]
     hidden, cos, sin = program.embed.graph(input_ids, position_ids)
-    masks = attention_masks(key_valid, cache.length, q_len, program.windows, hidden.dtype)
-    for stage in program.layers:
-        i = stage.layer
-        past_k, past_v = cache.past(i)
-        hidden, k, v = stage.graph(hidden, cos, sin, masks[stage.attrs.get("sliding_window")], past_k, past_v)
-        cache.write(i, k, v)
-    cache.length += q_len
+    masks = MaskCache(program, key_valid, hidden.dtype)
+    hidden = run_layers(program, cache, program.layers, hidden, cos, sin, masks)
     if last_only:
         return program.head.graph(hidden[:, -1:])[0][:, -1]
     return program.head.graph(hidden)[0]

@@ -1,4 +1,9 @@
-"""The decode loop: prefill, then one token at a time over the Program's stages with a preallocated cache."""
+"""The decode loop: prefill, then tokens over the Program's stages with a preallocated cache.
+
+One loop serves every Program: a dense one decodes a token per step through all layers; one with exit
+stages (the EarlyExit pass) lets tokens leave early (``lossy``) or drafts and verifies tokens
+(``self-speculative``), as its plan's policy says.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ from typing import Any
 import torch
 
 from ..errors import GenerationInputError
-from .forward import KVCache, check_left_padded, positions_from_mask, run_step
+from .early_exit import ExitDecoder, speculative_round
+from .forward import KVCache, MaskCache, check_left_padded, positions_from_mask, run_step
 from .sampling import Sampler
 
 __all__ = ["generate"]
@@ -43,6 +49,43 @@ def _as_ids(value) -> list[int]:
     return [int(value)]
 
 
+class _Output:
+    """The output buffer and everything that happens when a token is emitted (stop tokens, callbacks)."""
+
+    def __init__(self, input_ids, max_new, eos, pad, streamer, on_token, bar):
+        batch, prompt_len = input_ids.shape
+        self.tokens = torch.full((batch, prompt_len + max_new), pad, dtype=torch.long)
+        self.tokens[:, :prompt_len] = input_ids
+        self.length = prompt_len
+        self.end = prompt_len + max_new
+        self.finished = torch.zeros(batch, dtype=torch.bool)
+        self.eos, self.pad = eos, pad
+        self.streamer, self.on_token, self.bar = streamer, on_token, bar
+
+    @property
+    def done(self) -> bool:
+        return self.length >= self.end or bool(self.finished.all())
+
+    @property
+    def remaining(self) -> int:
+        return self.end - self.length
+
+    def emit(self, token: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (pad for finished rows); returns what was appended."""
+        token = torch.where(self.finished, torch.full_like(token, self.pad), token)
+        self.tokens[:, self.length] = token
+        self.length += 1
+        if len(self.eos):
+            self.finished |= torch.isin(token, self.eos)
+        if self.streamer is not None:
+            self.streamer.put(token.cpu())
+        if self.on_token is not None:
+            self.on_token(token)
+        if self.bar is not None:
+            self.bar.update(1)
+        return token
+
+
 def generate(
     program,
     input_ids: torch.Tensor,
@@ -54,6 +97,7 @@ def generate(
     streamer=None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     progress: bool = False,
+    stats: dict | None = None,
     **kwargs,
 ) -> torch.LongTensor:
     """Generate with the same inputs and output as ``model.generate``.
@@ -62,10 +106,13 @@ def generate(
     GenerationConfig fields as keywords (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
     ``top_p``, ``eos_token_id``, ``pad_token_id``); defaults come from the model's generation config.
     Returns ``[batch, prompt + new]`` token ids; rows that stop early are filled with ``pad_token_id``.
+    ``eos_token_id=[]`` turns stopping off.
 
     Sampling is reproducible with ``seed`` (or your own ``generator``). ``streamer`` is a transformers
-    streamer (``put``/``end``, e.g. ``TextStreamer``); ``on_token(ids [batch])`` is called after every step;
-    ``progress=True`` shows a progress bar.
+    streamer (``put``/``end``, e.g. ``TextStreamer``); ``on_token(ids [batch])`` is called for every token;
+    ``progress=True`` shows a progress bar. Pass a dict as ``stats`` to get what the runtime decided:
+    ``exit_layers`` (per step, per row: how many layers the token went through) with early exits, and
+    ``drafted``/``accepted`` counts in self-speculative mode.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
         raise GenerationInputError("input_ids must be a 2-D LongTensor [batch, prompt_length]")
@@ -87,13 +134,15 @@ def generate(
         max_new = (config.max_length or 20) - prompt_len
     if max_new < 1:
         raise GenerationInputError(f"max_new_tokens must be >= 1, got {max_new}")
+    policy = program.plan.policy.get("early_exit") if program.exits else None
+    mode = policy["mode"] if policy else "dense"
+    draft = int(policy["draft"]) if mode == "self-speculative" else 0
     total = prompt_len + max_new
     if total > program.info.max_positions:
         raise GenerationInputError(
             f"prompt ({prompt_len}) + max_new_tokens ({max_new}) = {total} exceeds the model's "
             f"{program.info.max_positions} positions"
         )
-    # eos_token_id=[] turns stopping off; None falls back to the plan's end tokens
     eos_ids = (
         _as_ids(config.eos_token_id) if config.eos_token_id is not None else list(program.plan.eos_token_ids)
     )
@@ -107,6 +156,10 @@ def generate(
         top_k=config.top_k if config.top_k else None,
         top_p=float(config.top_p if config.top_p is not None else 1.0),
     )
+    if mode == "self-speculative" and sampler.do_sample:
+        raise GenerationInputError(
+            "self-speculative early exit reproduces greedy decoding; call it with do_sample=False"
+        )
     if sampler.do_sample and generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
 
@@ -119,36 +172,40 @@ def generate(
         streamer.put(input_ids.cpu())
 
     input_ids = input_ids.long()
-    out = torch.full((batch, total), pad, dtype=torch.long)
-    out[:, :prompt_len] = input_ids
-    key_valid = torch.ones(batch, total, dtype=torch.bool)
+    out = _Output(input_ids, max_new, eos, pad, streamer, on_token, bar)
+    # slots: the prompt, then one per new token (+ room for draft tokens that may be rejected)
+    key_valid = torch.ones(batch, total + draft, dtype=torch.bool)
     key_valid[:, :prompt_len] = attention_mask.bool()
-    finished = torch.zeros(batch, dtype=torch.bool)
-    length = prompt_len
     with torch.inference_mode():
-        cache = KVCache.for_program(program, batch, total)
+        cache = KVCache.for_program(program, batch, total + draft)
         positions = positions_from_mask(attention_mask)
         logits = run_step(program, cache, input_ids, positions, key_valid[:, :prompt_len])
         next_pos = positions[:, -1:] + 1
-        for step in range(max_new):
-            token = sampler(logits, generator)
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            out[:, length] = token
-            length += 1
-            if len(eos):
-                finished |= torch.isin(token, eos)
-            if streamer is not None:
-                streamer.put(token.cpu())
-            if on_token is not None:
-                on_token(token)
-            if bar is not None:
-                bar.update(1)
-            if bool(finished.all()) or step == max_new - 1:
-                break
-            logits = run_step(program, cache, token[:, None], next_pos, key_valid[:, :length])
-            next_pos = next_pos + 1
+        token = out.emit(sampler(logits, generator))
+        if mode == "self-speculative":
+            if stats is not None:
+                stats.update(drafted=0, accepted=0, rounds=0)
+            while not out.done:
+                next_pos = speculative_round(program, cache, out, token, next_pos, key_valid, draft, stats)
+                token = out.tokens[:, out.length - 1]
+        else:
+            decoder = ExitDecoder(program, cache) if mode == "lossy" else None
+            if stats is not None and decoder is not None:
+                stats["exit_layers"] = []
+            while not out.done:
+                valid = key_valid[:, : out.length]
+                if decoder is None:
+                    logits = run_step(program, cache, token[:, None], next_pos, valid)
+                else:
+                    logits, depth = decoder.step(
+                        token[:, None], next_pos, MaskCache(program, valid, cache.k[0].dtype)
+                    )
+                    if stats is not None:
+                        stats["exit_layers"].append(depth.tolist())
+                next_pos = next_pos + 1
+                token = out.emit(sampler(logits, generator))
     if bar is not None:
         bar.close()
     if streamer is not None:
         streamer.end()
-    return out[:, :length]
+    return out.tokens[:, : out.length]

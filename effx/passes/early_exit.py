@@ -1,0 +1,224 @@
+"""EarlyExit: exit branches after chosen decoder layers.
+
+After each chosen layer ``e`` the pass inserts a stage ``exit.e`` that runs the final norm and the LM head
+(the head stage's own weights, shared, not copied) on the layer's hidden state and computes a confidence::
+
+    before:  ... -> layer.e -> layer.e+1 -> ... -> head
+    after:   ... -> layer.e -> exit.e -> layer.e+1 -> ... -> head
+             exit.e: (hidden, prev_hidden) -> (logits = lm_head(norm(hidden)), confidence)
+
+Confidence measures (higher is more confident; a token exits when ``confidence >= threshold``):
+
+* ``softmax-max``: the top softmax probability (CALM);
+* ``top2-gap``: top-1 minus top-2 probability;
+* ``entropy``: ``1 - H(p) / log(V)``, so 1 is a one-hot distribution and 0 the uniform one;
+* ``saturation``: cosine between this exit's hidden state and the previous exit's (the embedding output
+  for the first exit).
+
+Modes: ``lossy`` (a token leaves at the first exit whose confidence passes its threshold; the runtime computes
+the skipped layers' keys and values later, batched with the next token that goes deeper, so every cache
+entry is the dense one) and ``self-speculative`` (the shallowest exit drafts up to ``draft`` tokens, stopping
+early when its confidence falls below the threshold; the full model verifies them in one pass over the
+same cache and the output is the dense greedy output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from ..errors import PassConfigError, PassError
+from ..program import Stage
+from .base import Pass, PassResult, register_pass
+
+__all__ = ["MEASURES", "EarlyExit"]
+
+
+def _softmax_max(logits, hidden, prev):
+    return logits.float().softmax(-1).amax(-1)
+
+
+def _top2_gap(logits, hidden, prev):
+    top = logits.float().softmax(-1).topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1]
+
+
+def _entropy(logits, hidden, prev):
+    logp = logits.float().log_softmax(-1)
+    h = -(logp.exp() * logp).sum(-1)
+    return 1.0 - h / math.log(logits.shape[-1])
+
+
+def _saturation(logits, hidden, prev):
+    return torch.nn.functional.cosine_similarity(hidden.float(), prev.float(), dim=-1)
+
+
+MEASURES = {
+    "softmax-max": _softmax_max,
+    "top2-gap": _top2_gap,
+    "entropy": _entropy,
+    "saturation": _saturation,
+}
+MODES = ("lossy", "self-speculative")
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class EarlyExit(Pass):
+    """Exit branches (shared norm + LM head, with a confidence) after chosen layers."""
+
+    name = "early-exit"
+
+    layers: tuple[int, ...] = ()
+    every: int | None = None
+    measure: str = "softmax-max"
+    thresholds: tuple[float, ...] = (0.9,)
+    mode: str = "lossy"
+    draft: int = 4
+    head: str = "shared"
+
+    def __post_init__(self):
+        if bool(self.layers) == (self.every is not None):
+            raise PassConfigError("early-exit needs exactly one of layers=[...] or every=k")
+        if any(not isinstance(x, int) or isinstance(x, bool) for x in self.layers):
+            raise PassConfigError(f"early-exit layers must be integers, got {list(self.layers)}")
+        if any(x < 0 for x in self.layers):
+            raise PassConfigError(f"early-exit layers must be >= 0, got {list(self.layers)}")
+        if len(set(self.layers)) != len(self.layers):
+            raise PassConfigError(f"early-exit layers repeat: {list(self.layers)}")
+        if self.every is not None and (not isinstance(self.every, int) or self.every < 1):
+            raise PassConfigError(f"early-exit every must be an integer >= 1, got {self.every!r}")
+        if self.measure not in MEASURES:
+            raise PassConfigError(
+                f"unknown early-exit measure {self.measure!r}; measures: {', '.join(MEASURES)}"
+            )
+        if not self.thresholds or any(not isinstance(t, (int, float)) for t in self.thresholds):
+            raise PassConfigError(f"early-exit thresholds must be numbers, got {self.thresholds!r}")
+        if self.layers and len(self.thresholds) not in (1, len(self.layers)):
+            raise PassConfigError(
+                f"early-exit has {len(self.layers)} exits but {len(self.thresholds)} thresholds: give one, or one per exit"
+            )
+        if self.every is not None and len(self.thresholds) > 1:
+            raise PassConfigError("early-exit every=k places exits by rule: give one threshold for all of them")
+        if self.mode not in MODES:
+            raise PassConfigError(f"unknown early-exit mode {self.mode!r}; modes: {', '.join(MODES)}")
+        if not isinstance(self.draft, int) or self.draft < 1:
+            raise PassConfigError(f"early-exit draft must be an integer >= 1, got {self.draft!r}")
+        if self.head != "shared":
+            raise PassConfigError(
+                f"early-exit head {self.head!r} is not available in this version; use head='shared' "
+                "(the final norm and LM head of the model)"
+            )
+
+    def exit_layers(self, num_layers: int) -> list[int]:
+        layers = (
+            sorted(self.layers) if self.layers else list(range(self.every - 1, num_layers - 1, self.every))
+        )
+        bad = [x for x in layers if x >= num_layers - 1]
+        if bad:
+            raise PassError(
+                f"early-exit layers {bad} are out of range: exits go after layers 0..{num_layers - 2} "
+                f"(the model has {num_layers} layers; after the last one is the head itself)"
+            )
+        if not layers:
+            raise PassError(f"every={self.every} places no exit before the last of {num_layers} layers")
+        return layers
+
+    def apply(self, program) -> PassResult:
+        if program.exits:
+            raise PassError(f"the program already has exits after layers {sorted(program.exits)}")
+        info = program.info
+        layers = self.exit_layers(info.num_layers)
+        if len(self.thresholds) == 1:
+            by_layer = {x: float(self.thresholds[0]) for x in layers}
+        elif self.layers:
+            by_layer = {x: float(t) for x, t in zip(self.layers, self.thresholds, strict=True)}
+        else:
+            raise PassError(
+                f"every={self.every} places {len(layers)} exits: give one threshold for all of them"
+            )
+        measure = _measure_graph(self.measure, info)
+        report = self.new_report()
+        stages: list[Stage] = []
+        for stage in program.stages:
+            stages.append(stage)
+            if stage.kind == "layer" and stage.layer in by_layer:
+                thr = by_layer[stage.layer]
+                gm = _exit_graph(program.head.graph, measure, self.name)
+                stages.append(
+                    Stage(
+                        f"exit.{stage.layer}",
+                        "exit",
+                        gm,
+                        layer=stage.layer,
+                        attrs={"threshold": thr, "measure": self.measure},
+                    )
+                )
+                report.change(
+                    f"exit.{stage.layer}",
+                    f"exit after layer {stage.layer}: shared norm + LM head, {self.measure} >= {thr:g}",
+                )
+        policy = {
+            **program.plan.policy,
+            "early_exit": {"mode": self.mode, "draft": self.draft, "measure": self.measure},
+        }
+        report.notes.append(
+            "FLOPs/token count every exit evaluated (the worst case); what a token saves depends on where it exits"
+        )
+        return PassResult(program.with_stages(stages, policy=policy), True, report)
+
+    def ensures(self, program) -> None:
+        expected = self.exit_layers(program.info.num_layers)
+        if sorted(program.exits) != expected:
+            raise PassError(f"exits after layers {sorted(program.exits)}, expected {expected}")
+        for stage in program.exits.values():
+            if not any(n.meta.get("effx_pass") == self.name for n in stage.graph.graph.nodes):
+                raise PassError(f"{stage.name} has no nodes tagged by {self.name}")
+
+
+def _measure_graph(measure: str, info) -> torch.fx.GraphModule:
+    from ..capture import export_function
+
+    dt = info.torch_dtype
+    logits = torch.randn(2, 3, info.vocab_size, dtype=dt)
+    hidden = torch.randn(2, 3, info.hidden_size, dtype=dt)
+    fn = MEASURES[measure]
+    axes = {0: "batch", 1: "seq"}
+    return export_function(
+        lambda lg, h, p: (fn(lg, h, p),), (logits, hidden, hidden.clone()), (axes, axes, axes)
+    )
+
+
+def _exit_graph(
+    head: torch.fx.GraphModule, measure: torch.fx.GraphModule, pass_name: str
+) -> torch.fx.GraphModule:
+    """The head's graph (sharing its weights) with a ``prev_hidden`` input and the measure spliced in."""
+    import copy
+
+    graph = copy.deepcopy(head.graph)
+    gm = torch.fx.GraphModule(head, graph)
+    g = gm.graph
+    hidden = next(n for n in g.nodes if n.op == "placeholder")
+    with g.inserting_after(hidden):
+        prev = g.placeholder("prev_hidden")
+    prev.meta.update(effx_role="io", effx_layer=None, effx_module="")
+    output = next(n for n in g.nodes if n.op == "output")
+    logits = output.args[0][0]
+    inputs = [n for n in measure.graph.nodes if n.op == "placeholder"]
+    before = set(g.nodes)
+    with g.inserting_before(output):
+        conf = g.graph_copy(measure.graph, dict(zip(inputs, [logits, hidden, prev], strict=True)))
+    for node in g.nodes:
+        if node not in before:
+            node.meta.update(
+                effx_role="exit.confidence", effx_layer=None, effx_module="", effx_pass=pass_name
+            )
+    for node in g.nodes:
+        if node.op != "output" and node.meta.get("effx_role") in ("lm_head", "norm"):
+            node.meta["effx_pass"] = pass_name
+    output.args = ((logits, conf[0]),)
+    g.eliminate_dead_code()
+    gm.recompile()
+    return gm

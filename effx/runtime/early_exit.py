@@ -1,0 +1,142 @@
+"""Decoding with exit stages: lossy early exit with deferred KV, and self-speculative decoding.
+
+Lossy early exit (FREE's synchronized parallel decoding). A decode step runs layers until every row of the
+batch has passed an exit's threshold (each row takes the token of the first exit it passed; the batch stops
+at the deepest such exit). The layers a token skipped have no keys and values for it yet: its hidden state
+is kept, and the next token that goes deeper carries it along (a multi-token step at those layers), so every
+cache entry is computed from the exact hidden state, as in the dense model; no token ever attends to a
+missing or approximate entry. Layers may therefore be filled to different lengths (``KVCache.lengths``).
+
+Self-speculative decoding (LayerSkip). The shallowest exit drafts tokens greedily through the first layers;
+the remaining layers then run once over all drafted tokens, on the same cache, and the head's greedy
+choices decide: drafts are kept while they agree, the first disagreement is replaced by the full model's
+token, and the cache forgets the rejected slots. The output is the dense greedy output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .forward import KVCache, MaskCache, run_layers
+
+__all__ = ["ExitDecoder", "speculative_round"]
+
+
+class ExitDecoder:
+    """Lossy early exit over a Program with exit stages; keeps the skipped layers' KV exact (deferred)."""
+
+    def __init__(self, program, cache: KVCache):
+        self.program = program
+        self.cache = cache
+        # slot -> (depth, hidden, cos, sin): tokens whose deeper layers are still to be computed
+        self.pending: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def step(self, token: torch.Tensor, position: torch.Tensor, masks: MaskCache):
+        """One new token per row. Returns the logits each row exits with ``[batch, vocab]`` and the number
+        of layers each row's token went through ``[batch]``."""
+        program, cache = self.program, self.cache
+        slot = cache.lengths[0]
+        hidden, cos, sin = program.embed.graph(token, position)
+        prev = hidden
+        start = slot  # the buffer holds slots start..slot, as input to the current layer
+        batch = token.shape[0]
+        decided = torch.zeros(batch, dtype=torch.bool)
+        depth = torch.full((batch,), program.info.num_layers, dtype=torch.long)
+        chosen = None
+        for stage in program.layers:
+            i = stage.layer
+            first = cache.lengths[i]
+            if first < start:  # tokens that stopped at this depth join the step here
+                hs, cs, ss = [], [], []
+                for s in range(first, start):
+                    d, h, c, n = self.pending.pop(s)
+                    assert d == i, f"slot {s} pending at depth {d}, expected {i}"
+                    hs.append(h)
+                    cs.append(c)
+                    ss.append(n)
+                hidden = torch.cat(hs + [hidden], dim=1)
+                cos = torch.cat(cs + [cos], dim=1)
+                sin = torch.cat(ss + [sin], dim=1)
+                start = first
+            hidden = run_layers(program, cache, (stage,), hidden, cos, sin, masks)
+            ex = program.exits.get(i)
+            if ex is None:
+                continue
+            last = hidden[:, -1:]
+            logits, conf = ex.graph(last, prev)
+            prev = last
+            fire = (conf[:, -1] >= ex.attrs["threshold"]) & ~decided
+            if bool(fire.any()):
+                if chosen is None:
+                    chosen = torch.empty(batch, logits.shape[-1], dtype=logits.dtype)
+                chosen[fire] = logits[fire, -1]
+                depth[fire] = i + 1
+                decided |= fire
+            if bool(decided.all()):
+                for j in range(hidden.shape[1]):
+                    self.pending[start + j] = (
+                        i + 1,
+                        hidden[:, j : j + 1],
+                        cos[:, j : j + 1],
+                        sin[:, j : j + 1],
+                    )
+                return chosen, depth
+        logits = program.head.graph(hidden[:, -1:])[0][:, -1]
+        if chosen is None:
+            return logits, depth
+        chosen[~decided] = logits[~decided]
+        return chosen, depth
+
+
+def speculative_round(
+    program, cache: KVCache, out, token, position, key_valid, draft: int, stats
+) -> torch.Tensor:
+    """Draft with the shallowest exit, verify with the remaining layers, emit the agreed tokens.
+
+    ``token`` (one per row) is the last emitted token, not yet in the cache. Returns the position of the next
+    token to process.
+    """
+    exit_layer = min(program.exits)
+    ex = program.exits[exit_layer]
+    shallow = [s for s in program.layers if s.layer <= exit_layer]
+    deep = [s for s in program.layers if s.layer > exit_layer]
+    base = cache.lengths[0]
+    n = min(draft, out.remaining)
+    drafts, hiddens, coss, sins = [], [], [], []
+    tok, pos = token, position
+    for j in range(n):
+        masks = MaskCache(program, key_valid[:, : base + j + 1], cache.k[0].dtype)
+        hidden, cos, sin = program.embed.graph(tok[:, None], pos)
+        prev = hidden
+        hidden = run_layers(program, cache, shallow, hidden, cos, sin, masks)
+        logits, conf = ex.graph(hidden, prev)
+        tok = logits[:, -1].float().argmax(-1)
+        drafts.append(tok)
+        hiddens.append(hidden)
+        coss.append(cos)
+        sins.append(sin)
+        pos = pos + 1
+        if bool((conf[:, -1] < ex.attrs["threshold"]).any()):
+            break
+    m = len(drafts)
+    masks = MaskCache(program, key_valid[:, : base + m], cache.k[0].dtype)
+    hidden = run_layers(
+        program, cache, deep, torch.cat(hiddens, 1), torch.cat(coss, 1), torch.cat(sins, 1), masks
+    )
+    verified = program.head.graph(hidden)[0].float().argmax(-1)  # [batch, m]
+    proposed = torch.stack(drafts, 1)
+    agree = (proposed == verified).long().cumprod(1).sum(1)  # leading agreement per row
+    k = int(agree.min())
+    for j in range(k):
+        out.emit(proposed[:, j])
+        if out.done:
+            break
+    if k < m and not out.done:
+        out.emit(verified[:, k])
+    kept = min(k + 1, m)  # slots of token, d_1..d_k stay; rejected drafts' slots are forgotten
+    cache.truncate(base + kept)
+    if stats is not None:
+        stats["drafted"] += m
+        stats["accepted"] += k
+        stats["rounds"] += 1
+    return position + kept
