@@ -23,13 +23,15 @@ from .errors import (
     PlanError,
     UnsupportedModelError,
 )
-from .passes import Pass, PassManager, parse_pipeline
+from .exit_heads import train_exit_heads
+from .passes import EarlyExit, Pass, PassManager, parse_pipeline
 from .program import Plan, Program
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError",
+    "EarlyExit",
     "EffxError",
     "GenerationInputError",
     "ModelLoadError",
@@ -44,6 +46,7 @@ __all__ = [
     "capture",
     "models",
     "parse_pipeline",
+    "train_exit_heads",
     "transform",
 ]
 

@@ -235,7 +235,9 @@ def export_function(fn, args: tuple, dynamic_axes: tuple[dict[int, str], ...]) -
         {axis: dims.setdefault(name, Dim(name, min=1)) for axis, name in axes.items()}
         for axes in dynamic_axes
     )
-    return _export(_Function(fn), args, (spec,))
+    gm = _export(_Function(fn), args, (spec,))
+    _simplify(gm)
+    return gm
 
 
 def _rebind(template: torch.nn.Module, graph: torch.fx.Graph, owner: torch.nn.Module) -> torch.fx.GraphModule:

@@ -6,7 +6,7 @@ continue) used by the integration tests, the demo and ``benchmarks/decode.py``.
 
 from __future__ import annotations
 
-__all__ = ["PROMPTS", "encode_prompts"]
+__all__ = ["PROMPTS", "encode_prompts", "pydoc_texts"]
 
 PROMPTS: tuple[str, ...] = (
     "Explain why the sea has tides, in two or three sentences.",
@@ -46,3 +46,18 @@ def encode_prompts(tokenizer, prompts, *, chat: bool = True):
     finally:
         tokenizer.padding_side = side
     return enc["input_ids"], enc["attention_mask"]
+
+
+def pydoc_texts(split: str = "calib") -> list[str]:
+    """Real English text that ships with Python: the ``pydoc_data.topics`` help pages, split by topic.
+
+    ``split="calib"`` gives two of every three topics (for calibration and training), ``"heldout"`` the
+    rest (for evaluation), so the two never share a page.
+    """
+    if split not in ("calib", "heldout"):
+        raise ValueError(f"split must be 'calib' or 'heldout', got {split!r}")
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    keep = (lambda i: i % 3 != 2) if split == "calib" else (lambda i: i % 3 == 2)
+    return [topics[n] for i, n in enumerate(names) if keep(i)]

@@ -171,6 +171,10 @@ class Stage:
     def with_graph(self, graph: torch.fx.GraphModule) -> Stage:
         return dataclasses.replace(self, graph=graph, attrs=dict(self.attrs))
 
+    def with_attrs(self, **attrs: Any) -> Stage:
+        """The same stage (same graph) with some attributes changed, e.g. an exit's threshold."""
+        return dataclasses.replace(self, attrs={**self.attrs, **attrs})
+
     def copy_graph(self) -> torch.fx.GraphModule:
         """A new GraphModule over a copy of this stage's graph that shares its weights: edit it freely."""
         gm = self.graph
@@ -287,6 +291,16 @@ class Program:
         from .runtime.forward import forward_logits
 
         return forward_logits(self, input_ids, attention_mask)
+
+    def calibrate(self, texts, tokenizer, *, target: float = 0.95, **kwargs):
+        """Exit thresholds for ``target`` agreement with the full model on ``texts`` (teacher-forced).
+
+        Returns ``(program, report)``: a new Program with the thresholds set, and a
+        :class:`effx.calibrate.CalibrationReport` (agreement, exit rates, mean layers, estimated speed-up).
+        """
+        from .calibrate import calibrate
+
+        return calibrate(self, texts, tokenizer, target=target, **kwargs)
 
     # -- measurement -----------------------------------------------------------------------------------
     def flops(self, *, context: int = 512, prompt: int | None = None) -> dict[str, int]:

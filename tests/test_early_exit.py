@@ -208,7 +208,9 @@ def test_every_places_exits(dense4):
         (dict(layers=(1,), draft=0), "draft must be"),
         (dict(every=0), "every must be"),
         (dict(every=2, thresholds=(0.1, 0.2)), "one threshold for all"),
-        (dict(layers=(1,), head="trained"), "not available"),
+        (dict(layers=(1,), head="trained"), "needs heads=<file>"),
+        (dict(layers=(1,), head="tiny"), "must be .shared. or .trained."),
+        (dict(layers=(1,), heads="x.safetensors"), "only used with head=.trained."),
     ],
 )
 def test_invalid_arguments(kwargs, match):

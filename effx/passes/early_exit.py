@@ -78,6 +78,7 @@ class EarlyExit(Pass):
     mode: str = "lossy"
     draft: int = 4
     head: str = "shared"
+    heads: str = ""
 
     def __post_init__(self):
         if bool(self.layers) == (self.every is not None):
@@ -101,16 +102,21 @@ class EarlyExit(Pass):
                 f"early-exit has {len(self.layers)} exits but {len(self.thresholds)} thresholds: give one, or one per exit"
             )
         if self.every is not None and len(self.thresholds) > 1:
-            raise PassConfigError("early-exit every=k places exits by rule: give one threshold for all of them")
+            raise PassConfigError(
+                "early-exit every=k places exits by rule: give one threshold for all of them"
+            )
         if self.mode not in MODES:
             raise PassConfigError(f"unknown early-exit mode {self.mode!r}; modes: {', '.join(MODES)}")
         if not isinstance(self.draft, int) or self.draft < 1:
             raise PassConfigError(f"early-exit draft must be an integer >= 1, got {self.draft!r}")
-        if self.head != "shared":
+        if self.head not in ("shared", "trained"):
+            raise PassConfigError(f"early-exit head must be 'shared' or 'trained', got {self.head!r}")
+        if self.head == "trained" and not self.heads:
             raise PassConfigError(
-                f"early-exit head {self.head!r} is not available in this version; use head='shared' "
-                "(the final norm and LM head of the model)"
+                "early-exit head='trained' needs heads=<file> written by effx.train_exit_heads(..., path=...)"
             )
+        if self.head == "shared" and self.heads:
+            raise PassConfigError("early-exit heads=<file> is only used with head='trained'")
 
     def exit_layers(self, num_layers: int) -> list[int]:
         layers = (
@@ -140,13 +146,23 @@ class EarlyExit(Pass):
                 f"every={self.every} places {len(layers)} exits: give one threshold for all of them"
             )
         measure = _measure_graph(self.measure, info)
+        adapters = {}
+        if self.head == "trained":
+            from ..exit_heads import load_exit_heads
+
+            adapters = load_exit_heads(self.heads, info)
+            missing = [x for x in layers if x not in adapters]
+            if missing:
+                raise PassError(
+                    f"{self.heads} has no trained head for exit layers {missing} (it has {sorted(adapters)})"
+                )
         report = self.new_report()
         stages: list[Stage] = []
         for stage in program.stages:
             stages.append(stage)
             if stage.kind == "layer" and stage.layer in by_layer:
                 thr = by_layer[stage.layer]
-                gm = _exit_graph(program.head.graph, measure, self.name)
+                gm = _exit_graph(program.head.graph, measure, self.name, adapters.get(stage.layer))
                 stages.append(
                     Stage(
                         f"exit.{stage.layer}",
@@ -192,9 +208,14 @@ def _measure_graph(measure: str, info) -> torch.fx.GraphModule:
 
 
 def _exit_graph(
-    head: torch.fx.GraphModule, measure: torch.fx.GraphModule, pass_name: str
+    head: torch.fx.GraphModule, measure: torch.fx.GraphModule, pass_name: str, adapter: dict | None = None
 ) -> torch.fx.GraphModule:
-    """The head's graph (sharing its weights) with a ``prev_hidden`` input and the measure spliced in."""
+    """The head's graph (sharing its weights) with a ``prev_hidden`` input and the measure spliced in; with a
+    trained ``adapter``, ``hidden -> hidden + up(down(hidden))`` goes before the norm::
+
+        hidden -> norm -> lm_head -> logits                              (head)
+        hidden -> [adapter] -> norm -> lm_head -> logits -> confidence   (exit)
+    """
     import copy
 
     graph = copy.deepcopy(head.graph)
@@ -204,19 +225,29 @@ def _exit_graph(
     with g.inserting_after(hidden):
         prev = g.placeholder("prev_hidden")
     prev.meta.update(effx_role="io", effx_layer=None, effx_module="")
+    before = set(g.nodes)
+    if adapter is not None:
+        gm.register_buffer("adapter_down", adapter["down"])
+        gm.register_buffer("adapter_up", adapter["up"])
+        with g.inserting_before(prev.next):
+            down = g.get_attr("adapter_down")
+            up = g.get_attr("adapter_up")
+            low = g.call_function(torch.ops.aten.linear.default, (hidden, down))
+            delta = g.call_function(torch.ops.aten.linear.default, (low, up))
+            adapted = g.call_function(torch.ops.aten.add.Tensor, (hidden, delta))
+        ours = {down, up, low, delta, adapted}
+        hidden.replace_all_uses_with(adapted, delete_user_cb=lambda n: n not in ours)
+        for n in ours:
+            n.meta.update(effx_role="exit.adapter", effx_layer=None, effx_module="", effx_pass=pass_name)
     output = next(n for n in g.nodes if n.op == "output")
     logits = output.args[0][0]
     inputs = [n for n in measure.graph.nodes if n.op == "placeholder"]
-    before = set(g.nodes)
     with g.inserting_before(output):
         conf = g.graph_copy(measure.graph, dict(zip(inputs, [logits, hidden, prev], strict=True)))
     for node in g.nodes:
-        if node not in before:
-            node.meta.update(
-                effx_role="exit.confidence", effx_layer=None, effx_module="", effx_pass=pass_name
-            )
-    for node in g.nodes:
-        if node.op != "output" and node.meta.get("effx_role") in ("lm_head", "norm"):
+        if node not in before and "effx_role" not in node.meta:  # the spliced measure
+            node.meta.update(effx_role="exit.confidence", effx_layer=None, effx_module="")
+        if node.op != "output" and (node not in before or node.meta.get("effx_role") in ("lm_head", "norm")):
             node.meta["effx_pass"] = pass_name
     output.args = ((logits, conf[0]),)
     g.eliminate_dead_code()

@@ -1,0 +1,150 @@
+"""Exit threshold calibration (CALM-style): pick thresholds for a target agreement with the full model.
+
+On calibration text, teacher-forced, every exit's confidence and greedy token are computed for every
+position alongside the full model's greedy token (with exact KV, a token's confidence at an exit depends
+only on the text before it, so these are the values the runtime will see). Exits are then visited
+shallowest first: each gets the lowest threshold at which the tokens that would leave there (the ones not
+already taken by a shallower exit) agree with the full model at least ``target`` of the time. Every exit
+meeting the target on its own tokens makes the overall agreement meet it too. An exit that cannot reach the
+target never fires (threshold 2, above every measure's range).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["CalibrationReport", "calibrate", "exit_statistics"]
+
+NEVER = 2.0  # above every confidence measure's range
+
+
+@dataclass
+class CalibrationReport:
+    target: float
+    thresholds: dict[int, float]
+    agreement: float  # share of calibration tokens whose exit token equals the full model's
+    exit_rates: dict[int, float]  # share of tokens leaving at each exit (the rest reach the head)
+    mean_layers: float  # mean number of decoder layers a token runs
+    flops_ratio: float  # dense FLOPs per token / expected FLOPs per token with these exits
+    tokens: int
+
+    def format(self) -> str:
+        rates = ", ".join(
+            f"exit.{e}: {r:.1%} (t={self.thresholds[e]:.3f})" for e, r in self.exit_rates.items()
+        )
+        return (
+            f"calibrated on {self.tokens} tokens for agreement >= {self.target}: agreement {self.agreement:.3f}, "
+            f"mean layers {self.mean_layers:.1f}, estimated speed-up {self.flops_ratio:.2f}x (FLOPs); {rates}"
+        )
+
+
+def exit_statistics(
+    program, texts, tokenizer, *, seq_len: int = 128, max_tokens: int = 2048, progress: bool = False
+):
+    """Per exit: confidence and whether its greedy token equals the full model's, for every calibration token.
+
+    Returns ``({layer: (confidence [N], agrees [N])}, N)``.
+    """
+    from .exit_heads import _token_chunks
+    from .runtime.forward import KVCache, MaskCache, run_layers
+
+    chunks = _token_chunks(tokenizer, texts, seq_len, max_tokens)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="calibrate exits", unit="chunk")
+    conf: dict[int, list] = {e: [] for e in program.exits}
+    agree: dict[int, list] = {e: [] for e in program.exits}
+    n = 0
+    with torch.inference_mode():
+        for chunk in chunks:
+            cache = KVCache.for_program(program, 1, chunk.shape[1])
+            hidden, cos, sin = program.embed.graph(chunk, torch.arange(chunk.shape[1])[None])
+            masks = MaskCache(program, torch.ones_like(chunk, dtype=torch.bool), hidden.dtype)
+            prev = hidden
+            exits = {}
+            for stage in program.layers:
+                hidden = run_layers(program, cache, (stage,), hidden, cos, sin, masks)
+                if stage.layer in program.exits:
+                    logits, c = program.exits[stage.layer].graph(hidden, prev)
+                    prev = hidden
+                    exits[stage.layer] = (logits.argmax(-1)[0], c[0])
+            final = program.head.graph(hidden)[0].argmax(-1)[0]
+            for e, (tok, c) in exits.items():
+                conf[e].append(c.float())
+                agree[e].append(tok == final)
+            n += chunk.shape[1]
+    return {e: (torch.cat(conf[e]), torch.cat(agree[e])) for e in program.exits}, n
+
+
+def _lowest_threshold(conf: torch.Tensor, agree: torch.Tensor, target: float, min_tokens: int) -> float:
+    if conf.numel() == 0:
+        return NEVER
+    order = torch.argsort(conf, descending=True)
+    hits = agree[order].double().cumsum(0)
+    counts = torch.arange(1, conf.numel() + 1, dtype=torch.float64)
+    ok = ((hits / counts) >= target) & (counts >= min_tokens)
+    # tokens with equal confidence leave together: only thresholds at the last of a run of equal values
+    sorted_conf = conf[order]
+    last_of_run = torch.ones_like(ok)
+    last_of_run[:-1] = sorted_conf[1:] != sorted_conf[:-1]
+    ok &= last_of_run
+    idx = torch.nonzero(ok).flatten()
+    if idx.numel() == 0:
+        return NEVER
+    return float(sorted_conf[idx.max()])
+
+
+def calibrate(program, texts, tokenizer, *, target: float = 0.95, min_tokens: int = 8, **kwargs):
+    """A new Program whose exit thresholds meet ``target`` agreement with the full model on ``texts``,
+    and a :class:`CalibrationReport`. ``kwargs`` go to :func:`exit_statistics` (seq_len, max_tokens,
+    progress)."""
+    from .errors import PassError
+    from .flops import program_flops
+
+    if not program.exits:
+        raise PassError("calibrate needs exits: apply EarlyExit first")
+    if not 0 < target <= 1:
+        raise ValueError(f"target must be in (0, 1], got {target}")
+    stats, n = exit_statistics(program, texts, tokenizer, **kwargs)
+    remaining = torch.ones(n, dtype=torch.bool)
+    thresholds, rates = {}, {}
+    agreed = torch.zeros(n, dtype=torch.bool)
+    layers_run = torch.full((n,), float(program.info.num_layers))
+    exits_evaluated = torch.zeros(n)
+    for e in sorted(program.exits):
+        conf, agree = stats[e]
+        exits_evaluated += remaining.float()
+        t = _lowest_threshold(conf[remaining], agree[remaining], target, min_tokens)
+        leave = remaining & (conf >= t)
+        thresholds[e] = t
+        rates[e] = float(leave.double().mean())
+        agreed |= leave & agree
+        layers_run[leave] = e + 1
+        remaining &= ~leave
+    agreed |= remaining  # tokens that reach the head are the full model's
+    stages = [s.with_attrs(threshold=thresholds[s.layer]) if s.kind == "exit" else s for s in program.stages]
+    new = program.with_stages(stages)
+    flops = program_flops(program, context=256)
+    layer_cost = sum(flops[s.name] for s in program.layers) / program.info.num_layers
+    exit_cost = {e: flops[program.exits[e].name] for e in program.exits}
+    dense = flops["embed"] + layer_cost * program.info.num_layers + flops["head"]
+    mean_exit_cost = sum(exit_cost.values()) / len(exit_cost)
+    expected = (
+        flops["embed"]
+        + layer_cost * float(layers_run.mean())
+        + mean_exit_cost * float(exits_evaluated.mean())
+        + flops["head"] * float(remaining.double().mean())
+    )
+    report = CalibrationReport(
+        target=target,
+        thresholds=thresholds,
+        agreement=float(agreed.double().mean()),
+        exit_rates=rates,
+        mean_layers=float(layers_run.mean()),
+        flops_ratio=dense / expected,
+        tokens=n,
+    )
+    return new, report
