@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CalibrationReport", "calibrate", "exit_statistics"]
+__all__ = ["CalibrationReport", "agreement", "calibrate", "exit_statistics"]
 
 NEVER = 2.0  # above every confidence measure's range
 
@@ -148,3 +148,20 @@ def calibrate(program, texts, tokenizer, *, target: float = 0.95, min_tokens: in
         tokens=n,
     )
     return new, report
+
+
+def agreement(program, texts, tokenizer, **kwargs) -> tuple[float, float]:
+    """Teacher-forced agreement with the full model and mean decoder layers per token, at the program's
+    current thresholds, on ``texts`` (use held-out text, not the calibration text)."""
+    stats, n = exit_statistics(program, texts, tokenizer, **kwargs)
+    remaining = torch.ones(n, dtype=torch.bool)
+    agreed = torch.zeros(n, dtype=torch.bool)
+    layers_run = torch.full((n,), float(program.info.num_layers))
+    for e in sorted(program.exits):
+        conf, agree = stats[e]
+        leave = remaining & (conf >= program.exits[e].attrs["threshold"])
+        agreed |= leave & agree
+        layers_run[leave] = e + 1
+        remaining &= ~leave
+    agreed |= remaining
+    return float(agreed.double().mean()), float(layers_run.mean())

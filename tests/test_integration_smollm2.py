@@ -57,3 +57,13 @@ def test_batch4_mixed_lengths_token_identical_to_hf_generate(dense):
             ref = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
         out = prog.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS)
         assert torch.equal(out, ref)
+
+
+def test_self_speculative_early_exit_is_token_identical(dense):
+    model, tokenizer, prog = dense
+    spec = effx.transform(model, passes="early-exit{layers=20 mode=self-speculative draft=4 thresholds=0.3}")
+    ids, mask = encode_prompts(tokenizer, PROMPTS[:2])
+    stats = {}
+    out = spec.generate(ids, attention_mask=mask, max_new_tokens=48, stats=stats)
+    assert torch.equal(out, prog.generate(ids, attention_mask=mask, max_new_tokens=48))
+    assert stats["drafted"] > 0
