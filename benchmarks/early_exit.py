@@ -59,23 +59,28 @@ def main() -> None:
         )
         kl = ", ".join(f"{e}: {result['kl_before'][e]:.2f}->{result['kl_after'][e]:.2f}" for e in exit_layers)
         print(f"trained exit heads in {time.perf_counter() - start:.0f} s (KL per token {kl})")
-    prompts = [encode_prompts(tok, p)[0] for p in PROMPTS[: args.prompts]]
+    # the chat template puts <|im_end|> (also the pad id) inside prompts: always pass the attention mask
+    prompts = [encode_prompts(tok, p) for p in PROMPTS[: args.prompts]]
     n_new = args.new_tokens
 
     def run(fn):
         outs, secs = [], []
-        for ids in prompts:
+        for ids, mask in prompts:
             start = time.perf_counter()
-            out = fn(ids)
+            out = fn(ids, mask)
             secs.append(time.perf_counter() - start)
             outs.append(out[0, ids.shape[1] :])
         return outs, sum(secs)
 
     rows = []
     with torch.inference_mode():
-        hf_out, hf_t = run(lambda ids: model.generate(ids, max_new_tokens=n_new, do_sample=False))
+        hf_out, hf_t = run(
+            lambda ids, m: model.generate(ids, attention_mask=m, max_new_tokens=n_new, do_sample=False)
+        )
     rows.append(("HF generate (dense)", hf_t, True, None))
-    ref_out, dense_t = run(lambda ids: dense.generate(ids, max_new_tokens=n_new, eos_token_id=[]))
+    ref_out, dense_t = run(
+        lambda ids, m: dense.generate(ids, attention_mask=m, max_new_tokens=n_new, eos_token_id=[])
+    )
     rows.append(
         ("effx dense", dense_t, all(torch.equal(a, b) for a, b in zip(ref_out, hf_out, strict=True)), None)
     )
@@ -102,9 +107,9 @@ def main() -> None:
         )
         acc = []
 
-        def spec(ids, prog=prog, acc=acc):
+        def spec(ids, mask, prog=prog, acc=acc):
             st = {}
-            out = prog.generate(ids, max_new_tokens=n_new, eos_token_id=[], stats=st)
+            out = prog.generate(ids, attention_mask=mask, max_new_tokens=n_new, eos_token_id=[], stats=st)
             acc.append(st["accepted"] / max(1, st["drafted"]))
             return out
 
@@ -124,9 +129,9 @@ def main() -> None:
         prog, report = exits.calibrate(pydoc_texts("calib"), tok, target=target)
         depth = []
 
-        def lossy(ids, prog=prog, depth=depth):
+        def lossy(ids, mask, prog=prog, depth=depth):
             st = {}
-            out = prog.generate(ids, max_new_tokens=n_new, eos_token_id=[], stats=st)
+            out = prog.generate(ids, attention_mask=mask, max_new_tokens=n_new, eos_token_id=[], stats=st)
             depth.extend(d[0] for d in st["exit_layers"])
             return out
 
