@@ -86,8 +86,12 @@ def main() -> None:
     )
     with torch.inference_mode():
         out, t = run(
-            lambda ids: model.generate(
-                ids, max_new_tokens=n_new, do_sample=False, assistant_early_exit=args.spec_layer + 1
+            lambda ids, m: model.generate(
+                ids,
+                attention_mask=m,
+                max_new_tokens=n_new,
+                do_sample=False,
+                assistant_early_exit=args.spec_layer + 1,
             )
         )
     rows.append((f"HF assistant_early_exit={args.spec_layer + 1}", t, _same(out, ref_out), None))
