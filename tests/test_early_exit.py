@@ -233,3 +233,22 @@ def test_self_speculative_refuses_sampling(model4):
     prog = effx.transform(model4, passes="early-exit{layers=1 mode=self-speculative}")
     with pytest.raises(GenerationInputError, match="do_sample=False"):
         prog.generate(torch.tensor([[5, 6]]), max_new_tokens=3, do_sample=True)
+
+
+def test_plan_with_exits_round_trips_and_validates(dense4):
+    import json
+
+    from effx import Plan, PlanError
+
+    prog = EarlyExit(layers=(1,), thresholds=(0.8,), mode="self-speculative", draft=3).apply(dense4).program
+    plan = Plan.from_json(prog.plan.to_json())
+    assert plan == prog.plan
+    assert plan.policy == {"early_exit": {"mode": "self-speculative", "draft": 3, "measure": "softmax-max"}}
+    data = json.loads(prog.plan.to_json())
+    data["stages"].insert(1, data["stages"].pop(3))  # move exit.1 before layer.0
+    with pytest.raises(PlanError, match="must directly follow layer 1"):
+        Plan.from_dict(data)
+    data = json.loads(prog.plan.to_json())
+    del data["stages"][3]["attrs"]["threshold"]
+    with pytest.raises(PlanError, match="no numeric threshold"):
+        Plan.from_dict(data)
