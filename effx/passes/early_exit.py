@@ -139,12 +139,8 @@ class EarlyExit(Pass):
         layers = self.exit_layers(info.num_layers)
         if len(self.thresholds) == 1:
             by_layer = {x: float(self.thresholds[0]) for x in layers}
-        elif self.layers:
+        else:  # one per listed layer, in the order given (checked in __post_init__)
             by_layer = {x: float(t) for x, t in zip(self.layers, self.thresholds, strict=True)}
-        else:
-            raise PassError(
-                f"every={self.every} places {len(layers)} exits: give one threshold for all of them"
-            )
         measure = _measure_graph(self.measure, info)
         adapters = {}
         if self.head == "trained":
