@@ -243,7 +243,9 @@ def test_plan_with_exits_round_trips_and_validates(dense4):
     prog = EarlyExit(layers=(1,), thresholds=(0.8,), mode="self-speculative", draft=3).apply(dense4).program
     plan = Plan.from_json(prog.plan.to_json())
     assert plan == prog.plan
-    assert plan.policy == {"early_exit": {"mode": "self-speculative", "draft": 3, "measure": "softmax-max"}}
+    assert plan.policy == {
+        "early_exit": {"mode": "self-speculative", "draft": 3, "measure": "softmax-max", "kv": "deferred"}
+    }
     data = json.loads(prog.plan.to_json())
     data["stages"].insert(1, data["stages"].pop(3))  # move exit.1 before layer.0
     with pytest.raises(PlanError, match="must directly follow layer 1"):
@@ -252,3 +254,44 @@ def test_plan_with_exits_round_trips_and_validates(dense4):
     del data["stages"][3]["attrs"]["threshold"]
     with pytest.raises(PlanError, match="no numeric threshold"):
         Plan.from_dict(data)
+
+
+def test_kv_projection_keeps_only_what_keys_and_values_need(dense4):
+    from effx.runtime.early_exit import kv_projection
+
+    layer = dense4.layers[2].graph
+    kv = kv_projection(layer)
+    roles = {n.meta.get("effx_role") for n in kv.graph.nodes if n.op == "call_function"}
+    assert {"attn.k", "attn.v", "norm"} <= roles
+    assert not roles & {"attn.q", "attn.sdpa", "attn.o", "mlp.gate", "mlp.up", "mlp.down"}
+    hidden, rope = torch.randn(2, 3, 64), torch.randn(2, 3, 16)
+    past = torch.zeros(2, 2, 0, 16)
+    _, k, v = layer(hidden, rope, rope, torch.zeros(2, 1, 3, 3), past, past)
+    k2, v2 = kv(hidden, rope, rope, None, None, None)
+    assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
+def test_state_copying_fills_every_layer_at_once(model4, dense4):
+    ids, mask = left_padded_batch([4, 6], 96, seed=5)
+    never = effx.transform(model4, passes=[EarlyExit(layers=(1,), thresholds=(2.0,), kv="copy")])
+    dense = dense4.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(never.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[]), dense)
+    prog = EarlyExit(layers=(1,), thresholds=(0.0,), kv="copy").apply(dense4).program
+    batch, prompt = ids.shape
+    key_valid = torch.cat([mask.bool(), torch.ones(2, 4, dtype=torch.bool)], 1)
+    cache = KVCache.for_program(prog, batch, prompt + 4)
+    positions = positions_from_mask(mask)
+    with torch.inference_mode():
+        run_step(prog, cache, ids, positions, key_valid[:, :prompt])
+        decoder = ExitDecoder(prog, cache, copy=True)
+        for j in range(4):
+            masks = MaskCache(prog, key_valid[:, : prompt + j + 1], torch.float32)
+            _, depth = decoder.step(torch.full((2, 1), 7 + j), positions[:, -1:] + 1 + j, masks)
+            assert depth.tolist() == [2, 2] and len(set(cache.lengths)) == 1 and not decoder.pending
+
+
+def test_kv_copy_is_lossy_only():
+    with pytest.raises(PassConfigError, match="only applies to mode='lossy'"):
+        EarlyExit(layers=(1,), kv="copy", mode="self-speculative")
+    with pytest.raises(PassConfigError, match="kv must be"):
+        EarlyExit(layers=(1,), kv="maybe")

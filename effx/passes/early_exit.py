@@ -20,6 +20,9 @@ the skipped layers' keys and values later, batched with the next token that goes
 entry is the dense one) and ``self-speculative`` (the shallowest exit drafts up to ``draft`` tokens, stopping
 early when its confidence falls below the threshold; the full model verifies them in one pass over the
 same cache and the output is the dense greedy output).
+
+``kv="copy"`` (lossy only, opt-in) is CALM's state copying instead of deferral: the layers a token skipped get
+keys and values projected from its exit hidden state right away. Cheaper, but those entries are approximate.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class EarlyExit(Pass):
     draft: int = 4
     head: str = "shared"
     heads: str = ""
+    kv: str = "deferred"
 
     def __post_init__(self):
         if bool(self.layers) == (self.every is not None):
@@ -109,6 +113,12 @@ class EarlyExit(Pass):
             raise PassConfigError(f"unknown early-exit mode {self.mode!r}; modes: {', '.join(MODES)}")
         if not isinstance(self.draft, int) or self.draft < 1:
             raise PassConfigError(f"early-exit draft must be an integer >= 1, got {self.draft!r}")
+        if self.kv not in ("deferred", "copy"):
+            raise PassConfigError(
+                f"early-exit kv must be 'deferred' (exact) or 'copy' (CALM state copying), got {self.kv!r}"
+            )
+        if self.kv == "copy" and self.mode != "lossy":
+            raise PassConfigError("early-exit kv='copy' only applies to mode='lossy'")
         if self.head not in ("shared", "trained"):
             raise PassConfigError(f"early-exit head must be 'shared' or 'trained', got {self.head!r}")
         if self.head == "trained" and not self.heads:
@@ -174,7 +184,7 @@ class EarlyExit(Pass):
                 )
         policy = {
             **program.plan.policy,
-            "early_exit": {"mode": self.mode, "draft": self.draft, "measure": self.measure},
+            "early_exit": {"mode": self.mode, "draft": self.draft, "measure": self.measure, "kv": self.kv},
         }
         report.notes.append(
             "FLOPs/token count every exit evaluated (the worst case); what a token saves depends on where it exits"

@@ -22,14 +22,30 @@ from .forward import KVCache, MaskCache, run_layers
 __all__ = ["ExitDecoder", "speculative_round"]
 
 
-class ExitDecoder:
-    """Lossy early exit over a Program with exit stages; keeps the skipped layers' KV exact (deferred)."""
+def kv_projection(layer_graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The part of a layer graph that computes the new tokens' keys and values (norm, k/v projections, rope):
+    the same graph with only ``(k, v)`` as output and everything else removed as dead code."""
+    import copy
 
-    def __init__(self, program, cache: KVCache):
+    graph = copy.deepcopy(layer_graph.graph)
+    output = next(n for n in graph.nodes if n.op == "output")
+    _, k, v = output.args[0]
+    output.args = ((k, v),)
+    # stage graphs hold no side effects; SDPA counts as impure (dropout) for fx, so say so explicitly
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
+    return torch.fx.GraphModule(layer_graph, graph)
+
+
+class ExitDecoder:
+    """Lossy early exit over a Program with exit stages. By default the skipped layers' KV are computed later
+    and exactly (deferred); with ``copy=True`` they are projected from the exit hidden state at once (CALM)."""
+
+    def __init__(self, program, cache: KVCache, *, copy: bool = False):
         self.program = program
         self.cache = cache
         # slot -> (depth, hidden, cos, sin): tokens whose deeper layers are still to be computed
         self.pending: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.kv_only = {s.layer: kv_projection(s.graph) for s in program.layers} if copy else None
 
     def step(self, token: torch.Tensor, position: torch.Tensor, masks: MaskCache):
         """One new token per row. Returns the logits each row exits with ``[batch, vocab]`` and the number
@@ -73,6 +89,11 @@ class ExitDecoder:
                 depth[fire] = i + 1
                 decided |= fire
             if bool(decided.all()):
+                if self.kv_only is not None:  # CALM state copying: no pending tokens, approximate entries
+                    for deeper in program.layers[i + 1 :]:
+                        k, v = self.kv_only[deeper.layer](hidden, cos, sin, None, None, None)
+                        cache.write(deeper.layer, k, v)
+                    return chosen, depth
                 for j in range(hidden.shape[1]):
                     self.pending[start + j] = (
                         i + 1,

@@ -189,7 +189,9 @@ def generate(
                 next_pos = speculative_round(program, cache, out, token, next_pos, key_valid, draft, stats)
                 token = out.tokens[:, out.length - 1]
         else:
-            decoder = ExitDecoder(program, cache) if mode == "lossy" else None
+            decoder = (
+                ExitDecoder(program, cache, copy=policy.get("kv") == "copy") if mode == "lossy" else None
+            )
             if stats is not None and decoder is not None:
                 stats["exit_layers"] = []
             while not out.done:
