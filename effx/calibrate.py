@@ -47,8 +47,7 @@ def exit_statistics(
 
     Returns ``({layer: (confidence [N], agrees [N])}, N)``.
     """
-    from .exit_heads import _token_chunks
-    from .runtime.forward import KVCache, MaskCache, run_layers
+    from .exit_heads import _backbone, _token_chunks
 
     chunks = _token_chunks(tokenizer, texts, seq_len, max_tokens)
     if progress:
@@ -60,21 +59,13 @@ def exit_statistics(
     n = 0
     with torch.inference_mode():
         for chunk in chunks:
-            cache = KVCache.for_program(program, 1, chunk.shape[1])
-            hidden, cos, sin = program.embed.graph(chunk, torch.arange(chunk.shape[1])[None])
-            masks = MaskCache(program, torch.ones_like(chunk, dtype=torch.bool), hidden.dtype)
-            prev = hidden
-            exits = {}
-            for stage in program.layers:
-                hidden = run_layers(program, cache, (stage,), hidden, cos, sin, masks)
-                if stage.layer in program.exits:
-                    logits, c = program.exits[stage.layer].graph(hidden, prev)
-                    prev = hidden
-                    exits[stage.layer] = (logits.argmax(-1)[0], c[0])
-            final = program.head.graph(hidden)[0].argmax(-1)[0]
-            for e, (tok, c) in exits.items():
-                conf[e].append(c.float())
-                agree[e].append(tok == final)
+            prev, hiddens, teacher = _backbone(program, chunk, set(program.exits))
+            final = teacher.argmax(-1)[0]
+            for e in sorted(program.exits):
+                logits, c = program.exits[e].graph(hiddens[e], prev)
+                prev = hiddens[e]
+                conf[e].append(c[0].float())
+                agree[e].append(logits.argmax(-1)[0] == final)
             n += chunk.shape[1]
     return {e: (torch.cat(conf[e]), torch.cat(agree[e])) for e in program.exits}, n
 

@@ -39,20 +39,22 @@ def _token_chunks(tokenizer, texts, seq_len: int, max_tokens: int) -> list[torch
     return [torch.tensor(ids[i * seq_len : (i + 1) * seq_len])[None] for i in range(n)]
 
 
-def _backbone(program, chunk: torch.Tensor, layers: list[int]):
-    """Hidden states after each exit layer and the final log-probabilities, for one chunk (no grad)."""
+def _backbone(program, chunk: torch.Tensor, layers):
+    """For one chunk of text: the embedding output, the hidden states after each of ``layers``, and the full
+    model's log-probabilities."""
     from .runtime.forward import KVCache, MaskCache, run_layers
 
     cache = KVCache.for_program(program, 1, chunk.shape[1])
     hidden, cos, sin = program.embed.graph(chunk, torch.arange(chunk.shape[1])[None])
     masks = MaskCache(program, torch.ones_like(chunk, dtype=torch.bool), hidden.dtype)
+    embedded = hidden
     taken = {}
     for stage in program.layers:
         hidden = run_layers(program, cache, (stage,), hidden, cos, sin, masks)
         if stage.layer in layers:
             taken[stage.layer] = hidden
     teacher = program.head.graph(hidden)[0].float().log_softmax(-1)
-    return taken, teacher
+    return embedded, taken, teacher
 
 
 def train_exit_heads(
@@ -108,7 +110,7 @@ def train_exit_heads(
     for step in steps:
         epoch, chunk = divmod(step, len(chunks))
         with torch.no_grad():
-            hiddens, teacher = _backbone(program, chunks[chunk], layers)
+            _, hiddens, teacher = _backbone(program, chunks[chunk], layers)
         optim.zero_grad()
         total = 0.0
         for e in layers:
