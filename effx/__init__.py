@@ -24,8 +24,9 @@ from .errors import (
     UnsupportedModelError,
 )
 from .exit_heads import train_exit_heads
-from .passes import EarlyExit, Pass, PassManager, parse_pipeline
+from .passes import EarlyExit, Pass, PassManager, VocabReduce, parse_pipeline
 from .program import Plan, Program
+from .vocab import calibrate_vocab
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,8 @@ __all__ = [
     "PlanError",
     "Program",
     "UnsupportedModelError",
+    "VocabReduce",
+    "calibrate_vocab",
     "capture",
     "models",
     "parse_pipeline",

@@ -48,6 +48,7 @@ def exit_statistics(
     Returns ``({layer: (confidence [N], agrees [N])}, N)``.
     """
     from .exit_heads import _backbone, _token_chunks
+    from .runtime.vocab import exit_logits, select_vocab
 
     chunks = _token_chunks(tokenizer, texts, seq_len, max_tokens)
     if progress:
@@ -61,9 +62,14 @@ def exit_statistics(
         for chunk in chunks:
             prev, hiddens, teacher = _backbone(program, chunk, set(program.exits))
             final = teacher.argmax(-1)[0]
+            ids = prev_logits = None
             for e in sorted(program.exits):
-                logits, c = program.exits[e].graph(hiddens[e], prev)
-                prev = hiddens[e]
+                ex = program.exits[e]
+                # pruned exits (VocabReduce where="exits") score, at each position, the subset the runtime
+                # would give them there
+                ids = select_vocab(prev_logits, ex, ids) if ex.attrs.get("vocab") == "pruned" else None
+                logits, c = exit_logits(ex, hiddens[e], prev, ids)
+                prev, prev_logits = hiddens[e], logits
                 conf[e].append(c[0].float())
                 agree[e].append(logits.argmax(-1)[0] == final)
             n += chunk.shape[1]
@@ -104,10 +110,10 @@ def calibrate(program, texts, tokenizer, *, target: float = 0.95, min_tokens: in
     thresholds, rates = {}, {}
     agreed = torch.zeros(n, dtype=torch.bool)
     layers_run = torch.full((n,), float(program.info.num_layers))
-    exits_evaluated = torch.zeros(n)
+    evaluated: dict[int, float] = {}  # share of tokens that reach each exit
     for e in sorted(program.exits):
         conf, agree = stats[e]
-        exits_evaluated += remaining.float()
+        evaluated[e] = float(remaining.double().mean())
         t = _lowest_threshold(conf[remaining], agree[remaining], target, min_tokens)
         leave = remaining & (conf >= t)
         thresholds[e] = t
@@ -122,11 +128,10 @@ def calibrate(program, texts, tokenizer, *, target: float = 0.95, min_tokens: in
     layer_cost = sum(flops[s.name] for s in program.layers) / program.info.num_layers
     exit_cost = {e: flops[program.exits[e].name] for e in program.exits}
     dense = flops["embed"] + layer_cost * program.info.num_layers + flops["head"]
-    mean_exit_cost = sum(exit_cost.values()) / len(exit_cost)
     expected = (
         flops["embed"]
         + layer_cost * float(layers_run.mean())
-        + mean_exit_cost * float(exits_evaluated.mean())
+        + sum(exit_cost[e] * evaluated[e] for e in exit_cost)
         + flops["head"] * float(remaining.double().mean())
     )
     report = CalibrationReport(

@@ -43,6 +43,7 @@ def _backbone(program, chunk: torch.Tensor, layers):
     """For one chunk of text: the embedding output, the hidden states after each of ``layers``, and the full
     model's log-probabilities."""
     from .runtime.forward import KVCache, MaskCache, run_layers
+    from .runtime.vocab import head_logits
 
     cache = KVCache.for_program(program, 1, chunk.shape[1])
     hidden, cos, sin = program.embed.graph(chunk, torch.arange(chunk.shape[1])[None])
@@ -53,7 +54,7 @@ def _backbone(program, chunk: torch.Tensor, layers):
         hidden = run_layers(program, cache, (stage,), hidden, cos, sin, masks)
         if stage.layer in layers:
             taken[stage.layer] = hidden
-    teacher = program.head.graph(hidden)[0].float().log_softmax(-1)
+    teacher = head_logits(program, hidden).float().log_softmax(-1)
     return embedded, taken, teacher
 
 

@@ -87,8 +87,11 @@ def count_graph_flops(gm: torch.fx.GraphModule, inputs: tuple) -> dict[str, int]
     return counter.by_role
 
 
-def stage_inputs(program, kind: str, *, batch: int, seq: int, past: int) -> tuple:
-    """Example inputs (meta tensors) for a stage of ``kind`` at the given batch, new tokens and cached tokens."""
+def stage_inputs(program, stage, *, batch: int, seq: int, past: int) -> tuple:
+    """Example inputs (meta tensors) for ``stage`` (a Stage, or a kind name) at the given batch, new tokens and
+    cached tokens."""
+    kind = stage if isinstance(stage, str) else stage.kind
+    attrs = {} if isinstance(stage, str) else stage.attrs
     info = program.info
     dt = info.torch_dtype
     m = "meta"
@@ -101,10 +104,12 @@ def stage_inputs(program, kind: str, *, batch: int, seq: int, past: int) -> tupl
         mask = torch.empty(batch, 1, seq, past + seq, dtype=dt, device=m)
         kv = torch.empty(batch, info.num_kv_heads, past, info.head_dim, dtype=dt, device=m)
         return hidden, rope, rope, mask, kv, kv
-    if kind == "head":
+    if kind in ("head", "full_head"):
         return (torch.empty(batch, seq, info.hidden_size, dtype=dt, device=m),)
     if kind == "exit":
         hidden = torch.empty(batch, seq, info.hidden_size, dtype=dt, device=m)
+        if attrs.get("vocab") == "pruned":
+            return hidden, hidden, torch.zeros(batch, attrs["vocab_k"], dtype=torch.long, device=m)
         return hidden, hidden
     raise ValueError(f"unknown stage kind {kind!r}")
 
@@ -117,19 +122,24 @@ def program_flops(
     seq, past = (1, context) if prompt is None else (prompt, 0)
     out: dict[str, int] = {}
     for stage in program:
-        s = 1 if stage.kind in ("head", "exit") else seq
-        inputs = stage_inputs(program, stage.kind, batch=batch, seq=s, past=past)
+        s = 1 if stage.kind in ("head", "full_head", "exit") else seq
+        inputs = stage_inputs(program, stage, batch=batch, seq=s, past=past)
         out[stage.name] = sum(count_graph_flops(stage.graph, inputs).values())
     return out
 
 
 def decode_flops(program, *, context: int = 512) -> int:
-    """Total FLOPs to decode one token at ``context`` cached tokens (batch 1)."""
-    return sum(program_flops(program, context=context).values())
+    """Total FLOPs to decode one token at ``context`` cached tokens (batch 1), every exit evaluated; a
+    reduced head's full-vocabulary fallback (``full_head``) runs only for some tokens and is not counted."""
+    return _always_run(program, program_flops(program, context=context))
 
 
 def prefill_flops(program, prompt: int) -> int:
-    return sum(program_flops(program, prompt=prompt).values())
+    return _always_run(program, program_flops(program, prompt=prompt))
+
+
+def _always_run(program, per_stage: dict[str, int]) -> int:
+    return sum(per_stage[s.name] for s in program if s.kind != "full_head")
 
 
 def _param_bytes(gm: torch.fx.GraphModule) -> int:
@@ -145,7 +155,7 @@ def _param_bytes(gm: torch.fx.GraphModule) -> int:
 def format_report(program, *, context: int = 512) -> str:
     info = program.info
     per_stage = program_flops(program, context=context)
-    total = sum(per_stage.values())
+    total = _always_run(program, per_stage)
     lines: list[str] = [
         f"effx Program: {info.architecture} ({info.model_type}), {info.num_layers} layers, hidden {info.hidden_size}, "
         f"heads {info.num_heads}/{info.num_kv_heads} kv, vocab {info.vocab_size}, {info.dtype}",

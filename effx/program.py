@@ -31,7 +31,18 @@ STAGE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "layer": (("hidden", "cos", "sin", "mask", "past_k", "past_v"), ("hidden", "k", "v")),
     "head": (("hidden",), ("logits",)),
     "exit": (("hidden", "prev_hidden"), ("logits", "confidence")),
+    # the full-vocabulary head that a vocabulary-reduced head falls back to (VocabReduce where="head")
+    "full_head": (("hidden",), ("logits",)),
 }
+# an exit that scores only the token ids it is given (VocabReduce where="exits"; attrs vocab="pruned")
+PRUNED_EXIT_SIGNATURE = (("hidden", "prev_hidden", "vocab_ids"), ("logits", "confidence"))
+
+
+def stage_signature(kind: str, attrs: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The inputs and outputs of a stage of ``kind`` with ``attrs``."""
+    if kind == "exit" and attrs.get("vocab") == "pruned":
+        return PRUNED_EXIT_SIGNATURE
+    return STAGE_SIGNATURES[kind]
 
 
 @dataclass(frozen=True)
@@ -142,10 +153,14 @@ class Plan:
         for prev, s in zip(self.stages[:-1], self.stages[1:], strict=True):
             if s.kind == "exit" and not (prev.kind == "layer" and prev.layer == s.layer):
                 raise PlanError(f"exit stage {s.name!r} must directly follow layer {s.layer}")
+            if prev.kind == "full_head" and s.kind != "head":
+                raise PlanError(f"full_head stage {prev.name!r} must directly precede the head")
+        if "full_head" in kinds and not self.stages[-1].attrs.get("fallback"):
+            raise PlanError("a full_head stage is only there for a head with a fallback threshold")
         for s in self.stages:
             if s.kind not in STAGE_SIGNATURES:
                 raise PlanError(f"stage {s.name!r} has unknown kind {s.kind!r}")
-            if (s.inputs, s.outputs) != STAGE_SIGNATURES[s.kind]:
+            if (s.inputs, s.outputs) != stage_signature(s.kind, s.attrs):
                 raise PlanError(
                     f"stage {s.name!r} signature {s.inputs} -> {s.outputs} is not that of a {s.kind}"
                 )
@@ -165,7 +180,7 @@ class Stage:
 
     @property
     def spec(self) -> StageSpec:
-        inputs, outputs = STAGE_SIGNATURES[self.kind]
+        inputs, outputs = stage_signature(self.kind, self.attrs)
         return StageSpec(self.name, self.kind, self.layer, inputs, outputs, dict(self.attrs))
 
     def with_graph(self, graph: torch.fx.GraphModule) -> Stage:
@@ -217,6 +232,8 @@ class Program:
         self.head = self._stages[-1]
         # exit stages by the layer they follow
         self.exits: dict[int, Stage] = {s.layer: s for s in self._stages if s.kind == "exit"}
+        # the full head a vocabulary-reduced head falls back to, if any
+        self.full_head: Stage | None = next((s for s in self._stages if s.kind == "full_head"), None)
         self.windows: frozenset[int | None] = frozenset(s.attrs.get("sliding_window") for s in self.layers)
 
     @classmethod

@@ -65,6 +65,19 @@ class NeedsScale(Pass):
 
 @register_pass
 @dataclasses.dataclass(frozen=True)
+class Cycle(Pass):
+    """Must run before test-scale-logits and after test-needs-scale: impossible together."""
+
+    name = "test-cycle"
+    after = ("test-needs-scale",)
+    before = ("test-scale-logits",)
+
+    def apply(self, program):
+        return PassResult(program, False, self.new_report())
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
 class Broken(Pass):
     """Raises inside apply()."""
 
@@ -152,12 +165,19 @@ def test_json_round_trip():
         Pass.from_json({"config": {}})
 
 
-def test_ordering_constraint_names_the_passes():
-    with pytest.raises(
-        PassError, match=r"'test-needs-scale' \(#1; after: none\) must run after 'test-scale-logits'"
-    ):
-        PassManager("test-needs-scale, test-scale-logits{factor=2}")
-    PassManager("test-scale-logits{factor=2}, test-needs-scale")  # the right order is fine
+def test_pipeline_out_of_order_is_reordered_and_the_move_is_explained(llama):
+    manager = PassManager("test-needs-scale, test-scale-logits{factor=2}")
+    assert [p.name for p in manager.passes] == ["test-scale-logits", "test-needs-scale"]
+    program = manager.run(effx.transform(llama))
+    notes = program.reports[-1].notes
+    assert any("listed before 'test-scale-logits' but run after it" in n for n in notes), notes
+    right = PassManager("test-scale-logits{factor=2}, test-needs-scale")  # the right order stays as it is
+    assert [p.name for p in right.passes] == ["test-scale-logits", "test-needs-scale"] and not right.moves
+
+
+def test_contradicting_order_constraints_are_an_error():
+    with pytest.raises(PassError, match="ordering constraints that contradict each other"):
+        PassManager("test-cycle, test-scale-logits{factor=2}, test-needs-scale")
 
 
 def test_failing_pass_error_names_it_and_those_before(llama):

@@ -11,6 +11,7 @@ from .base import (
     registered_passes,
 )
 from .early_exit import EarlyExit
+from .vocab_reduce import VocabReduce
 
 __all__ = [
     "EarlyExit",
@@ -22,4 +23,5 @@ __all__ = [
     "parse_pipeline",
     "register_pass",
     "registered_passes",
+    "VocabReduce",
 ]

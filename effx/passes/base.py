@@ -79,12 +79,14 @@ class Pass:
     """Base class of passes. Subclasses are frozen dataclasses registered with :func:`register_pass`.
 
     Class attributes: ``name`` (registry and pipeline name), ``after`` (names of passes that, when present
-    in a pipeline, must run before this one) and ``before`` (names that must run after it).
+    in a pipeline, must run before this one), ``before`` (names that must run after it) and
+    ``order_reason`` (why, for the note the pass manager writes when it has to move a pass).
     """
 
     name: ClassVar[str] = ""
     after: ClassVar[tuple[str, ...]] = ()
     before: ClassVar[tuple[str, ...]] = ()
+    order_reason: ClassVar[str] = ""
 
     def apply(self, program) -> PassResult:
         raise NotImplementedError(f"{type(self).__name__} does not implement apply()")
@@ -272,34 +274,51 @@ def _as_passes(passes: str | Pass | Iterable[Pass | str] | None) -> list[Pass]:
 
 
 class PassManager:
-    """Runs passes in order after checking their ordering constraints.
+    """Runs passes in an order that meets their ordering constraints.
 
-    Any error names the failing pass and the passes that ran before it.
+    A pipeline that lists passes in an order their constraints forbid is reordered (stably: passes keep
+    the order given wherever they may), and the moved pass's report says why; constraints that contradict
+    each other are an error. Any error names the failing pass and the passes that ran before it.
     """
 
     def __init__(self, passes: str | Pass | Sequence[Pass | str] | None):
         self.passes = _as_passes(passes)
+        self.moves: dict[int, str] = {}  # index in self.passes -> why it was moved
         self.check_order()
 
     def _context(self, index: int) -> str:
         before = [p.name for p in self.passes[:index]]
         return f"pass {self.passes[index].name!r} (#{index + 1}; after: {', '.join(before) or 'none'})"
 
+    @staticmethod
+    def _must_precede(a: Pass, b: Pass) -> bool:
+        return a.name in b.after or b.name in a.before
+
     def check_order(self) -> None:
-        names = [p.name for p in self.passes]
-        for i, p in enumerate(self.passes):
-            for other in p.after:
-                late = [j for j, n in enumerate(names) if n == other and j > i]
-                if late:
-                    raise PassError(
-                        f"{self._context(i)} must run after {other!r}, which comes later in the pipeline"
-                    )
-            for other in p.before:
-                early = [j for j, n in enumerate(names) if n == other and j < i]
-                if early:
-                    raise PassError(
-                        f"{self._context(i)} must run before {other!r}, which comes earlier in the pipeline"
-                    )
+        """Reorder ``self.passes`` to meet every ``after``/``before`` constraint, noting each move."""
+        given = list(self.passes)
+        placed: list[int] = []
+        left = list(range(len(given)))
+        while left:
+            ready = [
+                i for i in left if not any(self._must_precede(given[j], given[i]) for j in left if j != i)
+            ]
+            if not ready:
+                names = ", ".join(repr(given[i].name) for i in left)
+                raise PassError(f"passes {names} have ordering constraints that contradict each other")
+            placed.append(ready[0])
+            left.remove(ready[0])
+        self.passes = [given[i] for i in placed]
+        moves = {}
+        for new, i in enumerate(placed):
+            jumped = [given[j] for j in placed[:new] if j > i and self._must_precede(given[j], given[i])]
+            if jumped:
+                p = given[i]
+                why = p.order_reason or f"{p.name} declares it"
+                moves[new] = (
+                    f"listed before {', '.join(repr(q.name) for q in jumped)} but run after it: {why}"
+                )
+        self.moves = moves
 
     def run(self, program):
         from ..flops import decode_flops
@@ -319,6 +338,8 @@ class PassManager:
             except PassError as e:
                 raise PassError(f"{self._context(i)} broke its promise: {e}") from e
             report = result.report
+            if i in self.moves:
+                report.notes.append(self.moves[i])
             report.flops_before = before
             report.flops_after = decode_flops(result.program)
             program = result.program.with_pass(p.to_json(), report)

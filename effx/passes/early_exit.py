@@ -50,7 +50,8 @@ def _top2_gap(logits, hidden, prev):
 
 def _entropy(logits, hidden, prev):
     logp = logits.float().log_softmax(-1)
-    h = -(logp.exp() * logp).sum(-1)
+    # 0 * log 0 = 0: a reduced head's logits are -inf outside its subset
+    h = -torch.where(logp > float("-inf"), logp.exp() * logp, 0.0).sum(-1)
     return 1.0 - h / math.log(logits.shape[-1])
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .forward import KVCache, MaskCache, run_layers
+from .vocab import exit_logits, head_logits, select_vocab
 
 __all__ = ["ExitDecoder", "speculative_round"]
 
@@ -40,9 +41,10 @@ class ExitDecoder:
     """Lossy early exit over a Program with exit stages. By default the skipped layers' KV are computed later
     and exactly (deferred); with ``copy=True`` they are projected from the exit hidden state at once (CALM)."""
 
-    def __init__(self, program, cache: KVCache, *, copy: bool = False):
+    def __init__(self, program, cache: KVCache, *, copy: bool = False, stats: dict | None = None):
         self.program = program
         self.cache = cache
+        self.stats = stats
         # slot -> (depth, hidden, cos, sin): tokens whose deeper layers are still to be computed
         self.pending: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.kv_only = {s.layer: kv_projection(s.graph) for s in program.layers} if copy else None
@@ -59,6 +61,8 @@ class ExitDecoder:
         decided = torch.zeros(batch, dtype=torch.bool)
         depth = torch.full((batch,), program.info.num_layers, dtype=torch.long)
         chosen = None
+        ids = None  # the token ids a pruned exit scores (VocabReduce where="exits")
+        prev_logits = None
         for stage in program.layers:
             i = stage.layer
             first = cache.lengths[i]
@@ -67,7 +71,9 @@ class ExitDecoder:
                 for s in range(first, start):
                     d, h, c, n = self.pending.pop(s)
                     if d != i:  # an invariant of the per-layer fill lengths; -O must not remove it
-                        raise RuntimeError(f"KV bookkeeping broken: slot {s} pending at depth {d}, expected {i}")
+                        raise RuntimeError(
+                            f"KV bookkeeping broken: slot {s} pending at depth {d}, expected {i}"
+                        )
                     hs.append(h)
                     cs.append(c)
                     ss.append(n)
@@ -80,8 +86,9 @@ class ExitDecoder:
             if ex is None:
                 continue
             last = hidden[:, -1:]
-            logits, conf = ex.graph(last, prev)
-            prev = last
+            ids = select_vocab(prev_logits, ex, ids) if ex.attrs.get("vocab") == "pruned" else None
+            logits, conf = exit_logits(ex, last, prev, ids)
+            prev, prev_logits = last, logits[:, -1]
             fire = (conf[:, -1] >= ex.attrs["threshold"]) & ~decided
             if bool(fire.any()):
                 if chosen is None:
@@ -103,7 +110,7 @@ class ExitDecoder:
                         sin[:, j : j + 1],
                     )
                 return chosen, depth
-        logits = program.head.graph(hidden[:, -1:])[0][:, -1]
+        logits = head_logits(program, hidden[:, -1:], self.stats)[:, -1]
         if chosen is None:
             return logits, depth
         chosen[~decided] = logits[~decided]
@@ -145,7 +152,7 @@ def speculative_round(
     hidden = run_layers(
         program, cache, deep, torch.cat(hiddens, 1), torch.cat(coss, 1), torch.cat(sins, 1), masks
     )
-    verified = program.head.graph(hidden)[0].float().argmax(-1)  # [batch, m]
+    verified = head_logits(program, hidden, stats).float().argmax(-1)  # [batch, m]
     proposed = torch.stack(drafts, 1)
     agree = (proposed == verified).long().cumprod(1).sum(1)  # leading agreement per row
     k = int(agree.min())

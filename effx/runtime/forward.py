@@ -128,6 +128,7 @@ def run_step(
     key_valid: torch.Tensor,
     *,
     last_only: bool = True,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """Run embed, every layer (reading and filling ``cache``) and the head on ``input_ids``.
 
@@ -137,9 +138,11 @@ def run_step(
     hidden, cos, sin = program.embed.graph(input_ids, position_ids)
     masks = MaskCache(program, key_valid, hidden.dtype)
     hidden = run_layers(program, cache, program.layers, hidden, cos, sin, masks)
+    from .vocab import head_logits
+
     if last_only:
-        return program.head.graph(hidden[:, -1:])[0][:, -1]
-    return program.head.graph(hidden)[0]
+        return head_logits(program, hidden[:, -1:], stats)[:, -1]
+    return head_logits(program, hidden, stats)
 
 
 def forward_logits(

@@ -111,8 +111,9 @@ def generate(
     Sampling is reproducible with ``seed`` (or your own ``generator``). ``streamer`` is a transformers
     streamer (``put``/``end``, e.g. ``TextStreamer``); ``on_token(ids [batch])`` is called for every token;
     ``progress=True`` shows a progress bar. Pass a dict as ``stats`` to get what the runtime decided:
-    ``exit_layers`` (per step, per row: how many layers the token went through) with early exits, and
-    ``drafted``/``accepted`` counts in self-speculative mode.
+    ``exit_layers`` (per step, per row: how many layers the token went through) with early exits,
+    ``drafted``/``accepted`` counts in self-speculative mode, and ``head_positions``/``head_fallbacks``
+    (positions a vocabulary-reduced head scored, and how many of them fell back to the full head).
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
         raise GenerationInputError("input_ids must be a 2-D LongTensor [batch, prompt_length]")
@@ -178,8 +179,10 @@ def generate(
     key_valid[:, :prompt_len] = attention_mask.bool()
     with torch.inference_mode():
         cache = KVCache.for_program(program, batch, total + draft)
+        if stats is not None and program.full_head is not None:
+            stats.update(head_positions=0, head_fallbacks=0)
         positions = positions_from_mask(attention_mask)
-        logits = run_step(program, cache, input_ids, positions, key_valid[:, :prompt_len])
+        logits = run_step(program, cache, input_ids, positions, key_valid[:, :prompt_len], stats=stats)
         next_pos = positions[:, -1:] + 1
         token = out.emit(sampler(logits, generator))
         if mode == "self-speculative":
@@ -190,14 +193,16 @@ def generate(
                 token = out.tokens[:, out.length - 1]
         else:
             decoder = (
-                ExitDecoder(program, cache, copy=policy.get("kv") == "copy") if mode == "lossy" else None
+                ExitDecoder(program, cache, copy=policy.get("kv") == "copy", stats=stats)
+                if mode == "lossy"
+                else None
             )
             if stats is not None and decoder is not None:
                 stats["exit_layers"] = []
             while not out.done:
                 valid = key_valid[:, : out.length]
                 if decoder is None:
-                    logits = run_step(program, cache, token[:, None], next_pos, valid)
+                    logits = run_step(program, cache, token[:, None], next_pos, valid, stats=stats)
                 else:
                     logits, depth = decoder.step(
                         token[:, None], next_pos, MaskCache(program, valid, cache.k[0].dtype)
