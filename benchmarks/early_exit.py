@@ -15,14 +15,15 @@ Exit heads are trained once (pydoc calibration text) and cached under the effx c
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import time
 
 import torch
+from common import exit_heads, same
+from common import run_prompts as _run
 
 import effx
 from effx.data import PROMPTS, encode_prompts, pydoc_texts
-from effx.models import cache_dir
 from effx.passes import EarlyExit
 from effx.quality import rouge_l
 
@@ -47,30 +48,12 @@ def main() -> None:
     dense = effx.transform(model)
     lossy_layers = [int(x) for x in args.lossy_layers.split(",")]
     exit_layers = sorted(set(lossy_layers + [args.spec_layer]))
-    heads = (
-        cache_dir()
-        / "exit_heads"
-        / f"{args.model}-{'-'.join(map(str, exit_layers))}-{args.train_tokens}.safetensors"
-    )
-    if not heads.is_file():
-        start = time.perf_counter()
-        result = effx.train_exit_heads(
-            dense, pydoc_texts("calib"), tok, layers=exit_layers, max_tokens=args.train_tokens, path=heads
-        )
-        kl = ", ".join(f"{e}: {result['kl_before'][e]:.2f}->{result['kl_after'][e]:.2f}" for e in exit_layers)
-        print(f"trained exit heads in {time.perf_counter() - start:.0f} s (KL per token {kl})")
+    heads = exit_heads(args.model, dense, tok, exit_layers, args.train_tokens)
     # the chat template puts <|im_end|> (also the pad id) inside prompts: always pass the attention mask
     prompts = [encode_prompts(tok, p) for p in PROMPTS[: args.prompts]]
     n_new = args.new_tokens
 
-    def run(fn):
-        outs, secs = [], []
-        for ids, mask in prompts:
-            start = time.perf_counter()
-            out = fn(ids, mask)
-            secs.append(time.perf_counter() - start)
-            outs.append(out[0, ids.shape[1] :])
-        return outs, sum(secs)
+    run = functools.partial(_run, prompts=prompts)
 
     rows = []
     with torch.inference_mode():
@@ -94,7 +77,7 @@ def main() -> None:
                 assistant_early_exit=args.spec_layer + 1,
             )
         )
-    rows.append((f"HF assistant_early_exit={args.spec_layer + 1}", t, _same(out, ref_out), None))
+    rows.append((f"HF assistant_early_exit={args.spec_layer + 1}", t, same(out, ref_out), None))
     for head in ("shared", "trained"):
         kw = dict(head=head, heads=str(heads)) if head == "trained" else {}
         prog = effx.transform(
@@ -120,7 +103,7 @@ def main() -> None:
         out, t = run(spec)
         note = f"draft acceptance {statistics.mean(acc):.2f}"
         rows.append(
-            (f"effx self-speculative ({head} head, exit {args.spec_layer})", t, _same(out, ref_out), note)
+            (f"effx self-speculative ({head} head, exit {args.spec_layer})", t, same(out, ref_out), note)
         )
     exits = effx.transform(
         model, passes=[EarlyExit(layers=tuple(lossy_layers), head="trained", heads=str(heads))]
@@ -146,17 +129,13 @@ def main() -> None:
             f"ROUGE-L {rouge_l(text, dense_text):.3f}, teacher-forced agreement {agree:.3f}, "
             f"mean layers {statistics.mean(depth):.1f}/{dense.info.num_layers}"
         )
-        rows.append((f"effx lossy, calibrated {target}", t, _same(out, ref_out), quality))
+        rows.append((f"effx lossy, calibrated {target}", t, same(out, ref_out), quality))
 
     tokens = n_new * len(prompts)
     print(f"\n{len(prompts)} prompts x {n_new} new tokens, greedy; ratio = effx dense time / row time")
     print(f"{'row':<52} {'tok/s':>7} {'ratio':>6}  identical  quality")
-    for name, t, same, extra in rows:
-        print(f"{name:<52} {tokens / t:7.2f} {dense_t / t:6.2f}  {str(same):<9}  {extra or ''}")
-
-
-def _same(outs, refs) -> bool:
-    return all(torch.equal(a, b) for a, b in zip(outs, refs, strict=True))
+    for name, t, identical, extra in rows:
+        print(f"{name:<52} {tokens / t:7.2f} {dense_t / t:6.2f}  {str(identical):<9}  {extra or ''}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,14 @@ class VocabProfile:
     source: str  # "text" or "generations"
     tokens: int  # tokens counted
 
+    def __add__(self, other: VocabProfile) -> VocabProfile:
+        """Counts of both (e.g. the model's generations plus a text corpus, so that ids the generations never
+        show still rank by how common they are)."""
+        if self.counts.shape != other.counts.shape:
+            raise ValueError(f"vocabulary sizes differ: {self.counts.numel()} vs {other.counts.numel()}")
+        sources = "+".join(dict.fromkeys([*self.source.split("+"), *other.source.split("+")]))
+        return VocabProfile(self.counts + other.counts, sources, self.tokens + other.tokens)
+
     def ranked(self) -> torch.Tensor:
         """All token ids, most frequent first; ties (and unseen ids) in id order."""
         return torch.sort(-self.counts, stable=True).indices

@@ -67,3 +67,24 @@ def test_self_speculative_early_exit_is_token_identical(dense):
     out = spec.generate(ids, attention_mask=mask, max_new_tokens=48, stats=stats)
     assert torch.equal(out, prog.generate(ids, attention_mask=mask, max_new_tokens=48))
     assert stats["drafted"] > 0
+
+
+def test_reduced_draft_head_keeps_self_speculative_identical(dense, tmp_path):
+    from effx.data import pydoc_texts
+
+    model, tokenizer, prog = dense
+    profile = effx.calibrate_vocab(
+        tokenizer, pydoc_texts("calib"), max_tokens=50_000, path=tmp_path / "v.safetensors"
+    )
+    assert profile.coverage(2048) > 0.8  # a frequency-ranked 4% of the vocabulary covers most text
+    spec = effx.transform(
+        model,
+        [
+            effx.VocabReduce(k=2048, where="draft", vocab=str(tmp_path / "v.safetensors")),
+            effx.EarlyExit(layers=(20,), mode="self-speculative", thresholds=(0.3,)),
+        ],
+    )
+    assert spec.exits[20].graph.vocab_weight.shape == (2048, 576)
+    ids, mask = encode_prompts(tokenizer, PROMPTS[2:4])
+    out = spec.generate(ids, attention_mask=mask, max_new_tokens=32)
+    assert torch.equal(out, prog.generate(ids, attention_mask=mask, max_new_tokens=32))

@@ -325,6 +325,9 @@ def test_calibrate_vocab_counts_text_and_generations(dense4, tmp_path):
     assert subset_ids(load_vocab(tmp_path / "v.safetensors", V), 3, always=(2,)).tolist() == [2, 5, 7]
     gen = calibrate_vocab(Tok(), ["3 4 5", "6 7"], program=dense4, max_new_tokens=4)
     assert gen.source == "generations" and 2 <= gen.tokens <= 8
+    both = gen + profile
+    assert both.source == "generations+text" and both.tokens == gen.tokens + 8
+    assert torch.equal(both.counts, gen.counts + profile.counts)
     with pytest.raises(ValueError, match="at least one text"):
         calibrate_vocab(Tok(), [])
 
