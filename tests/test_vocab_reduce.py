@@ -343,3 +343,17 @@ def test_either_order_in_a_pipeline(model4, tmp_path):
     )
     assert c.exits[0].attrs.get("vocab") is None  # the exits copied the full head
     assert c.head.attrs["vocab"] == "subset"
+
+
+def test_plans_of_reduced_programs_round_trip(model4, tmp_path):
+    path = _vocab_file(tmp_path, range(V))
+    for passes in (
+        "early-exit{layers=0,1,2}, vocab-reduce{k=9 schedule=adaptive}",
+        f"vocab-reduce{{k=30 where=head vocab={path}}}",
+    ):
+        plan = effx.transform(model4, passes).plan
+        assert effx.Plan.from_json(plan.to_json()) == plan
+    bad = json.loads(plan.to_json())
+    bad["stages"][-1]["attrs"]["fallback"] = 0  # a full_head stage with nothing to fall back from
+    with pytest.raises(effx.PlanError, match="only there for a head with a fallback"):
+        effx.Plan.from_dict(bad)
