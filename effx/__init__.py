@@ -24,7 +24,8 @@ from .errors import (
     UnsupportedModelError,
 )
 from .exit_heads import train_exit_heads
-from .passes import EarlyExit, Pass, PassManager, VocabReduce, parse_pipeline
+from .neurons import profile_neurons
+from .passes import EarlyExit, NeuronMask, Pass, PassManager, VocabReduce, parse_pipeline
 from .program import Plan, Program
 from .vocab import calibrate_vocab
 
@@ -36,6 +37,7 @@ __all__ = [
     "EffxError",
     "GenerationInputError",
     "ModelLoadError",
+    "NeuronMask",
     "Pass",
     "PassConfigError",
     "PassError",
@@ -49,6 +51,7 @@ __all__ = [
     "capture",
     "models",
     "parse_pipeline",
+    "profile_neurons",
     "train_exit_heads",
     "transform",
 ]

@@ -11,10 +11,12 @@ from .base import (
     registered_passes,
 )
 from .early_exit import EarlyExit
+from .neuron_mask import NeuronMask
 from .vocab_reduce import VocabReduce
 
 __all__ = [
     "EarlyExit",
+    "NeuronMask",
     "Pass",
     "PassManager",
     "PassReport",

@@ -16,6 +16,7 @@ import torch
 from ..errors import GenerationInputError
 from .early_exit import ExitDecoder, speculative_round
 from .forward import KVCache, MaskCache, check_left_padded, positions_from_mask, run_step
+from .neurons import core_prefill
 from .sampling import Sampler
 
 __all__ = ["generate"]
@@ -182,7 +183,13 @@ def generate(
         if stats is not None and program.full_head is not None:
             stats.update(head_positions=0, head_fallbacks=0)
         positions = positions_from_mask(attention_mask)
-        logits = run_step(program, cache, input_ids, positions, key_valid[:, :prompt_len], stats=stats)
+        if program.plan.policy.get("neuron_mask", {}).get("mode") == "core":
+            # per-prompt core neurons: chosen in the prefill, then decoding runs a Program sliced to them
+            logits, program = core_prefill(
+                program, cache, input_ids, positions, key_valid[:, :prompt_len], stats
+            )
+        else:
+            logits = run_step(program, cache, input_ids, positions, key_valid[:, :prompt_len], stats=stats)
         next_pos = positions[:, -1:] + 1
         token = out.emit(sampler(logits, generator))
         if mode == "self-speculative":

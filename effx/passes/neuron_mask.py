@@ -1,0 +1,273 @@
+"""NeuronMask: compute a subset of each chosen layer's MLP neurons.
+
+A gated MLP is ``down(act(gate(x)) * up(x))`` with ``F`` intermediate neurons (1536 on SmolLM2, about two
+thirds of a layer's FLOPs and weights). Three modes:
+
+``mode="static"`` (PartInfer: partial loading and partial computation). From a neuron profile
+(``effx.profile_neurons``) keep the ``keep * F`` most important neurons of each layer in ``layers`` and
+slice the weights to them: ``gate`` and ``up`` to ``k x d`` rows, ``down`` to ``d x k`` columns. The
+matmuls are smaller, and the dropped weights are not held by the stage graph (nor in an exported
+artifact)::
+
+    before:  down[d, F] @ (act(gate[F, d] @ x) * (up[F, d] @ x))
+    after:   down[d, k] @ (act(gate[k, d] @ x) * (up[k, d] @ x))       k = keep * F
+
+Importance (``score``): ``contribution`` (mean ``|act(gate) * up|`` times the norm of the neuron's
+``down`` column: how much it adds to the output, the default), ``mean`` (mean magnitude), ``freq`` (how
+often it is among a token's top neurons) or ``random`` (a random mask of the same size, as a baseline).
+With ``base=<model-wide profile>`` a ``base_share`` of the kept neurons come from it and the rest from the
+task ``profile`` (PartInfer's model and dataset neuron files).
+
+``mode="core"`` (CoreInfer: sentence-level core neurons). The prefill runs the full MLP; for each prompt
+the runtime keeps the ``keep * F`` neurons most often among its tokens' top ``top_share`` neurons, and
+decodes with weights sliced to them, per sample in a batch.
+
+``mode="threshold"`` (CATS/TEAL-style magnitude sparsity). Per layer, ``|act(gate)|`` below a threshold
+read from the profile for the target ``sparsity`` is zeroed, per token. The matmuls stay dense: on CPU this
+saves no time (a gather of the active rows costs more than it saves at these sizes), it shows the quality
+effect, and the report says so.
+
+``keep=1.0`` and ``sparsity=0`` leave the program unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+
+from ..errors import PassConfigError, PassError
+from .base import Pass, PassResult, register_pass
+
+__all__ = ["NeuronMask"]
+
+MODES = ("static", "core", "threshold")
+SCORES = ("contribution", "mean", "freq", "random")
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class NeuronMask(Pass):
+    """Neuron-masked FFNs: static (sliced weights), per-prompt core neurons, or per-token thresholds."""
+
+    name = "neuron-mask"
+
+    keep: float = 0.5
+    profile: str = ""
+    layers: tuple[int, ...] = ()
+    mode: str = "static"
+    score: str = "contribution"
+    base: str = ""
+    base_share: float = 0.5
+    seed: int = 0
+    top_share: float = 0.2
+    sparsity: float = 0.5
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise PassConfigError(f"unknown neuron-mask mode {self.mode!r}; modes: {', '.join(MODES)}")
+        if not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
+            raise PassConfigError(f"neuron-mask keep must be a fraction in (0, 1], got {self.keep!r}")
+        if not 0 <= self.sparsity < 1:
+            raise PassConfigError(f"neuron-mask sparsity must be in [0, 1), got {self.sparsity!r}")
+        if self.score not in SCORES:
+            raise PassConfigError(f"unknown neuron-mask score {self.score!r}; scores: {', '.join(SCORES)}")
+        if len(self.layers) not in (0, 2) or any(not isinstance(x, int) for x in self.layers):
+            raise PassConfigError(
+                f"neuron-mask layers is (start, end), both included, e.g. layers=3,27; got {list(self.layers)}"
+            )
+        if self.layers and not 0 <= self.layers[0] <= self.layers[1]:
+            raise PassConfigError(
+                f"neuron-mask layers=({self.layers[0]}, {self.layers[1]}) is not 0 <= start <= end"
+            )
+        needs_profile = self.mode == "threshold" or (self.mode == "static" and self.score != "random")
+        if needs_profile and not self.profile:
+            raise PassConfigError(
+                f"neuron-mask mode={self.mode!r} needs profile=<file> (write one with effx.profile_neurons)"
+            )
+        if self.base and self.mode != "static":
+            raise PassConfigError("neuron-mask base=<profile> combines profiles for mode='static' only")
+        if not 0 <= self.base_share <= 1:
+            raise PassConfigError(f"neuron-mask base_share must be in [0, 1], got {self.base_share!r}")
+        if not 0 < self.top_share <= 1:
+            raise PassConfigError(f"neuron-mask top_share must be in (0, 1], got {self.top_share!r}")
+
+    def layer_range(self, num_layers: int) -> list[int]:
+        if not self.layers:
+            return list(range(num_layers))
+        start, end = self.layers
+        if end >= num_layers:
+            raise PassError(
+                f"neuron-mask layers=({start}, {end}) is out of range: the model has layers 0..{num_layers - 1}"
+            )
+        return list(range(start, end + 1))
+
+    def apply(self, program) -> PassResult:
+        from ..flops import _param_bytes
+
+        info = program.info
+        chosen = self.layer_range(info.num_layers)
+        report = self.new_report()
+        identity = self.sparsity == 0 if self.mode == "threshold" else self.keep >= 1
+        if identity:
+            what = "sparsity=0" if self.mode == "threshold" else "keep=1.0"
+            report.skip("all", f"{what}: every neuron is kept, the program is unchanged")
+            return PassResult(program, False, report)
+        if any(
+            s.attrs.get("neurons") or s.attrs.get("core_neurons") for s in program.layers if s.layer in chosen
+        ):
+            raise PassError("some of these layers already have neuron masks")
+        profile = base = None
+        if self.profile:
+            from ..neurons import load_neuron_profile
+
+            profile = load_neuron_profile(self.profile, info)
+        if self.base:
+            from ..neurons import load_neuron_profile
+
+            base = load_neuron_profile(self.base, info)
+        width = info.intermediate_size
+        k = max(1, round(self.keep * width))
+        replace = {}
+        bytes_before = bytes_after = 0
+        for stage in program.layers:
+            if stage.layer not in chosen:
+                continue
+            i = stage.layer
+            if self.mode == "static":
+                idx = self._choose(stage, profile, base, k)
+                gm = slice_mlp(stage.graph, idx, self.name)
+                replace[stage.name] = stage.with_graph(gm).with_attrs(neurons=k)
+                report.change(stage.name, f"MLP sliced to {k} of {width} neurons ({self.score})")
+            elif self.mode == "threshold":
+                t = profile.gate_threshold(i, self.sparsity)
+                gm = threshold_mlp(stage.graph, t, self.name)
+                replace[stage.name] = stage.with_graph(gm).with_attrs(neurons="threshold", gate_threshold=t)
+                report.change(stage.name, f"|act(gate)| < {t:.4g} zeroed (target sparsity {self.sparsity:g})")
+            else:
+                replace[stage.name] = stage.with_attrs(core_neurons=k)
+                report.change(stage.name, f"decodes with each prompt's {k} core neurons of {width}")
+            bytes_before += _param_bytes(stage.graph)
+            bytes_after += _param_bytes(replace[stage.name].graph)
+        stages = [replace.get(s.name, s) for s in program.stages]
+        policy = dict(program.plan.policy)
+        if self.mode == "core":
+            policy["neuron_mask"] = {"mode": "core", "top_share": self.top_share}
+            report.notes.append(
+                "core: FLOPs/token here count the full MLP, which the prefill runs; decoding "
+                f"runs {k}/{width} of the MLP in layers {chosen[0]}..{chosen[-1]}"
+            )
+        if self.mode == "threshold":
+            report.notes.append(
+                "threshold: the matmuls stay dense, so on CPU this saves no time or FLOPs; it shows the "
+                "quality effect of the sparsity (a gather-based kernel would be needed for speed)"
+            )
+        if self.mode == "static":
+            report.notes.append(
+                f"weights of layers {chosen[0]}..{chosen[-1]}: {bytes_before / 1e6:.2f} MB -> {bytes_after / 1e6:.2f} MB"
+            )
+        return PassResult(program.with_stages(stages, policy=policy), True, report)
+
+    def _choose(self, stage, profile, base, k: int) -> torch.Tensor:
+        """The kept neuron ids of one layer, sorted."""
+        i = stage.layer
+        if self.score == "random":
+            g = torch.Generator().manual_seed(self.seed * 100_003 + i)
+            return torch.sort(torch.randperm(_mlp_width(stage.graph), generator=g)[:k]).values
+        order = _ranking(profile, i, self.score, stage.graph)
+        if base is None:
+            return torch.sort(order[:k]).values
+        from_base = round(self.base_share * k)
+        first = _ranking(base, i, self.score, stage.graph)[:from_base]
+        rest = order[~torch.isin(order, first)][: k - from_base]
+        return torch.sort(torch.cat([first, rest])).values
+
+    def ensures(self, program) -> None:
+        chosen = self.layer_range(program.info.num_layers)
+        key = "core_neurons" if self.mode == "core" else "neurons"
+        changed = [s for s in program.layers if s.layer in chosen and s.attrs.get(key)]
+        identity = self.sparsity == 0 if self.mode == "threshold" else self.keep >= 1
+        if not identity and len(changed) != len(chosen):
+            raise PassError(f"layers {chosen} should all carry neuron masks; {len(changed)} do")
+
+
+def _mlp_width(gm: torch.fx.GraphModule) -> int:
+    from ..neurons import mlp_nodes
+
+    gate, _, _ = mlp_nodes(gm.graph)
+    return int(_fetch(gm, gate.args[1]).shape[0])
+
+
+def _ranking(profile, layer: int, score: str, gm: torch.fx.GraphModule) -> torch.Tensor:
+    """Neuron ids of ``layer``, most important first."""
+    mean = profile.mean_abs[layer].double()
+    if score == "freq":  # ties (common: counts) broken by magnitude
+        by_mean = torch.argsort(mean, descending=True, stable=True)
+        return by_mean[torch.argsort(profile.freq[layer][by_mean], descending=True, stable=True)]
+    if score == "contribution":
+        from ..neurons import mlp_nodes
+
+        _, _, down = mlp_nodes(gm.graph)
+        mean = mean * _fetch(gm, down.args[1]).double().norm(dim=0)
+    return torch.argsort(mean, descending=True, stable=True)
+
+
+def _fetch(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
+    obj = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _tag(nodes, pass_name: str, role: str) -> None:
+    for n in nodes:
+        n.meta.update(effx_role=role, effx_pass=pass_name)
+        n.meta.setdefault("effx_layer", None)
+        n.meta.setdefault("effx_module", "")
+
+
+def slice_mlp(graph: torch.fx.GraphModule, idx: torch.Tensor, pass_name: str) -> torch.fx.GraphModule:
+    """``graph`` with its MLP restricted to neurons ``idx``: new sliced weight buffers, the full ones dropped."""
+    from ..neurons import mlp_nodes
+
+    gm = torch.fx.GraphModule(graph, copy.deepcopy(graph.graph))
+    gate, up, down = mlp_nodes(gm.graph)
+    for name, node, rows in (("gate", gate, True), ("up", up, True), ("down", down, False)):
+        w = _fetch(gm, node.args[1]).detach()
+        gm.register_buffer(f"mlp_{name}_kept", (w[idx] if rows else w[:, idx]).contiguous())
+        args = list(node.args)
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(f"mlp_{name}_kept")
+            if len(args) > 2 and args[2] is not None and rows:  # a bias on gate/up: slice it too
+                gm.register_buffer(f"mlp_{name}_bias_kept", _fetch(gm, args[2]).detach()[idx].contiguous())
+                args[2] = gm.graph.get_attr(f"mlp_{name}_bias_kept")
+                _tag([args[2]], pass_name, node.meta["effx_role"])
+        _tag([attr], pass_name, node.meta["effx_role"])
+        args[1] = attr
+        node.args = tuple(args)
+        node.meta["effx_pass"] = pass_name
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
+    out = torch.fx.GraphModule(gm, gm.graph)  # only what the graph still uses: not the full MLP weights
+    out.recompile()
+    return out
+
+
+def threshold_mlp(graph: torch.fx.GraphModule, threshold: float, pass_name: str) -> torch.fx.GraphModule:
+    """``graph`` with ``act(gate)`` zeroed where its magnitude is below ``threshold``."""
+    from ..neurons import mlp_nodes
+
+    gm = torch.fx.GraphModule(graph, copy.deepcopy(graph.graph))
+    g = gm.graph
+    gate, _, _ = mlp_nodes(g)
+    act = next(iter(gate.users))
+    aten = torch.ops.aten
+    with g.inserting_before(act.next):
+        mag = g.call_function(aten.abs.default, (act,))
+        keep = g.call_function(aten.ge.Scalar, (mag, threshold))
+        zero = g.call_function(aten.zeros_like.default, (act,))
+        masked = g.call_function(aten.where.self, (keep, act, zero))
+    act.replace_all_uses_with(masked, delete_user_cb=lambda n: n not in (mag, zero, masked))
+    _tag([mag, keep, zero, masked], pass_name, "mlp.act")
+    gm.recompile()
+    return gm
