@@ -20,6 +20,7 @@ __all__ = [
     "prefill_flops",
     "program_flops",
     "stage_inputs",
+    "weight_bytes",
 ]
 
 aten = torch.ops.aten
@@ -142,14 +143,21 @@ def _always_run(program, per_stage: dict[str, int]) -> int:
     return sum(per_stage[s.name] for s in program if s.kind != "full_head")
 
 
-def _param_bytes(gm: torch.fx.GraphModule) -> int:
-    seen: set[int] = set()
+def _param_bytes(gm: torch.fx.GraphModule, seen: set[int] | None = None) -> int:
+    seen = set() if seen is None else seen
     total = 0
     for t in list(gm.parameters()) + list(gm.buffers()):
         if id(t) not in seen:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
+
+
+def weight_bytes(program) -> int:
+    """Bytes of the weights the Program's stages hold (each shared tensor once): what it keeps resident
+    once the original model is gone."""
+    seen: set[int] = set()
+    return sum(_param_bytes(stage.graph, seen) for stage in program)
 
 
 def format_report(program, *, context: int = 512) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["rouge_l"]
+__all__ = ["perplexity", "rouge_l"]
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
@@ -22,3 +22,47 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
         scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)
     ]
     return sum(scores) / len(scores)
+
+
+def perplexity(
+    program, texts, tokenizer, *, seq_len: int = 256, max_tokens: int = 4096, progress: bool = False
+) -> float:
+    """Perplexity of the second half of each ``seq_len``-token chunk of ``texts``, given the first half.
+
+    The first half is a prompt (prefilled as in generation: per-prompt choices such as core neurons are
+    made on it), the second half is scored teacher-forced with the Program as it decodes, so every pass is
+    measured the way it generates. Use held-out text.
+    """
+    import math
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from .exit_heads import _token_chunks
+    from .runtime.forward import KVCache, run_step
+    from .runtime.neurons import core_prefill
+
+    chunks = _token_chunks(tokenizer, texts, seq_len, max_tokens)
+    core = program.plan.policy.get("neuron_mask", {}).get("mode") == "core"
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for chunk in tqdm(chunks, desc="perplexity", unit="chunk", disable=not progress):
+            n = chunk.shape[1]
+            half = n // 2
+            cache = KVCache.for_program(program, 1, n)
+            pos = torch.arange(n)[None]
+            valid = torch.ones(1, n, dtype=torch.bool)
+            if core:
+                last, prog = core_prefill(program, cache, chunk[:, :half], pos[:, :half], valid[:, :half])
+            else:
+                last, prog = (
+                    run_step(program, cache, chunk[:, :half], pos[:, :half], valid[:, :half]),
+                    program,
+                )
+            rest = run_step(
+                prog, cache, chunk[:, half:-1], pos[:, half:-1], valid[:, : n - 1], last_only=False
+            )
+            logits = torch.cat([last[:, None], rest], 1)[0].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, half:], reduction="sum"))
+            count += n - half
+    return math.exp(nll / count)

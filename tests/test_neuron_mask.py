@@ -219,3 +219,18 @@ def test_bad_settings_and_files(dense3, profile_path, tmp_path):
     wider = effx.transform(tiny_model("llama", layers=3, intermediate=128))
     with pytest.raises(ArtifactError, match="intermediate_size=96; this one has 128"):
         NeuronMask(keep=0.5, profile=profile_path).apply(wider)
+
+
+def test_perplexity_is_dense_for_identity_and_worse_for_heavy_masks(model3, dense3):
+    from effx.quality import perplexity
+
+    texts = _texts(11)
+    dense = perplexity(dense3, texts, Tok(), seq_len=32, max_tokens=128)
+    same = perplexity(
+        effx.transform(model3, [NeuronMask(mode="core", keep=1.0)]), texts, Tok(), seq_len=32, max_tokens=128
+    )
+    assert same == pytest.approx(dense, rel=1e-6) and dense > 1
+    core = perplexity(
+        effx.transform(model3, [NeuronMask(mode="core", keep=0.1)]), texts, Tok(), seq_len=32, max_tokens=128
+    )
+    assert core != pytest.approx(dense, rel=1e-3)

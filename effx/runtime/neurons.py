@@ -11,6 +11,7 @@ batched matmuls when the samples differ.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 
@@ -36,8 +37,6 @@ def choose_core(inter: torch.Tensor, valid: torch.Tensor, k: int, top_share: flo
 def core_prefill(program, cache: KVCache, input_ids, positions, key_valid, stats=None):
     """The prefill of a core-neuron Program: returns the last position's logits and the Program to decode
     with (the marked layers sliced to each prompt's core neurons)."""
-    from ..neurons import mlp_probe
-    from ..passes.neuron_mask import slice_mlp
     from .vocab import head_logits
 
     top_share = program.plan.policy["neuron_mask"]["top_share"]
@@ -50,7 +49,7 @@ def core_prefill(program, cache: KVCache, input_ids, positions, key_valid, stats
             hidden = run_layers(program, cache, (stage,), hidden, cos, sin, masks)
             continue
         mask = masks.get(cache.lengths[stage.layer], hidden.shape[1], stage.attrs.get("sliding_window"))
-        hidden, kk, vv, inter, _ = mlp_probe(stage.graph)(hidden, cos, sin, mask, *cache.past(stage.layer))
+        hidden, kk, vv, inter, _ = _probe(stage.graph)(hidden, cos, sin, mask, *cache.past(stage.layer))
         cache.write(stage.layer, kk, vv)
         chosen[stage.name] = choose_core(inter, key_valid[:, -inter.shape[1] :], k, top_share)
     logits = head_logits(program, hidden[:, -1:], stats)[:, -1]
@@ -58,12 +57,59 @@ def core_prefill(program, cache: KVCache, input_ids, positions, key_valid, stats
     for stage in program.layers:
         if stage.name in chosen:
             idx = chosen[stage.name]
-            same = bool((idx == idx[:1]).all())
-            gm = slice_mlp(stage.graph, idx[0], "neuron-mask") if same else batched_mlp(stage.graph, idx)
-            replace[stage.name] = stage.with_graph(gm)
+            replace[stage.name] = stage.with_graph(sliced_mlp(stage.graph, idx))
     if stats is not None:
         stats["core_neurons"] = {name: idx.tolist() for name, idx in chosen.items()}
     return logits, program.replace(replace)
+
+
+# per layer graph: its probe, and graphs sliced to placeholder neurons whose weights are swapped per prompt
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _probe(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    from ..neurons import mlp_probe
+
+    if gm not in _PROBES:
+        _PROBES[gm] = mlp_probe(gm)
+    return _PROBES[gm]
+
+
+def sliced_mlp(graph: torch.fx.GraphModule, idx: torch.Tensor) -> torch.fx.GraphModule:
+    """``graph`` restricted to neurons ``idx [batch, k]``: sliced weights (``k x d``) when every sample keeps
+    the same neurons, batched ``[batch, k, d]`` matmuls otherwise. The sliced graph is built once per layer
+    graph and shape; each call only gathers the weights."""
+    from ..neurons import mlp_nodes
+    from ..passes.neuron_mask import _fetch, slice_mlp
+
+    same = bool((idx == idx[:1]).all())
+    nodes = mlp_nodes(graph.graph)
+    if any(len(n.args) > 2 and n.args[2] is not None for n in nodes):  # biases: slice them too, no template
+        return slice_mlp(graph, idx[0], "neuron-mask") if same else batched_mlp(graph, idx)
+    key = (same, idx.shape[-1])
+    templates = _TEMPLATES.setdefault(graph, {})
+    if key not in templates:
+        placeholder = torch.arange(idx.shape[-1])
+        templates[key] = (
+            slice_mlp(graph, placeholder, "neuron-mask") if same else batched_mlp(graph, placeholder[None])
+        )
+    template = templates[key]
+    gate, up, down = (_fetch(graph, n.args[1]).detach() for n in nodes)
+    if same:
+        i = idx[0]
+        new = {"mlp_gate_kept": gate[i], "mlp_up_kept": up[i], "mlp_down_kept": down[:, i].contiguous()}
+    else:
+        new = {
+            "mlp_gate_core": gate[idx].transpose(1, 2).contiguous(),
+            "mlp_up_core": up[idx].transpose(1, 2).contiguous(),
+            "mlp_down_core": down.t()[idx].contiguous(),
+        }
+    root = {}
+    for node in template.graph.nodes:
+        if node.op == "get_attr":
+            root[node.target] = new[node.target] if node.target in new else _fetch(template, node)
+    return torch.fx.GraphModule(root, copy.deepcopy(template.graph))
 
 
 def batched_mlp(graph: torch.fx.GraphModule, idx: torch.Tensor) -> torch.fx.GraphModule:
