@@ -25,7 +25,7 @@ from .errors import (
 )
 from .exit_heads import train_exit_heads
 from .neurons import profile_neurons
-from .passes import EarlyExit, NeuronMask, Pass, PassManager, VocabReduce, parse_pipeline
+from .passes import EarlyExit, NeuronMask, Pass, PassManager, TokenDrop, VocabReduce, parse_pipeline
 from .program import Plan, Program
 from .vocab import calibrate_vocab
 
@@ -45,6 +45,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "Program",
+    "TokenDrop",
     "UnsupportedModelError",
     "VocabReduce",
     "calibrate_vocab",

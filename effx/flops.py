@@ -119,10 +119,19 @@ def program_flops(
     program, *, context: int = 512, prompt: int | None = None, batch: int = 1
 ) -> dict[str, int]:
     """FLOPs per stage: one decode token at ``context`` cached tokens, or (``prompt=N``) a prefill of N tokens
-    (the head then runs on the last position only, as in generation)."""
+    (the head then runs on the last position only, as in generation; after a TokenDrop stage, layers run on
+    the kept share of the prompt)."""
     seq, past = (1, context) if prompt is None else (prompt, 0)
     out: dict[str, int] = {}
     for stage in program:
+        if stage.kind in ("token_score", "token_drop"):  # prefill only; later layers see fewer tokens
+            out[stage.name] = 0
+            if prompt is not None and stage.kind == "token_score":
+                inputs = stage_inputs(program, "layer", batch=batch, seq=seq, past=0)
+                out[stage.name] = sum(count_graph_flops(stage.graph, inputs).values())
+            if prompt is not None and stage.kind == "token_drop":
+                seq = max(1, math.ceil(prompt * stage.attrs["keep"]))
+            continue
         s = 1 if stage.kind in ("head", "full_head", "exit") else seq
         inputs = stage_inputs(program, stage, batch=batch, seq=s, past=past)
         out[stage.name] = sum(count_graph_flops(stage.graph, inputs).values())

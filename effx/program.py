@@ -33,6 +33,9 @@ STAGE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "exit": (("hidden", "prev_hidden"), ("logits", "confidence")),
     # the full-vocabulary head that a vocabulary-reduced head falls back to (VocabReduce where="head")
     "full_head": (("hidden",), ("logits",)),
+    # TokenDrop before layer j: importance of each prompt token (cut from layer j), then the gather
+    "token_score": (("hidden", "cos", "sin", "mask", "past_k", "past_v"), ("scores",)),
+    "token_drop": (("hidden", "cos", "sin", "keep_ids"), ("hidden", "cos", "sin")),
 }
 # an exit that scores only the token ids it is given (VocabReduce where="exits"; attrs vocab="pruned")
 PRUNED_EXIT_SIGNATURE = (("hidden", "prev_hidden", "vocab_ids"), ("logits", "confidence"))
@@ -155,6 +158,10 @@ class Plan:
                 raise PlanError(f"exit stage {s.name!r} must directly follow layer {s.layer}")
             if prev.kind == "full_head" and s.kind != "head":
                 raise PlanError(f"full_head stage {prev.name!r} must directly precede the head")
+            if prev.kind == "token_score" and not (s.kind == "token_drop" and s.layer == prev.layer):
+                raise PlanError(f"token_score stage {prev.name!r} must be followed by its token_drop stage")
+            if prev.kind == "token_drop" and not (s.kind == "layer" and s.layer == prev.layer):
+                raise PlanError(f"token_drop stage {prev.name!r} must directly precede layer {prev.layer}")
         if "full_head" in kinds and not self.stages[-1].attrs.get("fallback"):
             raise PlanError("a full_head stage is only there for a head with a fallback threshold")
         for s in self.stages:
@@ -232,6 +239,12 @@ class Program:
         self.head = self._stages[-1]
         # exit stages by the layer they follow
         self.exits: dict[int, Stage] = {s.layer: s for s in self._stages if s.kind == "exit"}
+        # TokenDrop: layer -> (score stage, drop stage) of the drop before that layer
+        self.drops: dict[int, tuple[Stage, Stage]] = {
+            s.layer: (s, n)
+            for s, n in zip(self._stages[:-1], self._stages[1:], strict=True)
+            if s.kind == "token_score"
+        }
         # the full head a vocabulary-reduced head falls back to, if any
         self.full_head: Stage | None = next((s for s in self._stages if s.kind == "full_head"), None)
         self.windows: frozenset[int | None] = frozenset(s.attrs.get("sliding_window") for s in self.layers)

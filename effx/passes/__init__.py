@@ -12,6 +12,7 @@ from .base import (
 )
 from .early_exit import EarlyExit
 from .neuron_mask import NeuronMask
+from .token_drop import TokenDrop
 from .vocab_reduce import VocabReduce
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "parse_pipeline",
     "register_pass",
     "registered_passes",
+    "TokenDrop",
     "VocabReduce",
 ]

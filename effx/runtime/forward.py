@@ -32,6 +32,8 @@ class KVCache:
         self.v = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
         self.capacity = capacity
         self.lengths = [0] * num_layers
+        # TokenDrop: layer -> [batch, prompt] True for the prompt slots whose tokens never reached that layer
+        self.dropped: dict[int, torch.Tensor] = {}
 
     @classmethod
     def for_program(cls, program, batch: int, capacity: int) -> KVCache:
@@ -50,6 +52,25 @@ class KVCache:
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         self.lengths[layer] = end
+
+    def write_slots(
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slots: torch.Tensor,
+        counts: torch.Tensor,
+        length: int,
+    ) -> None:
+        """Prefill of a layer that saw only some prompt tokens: their keys and values go to their own slots
+        ``slots [batch, n]`` of ``0..length-1`` where ``counts [batch, n]`` is True; every other slot is zero
+        (and masked, see ``dropped``)."""
+        index = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        keep = counts[:, None, :, None].to(k.dtype)
+        for store, new in ((self.k[layer], k), (self.v[layer], v)):
+            store[:, :, :length] = 0
+            store[:, :, :length].scatter_(2, index, new * keep)
+        self.lengths[layer] = length
 
     def truncate(self, length: int) -> None:
         """Forget every slot from ``length`` on, in every layer (rejected draft tokens)."""
@@ -102,10 +123,16 @@ class MaskCache:
         self.dtype = dtype
         self._masks: dict[tuple[int, int], dict] = {}
 
-    def get(self, q_start: int, q_len: int, window) -> torch.Tensor:
-        key = (q_start, q_len)
+    def get(self, q_start: int, q_len: int, window, dropped: torch.Tensor | None = None) -> torch.Tensor:
+        """The mask for ``q_len`` queries from slot ``q_start``; ``dropped [batch, n]`` marks the first ``n``
+        slots that this layer never saw (TokenDrop) as invalid keys."""
+        key = (q_start, q_len, None if dropped is None else id(dropped))
         if key not in self._masks:
-            self._masks[key] = attention_masks(self.key_valid, q_start, q_len, self.windows, self.dtype)
+            valid = self.key_valid
+            if dropped is not None:
+                valid = valid.clone()
+                valid[:, : dropped.shape[1]] &= ~dropped
+            self._masks[key] = attention_masks(valid, q_start, q_len, self.windows, self.dtype)
         return self._masks[key][window]
 
 
@@ -114,7 +141,7 @@ def run_layers(program, cache: KVCache, layers, hidden, cos, sin, masks: MaskCac
     q_len = hidden.shape[1]
     for stage in layers:
         i = stage.layer
-        mask = masks.get(cache.lengths[i], q_len, stage.attrs.get("sliding_window"))
+        mask = masks.get(cache.lengths[i], q_len, stage.attrs.get("sliding_window"), cache.dropped.get(i))
         hidden, k, v = stage.graph(hidden, cos, sin, mask, *cache.past(i))
         cache.write(i, k, v)
     return hidden

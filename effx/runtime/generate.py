@@ -18,6 +18,7 @@ from .early_exit import ExitDecoder, speculative_round
 from .forward import KVCache, MaskCache, check_left_padded, positions_from_mask, run_step
 from .neurons import core_prefill
 from .sampling import Sampler
+from .token_drop import drop_prefill
 
 __all__ = ["generate"]
 
@@ -183,7 +184,9 @@ def generate(
         if stats is not None and program.full_head is not None:
             stats.update(head_positions=0, head_fallbacks=0)
         positions = positions_from_mask(attention_mask)
-        if program.plan.policy.get("neuron_mask", {}).get("mode") == "core":
+        if program.drops:  # TokenDrop: later layers see only the kept prompt tokens
+            logits = drop_prefill(program, cache, input_ids, positions, key_valid[:, :prompt_len], stats)
+        elif program.plan.policy.get("neuron_mask", {}).get("mode") == "core":
             # per-prompt core neurons: chosen in the prefill, then decoding runs a Program sliced to them
             logits, program = core_prefill(
                 program, cache, input_ids, positions, key_valid[:, :prompt_len], stats

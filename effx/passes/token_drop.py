@@ -1,0 +1,258 @@
+"""TokenDrop: from chosen layers on, only the most important prompt tokens go through the prefill.
+
+LazyLLM-style progressive prompt pruning for decoder LMs. Before each layer ``j`` in ``at_layers`` the pass
+inserts two stages::
+
+    ... -> layer.j-1 -> score.j -> drop.j -> layer.j -> ...
+    score.j: (hidden, cos, sin, mask, past_k, past_v) -> scores [batch, tokens]
+    drop.j:  (hidden, cos, sin, keep_ids) -> (hidden, cos, sin)      a gather along the token axis
+
+``score="attention"``: the attention that the last ``queries`` prompt tokens pay to each token, computed
+with layer ``j``'s own norm, query/key projections and rotary embedding (the layer graph cut to them),
+averaged over heads and queries. ``score="norm"``: the hidden state's L2 norm. Between the two stages the
+runtime keeps, per sample, ``keep`` of the prompt's real tokens (``keep`` counts the original prompt, so
+``keep=[0.7, 0.5]`` at two layers drops 30% and then 20% more) with the highest scores, always including the
+last ``protect_last`` tokens and the ``special`` token ids (end-of-sequence and chat markers by default:
+the plan's eos ids plus ``special``). Positions (RoPE ``cos``/``sin``) are gathered with the tokens, so
+they keep their original values.
+
+KV stays consistent: a layer writes the keys and values of the tokens that reached it into their own cache
+slots, the others are marked dropped for that layer, and every later token (decode, drafts) attends at
+each layer to exactly the prompt tokens that reached it. Decoding itself is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import torch
+
+from ..errors import PassConfigError, PassError
+from ..program import Stage
+from .base import Pass, PassResult, register_pass
+
+__all__ = ["TokenDrop"]
+
+SCORES = ("attention", "norm")
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class TokenDrop(Pass):
+    """Progressive prompt-token elimination in the prefill, with exact positions and KV."""
+
+    name = "token-drop"
+
+    at_layers: tuple[int, ...] = ()
+    keep: tuple[float, ...] = (0.5,)
+    score: str = "attention"
+    protect_last: int = 4
+    queries: int = 8
+    special: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.at_layers:
+            raise PassConfigError(
+                "token-drop needs at_layers=[...]: the layers before which tokens are dropped"
+            )
+        if any(not isinstance(x, int) or x < 1 for x in self.at_layers):
+            raise PassConfigError(
+                f"token-drop at_layers must be integers >= 1 (layer 0 sees every token), got {list(self.at_layers)}"
+            )
+        if list(self.at_layers) != sorted(set(self.at_layers)):
+            raise PassConfigError(
+                f"token-drop at_layers must increase without repeats, got {list(self.at_layers)}"
+            )
+        if len(self.keep) not in (1, len(self.at_layers)):
+            raise PassConfigError(
+                f"token-drop has {len(self.at_layers)} drop layers but {len(self.keep)} keep ratios: give one, or one each"
+            )
+        if any(not isinstance(k, (int, float)) or not 0 < k <= 1 for k in self.keep):
+            raise PassConfigError(
+                f"token-drop keep ratios must be in (0, 1] (0 would leave no tokens), got {list(self.keep)}"
+            )
+        if list(self.keep) != sorted(self.keep, reverse=True):
+            raise PassConfigError(
+                f"token-drop keep ratios count the original prompt, so they cannot grow: {list(self.keep)}"
+            )
+        if self.score not in SCORES:
+            raise PassConfigError(f"unknown token-drop score {self.score!r}; scores: {', '.join(SCORES)}")
+        if not isinstance(self.protect_last, int) or self.protect_last < 1:
+            raise PassConfigError(
+                f"token-drop protect_last must be >= 1 (the last prompt token predicts the next), got {self.protect_last!r}"
+            )
+        if not isinstance(self.queries, int) or self.queries < 1:
+            raise PassConfigError(f"token-drop queries must be an integer >= 1, got {self.queries!r}")
+
+    def keeps(self) -> list[float]:
+        return (
+            [float(self.keep[0])] * len(self.at_layers)
+            if len(self.keep) == 1
+            else [float(k) for k in self.keep]
+        )
+
+    def apply(self, program) -> PassResult:
+        info = program.info
+        bad = [x for x in self.at_layers if x >= info.num_layers]
+        if bad:
+            raise PassError(
+                f"token-drop layers {bad} are out of range: the model has layers 0..{info.num_layers - 1}"
+            )
+        if program.drops:
+            raise PassError(f"the program already drops tokens before layers {sorted(program.drops)}")
+        if program.plan.policy.get("neuron_mask", {}).get("mode") == "core":
+            raise PassError("token-drop and neuron-mask mode='core' both own the prefill; use one of them")
+        report = self.new_report()
+        ratios = dict(zip(self.at_layers, self.keeps(), strict=True))
+        if all(r >= 1 for r in ratios.values()):
+            report.skip("all", "keep=1.0 everywhere: no token is dropped, the program is unchanged")
+            return PassResult(program, False, report)
+        gather = _gather_graph(info)
+        stages = []
+        for stage in program.stages:
+            if stage.kind == "layer" and ratios.get(stage.layer, 1.0) < 1:
+                j = stage.layer
+                scorer = (
+                    _attention_score_graph(stage.graph, self.queries)
+                    if self.score == "attention"
+                    else _norm_score_graph(info)
+                )
+                _tag(scorer, self.name)
+                stages.append(
+                    Stage(
+                        f"score.{j}",
+                        "token_score",
+                        scorer,
+                        layer=j,
+                        attrs={"keep": ratios[j], "score": self.score},
+                    )
+                )
+                stages.append(Stage(f"drop.{j}", "token_drop", gather, layer=j, attrs={"keep": ratios[j]}))
+                report.change(
+                    f"layer.{j}", f"from here on {ratios[j]:.0%} of the prompt ({self.score} score)"
+                )
+            elif stage.kind == "layer" and stage.layer in ratios:
+                report.skip(f"layer.{stage.layer}", "keep=1.0: nothing to drop")
+            stages.append(stage)
+        special = sorted({*program.plan.eos_token_ids, *self.special})
+        policy = {
+            **program.plan.policy,
+            "token_drop": {"protect_last": self.protect_last, "special": special},
+        }
+        report.notes.append(
+            f"always kept: the last {self.protect_last} prompt tokens and token ids {special}; decoding is unchanged"
+        )
+        return PassResult(program.with_stages(stages, policy=policy), True, report)
+
+    def ensures(self, program) -> None:
+        expected = [j for j, r in zip(self.at_layers, self.keeps(), strict=True) if r < 1]
+        if sorted(program.drops) != expected:
+            raise PassError(f"drops before layers {sorted(program.drops)}, expected {expected}")
+
+
+def _tag(gm: torch.fx.GraphModule, pass_name: str) -> None:
+    for n in gm.graph.nodes:
+        if n.op not in ("placeholder", "output"):
+            n.meta.setdefault("effx_role", "token_drop")
+            n.meta["effx_pass"] = pass_name
+
+
+def _gather_graph(info) -> torch.fx.GraphModule:
+    from ..capture import export_function
+
+    def gather(hidden, cos, sin, ids):
+        def take(x):
+            return x.gather(1, ids[:, :, None].expand(-1, -1, x.shape[-1]))
+
+        return take(hidden), take(cos), take(sin)
+
+    dt = info.torch_dtype
+    hidden = torch.randn(2, 7, info.hidden_size, dtype=dt)
+    cos = torch.randn(2, 7, info.head_dim, dtype=dt)
+    ids = torch.tensor([[0, 2, 5], [1, 3, 6]])
+    gm = export_function(
+        gather,
+        (hidden, cos, cos.clone() + 1, ids),
+        ({0: "batch", 1: "seq"}, {0: "batch", 1: "seq"}, {0: "batch", 1: "seq"}, {0: "batch", 1: "kept"}),
+    )
+    for n in gm.graph.nodes:
+        if n.op not in ("placeholder", "output"):
+            n.meta.update(effx_role="token_drop", effx_pass="token-drop")
+    return gm
+
+
+def _norm_score_graph(info) -> torch.fx.GraphModule:
+    from ..capture import export_function
+
+    dt = info.torch_dtype
+    b, s = 2, 5
+    hidden = torch.randn(b, s, info.hidden_size, dtype=dt)
+    rope = torch.randn(b, s, info.head_dim, dtype=dt)
+    mask = torch.zeros(b, 1, s, s, dtype=dt)
+    past = torch.zeros(b, info.num_kv_heads, 0, info.head_dim, dtype=dt)
+    axes = {0: "batch", 1: "seq"}
+    return export_function(
+        lambda h, c, n, m, pk, pv: (h.float().norm(dim=-1),),
+        (hidden, rope, rope.clone() + 1, mask, past, past.clone()),
+        (axes, axes, axes, {0: "batch", 2: "seq", 3: "keys"}, {0: "batch"}, {0: "batch"}),
+    )
+
+
+def _attention_score_graph(layer_graph: torch.fx.GraphModule, queries: int) -> torch.fx.GraphModule:
+    """Layer ``j``'s graph cut to its rotated queries and keys, followed by the attention that the last
+    ``queries`` tokens pay to every key (softmax with the layer's mask, mean over heads and queries)."""
+    gm = torch.fx.GraphModule(layer_graph, copy.deepcopy(layer_graph.graph))
+    g = gm.graph
+    sdpa = next(n for n in g.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default)
+    q, k = sdpa.args[0], sdpa.args[1]
+    mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+    if mask is None:
+        raise PassError("the layer's attention has no explicit mask to score tokens with")
+    scale = sdpa.kwargs.get("scale")
+    q_val = q.meta.get("val")
+    head_dim = int(q_val.shape[-1]) if q_val is not None else None
+    if scale is None:
+        if head_dim is None:
+            raise PassError("cannot tell the attention's head size to scale the scores")
+        scale = 1.0 / math.sqrt(head_dim)
+    pattern = _attention_pattern(queries, float(scale), q_val, k.meta.get("val"), mask.meta.get("val"))
+    placeholders = [n for n in pattern.graph.nodes if n.op == "placeholder"]
+    output = next(n for n in g.nodes if n.op == "output")
+    with g.inserting_before(output):
+        out = g.graph_copy(pattern.graph, dict(zip(placeholders, [q, k, mask], strict=True)))
+    output.args = ((out[0] if isinstance(out, (tuple, list)) else out,),)
+    g.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
+    result = torch.fx.GraphModule(gm, g)
+    result.recompile()
+    return result
+
+
+def _attention_pattern(queries: int, scale: float, q_val, k_val, mask_val) -> torch.fx.GraphModule:
+    from ..capture import export_function
+
+    def score(q, k, mask):  # q [b, h, s, d], k [b, kv, s, d], mask [b, 1, s, s]
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        # the last ``queries`` rows, by an index (not a slice, so that the graph holds for any length); rows
+        # that index clamps (fewer tokens than ``queries``) and rows of padding (nothing visible) weigh 0
+        wanted = torch.arange(queries) + (q.shape[2] - queries)
+        rows = wanted.clamp(min=0)
+        row_mask = mask.index_select(2, rows).float()
+        counted = (wanted >= 0)[None, None, :] & (row_mask.amax(-1) > -1.0)  # [b, 1, Q]: an allowed key
+        att = q.index_select(2, rows).float() @ k.float().transpose(-1, -2) * scale + row_mask
+        probs = att.softmax(-1) * counted[..., None]
+        return (probs.sum(dim=(1, 2)) / (counted.sum(dim=(1, 2))[:, None] * q.shape[1]).clamp(min=1),)
+
+    b, s = 2, queries + 3
+    h, kv, d = int(q_val.shape[1]), int(k_val.shape[1]), int(q_val.shape[-1])
+    dt = q_val.dtype
+    q = torch.randn(b, h, s, d, dtype=dt)
+    k = torch.randn(b, kv, s, d, dtype=dt)
+    mask = torch.zeros(b, 1, s, s, dtype=mask_val.dtype if mask_val is not None else dt)
+    return export_function(
+        score,
+        (q, k, mask),
+        ({0: "batch", 2: "seq"}, {0: "batch", 2: "seq"}, {0: "batch", 2: "seq", 3: "seq"}),
+    )
