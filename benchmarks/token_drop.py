@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--at-layers", default="4,12", help="drop points (the first drops half of the share)")
     parser.add_argument("--score", default="attention", choices=("attention", "norm"))
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--queries", type=int, default=8, help="last prompt tokens whose attention scores")
     args = parser.parse_args()
 
     model, tok = effx.models.load(args.model)
@@ -90,10 +91,14 @@ def main() -> None:
     for k in keeps:
         ratios = tuple(1 - (1 - k) * (j + 1) / len(at) for j in range(len(at)))
         configs.append(
-            (f"keep {k}", effx.transform(model, [TokenDrop(at_layers=at, keep=ratios, score=args.score)]))
+            (
+                f"keep {k}",
+                effx.transform(
+                    model, [TokenDrop(at_layers=at, keep=ratios, score=args.score, queries=args.queries)]
+                ),
+            )
         )
     filler = tok(" ".join(pydoc_texts("heldout")), add_special_tokens=False).input_ids
-    rng = random.Random(0)
     facts = FACTS[: args.questions]
 
     print(
@@ -104,6 +109,7 @@ def main() -> None:
         f"{'length':>6} {'config':<10} {'TTFT ms':>8} {'ratio':>6} {'accuracy':>8} {'vs dense':>8} {'ROUGE-L':>7}"
     )
     for length in (int(x) for x in args.lengths.split(",")):
+        rng = random.Random(length)  # the same prompts for a length whatever else runs
         prompts = [encode_prompts(tok, build_prompt(tok, filler, length, f, q, rng)) for f, q, _ in facts]
         results = {name: ([], [], []) for name, _ in configs}
         for (ids, mask), (_, _, answer) in zip(prompts, facts, strict=True):

@@ -29,8 +29,8 @@ def perplexity(
 ) -> float:
     """Perplexity of the second half of each ``seq_len``-token chunk of ``texts``, given the first half.
 
-    The first half is a prompt (prefilled as in generation: per-prompt choices such as core neurons are
-    made on it), the second half is scored teacher-forced with the Program as it decodes, so every pass is
+    The first half is a prompt (prefilled as in generation: per-prompt choices such as core neurons or
+    dropped tokens are made on it), the second half is scored teacher-forced with the Program as it decodes, so every pass is
     measured the way it generates. Use held-out text.
     """
     import math
@@ -41,6 +41,7 @@ def perplexity(
     from .exit_heads import _token_chunks
     from .runtime.forward import KVCache, run_step
     from .runtime.neurons import core_prefill
+    from .runtime.token_drop import drop_prefill
 
     chunks = _token_chunks(tokenizer, texts, seq_len, max_tokens)
     core = program.plan.policy.get("neuron_mask", {}).get("mode") == "core"
@@ -54,6 +55,11 @@ def perplexity(
             valid = torch.ones(1, n, dtype=torch.bool)
             if core:
                 last, prog = core_prefill(program, cache, chunk[:, :half], pos[:, :half], valid[:, :half])
+            elif program.drops:
+                last, prog = (
+                    drop_prefill(program, cache, chunk[:, :half], pos[:, :half], valid[:, :half]),
+                    program,
+                )
             else:
                 last, prog = (
                     run_step(program, cache, chunk[:, :half], pos[:, :half], valid[:, :half]),

@@ -164,3 +164,20 @@ def test_bad_settings(dense4):
     core = NeuronMask(mode="core", keep=0.5).apply(dense4).program
     with pytest.raises(PassError, match="both own the prefill"):
         TokenDrop(at_layers=(1,)).apply(core)
+
+
+def test_perplexity_sees_the_drop(model4, dense4):
+    from effx.quality import perplexity
+
+    class Tok:
+        eos_token_id = 2
+
+        def __call__(self, text, add_special_tokens=False):
+            return type("E", (), {"input_ids": [int(t) % V for t in text.split()]})()
+
+    texts = [" ".join(str((i * 5 + j * 11) % V) for j in range(70)) for i in range(2)]
+    dense = perplexity(dense4, texts, Tok(), seq_len=32, max_tokens=64)
+    kept_all = effx.transform(model4, [TokenDrop(at_layers=(1,), keep=(0.3,), protect_last=32)])
+    assert perplexity(kept_all, texts, Tok(), seq_len=32, max_tokens=64) == pytest.approx(dense, rel=1e-5)
+    dropped = effx.transform(model4, [TokenDrop(at_layers=(1,), keep=(0.3,), protect_last=1)])
+    assert perplexity(dropped, texts, Tok(), seq_len=32, max_tokens=64) != pytest.approx(dense, rel=1e-3)
