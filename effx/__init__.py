@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from . import models
-from .capture import capture
+from .capture import capture, capture_encoder
+from .encoder import EncoderProgram, transform_encoder
 from .errors import (
     ArtifactError,
     EffxError,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArtifactError",
     "EarlyExit",
+    "EncoderProgram",
     "EffxError",
     "GenerationInputError",
     "ModelLoadError",
@@ -50,11 +52,13 @@ __all__ = [
     "VocabReduce",
     "calibrate_vocab",
     "capture",
+    "capture_encoder",
     "models",
     "parse_pipeline",
     "profile_neurons",
     "train_exit_heads",
     "transform",
+    "transform_encoder",
 ]
 
 

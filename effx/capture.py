@@ -37,7 +37,7 @@ from torch.export import Dim, export
 from .errors import UnsupportedModelError
 from .program import ModelInfo, Program, Stage
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "capture", "export_function"]
+__all__ = ["ENCODER_MODEL_TYPES", "SUPPORTED_MODEL_TYPES", "capture", "capture_encoder", "export_function"]
 
 # Model types whose glue between layers (embedding, rotary tables, mask, final norm) is the plain Llama one
 # that the runtime reproduces. Capture also checks the result numerically against the model's own forward.
@@ -430,3 +430,113 @@ def _verify(model, program: Program) -> None:
         raise _fail(
             model, "verify", f"captured stages differ from the model's forward by {err:.3g} (max |logit|)"
         )
+
+
+# -- encoders (BERT-style) ---------------------------------------------------------------------------------
+
+ENCODER_MODEL_TYPES = ("bert",)
+
+_ENCODER_ROLES = {"word_embeddings": "embed", "query": "attn.q", "key": "attn.k", "value": "attn.v"}
+
+
+class _EncoderEmbed(torch.nn.Module):
+    def __init__(self, embeddings):
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, input_ids, token_type_ids):
+        return (self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids),)
+
+
+class _EncoderLayer(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden, mask):
+        out = self.layer(hidden, attention_mask=mask)
+        return (out[0] if isinstance(out, tuple) else out,)
+
+
+def capture_encoder(model, *, verify: bool = True):
+    """Capture a BERT-style encoder (``BertModel``) as an :class:`~effx.encoder.EncoderProgram`.
+
+    Stages: ``embed (input_ids, token_type_ids) -> hidden`` (word, position and type embeddings, layer norm)
+    and ``layer.i (hidden, mask) -> hidden`` with an explicit additive mask ``[batch, 1, seq, seq]``
+    (bidirectional: padding keys are masked). Batch and sequence are dynamic.
+    """
+    from .encoder import EncoderInfo, EncoderProgram
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in ENCODER_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"cannot capture {type(model).__name__} as an encoder: model_type "
+            f"{getattr(config, 'model_type', None)!r} is not one of {', '.join(ENCODER_MODEL_TYPES)}"
+        )
+    base = getattr(model, "bert", model)
+    if not (hasattr(base, "embeddings") and hasattr(base, "encoder")):
+        raise _fail(model, "check architecture", "expected .embeddings and .encoder.layer (a BERT encoder)")
+    _register_attention()
+    clone = _private_copy(base)
+    b, s, d = 2, 7, config.hidden_size
+    seq = Dim("seq", min=1, max=config.max_position_embeddings)  # position embeddings bound the length
+    batch = Dim("batch", min=1)
+    ids = torch.randint(0, config.vocab_size, (b, s))
+    types = torch.zeros(b, s, dtype=torch.long)
+    try:
+        embed = _export(
+            _EncoderEmbed(clone.embeddings), (ids, types), ({0: batch, 1: seq}, {0: batch, 1: seq})
+        )
+        hidden = torch.randn(b, s, d)
+        mask = torch.zeros(b, 1, s, s)
+        template = _export(
+            _EncoderLayer(clone.encoder.layer[0]),
+            (hidden, mask),
+            ({0: batch, 1: seq}, {0: batch, 2: seq, 3: seq}),
+        )
+    except Exception as e:  # noqa: BLE001 - any export failure is a capture failure
+        raise _fail(model, "export", _first_line(e)) from e
+    _tag_encoder(embed, None)
+    layers = []
+    for i, layer in enumerate(clone.encoder.layer):
+        wrapped = _EncoderLayer(layer)
+        if _structure(layer) != _structure(clone.encoder.layer[0]):
+            raise _fail(model, "export", f"layer {i} differs in structure from layer 0")
+        gm = template if i == 0 else _rebind(template, copy.deepcopy(template.graph), wrapped)
+        _tag_encoder(gm, i)
+        layers.append(gm)
+    info = EncoderInfo(
+        architecture=type(model).__name__,
+        model_type=config.model_type,
+        num_layers=config.num_hidden_layers,
+        hidden_size=d,
+        num_heads=config.num_attention_heads,
+        max_positions=config.max_position_embeddings,
+    )
+    program = EncoderProgram(embed, layers, info)
+    if verify:
+        with torch.no_grad():
+            ids = torch.randint(0, config.vocab_size, (2, 9))
+            mask = torch.ones(2, 9, dtype=torch.long)
+            mask[1, 6:] = 0
+            ref = base(input_ids=ids, attention_mask=mask).last_hidden_state
+            got = program.hidden_states(ids, mask)[0]
+            err = float((ref - got)[mask.bool()].abs().max())
+        if err > 1e-4:
+            raise _fail(model, "verify", f"captured encoder differs from the model by {err:.2e}")
+    return program
+
+
+def _tag_encoder(gm: torch.fx.GraphModule, layer: int | None) -> None:
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""
+        parts = [p for p in path.replace("L['self'].", "").split(".") if p and not p.isdigit()]
+        role = next((_ENCODER_ROLES[p] for p in reversed(parts) if p in _ENCODER_ROLES), None)
+        if node.op in ("placeholder", "output"):
+            role = "io"
+        elif node.op == "get_attr":
+            role = "weight"
+        elif node.target == torch.ops.aten.scaled_dot_product_attention.default:
+            role = "attn.sdpa"
+        node.meta.update(effx_role=role or "other", effx_layer=layer, effx_module=path)

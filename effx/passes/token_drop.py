@@ -183,11 +183,17 @@ def _gather_graph(info) -> torch.fx.GraphModule:
     return gm
 
 
-def _norm_score_graph(info) -> torch.fx.GraphModule:
+def _norm_score_graph(info, *, encoder: bool = False) -> torch.fx.GraphModule:
     from ..capture import export_function
 
-    dt = info.torch_dtype
     b, s = 2, 5
+    if encoder:  # (hidden, mask) -> scores
+        return export_function(
+            lambda h, m: (h.float().norm(dim=-1),),
+            (torch.randn(b, s, info.hidden_size), torch.zeros(b, 1, s, s)),
+            ({0: "batch", 1: "seq"}, {0: "batch", 2: "seq", 3: "seq"}),
+        )
+    dt = info.torch_dtype
     hidden = torch.randn(b, s, info.hidden_size, dtype=dt)
     rope = torch.randn(b, s, info.head_dim, dtype=dt)
     mask = torch.zeros(b, 1, s, s, dtype=dt)
@@ -256,3 +262,55 @@ def _attention_pattern(queries: int, scale: float, q_val, k_val, mask_val) -> to
         (q, k, mask),
         ({0: "batch", 2: "seq"}, {0: "batch", 2: "seq"}, {0: "batch", 2: "seq", 3: "seq"}),
     )
+
+
+def _hidden_gather_graph(hidden_size: int) -> torch.fx.GraphModule:
+    """``(hidden, keep_ids) -> hidden`` gathered along the token axis (encoders: no rotary tables)."""
+    from ..capture import export_function
+
+    gm = export_function(
+        lambda h, ids: (h.gather(1, ids[:, :, None].expand(-1, -1, h.shape[-1])),),
+        (torch.randn(2, 7, hidden_size), torch.tensor([[0, 2, 5], [1, 3, 6]])),
+        ({0: "batch", 1: "seq"}, {0: "batch", 1: "kept"}),
+    )
+    for n in gm.graph.nodes:
+        if n.op not in ("placeholder", "output"):
+            n.meta.update(effx_role="token_drop", effx_pass="token-drop")
+    return gm
+
+
+def _encoder_score_graph(layer_graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """An encoder layer's graph cut to its queries and keys, then the attention each token receives from
+    all real tokens (mean over heads and queries): PoWER-BERT's significance score."""
+    from ..capture import export_function
+
+    gm = torch.fx.GraphModule(layer_graph, copy.deepcopy(layer_graph.graph))
+    g = gm.graph
+    sdpa = next(n for n in g.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default)
+    q, k = sdpa.args[0], sdpa.args[1]
+    mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+    q_val = q.meta["val"]
+    scale = sdpa.kwargs.get("scale") or 1.0 / math.sqrt(int(q_val.shape[-1]))
+
+    def score(q, k, mask):
+        att = q.float() @ k.float().transpose(-1, -2) * scale + mask.float()
+        counted = mask.amax(-1) > -1.0  # [b, 1, s]: real queries
+        probs = att.softmax(-1) * counted[..., None]
+        return (probs.sum(dim=(1, 2)) / (counted.sum(dim=(1, 2))[:, None] * q.shape[1]).clamp(min=1),)
+
+    h, d = int(q_val.shape[1]), int(q_val.shape[-1])
+    pattern = export_function(
+        score,
+        (torch.randn(2, h, 5, d), torch.randn(2, h, 5, d), torch.zeros(2, 1, 5, 5)),
+        ({0: "batch", 2: "seq"}, {0: "batch", 2: "seq"}, {0: "batch", 2: "seq", 3: "seq"}),
+    )
+    placeholders = [n for n in pattern.graph.nodes if n.op == "placeholder"]
+    output = next(n for n in g.nodes if n.op == "output")
+    with g.inserting_before(output):
+        out = g.graph_copy(pattern.graph, dict(zip(placeholders, [q, k, mask], strict=True)))
+    output.args = ((out[0] if isinstance(out, (tuple, list)) else out,),)
+    g.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
+    result = torch.fx.GraphModule(gm, g)
+    result.recompile()
+    _tag(result, "token-drop")
+    return result
