@@ -9,11 +9,11 @@ prog.report()
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import models
-from .capture import capture, capture_encoder
-from .encoder import EncoderProgram, transform_encoder
 from .errors import (
     ArtifactError,
     EffxError,
@@ -24,11 +24,42 @@ from .errors import (
     PlanError,
     UnsupportedModelError,
 )
-from .exit_heads import train_exit_heads
-from .neurons import profile_neurons
-from .passes import EarlyExit, NeuronMask, Pass, PassManager, TokenDrop, VocabReduce, parse_pipeline
-from .program import Plan, Program
-from .vocab import calibrate_vocab
+
+if TYPE_CHECKING:
+    from .passes import Pass
+    from .program import Program
+
+# Imported on first use, so that ``import effx.runtime.onnx`` (numpy + onnxruntime only) never loads torch.
+_LAZY = {
+    "capture": "capture",
+    "capture_encoder": "capture",
+    "EncoderProgram": "encoder",
+    "transform_encoder": "encoder",
+    "train_exit_heads": "exit_heads",
+    "profile_neurons": "neurons",
+    "EarlyExit": "passes",
+    "NeuronMask": "passes",
+    "Pass": "passes",
+    "PassManager": "passes",
+    "TokenDrop": "passes",
+    "VocabReduce": "passes",
+    "parse_pipeline": "passes",
+    "Plan": "program",
+    "Program": "program",
+    "calibrate_vocab": "vocab",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    try:  # submodules: effx.flops, effx.quality, effx.exporters, ...
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module 'effx' has no attribute {name!r}") from None
+
 
 __version__ = "0.1.0"
 
@@ -70,6 +101,9 @@ def transform(
     The pipeline is validated before capture starts. The user's model is never modified: the Program shares
     its weights read-only, and passes build new tensors for whatever they change.
     """
+    from .capture import capture
+    from .passes import PassManager
+
     manager = PassManager(passes)
     program = capture(model, progress=progress)
     return manager.run(program)

@@ -37,7 +37,14 @@ from torch.export import Dim, export
 from .errors import UnsupportedModelError
 from .program import ModelInfo, Program, Stage
 
-__all__ = ["ENCODER_MODEL_TYPES", "SUPPORTED_MODEL_TYPES", "capture", "capture_encoder", "export_function"]
+__all__ = [
+    "ENCODER_MODEL_TYPES",
+    "SUPPORTED_MODEL_TYPES",
+    "capture",
+    "capture_encoder",
+    "export_function",
+    "export_onnx",
+]
 
 # Model types whose glue between layers (embedding, rotary tables, mask, final norm) is the plain Llama one
 # that the runtime reproduces. Capture also checks the result numerically against the model's own forward.
@@ -540,3 +547,28 @@ def _tag_encoder(gm: torch.fx.GraphModule, layer: int | None) -> None:
         elif node.target == torch.ops.aten.scaled_dot_product_attention.default:
             role = "attn.sdpa"
         node.meta.update(effx_role=role or "other", effx_layer=layer, effx_module=path)
+
+
+def export_onnx(
+    gm: torch.fx.GraphModule, args: tuple, axes: tuple[dict[int, str | None], ...], opset: int = 18
+):
+    """Export one stage graph to an ``onnx.ModelProto`` with named dynamic axes (``None``: let export infer
+    the dimension, e.g. a mask's key axis that is ``past + seq``). ``"past"`` may be 0, other axes >= 1."""
+    dims: dict[str, Dim] = {}
+    spec = tuple(
+        {
+            axis: (
+                Dim.AUTO if name is None else dims.setdefault(name, Dim(name, min=0 if name == "past" else 1))
+            )
+            for axis, name in a.items()
+        }
+        for a in axes
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on renamed axes
+        program = torch.onnx.export(
+            gm, args, dynamic_shapes=spec, dynamo=True, opset_version=opset, verbose=False, optimize=False
+        )
+    return program.model_proto

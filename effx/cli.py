@@ -93,10 +93,78 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--plan", action="store_true", help="also print the plan as JSON")
 
+    e = sub.add_parser(
+        "export",
+        help="export a Program as ONNX stages + plan.json",
+        description="Capture the model, apply the passes and write every stage to OUT_DIR as ONNX (opset 18, "
+        "dynamic batch/sequence/past axes, weights as external data) with plan.json (checksums) and the "
+        "tokenizer. Dense programs only so far.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(e)
+    e.add_argument("out_dir", help="the artifact directory (replaced if it exists)")
+
+    r = sub.add_parser(
+        "run",
+        help="generate from an exported artifact (ONNX Runtime, no torch)",
+        description="Load OUT_DIR (written by 'effx export') and generate from PROMPT with ONNX Runtime.",
+    )
+    r.add_argument("out_dir", help="an artifact directory written by 'effx export'")
+    r.add_argument("prompt", help="the prompt text (the chat template is applied when the tokenizer has one)")
+    r.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)"
+    )
+
     sub.add_parser(
         "passes", help="list the registered passes", description="List the passes a pipeline string can name."
     )
     return parser
+
+
+def _cmd_export(args) -> int:
+    import effx
+    from effx.exporters import onnx as exporter
+
+    passes = effx.parse_pipeline(args.passes)
+    model, tokenizer = effx.models.load(args.model)
+    program = effx.transform(model, passes=passes)
+    start = time.perf_counter()
+    out = exporter.export(program, args.out_dir, tokenizer=tokenizer, progress=True)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"[effx] wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from .runtime import onnx as rt
+
+    gen = rt.load(args.out_dir)
+    tok_file = Path(args.out_dir) / "tokenizer" / "tokenizer.json"
+    if not tok_file.is_file():
+        print(f"effx: error: {tok_file} is missing: export with a tokenizer", file=sys.stderr)
+        return 1
+    tokenizer = Tokenizer.from_file(str(tok_file))
+    prompt = args.prompt
+    config = Path(args.out_dir) / "tokenizer" / "tokenizer_config.json"
+    if config.is_file() and "im_start" in config.read_text():  # ChatML (SmolLM2, Qwen): the template's shape
+        prompt = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    ids = np.array([tokenizer.encode(prompt, add_special_tokens=False).ids], dtype=np.int64)
+    start = time.perf_counter()
+    out = gen.generate(ids, max_new_tokens=args.max_new_tokens)
+    elapsed = time.perf_counter() - start
+    new = out.shape[1] - ids.shape[1]
+    print(tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True))
+    print(
+        f"[effx] {new} tokens in {elapsed:.2f} s: {new / elapsed:.1f} tokens/s (ONNX Runtime)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _cmd_generate(args) -> int:
@@ -168,7 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    handler = {"generate": _cmd_generate, "inspect": _cmd_inspect, "passes": _cmd_passes}[args.command]
+    handler = {
+        "generate": _cmd_generate,
+        "inspect": _cmd_inspect,
+        "export": _cmd_export,
+        "run": _cmd_run,
+        "passes": _cmd_passes,
+    }[args.command]
     try:
         return handler(args)
     except EffxError as e:

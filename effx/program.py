@@ -312,7 +312,7 @@ class Program:
 
         See :func:`effx.runtime.generate` for the keyword arguments.
         """
-        from .runtime import generate
+        from .runtime.generate import generate
 
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 

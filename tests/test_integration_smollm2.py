@@ -88,3 +88,18 @@ def test_reduced_draft_head_keeps_self_speculative_identical(dense, tmp_path):
     ids, mask = encode_prompts(tokenizer, PROMPTS[2:4])
     out = spec.generate(ids, attention_mask=mask, max_new_tokens=32)
     assert torch.equal(out, prog.generate(ids, attention_mask=mask, max_new_tokens=32))
+
+
+def test_onnx_artifact_matches_the_torch_backend(dense, tmp_path):
+    import numpy as np
+
+    from effx.exporters import onnx as exporter
+    from effx.runtime import onnx as ort_runtime
+
+    model, tokenizer, prog = dense
+    out_dir = exporter.export(prog, tmp_path / "smollm2", tokenizer=tokenizer)
+    assert (out_dir / "tokenizer" / "tokenizer.json").is_file()
+    gen = ort_runtime.load(out_dir)
+    ids, mask = encode_prompts(tokenizer, PROMPTS[4:6])
+    out = gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=24)
+    assert np.array_equal(out, prog.generate(ids, attention_mask=mask, max_new_tokens=24).numpy())
