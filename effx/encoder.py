@@ -2,7 +2,9 @@
 
 ``effx.transform_encoder(model, passes=[TokenDrop(...)])`` captures a ``BertModel`` (``effx.capture_encoder``)
 and applies token drop: before each drop layer, every token's importance is the attention it receives from
-all real tokens (the layer's own q/k projections, averaged over heads and queries) or its hidden-state norm;
+all real tokens (the layer's own q/k projections, averaged over heads and queries) or its hidden-state norm
+(uninformative on post-LayerNorm encoders such as BERT, whose states all have norm sqrt(hidden): ties go to
+the earlier token);
 each sample keeps ``keep`` of its real tokens with the highest scores, always with its first token (CLS)
 and the ``special`` ids (e.g. SEP), and the later layers run on the kept tokens only. ``encode`` mean-pools
 (or takes CLS) over the tokens that reached the last layer and L2-normalizes, as sentence-transformers does.

@@ -26,10 +26,12 @@ def select_tokens(
     s = s.masked_fill(protected & valid, float("inf"))
     quota = torch.maximum(quota, (protected & valid).sum(1))
     n = int(quota.max())
-    order = s.topk(n, dim=-1)
+    # a stable sort: equal scores go to the earlier token, whatever the batch around the row
+    values, indices = torch.sort(s, dim=-1, descending=True, stable=True)
+    values, indices = values[:, :n], indices[:, :n]
     rank_ok = torch.arange(n)[None, :] < quota[:, None]
-    keep_valid = rank_ok & (order.values > float("-inf"))
-    idx, perm = torch.sort(order.indices, dim=-1)
+    keep_valid = rank_ok & (values > float("-inf"))
+    idx, perm = torch.sort(indices, dim=-1)
     return idx, keep_valid.gather(1, perm)
 
 
