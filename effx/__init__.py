@@ -10,6 +10,7 @@ prog.report()
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -25,34 +26,27 @@ from .errors import (
     UnsupportedModelError,
 )
 
-if TYPE_CHECKING:
-    from .passes import Pass
-    from .program import Program
 
-# Imported on first use, so that ``import effx.runtime.onnx`` (numpy + onnxruntime only) never loads torch.
-_LAZY = {
-    "capture": "capture",
-    "capture_encoder": "capture",
-    "EncoderProgram": "encoder",
-    "transform_encoder": "encoder",
-    "train_exit_heads": "exit_heads",
-    "profile_neurons": "neurons",
-    "EarlyExit": "passes",
-    "NeuronMask": "passes",
-    "Pass": "passes",
-    "PassManager": "passes",
-    "TokenDrop": "passes",
-    "VocabReduce": "passes",
-    "parse_pipeline": "passes",
-    "Plan": "program",
-    "Program": "program",
-    "calibrate_vocab": "vocab",
-}
+def _torch_available() -> bool:
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except ImportError:  # an import hook that forbids torch
+        return False
+
+
+# Without torch (a deployment that only runs ONNX artifacts) ``import effx.runtime.onnx`` must still work:
+# the torch-based API is imported only where torch is installed.
+if TYPE_CHECKING or _torch_available():
+    from .capture import capture, capture_encoder
+    from .encoder import EncoderProgram, transform_encoder
+    from .exit_heads import train_exit_heads
+    from .neurons import profile_neurons
+    from .passes import EarlyExit, NeuronMask, Pass, PassManager, TokenDrop, VocabReduce, parse_pipeline
+    from .program import Plan, Program
+    from .vocab import calibrate_vocab
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     try:  # submodules: effx.flops, effx.quality, effx.exporters, ...
         return importlib.import_module(f".{name}", __name__)
     except ModuleNotFoundError as e:

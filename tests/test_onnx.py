@@ -1,3 +1,4 @@
+import importlib
 import json
 import subprocess
 import sys
@@ -56,24 +57,22 @@ def test_stop_tokens_and_padding_match(program, artifact):
 
 
 def test_one_export_serves_every_layer(program, tmp_path, monkeypatch):
-    import effx.capture
-
+    capture_module = importlib.import_module("effx.capture")  # effx.capture is also the function's name
     calls = []
-    real = effx.capture.export_onnx
+    real = capture_module.export_onnx
 
     def counting(gm, *args, **kw):
         calls.append(gm)
         return real(gm, *args, **kw)
 
-    monkeypatch.setattr(effx.capture, "export_onnx", counting)
+    monkeypatch.setattr(capture_module, "export_onnx", counting)
     exporter.export(program, tmp_path / "x")
     assert len(calls) == 3  # embed, one layer, head
 
 
 def test_interrupted_export_leaves_nothing(program, tmp_path, monkeypatch):
-    import effx.capture
-
-    real = effx.capture.export_onnx
+    capture_module = importlib.import_module("effx.capture")
+    real = capture_module.export_onnx
     seen = []
 
     def failing(gm, *args, **kw):
@@ -82,7 +81,7 @@ def test_interrupted_export_leaves_nothing(program, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(gm, *args, **kw)
 
-    monkeypatch.setattr(effx.capture, "export_onnx", failing)
+    monkeypatch.setattr(capture_module, "export_onnx", failing)
     with pytest.raises(KeyboardInterrupt):
         exporter.export(program, tmp_path / "half")
     assert list(tmp_path.iterdir()) == []

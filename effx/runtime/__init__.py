@@ -1,15 +1,11 @@
 """The effx runtimes: the PyTorch decode loop over a Program's stages, and (``effx.runtime.onnx``) an
 ONNX Runtime backend that needs only numpy and onnxruntime."""
 
-import importlib
+from .. import _torch_available
 
-# ``generate`` lives in ``effx.runtime.generate`` (a module of that name: import the function from there)
-_LAZY = {"KVCache": "forward", "forward_logits": "forward", "Sampler": "sampling"}
+if _torch_available():  # without torch, only effx.runtime.onnx is usable
+    from .forward import KVCache, forward_logits
+    from .generate import generate
+    from .sampling import Sampler
 
-__all__ = ["KVCache", "Sampler", "forward_logits"]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'effx.runtime' has no attribute {name!r}")
+__all__ = ["KVCache", "Sampler", "forward_logits", "generate"]
