@@ -19,6 +19,8 @@ they keep their original values.
 KV stays consistent: a layer writes the keys and values of the tokens that reached it into their own cache
 slots, the others are marked dropped for that layer, and every later token (decode, drafts) attends at
 each layer to exactly the prompt tokens that reached it. Decoding itself is unchanged.
+
+Encoders (BERT-style) take the same pass through ``effx.transform_encoder``; see :mod:`effx.encoder`.
 """
 
 from __future__ import annotations
