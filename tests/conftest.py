@@ -6,9 +6,17 @@ import os
 
 import pytest
 import torch
-from hypothesis import settings
+from hypothesis import Phase, settings
 
-settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True, print_blob=True)
+# CI: fixed examples, and no shrinking: a failure is reported at once instead of after minutes of shrinking
+settings.register_profile(
+    "ci",
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),
+)
 settings.register_profile("dev", max_examples=8, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
