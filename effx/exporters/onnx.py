@@ -20,7 +20,6 @@ export leaves nothing half-written. This version exports dense programs; program
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,17 +32,9 @@ from ..errors import ArtifactError
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "export"]
 
-FORMAT = "effx-onnx"
-SCHEMA_VERSION = 1
+from ..runtime.onnx import FORMAT, SCHEMA_VERSION, _sha256
+
 OPSET = 18
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _example_args(program, kind: str):

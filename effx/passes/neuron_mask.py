@@ -39,6 +39,7 @@ import torch
 
 from ..errors import PassConfigError, PassError
 from .base import Pass, PassResult, register_pass
+from .vocab_reduce import _fetch
 
 __all__ = ["NeuronMask"]
 
@@ -211,13 +212,6 @@ def _ranking(profile, layer: int, score: str, gm: torch.fx.GraphModule) -> torch
         _, _, down = mlp_nodes(gm.graph)
         mean = mean * _fetch(gm, down.args[1]).double().norm(dim=0)
     return torch.argsort(mean, descending=True, stable=True)
-
-
-def _fetch(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _tag(nodes, pass_name: str, role: str) -> None:

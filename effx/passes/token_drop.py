@@ -211,25 +211,37 @@ def _norm_score_graph(info, *, encoder: bool = False) -> torch.fx.GraphModule:
 def _attention_score_graph(layer_graph: torch.fx.GraphModule, queries: int) -> torch.fx.GraphModule:
     """Layer ``j``'s graph cut to its rotated queries and keys, followed by the attention that the last
     ``queries`` tokens pay to every key (softmax with the layer's mask, mean over heads and queries)."""
+    gm, (q, k, mask), scale = _cut_to_attention_inputs(layer_graph)
+    pattern = _attention_pattern(queries, scale, q.meta.get("val"), k.meta.get("val"), mask.meta.get("val"))
+    return _finish_score_graph(gm, pattern, (q, k, mask))
+
+
+def _cut_to_attention_inputs(layer_graph: torch.fx.GraphModule):
+    """A copy of a layer graph, its attention's query, key and mask nodes, and the attention's scale."""
     gm = torch.fx.GraphModule(layer_graph, copy.deepcopy(layer_graph.graph))
-    g = gm.graph
-    sdpa = next(n for n in g.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default)
+    sdpa = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default)
     q, k = sdpa.args[0], sdpa.args[1]
     mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
     if mask is None:
         raise PassError("the layer's attention has no explicit mask to score tokens with")
     scale = sdpa.kwargs.get("scale")
-    q_val = q.meta.get("val")
-    head_dim = int(q_val.shape[-1]) if q_val is not None else None
     if scale is None:
-        if head_dim is None:
+        q_val = q.meta.get("val")
+        if q_val is None:
             raise PassError("cannot tell the attention's head size to scale the scores")
-        scale = 1.0 / math.sqrt(head_dim)
-    pattern = _attention_pattern(queries, float(scale), q_val, k.meta.get("val"), mask.meta.get("val"))
+        scale = 1.0 / math.sqrt(int(q_val.shape[-1]))
+    return gm, (q, k, mask), float(scale)
+
+
+def _finish_score_graph(
+    gm: torch.fx.GraphModule, pattern: torch.fx.GraphModule, inputs
+) -> torch.fx.GraphModule:
+    """``gm`` with ``pattern`` applied to ``inputs`` as its only output; everything else removed."""
+    g = gm.graph
     placeholders = [n for n in pattern.graph.nodes if n.op == "placeholder"]
     output = next(n for n in g.nodes if n.op == "output")
     with g.inserting_before(output):
-        out = g.graph_copy(pattern.graph, dict(zip(placeholders, [q, k, mask], strict=True)))
+        out = g.graph_copy(pattern.graph, dict(zip(placeholders, inputs, strict=True)))
     output.args = ((out[0] if isinstance(out, (tuple, list)) else out,),)
     g.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
     result = torch.fx.GraphModule(gm, g)
@@ -286,13 +298,7 @@ def _encoder_score_graph(layer_graph: torch.fx.GraphModule) -> torch.fx.GraphMod
     all real tokens (mean over heads and queries): PoWER-BERT's significance score."""
     from ..capture import export_function
 
-    gm = torch.fx.GraphModule(layer_graph, copy.deepcopy(layer_graph.graph))
-    g = gm.graph
-    sdpa = next(n for n in g.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default)
-    q, k = sdpa.args[0], sdpa.args[1]
-    mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
-    q_val = q.meta["val"]
-    scale = sdpa.kwargs.get("scale") or 1.0 / math.sqrt(int(q_val.shape[-1]))
+    gm, (q, k, mask), scale = _cut_to_attention_inputs(layer_graph)
 
     def score(q, k, mask):
         att = q.float() @ k.float().transpose(-1, -2) * scale + mask.float()
@@ -300,19 +306,13 @@ def _encoder_score_graph(layer_graph: torch.fx.GraphModule) -> torch.fx.GraphMod
         probs = att.softmax(-1) * counted[..., None]
         return (probs.sum(dim=(1, 2)) / (counted.sum(dim=(1, 2))[:, None] * q.shape[1]).clamp(min=1),)
 
+    q_val = q.meta["val"]
     h, d = int(q_val.shape[1]), int(q_val.shape[-1])
     pattern = export_function(
         score,
         (torch.randn(2, h, 5, d), torch.randn(2, h, 5, d), torch.zeros(2, 1, 5, 5)),
         ({0: "batch", 2: "seq"}, {0: "batch", 2: "seq"}, {0: "batch", 2: "seq", 3: "seq"}),
     )
-    placeholders = [n for n in pattern.graph.nodes if n.op == "placeholder"]
-    output = next(n for n in g.nodes if n.op == "output")
-    with g.inserting_before(output):
-        out = g.graph_copy(pattern.graph, dict(zip(placeholders, [q, k, mask], strict=True)))
-    output.args = ((out[0] if isinstance(out, (tuple, list)) else out,),)
-    g.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
-    result = torch.fx.GraphModule(gm, g)
-    result.recompile()
+    result = _finish_score_graph(gm, pattern, (q, k, mask))
     _tag(result, "token-drop")
     return result
