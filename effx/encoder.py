@@ -55,7 +55,7 @@ class EncoderProgram:
     def hidden_states(self, input_ids, attention_mask=None, *, stats: dict | None = None):
         """Last hidden states ``[batch, kept, hidden]`` and which of them are real tokens ``[batch, kept]``
         (all positions when nothing is dropped)."""
-        from .runtime.token_drop import select_tokens
+        from .runtime.token_drop import keep_quota, select_tokens
 
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -70,7 +70,7 @@ class EncoderProgram:
                 if i in self.drops:
                     drop = self.drops[i]
                     scores = drop.score(hidden, _mask(valid, hidden.dtype))[0]
-                    quota = torch.ceil(real.float() * drop.keep - 1e-9).long().clamp(min=1)
+                    quota = keep_quota(real, drop.keep)
                     idx, valid = select_tokens(scores, valid, protected, quota)
                     hidden = drop.gather(hidden, idx)[0]
                     protected = protected.gather(1, idx)

@@ -82,11 +82,12 @@ def test_drop_keeps_cls_and_special_and_the_quota(bert):
     at=st.integers(1, 2),
     keep=st.floats(0.2, 0.9),
     lengths=st.lists(st.integers(3, 12), min_size=1, max_size=3),
-    score=st.sampled_from(["attention", "norm"]),
     seed=st.integers(0, 20),
 )
-def test_batch_rows_encode_like_rows_alone(bert, at, keep, lengths, score, seed):
-    prog = effx.transform_encoder(bert, [TokenDrop(at_layers=(at,), keep=(keep,), score=score, special=(2,))])
+def test_batch_rows_encode_like_rows_alone(bert, at, keep, lengths, seed):
+    # attention scores only: this random BERT's LayerNorms have weight 1 and bias 0, so every hidden state
+    # has norm sqrt(hidden) and score="norm" ranks tokens by rounding noise, which a batch changes
+    prog = effx.transform_encoder(bert, [TokenDrop(at_layers=(at,), keep=(keep,), special=(2,))])
     ids, mask = batch(lengths, seed=seed)
     together = prog.encode(ids, mask)
     for row, n in enumerate(lengths):

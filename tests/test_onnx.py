@@ -11,6 +11,7 @@ from conftest import left_padded_batch, tiny_model
 import effx
 from effx.errors import ArtifactError
 from effx.exporters import onnx as exporter
+from effx.passes import EarlyExit, NeuronMask, TokenDrop, VocabReduce
 from effx.runtime import onnx as ort_runtime
 
 V = 96
@@ -30,10 +31,13 @@ def test_artifact_layout_and_checker(artifact):
     import onnx
 
     manifest = json.loads((artifact / "plan.json").read_text())
-    assert manifest["format"] == "effx-onnx" and manifest["schema_version"] == 1 and manifest["opset"] >= 18
+    assert manifest["format"] == "effx-onnx" and manifest["schema_version"] == 2 and manifest["opset"] >= 18
     assert set(manifest["files"]) == {"embed", "layer.0", "layer.1", "layer.2", "head"}
+    assert set(manifest["data"]) == {"weights.bin"}
     for entry in manifest["files"].values():
-        assert (artifact / entry["onnx"]).is_file() and (artifact / entry["data"]).is_file()
+        model = onnx.load(str(artifact / entry["onnx"]), load_external_data=False)
+        external = {d.value for t in model.graph.initializer for d in t.external_data if d.key == "location"}
+        assert external == {"weights.bin"}  # weights live in the one store, not in the graph files
         onnx.checker.check_model(str(artifact / entry["onnx"]), full_check=True)
 
 
@@ -105,8 +109,12 @@ def test_bad_artifacts(artifact, tmp_path):
     with pytest.raises(ArtifactError, match="no plan.json"):
         ort_runtime.load(tmp_path)
     a = _copy(artifact, tmp_path)
-    (a / "layer.1.onnx.data").unlink()
-    with pytest.raises(ArtifactError, match="layer.1.onnx.data is missing"):
+    (a / "weights.bin").unlink()
+    with pytest.raises(ArtifactError, match="weights.bin is missing"):
+        ort_runtime.load(a)
+    a = _copy(artifact, tmp_path / "b")
+    (a / "layer.1.onnx").unlink()
+    with pytest.raises(ArtifactError, match=r"layer.1.onnx is missing \(stage layer.1\)"):
         ort_runtime.load(a)
 
 
@@ -118,6 +126,10 @@ def test_bad_artifacts(artifact, tmp_path):
         (lambda m: m["files"].pop("layer.2"), "references stage 'layer.2'"),
         (lambda m: m.update(format="something"), "not an effx ONNX plan"),
         (lambda m: m["files"]["head"].update(sha256="0" * 64), "does not match its checksum"),
+        (lambda m: m["files"]["head"].update(onnx="../head.onnx"), "must lie in the artifact itself"),
+        (lambda m: m.update(data={"weights.bin": "0" * 64}), "weights.bin does not match its checksum"),
+        (lambda m: m["plan"]["stages"].__setitem__(1, {"name": "x", "kind": "moe"}), "kinds \\['moe'\\]"),
+        (lambda m: m["plan"]["policy"].update(early_exit={"mode": "lossy", "kv": "copy"}), "kv='copy'"),
     ],
 )
 def test_bad_manifests(artifact, tmp_path, edit, match):
@@ -129,21 +141,17 @@ def test_bad_manifests(artifact, tmp_path, edit, match):
 
 def test_corrupt_weights_fail_the_checksum(artifact, tmp_path):
     a = _copy(artifact, tmp_path)
-    data = bytearray((a / "layer.0.onnx.data").read_bytes())
+    data = bytearray((a / "weights.bin").read_bytes())
     data[10] ^= 0xFF
-    (a / "layer.0.onnx.data").write_bytes(bytes(data))
+    (a / "weights.bin").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="checksum"):
         ort_runtime.load(a)
 
 
-def test_programs_with_passes_are_refused_for_now(tmp_path):
-    prog = effx.transform(tiny_model("llama", layers=3), "early-exit{layers=1}")
-    with pytest.raises(ArtifactError, match="dense programs so far"):
-        exporter.export(prog, tmp_path / "ee")
-    assert not (tmp_path / "ee").exists()
-
-
-def test_runtime_runs_without_torch(program, artifact):
+def test_runtime_runs_without_torch(pass_artifacts):
+    """The runtime of a program with every kind of pass (neuron-masked layers, token drop, early exits with
+    pruned vocabularies) imports neither torch nor anything that needs it."""
+    program, artifact = pass_artifacts["combined"]
     ids, mask = left_padded_batch([5, 3], V, seed=2)
     ref = program.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[]).tolist()
     code = textwrap.dedent(
@@ -169,3 +177,131 @@ def test_runtime_runs_without_torch(program, artifact):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == ref
+
+
+# -- programs with passes ---------------------------------------------------------------------------------
+
+PASSES = {
+    "lossy-exits": lambda v: [EarlyExit(layers=(0, 2), thresholds=(0.3,))],
+    "pruned-exits": lambda v: [EarlyExit(layers=(0, 1, 2), thresholds=(0.3,)), VocabReduce(k=20)],
+    "adaptive-exits": lambda v: [
+        EarlyExit(layers=(0, 1, 2), thresholds=(0.3,)),
+        VocabReduce(k=20, schedule="adaptive", mass=0.9, min_k=4),
+    ],
+    "self-speculative": lambda v: [
+        EarlyExit(layers=(1,), thresholds=(0.2,), mode="self-speculative", draft=3),
+        VocabReduce(k=40, where="draft", vocab=v),
+    ],
+    "reduced-head": lambda v: [VocabReduce(k=30, where="head", vocab=v, fallback=0.9)],
+    "neuron-mask": lambda v: [NeuronMask(keep=0.5, score="random", layers=(1, 2))],
+    "token-drop": lambda v: [TokenDrop(at_layers=(1, 3), keep=(0.6, 0.3), protect_last=2)],
+    "combined": lambda v: [
+        NeuronMask(keep=0.5, score="random"),
+        TokenDrop(at_layers=(2,), keep=(0.5,), protect_last=2),
+        EarlyExit(layers=(0, 1), thresholds=(0.3,)),
+        VocabReduce(k=24),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def model4():
+    return tiny_model("llama", layers=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def vocab_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vocab") / "vocab.json"
+    path.write_text(json.dumps({"ids": list(range(3, 60))}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pass_artifacts(model4, vocab_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("passes")
+    out = {}
+    for name, passes in PASSES.items():
+        program = effx.transform(model4, passes(vocab_file))
+        out[name] = program, exporter.export(program, root / name)
+    return out
+
+
+@pytest.mark.parametrize("name", list(PASSES))
+def test_pass_artifacts_match_the_torch_backend(pass_artifacts, name):
+    """Token-for-token parity, and the same runtime decisions (exit depths, drafts, fallbacks, kept
+    tokens), over batches of 1..4 left-padded prompts of several lengths."""
+    import onnx
+
+    program, artifact = pass_artifacts[name]
+    gen = ort_runtime.load(artifact)
+    for lengths in ([5], [7, 3], [4, 12, 6, 2], [9, 9, 1]):
+        ids, mask = left_padded_batch(lengths, V, seed=len(lengths) + sum(lengths))
+        torch_stats, onnx_stats = {}, {}
+        ref = program.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[], stats=torch_stats)
+        out = gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=9, eos_token_id=[], stats=onnx_stats)
+        assert np.array_equal(out, ref.numpy()), (name, lengths)
+        assert onnx_stats == torch_stats
+    kinds = {s.kind for s in program}
+    manifest = json.loads((artifact / "plan.json").read_text())
+    assert {s["kind"] for s in manifest["plan"]["stages"]} == kinds
+    for entry in manifest["files"].values():
+        onnx.checker.check_model(str(artifact / entry["onnx"]), full_check=True)
+
+
+def test_pass_decisions_are_exercised(pass_artifacts):
+    """The parity above means something only if the runtime decisions happen: exits fire at several depths,
+    drafts are accepted and rejected, the head falls back sometimes, tokens are dropped."""
+
+    def stats_of(name, lengths=(4, 12, 6, 2)):
+        ids, mask = left_padded_batch(list(lengths), V, seed=7)
+        stats = {}
+        gen = ort_runtime.load(pass_artifacts[name][1])
+        gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=9, eos_token_id=[], stats=stats)
+        return stats
+
+    depths = {d for step in stats_of("pruned-exits")["exit_layers"] for d in step}
+    assert len(depths) >= 2
+    spec = stats_of(
+        "self-speculative", [5]
+    )  # a batch keeps the drafts all its rows agree on: rarely any here
+    assert 0 < spec["accepted"] < spec["drafted"]
+    head = stats_of("reduced-head")
+    assert 0 < head["head_fallbacks"] < head["head_positions"]
+    kept = stats_of("token-drop")["kept_tokens"]
+    assert kept[1] == [3, 8, 4, 2] and kept[3] == [2, 4, 2, 2]  # ceil(n * keep), >= protect_last
+
+
+def test_stages_of_one_structure_are_exported_once(pass_artifacts, model4, vocab_file, tmp_path, monkeypatch):
+    capture_module = importlib.import_module("effx.capture")
+    calls = []
+    real = capture_module.export_onnx
+
+    def counting(gm, *args, **kw):
+        calls.append(gm)
+        return real(gm, *args, **kw)
+
+    monkeypatch.setattr(capture_module, "export_onnx", counting)
+    program = pass_artifacts["pruned-exits"][0]
+    exporter.export(program, tmp_path / "x")
+    assert len(calls) == 5  # embed, one layer, one full exit, one pruned exit, head
+
+
+def test_shared_weights_are_stored_once(pass_artifacts, model4, tmp_path):
+    dense = exporter.export(effx.transform(model4), tmp_path / "dense")
+    exits = pass_artifacts["lossy-exits"][1]  # two exits that share the final norm and the LM head
+    assert (exits / "weights.bin").stat().st_size == (dense / "weights.bin").stat().st_size
+    sliced = pass_artifacts["neuron-mask"][1]  # layers 1..2 keep half their MLP neurons
+    assert (sliced / "weights.bin").stat().st_size < (dense / "weights.bin").stat().st_size
+
+
+@pytest.mark.parametrize(
+    "passes, match",
+    [
+        ([EarlyExit(layers=(1,), thresholds=(0.5,), kv="copy")], "kv='copy'"),
+        ([NeuronMask(keep=0.5, score="random", mode="core")], "mode='core'"),
+    ],
+)
+def test_runtime_choices_without_an_onnx_form_are_refused(model4, tmp_path, passes, match):
+    with pytest.raises(ArtifactError, match=match):
+        exporter.export(effx.transform(model4, passes), tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []

@@ -1,25 +1,32 @@
-"""ONNX artifacts: every stage of a Program in its own ``.onnx`` file, plus ``plan.json``.
+"""ONNX artifacts: every stage of a Program in its own ``.onnx`` file, one weight store, and ``plan.json``.
 
 ``export(program, out_dir, tokenizer=None)`` writes::
 
     out_dir/
-      plan.json            {"format": "effx-onnx", "schema_version": 1, "effx_version", "opset",
-                            "plan": <Program.plan as JSON>, "files": {stage: {"onnx", "data", "sha256"}}}
-      embed.onnx, embed.onnx.data, layer.0.onnx, ..., head.onnx, ...   (weights as external data)
+      plan.json            {"format": "effx-onnx", "schema_version": 2, "effx_version", "opset",
+                            "plan": <Program.plan as JSON>,
+                            "files": {stage: {"onnx", "sha256"}}, "data": {"weights.bin": sha256}}
+      embed.onnx, layer.0.onnx, ..., exit.9.onnx, ..., head.onnx    (graphs; weights are external)
+      weights.bin          every weight tensor once, at 64-byte (>= 1 MB: 64 KiB) aligned offsets
       tokenizer/           (when a tokenizer is given)
 
-Stages keep their signatures (``embed (input_ids, position_ids) -> (hidden, cos, sin)``, ``layer.i
-(hidden, cos, sin, mask, past_k, past_v) -> (hidden, k, v)``, ``head (hidden) -> logits``) with dynamic
-batch, sequence and past axes. Decoder layers of one structure are exported once: the other layers' files
-are that model with their own weights swapped in, so a 30-layer model costs one layer's export, not 30.
+Every stage kind a pass creates is exported with its plan signature (``effx.program.STAGE_SIGNATURES``) and
+dynamic batch, sequence and past axes: layers (neuron-masked ones with their sliced weights), exits (full,
+or pruned with a ``vocab_ids`` input of dynamic length), reduced and full heads, TokenDrop's score and
+gather stages. Stages of one structure are exported once: the others are that model with their own weights
+swapped in, so a 30-layer model costs one layer's export, not 30. Tensors with the same bytes are stored
+once (a tied embedding and LM head, the head that every shared-head exit repeats).
+
 Everything is written to a temporary directory next to ``out_dir`` and renamed at the end: an interrupted
-export leaves nothing half-written. This version exports dense programs; programs with passes raise.
+export leaves nothing half-written. Two runtime choices have no ONNX form yet and are refused with an
+``ArtifactError``: early exit with ``kv="copy"`` and NeuronMask ``mode="core"``.
 
 ``effx.runtime.onnx.load(out_dir)`` runs the artifact with numpy and onnxruntime only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,46 +36,42 @@ from pathlib import Path
 import torch
 
 from ..errors import ArtifactError
+from ..runtime.onnx import FORMAT, KINDS, SCHEMA_VERSION, WEIGHTS, _sha256
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "export"]
 
-from ..runtime.onnx import FORMAT, SCHEMA_VERSION, _sha256
-
 OPSET = 18
+_INLINE_BYTES = 1024  # smaller tensors (scalars, shapes) stay inside the .onnx file
 
 
-def _example_args(program, kind: str):
+def _example_args(program, stage):
+    """Example inputs of ``stage`` and the dynamic axes of each (``None``: inferred by export)."""
     info = program.info
     dt = info.torch_dtype
     b, s, p = 2, 3, 2
+    seq = {0: "batch", 1: "seq"}
+    hidden = torch.randn(b, s, info.hidden_size, dtype=dt)
+    kind = stage.kind
     if kind == "embed":
-        return (torch.zeros(b, s, dtype=torch.long), torch.arange(s).expand(b, s).clone()), (
-            {0: "batch", 1: "seq"},
-            {0: "batch", 1: "seq"},
-        )
-    if kind == "layer":
+        return (torch.zeros(b, s, dtype=torch.long), torch.arange(s).expand(b, s).clone()), (seq, seq)
+    if kind in ("layer", "token_score", "token_drop"):
         rope = torch.randn(b, s, info.head_dim, dtype=dt)
         past = torch.randn(b, info.num_kv_heads, p, info.head_dim, dtype=dt)
-        args = (
-            torch.randn(b, s, info.hidden_size, dtype=dt),
-            rope,
-            rope.clone() + 1,
-            torch.zeros(b, 1, s, s + p, dtype=dt),
-            past,
-            past.clone() + 1,
-        )
-        seq = {0: "batch", 1: "seq"}
-        return args, (
-            seq,
-            seq,
-            seq,
-            {0: "batch", 2: "seq", 3: None},
-            {0: "batch", 2: "past"},
-            {0: "batch", 2: "past"},
-        )
-    if kind == "head":
-        return (torch.randn(b, s, info.hidden_size, dtype=dt),), ({0: "batch", 1: "seq"},)
-    raise ArtifactError(f"stage kind {kind!r} has no ONNX export yet")
+        if kind == "token_drop":
+            keep_ids = torch.tensor([[0, 2], [1, 2]])
+            return (hidden, rope, rope.clone() + 1, keep_ids), (seq, seq, seq, {0: "batch", 1: "kept"})
+        args = (hidden, rope, rope.clone() + 1, torch.zeros(b, 1, s, s + p, dtype=dt), past, past + 1)
+        mask = {0: "batch", 2: "seq", 3: None}
+        return args, (seq, seq, seq, mask, {0: "batch", 2: "past"}, {0: "batch", 2: "past"})
+    if kind in ("head", "full_head"):
+        return (hidden,), (seq,)
+    if kind == "exit":
+        args, axes = (hidden, hidden.clone() + 1), (seq, seq)
+        if stage.attrs.get("vocab") == "pruned":
+            ids = torch.arange(2 * 5).reshape(2, 5) % info.vocab_size
+            return args + (ids,), axes + ({0: "batch", 1: "vocab_k"},)
+        return args, axes
+    raise ArtifactError(f"stage kind {kind!r} has no ONNX export")
 
 
 def _structure_of_graph(gm: torch.fx.GraphModule) -> tuple:
@@ -78,7 +81,8 @@ def _structure_of_graph(gm: torch.fx.GraphModule) -> tuple:
 
 
 def _with_weights(model, gm: torch.fx.GraphModule):
-    """A copy of ``model`` (an exported layer) whose initializers hold ``gm``'s weights of the same names."""
+    """A copy of ``model`` (an exported stage) whose initializers hold ``gm``'s weights of the same names,
+    or None if its initializers are not exactly ``gm``'s weights by name."""
     import onnx
     from onnx import numpy_helper
 
@@ -90,52 +94,91 @@ def _with_weights(model, gm: torch.fx.GraphModule):
         if init.name in state:
             init.CopyFrom(numpy_helper.from_array(state[init.name].numpy(), init.name))
             swapped += 1
-    if swapped != len(state):
-        missing = sorted(set(state) - {i.name for i in out.graph.initializer})
-        raise ArtifactError(
-            f"cannot reuse the layer export: weights {missing[:3]} are not initializers of it"
+    return out if swapped == len(state) else None
+
+
+class _WeightStore:
+    """One file of weight bytes that every stage's initializers point into; identical tensors once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "wb")  # closed in close(): the store spans every stage
+        self.placed: dict[bytes, tuple[int, int]] = {}
+
+    def externalize(self, model) -> None:
+        from onnx import numpy_helper
+        from onnx.external_data_helper import set_external_data
+
+        for init in model.graph.initializer:
+            if not init.HasField("raw_data"):
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init), init.name))
+            data = init.raw_data
+            if len(data) < _INLINE_BYTES:
+                continue
+            digest = hashlib.sha256(data).digest()
+            if digest not in self.placed:
+                align = 65536 if len(data) >= 1 << 20 else 64
+                offset = -self.file.tell() % align
+                self.file.write(b"\0" * offset)
+                self.placed[digest] = (self.file.tell(), len(data))
+                self.file.write(data)
+            offset, length = self.placed[digest]
+            set_external_data(init, self.path.name, offset, length)
+            init.ClearField("raw_data")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _unsupported(program) -> list[str]:
+    policy = program.plan.policy
+    problems = [f"stage {s.name!r} of kind {s.kind!r}" for s in program if s.kind not in KINDS]
+    if policy.get("early_exit", {}).get("kv") == "copy":
+        problems.append(
+            "early exit with kv='copy' (its KV projection graphs are not exported; use kv='deferred', which is exact)"
         )
-    return out
+    if policy.get("neuron_mask", {}).get("mode") == "core":
+        problems.append(
+            "neuron-mask mode='core' (per-prompt neuron choice slices weights at run time; use mode='static')"
+        )
+    return problems
 
 
 def export(program, out_dir: str | os.PathLike, *, tokenizer=None, progress: bool = False) -> Path:
-    """Write ``program`` as ONNX stages + ``plan.json`` to ``out_dir`` (replaced if it exists)."""
+    """Write ``program`` as ONNX stages + weight store + ``plan.json`` to ``out_dir`` (replaced if it
+    exists). ``progress=True`` shows a progress bar over the stages."""
     import onnx
     from tqdm.auto import tqdm
 
     from .. import __version__
     from ..capture import export_onnx
 
-    unsupported = [s.name for s in program if s.kind not in ("embed", "layer", "head")]
-    if unsupported or program.plan.passes:
-        raise ArtifactError(
-            f"this exporter writes dense programs so far; this one has passes {[p['name'] for p in program.plan.passes]} "
-            f"and stages {unsupported}"
-        )
+    problems = _unsupported(program)
+    if problems:
+        raise ArtifactError("cannot export this program to ONNX: " + "; ".join(problems))
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         files = {}
         templates: dict[tuple, onnx.ModelProto] = {}
-        for stage in tqdm(list(program), desc="export ONNX", unit="stage", disable=not progress):
-            key = (stage.kind, _structure_of_graph(stage.graph))
-            if stage.kind == "layer" and key in templates:
-                model = _with_weights(templates[key], stage.graph)
-            else:
-                args, axes = _example_args(program, stage.kind)
-                with torch.no_grad():
-                    model = export_onnx(stage.graph, args, axes, OPSET)
-                templates[key] = model
-            name = f"{stage.name}.onnx"
-            onnx.save(
-                model, str(tmp / name), save_as_external_data=True, location=f"{name}.data", size_threshold=0
-            )
-            entry = {"onnx": name, "sha256": _sha256(tmp / name)}
-            data = tmp / f"{name}.data"
-            if data.is_file():
-                entry.update(data=data.name, data_sha256=_sha256(data))
-            files[stage.name] = entry
+        store = _WeightStore(tmp / WEIGHTS)
+        try:
+            for stage in tqdm(list(program), desc="export ONNX", unit="stage", disable=not progress):
+                key = (stage.kind, _structure_of_graph(stage.graph))
+                model = _with_weights(templates[key], stage.graph) if key in templates else None
+                if model is None:
+                    args, axes = _example_args(program, stage)
+                    with torch.no_grad():
+                        model = export_onnx(stage.graph, args, axes, OPSET)
+                    templates[key] = model
+                    model = _copy(model)
+                store.externalize(model)
+                name = f"{stage.name}.onnx"
+                onnx.save(model, str(tmp / name))
+                files[stage.name] = {"onnx": name, "sha256": _sha256(tmp / name)}
+        finally:
+            store.close()
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
         manifest = {
@@ -145,6 +188,7 @@ def export(program, out_dir: str | os.PathLike, *, tokenizer=None, progress: boo
             "opset": OPSET,
             "plan": json.loads(program.plan.to_json()),
             "files": files,
+            "data": {WEIGHTS: _sha256(tmp / WEIGHTS)},
         }
         (tmp / "plan.json").write_text(json.dumps(manifest, indent=2))
         if out_dir.exists():
@@ -154,3 +198,11 @@ def export(program, out_dir: str | os.PathLike, *, tokenizer=None, progress: boo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _copy(model):
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out

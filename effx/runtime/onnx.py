@@ -4,11 +4,14 @@
     gen = effx_onnx.load("out/smollm2")            # checks plan.json, checksums, schema
     out = gen.generate(input_ids, attention_mask, max_new_tokens=64)   # numpy int64 arrays
 
-``generate`` has the torch backend's semantics for dense programs: left-padded batches, greedy decoding
-(or sampling with ``do_sample=True``, ``temperature``, ``top_k``, ``seed``), stop at ``eos_token_id``
-(the plan's by default; ``[]`` never stops), finished rows padded with ``pad_token_id``. Execution
-providers: CPU by default, CUDA when onnxruntime-gpu is installed and a GPU is present (``providers=``
-overrides).
+``generate`` has the torch backend's semantics: left-padded batches, greedy decoding (or sampling with
+``do_sample=True``, ``temperature``, ``top_k``, ``seed``), stop at ``eos_token_id`` (the plan's by default;
+``[]`` never stops), finished rows padded with ``pad_token_id``. It runs the plan's dynamic control flow as
+the torch runtime does (``effx.runtime.generate``), step for step: early exits with deferred KV (lossy) or
+self-speculative drafting and verification, pruned exit vocabularies chosen per token, a reduced head's
+fallback to the full head, TokenDrop's per-prompt token selection with per-layer cache slots. Neuron-masked
+layers need nothing here: their slicing is in the stage files. Execution providers: CPU by default, CUDA
+when onnxruntime-gpu is installed and a GPU is present (``providers=`` overrides).
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ from ..errors import ArtifactError, GenerationInputError
 __all__ = ["OnnxGenerator", "load"]
 
 FORMAT = "effx-onnx"
-SCHEMA_VERSION = 1
+# 2: one shared weight store and the stages of passes (1, a weights file per stage, is no longer read)
+SCHEMA_VERSION = 2
+WEIGHTS = "weights.bin"
+# the stage kinds this runtime runs (effx.program.STAGE_SIGNATURES, without importing torch)
+KINDS = ("embed", "layer", "exit", "head", "full_head", "token_score", "token_drop")
 
 
 def _sha256(path: Path) -> str:
@@ -56,7 +63,8 @@ def load(out_dir: str | os.PathLike, *, providers=None) -> OnnxGenerator:
         raise ArtifactError(f"{plan_path} is not an effx ONNX plan (format {manifest.get('format')!r})")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ArtifactError(
-            f"{plan_path} has schema version {manifest.get('schema_version')!r}; this effx reads {SCHEMA_VERSION}"
+            f"{plan_path} has schema version {manifest.get('schema_version')!r}; this effx reads "
+            f"{SCHEMA_VERSION}: export the program again with this effx"
         )
     made_by = str(manifest.get("effx_version", "0"))
     if _version_tuple(made_by) > _version_tuple(__version__):
@@ -68,23 +76,33 @@ def load(out_dir: str | os.PathLike, *, providers=None) -> OnnxGenerator:
         raise ArtifactError(f"{plan_path} lacks 'plan' or 'files'")
     stages = plan.get("stages", [])
     kinds = [s.get("kind") for s in stages]
-    unknown = sorted({k for k in kinds if k not in ("embed", "layer", "head")})
+    unknown = sorted({k for k in kinds if k not in KINDS})
     if unknown:
         raise ArtifactError(f"{out_dir} has stages of kinds {unknown}, which this runtime does not run yet")
+    policy = plan.get("policy", {})
+    if policy.get("early_exit", {}).get("kv") == "copy":
+        raise ArtifactError(f"{out_dir}: early exit with kv='copy' is not supported by the ONNX runtime")
+    if policy.get("neuron_mask", {}).get("mode") == "core":
+        raise ArtifactError(f"{out_dir}: neuron-mask mode='core' is not supported by the ONNX runtime")
+    data = manifest.get("data", {})
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{plan_path}: 'data' must map weight files to checksums")
+    checks = [(name, digest, "weight store") for name, digest in data.items()]
     for s in stages:
         entry = files.get(s["name"])
         if entry is None:
             raise ArtifactError(f"the plan references stage {s['name']!r}, which has no file in {plan_path}")
-        for key, digest in (("onnx", "sha256"), ("data", "data_sha256")):
-            if key not in entry:
-                continue
-            path = out_dir / entry[key]
-            if not path.is_file():
-                raise ArtifactError(f"{path} is missing (stage {s['name']})")
-            if _sha256(path) != entry[digest]:
-                raise ArtifactError(
-                    f"{path} does not match its checksum in plan.json: the artifact is corrupt"
-                )
+        checks.append((entry.get("onnx"), entry.get("sha256"), f"stage {s['name']}"))
+    for name, digest, what in checks:
+        if not isinstance(name, str) or Path(name).name != name:
+            raise ArtifactError(
+                f"{plan_path} names file {name!r} ({what}): files must lie in the artifact itself"
+            )
+        path = out_dir / name
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing ({what})")
+        if _sha256(path) != digest:
+            raise ArtifactError(f"{path} does not match its checksum in plan.json: the artifact is corrupt")
     return OnnxGenerator(out_dir, plan, files, providers=providers)
 
 
@@ -95,22 +113,163 @@ def _default_providers():
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _top(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest entries along the last axis, largest first."""
+    k = min(k, x.shape[-1])
+    part = np.argpartition(-x, k - 1, axis=-1)[..., :k]
+    order = np.argsort(-np.take_along_axis(x, part, -1), axis=-1, kind="stable")
+    return np.take_along_axis(part, order, -1)
+
+
+class _Cache:
+    """numpy twin of ``effx.runtime.forward.KVCache``: per-layer slots, fill lengths and dropped slots."""
+
+    def __init__(self, layers, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype):
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.k = {i: np.zeros(shape, dtype) for i in layers}
+        self.v = {i: np.zeros(shape, dtype) for i in layers}
+        self.capacity = capacity
+        self.lengths = dict.fromkeys(layers, 0)
+        self.dropped: dict[int, np.ndarray] = {}
+
+    def past(self, layer: int):
+        n = self.lengths[layer]
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+
+    def write(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        start = self.lengths[layer]
+        end = start + k.shape[2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} > capacity {self.capacity}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        self.lengths[layer] = end
+
+    def write_slots(self, layer: int, k, v, slots: np.ndarray, counts: np.ndarray, length: int) -> None:
+        """Prefill of a layer that saw only the tokens at ``slots [batch, n]``; see ``KVCache.write_slots``."""
+        rows = np.arange(slots.shape[0])[:, None]
+        keep = counts[:, None, :, None].astype(k.dtype)
+        for store, new in ((self.k[layer], k), (self.v[layer], v)):
+            store[:, :, :length] = 0
+            np.moveaxis(store, 2, 1)[rows, slots] = np.moveaxis(new * keep, 2, 1)
+        self.lengths[layer] = length
+
+    def truncate(self, length: int) -> None:
+        self.lengths = {i: min(n, length) for i, n in self.lengths.items()}
+
+
+class _Masks:
+    """Additive attention masks for one step, by query start, length, window and dropped slots (the numpy
+    twin of ``effx.runtime.forward.MaskCache``)."""
+
+    def __init__(self, key_valid: np.ndarray, dtype):
+        self.key_valid = key_valid
+        self.dtype = dtype
+        self._masks: dict[tuple, np.ndarray] = {}
+
+    def get(self, q_start: int, q_len: int, window, dropped: np.ndarray | None = None) -> np.ndarray:
+        key = (q_start, q_len, window, None if dropped is None else id(dropped))
+        if key not in self._masks:
+            valid = self.key_valid
+            if dropped is not None:
+                valid = valid.copy()
+                valid[:, : dropped.shape[1]] &= ~dropped
+            keys = valid.shape[1]
+            q = np.arange(q_start, q_start + q_len)[:, None]
+            k = np.arange(keys)[None, :]
+            allowed = k <= q
+            if window is not None:
+                allowed &= k > q - window
+            allowed = allowed[None, None] & valid[:, None, None, :]
+            self._masks[key] = np.where(allowed, 0.0, np.finfo(self.dtype).min).astype(self.dtype)
+        return self._masks[key]
+
+
+def select_tokens(scores, valid, protected, quota):
+    """numpy twin of ``effx.runtime.token_drop.select_tokens``: kept indices ``[batch, n]`` (ascending) and
+    whether each counts."""
+    s = np.where(valid, scores.astype(np.float32), -np.inf)
+    s = np.where(protected & valid, np.inf, s)
+    quota = np.maximum(quota, (protected & valid).sum(1))
+    n = int(quota.max())
+    # a stable descending sort: equal scores go to the earlier token, as in the torch runtime
+    indices = np.argsort(-s, axis=-1, kind="stable")[:, :n]
+    values = np.take_along_axis(s, indices, 1)
+    keep_valid = (np.arange(n)[None, :] < quota[:, None]) & (values > -np.inf)
+    perm = np.argsort(indices, axis=-1, kind="stable")
+    return np.take_along_axis(indices, perm, 1), np.take_along_axis(keep_valid, perm, 1)
+
+
+def _restrict(mask: np.ndarray, slots: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The prompt mask for the tokens at ``slots`` only (see ``effx.runtime.token_drop._restrict``)."""
+    rows = np.take_along_axis(mask, slots[:, None, :, None], 2)
+    out = np.take_along_axis(rows, slots[:, None, None, :], 3)
+    hidden = ~valid[:, None, None, :] | ~valid[:, None, :, None]
+    return np.where(hidden, np.finfo(mask.dtype).min, out).astype(mask.dtype)
+
+
+class _Output:
+    """The output buffer: emitted tokens, stop tokens, finished rows (see ``effx.runtime.generate``)."""
+
+    def __init__(self, ids: np.ndarray, max_new: int, eos: list[int], pad: int):
+        batch, prompt = ids.shape
+        self.tokens = np.full((batch, prompt + max_new), pad, dtype=np.int64)
+        self.tokens[:, :prompt] = ids
+        self.length = prompt
+        self.end = prompt + max_new
+        self.finished = np.zeros(batch, dtype=bool)
+        self.eos, self.pad = eos, pad
+
+    @property
+    def done(self) -> bool:
+        return self.length >= self.end or bool(self.finished.all())
+
+    @property
+    def remaining(self) -> int:
+        return self.end - self.length
+
+    def emit(self, token: np.ndarray) -> np.ndarray:
+        token = np.where(self.finished, self.pad, token)
+        self.tokens[:, self.length] = token
+        self.length += 1
+        if self.eos:
+            self.finished |= np.isin(token, self.eos)
+        return token
+
+
 class OnnxGenerator:
-    """The stages of an artifact as onnxruntime sessions, and a decode loop over them."""
+    """The stages of an artifact as onnxruntime sessions, and the decode loop of the plan over them."""
 
     def __init__(self, out_dir: Path, plan: dict, files: dict, *, providers=None):
         import onnxruntime as ort
 
         self.plan = plan
         self.info = plan["model"]
+        self.policy = plan.get("policy", {})
         providers = providers or _default_providers()
         opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # errors only: its notes on nodes it cannot constant-fold are noise
         self.sessions = {}
         for s in plan["stages"]:
             self.sessions[s["name"]] = ort.InferenceSession(
                 str(out_dir / files[s["name"]]["onnx"]), sess_options=opts, providers=providers
             )
-        self.layers = [s for s in plan["stages"] if s["kind"] == "layer"]
+        stages = plan["stages"]
+        self.layers = [s for s in stages if s["kind"] == "layer"]
+        self.exits = {s["layer"]: s for s in stages if s["kind"] == "exit"}
+        self.head = stages[-1]
+        self.full_head = next((s for s in stages if s["kind"] == "full_head"), None)
+        self.drops = {
+            s["layer"]: (s, n)
+            for s, n in zip(stages[:-1], stages[1:], strict=True)
+            if s["kind"] == "token_score"
+        }
         self.windows = {s["name"]: s.get("attrs", {}).get("sliding_window") for s in self.layers}
         self.dtype = np.dtype(self.info["dtype"])
 
@@ -119,30 +278,189 @@ class OnnxGenerator:
         feeds = {i.name: np.ascontiguousarray(a) for i, a in zip(sess.get_inputs(), args, strict=True)}
         return sess.run(None, feeds)
 
-    def _mask(self, key_valid: np.ndarray, q_start: int, q_len: int, window) -> np.ndarray:
-        keys = key_valid.shape[1]
-        q = np.arange(q_start, q_start + q_len)[:, None]
-        k = np.arange(keys)[None, :]
-        allowed = k <= q
-        if window is not None:
-            allowed &= k > q - window
-        allowed = allowed[None, None] & key_valid[:, None, None, :]
-        return np.where(allowed, 0.0, np.finfo(self.dtype).min).astype(self.dtype)
-
-    def _step(self, cache, length: int, ids, positions, key_valid):
-        hidden, cos, sin = self._run("embed", ids, positions)
-        masks = {}
-        q_len = ids.shape[1]
-        for stage in self.layers:
-            w = self.windows[stage["name"]]
-            if w not in masks:
-                masks[w] = self._mask(key_valid, length, q_len, w)
+    # -- the pieces of a step (twins of effx.runtime.forward / vocab) ------------------------------------
+    def _run_layers(self, cache: _Cache, layers, hidden, cos, sin, masks: _Masks):
+        q_len = hidden.shape[1]
+        for stage in layers:
             i = stage["layer"]
-            k_past, v_past = cache[i][0][:, :, :length], cache[i][1][:, :, :length]
-            hidden, k, v = self._run(stage["name"], hidden, cos, sin, masks[w], k_past, v_past)
-            cache[i][0][:, :, length : length + q_len] = k
-            cache[i][1][:, :, length : length + q_len] = v
-        return self._run("head", hidden[:, -1:])[0][:, -1]
+            mask = masks.get(cache.lengths[i], q_len, self.windows[stage["name"]], cache.dropped.get(i))
+            hidden, k, v = self._run(stage["name"], hidden, cos, sin, mask, *cache.past(i))
+            cache.write(i, k, v)
+        return hidden
+
+    def _head_logits(self, hidden: np.ndarray, stats) -> np.ndarray:
+        logits = self._run(self.head["name"], hidden)[0]
+        threshold = self.head.get("attrs", {}).get("fallback")
+        if not threshold or self.full_head is None:
+            return logits
+        need = _softmax(logits).max(-1) < threshold
+        if stats is not None:
+            stats["head_positions"] = stats.get("head_positions", 0) + need.size
+            stats["head_fallbacks"] = stats.get("head_fallbacks", 0) + int(need.sum())
+        if need.any():
+            logits = logits.copy()
+            logits[need] = self._run(self.full_head["name"], hidden[need][:, None])[0][:, 0]
+        return logits
+
+    def _step(self, cache: _Cache, ids, positions, key_valid, stats) -> np.ndarray:
+        hidden, cos, sin = self._run("embed", ids, positions)
+        hidden = self._run_layers(cache, self.layers, hidden, cos, sin, _Masks(key_valid, self.dtype))
+        return self._head_logits(hidden[:, -1:], stats)[:, -1]
+
+    @staticmethod
+    def _select_vocab(logits: np.ndarray, attrs: dict, ids: np.ndarray | None) -> np.ndarray:
+        """The ids a pruned exit scores (``effx.runtime.vocab.select_vocab``, decoding rows only)."""
+        k = attrs["vocab_k"]
+        if ids is not None and ids.shape[-1] <= k:
+            return ids
+        mass = attrs.get("vocab_mass")
+        if mass is None:
+            return _top(logits.astype(np.float32), k)
+        probs = _softmax(logits)
+        top = _top(probs, k)
+        need = (np.cumsum(np.take_along_axis(probs, top, -1), -1) < mass).sum(-1) + 1
+        n = int(np.clip(need, attrs["vocab_min_k"], k).max())
+        return top[..., :n]
+
+    def _exit(self, stage: dict, hidden, prev, ids):
+        if stage.get("attrs", {}).get("vocab") == "pruned":
+            return self._run(stage["name"], hidden, prev, ids)
+        return self._run(stage["name"], hidden, prev)
+
+    # -- TokenDrop prefill (twin of effx.runtime.token_drop.drop_prefill) --------------------------------
+    def _drop_prefill(self, cache: _Cache, ids, positions, key_valid, stats) -> np.ndarray:
+        policy = self.policy["token_drop"]
+        batch, n = ids.shape
+        hidden, cos, sin = self._run("embed", ids, positions)
+        prompt_masks = _Masks(key_valid, self.dtype)
+        slots = np.broadcast_to(np.arange(n), (batch, n)).copy()
+        valid = key_valid.copy()
+        real = key_valid.sum(1)
+        special = np.isin(ids, policy["special"])
+        protect = policy["protect_last"]
+        dropped = None
+        kept_counts = {}
+        for stage in self.layers:
+            i = stage["layer"]
+            full = prompt_masks.get(0, n, self.windows[stage["name"]])
+            mask = full if slots.shape[1] == n else _restrict(full, slots, valid)
+            if i in self.drops:
+                score_stage, drop_stage = self.drops[i]
+                scores = self._run(score_stage["name"], hidden, cos, sin, mask, *cache.past(i))[0]
+                keep = score_stage["attrs"]["keep"]
+                quota = np.maximum(np.ceil(real.astype(np.float64) * keep - 1e-9), 1).astype(np.int64)
+                protected = np.take_along_axis(special, slots, 1) | (slots >= n - protect)
+                idx, valid = select_tokens(scores, valid, protected, quota)
+                hidden, cos, sin = self._run(drop_stage["name"], hidden, cos, sin, idx)
+                slots = np.take_along_axis(slots, idx, 1)
+                dropped = np.ones((batch, n), dtype=bool)
+                np.put_along_axis(dropped, slots, ~valid, 1)  # kept passengers stay dropped
+                dropped[~key_valid] = False
+                kept_counts[i] = valid.sum(1).tolist()
+                mask = _restrict(full, slots, valid)
+            hidden, k, v = self._run(stage["name"], hidden, cos, sin, mask, *cache.past(i))
+            if dropped is None:
+                cache.write(i, k, v)
+            else:
+                cache.write_slots(i, k, v, slots, valid, n)
+                cache.dropped[i] = dropped
+        if stats is not None:
+            stats["kept_tokens"] = kept_counts
+        return self._head_logits(hidden[:, -1:], stats)[:, -1]
+
+    # -- early exit (twins of effx.runtime.early_exit) ---------------------------------------------------
+    def _exit_step(self, cache: _Cache, pending: dict, token, position, masks: _Masks, stats):
+        """One lossy early-exit step with deferred KV; see ``ExitDecoder.step``."""
+        slot = cache.lengths[0]
+        hidden, cos, sin = self._run("embed", token, position)
+        prev = hidden
+        start = slot
+        batch = token.shape[0]
+        decided = np.zeros(batch, dtype=bool)
+        depth = np.full(batch, self.info["num_layers"], dtype=np.int64)
+        chosen = None
+        ids = prev_logits = None
+        for stage in self.layers:
+            i = stage["layer"]
+            first = cache.lengths[i]
+            if first < start:  # tokens that stopped at this depth join the step here
+                parts = [pending.pop(s) for s in range(first, start)]
+                if any(d != i for d, *_ in parts):
+                    raise RuntimeError(f"KV bookkeeping broken: pending slots of layer {i} at other depths")
+                hidden = np.concatenate([p[1] for p in parts] + [hidden], 1)
+                cos = np.concatenate([p[2] for p in parts] + [cos], 1)
+                sin = np.concatenate([p[3] for p in parts] + [sin], 1)
+                start = first
+            hidden = self._run_layers(cache, (stage,), hidden, cos, sin, masks)
+            ex = self.exits.get(i)
+            if ex is None:
+                continue
+            last = hidden[:, -1:]
+            pruned = ex["attrs"].get("vocab") == "pruned"
+            ids = self._select_vocab(prev_logits, ex["attrs"], ids) if pruned else None
+            logits, conf = self._exit(ex, last, prev, ids)
+            prev, prev_logits = last, logits[:, -1]
+            fire = (conf[:, -1] >= ex["attrs"]["threshold"]) & ~decided
+            if fire.any():
+                if chosen is None:
+                    chosen = np.empty((batch, logits.shape[-1]), dtype=logits.dtype)
+                chosen[fire] = logits[fire, -1]
+                depth[fire] = i + 1
+                decided |= fire
+            if decided.all():
+                for j in range(hidden.shape[1]):
+                    pending[start + j] = (i + 1, hidden[:, j : j + 1], cos[:, j : j + 1], sin[:, j : j + 1])
+                return chosen, depth
+        logits = self._head_logits(hidden[:, -1:], stats)[:, -1]
+        if chosen is None:
+            return logits, depth
+        chosen[~decided] = logits[~decided]
+        return chosen, depth
+
+    def _speculative_round(self, cache: _Cache, out: _Output, token, position, key_valid, draft, stats):
+        """Draft with the shallowest exit, verify with the rest; see ``speculative_round``."""
+        exit_layer = min(self.exits)
+        ex = self.exits[exit_layer]
+        shallow = [s for s in self.layers if s["layer"] <= exit_layer]
+        deep = [s for s in self.layers if s["layer"] > exit_layer]
+        base = cache.lengths[0]
+        n = min(draft, out.remaining)
+        drafts, hiddens, coss, sins = [], [], [], []
+        tok, pos = token, position
+        for j in range(n):
+            masks = _Masks(key_valid[:, : base + j + 1], self.dtype)
+            hidden, cos, sin = self._run("embed", tok[:, None], pos)
+            prev = hidden
+            hidden = self._run_layers(cache, shallow, hidden, cos, sin, masks)
+            logits, conf = self._exit(ex, hidden, prev, None)
+            tok = logits[:, -1].astype(np.float32).argmax(-1)
+            drafts.append(tok)
+            hiddens.append(hidden)
+            coss.append(cos)
+            sins.append(sin)
+            pos = pos + 1
+            if (conf[:, -1] < ex["attrs"]["threshold"]).any():
+                break
+        m = len(drafts)
+        masks = _Masks(key_valid[:, : base + m], self.dtype)
+        cat = np.concatenate
+        hidden = self._run_layers(cache, deep, cat(hiddens, 1), cat(coss, 1), cat(sins, 1), masks)
+        verified = self._head_logits(hidden, stats).astype(np.float32).argmax(-1)
+        proposed = np.stack(drafts, 1)
+        k = int(np.cumprod(proposed == verified, 1).sum(1).min())
+        for j in range(k):
+            out.emit(proposed[:, j])
+            if out.done:
+                break
+        if k < m and not out.done:
+            out.emit(verified[:, k])
+        kept = min(k + 1, m)
+        cache.truncate(base + kept)
+        if stats is not None:
+            stats["drafted"] += m
+            stats["accepted"] += k
+            stats["rounds"] += 1
+        return position + kept
 
     def generate(
         self,
@@ -156,8 +474,11 @@ class OnnxGenerator:
         temperature: float = 1.0,
         top_k: int | None = None,
         seed: int | None = None,
+        stats: dict | None = None,
     ) -> np.ndarray:
-        """``[batch, prompt + new]`` token ids, as the torch backend's ``Program.generate``."""
+        """``[batch, prompt + new]`` token ids, as the torch backend's ``Program.generate``. Pass a dict as
+        ``stats`` to get what the runtime decided (the torch backend's keys: ``exit_layers``, ``drafted`` /
+        ``accepted``, ``head_positions`` / ``head_fallbacks``, ``kept_tokens``)."""
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise GenerationInputError(
@@ -171,12 +492,21 @@ class OnnxGenerator:
             raise GenerationInputError(
                 "attention_mask must be left-padded (zeros, then ones, ending in a real token)"
             )
+        if max_new_tokens < 1:
+            raise GenerationInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         batch, prompt = ids.shape
         total = prompt + max_new_tokens
         if total > self.info["max_positions"]:
             raise GenerationInputError(
                 f"prompt + max_new_tokens = {total} exceeds {self.info['max_positions']} positions"
             )
+        policy = self.policy.get("early_exit") if self.exits else None
+        mode = policy["mode"] if policy else "dense"
+        if mode == "self-speculative" and do_sample:
+            raise GenerationInputError(
+                "self-speculative early exit reproduces greedy decoding; call it with do_sample=False"
+            )
+        draft = int(policy["draft"]) if mode == "self-speculative" else 0
         eos = (
             list(self.plan.get("eos_token_ids", ()))
             if eos_token_id is None
@@ -186,29 +516,48 @@ class OnnxGenerator:
         if pad is None:
             pad = eos[0] if eos else 0
         rng = np.random.default_rng(seed)
-        shape = (batch, self.info["num_kv_heads"], total, self.info["head_dim"])
-        cache = {s["layer"]: (np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)) for s in self.layers}
-        key_valid = np.ones((batch, total), dtype=bool)
+        cache = _Cache(
+            [s["layer"] for s in self.layers],
+            batch,
+            self.info["num_kv_heads"],
+            total + draft,
+            self.info["head_dim"],
+            self.dtype,
+        )
+        key_valid = np.ones((batch, total + draft), dtype=bool)
         key_valid[:, :prompt] = m
         positions = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None).astype(np.int64)
-        out = np.full((batch, total), pad, dtype=np.int64)
-        out[:, :prompt] = ids
-        finished = np.zeros(batch, dtype=bool)
-        logits = self._step(cache, 0, ids, positions, key_valid[:, :prompt])
+        out = _Output(ids, max_new_tokens, eos, pad)
+        if stats is not None and self.full_head is not None:
+            stats.update(head_positions=0, head_fallbacks=0)
+        if self.drops:
+            logits = self._drop_prefill(cache, ids, positions, key_valid[:, :prompt], stats)
+        else:
+            logits = self._step(cache, ids, positions, key_valid[:, :prompt], stats)
         next_pos = positions[:, -1:] + 1
-        length = prompt
-        for t in range(max_new_tokens):
-            token = self._choose(logits, do_sample, temperature, top_k, rng)
-            token = np.where(finished, pad, token)
-            out[:, prompt + t] = token
-            if eos:
-                finished |= np.isin(token, eos)
-            if t == max_new_tokens - 1 or finished.all():
-                return out[:, : prompt + t + 1]
-            logits = self._step(cache, length, token[:, None], next_pos, key_valid[:, : length + 1])
-            length += 1
+        token = out.emit(self._choose(logits, do_sample, temperature, top_k, rng))
+        if mode == "self-speculative":
+            if stats is not None:
+                stats.update(drafted=0, accepted=0, rounds=0)
+            while not out.done:
+                next_pos = self._speculative_round(cache, out, token, next_pos, key_valid, draft, stats)
+                token = out.tokens[:, out.length - 1]
+            return out.tokens[:, : out.length]
+        pending: dict = {}
+        if stats is not None and mode == "lossy":
+            stats["exit_layers"] = []
+        while not out.done:
+            valid = key_valid[:, : out.length]
+            if mode == "lossy":
+                masks = _Masks(valid, self.dtype)
+                logits, depth = self._exit_step(cache, pending, token[:, None], next_pos, masks, stats)
+                if stats is not None:
+                    stats["exit_layers"].append(depth.tolist())
+            else:
+                logits = self._step(cache, token[:, None], next_pos, valid, stats)
             next_pos = next_pos + 1
-        return out
+            token = out.emit(self._choose(logits, do_sample, temperature, top_k, rng))
+        return out.tokens[:, : out.length]
 
     @staticmethod
     def _choose(logits, do_sample, temperature, top_k, rng) -> np.ndarray:

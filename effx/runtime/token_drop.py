@@ -13,7 +13,13 @@ import torch
 
 from .forward import KVCache, attention_masks
 
-__all__ = ["drop_prefill", "select_tokens"]
+__all__ = ["drop_prefill", "keep_quota", "select_tokens"]
+
+
+def keep_quota(real: torch.Tensor, keep: float) -> torch.Tensor:
+    """How many of its ``real [batch]`` tokens each row keeps: ``ceil(real * keep)``, at least 1. In float64:
+    in float32, 100 * 0.6 rounds to 60.000002 and would keep 61."""
+    return torch.ceil(real.double() * keep - 1e-9).long().clamp(min=1)
 
 
 def select_tokens(
@@ -62,7 +68,7 @@ def drop_prefill(program, cache: KVCache, input_ids, positions, key_valid, stats
             score_stage, drop_stage = program.drops[i]
             empty = cache.past(i)
             scores = score_stage.graph(hidden, cos, sin, mask, *empty)[0]
-            quota = torch.ceil(real.float() * score_stage.attrs["keep"] - 1e-9).long().clamp(min=1)
+            quota = keep_quota(real, score_stage.attrs["keep"])
             protected = special.gather(1, slots) | (slots >= n - protect)
             idx, valid = select_tokens(scores, valid, protected, quota)
             hidden, cos, sin = drop_stage.graph(hidden, cos, sin, idx)
