@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from . import models
 from .errors import (
     ArtifactError,
+    CascadeConfigError,
+    CascadeError,
     EffxError,
     GenerationInputError,
     ModelLoadError,
@@ -38,6 +40,7 @@ def _torch_available() -> bool:
 # the torch-based API is imported only where torch is installed.
 if TYPE_CHECKING or _torch_available():
     from .capture import capture, capture_encoder
+    from .cascade import Cascade, EntropyGate, MaxProbGate, cascade
     from .encoder import EncoderProgram, transform_encoder
     from .exit_heads import train_exit_heads
     from .neurons import profile_neurons
@@ -59,10 +62,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError",
+    "Cascade",
+    "CascadeConfigError",
+    "CascadeError",
     "EarlyExit",
     "EncoderProgram",
     "EffxError",
+    "EntropyGate",
     "GenerationInputError",
+    "MaxProbGate",
     "ModelLoadError",
     "NeuronMask",
     "Pass",
@@ -78,6 +86,7 @@ __all__ = [
     "calibrate_vocab",
     "capture",
     "capture_encoder",
+    "cascade",
     "models",
     "parse_pipeline",
     "profile_neurons",

@@ -33,3 +33,12 @@ class ArtifactError(EffxError):
 
 class GenerationInputError(EffxError, ValueError):
     """The inputs of generate() are invalid (empty prompt, bad mask, bad generation settings)."""
+
+
+class CascadeError(EffxError):
+    """Two Programs cannot run as a cascade (different vocabularies, a pass whose runtime the cascade loop does
+    not run), or its gate has no threshold yet."""
+
+
+class CascadeConfigError(CascadeError, ValueError):
+    """A cascade or its gate was given an invalid argument (mode, draft length, percentile, threshold, share)."""
