@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: timing a Program over a prompt set, cached exit heads."""
+"""Helpers shared by the benchmark scripts: timing a Program over a prompt set; exit heads, vocabulary
+rankings and neuron profiles made once and cached."""
 
 from __future__ import annotations
 
@@ -55,3 +56,27 @@ def exit_heads(model_name: str, dense, tokenizer, layers, tokens: int):
         kl = ", ".join(f"{e}: {result['kl_before'][e]:.2f}->{result['kl_after'][e]:.2f}" for e in layers)
         print(f"trained exit heads in {time.perf_counter() - start:.0f} s (KL per token {kl})", flush=True)
     return path
+
+
+def vocab_file(model_name: str, dense, tok, prompts: int) -> str:
+    """A vocabulary ranking from the model's own generations on ``prompts`` pydoc-based prompts plus pydoc
+    calibration text, made once and cached."""
+    path = cache_dir() / "vocab" / f"{model_name}-gen{prompts}.safetensors"
+    if not path.is_file():
+        asks = [f"Explain this in simple words:\n{t[:400]}" for t in pydoc_texts("calib")[:prompts]]
+        generated = effx.calibrate_vocab(tok, asks, program=dense, max_new_tokens=48, progress=True)
+        text = effx.calibrate_vocab(tok, pydoc_texts("calib"))
+        (generated + text).save(path, dense.info)
+    return str(path)
+
+
+def neuron_profile(model_name: str, dense, tok, tokens: int) -> str:
+    """A neuron profile of ``dense`` on ``tokens`` tokens of pydoc calibration text, made once and cached."""
+    path = cache_dir() / "neurons" / f"{model_name}-pydoc-{tokens}.safetensors"
+    if not path.is_file():
+        start = time.perf_counter()
+        effx.profile_neurons(
+            dense, pydoc_texts("calib"), tok, path=path, data="pydoc calib", max_tokens=tokens, progress=True
+        )
+        print(f"profiled neurons in {time.perf_counter() - start:.0f} s", flush=True)
+    return str(path)

@@ -20,13 +20,12 @@ import argparse
 import functools
 import time
 
+from common import neuron_profile, token_match
 from common import run_prompts as _run
-from common import token_match
 
 import effx
 from effx.data import PROMPTS, encode_prompts, pydoc_texts
 from effx.flops import decode_flops, weight_bytes
-from effx.models import cache_dir
 from effx.passes import NeuronMask
 from effx.quality import perplexity, rouge_l
 
@@ -47,19 +46,7 @@ def main() -> None:
 
     model, tok = effx.models.load(args.model)
     dense = effx.transform(model)
-    profile = cache_dir() / "neurons" / f"{args.model}-pydoc-{args.profile_tokens}.safetensors"
-    if not profile.is_file():
-        start = time.perf_counter()
-        effx.profile_neurons(
-            dense,
-            pydoc_texts("calib"),
-            tok,
-            path=profile,
-            data="pydoc calib",
-            max_tokens=args.profile_tokens,
-            progress=True,
-        )
-        print(f"profiled neurons in {time.perf_counter() - start:.0f} s", flush=True)
+    profile = neuron_profile(args.model, dense, tok, args.profile_tokens)
     layers = tuple(int(x) for x in args.layers.split(","))
     keeps = [float(x) for x in args.keeps.split(",")]
 

@@ -27,26 +27,15 @@ import functools
 import statistics
 
 import torch
-from common import exit_heads, median_ms, same, token_match
+from common import exit_heads, median_ms, same, token_match, vocab_file
 from common import run_prompts as _run
 
 import effx
 from effx.calibrate import agreement
 from effx.data import PROMPTS, encode_prompts, pydoc_texts
 from effx.flops import count_graph_flops, stage_inputs
-from effx.models import cache_dir
 from effx.passes import EarlyExit, VocabReduce
 from effx.quality import rouge_l
-
-
-def vocab_file(model_name: str, dense, tok, prompts: int) -> str:
-    path = cache_dir() / "vocab" / f"{model_name}-gen{prompts}.safetensors"
-    if not path.is_file():
-        asks = [f"Explain this in simple words:\n{t[:400]}" for t in pydoc_texts("calib")[:prompts]]
-        generated = effx.calibrate_vocab(tok, asks, program=dense, max_new_tokens=48, progress=True)
-        text = effx.calibrate_vocab(tok, pydoc_texts("calib"))
-        (generated + text).save(path, dense.info)
-    return str(path)
 
 
 def head_table(dense, vocab: str) -> None:

@@ -550,10 +550,17 @@ def _tag_encoder(gm: torch.fx.GraphModule, layer: int | None) -> None:
 
 
 def export_onnx(
-    gm: torch.fx.GraphModule, args: tuple, axes: tuple[dict[int, str | None], ...], opset: int = 18
+    gm: torch.nn.Module,
+    args: tuple,
+    axes: tuple[dict[int, str | None], ...],
+    opset: int = 18,
+    *,
+    optimize: bool = False,
 ):
     """Export one stage graph to an ``onnx.ModelProto`` with named dynamic axes (``None``: let export infer
-    the dimension, e.g. a mask's key axis that is ``past + seq``). ``"past"`` may be 0, other axes >= 1."""
+    the dimension, e.g. a mask's key axis that is ``past + seq``). ``"past"`` may be 0, other axes >= 1.
+    ``optimize=False`` (stages) keeps initializers under their state-dict names, so that one layer's export
+    can take another layer's weights; ONNX Runtime folds what the optimizer would have at load time."""
     dims: dict[str, Dim] = {}
     spec = tuple(
         {
@@ -564,11 +571,14 @@ def export_onnx(
         }
         for a in axes
     )
+    import logging
     import warnings
 
+    # the exporter logs a warning per torchvision op it cannot register when torchvision is absent
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on renamed axes
         program = torch.onnx.export(
-            gm, args, dynamic_shapes=spec, dynamo=True, opset_version=opset, verbose=False, optimize=False
+            gm, args, dynamic_shapes=spec, dynamo=True, opset_version=opset, verbose=False, optimize=optimize
         )
     return program.model_proto

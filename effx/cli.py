@@ -97,8 +97,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "export",
         help="export a Program as ONNX stages + plan.json",
         description="Capture the model, apply the passes and write every stage to OUT_DIR as ONNX (opset 18, "
-        "dynamic batch/sequence/past axes, weights as external data) with plan.json (checksums) and the "
-        "tokenizer. Dense programs only so far.",
+        "dynamic batch/sequence/past axes; exits, reduced heads, sliced layers and token-drop stages "
+        "included) with one weight store, plan.json (the runtime's decisions, checksums) and the tokenizer. "
+        "'effx run OUT_DIR PROMPT' runs it without torch. Early exit with kv=copy and neuron-mask "
+        "mode=core have no ONNX form yet and are refused.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
