@@ -103,3 +103,30 @@ def test_onnx_artifact_matches_the_torch_backend(dense, tmp_path):
     ids, mask = encode_prompts(tokenizer, PROMPTS[4:6])
     out = gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=24)
     assert np.array_equal(out, prog.generate(ids, attention_mask=mask, max_new_tokens=24).numpy())
+
+
+def test_onnx_artifact_with_passes_matches_the_torch_backend(smollm2, tmp_path):
+    """Lossy exits with pruned vocabularies and TokenDrop on SmolLM2: the ONNX runtime makes the torch
+    runtime's decisions and emits its tokens; the exits' copies of the tied LM head are stored once."""
+    import numpy as np
+
+    from effx.exporters import onnx as exporter
+    from effx.passes import EarlyExit, TokenDrop, VocabReduce
+    from effx.runtime import onnx as ort_runtime
+
+    model, tokenizer = smollm2
+    passes = [
+        TokenDrop(at_layers=(4,), keep=(0.5,)),
+        EarlyExit(layers=(10, 20), thresholds=(0.4,)),
+        VocabReduce(k=2048),
+    ]
+    prog = effx.transform(model, passes)
+    out_dir = exporter.export(prog, tmp_path / "smollm2-passes")
+    assert (out_dir / "weights.bin").stat().st_size < 600e6  # 538 MB of weights, the head not repeated
+    gen = ort_runtime.load(out_dir)
+    ids, mask = encode_prompts(tokenizer, PROMPTS[:2])
+    torch_stats, onnx_stats = {}, {}
+    ref = prog.generate(ids, attention_mask=mask, max_new_tokens=16, stats=torch_stats)
+    out = gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=16, stats=onnx_stats)
+    assert np.array_equal(out, ref.numpy())
+    assert onnx_stats == torch_stats

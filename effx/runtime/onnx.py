@@ -255,6 +255,9 @@ class OnnxGenerator:
         providers = providers or _default_providers()
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only: its notes on nodes it cannot constant-fold are noise
+        # one session per stage, each with its own thread pool: threads that spin-wait after a stage would
+        # take the cores from the next stage's threads (on 2 cores, decoding was 2x slower with spinning)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {}
         for s in plan["stages"]:
             self.sessions[s["name"]] = ort.InferenceSession(
