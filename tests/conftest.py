@@ -68,6 +68,25 @@ def tiny_model(kind: str = "llama", seed: int = 0, **kw):
     return model.eval()
 
 
+def related_models(kind: str, mix: float):
+    """A 1-layer small model and a 3-layer large one built on it: the large model has the small one's
+    embedding, first layer, final norm and head, and two more layers whose outputs (attention o_proj, MLP
+    down) are scaled by ``mix``. At mix=0 both compute the same function (every draft is accepted); the
+    larger ``mix``, the more often they disagree (at 1, about always)."""
+    small = tiny_model(kind, seed=0, layers=1)
+    large = tiny_model(kind, seed=1, layers=3)
+    shared = small.state_dict()
+    with torch.no_grad():
+        for name, p in large.named_parameters():
+            if name.startswith("model.layers.0.") or (
+                name in shared and not name.startswith("model.layers.")
+            ):
+                p.copy_(shared[name])
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.mul_(mix)
+    return small, large
+
+
 @pytest.fixture(scope="session")
 def llama():
     return tiny_model("llama")

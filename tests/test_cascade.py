@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import left_padded_batch, tiny_model
+from conftest import left_padded_batch, related_models, tiny_model
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,25 +13,6 @@ from effx.errors import CascadeConfigError, CascadeError, GenerationInputError
 from effx.passes import EarlyExit, NeuronMask, TokenDrop
 from effx.runtime.cascade import decode, next_draft_length
 from effx.runtime.forward import KVCache, positions_from_mask, run_step
-
-
-def related_models(kind: str, mix: float):
-    """A 1-layer small model and a 3-layer large one built on it: the large model has the small one's
-    embedding, first layer, final norm and head, and two more layers whose outputs (attention o_proj, MLP
-    down) are scaled by ``mix``. At mix=0 both compute the same function (every draft is accepted); the
-    larger ``mix``, the more often they disagree (at 1, about always)."""
-    small = tiny_model(kind, seed=0, layers=1)
-    large = tiny_model(kind, seed=1, layers=3)
-    shared = small.state_dict()
-    with torch.no_grad():
-        for name, p in large.named_parameters():
-            if name.startswith("model.layers.0.") or (
-                name in shared and not name.startswith("model.layers.")
-            ):
-                p.copy_(shared[name])
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.mul_(mix)
-    return small, large
 
 
 @functools.cache

@@ -6,7 +6,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import left_padded_batch, tiny_model
+from conftest import left_padded_batch, related_models, tiny_model
 
 import effx
 from effx.errors import ArtifactError
@@ -124,7 +124,7 @@ def test_bad_artifacts(artifact, tmp_path):
         (lambda m: m.update(schema_version=99), "schema version 99"),
         (lambda m: m.update(effx_version="99.0.0"), "newer than this effx"),
         (lambda m: m["files"].pop("layer.2"), "references stage 'layer.2'"),
-        (lambda m: m.update(format="something"), "not an effx ONNX plan"),
+        (lambda m: m.update(format="something"), "not an effx-onnx file"),
         (lambda m: m["files"]["head"].update(sha256="0" * 64), "does not match its checksum"),
         (lambda m: m["files"]["head"].update(onnx="../head.onnx"), "must lie in the artifact itself"),
         (lambda m: m.update(data={"weights.bin": "0" * 64}), "weights.bin does not match its checksum"),
@@ -305,3 +305,58 @@ def test_runtime_choices_without_an_onnx_form_are_refused(model4, tmp_path, pass
     with pytest.raises(ArtifactError, match=match):
         exporter.export(effx.transform(model4, passes), tmp_path / "x")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- cascades ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cascade_pair():
+    small, large = related_models("llama", 0.2)  # some drafts accepted, some not
+    return effx.transform(small), effx.transform(large)
+
+
+@pytest.mark.parametrize("mode", ["verified", "gated"])
+def test_cascade_artifacts_match_the_torch_backend(cascade_pair, tmp_path, mode):
+    small, large = cascade_pair
+    casc = effx.cascade(small, large, gate=effx.EntropyGate(percentile=60), mode=mode, draft=3)
+    texts = [" ".join(f"token{i % 17} word{i % 5}" for i in range(200))]
+
+    class Chars:  # one id per character: tiny models have no tokenizer
+        eos_token_id = 2
+
+        def __call__(self, text, add_special_tokens=False):
+            return type("Enc", (), {"input_ids": [3 + ord(c) % 90 for c in text]})()
+
+    casc, _ = casc.calibrate(texts, Chars(), seq_len=32, progress=False)
+    artifact = exporter.export(casc, tmp_path / "casc")
+    manifest = json.loads((artifact / "cascade.json").read_text())
+    assert manifest["mode"] == mode and manifest["gate"]["kind"] == "entropy"
+    gen = ort_runtime.load(artifact)
+    assert isinstance(gen, ort_runtime.OnnxCascade)
+    for lengths in ([5], [7, 3], [4, 9, 2]):
+        ids, mask = left_padded_batch(lengths, V, seed=sum(lengths))
+        torch_stats, onnx_stats = {}, {}
+        ref = casc.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], stats=torch_stats)
+        out = gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=10, eos_token_id=[], stats=onnx_stats)
+        assert np.array_equal(out, ref.numpy()), lengths
+        assert {k: torch_stats[k] for k in onnx_stats} == onnx_stats
+        assert 0 < onnx_stats["large_tokens"] and 0 < onnx_stats["small_tokens"]  # both models decide
+
+
+def test_bad_cascade_artifacts(cascade_pair, tmp_path):
+    small, large = cascade_pair
+    with pytest.raises(ArtifactError, match="no threshold yet"):
+        exporter.export(effx.cascade(small, large, gate=effx.EntropyGate(percentile=80)), tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
+    artifact = exporter.export(effx.cascade(small, large, mode="verified"), tmp_path / "v")
+    a = _copy(artifact, tmp_path / "c1")
+    (a / "large" / "plan.json").write_text((a / "large" / "plan.json").read_text() + " ")
+    with pytest.raises(ArtifactError, match="large/plan.json does not match its checksum"):
+        ort_runtime.load(a)
+    a = _copy(artifact, tmp_path / "c2")
+    manifest = json.loads((a / "cascade.json").read_text())
+    manifest["gate"] = {"kind": "coin-flip", "threshold": 0.5}
+    (a / "cascade.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="gate this runtime does not know"):
+        ort_runtime.load(a)

@@ -17,6 +17,10 @@ gather stages. Stages of one structure are exported once: the others are that mo
 swapped in, so a 30-layer model costs one layer's export, not 30. Tensors with the same bytes are stored
 once (a tied embedding and LM head, the head that every shared-head exit repeats).
 
+A cascade (``effx.cascade``) is written as two such artifacts, ``small/`` and ``large/``, with
+``cascade.json`` (mode, draft settings, the calibrated gate, both plans' checksums); ``effx.runtime.onnx.load``
+then returns an ``OnnxCascade`` that decodes as ``Cascade.generate``.
+
 Everything is written to a temporary directory next to ``out_dir`` and renamed at the end: an interrupted
 export leaves nothing half-written. Two runtime choices have no ONNX form yet and are refused with an
 ``ArtifactError``: early exit with ``kv="copy"`` and NeuronMask ``mode="core"``.
@@ -36,7 +40,16 @@ from pathlib import Path
 import torch
 
 from ..errors import ArtifactError
-from ..runtime.onnx import FORMAT, KINDS, SCHEMA_VERSION, WEIGHTS, _sha256
+from ..runtime.onnx import (
+    CASCADE_FILE,
+    CASCADE_FORMAT,
+    CASCADE_SCHEMA_VERSION,
+    FORMAT,
+    KINDS,
+    SCHEMA_VERSION,
+    WEIGHTS,
+    _sha256,
+)
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "export"]
 
@@ -146,51 +159,36 @@ def _unsupported(program) -> list[str]:
 
 def export(program, out_dir: str | os.PathLike, *, tokenizer=None, progress: bool = False) -> Path:
     """Write ``program`` as ONNX stages + weight store + ``plan.json`` to ``out_dir`` (replaced if it
-    exists). ``progress=True`` shows a progress bar over the stages."""
-    import onnx
-    from tqdm.auto import tqdm
+    exists). ``progress=True`` shows a progress bar over the stages.
 
-    from .. import __version__
-    from ..capture import export_onnx
+    ``program`` may also be an ``effx.Cascade`` (calibrated, if it has a gate): each model is written as
+    such an artifact under ``small/`` and ``large/``, and ``cascade.json`` holds the mode, the draft
+    settings, the gate (kind and threshold) and the checksums of both plans."""
+    from ..cascade import Cascade
 
-    problems = _unsupported(program)
+    parts = (
+        {"small": program.small, "large": program.large} if isinstance(program, Cascade) else {"": program}
+    )
+    problems = [
+        f"{role + ': ' if role else ''}{p}" for role, prog in parts.items() for p in _unsupported(prog)
+    ]
     if problems:
         raise ArtifactError("cannot export this program to ONNX: " + "; ".join(problems))
+    if isinstance(program, Cascade) and program.gate is not None and program.gate.threshold is None:
+        raise ArtifactError(
+            "the cascade's gate has no threshold yet: calibrate the cascade before exporting it"
+        )
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        files = {}
-        templates: dict[tuple, onnx.ModelProto] = {}
-        store = _WeightStore(tmp / WEIGHTS)
-        try:
-            for stage in tqdm(list(program), desc="export ONNX", unit="stage", disable=not progress):
-                key = (stage.kind, _structure_of_graph(stage.graph))
-                model = _with_weights(templates[key], stage.graph) if key in templates else None
-                if model is None:
-                    args, axes = _example_args(program, stage)
-                    with torch.no_grad():
-                        model = export_onnx(stage.graph, args, axes, OPSET)
-                    templates[key] = model
-                    model = _copy(model)
-                store.externalize(model)
-                name = f"{stage.name}.onnx"
-                onnx.save(model, str(tmp / name))
-                files[stage.name] = {"onnx": name, "sha256": _sha256(tmp / name)}
-        finally:
-            store.close()
+        for role, prog in parts.items():
+            (tmp / role).mkdir(exist_ok=True)
+            _write_program(prog, tmp / role, progress=progress, label=role)
+        if isinstance(program, Cascade):
+            _write_cascade(program, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
-        manifest = {
-            "format": FORMAT,
-            "schema_version": SCHEMA_VERSION,
-            "effx_version": __version__,
-            "opset": OPSET,
-            "plan": json.loads(program.plan.to_json()),
-            "files": files,
-            "data": {WEIGHTS: _sha256(tmp / WEIGHTS)},
-        }
-        (tmp / "plan.json").write_text(json.dumps(manifest, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -198,6 +196,65 @@ def export(program, out_dir: str | os.PathLike, *, tokenizer=None, progress: boo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
+    import onnx
+    from tqdm.auto import tqdm
+
+    from .. import __version__
+    from ..capture import export_onnx
+
+    files = {}
+    templates: dict[tuple, onnx.ModelProto] = {}
+    store = _WeightStore(out / WEIGHTS)
+    desc = f"export ONNX{' (' + label + ')' if label else ''}"
+    try:
+        for stage in tqdm(list(program), desc=desc, unit="stage", disable=not progress):
+            key = (stage.kind, _structure_of_graph(stage.graph))
+            model = _with_weights(templates[key], stage.graph) if key in templates else None
+            if model is None:
+                args, axes = _example_args(program, stage)
+                with torch.no_grad():
+                    model = export_onnx(stage.graph, args, axes, OPSET)
+                templates[key] = model
+                model = _copy(model)
+            store.externalize(model)
+            name = f"{stage.name}.onnx"
+            onnx.save(model, str(out / name))
+            files[stage.name] = {"onnx": name, "sha256": _sha256(out / name)}
+    finally:
+        store.close()
+    manifest = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "effx_version": __version__,
+        "opset": OPSET,
+        "plan": json.loads(program.plan.to_json()),
+        "files": files,
+        "data": {WEIGHTS: _sha256(out / WEIGHTS)},
+    }
+    (out / "plan.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _write_cascade(casc, out: Path) -> None:
+    from .. import __version__
+
+    gate = None if casc.gate is None else {"kind": casc.gate.name, "threshold": float(casc.gate.threshold)}
+    manifest = {
+        "format": CASCADE_FORMAT,
+        "schema_version": CASCADE_SCHEMA_VERSION,
+        "effx_version": __version__,
+        "mode": casc.mode,
+        "draft": casc.draft,
+        "adaptive": casc.adaptive,
+        "gate": gate,
+        "parts": {
+            role: {"dir": role, "plan_sha256": _sha256(out / role / "plan.json")}
+            for role in ("small", "large")
+        },
+    }
+    (out / CASCADE_FILE).write_text(json.dumps(manifest, indent=2))
 
 
 def _copy(model):

@@ -9,7 +9,8 @@
 ``[]`` never stops), finished rows padded with ``pad_token_id``. It runs the plan's dynamic control flow as
 the torch runtime does (``effx.runtime.generate``), step for step: early exits with deferred KV (lossy) or
 self-speculative drafting and verification, pruned exit vocabularies chosen per token, a reduced head's
-fallback to the full head, TokenDrop's per-prompt token selection with per-layer cache slots. Neuron-masked
+fallback to the full head, TokenDrop's per-prompt token selection with per-layer cache slots; a cascade artifact
+(``cascade.json``) loads as an :class:`OnnxCascade` with ``effx.Cascade``'s gated and verified modes. Neuron-masked
 layers need nothing here: their slicing is in the stage files. Execution providers: CPU by default, CUDA
 when onnxruntime-gpu is installed and a GPU is present (``providers=`` overrides).
 """
@@ -25,12 +26,15 @@ import numpy as np
 
 from ..errors import ArtifactError, GenerationInputError
 
-__all__ = ["OnnxGenerator", "load"]
+__all__ = ["OnnxCascade", "OnnxGenerator", "load"]
 
 FORMAT = "effx-onnx"
 # 2: one shared weight store and the stages of passes (1, a weights file per stage, is no longer read)
 SCHEMA_VERSION = 2
 WEIGHTS = "weights.bin"
+CASCADE_FILE = "cascade.json"
+CASCADE_FORMAT = "effx-onnx-cascade"
+CASCADE_SCHEMA_VERSION = 1
 # the stage kinds this runtime runs (effx.program.STAGE_SIGNATURES, without importing torch)
 KINDS = ("embed", "layer", "exit", "head", "full_head", "token_score", "token_drop")
 
@@ -47,30 +51,44 @@ def _version_tuple(v: str) -> tuple:
     return tuple(int(x) for x in v.split(".")[:3] if x.isdigit())
 
 
-def load(out_dir: str | os.PathLike, *, providers=None) -> OnnxGenerator:
-    """Open an artifact written by ``effx.exporters.onnx.export``; every problem is an ``ArtifactError``."""
+def load(out_dir: str | os.PathLike, *, providers=None) -> OnnxGenerator | OnnxCascade:
+    """Open an artifact written by ``effx.exporters.onnx.export``: an :class:`OnnxGenerator` for a Program,
+    an :class:`OnnxCascade` for a cascade (``cascade.json``). Every problem is an ``ArtifactError``."""
+    out_dir = Path(out_dir)
+    if (out_dir / CASCADE_FILE).is_file():
+        return _load_cascade(out_dir, providers)
+    return _load_program(out_dir, providers)
+
+
+def _read_manifest(path: Path, fmt: str, schema: int) -> dict:
+    """``path`` as JSON, checked for format, schema version and the effx version that wrote it."""
     from .. import __version__
 
-    out_dir = Path(out_dir)
-    plan_path = out_dir / "plan.json"
-    if not plan_path.is_file():
-        raise ArtifactError(f"{out_dir} has no plan.json: not an effx ONNX artifact")
     try:
-        manifest = json.loads(plan_path.read_text())
+        manifest = json.loads(path.read_text())
     except ValueError as e:
-        raise ArtifactError(f"{plan_path} is not valid JSON: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{plan_path} is not an effx ONNX plan (format {manifest.get('format')!r})")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ArtifactError(f"{path} is not an {fmt} file (format {found!r})")
+    if manifest.get("schema_version") != schema:
         raise ArtifactError(
-            f"{plan_path} has schema version {manifest.get('schema_version')!r}; this effx reads "
-            f"{SCHEMA_VERSION}: export the program again with this effx"
+            f"{path} has schema version {manifest.get('schema_version')!r}; this effx reads "
+            f"{schema}: export the program again with this effx"
         )
     made_by = str(manifest.get("effx_version", "0"))
     if _version_tuple(made_by) > _version_tuple(__version__):
         raise ArtifactError(
-            f"{out_dir} was written by effx {made_by}, newer than this effx {__version__}: upgrade effx"
+            f"{path.parent} was written by effx {made_by}, newer than this effx {__version__}: upgrade effx"
         )
+    return manifest
+
+
+def _load_program(out_dir: Path, providers) -> OnnxGenerator:
+    plan_path = out_dir / "plan.json"
+    if not plan_path.is_file():
+        raise ArtifactError(f"{out_dir} has no plan.json: not an effx ONNX artifact")
+    manifest = _read_manifest(plan_path, FORMAT, SCHEMA_VERSION)
     plan, files = manifest.get("plan"), manifest.get("files")
     if not isinstance(plan, dict) or not isinstance(files, dict):
         raise ArtifactError(f"{plan_path} lacks 'plan' or 'files'")
@@ -214,6 +232,29 @@ def _restrict(mask: np.ndarray, slots: np.ndarray, valid: np.ndarray) -> np.ndar
     return np.where(hidden, np.finfo(mask.dtype).min, out).astype(mask.dtype)
 
 
+def _check_inputs(input_ids, attention_mask, max_new_tokens: int, max_positions: int):
+    """``(ids, mask)`` as int64 arrays, or a ``GenerationInputError`` saying what is wrong with them."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise GenerationInputError(
+            f"input_ids must be a non-empty [batch, prompt] array, got shape {ids.shape}"
+        )
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+    if mask.shape != ids.shape:
+        raise GenerationInputError(f"attention_mask {mask.shape} does not match input_ids {ids.shape}")
+    m = mask.astype(bool)
+    if not m[:, -1].all() or (m[:, 1:].astype(int) < m[:, :-1].astype(int)).any():
+        raise GenerationInputError(
+            "attention_mask must be left-padded (zeros, then ones, ending in a real token)"
+        )
+    if max_new_tokens < 1:
+        raise GenerationInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    total = ids.shape[1] + max_new_tokens
+    if total > max_positions:
+        raise GenerationInputError(f"prompt + max_new_tokens = {total} exceeds {max_positions} positions")
+    return ids, mask
+
+
 class _Output:
     """The output buffer: emitted tokens, stop tokens, finished rows (see ``effx.runtime.generate``)."""
 
@@ -305,10 +346,36 @@ class OnnxGenerator:
             logits[need] = self._run(self.full_head["name"], hidden[need][:, None])[0][:, 0]
         return logits
 
-    def _step(self, cache: _Cache, ids, positions, key_valid, stats) -> np.ndarray:
+    def _step(self, cache: _Cache, ids, positions, key_valid, stats, *, last_only: bool = True) -> np.ndarray:
+        """Embed, every layer on ``cache`` and the head: logits of the last position ``[batch, vocab]``, or
+        of every position ``[batch, seq, vocab]``."""
         hidden, cos, sin = self._run("embed", ids, positions)
         hidden = self._run_layers(cache, self.layers, hidden, cos, sin, _Masks(key_valid, self.dtype))
-        return self._head_logits(hidden[:, -1:], stats)[:, -1]
+        if last_only:
+            return self._head_logits(hidden[:, -1:], stats)[:, -1]
+        return self._head_logits(hidden, stats)
+
+    def _prefill(self, cache: _Cache, ids, positions, key_valid, stats) -> np.ndarray:
+        """The prompt's step: TokenDrop's prefill if the plan drops tokens, else a plain step."""
+        if self.drops:
+            return self._drop_prefill(cache, ids, positions, key_valid, stats)
+        return self._step(cache, ids, positions, key_valid, stats)
+
+    def _new_cache(self, batch: int, capacity: int) -> _Cache:
+        layers = [s["layer"] for s in self.layers]
+        info = self.info
+        return _Cache(layers, batch, info["num_kv_heads"], capacity, info["head_dim"], self.dtype)
+
+    def _stop_and_pad(self, eos_token_id, pad_token_id) -> tuple[list[int], int]:
+        eos = (
+            list(self.plan.get("eos_token_ids", ()))
+            if eos_token_id is None
+            else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        )
+        pad = pad_token_id if pad_token_id is not None else self.plan.get("pad_token_id")
+        if pad is None:
+            pad = eos[0] if eos else 0
+        return eos, int(pad)
 
     @staticmethod
     def _select_vocab(logits: np.ndarray, attrs: dict, ids: np.ndarray | None) -> np.ndarray:
@@ -482,27 +549,10 @@ class OnnxGenerator:
         """``[batch, prompt + new]`` token ids, as the torch backend's ``Program.generate``. Pass a dict as
         ``stats`` to get what the runtime decided (the torch backend's keys: ``exit_layers``, ``drafted`` /
         ``accepted``, ``head_positions`` / ``head_fallbacks``, ``kept_tokens``)."""
-        ids = np.asarray(input_ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise GenerationInputError(
-                f"input_ids must be a non-empty [batch, prompt] array, got shape {ids.shape}"
-            )
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
-        if mask.shape != ids.shape:
-            raise GenerationInputError(f"attention_mask {mask.shape} does not match input_ids {ids.shape}")
+        ids, mask = _check_inputs(input_ids, attention_mask, max_new_tokens, self.info["max_positions"])
         m = mask.astype(bool)
-        if not m[:, -1].all() or (m[:, 1:].astype(int) < m[:, :-1].astype(int)).any():
-            raise GenerationInputError(
-                "attention_mask must be left-padded (zeros, then ones, ending in a real token)"
-            )
-        if max_new_tokens < 1:
-            raise GenerationInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         batch, prompt = ids.shape
         total = prompt + max_new_tokens
-        if total > self.info["max_positions"]:
-            raise GenerationInputError(
-                f"prompt + max_new_tokens = {total} exceeds {self.info['max_positions']} positions"
-            )
         policy = self.policy.get("early_exit") if self.exits else None
         mode = policy["mode"] if policy else "dense"
         if mode == "self-speculative" and do_sample:
@@ -510,33 +560,16 @@ class OnnxGenerator:
                 "self-speculative early exit reproduces greedy decoding; call it with do_sample=False"
             )
         draft = int(policy["draft"]) if mode == "self-speculative" else 0
-        eos = (
-            list(self.plan.get("eos_token_ids", ()))
-            if eos_token_id is None
-            else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        )
-        pad = pad_token_id if pad_token_id is not None else self.plan.get("pad_token_id")
-        if pad is None:
-            pad = eos[0] if eos else 0
+        eos, pad = self._stop_and_pad(eos_token_id, pad_token_id)
         rng = np.random.default_rng(seed)
-        cache = _Cache(
-            [s["layer"] for s in self.layers],
-            batch,
-            self.info["num_kv_heads"],
-            total + draft,
-            self.info["head_dim"],
-            self.dtype,
-        )
+        cache = self._new_cache(batch, total + draft)
         key_valid = np.ones((batch, total + draft), dtype=bool)
         key_valid[:, :prompt] = m
         positions = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None).astype(np.int64)
         out = _Output(ids, max_new_tokens, eos, pad)
         if stats is not None and self.full_head is not None:
             stats.update(head_positions=0, head_fallbacks=0)
-        if self.drops:
-            logits = self._drop_prefill(cache, ids, positions, key_valid[:, :prompt], stats)
-        else:
-            logits = self._step(cache, ids, positions, key_valid[:, :prompt], stats)
+        logits = self._prefill(cache, ids, positions, key_valid[:, :prompt], stats)
         next_pos = positions[:, -1:] + 1
         token = out.emit(self._choose(logits, do_sample, temperature, top_k, rng))
         if mode == "self-speculative":
@@ -574,3 +607,199 @@ class OnnxGenerator:
         p = np.exp(logits - logits.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         return np.array([rng.choice(p.shape[-1], p=row) for row in p])
+
+
+# -- cascades (twin of effx.runtime.cascade) ----------------------------------------------------------------
+
+
+def _load_cascade(out_dir: Path, providers) -> OnnxCascade:
+    manifest = _read_manifest(out_dir / CASCADE_FILE, CASCADE_FORMAT, CASCADE_SCHEMA_VERSION)
+    parts = manifest.get("parts", {})
+    gens = {}
+    for role in ("small", "large"):
+        name = parts.get(role, {}).get("dir")
+        if not isinstance(name, str) or Path(name).name != name:
+            raise ArtifactError(f"{out_dir / CASCADE_FILE} names no valid directory for the {role} model")
+        plan = out_dir / name / "plan.json"
+        if not plan.is_file():
+            raise ArtifactError(f"{plan} is missing (the cascade's {role} model)")
+        if _sha256(plan) != parts[role].get("plan_sha256"):
+            raise ArtifactError(
+                f"{plan} does not match its checksum in {CASCADE_FILE}: the artifact is corrupt"
+            )
+        gens[role] = _load_program(out_dir / name, providers)
+    gate = manifest.get("gate")
+    if gate is not None and (
+        gate.get("kind") not in GATES or not isinstance(gate.get("threshold"), (int, float))
+    ):
+        raise ArtifactError(f"{out_dir / CASCADE_FILE} has a gate this runtime does not know: {gate!r}")
+    if manifest.get("mode") not in ("gated", "verified"):
+        raise ArtifactError(f"{out_dir / CASCADE_FILE} has an unknown cascade mode {manifest.get('mode')!r}")
+    return OnnxCascade(gens["small"], gens["large"], manifest)
+
+
+def _entropy(logits: np.ndarray) -> np.ndarray:
+    p = _softmax(logits)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log(p), 0.0)
+    return terms.sum(-1)
+
+
+# gate kind -> (measure of the small model's logits, fires when the measure is >= threshold)
+GATES = {"entropy": (_entropy, True), "max-prob": (lambda x: _softmax(x).max(-1), False)}
+
+
+class _Side:
+    """One model's side of a cascade: its cache, the slots it has seen, the logits that predict the next
+    (see ``effx.runtime.cascade.ModelState``)."""
+
+    def __init__(self, gen: OnnxGenerator, positions: np.ndarray, key_valid: np.ndarray):
+        self.gen, self.positions, self.key_valid = gen, positions, key_valid
+        self.cache = gen._new_cache(key_valid.shape[0], key_valid.shape[1])
+        self.seen = 0
+        self.logits = None
+
+    def prefill(self, ids: np.ndarray) -> None:
+        n = ids.shape[1]
+        self.logits = self.gen._prefill(self.cache, ids, self.positions[:, :n], self.key_valid[:, :n], None)
+        self.seen = n
+
+    def feed(self, tokens: np.ndarray, *, every: bool = False) -> np.ndarray:
+        start, end = self.seen, self.seen + tokens.shape[1]
+        logits = self.gen._step(
+            self.cache,
+            tokens,
+            self.positions[:, start:end],
+            self.key_valid[:, :end],
+            None,
+            last_only=not every,
+        )
+        self.seen = end
+        self.logits = logits[:, -1] if every else logits
+        return logits
+
+    def logits_for(self, tokens: np.ndarray, slot: int) -> np.ndarray:
+        if self.seen > slot:
+            raise RuntimeError(
+                f"cascade bookkeeping broken: model has seen {self.seen} slots, asked for {slot}"
+            )
+        if self.seen < slot:
+            self.feed(tokens[:, self.seen : slot])
+        return self.logits
+
+    def truncate(self, length: int) -> None:
+        if length < self.seen:
+            self.cache.truncate(length)
+            self.seen = length
+            self.logits = None
+
+
+class OnnxCascade:
+    """A cascade artifact: the small and the large model's generators and the cascade's settings; decodes
+    as ``effx.Cascade.generate`` (greedy; gated or verified mode)."""
+
+    def __init__(self, small: OnnxGenerator, large: OnnxGenerator, manifest: dict):
+        if small.info["vocab_size"] != large.info["vocab_size"]:
+            raise ArtifactError("the cascade's models have different vocabularies")
+        self.small, self.large = small, large
+        self.mode = manifest["mode"]
+        self.draft = int(manifest.get("draft", 4))
+        self.adaptive = bool(manifest.get("adaptive", True))
+        gate = manifest.get("gate")
+        self.gate = None if gate is None else (*GATES[gate["kind"]], float(gate["threshold"]))
+        self.plan = large.plan  # stop and pad tokens come from the large model, as in the torch backend
+
+    def _fires(self, logits: np.ndarray) -> np.ndarray:
+        measure, high, threshold = self.gate
+        m = measure(logits)
+        return m >= threshold if high else m <= threshold
+
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        max_new_tokens: int = 32,
+        eos_token_id=None,
+        pad_token_id=None,
+        stats: dict | None = None,
+    ) -> np.ndarray:
+        """``[batch, prompt + new]`` token ids, as ``effx.Cascade.generate``; ``stats`` receives
+        ``small_tokens`` / ``large_tokens`` (and ``drafted`` / ``accepted`` / ``rounds`` in verified mode,
+        ``large_steps`` / ``catch_up_tokens`` in gated mode)."""
+        limit = min(self.small.info["max_positions"], self.large.info["max_positions"])
+        ids, mask = _check_inputs(input_ids, attention_mask, max_new_tokens, limit)
+        eos, pad = self.large._stop_and_pad(eos_token_id, pad_token_id)
+        batch, prompt = ids.shape
+        key_valid = np.ones((batch, prompt + max_new_tokens), dtype=bool)
+        key_valid[:, :prompt] = mask.astype(bool)
+        positions = np.clip(np.cumsum(key_valid, axis=-1) - 1, 0, None).astype(np.int64)
+        run = {} if stats is None else stats
+        run.update(small_tokens=0, large_tokens=0)
+        out = _Output(ids, max_new_tokens, eos, pad)
+        small, large = _Side(self.small, positions, key_valid), _Side(self.large, positions, key_valid)
+        small.prefill(ids)
+        large.prefill(ids)
+        if self.mode == "verified":
+            run.update(drafted=0, accepted=0, rounds=0)
+            out.emit(large.logits.astype(np.float32).argmax(-1))
+            run["large_tokens"] += batch
+            self._verified(small, large, out, run)
+        else:
+            run.update(large_steps=0, catch_up_tokens=0)
+            self._gated(small, large, out, run)
+        return out.tokens[:, : out.length]
+
+    def _gated(self, small: _Side, large: _Side, out: _Output, run: dict) -> None:
+        while not out.done:
+            cur = out.length
+            s_logits = small.logits_for(out.tokens, cur)
+            token = s_logits.astype(np.float32).argmax(-1)
+            active = ~out.finished
+            fire = self._fires(s_logits) & active
+            if fire.any():
+                run["large_steps"] += 1
+                run["catch_up_tokens"] += cur - large.seen
+                l_token = large.logits_for(out.tokens, cur).astype(np.float32).argmax(-1)
+                token = np.where(fire, l_token, token)
+            run["large_tokens"] += int(fire.sum())
+            run["small_tokens"] += int((active & ~fire).sum())
+            out.emit(token)
+
+    def _verified(self, small: _Side, large: _Side, out: _Output, run: dict) -> None:
+        length = self.draft
+        while not out.done:
+            cur = out.length
+            active = ~out.finished
+            n = min(length, out.remaining)
+            drafts = []
+            logits = small.logits_for(out.tokens, cur)
+            for j in range(n):
+                if j:
+                    logits = small.feed(drafts[-1][:, None])
+                drafts.append(logits.astype(np.float32).argmax(-1))
+                if self.gate is not None and (self._fires(logits) & active).any():
+                    break
+            m = len(drafts)
+            proposed = np.stack(drafts, 1)
+            verify = large.feed(np.concatenate([out.tokens[:, cur - 1 : cur], proposed], 1), every=True)
+            verified = verify.astype(np.float32).argmax(-1)
+            agree = np.cumprod(proposed == verified[:, :m], 1).sum(1)
+            k = int(np.where(active, agree, m).min())
+            for j in range(k):
+                was = ~out.finished
+                out.emit(proposed[:, j])
+                run["small_tokens"] += int(was.sum())
+                if out.done:
+                    break
+            if not out.done:
+                was = ~out.finished
+                out.emit(verified[:, k])
+                run["large_tokens"] += int(was.sum())
+            large.truncate(cur + k)
+            small.truncate(cur + k)
+            run["drafted"] += m
+            run["accepted"] += k
+            run["rounds"] += 1
+            if self.adaptive:
+                length = min(self.draft, length + 1) if k >= m else max(1, length - 1)
