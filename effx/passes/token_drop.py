@@ -302,7 +302,9 @@ def _encoder_score_graph(layer_graph: torch.fx.GraphModule) -> torch.fx.GraphMod
 
     def score(q, k, mask):
         att = q.float() @ k.float().transpose(-1, -2) * scale + mask.float()
-        counted = mask.amax(-1) > -1.0  # [b, 1, s]: real queries
+        # [b, 1, s]: real queries. The mask hides invalid keys in every row, so token i is real exactly where
+        # it may attend to itself (the diagonal); a row's max would count padding queries too
+        counted = mask.diagonal(dim1=-2, dim2=-1) > -1.0
         probs = att.softmax(-1) * counted[..., None]
         return (probs.sum(dim=(1, 2)) / (counted.sum(dim=(1, 2))[:, None] * q.shape[1]).clamp(min=1),)
 
