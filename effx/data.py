@@ -1,12 +1,20 @@
 """Prompts and text that are available offline.
 
 ``PROMPTS`` is a small suite of real instructions (explain, summarize, answer from context, write code,
-continue) used by the integration tests, the demo and ``benchmarks/decode.py``.
+continue) used by the integration tests, the demo and ``benchmarks/decode.py``. :func:`pydoc_texts` is real
+English text that ships with Python; :func:`aclsum` is a summarization set with references (ACL papers).
 """
 
 from __future__ import annotations
 
-__all__ = ["PROMPTS", "encode_prompts", "pydoc_texts"]
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+from .errors import DataLoadError
+
+__all__ = ["ACLSUM_ASPECTS", "ACLSUM_SPLITS", "PROMPTS", "aclsum", "encode_prompts", "pydoc_texts"]
 
 PROMPTS: tuple[str, ...] = (
     "Explain why the sea has tides, in two or three sentences.",
@@ -61,3 +69,69 @@ def pydoc_texts(split: str = "calib") -> list[str]:
     names = sorted(topics)
     keep = (lambda i: i % 3 != 2) if split == "calib" else (lambda i: i % 3 == 2)
     return [topics[n] for i, n in enumerate(names) if keep(i)]
+
+
+ACLSUM_SPLITS = ("train", "val", "test")
+ACLSUM_ASPECTS = ("challenge", "approach", "outcome")
+_SECTIONS = ("abstract", "introduction", "conclusion")
+# the corpus is word-tokenized ("a workflow ." , "( MT )"); these undo the spaces around punctuation
+_SPACE_BEFORE = re.compile(r" ([.,;:!?%)\]}]|'s\b|n't\b)")
+_SPACE_AFTER = re.compile(r"([(\[{]) ")
+
+
+def _detokenize(sentences: list[str]) -> str:
+    text = " ".join(s.strip() for s in sentences if s.strip())
+    return _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", text))
+
+
+def _aclsum_dir() -> Path:
+    # found, not imported: importing aclsum pulls in its `sienna` dependency, which effx does not need
+    spec = importlib.util.find_spec("aclsum")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataLoadError(
+            "the ACLSum data set is not installed; install it with `pip install --no-deps aclsum`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "dataset"
+    if not path.is_dir():
+        raise DataLoadError(
+            f"'aclsum' is installed but {path} is missing; reinstall it with "
+            "`pip install --force-reinstall --no-deps aclsum`"
+        )
+    return path
+
+
+def aclsum(split: str = "test", n: int | None = None) -> list[dict]:
+    """Papers of ACLSum (Takeshita et al., 2024; MIT; the ``aclsum`` wheel, ``pip install --no-deps aclsum``),
+    offline: 100 in ``"train"``, 50 in ``"val"``, 100 in ``"test"``; the first ``n`` of the split if given.
+
+    Each paper is a dict with ``id``, ``title``, the text of its ``abstract``, ``introduction`` and
+    ``conclusion``, ``summaries`` (the human reference summary of each aspect: ``challenge``, ``approach``,
+    ``outcome``, one sentence each) and ``summary`` (the three joined in that order: the reference of a
+    whole-paper summary). The corpus is word-tokenized; the text here has the spaces around punctuation
+    undone so that prompts read naturally (ROUGE tokenizes again either way).
+    """
+    if split not in ACLSUM_SPLITS:
+        raise DataLoadError(f"unknown ACLSum split {split!r}; choose one of {ACLSUM_SPLITS}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise DataLoadError(f"n must be a non-negative integer (how many papers), got {n!r}")
+    path = _aclsum_dir() / f"{split}.jsonl"
+    papers = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if n is not None and len(papers) >= n:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                summaries = {a: row["summary"][a].strip() for a in ACLSUM_ASPECTS}
+                paper = {"id": row["id"], "title": row["title"]}
+                paper.update({s: _detokenize(row["sentences"][s]) for s in _SECTIONS})
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise DataLoadError(
+                    f"{path}, line {line_no}: not an ACLSum record ({type(e).__name__}: {e})"
+                ) from e
+            paper["summaries"] = summaries
+            paper["summary"] = " ".join(summaries[a] for a in ACLSUM_ASPECTS)
+            papers.append(paper)
+    return papers

@@ -42,3 +42,7 @@ class CascadeError(EffxError):
 
 class CascadeConfigError(CascadeError, ValueError):
     """A cascade or its gate was given an invalid argument (mode, draft length, percentile, threshold, share)."""
+
+
+class DataLoadError(EffxError):
+    """An offline data set could not be found or read (missing package, unknown split, malformed file)."""

