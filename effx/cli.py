@@ -24,6 +24,16 @@ passes: a pipeline string such as "early-exit{layers=8,16 measure=top2-gap thres
 """
 
 
+BENCH_EPILOG = """\
+examples:
+  effx bench --model smollm2-135m                                      # dense + every pass at its default
+  effx bench --passes "early-exit{layers=10,20}" --sweep "early-exit.thresholds=0.5:0.95:0.05"
+  effx bench --sweep "token-drop.keep=0.3,0.5,0.7" --passes "token-drop{at_layers=4}" --data pydoc
+  effx bench --passes "neuron-mask{keep=0.5 score=random layers=3,27}" --data my.jsonl --repeats 3
+a tuple field takes one tuple per value with '/': --sweep "token-drop.keep=0.75/0.5,0.5/0.3"
+"""
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -121,6 +131,66 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "passes", help="list the registered passes", description="List the passes a pipeline string can name."
     )
+
+    b = sub.add_parser(
+        "bench",
+        help="measure speed, FLOPs and quality of pass pipelines against dense",
+        description="Run the dense model and every configuration in one process, interleaved per prompt "
+        "(batch 1, greedy, exactly --new-tokens tokens): decode tokens/s, time to first token, peak RSS, "
+        "weights, FLOPs per token; teacher-forced agreement with dense and perplexity on held-out pydoc "
+        "text; "
+        "ROUGE-L against the dense outputs (and references, when the data has them). Writes "
+        "bench-<time>.json (schema effx-bench v1), bench-<time>.md and bench-<time>-pareto.png into --out "
+        "and "
+        "prints the table. Without --passes and --sweep: every pass at its documented default (profiles, "
+        "vocabularies and exit heads are made once and cached).",
+        epilog=BENCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(b)
+    b.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="PASS.FIELD=VALUES",
+        help="sweep a pass field over start:stop:step or v1,v2,... (repeat for a grid)",
+    )
+    b.add_argument(
+        "--data",
+        default="suite",
+        help="suite (chat prompts), pydoc (summarize help topics), aclsum (when effx.data has it) or a "
+        ".jsonl/.csv file with 'prompt' and optional 'reference' fields, or a .txt file, one prompt a line "
+        "(default: %(default)s)",
+    )
+    b.add_argument("--prompts", type=int, default=4, help="prompts to generate from (default: %(default)s)")
+    b.add_argument("--new-tokens", type=int, default=32, help="tokens per generation (default: %(default)s)")
+    b.add_argument(
+        "--repeats", type=int, default=1, help="timed repeats of every prompt (default: %(default)s)"
+    )
+    b.add_argument(
+        "--heldout-tokens",
+        type=int,
+        default=1024,
+        help="held-out pydoc tokens for agreement and perplexity (default: %(default)s)",
+    )
+    b.add_argument(
+        "--calibrate",
+        type=float,
+        default=None,
+        metavar="TARGET",
+        help="calibrate exit thresholds of every configuration to this agreement before measuring",
+    )
+    b.add_argument(
+        "--max-configs",
+        type=int,
+        default=64,
+        help="refuse sweeps with more configurations (default: %(default)s)",
+    )
+    b.add_argument(
+        "--no-chat-template", action="store_true", help="use the prompts as raw text even for chat models"
+    )
+    b.add_argument("--no-plot", action="store_true", help="skip the Pareto plot (no matplotlib needed)")
+    b.add_argument("--out", default="results", help="output directory (default: %(default)s)")
     return parser
 
 
@@ -217,6 +287,47 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from . import bench
+
+    # everything that can be wrong with the arguments fails before the model loads
+    configs = None
+    if args.passes or args.sweep:
+        configs = bench.expand_configs(
+            args.passes, args.sweep, calibrate=args.calibrate, max_configs=args.max_configs
+        )
+    samples = bench.load_samples(args.data, args.prompts)
+    if args.heldout_tokens < 2:
+        raise bench.BenchConfigError(f"--heldout-tokens must be at least 2, got {args.heldout_tokens}")
+    import effx
+
+    start = time.perf_counter()
+    model, tokenizer = effx.models.load(args.model)
+    dense = effx.transform(model)
+    if configs is None:
+        configs = bench.default_configs(args.model, dense, tokenizer)
+    result = bench.run_bench(
+        model,
+        tokenizer,
+        configs,
+        samples,
+        model_name=args.model,
+        data=args.data,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        chat=not args.no_chat_template,
+        heldout_tokens=args.heldout_tokens,
+        seq_len=min(256, args.heldout_tokens),
+        dense=dense,
+    )
+    paths = bench.write_outputs(result, args.out, plot=not args.no_plot)
+    print(bench.format_table(result))
+    for kind, path in paths.items():
+        print(f"[effx] {kind}: {path}", file=sys.stderr)
+    print(f"[effx] bench took {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return 0
+
+
 def _cmd_passes(args) -> int:
     from .passes import registered_passes
 
@@ -244,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "export": _cmd_export,
         "run": _cmd_run,
         "passes": _cmd_passes,
+        "bench": _cmd_bench,
     }[args.command]
     try:
         return handler(args)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["perplexity", "rouge_l"]
+__all__ = ["bleu", "perplexity", "rouge_l"]
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
@@ -24,6 +24,26 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     return sum(scores) / len(scores)
 
 
+def bleu(predictions: list[str], references: list[str]) -> float:
+    """Corpus BLEU of ``predictions`` against ``references`` (one reference each), on a 0-1 scale.
+
+    Computed with ``sacrebleu`` (its defaults: 13a tokenization, 4-grams, exponential smoothing), the
+    reference implementation that ``evaluate``'s "sacrebleu" metric wraps; ``evaluate.load`` fetches metric
+    scripts from the Hugging Face hub, which effx must not need. BLEU is a corpus metric: n-gram counts are
+    pooled over all pairs before the precisions are taken. Identical corpora score exactly 1.0, also when
+    the texts are too short to hold 4-grams (where BLEU itself is 0).
+    """
+    import sacrebleu
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    if list(predictions) == list(references):
+        return 1.0
+    return min(1.0, sacrebleu.corpus_bleu(list(predictions), [list(references)]).score / 100)
+
+
 def perplexity(
     program, texts, tokenizer, *, seq_len: int = 256, max_tokens: int = 4096, progress: bool = False
 ) -> float:
@@ -39,36 +59,39 @@ def perplexity(
     from tqdm.auto import tqdm
 
     from .exit_heads import _token_chunks
+
+    chunks = _token_chunks(tokenizer, texts, seq_len, max_tokens)
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for chunk in tqdm(chunks, desc="perplexity", unit="chunk", disable=not progress):
+            half = chunk.shape[1] // 2
+            logits = second_half_logits(program, chunk)
+            nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, half:], reduction="sum"))
+            count += chunk.shape[1] - half
+    return math.exp(nll / count)
+
+
+def second_half_logits(program, chunk):
+    """Logits ``[n - n // 2, V]`` for the second half of ``chunk`` ``[1, n]``, given the first half: the first
+    half is prefilled as a prompt (core neurons and dropped tokens are chosen on it), the second half is
+    scored teacher-forced with the Program as it decodes, from the final head."""
+    import torch
+
     from .runtime.forward import KVCache, run_step
     from .runtime.neurons import core_prefill
     from .runtime.token_drop import drop_prefill
 
-    chunks = _token_chunks(tokenizer, texts, seq_len, max_tokens)
-    core = program.plan.policy.get("neuron_mask", {}).get("mode") == "core"
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for chunk in tqdm(chunks, desc="perplexity", unit="chunk", disable=not progress):
-            n = chunk.shape[1]
-            half = n // 2
-            cache = KVCache.for_program(program, 1, n)
-            pos = torch.arange(n)[None]
-            valid = torch.ones(1, n, dtype=torch.bool)
-            if core:
-                last, prog = core_prefill(program, cache, chunk[:, :half], pos[:, :half], valid[:, :half])
-            elif program.drops:
-                last, prog = (
-                    drop_prefill(program, cache, chunk[:, :half], pos[:, :half], valid[:, :half]),
-                    program,
-                )
-            else:
-                last, prog = (
-                    run_step(program, cache, chunk[:, :half], pos[:, :half], valid[:, :half]),
-                    program,
-                )
-            rest = run_step(
-                prog, cache, chunk[:, half:-1], pos[:, half:-1], valid[:, : n - 1], last_only=False
-            )
-            logits = torch.cat([last[:, None], rest], 1)[0].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, half:], reduction="sum"))
-            count += n - half
-    return math.exp(nll / count)
+    n = chunk.shape[1]
+    half = n // 2
+    cache = KVCache.for_program(program, 1, n)
+    pos = torch.arange(n)[None]
+    valid = torch.ones(1, n, dtype=torch.bool)
+    prog = program
+    if program.plan.policy.get("neuron_mask", {}).get("mode") == "core":
+        last, prog = core_prefill(program, cache, chunk[:, :half], pos[:, :half], valid[:, :half])
+    elif program.drops:
+        last = drop_prefill(program, cache, chunk[:, :half], pos[:, :half], valid[:, :half])
+    else:
+        last = run_step(program, cache, chunk[:, :half], pos[:, :half], valid[:, :half])
+    rest = run_step(prog, cache, chunk[:, half:-1], pos[:, half:-1], valid[:, : n - 1], last_only=False)
+    return torch.cat([last[:, None], rest], 1)[0].float()
