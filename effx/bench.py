@@ -62,13 +62,20 @@ the dense token. A configuration identical to dense reports agreement, ROUGE-L a
                               references), "bleu_dense", "bleu_reference" (corpus BLEU, 0-1; null
                               without references), "perplexity" (null when infinite: some held-out token gets
                               probability 0), "zero_prob_share", "stats": {pass-specific: "mean_layers",
-                              "head_fallback_share", "draft_acceptance", "kept_share"}},
+                              "head_fallback_share", "draft_acceptance", "kept_share"},
+                              "paths": {path: mean share of the generated tokens it produced}},
                   "ratios": {"speedup", "ttft_speedup", "flops", "weights", "peak_rss", "perplexity"}
                             (config / dense, except the speed-ups: dense time / config time;
                             perplexity null when infinite),
-                  "samples": [{"prompt", "repeat", "ttft_ms", "decode_tok_s", "peak_rss_mb",
-                               "peak_rss_delta_mb"}],
-                  "outputs": [generated text per prompt, first repeat]}]}
+                  "samples": [{"prompt", "repeat", "ttft_ms", "decode_tok_s", "seconds" (TTFT + decode),
+                               "peak_rss_mb", "peak_rss_delta_mb", "paths"}],
+                  "outputs": [generated text per prompt, first repeat],
+                  "per_prompt": [{"rouge_l_dense", "rouge_l_reference"} per prompt, first repeat]}]}
+
+**Paths** are the cascade seed's "share of tokens per path": self-speculative decoding's ``accepted draft``
+against ``full model``; lossy exits' ``exit after N layers`` against ``all L layers``; a reduced head's
+``reduced head`` against ``full head (fallback)``. Each group sums to 1 per generation.
+:func:`format_path_table` prints the seed's per-prompt table from them (time, ROUGE-L, shares).
 
 ``configs[0]`` is always the dense model (``"name": "dense"``, every ratio 1).
 """
@@ -109,6 +116,7 @@ __all__ = [
     "default_configs",
     "expand_configs",
     "exit_heads",
+    "format_path_table",
     "format_table",
     "load_result",
     "load_samples",
@@ -714,6 +722,38 @@ def _pass_stats(stats_list: list[dict], prompt_lengths: list[int]) -> dict[str, 
     return out
 
 
+def _paths(stats: dict, new_tokens: int, num_layers: int, reduced_head: bool = False) -> dict[str, float]:
+    """Share of one generation's tokens each path produced, the cascade seed's "share of tokens per path":
+    self-speculative decoding's accepted drafts against the tokens the full model gave; lossy exits' tokens
+    by how many layers they went through (the first token, from the prefill, through all of them); a
+    reduced head's positions against those that fell back to the full head (``reduced_head`` without a
+    fallback: all of them). Each group sums to 1; a program without any of these has one path,
+    ``all N layers``."""
+    paths: dict[str, float] = {}
+    if "drafted" in stats:
+        accepted = min(stats.get("accepted", 0), new_tokens) / new_tokens
+        paths.update({"accepted draft": accepted, "full model": 1 - accepted})
+    elif stats.get("exit_layers"):
+        depths = [row[0] for row in stats["exit_layers"]]
+        depths += [num_layers] * max(0, new_tokens - len(depths))
+        for d in sorted(set(depths)):
+            key = f"all {num_layers} layers" if d == num_layers else f"exit after {d} layer{'s' * (d > 1)}"
+            paths[key] = depths.count(d) / len(depths)
+    else:
+        paths[f"all {num_layers} layers"] = 1.0
+    if stats.get("head_positions"):
+        fallback = stats.get("head_fallbacks", 0) / stats["head_positions"]
+        paths.update({"reduced head": 1 - fallback, "full head (fallback)": fallback})
+    elif reduced_head:
+        paths["reduced head"] = 1.0
+    return paths
+
+
+def _mean_paths(per_sample: list[dict[str, float]]) -> dict[str, float]:
+    keys = list(dict.fromkeys(k for p in per_sample for k in p))
+    return {k: statistics.mean(p.get(k, 0.0) for p in per_sample) for k in keys}
+
+
 def _teacher_forced(program, chunk):
     """For the second half of ``chunk``, teacher-forced, the way the program decodes: its greedy next token
     at each position, the summed negative log-likelihood of the true tokens, and how many true tokens it
@@ -905,6 +945,13 @@ def run_bench(
                             "repeat": r,
                             "ttft_ms": ttft * 1e3,
                             "decode_tok_s": (new_tokens - 1) / decode,
+                            "seconds": ttft + decode,
+                            "paths": _paths(
+                                st,
+                                new_tokens,
+                                dense.info.num_layers,
+                                bool(programs[i].head.attrs.get("vocab")),
+                            ),
                             "peak_rss_mb": peak,
                             "peak_rss_delta_mb": grew,
                         }
@@ -974,6 +1021,7 @@ def run_bench(
             "perplexity": perplexities[i][0],
             "zero_prob_share": perplexities[i][1],
             "stats": _pass_stats(stats_out[i], prompt_lengths),
+            "paths": _mean_paths([s["paths"] for s in samples_out[i]]),
         }
         paired = [(s, dense_samples[(s["prompt"], s["repeat"])]) for s in samples_out[i]]
         d = result_configs[0]["metrics"] if result_configs else metrics
@@ -995,6 +1043,15 @@ def run_bench(
                 "ratios": ratios,
                 "samples": samples_out[i],
                 "outputs": texts[i],
+                "per_prompt": [
+                    {
+                        "rouge_l_dense": _rouge([texts[i][k]], [texts[0][k]]),
+                        "rouge_l_reference": None
+                        if samples[k].reference is None
+                        else _rouge([texts[i][k]], [samples[k].reference]),
+                    }
+                    for k in range(len(samples))
+                ],
             }
         )
     info = dense.info
@@ -1077,6 +1134,7 @@ _METRICS = {
     "perplexity": (*_NUMBER, type(None)),
     "zero_prob_share": _NUMBER,
     "stats": dict,
+    "paths": dict,
 }
 _RATIOS = ("speedup", "ttft_speedup", "flops", "weights", "peak_rss", "perplexity")
 
@@ -1121,6 +1179,12 @@ def validate_result(data: Any) -> None:
         need(c, "calibration", (dict, type(None)), where)
         need(c, "samples", list, where)
         need(c, "outputs", list, where)
+        for k, sample in enumerate(c["samples"]):
+            for key, types in (("prompt", int), ("seconds", _NUMBER), ("paths", dict)):
+                need(sample, key, types, f"{where}.samples[{k}]")
+        for k, quality in enumerate(need(c, "per_prompt", list, where)):
+            need(quality, "rouge_l_dense", _NUMBER, f"{where}.per_prompt[{k}]")
+            need(quality, "rouge_l_reference", (*_NUMBER, type(None)), f"{where}.per_prompt[{k}]")
         metrics = need(c, "metrics", dict, where)
         for key in ("decode_tok_s", "ttft_ms"):
             spread = need(metrics, key, dict, f"{where}.metrics")
@@ -1184,6 +1248,43 @@ def format_table(result: dict[str, Any]) -> str:
             f"{m['agreement']:.3f} | {m['rouge_l_dense']:.3f} | "
             f"{_fmt(m['rouge_l_reference'], '.3f')} | {m['bleu_dense']:.3f} | "
             f"{_fmt(m['bleu_reference'], '.3f')} | {_perplexity_cell(m, r)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def format_path_table(result: dict[str, Any]) -> str:
+    """The cascade seed's table as Markdown: per prompt and over all prompts, each configuration's generation
+    time (median over repeats) and its ratio to dense, ROUGE-L against the references (where the data has
+    them) and against dense, and the share of tokens each path produced (see ``metrics.paths``)."""
+    configs = result["configs"]
+    prompts = result["settings"]["prompts"]
+
+    def seconds(c, p=None) -> float:
+        per_prompt = [
+            statistics.median(s["seconds"] for s in c["samples"] if s["prompt"] == k) for k in range(prompts)
+        ]
+        return per_prompt[p] if p is not None else sum(per_prompt)
+
+    def shares(paths: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.0%}" for k, v in paths.items())
+
+    lines = [
+        "| prompt | config | time s | x dense | ROUGE-L (ref) | ROUGE-L (dense) | share of tokens per path |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in range(prompts):
+        for c in configs:
+            q = c["per_prompt"][p]
+            paths = _mean_paths([s["paths"] for s in c["samples"] if s["prompt"] == p])
+            lines.append(
+                f"| {p + 1} | {c['name']} | {seconds(c, p):.2f} | {seconds(configs[0], p) / seconds(c, p):.2f}x "
+                f"| {_fmt(q['rouge_l_reference'], '.3f')} | {q['rouge_l_dense']:.3f} | {shares(paths)} |"
+            )
+    for c in configs:
+        m = c["metrics"]
+        lines.append(
+            f"| all | {c['name']} | {seconds(c):.2f} | {seconds(configs[0]) / seconds(c):.2f}x "
+            f"| {_fmt(m['rouge_l_reference'], '.3f')} | {m['rouge_l_dense']:.3f} | {shares(m['paths'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -1271,7 +1372,11 @@ def write_outputs(
     base = out / f"bench-{stamp}"
     paths = {"json": base.with_suffix(".json"), "markdown": base.with_suffix(".md")}
     paths["json"].write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-    paths["markdown"].write_text(format_table(result))
+    paths["markdown"].write_text(
+        format_table(result)
+        + "\nPer prompt (generation time = TTFT + decode):\n\n"
+        + format_path_table(result)
+    )
     if plot:
         paths["plot"] = plot_pareto(result, f"{base}-pareto.png")
     return paths

@@ -322,6 +322,7 @@ def _cmd_bench(args) -> int:
     )
     paths = bench.write_outputs(result, args.out, plot=not args.no_plot)
     print(bench.format_table(result))
+    print(bench.format_path_table(result))
     for kind, path in paths.items():
         print(f"[effx] {kind}: {path}", file=sys.stderr)
     print(f"[effx] bench took {time.perf_counter() - start:.0f} s", file=sys.stderr)

@@ -300,8 +300,45 @@ def test_table_plot_and_files(result, tmp_path):
     assert lines[4].startswith("| dense |") and "| 1.00x |" in lines[4] and "1.000 | 1.000 |" in lines[4]
     paths = bench.write_outputs(result, tmp_path / "out")
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["plot"].stat().st_size > 10_000
-    assert paths["markdown"].read_text() == table
+    assert paths["markdown"].read_text().startswith(table)
+    seed = bench.format_path_table(result).splitlines()
+    assert seed[0].startswith("| prompt | config | time s | x dense | ROUGE-L (ref) | ROUGE-L (dense) |")
+    assert len(seed) == 2 + 2 * 7 + 7  # per prompt x config, then one aggregate row per config
+    assert (
+        seed[2].startswith("| 1 | dense |")
+        and "| 1.00x |" in seed[2]
+        and seed[2].endswith("all 3 layers 100% |")
+    )
+    assert seed[-7].startswith("| all | dense |") and seed[-1].startswith("| all | reduced head k=8 |")
+    assert seed[-1].endswith("all 3 layers 100%, reduced head 100% |")  # no fallback: every token reduced
+    assert "exit after 1 layer " in seed[-3]
+    assert paths["markdown"].read_text().endswith(bench.format_path_table(result))
     assert bench.load_result(paths["json"]) == json.loads(json.dumps(result))
+
+
+def test_paths_are_shares_of_the_generated_tokens(result):
+    for c in result["configs"]:
+        for s in c["samples"]:
+            groups = [k for k in s["paths"] if "head" not in k], [k for k in s["paths"] if "head" in k]
+            for keys in groups:
+                assert not keys or sum(s["paths"][k] for k in keys) == pytest.approx(1.0)
+    assert result["configs"][0]["metrics"]["paths"] == {"all 3 layers": 1.0}
+    lossy = result["configs"][4]["metrics"]["paths"]  # nearly every decoded token leaves after layer 0
+    assert lossy["exit after 1 layer"] > 0.5 and set(lossy) <= {"exit after 1 layer", "all 3 layers"}
+    # the first token comes from the prefill, through every layer; 4 more decoded by exits, of 6 in all
+    stats = {"exit_layers": [[1], [1], [2], [1], [3]]}
+    assert bench._paths(stats, 6, 3) == {
+        "exit after 1 layer": 0.5,
+        "exit after 2 layers": pytest.approx(1 / 6),
+        "all 3 layers": pytest.approx(2 / 6),
+    }
+    spec = {"drafted": 12, "accepted": 5, "rounds": 3, "head_positions": 20, "head_fallbacks": 5}
+    assert bench._paths(spec, 10, 3) == {
+        "accepted draft": 0.5,
+        "full model": 0.5,
+        "reduced head": 0.75,
+        "full head (fallback)": 0.25,
+    }
 
 
 def test_bleu_is_sacrebleu_on_a_zero_to_one_scale():
