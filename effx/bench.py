@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import itertools
 import json
 import logging
@@ -112,12 +113,15 @@ __all__ = [
     "BenchDataError",
     "Sample",
     "Sweep",
+    "Timed",
     "data_choices",
     "default_configs",
     "expand_configs",
+    "first_outputs",
     "exit_heads",
     "format_path_table",
     "format_table",
+    "interleave",
     "load_result",
     "load_samples",
     "neuron_profile",
@@ -126,6 +130,8 @@ __all__ = [
     "pipeline_string",
     "plot_pareto",
     "run_bench",
+    "timed",
+    "total_seconds",
     "validate_result",
     "vocab_file",
     "write_outputs",
@@ -641,6 +647,80 @@ def _as_sample(item) -> Sample:
 # -- measurement -----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Timed:
+    """One timed call: what it returned, its wall time, and, when it was given an ``on_token`` callback,
+    the time to the callback's first call (time to first token)."""
+
+    output: Any
+    seconds: float
+    first_token_s: float | None = None
+
+
+def timed(fn: Callable[..., Any], *args, on_token: bool = False, **kwargs) -> Timed:
+    """``fn(*args, **kwargs)`` timed with ``time.perf_counter``. With ``on_token=True`` it also gets an
+    ``on_token`` keyword (effx ``generate`` calls it for every token) and ``first_token_s`` is set."""
+    stamps: list[float] = []
+    if on_token:
+        kwargs["on_token"] = lambda _tok: stamps.append(time.perf_counter())
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    end = time.perf_counter()
+    return Timed(out, end - start, stamps[0] - start if stamps else None)
+
+
+def interleave(
+    runners: dict[str, Callable[..., Any]],
+    inputs: Sequence[tuple],
+    *,
+    repeats: int = 1,
+    on_token: bool = False,
+    warmup: tuple | None = None,
+    progress: bool = True,
+    bar=None,
+    desc: str = "timing",
+) -> dict[str, list[list[Timed]]]:
+    """Time every runner on every input the way ``effx bench`` does: for each repeat and input, all runners
+    back to back (the order rotates from input to input and repeat to repeat, so no runner always goes
+    first), so that machine noise hits them alike. ``runner(*input)`` is called; ``on_token`` as in
+    :func:`timed`. ``warmup``: an input every runner is called on once, untimed, first (first calls allocate
+    and pick kernels). Returns ``{name: [[Timed per repeat] per input]}``; see :func:`total_seconds` and
+    :func:`first_outputs`. A progress bar counts the calls (``bar``: update this tqdm instead)."""
+    if not isinstance(repeats, int) or repeats < 1:
+        raise BenchConfigError(f"repeats must be an integer >= 1, got {repeats!r}")
+    names = list(runners)
+    m = len(names)
+    own_bar = bar is None
+    if own_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=m * len(inputs) * repeats, desc=desc, unit="call", disable=not progress)
+    if warmup is not None:
+        for name in names:
+            runners[name](*warmup)
+    out: dict[str, list[list[Timed]]] = {name: [[] for _ in inputs] for name in names}
+    for r in range(repeats):
+        for p, args in enumerate(inputs):
+            for j in range(m):
+                name = names[(p + r + j) % m]
+                bar.set_postfix_str(f"repeat {r + 1}, input {p + 1}: {name[:40]}")
+                out[name][p].append(timed(runners[name], *args, on_token=on_token))
+                bar.update()
+    if own_bar:
+        bar.close()
+    return out
+
+
+def total_seconds(runs: list[list[Timed]]) -> float:
+    """Seconds over all inputs, each input's median over its repeats."""
+    return sum(statistics.median(t.seconds for t in per_input) for per_input in runs)
+
+
+def first_outputs(runs: list[list[Timed]]) -> list[Any]:
+    """What the runner returned for each input, first repeat."""
+    return [per_input[0].output for per_input in runs]
+
+
 def _rss_reset() -> bool:
     """Reset the peak-RSS counter (Linux); False where it cannot be reset."""
     try:
@@ -682,23 +762,22 @@ def _memory_method() -> str:
 def _timed_generate(program, ids, mask, new_tokens: int, reset_rss: bool):
     """One generation: (new tokens [n], ttft seconds, decode seconds, peak RSS MB, its growth over the RSS
     before the call in MB, stats)."""
-    stamps: list[float] = []
     stats: dict = {}
     if reset_rss:
         _rss_reset()
     before = _rss_mb()
-    start = time.perf_counter()
-    out = program.generate(
+    call = timed(
+        program.generate,
         ids,
         attention_mask=mask,
         max_new_tokens=new_tokens,
         eos_token_id=[],
         stats=stats,
-        on_token=lambda _tok: stamps.append(time.perf_counter()),
+        on_token=True,
     )
-    end = time.perf_counter()
     peak = _peak_rss_mb()
-    return out[0, ids.shape[1] :], stamps[0] - start, end - stamps[0], peak, peak - before, stats
+    first = call.first_token_s
+    return call.output[0, ids.shape[1] :], first, call.seconds - first, peak, peak - before, stats
 
 
 def _pass_stats(stats_list: list[dict], prompt_lengths: list[int]) -> dict[str, float]:
@@ -931,14 +1010,19 @@ def run_bench(
             bar.set_postfix_str("warm-up")
             prog.generate(ids0, attention_mask=mask0, max_new_tokens=2, eos_token_id=[])
             bar.update()
-        for r in range(repeats):
-            for p, (ids, mask) in enumerate(encoded):
-                for j in range(m):
-                    i = (p + r + j) % m  # rotate the order: no program always runs first
-                    bar.set_postfix_str(f"repeat {r + 1}, prompt {p + 1}: {entries[i][0][:40]}")
-                    tokens, ttft, decode, peak, grew, st = _timed_generate(
-                        programs[i], ids, mask, new_tokens, reset_rss
-                    )
+        runs = interleave(
+            {
+                str(i): functools.partial(_timed_generate, prog, new_tokens=new_tokens, reset_rss=reset_rss)
+                for i, prog in enumerate(programs)
+            },
+            encoded,
+            repeats=repeats,
+            bar=bar,
+        )
+        for i in range(m):
+            for p, per_repeat in enumerate(runs[str(i)]):
+                for r, call in enumerate(per_repeat):
+                    tokens, ttft, decode, peak, grew, st = call.output
                     samples_out[i].append(
                         {
                             "prompt": p,
@@ -946,20 +1030,19 @@ def run_bench(
                             "ttft_ms": ttft * 1e3,
                             "decode_tok_s": (new_tokens - 1) / decode,
                             "seconds": ttft + decode,
+                            "peak_rss_mb": peak,
+                            "peak_rss_delta_mb": grew,
                             "paths": _paths(
                                 st,
                                 new_tokens,
                                 dense.info.num_layers,
                                 bool(programs[i].head.attrs.get("vocab")),
                             ),
-                            "peak_rss_mb": peak,
-                            "peak_rss_delta_mb": grew,
                         }
                     )
                     if r == 0:
                         outputs[i][p] = tokens
                         stats_out[i].append(st)
-                    bar.update()
         generated = time.perf_counter()
         dense_preds = None
         agreements, perplexities = [], []

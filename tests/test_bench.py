@@ -354,6 +354,34 @@ def test_bleu_is_sacrebleu_on_a_zero_to_one_scale():
         bleu(["a", "b"], ["a"])
 
 
+def test_interleave_rotates_the_order_and_times_every_call():
+    calls = []
+
+    def runner(name):
+        def run(x, on_token=None):
+            calls.append(name)
+            if on_token is not None:
+                on_token(x)
+            return (name, x)
+
+        return run
+
+    runs = bench.interleave(
+        {n: runner(n) for n in "abc"}, [(1,), (2,)], repeats=2, on_token=True, warmup=(0,), progress=False
+    )
+    assert calls[:3] == ["a", "b", "c"]  # the warm-up
+    # input 1 of repeat 1 starts with a, input 2 with b, repeat 2 shifts once more
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "b", "c", "a", "c", "a", "b"]
+    assert set(runs) == {"a", "b", "c"} and all(len(r) == 2 and len(r[0]) == 2 for r in runs.values())
+    assert bench.first_outputs(runs["b"]) == [("b", 1), ("b", 2)]
+    call = runs["a"][1][1]
+    assert call.seconds >= call.first_token_s >= 0
+    assert bench.total_seconds(runs["a"]) > 0
+    assert bench.timed(lambda: 5).first_token_s is None
+    with pytest.raises(BenchConfigError, match="repeats must be an integer >= 1"):
+        bench.interleave({"a": runner("a")}, [(1,)], repeats=0)
+
+
 def test_pareto_front():
     points = [(1.0, 1.0), (0.9, 1.2), (0.8, 1.1), (0.5, 2.0), (0.95, 0.9)]
     assert bench.pareto_front(points) == [3, 1, 0]
