@@ -3,7 +3,9 @@
 Each prompt asks for a three-sentence summary of one ACLSum test paper (title, abstract and introduction,
 cut to --doc-tokens tokens), as a chat turn. Every model decodes greedily, batch 1, the same number of new
 tokens (no stop at end-of-turn, so every row does the same work; the text is cut at the first end-of-turn
-token before scoring). Per prompt, in this order and timed in the same run:
+token before scoring). Timed in the same run with :func:`effx.bench.interleave`: per prompt the four
+rows back to back (the order rotating from prompt to prompt, after one untimed warm-up call each), time to
+the first new token from ``on_token``:
 
 * large-only: the large model alone (effx dense Program, with KV cache): the baseline of every ratio;
 * small-only: the small model alone;
@@ -36,12 +38,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import time
 
 import torch
 from common import neuron_profile
 
 import effx
+from effx.bench import interleave, timed
 from effx.data import aclsum, encode_prompts
 from effx.passes import NeuronMask
 from effx.quality import rouge_l
@@ -75,15 +77,18 @@ def text_of(tok, new: torch.Tensor, stops: set[int]) -> str:
     return tok.decode(ids[:cut], skip_special_tokens=True).strip()
 
 
-def timed(fn, ids, mask, **kwargs):
-    """``fn(ids, attention_mask=mask, **kwargs)``: (output, seconds in all, seconds to the first new token)."""
-    first = []
-    start = time.perf_counter()
-    out = fn(
-        ids, attention_mask=mask, on_token=lambda _: first or first.append(time.perf_counter()), **kwargs
-    )
-    end = time.perf_counter()
-    return out, end - start, first[0] - start
+def generator(fn, new_tokens: int, stats: bool = False):
+    """``runner(ids, mask, new=new_tokens, on_token=...)`` for :func:`effx.bench.interleave`: ``fn`` (a
+    ``generate``) decodes exactly ``new`` tokens; returns ``(output, stats)``, the dict ``generate`` filled
+    when ``stats`` (else empty)."""
+
+    def run(ids, mask, new=new_tokens, on_token=None):
+        run_stats: dict = {}
+        extra = {"stats": run_stats} if stats else {}
+        out = fn(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[], on_token=on_token, **extra)
+        return out, run_stats
+
+    return run
 
 
 def calibrate_on_generations(casc, tok, papers, args):
@@ -116,39 +121,49 @@ def bench_pair(label: str, small, large, tok, args, papers, calib_papers) -> dic
     """Time and score the four ways of decoding on every prompt; print per-prompt rows, return totals."""
     n_new = args.new_tokens
     casc = effx.cascade(small, large, gate=effx.EntropyGate(percentile=100 * (1 - args.share)))
-    start = time.perf_counter()
-    if args.calib == "generations":
-        gated, note = calibrate_on_generations(casc, tok, calib_papers[: args.calib_gens], args)
-    else:
+
+    def calibrate():
+        if args.calib == "generations":
+            return calibrate_on_generations(casc, tok, calib_papers[: args.calib_gens], args)
         gated, calib = casc.calibrate(calibration_texts(calib_papers), tok, max_tokens=args.calib_tokens)
-        note = f"{calib.format()} (ACLSum validation text)"
-    calib_s = time.perf_counter() - start
+        return gated, f"{calib.format()} (ACLSum validation text)"
+
+    calibration = timed(calibrate)
+    (gated, note), calib_s = calibration.output, calibration.seconds
     verified = effx.cascade(small, large, mode="verified", draft=args.draft)
     stops = set(large.plan.eos_token_ids)
 
     prompts = summary_prompts(tok, papers, args.doc_tokens)
-    warm_ids, warm_mask = prompts[0][0][:, :16], prompts[0][1][:, :16]
-
-    gen = dict(max_new_tokens=n_new, eos_token_id=[])
-    with torch.inference_mode():  # warm-up: first calls allocate and pick kernels
-        for fn in (large.generate, small.generate, gated.generate, verified.generate):
-            fn(warm_ids, attention_mask=warm_mask, max_new_tokens=4, eos_token_id=[])
+    runners = {
+        "large": generator(large.generate, n_new),
+        "small": generator(small.generate, n_new),
+        "gated": generator(gated.generate, n_new, stats=True),
+        "verified": generator(verified.generate, n_new, stats=True),
+    }
 
     print(f"\n== {label}: {note} ({calib_s:.0f} s)", flush=True)
+    # interleaved: the four runs of one prompt follow each other, so load drift hits them alike; the warm-up
+    # (first calls allocate and pick kernels): 4 tokens on the first 16 tokens of the first prompt
+    runs = interleave(
+        runners,
+        prompts,
+        on_token=True,
+        warmup=(prompts[0][0][:, :16], prompts[0][1][:, :16], 4),
+        desc=label,
+    )
     print(
         f"{'prompt':<6} {'tokens':>6} {'large s':>8} {'prefill':>8} {'small s':>8} {'gated s':>8} {'gated x':>8} "
         f"{'dec x':>6} {'verif s':>8} {'verif x':>8} {'dec x':>6} {'same':>5} {'large %':>8} {'accept':>7} "
         f"{'R-L large':>9} {'R-L small':>9} {'R-L gated':>9} {'small~L':>8} {'gated~L':>8}"
     )
     rows = []
-    for i, ((ids, mask), paper) in enumerate(zip(prompts, papers, strict=True)):
+    for i, ((ids, _), paper) in enumerate(zip(prompts, papers, strict=True)):
         n = ids.shape[1]
-        # interleaved: the four runs of one prompt follow each other, so load drift hits them alike
-        big, t_large, f_large = timed(large.generate, ids, mask, **gen)
-        little, t_small, f_small = timed(small.generate, ids, mask, **gen)
-        g_stats, v_stats = {}, {}
-        g_out, t_gated, f_gated = timed(gated.generate, ids, mask, stats=g_stats, **gen)
-        v_out, t_verif, f_verif = timed(verified.generate, ids, mask, stats=v_stats, **gen)
+        call = {k: runs[k][i][0] for k in runners}  # one repeat
+        (big, _), (little, _) = call["large"].output, call["small"].output
+        (g_out, g_stats), (v_out, v_stats) = call["gated"].output, call["verified"].output
+        t_large, t_small, t_gated, t_verif = (call[k].seconds for k in runners)
+        f_large, f_small, f_gated, f_verif = (call[k].first_token_s for k in runners)
         outs = {"large": big, "small": little, "gated": g_out}
         texts = {k: text_of(tok, o[0, n:], stops) for k, o in outs.items()}
         ref = [paper["summary"]]

@@ -1,6 +1,6 @@
-"""Helpers shared by the benchmark scripts: timing a Program over a prompt set. Exit heads, vocabulary
-rankings and neuron profiles made once and cached live in effx.bench (``effx bench`` needs them too) and are
-re-exported here under their old names."""
+"""Helpers shared by the benchmark scripts: timing rows over a prompt set with effx.bench's interleaved
+loop. Exit heads, vocabulary rankings and neuron profiles made once and cached live in effx.bench
+(``effx bench`` needs them too) and are re-exported here under their old names."""
 
 from __future__ import annotations
 
@@ -10,9 +10,18 @@ import time
 
 import torch
 
-from effx.bench import exit_heads, neuron_profile, vocab_file
+from effx.bench import exit_heads, first_outputs, interleave, neuron_profile, total_seconds, vocab_file
 
-__all__ = ["exit_heads", "median_ms", "neuron_profile", "run_prompts", "same", "token_match", "vocab_file"]
+__all__ = [
+    "exit_heads",
+    "generator",
+    "median_ms",
+    "neuron_profile",
+    "same",
+    "time_rows",
+    "token_match",
+    "vocab_file",
+]
 
 # the helpers log how long making an artifact took; the scripts show it as they used to print it
 _log = logging.getLogger("effx.bench")
@@ -21,15 +30,33 @@ if not _log.handlers:
     _log.setLevel(logging.INFO)
 
 
-def run_prompts(fn, prompts):
-    """Call ``fn(ids, mask)`` on each prompt; returns (new tokens of row 0 per prompt, total seconds)."""
-    outs, secs = [], []
-    for ids, mask in prompts:
-        start = time.perf_counter()
-        out = fn(ids, mask)
-        secs.append(time.perf_counter() - start)
-        outs.append(out[0, ids.shape[1] :])
-    return outs, sum(secs)
+def generator(prog, new_tokens: int):
+    """``runner(ids, mask)`` for :func:`time_rows`: ``prog`` decodes exactly ``new_tokens`` tokens greedily;
+    returns ``(ids, stats)``."""
+
+    def run(ids, mask):
+        stats: dict = {}
+        out = prog.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=[], stats=stats)
+        return out, stats
+
+    return run
+
+
+def time_rows(runners, prompts, *, repeats: int = 1) -> dict:
+    """Every ``runner(ids, mask)`` on every prompt through :func:`effx.bench.interleave` (rows back to back
+    per prompt, order rotating, one untimed warm-up call each). A runner returns the generated ids, or
+    ``(ids, stats)``. Returns ``{name: (new tokens of row 0 per prompt, seconds over all prompts, stats per
+    prompt or None)}``, outputs and stats from the first repeat."""
+    warm_ids, warm_mask = prompts[0]
+    runs = interleave(runners, prompts, repeats=repeats, warmup=(warm_ids[:, :8], warm_mask[:, :8]))
+    rows = {}
+    for name, r in runs.items():
+        outs = first_outputs(r)
+        stats = [o[1] for o in outs] if isinstance(outs[0], tuple) else None
+        outs = [o[0] if isinstance(o, tuple) else o for o in outs]
+        new = [out[0, ids.shape[1] :] for out, (ids, _) in zip(outs, prompts, strict=True)]
+        rows[name] = (new, total_seconds(r), stats)
+    return rows
 
 
 def same(outs, refs) -> bool:

@@ -1,6 +1,7 @@
 """Decode speed: HF ``model.generate`` vs effx's dense runtime, timed in the same run.
 
-Runs are interleaved (HF, effx, HF, effx, ...) so that machine noise hits both; each figure is the median
+Runs are interleaved with :func:`effx.bench.interleave` (HF and effx back to back on every input, the order
+rotating from input to input and repeat to repeat) so that machine noise hits both; each figure is the median
 over repeats. Greedy decoding, the effx.data prompt suite, batch 1 (prompt by prompt) and batch 4 (mixed
 lengths, left-padded). Also checks that the outputs are identical and reports time to first token for a
 512-token prompt.
@@ -13,36 +14,45 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import effx
+from effx.bench import interleave, timed
 from effx.data import PROMPTS, encode_prompts
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+def _runners(model, prog, **kw) -> dict:
+    """``runner(ids, mask=None)`` for HF ``model.generate`` and for the effx Program, greedy, no stop token."""
+
+    def hf(ids, mask=None):
+        with torch.inference_mode():
+            return model.generate(ids, attention_mask=mask, do_sample=False, **kw)
+
+    def fx(ids, mask=None):
+        return prog.generate(ids, attention_mask=mask, eos_token_id=[], **kw)
+
+    return {"HF": hf, "effx": fx}
 
 
 def _compare(label, runs, model, prog, batches, new_tokens, repeats):
-    hf_times, fx_times, tokens, identical = [], [], 0, True
-    for _ in range(repeats):
-        hf_total = fx_total = 0.0
-        tokens = 0
-        for ids, mask in batches:
-            kw = dict(attention_mask=mask, max_new_tokens=new_tokens)
-            with torch.inference_mode():
-                ref, t_hf = _timed(lambda: model.generate(ids, do_sample=False, **kw))  # noqa: B023
-            out, t_fx = _timed(lambda: prog.generate(ids, eos_token_id=[], **kw))  # noqa: B023
-            identical &= torch.equal(out, ref)
-            hf_total += t_hf
-            fx_total += t_fx
-            tokens += (out.shape[1] - ids.shape[1]) * ids.shape[0]
-        hf_times.append(hf_total)
-        fx_times.append(fx_total)
+    timings = interleave(
+        _runners(model, prog, max_new_tokens=new_tokens), batches, repeats=repeats, desc=label
+    )
+    # seconds over all batches, per repeat
+    hf_times, fx_times = (
+        [sum(per_batch[r].seconds for per_batch in timings[name]) for r in range(repeats)]
+        for name in ("HF", "effx")
+    )
+    identical = all(
+        torch.equal(fx.output, hf.output)
+        for hf_batch, fx_batch in zip(timings["HF"], timings["effx"], strict=True)
+        for hf, fx in zip(hf_batch, fx_batch, strict=True)
+    )
+    tokens = sum(
+        (per_batch[0].output.shape[1] - ids.shape[1]) * ids.shape[0]
+        for per_batch, (ids, _) in zip(timings["effx"], batches, strict=True)
+    )
     hf_tps = tokens / statistics.median(hf_times)
     fx_tps = tokens / statistics.median(fx_times)
     runs.append((label, hf_tps, fx_tps, identical))
@@ -57,12 +67,9 @@ def _compare(label, runs, model, prog, batches, new_tokens, repeats):
 def _ttft(model, prog, tokenizer, length, repeats):
     text = " ".join(PROMPTS) * 40
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :length]
-    hf, fx = [], []
-    for _ in range(repeats):
-        with torch.inference_mode():
-            hf.append(_timed(lambda: model.generate(ids, max_new_tokens=1, do_sample=False))[1])
-        fx.append(_timed(lambda: prog.generate(ids, max_new_tokens=1, eos_token_id=[]))[1])
-    h, f = statistics.median(hf), statistics.median(fx)
+    # one new token: the whole call is the prefill plus the first token (HF generate has no on_token hook)
+    timings = interleave(_runners(model, prog, max_new_tokens=1), [(ids,)], repeats=repeats, desc="TTFT")
+    h, f = (statistics.median(t.seconds for t in timings[name][0]) for name in ("HF", "effx"))
     print(
         f"TTFT {ids.shape[1]}-token prompt: HF {h * 1000:.0f} ms   effx {f * 1000:.0f} ms   ratio {h / f:.2f}x faster"
     )
@@ -80,9 +87,11 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = effx.models.load(args.model)
-    prog, t = _timed(lambda: effx.transform(model))
+    capture = timed(effx.transform, model)
+    prog = capture.output
     print(
-        f"{args.model}: captured in {t:.1f} s; torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"{args.model}: captured in {capture.seconds:.1f} s; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
     )
     prompts = list(PROMPTS[: args.prompts])
     runs: list = []

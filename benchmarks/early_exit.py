@@ -1,8 +1,8 @@
 """Early exit on SmolLM2: speed against dense and quality, every row timed in the same run.
 
-Rows: HF ``model.generate`` (dense), effx dense, HF's ``assistant_early_exit`` (LayerSkip-style
-self-speculation, same exit layer), effx self-speculative with the shared head and with a trained exit head,
-and effx lossy early exit at thresholds calibrated for agreement targets 0.99 / 0.95 / 0.90. Lossy rows also
+Rows, timed interleaved prompt by prompt (``effx.bench.interleave``): HF ``model.generate`` (dense), effx
+dense, HF's ``assistant_early_exit`` (LayerSkip-style self-speculation, same exit layer), effx
+self-speculative with the shared head and with a trained exit head, and effx lossy early exit at thresholds calibrated for agreement targets 0.99 / 0.95 / 0.90. Lossy rows also
 show ROUGE-L of the output against the dense output, teacher-forced agreement with the full model on held-out
 text, and the mean number of layers per generated token.
 
@@ -15,12 +15,10 @@ Exit heads are trained once (pydoc calibration text) and cached under the effx c
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 
 import torch
-from common import exit_heads, same
-from common import run_prompts as _run
+from common import exit_heads, generator, same, time_rows
 
 import effx
 from effx.data import PROMPTS, encode_prompts, pydoc_texts
@@ -53,31 +51,24 @@ def main() -> None:
     prompts = [encode_prompts(tok, p) for p in PROMPTS[: args.prompts]]
     n_new = args.new_tokens
 
-    run = functools.partial(_run, prompts=prompts)
+    def gen(prog):
+        return generator(prog, n_new)
 
-    rows = []
-    with torch.inference_mode():
-        hf_out, hf_t = run(
-            lambda ids, m: model.generate(ids, attention_mask=m, max_new_tokens=n_new, do_sample=False)
-        )
-    rows.append(("HF generate (dense)", hf_t, True, None))
-    ref_out, dense_t = run(
-        lambda ids, m: dense.generate(ids, attention_mask=m, max_new_tokens=n_new, eos_token_id=[])
-    )
-    rows.append(
-        ("effx dense", dense_t, all(torch.equal(a, b) for a, b in zip(ref_out, hf_out, strict=True)), None)
-    )
-    with torch.inference_mode():
-        out, t = run(
-            lambda ids, m: model.generate(
-                ids,
-                attention_mask=m,
-                max_new_tokens=n_new,
-                do_sample=False,
-                assistant_early_exit=args.spec_layer + 1,
-            )
-        )
-    rows.append((f"HF assistant_early_exit={args.spec_layer + 1}", t, same(out, ref_out), None))
+    def hf(**kwargs):
+        def fn(ids, mask):
+            with torch.inference_mode():
+                return model.generate(
+                    ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False, **kwargs
+                )
+
+        return fn
+
+    assist = f"HF assistant_early_exit={args.spec_layer + 1}"
+    runners = {
+        "HF generate (dense)": hf(),
+        "effx dense": gen(dense),
+        assist: hf(assistant_early_exit=args.spec_layer + 1),
+    }
     for head in ("shared", "trained"):
         kw = dict(head=head, heads=str(heads)) if head == "trained" else {}
         prog = effx.transform(
@@ -92,44 +83,42 @@ def main() -> None:
                 )
             ],
         )
-        acc = []
-
-        def spec(ids, mask, prog=prog, acc=acc):
-            st = {}
-            out = prog.generate(ids, attention_mask=mask, max_new_tokens=n_new, eos_token_id=[], stats=st)
-            acc.append(st["accepted"] / max(1, st["drafted"]))
-            return out
-
-        out, t = run(spec)
-        note = f"draft acceptance {statistics.mean(acc):.2f}"
-        rows.append(
-            (f"effx self-speculative ({head} head, exit {args.spec_layer})", t, same(out, ref_out), note)
-        )
+        runners[f"effx self-speculative ({head} head, exit {args.spec_layer})"] = gen(prog)
     exits = effx.transform(
         model, passes=[EarlyExit(layers=tuple(lossy_layers), head="trained", heads=str(heads))]
     )
+    lossy = {}
+    for target in (0.99, 0.95, 0.90):
+        prog, _ = exits.calibrate(pydoc_texts("calib"), tok, target=target)
+        lossy[f"effx lossy, calibrated {target}"] = prog
+        runners[f"effx lossy, calibrated {target}"] = gen(prog)
+
+    timing = time_rows(runners, prompts)  # every row interleaved with the others, prompt by prompt
+    ref_out, dense_t, _ = timing["effx dense"]
+    hf_out = timing["HF generate (dense)"][0]
     dense_text = [tok.decode(o, skip_special_tokens=True) for o in ref_out]
     heldout = pydoc_texts("heldout")
     from effx.calibrate import agreement
 
-    for target in (0.99, 0.95, 0.90):
-        prog, report = exits.calibrate(pydoc_texts("calib"), tok, target=target)
-        depth = []
-
-        def lossy(ids, mask, prog=prog, depth=depth):
-            st = {}
-            out = prog.generate(ids, attention_mask=mask, max_new_tokens=n_new, eos_token_id=[], stats=st)
-            depth.extend(d[0] for d in st["exit_layers"])
-            return out
-
-        out, t = run(lossy)
-        text = [tok.decode(o, skip_special_tokens=True) for o in out]
-        agree, _ = agreement(prog, heldout, tok, max_tokens=2048)
-        quality = (
-            f"ROUGE-L {rouge_l(text, dense_text):.3f}, teacher-forced agreement {agree:.3f}, "
-            f"mean layers {statistics.mean(depth):.1f}/{dense.info.num_layers}"
-        )
-        rows.append((f"effx lossy, calibrated {target}", t, same(out, ref_out), quality))
+    rows = []
+    for name, (out, t, stats) in timing.items():
+        note = None
+        if name == "effx dense":
+            identical = same(ref_out, hf_out)
+        else:
+            identical = same(out, ref_out)
+        if "self-speculative" in name:
+            drafted = sum(st["drafted"] for st in stats)
+            note = f"draft acceptance {sum(st['accepted'] for st in stats) / max(1, drafted):.2f}"
+        elif name in lossy:
+            text = [tok.decode(o, skip_special_tokens=True) for o in out]
+            agree, _ = agreement(lossy[name], heldout, tok, max_tokens=2048)
+            depth = statistics.mean(d[0] for st in stats for d in st["exit_layers"])
+            note = (
+                f"ROUGE-L {rouge_l(text, dense_text):.3f}, teacher-forced agreement {agree:.3f}, "
+                f"mean layers {depth:.1f}/{dense.info.num_layers}"
+            )
+        rows.append((name, t, identical, note))
 
     tokens = n_new * len(prompts)
     print(f"\n{len(prompts)} prompts x {n_new} new tokens, greedy; ratio = effx dense time / row time")

@@ -2,7 +2,8 @@
 
 The task is Python documentation: the neuron profile is built on pydoc calibration text (two of every three
 help topics), perplexity is measured on the held-out topics (never profiled), and generation on the chat
-prompt suite (ROUGE-L against the dense output). Rows, each timed in the same run as effx dense:
+prompt suite (ROUGE-L against the dense output). Rows, each timed in the same run as effx dense and
+interleaved with it prompt by prompt (``effx.bench.interleave``):
 
 * static masks (sliced weights) in layers 3..27 at keep 0.3 / 0.5 / 0.7 / 0.9, and a random mask of the
   same size at keep 0.5 (a task profile must beat it on the task's held-out text);
@@ -17,13 +18,11 @@ prompt suite (ROUGE-L against the dense output). Rows, each timed in the same ru
 from __future__ import annotations
 
 import argparse
-import functools
-import time
 
-from common import neuron_profile, token_match
-from common import run_prompts as _run
+from common import neuron_profile, time_rows, token_match
 
 import effx
+from effx.bench import interleave, total_seconds
 from effx.data import PROMPTS, encode_prompts, pydoc_texts
 from effx.flops import decode_flops, weight_bytes
 from effx.passes import NeuronMask
@@ -52,7 +51,6 @@ def main() -> None:
 
     prompts = [encode_prompts(tok, p) for p in PROMPTS[: args.prompts]]
     n_new = args.new_tokens
-    run = functools.partial(_run, prompts=prompts)
     heldout = pydoc_texts("heldout")
     long_ids = tok(" ".join(heldout), return_tensors="pt").input_ids[:, : args.ttft_length]
 
@@ -60,19 +58,6 @@ def main() -> None:
         return lambda ids, mask: prog.generate(
             ids, attention_mask=mask, max_new_tokens=n_new, eos_token_id=[]
         )
-
-    def ttft(prog) -> float:
-        prog.generate(long_ids[:, :32], max_new_tokens=1, eos_token_id=[])  # warm-up
-        start = time.perf_counter()
-        prog.generate(long_ids, max_new_tokens=1, eos_token_id=[])
-        return time.perf_counter() - start
-
-    ref, dense_t = run(gen(dense))
-    dense_text = [tok.decode(o, skip_special_tokens=True) for o in ref]
-    dense_ttft = ttft(dense)
-    dense_ppl = perplexity(dense, heldout, tok, max_tokens=args.ppl_tokens)
-    dense_flops = decode_flops(dense)
-    rows = [("dense", dense_t, dense_ttft, weight_bytes(dense), dense_flops, dense_ppl, 1.0, 1.0)]
 
     configs = [(f"static keep={k}", NeuronMask(keep=k, profile=str(profile), layers=layers)) for k in keeps]
     configs.append(("random static keep=0.5", NeuronMask(keep=0.5, score="random", layers=layers)))
@@ -84,12 +69,31 @@ def main() -> None:
         )
         for k in keeps
     ]
-    for label, mask in configs:
-        prog = effx.transform(model, [mask])
-        out, t = run(gen(prog))
+    programs = {"dense": dense} | {label: effx.transform(model, [mask]) for label, mask in configs}
+    masks = dict(configs)
+    # decode, then time to first token on the long prompt (max_new_tokens=1): each interleaved over every
+    # program, prompt by prompt
+    timing = time_rows({label: gen(prog) for label, prog in programs.items()}, prompts)
+    first = interleave(
+        {
+            label: lambda ids, prog=prog: prog.generate(ids, max_new_tokens=1, eos_token_id=[])
+            for label, prog in programs.items()
+        },
+        [(long_ids,)],
+        warmup=(long_ids[:, :32],),
+        desc="TTFT",
+    )
+    ref, dense_t, _ = timing["dense"]
+    dense_text = [tok.decode(o, skip_special_tokens=True) for o in ref]
+    dense_ppl = perplexity(dense, heldout, tok, max_tokens=args.ppl_tokens)
+    rows = []
+    for label, prog in programs.items():
+        out, t, _ = timing[label]
         text = [tok.decode(o, skip_special_tokens=True) for o in out]
         flops = decode_flops(prog)
-        if mask.mode == "core":  # decode runs the sliced MLP; the graphs hold the full one for the prefill
+        mask = masks.get(label)
+        if mask is not None and mask.mode == "core":
+            # decode runs the sliced MLP; the graphs hold the full one for the prefill
             k = round(mask.keep * dense.info.intermediate_size)
             per_layer_mlp = 3 * 2 * dense.info.hidden_size * dense.info.intermediate_size
             flops -= (layers[1] - layers[0] + 1) * per_layer_mlp * (1 - k / dense.info.intermediate_size)
@@ -97,15 +101,14 @@ def main() -> None:
             (
                 label,
                 t,
-                ttft(prog),
+                total_seconds(first[label]),
                 weight_bytes(prog),
                 flops,
-                perplexity(prog, heldout, tok, max_tokens=args.ppl_tokens),
+                dense_ppl if prog is dense else perplexity(prog, heldout, tok, max_tokens=args.ppl_tokens),
                 rouge_l(text, dense_text),
                 token_match(out, ref),
             )
         )
-        print(f"done: {label}", flush=True)
 
     tokens = n_new * len(prompts)
     print(

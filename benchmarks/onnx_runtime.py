@@ -1,6 +1,7 @@
 """ONNX artifacts of SmolLM2, dense and with each pass, against the torch backend and a plain torch.onnx export.
 
-Rows, every one timed in the same run with prompts interleaved (machine noise hits all of them):
+Rows, every one timed in the same run with :func:`effx.bench.interleave` (every row on both backends back
+to back on each prompt, the order rotating from prompt to prompt, so machine noise hits all of them):
 
 * ``torch.onnx single graph``: what a user does today. The whole Hugging Face model with its KV cache
   exported as one graph (``torch.onnx.export(dynamo=True)``), decoded greedily with ONNX Runtime;
@@ -9,7 +10,8 @@ Rows, every one timed in the same run with prompts interleaved (machine noise hi
   reduced head (k=8192, fallback 0.9), lossy early exit with trained, pruned (adaptive k=2048) exit heads
   calibrated to 0.95 agreement, self-speculative decoding with a reduced draft head (k=2048);
 * TokenDrop is a prefill technique: its row is time to first token on a long prompt (keep 0.5 at layers 4
-  and 12), dense against dropped, on each backend.
+  and 12), dense against dropped, on each backend: a one-token generation, median of 3, the four
+  interleaved.
 
 For each: tokens/s on each backend, the speed-up over dense on the same backend, the ratio of the two
 speed-ups (the issue's target: within 15%), whether the ONNX tokens equal the torch tokens, export time and
@@ -25,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ import torch
 from common import exit_heads, neuron_profile, vocab_file
 
 import effx
+from effx.bench import interleave, timed, total_seconds
 from effx.data import PROMPTS, encode_prompts, pydoc_texts
 from effx.exporters import onnx as exporter
 from effx.passes import EarlyExit, NeuronMask, TokenDrop, VocabReduce
@@ -123,6 +126,19 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _torch_runner(prog, new: int):
+    """``runner(ids, mask=None)``: the Program on the torch backend, exactly ``new`` tokens."""
+    return lambda ids, mask=None: prog.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
+
+
+def _onnx_runner(gen, new: int):
+    """``runner(ids, mask=None)``: the ONNX artifact with ONNX Runtime, exactly ``new`` tokens (the inputs
+    converted to numpy inside the timing, as a user of torch tensors would)."""
+    return lambda ids, mask=None: gen.generate(
+        ids.numpy(), None if mask is None else mask.numpy(), max_new_tokens=new, eos_token_id=[]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -172,58 +188,58 @@ def main() -> None:
     try:
         exported, gens = {}, {}
         for name, prog in [*configs.items(), ("token drop", drop)]:
-            start = time.perf_counter()
-            out = exporter.export(prog, tmp / f"a{len(exported)}", progress=True)
-            exported[name] = (time.perf_counter() - start, _size(out))
-            check_stages(out)
-            gens[name] = ort_runtime.load(out)
+            export = timed(exporter.export, prog, tmp / f"a{len(exported)}", progress=True)
+            exported[name] = (export.seconds, _size(export.output))
+            check_stages(export.output)
+            gens[name] = ort_runtime.load(export.output)
         single = None
         if not args.skip_single_graph:
-            start = time.perf_counter()
             (tmp / "single").mkdir()
-            single = single_graph(model, dense.info, tmp / "single" / "model.onnx")
-            single_s = time.perf_counter() - start
+            export = timed(single_graph, model, dense.info, tmp / "single" / "model.onnx")
+            single, single_s = export.output, export.seconds
             single_size = _size(tmp / "single")
             print(f"single-graph torch.onnx export: {single_s:.0f} s", flush=True)
 
         prompts = [encode_prompts(tok, p) for p in PROMPTS[: args.prompts]]
-        times = {name: [0.0, 0.0] for name in configs}
-        single_t = 0.0
-        identical = dict.fromkeys(configs, True)
-        single_same = True
         new = args.new_tokens
-        for ids, mask in prompts:  # interleaved: every row of a prompt back to back
-            dense_tokens = None
-            for name, prog in configs.items():
-                start = time.perf_counter()
-                ref = prog.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
-                times[name][0] += time.perf_counter() - start
-                start = time.perf_counter()
-                out = gens[name].generate(ids.numpy(), mask.numpy(), max_new_tokens=new, eos_token_id=[])
-                times[name][1] += time.perf_counter() - start
-                identical[name] &= bool(np.array_equal(out, ref.numpy()))
-                if dense_tokens is None:
-                    dense_tokens = out
-            if single is not None:
-                start = time.perf_counter()
-                out = single_generate(single, dense.info, ids.numpy(), new)
-                single_t += time.perf_counter() - start
-                single_same &= bool(np.array_equal(out, dense_tokens))
+        runners = {}
+        for name, prog in configs.items():
+            runners[f"{name} (torch)"] = _torch_runner(prog, new)
+            runners[f"{name} (onnx)"] = _onnx_runner(gens[name], new)
+        if single is not None:
+            runners["single graph"] = lambda ids, mask: single_generate(single, dense.info, ids.numpy(), new)
+        runs = interleave(runners, prompts, desc="decode")
+        times = {name: [total_seconds(runs[f"{name} ({b})"]) for b in ("torch", "onnx")] for name in configs}
+        identical = {
+            name: all(
+                bool(np.array_equal(o[0].output, t[0].output.numpy()))
+                for t, o in zip(runs[f"{name} (torch)"], runs[f"{name} (onnx)"], strict=True)
+            )
+            for name in configs
+        }
+        if single is not None:
+            single_t = total_seconds(runs["single graph"])
+            single_same = all(
+                bool(np.array_equal(s[0].output, d[0].output))
+                for s, d in zip(runs["single graph"], runs["dense (onnx)"], strict=True)
+            )
 
-        # TokenDrop: time to first token on a long prompt, median of 3, dense and dropped on each backend
+        # TokenDrop: time to first token on a long prompt (a one-token generation), median of 3, dense and
+        # dropped on each backend
         long_ids = tok(" ".join(pydoc_texts("heldout")), return_tensors="pt").input_ids[:, : args.ttft_length]
+        ttft_runners = {}
+        for name, prog in (("dense", dense), ("token drop", drop)):
+            ttft_runners[f"{name} (torch)"] = _torch_runner(prog, 1)
+            ttft_runners[f"{name} (onnx)"] = _onnx_runner(gens[name], 1)
+        ttft_runs = interleave(ttft_runners, [(long_ids,)], repeats=3, desc="TTFT")
         ttft = {}
-        for name, prog, gen in (("dense", dense, gens["dense"]), ("token drop", drop, gens["token drop"])):
-            runs = {"torch": [], "onnx": []}
-            outs = []
-            for _ in range(3):
-                start = time.perf_counter()
-                outs.append(prog.generate(long_ids, max_new_tokens=1, eos_token_id=[]).numpy())
-                runs["torch"].append(time.perf_counter() - start)
-                start = time.perf_counter()
-                outs.append(gen.generate(long_ids.numpy(), max_new_tokens=1, eos_token_id=[]))
-                runs["onnx"].append(time.perf_counter() - start)
-            ttft[name] = {k: float(np.median(v)) for k, v in runs.items()}
+        for name in ("dense", "token drop"):
+            ttft[name] = {
+                b: statistics.median(t.seconds for t in ttft_runs[f"{name} ({b})"][0])
+                for b in ("torch", "onnx")
+            }
+            outs = [t.output.numpy() for t in ttft_runs[f"{name} (torch)"][0]]
+            outs += [t.output for t in ttft_runs[f"{name} (onnx)"][0]]
             ttft[name]["same"] = all(np.array_equal(o, outs[0]) for o in outs)
     finally:
         import shutil

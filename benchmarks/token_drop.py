@@ -3,17 +3,19 @@
 Each prompt is real text (Python's own pydoc help pages) cut to 512 / 1024 / 2048 tokens with one short
 fact written into it at a random depth, followed by a question whose answer is that fact. For dense and
 for TokenDrop at keep 0.7 / 0.5 / 0.3 (two drop points, by default before layers 4 and 12: half of the
-dropped tokens go at the first, the rest at the second), every run is timed in the same process and
-reports time to first token (the prefill), retrieval accuracy (the answer word appears in the first 16
-generated tokens) and ROUGE-L of the answer against the dense answer.
+dropped tokens go at the first, the rest at the second), every run is timed in the same process, the
+configurations interleaved with :func:`effx.bench.interleave` (all of them back to back on every prompt, the
+order rotating from prompt to prompt), and reports time to first token (the prefill, from ``on_token``),
+retrieval accuracy (the answer word appears in the first 16 generated tokens) and ROUGE-L of the answer
+against the dense answer.
 
     python benchmarks/token_drop.py                         # 6 questions x 3 lengths
     python benchmarks/token_drop.py --questions 3 --lengths 512,2048
 
 Then all-MiniLM-L6-v2 (``--minilm-texts 0`` skips it): up to 64 held-out pydoc topics (cut to 256 tokens),
 encoded dense and with token drop before layer 2 at keep 0.7 / 0.5 / 0.3 (attention received, CLS and SEP
-kept): encode time ratio (batch 16, median of 3) and cosine similarity of the mean-pooled embeddings to the
-dense ones.
+kept): encode time ratio (batch 16; every batch's median of 3, summed; the configurations interleaved batch by
+batch) and cosine similarity of the mean-pooled embeddings to the dense ones.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import time
 
 import effx
+from effx.bench import first_outputs, interleave, total_seconds
 from effx.data import encode_prompts, pydoc_texts
 from effx.passes import TokenDrop
 from effx.quality import rouge_l
@@ -74,6 +76,17 @@ def build_prompt(tok, filler_ids, length: int, fact: str, question: str, rng: ra
     )
 
 
+def _generator(prog, new_tokens: int):
+    """``runner(ids, mask, on_token=...)`` for :func:`effx.bench.interleave`: greedy, ``new_tokens`` at most."""
+
+    def run(ids, mask, on_token=None):
+        return prog.generate(
+            ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, on_token=on_token
+        )
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,23 +134,23 @@ def main() -> None:
     for length in (int(x) for x in args.lengths.split(",")):
         rng = random.Random(length)  # the same prompts for a length whatever else runs
         prompts = [encode_prompts(tok, build_prompt(tok, filler, length, f, q, rng)) for f, q, _ in facts]
-        results = {name: ([], [], []) for name, _ in configs}
-        for (ids, mask), (_, _, answer) in zip(prompts, facts, strict=True):
-            for name, prog in configs:  # interleaved: machine noise hits every config alike
-                first = []
-                start = time.perf_counter()
-                out = prog.generate(
-                    ids,
-                    attention_mask=mask,
-                    max_new_tokens=args.new_tokens,
-                    do_sample=False,
-                    on_token=lambda t, first=first: first or first.append(time.perf_counter()),
-                )
-                text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-                ttfts, hits, texts = results[name]
-                ttfts.append(first[0] - start)
-                hits.append(answer in text.lower())
-                texts.append(text)
+        runs = interleave(
+            {name: _generator(prog, args.new_tokens) for name, prog in configs},
+            prompts,
+            on_token=True,
+            desc=f"length {length}",
+        )
+        results = {}
+        for name, _ in configs:
+            texts = [
+                tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+                for out, (ids, _) in zip(first_outputs(runs[name]), prompts, strict=True)
+            ]
+            results[name] = (
+                [per_prompt[0].first_token_s for per_prompt in runs[name]],
+                [answer in text.lower() for text, (_, _, answer) in zip(texts, facts, strict=True)],
+                texts,
+            )
         dense_ttft = statistics.median(results["dense"][0])
         dense_acc = statistics.mean(results["dense"][1])
         for name, _ in configs:
@@ -169,24 +182,17 @@ def minilm(args) -> None:
         for k in (0.7, 0.5, 0.3)
     ]
 
-    def run(prog):
-        out, times = [], []
-        for _ in range(3):
-            start = time.perf_counter()
-            out = [
-                prog.encode(enc.input_ids[i : i + 16], enc.attention_mask[i : i + 16])
-                for i in range(0, len(texts), 16)
-            ]
-            times.append(time.perf_counter() - start)
-        return torch.cat(out), statistics.median(times)
-
-    ref, dense_t = run(dense)
+    batches = [(enc.input_ids[i : i + 16], enc.attention_mask[i : i + 16]) for i in range(0, len(texts), 16)]
+    runs = interleave(
+        {name: prog.encode for name, prog in configs}, batches, repeats=3, desc="all-MiniLM-L6-v2"
+    )
+    ref, dense_t = torch.cat(first_outputs(runs["dense"])), total_seconds(runs["dense"])
     print(
         f"\nall-MiniLM-L6-v2: {len(texts)} pydoc paragraphs, {int(enc.attention_mask.sum())} tokens, batch 16"
     )
     print(f"{'config':<10} {'encode ms':>9} {'ratio':>6} {'cosine mean':>11} {'cosine min':>10}")
-    for name, prog in configs:
-        emb, t = (ref, dense_t) if name == "dense" else run(prog)
+    for name, _ in configs:
+        emb, t = torch.cat(first_outputs(runs[name])), total_seconds(runs[name])
         cos = (emb * ref).sum(-1)
         print(
             f"{name:<10} {t * 1e3:9.0f} {dense_t / t:6.2f} {float(cos.mean()):11.4f} {float(cos.min()):10.4f}",

@@ -4,7 +4,8 @@ Part 1, head time and FLOPs per token (batch 1): the full LM head against heads 
 static subset (``where="head"``/``"draft"``) and as a pruned exit head (``where="exits"``: rows gathered per
 token).
 
-Part 2, generation, every row timed in the same run against effx dense:
+Part 2, generation, every row timed in the same run against effx dense, interleaved prompt by prompt
+(``effx.bench.interleave``):
 * lossy early exit (trained exit heads after layers 10, 15, 20, 25) with full exit heads, and with pruned
   exit heads (k=2048: fixed, decaying, adaptive), each calibrated to the same agreement target; quality is
   ROUGE-L against the dense output and teacher-forced agreement on held-out text;
@@ -23,12 +24,10 @@ and cached with the exit heads under the effx cache directory.
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 
 import torch
-from common import exit_heads, median_ms, same, token_match, vocab_file
-from common import run_prompts as _run
+from common import exit_heads, generator, median_ms, same, time_rows, token_match, vocab_file
 
 import effx
 from effx.calibrate import agreement
@@ -86,46 +85,21 @@ def main() -> None:
 
     prompts = [encode_prompts(tok, p) for p in PROMPTS[: args.prompts]]
     n_new = args.new_tokens
-    run = functools.partial(_run, prompts=prompts)
 
-    def gen(prog, stats_list=None):
-        def fn(ids, mask):
-            st = {}
-            out = prog.generate(ids, attention_mask=mask, max_new_tokens=n_new, eos_token_id=[], stats=st)
-            if stats_list is not None:
-                stats_list.append(st)
-            return out
+    def gen(prog):
+        return generator(prog, n_new)
 
-        return fn
-
-    ref, dense_t = run(gen(dense))
-    dense_text = [tok.decode(o, skip_special_tokens=True) for o in ref]
-    heldout = pydoc_texts("heldout")
-    rows = [("effx dense", dense_t, "identical", "")]
-
-    full_exits_t = None
-    lossy = [("full exit heads", [])] + [
+    runners = {"effx dense": gen(dense)}
+    lossy = {}
+    for label, extra in [("full exit heads", [])] + [
         (f"pruned k={args.k} {s}", [VocabReduce(k=args.k, schedule=s)])
         for s in ("fixed", "decaying", "adaptive")
-    ]
-    for label, extra in lossy:
+    ]:
         prog = effx.transform(model, [EarlyExit(layers=lossy_layers, head="trained", heads=heads), *extra])
         prog, _ = prog.calibrate(pydoc_texts("calib"), tok, target=args.target)
-        stats: list = []
-        out, t = run(gen(prog, stats))
-        agree, _ = agreement(prog, heldout, tok, max_tokens=2048)
-        depth = statistics.mean(d[0] for st in stats for d in st["exit_layers"])
-        text = [tok.decode(o, skip_special_tokens=True) for o in out]
-        if full_exits_t is None:
-            full_exits_t = t
-        quality = (
-            f"ROUGE-L {rouge_l(text, dense_text):.3f}, agreement {agree:.3f}, mean layers {depth:.1f}, "
-            f"{full_exits_t / t:.2f}x the full-head exits"
-        )
-        rows.append(
-            (f"lossy early exit, {label} ({args.target})", t, f"{token_match(out, ref):.2f}", quality)
-        )
-
+        name = f"lossy early exit, {label} ({args.target})"
+        lossy[name] = prog
+        runners[name] = gen(prog)
     for label, extra in (
         ("full draft head", []),
         (f"draft k={args.k}", [VocabReduce(k=args.k, where="draft", vocab=vocab)]),
@@ -134,28 +108,38 @@ def main() -> None:
             EarlyExit(layers=(20,), mode="self-speculative", thresholds=(0.3,), head="trained", heads=heads),
             *extra,
         ]
-        prog = effx.transform(model, passes)
-        stats = []
-        out, t = run(gen(prog, stats))
-        acc = sum(s["accepted"] for s in stats) / max(1, sum(s["drafted"] for s in stats))
-        rows.append((f"self-speculative, {label}", t, str(same(out, ref)), f"draft acceptance {acc:.2f}"))
-
+        runners[f"self-speculative, {label}"] = gen(effx.transform(model, passes))
     for fallback in (0.9, 0.5):
         prog = effx.transform(
             model, [VocabReduce(k=args.head_k, where="head", vocab=vocab, fallback=fallback)]
         )
-        stats = []
-        out, t = run(gen(prog, stats))
-        rate = sum(s["head_fallbacks"] for s in stats) / max(1, sum(s["head_positions"] for s in stats))
+        runners[f"reduced head k={args.head_k}, fallback {fallback}"] = gen(prog)
+
+    timing = time_rows(runners, prompts)  # every row interleaved with the others, prompt by prompt
+    ref, dense_t, _ = timing["effx dense"]
+    dense_text = [tok.decode(o, skip_special_tokens=True) for o in ref]
+    heldout = pydoc_texts("heldout")
+    full_exits_t = timing[next(iter(lossy))][1]
+    rows = []
+    for name, (out, t, stats) in timing.items():
         text = [tok.decode(o, skip_special_tokens=True) for o in out]
-        rows.append(
-            (
-                f"reduced head k={args.head_k}, fallback {fallback}",
-                t,
-                f"{token_match(out, ref):.2f}",
-                f"ROUGE-L {rouge_l(text, dense_text):.3f}, full head used for {rate:.0%} of positions",
+        if name == "effx dense":
+            rows.append((name, t, "identical", ""))
+        elif name in lossy:
+            agree, _ = agreement(lossy[name], heldout, tok, max_tokens=2048)
+            depth = statistics.mean(d[0] for st in stats for d in st["exit_layers"])
+            quality = (
+                f"ROUGE-L {rouge_l(text, dense_text):.3f}, agreement {agree:.3f}, mean layers {depth:.1f}, "
+                f"{full_exits_t / t:.2f}x the full-head exits"
             )
-        )
+            rows.append((name, t, f"{token_match(out, ref):.2f}", quality))
+        elif name.startswith("self-speculative"):
+            acc = sum(s["accepted"] for s in stats) / max(1, sum(s["drafted"] for s in stats))
+            rows.append((name, t, str(same(out, ref)), f"draft acceptance {acc:.2f}"))
+        else:
+            rate = sum(s["head_fallbacks"] for s in stats) / max(1, sum(s["head_positions"] for s in stats))
+            quality = f"ROUGE-L {rouge_l(text, dense_text):.3f}, full head used for {rate:.0%} of positions"
+            rows.append((name, t, f"{token_match(out, ref):.2f}", quality))
 
     tokens = n_new * len(prompts)
     print(f"\n{len(prompts)} prompts x {n_new} new tokens, greedy; ratio = effx dense time / row time")
