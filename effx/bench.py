@@ -73,7 +73,8 @@ the dense token. A configuration identical to dense reports agreement, ROUGE-L a
                   "per_prompt": [{"rouge_l_dense", "rouge_l_reference"} per prompt, first repeat]}]}
 
 **Paths** are the cascade seed's "share of tokens per path": self-speculative decoding's ``accepted draft``
-against ``full model``; lossy exits' ``exit after N layers`` against ``all L layers``; a reduced head's
+against ``full model``; lossy exits' ``exit at layer N`` (0-based, as passes name layers) against
+``all L layers``; a reduced head's
 ``reduced head`` against ``full head (fallback)``. Each group sums to 1 per generation.
 :func:`format_path_table` prints the seed's per-prompt table from them (time, ROUGE-L, shares).
 
@@ -95,6 +96,7 @@ import re
 import resource
 import statistics
 import sys
+import textwrap
 import time
 import typing
 from collections.abc import Callable, Sequence
@@ -804,7 +806,7 @@ def _pass_stats(stats_list: list[dict], prompt_lengths: list[int]) -> dict[str, 
 def _paths(stats: dict, new_tokens: int, num_layers: int, reduced_head: bool = False) -> dict[str, float]:
     """Share of one generation's tokens each path produced, the cascade seed's "share of tokens per path":
     self-speculative decoding's accepted drafts against the tokens the full model gave; lossy exits' tokens
-    by how many layers they went through (the first token, from the prefill, through all of them); a
+    by the layer they left after (0-based; the first token, from the prefill, goes through all of them); a
     reduced head's positions against those that fell back to the full head (``reduced_head`` without a
     fallback: all of them). Each group sums to 1; a program without any of these has one path,
     ``all N layers``."""
@@ -816,7 +818,7 @@ def _paths(stats: dict, new_tokens: int, num_layers: int, reduced_head: bool = F
         depths = [row[0] for row in stats["exit_layers"]]
         depths += [num_layers] * max(0, new_tokens - len(depths))
         for d in sorted(set(depths)):
-            key = f"all {num_layers} layers" if d == num_layers else f"exit after {d} layer{'s' * (d > 1)}"
+            key = f"all {num_layers} layers" if d == num_layers else f"exit at layer {d - 1}"
             paths[key] = depths.count(d) / len(depths)
     else:
         paths[f"all {num_layers} layers"] = 1.0
@@ -828,8 +830,15 @@ def _paths(stats: dict, new_tokens: int, num_layers: int, reduced_head: bool = F
     return paths
 
 
+def _path_order(key: str) -> tuple:
+    """Exits by depth, then the full depth, then the rest (heads, drafts) as they came."""
+    if key.startswith("exit at layer "):
+        return (0, int(key.rsplit(" ", 1)[1]))
+    return (1, 0) if key.startswith("all ") else (2, 0)
+
+
 def _mean_paths(per_sample: list[dict[str, float]]) -> dict[str, float]:
-    keys = list(dict.fromkeys(k for p in per_sample for k in p))
+    keys = sorted(dict.fromkeys(k for p in per_sample for k in p), key=_path_order)
     return {k: statistics.mean(p.get(k, 0.0) for p in per_sample) for k in keys}
 
 
@@ -1385,60 +1394,79 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
+def _family(config: dict[str, Any]) -> str:
+    """What a configuration combines, for the plot's colours: its pass names joined by "+", or "dense"."""
+    names = list(dict.fromkeys(p.get("name", "?") for p in config["passes"] if isinstance(p, dict)))
+    return " + ".join(names) if names else "dense"
+
+
 def plot_pareto(result: dict[str, Any], path: str | os.PathLike) -> Path:
-    """A PNG with two panels, speed-up against teacher-forced agreement and against ROUGE-L vs dense: every
-    configuration a point, the Pareto front drawn as a line through its points."""
+    """A PNG with three panels: decode speed-up against teacher-forced agreement and against ROUGE-L vs
+    dense, and time-to-first-token speed-up against agreement (token drop pays at the prefill). Every
+    configuration is a point coloured by the passes it combines (one colour per pass and per combination),
+    the Pareto front a line through its points (larger, outlined)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     configs = result["configs"]
-    speed = [c["ratios"]["speedup"] for c in configs]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), constrained_layout=True)
-    for ax, key, label in (
-        (axes[0], "agreement", "teacher-forced agreement with dense"),
-        (axes[1], "rouge_l_dense", "ROUGE-L against the dense output"),
-    ):
+    families = list(dict.fromkeys(_family(c) for c in configs))
+    palette = plt.get_cmap("tab10")
+    colour = {
+        f: ("tab:red" if f == "dense" else palette((k % 9) + (k % 9 >= 3))) for k, f in enumerate(families)
+    }
+    fig, axes = plt.subplots(1, 3, figsize=(19, 6), constrained_layout=True)
+    panels = (
+        (axes[0], "agreement", "teacher-forced agreement with dense", "speedup", "decode speed-up vs dense"),
+        (axes[1], "rouge_l_dense", "ROUGE-L against the dense output", "speedup", "decode speed-up vs dense"),
+        (
+            axes[2],
+            "agreement",
+            "teacher-forced agreement with dense",
+            "ttft_speedup",
+            "TTFT speed-up vs dense",
+        ),
+    )
+    for ax, key, xlabel, ratio, ylabel in panels:
         quality = [c["metrics"][key] for c in configs]
+        speed = [c["ratios"][ratio] for c in configs]
         front = pareto_front(list(zip(quality, speed, strict=True)))
         on_front = set(front)
+        ax.plot([quality[i] for i in front], [speed[i] for i in front], "-", c="0.35", lw=1.2, zorder=2)
         for i, c in enumerate(configs):
             ax.scatter(
                 quality[i],
                 speed[i],
-                s=60 if i in on_front else 30,
-                c="tab:red" if i == 0 else ("tab:blue" if i in on_front else "tab:gray"),
+                s=80 if i in on_front else 35,
+                color=colour[_family(c)],
+                edgecolors="black" if i in on_front else "none",
                 zorder=3,
             )
             right = quality[i] > 0.5 * (min(quality) + max(quality))  # label inward, not off the axes
             ax.annotate(
-                c["name"][:60],
+                textwrap.shorten(c["name"], 70, placeholder="..."),
                 (quality[i], speed[i]),
                 fontsize=7,
-                xytext=(-5 if right else 5, 4),
+                xytext=(-6 if right else 6, 5),
                 textcoords="offset points",
                 ha="right" if right else "left",
             )
-        ax.plot(
-            [quality[i] for i in front],
-            [speed[i] for i in front],
-            "-",
-            c="tab:blue",
-            lw=1.5,
-            label="Pareto front",
-        )
-        ax.axhline(1.0, c="tab:red", lw=0.8, ls="--", label="dense speed")
-        ax.set_xlabel(label)
-        ax.set_ylabel("decode speed-up vs dense (median of paired ratios)")
+        ax.axhline(1.0, c="tab:red", lw=0.8, ls="--")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{ylabel} (median of paired ratios)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+    handles = [plt.Line2D([], [], ls="", marker="o", color=colour[f], label=f) for f in families] + [
+        plt.Line2D([], [], c="0.35", lw=1.2, label="Pareto front (outlined points)"),
+        plt.Line2D([], [], c="tab:red", lw=0.8, ls="--", label="dense speed"),
+    ]
+    axes[0].legend(handles=handles, fontsize=8, loc="best")
     fig.suptitle(
         f"effx bench: {result['model']['name']}, {result['settings']['prompts']} prompts x "
-        f"{result['settings']['new_tokens']} tokens"
+        f"{result['settings']['new_tokens']} tokens, {result['settings']['repeats']} repeat(s)"
     )
     out = Path(path)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 

@@ -311,7 +311,7 @@ def test_table_plot_and_files(result, tmp_path):
     )
     assert seed[-7].startswith("| all | dense |") and seed[-1].startswith("| all | reduced head k=8 |")
     assert seed[-1].endswith("all 3 layers 100%, reduced head 100% |")  # no fallback: every token reduced
-    assert "exit after 1 layer " in seed[-3]
+    assert "exit at layer 0 " in seed[-3]
     assert paths["markdown"].read_text().endswith(bench.format_path_table(result))
     assert bench.load_result(paths["json"]) == json.loads(json.dumps(result))
 
@@ -324,14 +324,17 @@ def test_paths_are_shares_of_the_generated_tokens(result):
                 assert not keys or sum(s["paths"][k] for k in keys) == pytest.approx(1.0)
     assert result["configs"][0]["metrics"]["paths"] == {"all 3 layers": 1.0}
     lossy = result["configs"][4]["metrics"]["paths"]  # nearly every decoded token leaves after layer 0
-    assert lossy["exit after 1 layer"] > 0.5 and set(lossy) <= {"exit after 1 layer", "all 3 layers"}
+    assert lossy["exit at layer 0"] > 0.5 and set(lossy) <= {"exit at layer 0", "all 3 layers"}
     # the first token comes from the prefill, through every layer; 4 more decoded by exits, of 6 in all
-    stats = {"exit_layers": [[1], [1], [2], [1], [3]]}
+    stats = {"exit_layers": [[1], [3], [2], [1], [1]]}
     assert bench._paths(stats, 6, 3) == {
-        "exit after 1 layer": 0.5,
-        "exit after 2 layers": pytest.approx(1 / 6),
+        "exit at layer 0": 0.5,
+        "exit at layer 1": pytest.approx(1 / 6),
         "all 3 layers": pytest.approx(2 / 6),
     }
+    mean = bench._mean_paths([{"all 3 layers": 0.5, "exit at layer 1": 0.5}, {"exit at layer 0": 1.0}])
+    assert mean == {"exit at layer 0": 0.5, "exit at layer 1": 0.25, "all 3 layers": 0.25}
+    assert list(mean) == ["exit at layer 0", "exit at layer 1", "all 3 layers"]  # by depth
     spec = {"drafted": 12, "accepted": 5, "rounds": 3, "head_positions": 20, "head_fallbacks": 5}
     assert bench._paths(spec, 10, 3) == {
         "accepted draft": 0.5,
