@@ -593,8 +593,8 @@ def data_choices() -> list[str]:
 
 
 def load_samples(data: str, n: int) -> list[Sample]:
-    """The first ``n`` samples of ``data``: ``"suite"`` (:data:`effx.data.PROMPTS`, chat instructions, no
-    references), ``"pydoc"`` (summarize a held-out Python help topic, no references), ``"aclsum"`` (when
+    """The first ``n`` samples of ``data``: ``"suite"`` (:data:`effx.data.PROMPTS`, chat instructions, with
+    :data:`effx.data.REFERENCES` where a prompt has one honest answer), ``"pydoc"`` (summarize a held-out Python help topic, no references), ``"aclsum"`` (when
     :mod:`effx.data` has that loader: summarize an ACL paper of the test split from its title and abstract;
     the reference is its challenge, approach and outcome summaries), or a path: JSONL or
     CSV with a ``prompt`` field and an optional ``reference`` field, or a text file with one prompt per
@@ -602,9 +602,9 @@ def load_samples(data: str, n: int) -> list[Sample]:
     if not isinstance(n, int) or n < 1:
         raise BenchDataError(f"the number of prompts must be an integer >= 1, got {n!r}")
     if data == "suite":
-        from .data import PROMPTS
+        from .data import PROMPTS, REFERENCES
 
-        samples = [Sample(p) for p in PROMPTS]
+        samples = [Sample(p, REFERENCES.get(p)) for p in PROMPTS]
     elif data == "pydoc":
         from .data import pydoc_texts
 

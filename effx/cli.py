@@ -158,9 +158,9 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--data",
         default="suite",
-        help="suite (chat prompts), pydoc (summarize help topics), aclsum (when effx.data has it) or a "
-        ".jsonl/.csv file with 'prompt' and optional 'reference' fields, or a .txt file, one prompt a line "
-        "(default: %(default)s)",
+        help="suite (chat prompts; references where a prompt has one honest answer), pydoc (summarize "
+        "help topics), aclsum (summarize ACL papers, with references) or a .jsonl/.csv file with 'prompt' "
+        "and optional 'reference' fields, or a .txt file, one prompt a line (default: %(default)s)",
     )
     b.add_argument("--prompts", type=int, default=4, help="prompts to generate from (default: %(default)s)")
     b.add_argument("--new-tokens", type=int, default=32, help="tokens per generation (default: %(default)s)")

@@ -1,7 +1,8 @@
 """Prompts and text that are available offline.
 
 ``PROMPTS`` is a small suite of real instructions (explain, summarize, answer from context, write code,
-continue) used by the integration tests, the demo and ``benchmarks/decode.py``. :func:`pydoc_texts` is real
+continue, translate) used by the integration tests, the demo, ``effx bench`` and the benchmarks;
+``REFERENCES`` holds reference answers for the prompts that have one honest answer. :func:`pydoc_texts` is real
 English text that ships with Python; :func:`aclsum` is a summarization set with references (ACL papers).
 """
 
@@ -14,7 +15,15 @@ from pathlib import Path
 
 from .errors import DataLoadError
 
-__all__ = ["ACLSUM_ASPECTS", "ACLSUM_SPLITS", "PROMPTS", "aclsum", "encode_prompts", "pydoc_texts"]
+__all__ = [
+    "ACLSUM_ASPECTS",
+    "ACLSUM_SPLITS",
+    "PROMPTS",
+    "REFERENCES",
+    "aclsum",
+    "encode_prompts",
+    "pydoc_texts",
+]
 
 PROMPTS: tuple[str, ...] = (
     "Explain why the sea has tides, in two or three sentences.",
@@ -28,6 +37,16 @@ PROMPTS: tuple[str, ...] = (
     "Continue the story: The lighthouse keeper noticed that the lamp had gone out, and",
     "Translate to French: Good morning, how are you today?",
 )
+
+# Reference answers for the prompts of PROMPTS that have one answer a careful person would write (a summary
+# of one given sentence, an answer stated in the context, a short translation); open-ended prompts (explain,
+# write code, give tips, continue a story) have none: any reference there would be one taste among many.
+REFERENCES: dict[str, str] = {
+    PROMPTS[2]: "The city council voted to extend the bike lane network by 40 kilometres over three years, "
+    "funded by federal grants and parking revenue.",
+    PROMPTS[3]: "Marie Curie won Nobel Prizes in Physics and in Chemistry.",
+    PROMPTS[7]: "Bonjour, comment allez-vous aujourd'hui ?",
+}
 
 
 def encode_prompts(tokenizer, prompts, *, chat: bool = True):

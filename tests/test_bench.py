@@ -141,6 +141,11 @@ def test_load_samples_from_files(tmp_path):
     txt.write_text("w5 w6\n\nw7\n")
     assert bench.load_samples(str(txt), 9) == [Sample("w5 w6"), Sample("w7")]
     assert len(bench.load_samples("suite", 3)) == 3 and bench.load_samples("pydoc", 2)[0].reference is None
+    suite = bench.load_samples("suite", 8)
+    # references only where the prompt has one honest answer: the summary, the question on a context, the
+    # translation
+    assert [k for k, sample in enumerate(suite) if sample.reference] == [2, 3, 7]
+    assert "Physics" in suite[3].reference and "Chemistry" in suite[3].reference
 
 
 def test_aclsum_prompts_carry_references():
