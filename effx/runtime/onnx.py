@@ -308,6 +308,8 @@ class OnnxGenerator:
             self.sessions[s["name"]] = ort.InferenceSession(
                 str(out_dir / files[s["name"]]["onnx"]), sess_options=opts, providers=providers
             )
+        # input names once: get_inputs() builds new objects on every call, and a step makes one call a stage
+        self._inputs = {name: [i.name for i in sess.get_inputs()] for name, sess in self.sessions.items()}
         stages = plan["stages"]
         self.layers = [s for s in stages if s["kind"] == "layer"]
         self.exits = {s["layer"]: s for s in stages if s["kind"] == "exit"}
@@ -323,7 +325,7 @@ class OnnxGenerator:
 
     def _run(self, name: str, *args):
         sess = self.sessions[name]
-        feeds = {i.name: np.ascontiguousarray(a) for i, a in zip(sess.get_inputs(), args, strict=True)}
+        feeds = {i: np.ascontiguousarray(a) for i, a in zip(self._inputs[name], args, strict=True)}
         return sess.run(None, feeds)
 
     # -- the pieces of a step (twins of effx.runtime.forward / vocab) ------------------------------------
