@@ -2,8 +2,9 @@
 
 ``PROMPTS`` is a small suite of real instructions (explain, summarize, answer from context, write code,
 continue, translate) used by the integration tests, the demo, ``effx bench`` and the benchmarks;
-``REFERENCES`` holds reference answers for the prompts that have one honest answer. :func:`pydoc_texts` is real
-English text that ships with Python; :func:`aclsum` is a summarization set with references (ACL papers).
+``REFERENCES`` holds reference answers for the prompts that have one honest answer. :func:`pydoc_texts`
+is real English text that ships with Python; :func:`aclsum` is a summarization set with references (ACL
+papers).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["bleu", "perplexity", "rouge_l"]
+__all__ = ["bleu", "perplexity", "rouge_l", "second_half_logits"]
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
