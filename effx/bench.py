@@ -856,26 +856,20 @@ def _teacher_forced(program, chunk):
     """
     import torch
 
-    from .exit_heads import _backbone
+    from .calibrate import teacher_forced_exits
     from .quality import second_half_logits
-    from .runtime.vocab import exit_logits, select_vocab
 
     n = chunk.shape[1]
     half = n // 2
     target = chunk[0, half:]
     lossy = program.exits and program.plan.policy.get("early_exit", {}).get("mode", "lossy") == "lossy"
     if lossy:
-        prev, hiddens, teacher = _backbone(program, chunk, set(program.exits))
+        teacher, exits = teacher_forced_exits(program, chunk)
         true_logp = teacher[0, half - 1 : n - 1].gather(-1, target[:, None])[:, 0]
         tokens = teacher.argmax(-1)[0]
         decided = torch.zeros(n, dtype=torch.bool)
-        ids = prev_logits = None
-        for e in sorted(program.exits):
-            ex = program.exits[e]
-            ids = select_vocab(prev_logits, ex, ids) if ex.attrs.get("vocab") == "pruned" else None
-            logits, conf = exit_logits(ex, hiddens[e], prev, ids)
-            prev, prev_logits = hiddens[e], logits
-            leave = ~decided & (conf[0].float() >= ex.attrs["threshold"])
+        for e, logits, conf in exits:
+            leave = ~decided & (conf[0].float() >= program.exits[e].attrs["threshold"])
             tokens = torch.where(leave, logits.argmax(-1)[0], tokens)
             decided |= leave
         return tokens[half - 1 : n - 1], -float(true_logp.sum()), int(torch.isneginf(true_logp).sum())

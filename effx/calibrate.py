@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CalibrationReport", "agreement", "calibrate", "exit_statistics"]
+__all__ = ["CalibrationReport", "agreement", "calibrate", "exit_statistics", "teacher_forced_exits"]
 
 NEVER = 2.0  # above every confidence measure's range
 
@@ -40,6 +40,26 @@ class CalibrationReport:
         )
 
 
+def teacher_forced_exits(program, chunk):
+    """Every exit of ``program`` on ``chunk [1, n]`` read teacher-forced: the final head's logits
+    ``[1, n, V]`` and, per exit in depth order, ``(layer, logits, confidence)`` at every position. Pruned
+    exits (VocabReduce where="exits") score, at each position, the subset the runtime would give them
+    there."""
+    from .exit_heads import _backbone
+    from .runtime.vocab import exit_logits, select_vocab
+
+    prev, hiddens, teacher = _backbone(program, chunk, set(program.exits))
+    out = []
+    ids = prev_logits = None
+    for e in sorted(program.exits):
+        ex = program.exits[e]
+        ids = select_vocab(prev_logits, ex, ids) if ex.attrs.get("vocab") == "pruned" else None
+        logits, conf = exit_logits(ex, hiddens[e], prev, ids)
+        prev, prev_logits = hiddens[e], logits
+        out.append((e, logits, conf))
+    return teacher, out
+
+
 def exit_statistics(
     program, texts, tokenizer, *, seq_len: int = 128, max_tokens: int = 2048, progress: bool = False
 ):
@@ -47,8 +67,7 @@ def exit_statistics(
 
     Returns ``({layer: (confidence [N], agrees [N])}, N)``.
     """
-    from .exit_heads import _backbone, _token_chunks
-    from .runtime.vocab import exit_logits, select_vocab
+    from .exit_heads import _token_chunks
 
     chunks = _token_chunks(tokenizer, texts, seq_len, max_tokens)
     if progress:
@@ -60,16 +79,9 @@ def exit_statistics(
     n = 0
     with torch.inference_mode():
         for chunk in chunks:
-            prev, hiddens, teacher = _backbone(program, chunk, set(program.exits))
+            teacher, exits = teacher_forced_exits(program, chunk)
             final = teacher.argmax(-1)[0]
-            ids = prev_logits = None
-            for e in sorted(program.exits):
-                ex = program.exits[e]
-                # pruned exits (VocabReduce where="exits") score, at each position, the subset the runtime
-                # would give them there
-                ids = select_vocab(prev_logits, ex, ids) if ex.attrs.get("vocab") == "pruned" else None
-                logits, c = exit_logits(ex, hiddens[e], prev, ids)
-                prev, prev_logits = hiddens[e], logits
+            for e, logits, c in exits:
                 conf[e].append(c[0].float())
                 agree[e].append(logits.argmax(-1)[0] == final)
             n += chunk.shape[1]
