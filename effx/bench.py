@@ -580,24 +580,17 @@ ACLSUM_PROMPT = (
 )
 
 
-def _aclsum_loader() -> Callable | None:
-    """effx.data's ACLSum loader, where this install has one (it arrived separately from effx bench)."""
-    from . import data
-
-    return data.aclsum if callable(getattr(data, "aclsum", None)) else None
-
-
 def data_choices() -> list[str]:
     """The named data sets this install offers (a path to a .jsonl/.csv/.txt file works too)."""
-    return ["suite", "pydoc"] + (["aclsum"] if _aclsum_loader() is not None else [])
+    return ["suite", "pydoc", "aclsum"]
 
 
 def load_samples(data: str, n: int) -> list[Sample]:
     """The first ``n`` samples of ``data``: ``"suite"`` (:data:`effx.data.PROMPTS`, chat instructions, with
-    :data:`effx.data.REFERENCES` where a prompt has one honest answer), ``"pydoc"`` (summarize a held-out Python help topic, no references), ``"aclsum"`` (when
-    :mod:`effx.data` has that loader: summarize an ACL paper of the test split from its title and abstract;
-    the reference is its challenge, approach and outcome summaries), or a path: JSONL or
-    CSV with a ``prompt`` field and an optional ``reference`` field, or a text file with one prompt per
+    :data:`effx.data.REFERENCES` where a prompt has one honest answer), ``"pydoc"`` (summarize a held-out
+    Python help topic, no references), ``"aclsum"`` (summarize an ACL paper of the test split from its
+    title and abstract; the reference is its challenge, approach and outcome summaries), or a path: JSONL
+    or CSV with a ``prompt`` field and an optional ``reference`` field, or a text file with one prompt per
     line, read through ``datasets.load_dataset``."""
     if not isinstance(n, int) or n < 1:
         raise BenchDataError(f"the number of prompts must be an integer >= 1, got {n!r}")
@@ -614,13 +607,12 @@ def load_samples(data: str, n: int) -> list[Sample]:
             if len(t) > 200
         ]
     elif data == "aclsum":
-        loader = _aclsum_loader()
-        if loader is None:
-            raise BenchDataError("this install of effx.data has no aclsum loader; use suite, pydoc or a file")
+        from .data import aclsum
+
         # the test split; the prompt is the title and abstract, the reference the three aspect summaries
         samples = [
             Sample(ACLSUM_PROMPT.format(title=p["title"], abstract=p["abstract"]), p["summary"])
-            for p in loader("test", n)
+            for p in aclsum("test", n)
         ]
     else:
         path = Path(data)
