@@ -149,8 +149,6 @@ def test_load_samples_from_files(tmp_path):
 
 
 def test_aclsum_prompts_carry_references():
-    if not hasattr(effx.data, "aclsum"):
-        pytest.skip("this effx.data has no aclsum loader")
     if importlib.util.find_spec("aclsum") is None:
         pytest.skip("the aclsum wheel is not installed (pip install --no-deps aclsum)")
     samples = bench.load_samples("aclsum", 2)
