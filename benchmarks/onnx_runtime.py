@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import exit_heads, neuron_profile, vocab_file
+from onnx_providers import single_generate
 
 import effx
 from effx.bench import interleave, timed, total_seconds
@@ -97,22 +98,6 @@ def single_graph(model, info, path: Path):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def single_generate(sess, info, ids: np.ndarray, new: int) -> np.ndarray:
-    """Greedy decoding with the single-graph export (batch 1, no padding), as a user would write it."""
-    shape = (info.num_layers, ids.shape[0], info.num_kv_heads, 0, info.head_dim)
-    past_k = past_v = np.zeros(shape, np.float32)
-    x, pos = ids, np.arange(ids.shape[1])[None]
-    out = []
-    for _ in range(new):
-        mask = np.ones((1, past_k.shape[3] + x.shape[1]), np.int64)
-        feeds = dict(input_ids=x, attention_mask=mask, position_ids=pos, past_k=past_k, past_v=past_v)
-        logits, past_k, past_v = sess.run(None, feeds)
-        token = logits.argmax(-1)
-        out.append(token)
-        x, pos = token[:, None], pos[:, -1:] + 1
-    return np.concatenate([ids, np.stack(out, 1)], 1)
 
 
 def check_stages(artifact: Path) -> None:

@@ -148,6 +148,27 @@ def test_corrupt_weights_fail_the_checksum(artifact, tmp_path):
         ort_runtime.load(a)
 
 
+def test_default_providers(monkeypatch):
+    """CPU alone without a GPU; with onnxruntime-gpu, CUDA first with full float32 products (TF32 changed a
+    greedy token on an H200: benchmarks/onnx_providers.py) and the nvidia wheels' libraries loaded once."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort_runtime, "_CUDA_LIBRARIES_LOADED", False)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert ort_runtime._providers(None) == ["CPUExecutionProvider"]
+    loads = []
+    monkeypatch.setattr(ort, "preload_dlls", lambda: loads.append(1), raising=False)
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    assert loads == []
+    cuda = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    assert ort_runtime._providers(None) == cuda
+    assert ort_runtime._providers(["CUDAExecutionProvider"]) == ["CUDAExecutionProvider"]
+    assert ort_runtime._providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert loads == [1]
+
+
 def test_runtime_runs_without_torch(pass_artifacts):
     """The runtime of a program with every kind of pass (neuron-masked layers, token drop, early exits with
     pruned vocabularies) imports neither torch nor anything that needs it."""

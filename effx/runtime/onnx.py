@@ -124,11 +124,33 @@ def _load_program(out_dir: Path, providers) -> OnnxGenerator:
     return OnnxGenerator(out_dir, plan, files, providers=providers)
 
 
+_CUDA_LIBRARIES_LOADED = False
+
+
+def _providers(providers):
+    """``providers``, or the default (CUDA first when onnxruntime-gpu sees a GPU, then CPU); for CUDA, the
+    CUDA and cuDNN libraries of the ``nvidia-*`` wheels are loaded first (``onnxruntime.preload_dlls``),
+    which torch would otherwise have done, and this runtime never imports torch."""
+    global _CUDA_LIBRARIES_LOADED
+    import onnxruntime as ort
+
+    providers = providers or _default_providers()
+    names = [p[0] if isinstance(p, tuple) else p for p in providers]
+    if "CUDAExecutionProvider" in names and not _CUDA_LIBRARIES_LOADED and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+        _CUDA_LIBRARIES_LOADED = True
+    return providers
+
+
 def _default_providers():
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    providers: list = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        # full float32 matrix products, as torch computes them by default: ONNX Runtime's CUDA provider
+        # uses TF32 unless told not to, which changes logits enough to change greedy tokens
+        providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
+    return providers
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -293,7 +315,7 @@ class OnnxGenerator:
         self.plan = plan
         self.info = plan["model"]
         self.policy = plan.get("policy", {})
-        providers = providers or _default_providers()
+        providers = _providers(providers)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only: its notes on nodes it cannot constant-fold are noise
         # one session per stage, each with its own thread pool: its threads spin between the ops of a run (no
