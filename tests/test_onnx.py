@@ -34,7 +34,11 @@ def test_artifact_layout_and_checker(artifact):
     assert manifest["format"] == "effx-onnx" and manifest["schema_version"] == 2 and manifest["opset"] >= 18
     assert set(manifest["files"]) == {"embed", "layer.0", "layer.1", "layer.2", "head"}
     assert set(manifest["data"]) == {"weights.bin"}
-    for entry in manifest["files"].values():
+    # the layers also as one segment graph, on the same weights, which the runtime opens instead of them
+    (segment,) = manifest["segments"]
+    assert segment["stages"] == ["layer.0", "layer.1", "layer.2"] and segment["onnx"] == "layers.onnx"
+    assert set(ort_runtime.load(artifact).sessions) == {"embed", "layers", "head"}
+    for entry in [*manifest["files"].values(), segment]:
         model = onnx.load(str(artifact / entry["onnx"]), load_external_data=False)
         external = {d.value for t in model.graph.initializer for d in t.external_data if d.key == "location"}
         assert external == {"weights.bin"}  # weights live in the one store, not in the graph files
@@ -48,6 +52,21 @@ def test_generate_parity_with_the_torch_backend(program, artifact, lengths):
     ref = program.generate(ids, attention_mask=mask, max_new_tokens=7, eos_token_id=[])
     out = gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=7, eos_token_id=[])
     assert np.array_equal(out, ref.numpy())
+
+
+def test_artifacts_without_a_segment_run_layer_by_layer(program, artifact, tmp_path):
+    """An artifact without the segment (or one whose plan drops it) runs a session per layer, with the
+    same tokens."""
+    a = _copy(artifact, tmp_path)
+    _edit_manifest(a, lambda m: m.pop("segments"))
+    (a / "layers.onnx").unlink()
+    gen = ort_runtime.load(a)
+    assert set(gen.sessions) == {"embed", "layer.0", "layer.1", "layer.2", "head"}
+    ids, mask = left_padded_batch([7, 3], V, seed=5)
+    ref = program.generate(ids, attention_mask=mask, max_new_tokens=7, eos_token_id=[])
+    assert np.array_equal(
+        gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=7, eos_token_id=[]), ref.numpy()
+    )
 
 
 def test_stop_tokens_and_padding_match(program, artifact):
@@ -130,6 +149,10 @@ def test_bad_artifacts(artifact, tmp_path):
         (lambda m: m.update(data={"weights.bin": "0" * 64}), "weights.bin does not match its checksum"),
         (lambda m: m["plan"]["stages"].__setitem__(1, {"name": "x", "kind": "moe"}), "kinds \\['moe'\\]"),
         (lambda m: m["plan"]["policy"].update(early_exit={"mode": "lossy", "kv": "copy"}), "kv='copy'"),
+        (lambda m: m["segments"][0]["stages"].pop(), "'stages' are the plan's layers in order"),
+        (lambda m: m.update(segments={"layers": 1}), "a segment must be a dict"),
+        (lambda m: m["segments"][0].update(sha256="0" * 64), "layers.onnx does not match its checksum"),
+        (lambda m: m["segments"][0].update(onnx="gone.onnx"), r"gone.onnx is missing \(segment layers\)"),
     ],
 )
 def test_bad_manifests(artifact, tmp_path, edit, match):
@@ -267,6 +290,16 @@ def test_pass_artifacts_match_the_torch_backend(pass_artifacts, name):
     assert {s["kind"] for s in manifest["plan"]["stages"]} == kinds
     for entry in manifest["files"].values():
         onnx.checker.check_model(str(artifact / entry["onnx"]), full_check=True)
+
+
+def test_segments_only_where_every_step_runs_every_layer(pass_artifacts):
+    """Neuron-masked layers and a reduced head still run as one block; exits and token drop decide between
+    layers, so their artifacts have no segment and run layer by layer."""
+    for name, (_, artifact) in pass_artifacts.items():
+        segments = json.loads((artifact / "plan.json").read_text())["segments"]
+        block = name in ("neuron-mask", "reduced-head")
+        assert bool(segments) == block, name
+        assert ("layers" in ort_runtime.load(artifact).sessions) == block, name
 
 
 def test_pass_decisions_are_exercised(pass_artifacts):

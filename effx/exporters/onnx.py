@@ -47,6 +47,7 @@ from ..runtime.onnx import (
     FORMAT,
     KINDS,
     SCHEMA_VERSION,
+    SEGMENT_FILE,
     WEIGHTS,
     _sha256,
 )
@@ -232,6 +233,7 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
 
     files = {}
     templates: dict[tuple, onnx.ModelProto] = {}
+    layers = []
     store = _WeightStore(out / WEIGHTS)
     desc = f"export ONNX{' (' + label + ')' if label else ''}"
     try:
@@ -248,8 +250,21 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
             name = f"{stage.name}.onnx"
             onnx.save(model, str(out / name))
             files[stage.name] = {"onnx": name, "sha256": _sha256(out / name)}
+            if stage.kind == "layer":
+                layers.append((stage.name, model))
     finally:
         store.close()
+    segments = []
+    if _runs_as_one_block(program) and len(layers) > 1:
+        onnx.save(_fuse_layers(layers), str(out / SEGMENT_FILE))
+        segments.append(
+            {
+                "name": "layers",
+                "stages": [name for name, _ in layers],
+                "onnx": SEGMENT_FILE,
+                "sha256": _sha256(out / SEGMENT_FILE),
+            }
+        )
     manifest = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -257,9 +272,59 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
         "opset": OPSET,
         "plan": json.loads(program.plan.to_json()),
         "files": files,
+        "segments": segments,
         "data": {WEIGHTS: _sha256(out / WEIGHTS)},
     }
     (out / "plan.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _runs_as_one_block(program) -> bool:
+    """Whether every decoding step runs all of ``program``'s layers back to back with one mask: no exits
+    or token-drop stages between them, one attention window."""
+    kinds = {s.kind for s in program}
+    return not kinds & {"exit", "token_score", "token_drop"} and len(program.windows) == 1
+
+
+def _fuse_layers(layers):
+    """One graph that runs the layer stages ``layers`` (``[(name, model)]``, in order): inputs ``hidden``,
+    ``cos``, ``sin``, ``mask`` and each layer's ``past_k.i`` / ``past_v.i``; outputs the last hidden state
+    and each layer's ``k.i`` / ``v.i``. Its weights are the layer files' own entries in the weight store.
+    ONNX Runtime wakes a session's threads at each run: one session for the block instead of one per
+    layer made SmolLM2's decode steps about 5% faster on 2 cores."""
+    import onnx
+    from onnx import compose, helper
+
+    nodes, initializers, value_info, inputs, outputs = [], [], [], [], []
+    hidden = "hidden"
+    for i, (name, model) in enumerate(layers):
+        graph = compose.add_prefix(model, f"{name}/").graph
+        names = [x.name for x in graph.input]  # the layer signature: hidden, cos, sin, mask, past_k, past_v
+        shared = [hidden, "cos", "sin", "mask", f"past_k.{i}", f"past_v.{i}"]
+        rename = dict(zip(names, shared, strict=True))
+        for node in graph.node:
+            node.input[:] = [rename.get(x, x) for x in node.input]
+        nodes += graph.node
+        initializers += graph.initializer
+        value_info += graph.value_info
+        for value, new in zip(graph.input, shared, strict=True):
+            if i == 0 or new.startswith("past_"):
+                inputs.append(onnx.ValueInfoProto())
+                inputs[-1].CopyFrom(value)
+                inputs[-1].name = new
+        out_hidden, out_k, out_v = graph.output
+        for value, new in ((out_k, f"k.{i}"), (out_v, f"v.{i}")):
+            nodes.append(helper.make_node("Identity", [value.name], [new]))
+            outputs.append(onnx.ValueInfoProto())
+            outputs[-1].CopyFrom(value)
+            outputs[-1].name = new
+        hidden = out_hidden.name
+    nodes.append(helper.make_node("Identity", [hidden], ["last_hidden"]))
+    last = onnx.ValueInfoProto()
+    last.CopyFrom(out_hidden)
+    last.name = "last_hidden"
+    graph = helper.make_graph(nodes, "layers", inputs, [last, *outputs], initializers, value_info=value_info)
+    first = layers[0][1]
+    return helper.make_model(graph, opset_imports=first.opset_import, ir_version=first.ir_version)
 
 
 def _write_cascade(casc, out: Path) -> None:

@@ -32,6 +32,7 @@ FORMAT = "effx-onnx"
 # 2: one shared weight store and the stages of passes (1, a weights file per stage, is no longer read)
 SCHEMA_VERSION = 2
 WEIGHTS = "weights.bin"
+SEGMENT_FILE = "layers.onnx"
 CASCADE_FILE = "cascade.json"
 CASCADE_FORMAT = "effx-onnx-cascade"
 CASCADE_SCHEMA_VERSION = 1
@@ -111,6 +112,14 @@ def _load_program(out_dir: Path, providers) -> OnnxGenerator:
         if entry is None:
             raise ArtifactError(f"the plan references stage {s['name']!r}, which has no file in {plan_path}")
         checks.append((entry.get("onnx"), entry.get("sha256"), f"stage {s['name']}"))
+    segments = manifest.get("segments", [])
+    layer_names = [s["name"] for s in stages if s.get("kind") == "layer"]
+    for seg in segments if isinstance(segments, list) else [None]:
+        if not isinstance(seg, dict) or seg.get("stages") != layer_names:
+            raise ArtifactError(
+                f"{plan_path}: a segment must be a dict whose 'stages' are the plan's layers in order, got {seg!r}"
+            )
+        checks.append((seg.get("onnx"), seg.get("sha256"), f"segment {seg.get('name')}"))
     for name, digest, what in checks:
         if not isinstance(name, str) or Path(name).name != name:
             raise ArtifactError(
@@ -121,7 +130,7 @@ def _load_program(out_dir: Path, providers) -> OnnxGenerator:
             raise ArtifactError(f"{path} is missing ({what})")
         if _sha256(path) != digest:
             raise ArtifactError(f"{path} does not match its checksum in plan.json: the artifact is corrupt")
-    return OnnxGenerator(out_dir, plan, files, providers=providers)
+    return OnnxGenerator(out_dir, plan, files, providers=providers, segments=segments)
 
 
 _CUDA_LIBRARIES_LOADED = False
@@ -309,29 +318,12 @@ class _Output:
 class OnnxGenerator:
     """The stages of an artifact as onnxruntime sessions, and the decode loop of the plan over them."""
 
-    def __init__(self, out_dir: Path, plan: dict, files: dict, *, providers=None):
+    def __init__(self, out_dir: Path, plan: dict, files: dict, *, providers=None, segments=()):
         import onnxruntime as ort
 
         self.plan = plan
         self.info = plan["model"]
         self.policy = plan.get("policy", {})
-        providers = _providers(providers)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # errors only: its notes on nodes it cannot constant-fold are noise
-        # one session per stage, each with its own thread pool: its threads spin between the ops of a run (no
-        # wake-up per op) and stop spinning when the run ends, else idle stages' threads take the cores
-        # from the next stage (on 2 cores: spinning throughout was 2x slower, no spinning at all 15% slower).
-        # ONNX Runtime's global thread pool would avoid both but forces every session in the process, the
-        # user's own included, to use it.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-        self.sessions = {}
-        for s in plan["stages"]:
-            self.sessions[s["name"]] = ort.InferenceSession(
-                str(out_dir / files[s["name"]]["onnx"]), sess_options=opts, providers=providers
-            )
-        # input names once: get_inputs() builds new objects on every call, and a step makes one call a stage
-        self._inputs = {name: [i.name for i in sess.get_inputs()] for name, sess in self.sessions.items()}
         stages = plan["stages"]
         self.layers = [s for s in stages if s["kind"] == "layer"]
         self.exits = {s["layer"]: s for s in stages if s["kind"] == "exit"}
@@ -344,14 +336,50 @@ class OnnxGenerator:
         }
         self.windows = {s["name"]: s.get("attrs", {}).get("sliding_window") for s in self.layers}
         self.dtype = np.dtype(self.info["dtype"])
+        # a program whose steps always run every layer back to back runs them as the artifact's segment,
+        # one session, instead of a session per layer (which then are not opened)
+        self._segment = None
+        if segments and not self.exits and not self.drops and len(set(self.windows.values())) == 1:
+            self._segment = segments[0]
+        skip = set(self._segment["stages"]) if self._segment else set()
+        paths = {s["name"]: files[s["name"]]["onnx"] for s in stages if s["name"] not in skip}
+        if self._segment:
+            paths[self._segment["name"]] = self._segment["onnx"]
+
+        providers = _providers(providers)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # errors only: its notes on nodes it cannot constant-fold are noise
+        # one session per stage, each with its own thread pool: its threads spin between the ops of a run (no
+        # wake-up per op) and stop spinning when the run ends, else idle stages' threads take the cores
+        # from the next stage (on 2 cores: spinning throughout was 2x slower, no spinning at all 15% slower).
+        # ONNX Runtime's global thread pool would avoid both but forces every session in the process, the
+        # user's own included, to use it.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+        self.sessions = {
+            name: ort.InferenceSession(str(out_dir / path), sess_options=opts, providers=providers)
+            for name, path in paths.items()
+        }
+        # each session's input and output names once, and its own run: the Python wrapper's checks on every
+        # call were 2% of a SmolLM2 decode step (ONNX Runtime copies non-contiguous arrays, such as a
+        # cache's past, itself)
+        self._calls = {
+            name: (
+                [i.name for i in sess.get_inputs()],
+                [o.name for o in sess.get_outputs()],
+                getattr(sess, "_sess", sess).run,
+            )
+            for name, sess in self.sessions.items()
+        }
 
     def _run(self, name: str, *args):
-        sess = self.sessions[name]
-        feeds = {i: np.ascontiguousarray(a) for i, a in zip(self._inputs[name], args, strict=True)}
-        return sess.run(None, feeds)
+        inputs, outputs, run = self._calls[name]
+        return run(outputs, dict(zip(inputs, args, strict=True)), None)
 
     # -- the pieces of a step (twins of effx.runtime.forward / vocab) ------------------------------------
     def _run_layers(self, cache: _Cache, layers, hidden, cos, sin, masks: _Masks):
+        if self._segment is not None and layers is self.layers:
+            return self._run_segment(cache, hidden, cos, sin, masks)
         q_len = hidden.shape[1]
         for stage in layers:
             i = stage["layer"]
@@ -359,6 +387,18 @@ class OnnxGenerator:
             hidden, k, v = self._run(stage["name"], hidden, cos, sin, mask, *cache.past(i))
             cache.write(i, k, v)
         return hidden
+
+    def _run_segment(self, cache: _Cache, hidden, cos, sin, masks: _Masks):
+        """Every layer in one run of the segment (see ``effx.exporters.onnx._fuse_layers``)."""
+        ids = [s["layer"] for s in self.layers]
+        window = self.windows[self.layers[0]["name"]]
+        mask = masks.get(cache.lengths[ids[0]], hidden.shape[1], window)
+        out = self._run(
+            self._segment["name"], hidden, cos, sin, mask, *(x for i in ids for x in cache.past(i))
+        )
+        for j, i in enumerate(ids):
+            cache.write(i, out[1 + 2 * j], out[2 + 2 * j])
+        return out[0]
 
     def _head_logits(self, hidden: np.ndarray, stats) -> np.ndarray:
         logits = self._run(self.head["name"], hidden)[0]
