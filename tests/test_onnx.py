@@ -37,7 +37,13 @@ def test_artifact_layout_and_checker(artifact):
     # the layers also as one segment graph, on the same weights, which the runtime opens instead of them
     (segment,) = manifest["segments"]
     assert segment["stages"] == ["layer.0", "layer.1", "layer.2"] and segment["onnx"] == "layers.onnx"
-    assert set(ort_runtime.load(artifact).sessions) == {"embed", "layers", "head"}
+    sessions = ort_runtime.load(artifact).sessions
+    assert set(sessions) == {"embed", "layers", "head"}
+    # every stage takes CPU memory from the one arena registered with ONNX Runtime's environment
+    assert {
+        s.get_session_options().get_session_config_entry("session.use_env_allocators")
+        for s in sessions.values()
+    } == {"1"}
     for entry in [*manifest["files"].values(), segment]:
         model = onnx.load(str(artifact / entry["onnx"]), load_external_data=False)
         external = {d.value for t in model.graph.initializer for d in t.external_data if d.key == "location"}

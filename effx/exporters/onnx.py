@@ -5,8 +5,11 @@
     out_dir/
       plan.json            {"format": "effx-onnx", "schema_version": 2, "effx_version", "opset",
                             "plan": <Program.plan as JSON>,
-                            "files": {stage: {"onnx", "sha256"}}, "data": {"weights.bin": sha256}}
+                            "files": {stage: {"onnx", "sha256"}},
+                            "segments": [{"name": "layers", "stages": [layer names], "onnx", "sha256"}],
+                            "data": {"weights.bin": sha256}}
       embed.onnx, layer.0.onnx, ..., exit.9.onnx, ..., head.onnx    (graphs; weights are external)
+      layers.onnx          every layer in one graph, on the same weights (only when ``segments`` lists it)
       weights.bin          every weight tensor once, at 64-byte (>= 1 MB: 64 KiB) aligned offsets
       tokenizer/           (when a tokenizer is given)
 
@@ -16,6 +19,12 @@ or pruned with a ``vocab_ids`` input of dynamic length), reduced and full heads,
 gather stages. Stages of one structure are exported once: the others are that model with their own weights
 swapped in, so a 30-layer model costs one layer's export, not 30. Tensors with the same bytes are stored
 once (a tied embedding and LM head, the head that every shared-head exit repeats).
+
+A program whose decoding steps always run every layer back to back (no exits or token-drop stages between
+them: dense, neuron-masked, a reduced head) also gets ``layers.onnx``, the layer stages composed into one
+graph, listed under ``segments``: the runtime then opens that one session instead of one per layer, which
+spares ONNX Runtime a thread wake-up per layer and step. Runtimes that do not know ``segments`` ignore it
+and run the layer files.
 
 A cascade (``effx.cascade``) is written as two such artifacts, ``small/`` and ``large/``, with
 ``cascade.json`` (mode, draft settings, the calibrated gate, both plans' checksums); ``effx.runtime.onnx.load``
