@@ -157,6 +157,7 @@ def test_bad_artifacts(artifact, tmp_path):
         (lambda m: m["plan"]["policy"].update(early_exit={"mode": "lossy", "kv": "copy"}), "kv='copy'"),
         (lambda m: m["segments"][0]["stages"].pop(), "'stages' are the plan's layers in order"),
         (lambda m: m.update(segments={"layers": 1}), "a segment must be a dict"),
+        (lambda m: m["segments"][0].update(name="head"), "segment name 'head' is not a new name"),
         (lambda m: m["segments"][0].update(sha256="0" * 64), "layers.onnx does not match its checksum"),
         (lambda m: m["segments"][0].update(onnx="gone.onnx"), r"gone.onnx is missing \(segment layers\)"),
     ],

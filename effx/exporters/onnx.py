@@ -298,8 +298,8 @@ def _fuse_layers(layers):
     """One graph that runs the layer stages ``layers`` (``[(name, model)]``, in order): inputs ``hidden``,
     ``cos``, ``sin``, ``mask`` and each layer's ``past_k.i`` / ``past_v.i``; outputs the last hidden state
     and each layer's ``k.i`` / ``v.i``. Its weights are the layer files' own entries in the weight store.
-    ONNX Runtime wakes a session's threads at each run: one session for the block instead of one per
-    layer made SmolLM2's decode steps about 5% faster on 2 cores."""
+    ONNX Runtime wakes a session's threads at each run: on 2 cores, SmolLM2's 30 layers as 30 sessions ran
+    at 0.95x the speed of this one graph, fed the same inputs."""
     import onnx
     from onnx import compose, helper
 

@@ -11,8 +11,12 @@ the torch runtime does (``effx.runtime.generate``), step for step: early exits w
 self-speculative drafting and verification, pruned exit vocabularies chosen per token, a reduced head's
 fallback to the full head, TokenDrop's per-prompt token selection with per-layer cache slots; a cascade artifact
 (``cascade.json``) loads as an :class:`OnnxCascade` with ``effx.Cascade``'s gated and verified modes. Neuron-masked
-layers need nothing here: their slicing is in the stage files. Execution providers: CPU by default, CUDA
-when onnxruntime-gpu is installed and a GPU is present (``providers=`` overrides).
+layers need nothing here: their slicing is in the stage files. Where the artifact has a layer segment (a
+program with no exits or token drop between its layers), the layers run as that one session.
+
+Execution providers: CPU by default; CUDA first when onnxruntime-gpu is installed and sees a GPU, with
+full float32 matrix products (``providers=`` overrides). ``benchmarks/onnx_providers.py`` checks every
+pass's tokens and decisions on each provider (all equal on an H200 with onnxruntime-gpu 1.31).
 """
 
 from __future__ import annotations
@@ -119,6 +123,8 @@ def _load_program(out_dir: Path, providers) -> OnnxGenerator:
             raise ArtifactError(
                 f"{plan_path}: a segment must be a dict whose 'stages' are the plan's layers in order, got {seg!r}"
             )
+        if not isinstance(seg.get("name"), str) or seg["name"] in files:
+            raise ArtifactError(f"{plan_path}: segment name {seg.get('name')!r} is not a new name")
         checks.append((seg.get("onnx"), seg.get("sha256"), f"segment {seg.get('name')}"))
     for name, digest, what in checks:
         if not isinstance(name, str) or Path(name).name != name:
@@ -368,7 +374,7 @@ class OnnxGenerator:
         providers = _providers(providers)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only: its notes on nodes it cannot constant-fold are noise
-        # one session per stage, each with its own thread pool: its threads spin between the ops of a run (no
+        # one session per stage (or segment), each with its own thread pool: its threads spin between the ops of a run (no
         # wake-up per op) and stop spinning when the run ends, else idle stages' threads take the cores
         # from the next stage (on 2 cores: spinning throughout was 2x slower, no spinning at all 15% slower).
         # ONNX Runtime's global thread pool would avoid both but forces every session in the process, the
