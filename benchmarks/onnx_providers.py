@@ -129,7 +129,7 @@ def _providers() -> dict:
 
     out = {"CPU": ["CPUExecutionProvider"]}
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        out["CUDA"] = rt._default_providers()
+        out["CUDA"] = rt.default_providers()
         out["CUDA (ORT options)"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return out
 

@@ -127,6 +127,13 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)"
     )
+    r.add_argument(
+        "--provider",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="ONNX Runtime execution provider: auto = CUDA when onnxruntime-gpu sees a GPU, else CPU "
+        "(default: %(default)s)",
+    )
 
     sub.add_parser(
         "passes", help="list the registered passes", description="List the passes a pipeline string can name."
@@ -216,7 +223,21 @@ def _cmd_run(args) -> int:
 
     from .runtime import onnx as rt
 
-    gen = rt.load(args.out_dir)
+    providers = None
+    if args.provider == "cpu":
+        providers = ["CPUExecutionProvider"]
+    elif args.provider == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            print(
+                f"effx: error: --provider cuda: this onnxruntime offers {ort.get_available_providers()}; "
+                "install onnxruntime-gpu on a machine with an NVIDIA GPU",
+                file=sys.stderr,
+            )
+            return 1
+        providers = rt.default_providers()
+    gen = rt.load(args.out_dir, providers=providers)
     tok_file = Path(args.out_dir) / "tokenizer" / "tokenizer.json"
     if not tok_file.is_file():
         print(f"effx: error: {tok_file} is missing: export with a tokenizer", file=sys.stderr)
@@ -232,8 +253,9 @@ def _cmd_run(args) -> int:
     elapsed = time.perf_counter() - start
     new = out.shape[1] - ids.shape[1]
     print(tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True))
+    provider = next(iter(gen.sessions.values())).get_providers()[0]
     print(
-        f"[effx] {new} tokens in {elapsed:.2f} s: {new / elapsed:.1f} tokens/s (ONNX Runtime)",
+        f"[effx] {new} tokens in {elapsed:.2f} s: {new / elapsed:.1f} tokens/s (ONNX Runtime, {provider})",
         file=sys.stderr,
     )
     return 0

@@ -61,6 +61,26 @@ def test_errors_are_one_line_not_tracebacks(model_dir, capsys):
     assert "unknown model" in capsys.readouterr().err
 
 
+def test_export_then_run(model_dir, tmp_path, capsys):
+    """effx export writes an artifact with the tokenizer; effx run generates from it with ONNX Runtime and
+    says which provider ran; asking for CUDA where onnxruntime has none is a one-line error."""
+    import onnxruntime as ort
+
+    out = tmp_path / "art"
+    assert main(["export", "--model", str(model_dir), "--passes", "neuron-mask{keep=0.5 score=random}", str(out)]) == 0
+    assert (out / "plan.json").is_file() and (out / "tokenizer" / "tokenizer.json").is_file()
+    assert "wrote" in capsys.readouterr().err
+    assert main(["run", str(out), "w5 w6 w7", "--max-new-tokens", "4", "--provider", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "tokens/s (ONNX Runtime, CPUExecutionProvider)" in captured.err and captured.out.strip()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert main(["run", str(out), "w5", "--provider", "cuda"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("effx: error: --provider cuda") and "onnxruntime-gpu" in err
+    assert main(["run", str(tmp_path / "nothing"), "w5"]) == 1
+    assert "no plan.json" in capsys.readouterr().err
+
+
 def test_console_script_runs():
     result = subprocess.run(
         [sys.executable, "-m", "effx.cli", "--help"], capture_output=True, text=True, check=True

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import ArtifactError, GenerationInputError
 
-__all__ = ["OnnxCascade", "OnnxGenerator", "load"]
+__all__ = ["OnnxCascade", "OnnxGenerator", "default_providers", "load"]
 
 FORMAT = "effx-onnx"
 # 2: one shared weight store and the stages of passes (1, a weights file per stage, is no longer read)
@@ -149,7 +149,7 @@ def _providers(providers):
     global _CUDA_LIBRARIES_LOADED
     import onnxruntime as ort
 
-    providers = providers or _default_providers()
+    providers = providers or default_providers()
     names = [p[0] if isinstance(p, tuple) else p for p in providers]
     if "CUDAExecutionProvider" in names and not _CUDA_LIBRARIES_LOADED and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
@@ -176,7 +176,9 @@ def _share_cpu_arena(ort, opts) -> None:
     opts.add_session_config_entry("session.use_env_allocators", "1")
 
 
-def _default_providers():
+def default_providers() -> list:
+    """The execution providers ``load`` uses unless told otherwise: CUDA (full float32 products) first when
+    onnxruntime-gpu sees a GPU, then CPU."""
     import onnxruntime as ort
 
     providers: list = ["CPUExecutionProvider"]
