@@ -17,8 +17,9 @@ Two steps, so that the second runs where torch and the model are not (a GPU mach
 
 ``check`` runs, on each provider available (CPU; CUDA when onnxruntime-gpu and a GPU are there): every tiny
 artifact against ``expected.json`` (tokens and decisions); which provider ``load()`` picks by default; then
-greedy decoding tok/s of the single graph and of effx's dense artifact on the SmolLM2-shaped pair, timed
-interleaved in one run. It exits 1 when any tokens or decisions differ.
+greedy decoding tok/s of the single graph and of effx's dense artifact on the SmolLM2-shaped pair (its
+cache bound where the session runs, as ``generate`` does, and in host arrays), timed interleaved in one
+run. It exits 1 when any tokens or decisions differ.
 """
 
 from __future__ import annotations
@@ -185,7 +186,9 @@ def _time_shaped(shaped: Path, new: int, prompt: int, repeats: int) -> None:
     print(
         f"\nSmolLM2-shaped (constant weights), batch 1, {prompt} prompt tokens + {new} new, median of {repeats}"
     )
-    print(f"{'provider':<10} {'single graph tok/s':>18} {'effx dense tok/s':>16} {'effx / single':>13}")
+    print(
+        f"{'provider':<10} {'single graph tok/s':>18} {'effx dense tok/s':>16} {'effx / single':>13}  host cache"
+    )
     for label, providers in _providers().items():
         if label not in ("CPU", "CUDA"):
             continue
@@ -193,20 +196,24 @@ def _time_shaped(shaped: Path, new: int, prompt: int, repeats: int) -> None:
         opts.log_severity_level = 3
         single = ort.InferenceSession(str(shaped / "single" / "model.onnx"), opts, providers=providers)
         gen = rt.load(shaped / "effx", providers=providers)
+        host = rt.load(shaped / "effx", providers=providers)
+        host.bind_cache = False  # the cache in host arrays, copied to the device and back every step
         rows = {
             "single": lambda s=single: single_generate(s, info, ids, new),
             "effx": lambda g=gen: g.generate(ids, max_new_tokens=new, eos_token_id=[]),
+            "host": lambda g=host: g.generate(ids, max_new_tokens=new, eos_token_id=[]),
         }
         times: dict = {k: [] for k in rows}
         for f in rows.values():
             f()  # warm-up: first runs allocate and (on CUDA) pick kernels
+        order = list(rows)
         for r in range(repeats):
-            for k in list(rows)[r % 2 :] + list(rows)[: r % 2]:
+            for k in order[r % 3 :] + order[: r % 3]:
                 t = time.perf_counter()
                 rows[k]()
                 times[k].append(time.perf_counter() - t)
-        s, e = (statistics.median(times[k]) for k in ("single", "effx"))
-        print(f"{label:<10} {new / s:18.1f} {new / e:16.1f} {s / e:13.2f}", flush=True)
+        s, e, h = (statistics.median(times[k]) for k in rows)
+        print(f"{label:<10} {new / s:18.1f} {new / e:16.1f} {s / e:13.2f}  {new / h:.1f} tok/s", flush=True)
 
 
 def main() -> None:

@@ -67,7 +67,12 @@ def test_export_then_run(model_dir, tmp_path, capsys):
     import onnxruntime as ort
 
     out = tmp_path / "art"
-    assert main(["export", "--model", str(model_dir), "--passes", "neuron-mask{keep=0.5 score=random}", str(out)]) == 0
+    assert (
+        main(
+            ["export", "--model", str(model_dir), "--passes", "neuron-mask{keep=0.5 score=random}", str(out)]
+        )
+        == 0
+    )
     assert (out / "plan.json").is_file() and (out / "tokenizer" / "tokenizer.json").is_file()
     assert "wrote" in capsys.readouterr().err
     assert main(["run", str(out), "w5 w6 w7", "--max-new-tokens", "4", "--provider", "cpu"]) == 0

@@ -75,6 +75,27 @@ def test_artifacts_without_a_segment_run_layer_by_layer(program, artifact, tmp_p
     )
 
 
+def test_segment_cache_stays_with_the_session(program, artifact, monkeypatch):
+    """Plain decoding binds each layer's past-and-new cache (the segment's present_k.i / present_v.i) as the
+    next step's past, where the session runs (under CUDA it never leaves the GPU); with host arrays instead
+    the tokens are the same."""
+    gen = ort_runtime.load(artifact)
+    outputs = {o.name for o in gen.sessions["layers"].get_outputs()}
+    assert {"present_k.0", "present_v.0", "present_k.2", "present_v.2"} <= outputs
+    assert gen._bound_device == "cpu"
+    calls = []
+    real = gen._run_bound
+    monkeypatch.setattr(gen, "_run_bound", lambda *a: calls.append(1) or real(*a))
+    ids, mask = left_padded_batch([4, 9, 6, 2], V, seed=3)
+    ref = program.generate(ids, attention_mask=mask, max_new_tokens=7, eos_token_id=[]).numpy()
+    assert np.array_equal(gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=7, eos_token_id=[]), ref)
+    assert len(calls) == 7  # the prompt and 6 more steps
+    gen.bind_cache = False
+    calls.clear()
+    assert np.array_equal(gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=7, eos_token_id=[]), ref)
+    assert calls == []
+
+
 def test_stop_tokens_and_padding_match(program, artifact):
     gen = ort_runtime.load(artifact)
     ids, mask = left_padded_batch([6, 4], V, seed=9)

@@ -303,7 +303,7 @@ def _fuse_layers(layers):
     import onnx
     from onnx import compose, helper
 
-    nodes, initializers, value_info, inputs, outputs = [], [], [], [], []
+    nodes, initializers, value_info, inputs, outputs, presents = [], [], [], [], [], []
     hidden = "hidden"
     for i, (name, model) in enumerate(layers):
         graph = compose.add_prefix(model, f"{name}/").graph
@@ -326,7 +326,13 @@ def _fuse_layers(layers):
             outputs.append(onnx.ValueInfoProto())
             outputs[-1].CopyFrom(value)
             outputs[-1].name = new
+        presents.append(_present_outputs(graph, i))
         hidden = out_hidden.name
+    if all(presents):  # every layer's cache concatenation found: expose them (see _present_outputs)
+        for i, pair in enumerate(presents):
+            for kv, source in zip("kv", pair, strict=True):
+                nodes.append(helper.make_node("Identity", [source], [f"present_{kv}.{i}"]))
+                outputs.append(_length_free(inputs, f"past_{kv}.{i}", f"present_{kv}.{i}"))
     nodes.append(helper.make_node("Identity", [hidden], ["last_hidden"]))
     last = onnx.ValueInfoProto()
     last.CopyFrom(out_hidden)
@@ -334,6 +340,38 @@ def _fuse_layers(layers):
     graph = helper.make_graph(nodes, "layers", inputs, [last, *outputs], initializers, value_info=value_info)
     first = layers[0][1]
     return helper.make_model(graph, opset_imports=first.opset_import, ir_version=first.ir_version)
+
+
+def _present_outputs(graph, i: int):
+    """The names of layer ``i``'s past-and-new keys and values (the Concat of ``past_k.i`` / ``past_v.i`` with
+    the step's own along the sequence axis, which attention computes anyway), or None where the graph has
+    no such single Concat for each. Exposed as outputs, they let a runtime keep the cache where the
+    session runs (on a GPU) and feed it back as the next step's past."""
+    found = []
+    for past in (f"past_k.{i}", f"past_v.{i}"):
+        concats = [
+            n.output[0]
+            for n in graph.node
+            if n.op_type == "Concat"
+            and list(n.input)[:1] == [past]
+            and len(n.input) == 2
+            and any(a.name == "axis" and a.i in (2, -2) for a in n.attribute)
+        ]
+        if len(concats) != 1:
+            return None
+        found.append(concats[0])
+    return tuple(found)
+
+
+def _length_free(inputs, like: str, name: str):
+    """A value info named ``name`` with the type of the input ``like``, its sequence axis left unnamed."""
+    import onnx
+
+    value = onnx.ValueInfoProto()
+    value.CopyFrom(next(x for x in inputs if x.name == like))
+    value.name = name
+    value.type.tensor_type.shape.dim[2].Clear()
+    return value
 
 
 def _write_cascade(casc, out: Path) -> None:

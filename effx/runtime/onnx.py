@@ -12,7 +12,8 @@ self-speculative drafting and verification, pruned exit vocabularies chosen per 
 fallback to the full head, TokenDrop's per-prompt token selection with per-layer cache slots; a cascade artifact
 (``cascade.json``) loads as an :class:`OnnxCascade` with ``effx.Cascade``'s gated and verified modes. Neuron-masked
 layers need nothing here: their slicing is in the stage files. Where the artifact has a layer segment (a
-program with no exits or token drop between its layers), the layers run as that one session.
+program with no exits or token drop between its layers), the layers run as that one session, and plain
+decoding keeps the segment's KV cache where the session runs (on the GPU under CUDA) instead of host arrays.
 
 Execution providers: CPU by default; CUDA first when onnxruntime-gpu is installed and sees a GPU, with
 full float32 matrix products (``providers=`` overrides). ``benchmarks/onnx_providers.py`` checks every
@@ -240,6 +241,20 @@ class _Cache:
         self.lengths = {i: min(n, length) for i, n in self.lengths.items()}
 
 
+class _BoundCache:
+    """The KV cache of a segment that returns each layer's past-and-new keys and values: kept as ONNX
+    Runtime values where the session runs (on the GPU under CUDA) and bound as the next step's past, so
+    no cache crosses between host and device. Only for plain decoding (no rollback, no dropped slots)."""
+
+    def __init__(self, layers, batch: int, kv_heads: int, head_dim: int, dtype, device: str):
+        self.empty = np.zeros((batch, kv_heads, 0, head_dim), dtype)
+        self.k = dict.fromkeys(layers)
+        self.v = dict.fromkeys(layers)
+        self.lengths = dict.fromkeys(layers, 0)
+        self.dropped: dict = {}
+        self.device = device
+
+
 class _Masks:
     """Additive attention masks for one step, by query start, length, window and dropped slots (the numpy
     twin of ``effx.runtime.forward.MaskCache``)."""
@@ -391,6 +406,14 @@ class OnnxGenerator:
         # each session's input and output names once, and its own run: the Python wrapper's checks on every
         # call were 2% of a SmolLM2 decode step (ONNX Runtime copies non-contiguous arrays, such as a
         # cache's past, itself)
+        # where the segment returns each layer's past-and-new cache, plain decoding keeps the cache in the
+        # segment session's memory (the GPU's under CUDA) instead of host arrays
+        self.bind_cache = True  # False: host arrays even where the segment could keep the cache
+        self._bound_device = None
+        if self._segment is not None:
+            seg = self.sessions[self._segment["name"]]
+            if any(o.name.startswith("present_") for o in seg.get_outputs()):
+                self._bound_device = "cuda" if seg.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._calls = {
             name: (
                 [i.name for i in sess.get_inputs()],
@@ -421,12 +444,36 @@ class OnnxGenerator:
         ids = [s["layer"] for s in self.layers]
         window = self.windows[self.layers[0]["name"]]
         mask = masks.get(cache.lengths[ids[0]], hidden.shape[1], window)
+        if isinstance(cache, _BoundCache):
+            return self._run_bound(cache, ids, hidden, cos, sin, mask)
         out = self._run(
             self._segment["name"], hidden, cos, sin, mask, *(x for i in ids for x in cache.past(i))
         )
         for j, i in enumerate(ids):
             cache.write(i, out[1 + 2 * j], out[2 + 2 * j])
         return out[0]
+
+    def _run_bound(self, cache: _BoundCache, ids, hidden, cos, sin, mask):
+        sess = self.sessions[self._segment["name"]]
+        binding = sess.io_binding()
+        for name, value in (("hidden", hidden), ("cos", cos), ("sin", sin), ("mask", mask)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for i in ids:
+            for kv, store in (("k", cache.k), ("v", cache.v)):
+                if store[i] is None:
+                    binding.bind_cpu_input(f"past_{kv}.{i}", cache.empty)
+                else:
+                    binding.bind_ortvalue_input(f"past_{kv}.{i}", store[i])
+        binding.bind_output("last_hidden", "cpu")
+        for i in ids:
+            binding.bind_output(f"present_k.{i}", cache.device)
+            binding.bind_output(f"present_v.{i}", cache.device)
+        sess.run_with_iobinding(binding)
+        out = binding.get_outputs()
+        for j, i in enumerate(ids):
+            cache.k[i], cache.v[i] = out[1 + 2 * j], out[2 + 2 * j]
+            cache.lengths[i] += hidden.shape[1]
+        return out[0].numpy()
 
     def _head_logits(self, hidden: np.ndarray, stats) -> np.ndarray:
         logits = self._run(self.head["name"], hidden)[0]
@@ -658,7 +705,13 @@ class OnnxGenerator:
         draft = int(policy["draft"]) if mode == "self-speculative" else 0
         eos, pad = self._stop_and_pad(eos_token_id, pad_token_id)
         rng = np.random.default_rng(seed)
-        cache = self._new_cache(batch, total + draft)
+        if mode == "dense" and self._bound_device is not None and self.bind_cache:
+            info = self.info
+            layers = [s["layer"] for s in self.layers]
+            shape = (batch, info["num_kv_heads"], info["head_dim"])
+            cache = _BoundCache(layers, *shape, self.dtype, self._bound_device)
+        else:
+            cache = self._new_cache(batch, total + draft)
         key_valid = np.ones((batch, total + draft), dtype=bool)
         key_valid[:, :prompt] = m
         positions = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None).astype(np.int64)
