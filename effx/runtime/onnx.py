@@ -403,9 +403,6 @@ class OnnxGenerator:
             name: ort.InferenceSession(str(out_dir / path), sess_options=opts, providers=providers)
             for name, path in paths.items()
         }
-        # each session's input and output names once, and its own run: the Python wrapper's checks on every
-        # call were 2% of a SmolLM2 decode step (ONNX Runtime copies non-contiguous arrays, such as a
-        # cache's past, itself)
         # where the segment returns each layer's past-and-new cache, plain decoding keeps the cache in the
         # segment session's memory (the GPU's under CUDA) instead of host arrays
         self.bind_cache = True  # False: host arrays even where the segment could keep the cache
@@ -414,6 +411,9 @@ class OnnxGenerator:
             seg = self.sessions[self._segment["name"]]
             if any(o.name.startswith("present_") for o in seg.get_outputs()):
                 self._bound_device = "cuda" if seg.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        # each session's input and output names once, and its own run: the Python wrapper's checks on every
+        # call were 2% of a SmolLM2 decode step (ONNX Runtime copies non-contiguous arrays, such as a
+        # cache's past, itself)
         self._calls = {
             name: (
                 [i.name for i in sess.get_inputs()],
