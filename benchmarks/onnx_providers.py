@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tarfile
@@ -64,14 +65,14 @@ def prepare(out: Path) -> None:
 
     root = Path(__file__).resolve().parent
     sys.path[:0] = [str(root), str(root.parent / "tests")]
-    from conftest import left_padded_batch
+    from conftest import left_padded_batch, tiny_model
     from onnx_runtime import single_graph
     from test_onnx import PASSES, V
 
     import effx
     from effx.exporters import onnx as exporter
 
-    model = _tiny()
+    model = tiny_model("llama", layers=4, seed=3)  # the model of tests/test_onnx.py's pass artifacts
     vocab = out / "vocab.json"
     out.mkdir(parents=True, exist_ok=True)
     vocab.write_text(json.dumps({"ids": list(range(3, 60))}))
@@ -101,17 +102,9 @@ def prepare(out: Path) -> None:
     single_graph(model, dense.info, shaped / "single" / "model.onnx")
     with tarfile.open(out / "shaped.tar.gz", "w:gz", compresslevel=1) as tar:
         tar.add(shaped, arcname="shaped")
-    import shutil
-
     shutil.rmtree(shaped)
     vocab.unlink()
     print(f"wrote {out}", flush=True)
-
-
-def _tiny():
-    from conftest import tiny_model
-
-    return tiny_model("llama", layers=4, seed=3)
 
 
 # -- check (numpy + onnxruntime) ----------------------------------------------------------------------------

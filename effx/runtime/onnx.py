@@ -251,7 +251,6 @@ class _BoundCache:
         self.k = dict.fromkeys(layers)
         self.v = dict.fromkeys(layers)
         self.lengths = dict.fromkeys(layers, 0)
-        self.dropped: dict = {}
         self.device = device
 
 
