@@ -1,0 +1,139 @@
+"""The default configurations of ``effx bench`` (:func:`default_configs`) and the artifacts they need,
+made once per model and cached under :func:`effx.models.cache_dir`: trained exit heads
+(:func:`exit_heads`), a vocabulary ranking (:func:`vocab_file`) and a neuron profile
+(:func:`neuron_profile`)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+
+from .errors import BenchConfigError
+from .sweep import BenchConfig
+
+# the package's name, as when this lived in effx/bench.py: log lines keep their logger name
+logger = logging.getLogger(__package__)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", str(name)).strip("_") or "model"
+
+
+def exit_heads(model_name: str, dense, tokenizer, layers, tokens: int, *, progress: bool = True) -> Path:
+    """Path of trained exit heads for ``layers``: trained once on pydoc calibration text, then cached under
+    :func:`effx.models.cache_dir`."""
+    from ..data import pydoc_texts
+    from ..exit_heads import train_exit_heads
+    from ..models import cache_dir
+
+    path = (
+        cache_dir() / "exit_heads" / f"{_safe(model_name)}-{'-'.join(map(str, layers))}-{tokens}.safetensors"
+    )
+    if not path.is_file():
+        start = time.perf_counter()
+        result = train_exit_heads(
+            dense,
+            pydoc_texts("calib"),
+            tokenizer,
+            layers=list(layers),
+            max_tokens=tokens,
+            path=path,
+            progress=progress,
+        )
+        kl = ", ".join(f"{e}: {result['kl_before'][e]:.2f}->{result['kl_after'][e]:.2f}" for e in layers)
+        logger.info("trained exit heads in %.0f s (KL per token %s)", time.perf_counter() - start, kl)
+    return path
+
+
+def vocab_file(model_name: str, dense, tokenizer, prompts: int, *, progress: bool = True) -> str:
+    """A vocabulary ranking from the model's own generations on ``prompts`` pydoc-based prompts plus pydoc
+    calibration text, made once and cached."""
+    from ..data import pydoc_texts
+    from ..models import cache_dir
+    from ..vocab import calibrate_vocab
+
+    path = cache_dir() / "vocab" / f"{_safe(model_name)}-gen{prompts}.safetensors"
+    if not path.is_file():
+        asks = [f"Explain this in simple words:\n{t[:400]}" for t in pydoc_texts("calib")[:prompts]]
+        generated = calibrate_vocab(tokenizer, asks, program=dense, max_new_tokens=48, progress=progress)
+        text = calibrate_vocab(tokenizer, pydoc_texts("calib"))
+        (generated + text).save(path, dense.info)
+    return str(path)
+
+
+def neuron_profile(model_name: str, dense, tokenizer, tokens: int, *, progress: bool = True) -> str:
+    """A neuron profile of ``dense`` on ``tokens`` tokens of pydoc calibration text, made once and cached."""
+    from ..data import pydoc_texts
+    from ..models import cache_dir
+    from ..neurons import profile_neurons
+
+    path = cache_dir() / "neurons" / f"{_safe(model_name)}-pydoc-{tokens}.safetensors"
+    if not path.is_file():
+        start = time.perf_counter()
+        profile_neurons(
+            dense,
+            pydoc_texts("calib"),
+            tokenizer,
+            path=path,
+            data="pydoc calib",
+            max_tokens=tokens,
+            progress=progress,
+        )
+        logger.info("profiled neurons in %.0f s", time.perf_counter() - start)
+    return str(path)
+
+
+def default_configs(model_name: str, dense, tokenizer, *, progress: bool = True) -> list[BenchConfig]:
+    """Every pass at the setting its README section measured on SmolLM2, placed by depth so that other
+    models get the same shape (on a 30-layer model: exactly the documented layers):
+
+    * ``neuron-mask`` static keep 0.5 in layers 10%..90% (3..27), profiled on 16k pydoc tokens;
+    * ``vocab-reduce`` head, k = V/6 (8192), fallback 0.9, ranked from 16 of the model's generations;
+    * ``token-drop`` before layers 4/30 and 12/30 of the depth, keep 0.75 then 0.5;
+    * ``early-exit`` lossy after 1/3, 1/2, 2/3, 5/6 of the layers (10, 15, 20, 25) with trained heads
+      (4k pydoc tokens), calibrated to 0.95 agreement;
+    * the same exits with ``vocab-reduce`` exits k = V/24 (2048), adaptive, calibrated to 0.95.
+
+    Profiles, vocabularies and heads are made once and cached (about 40 s, 60 s and 90 s on SmolLM2).
+    """
+    from ..passes import EarlyExit, NeuronMask, TokenDrop, VocabReduce
+
+    n, vocab = dense.info.num_layers, dense.info.vocab_size
+    if n < 4:
+        raise BenchConfigError(f"the default configurations need a model with at least 4 layers, it has {n}")
+
+    def at(share: float, lo: int, hi: int) -> int:
+        return min(hi, max(lo, round(n * share)))
+
+    profile = neuron_profile(model_name, dense, tokenizer, 16384, progress=progress)
+    ranking = vocab_file(model_name, dense, tokenizer, 16, progress=progress)
+    exits = sorted({at(s, 0, n - 2) for s in (1 / 3, 1 / 2, 2 / 3, 5 / 6)})
+    heads = str(exit_heads(model_name, dense, tokenizer, exits, 4096, progress=progress))
+    drops = sorted({at(4 / 30, 1, n - 1), at(12 / 30, 1, n - 1)})
+    keeps = (0.75, 0.5)[: len(drops)]
+    mask_layers = (at(0.1, 0, n - 1), at(0.9, 0, n - 1))
+    k_head, k_exit = max(1, vocab // 6), max(1, vocab // 24)
+    early = EarlyExit(layers=tuple(exits), head="trained", heads=heads)
+    exit_names = "/".join(map(str, exits))
+    return [
+        BenchConfig(
+            f"neuron-mask static keep 0.5, layers {mask_layers[0]}..{mask_layers[1]}",
+            (NeuronMask(keep=0.5, profile=profile, layers=mask_layers),),
+        ),
+        BenchConfig(
+            f"vocab-reduce head k={k_head}, fallback 0.9",
+            (VocabReduce(k=k_head, where="head", vocab=ranking, fallback=0.9),),
+        ),
+        BenchConfig(
+            f"token-drop keep {'/'.join(map(str, keeps))} at layers {','.join(map(str, drops))}",
+            (TokenDrop(at_layers=tuple(drops), keep=keeps),),
+        ),
+        BenchConfig(f"early-exit {exit_names} trained heads, calibrated 0.95", (early,), calibrate=0.95),
+        BenchConfig(
+            f"early-exit {exit_names} + vocab-reduce exits k={k_exit} adaptive, calibrated 0.95",
+            (early, VocabReduce(k=k_exit, where="exits", schedule="adaptive")),
+            calibrate=0.95,
+        ),
+    ]

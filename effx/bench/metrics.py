@@ -1,0 +1,116 @@
+"""What ``effx bench`` computes from generations and held-out text: pass statistics, the share of tokens
+per path (see :mod:`effx.bench.schema`), teacher-forced agreement and perplexity in one forward pass,
+ROUGE-L, and the spread of a timing."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def _pass_stats(stats_list: list[dict], prompt_lengths: list[int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    depths = [d[0] for st in stats_list for d in st.get("exit_layers", [])]
+    if depths:
+        out["mean_layers"] = statistics.mean(depths)
+    positions = sum(st.get("head_positions", 0) for st in stats_list)
+    if positions:
+        out["head_fallback_share"] = sum(st.get("head_fallbacks", 0) for st in stats_list) / positions
+    drafted = sum(st.get("drafted", 0) for st in stats_list)
+    if drafted:
+        out["draft_acceptance"] = sum(st.get("accepted", 0) for st in stats_list) / drafted
+    shares = []
+    for st, n in zip(stats_list, prompt_lengths, strict=True):
+        kept = st.get("kept_tokens")
+        if kept:
+            shares.append(kept[max(kept)][0] / n)
+    if shares:
+        out["kept_share"] = statistics.mean(shares)
+    return out
+
+
+def _paths(stats: dict, new_tokens: int, num_layers: int, reduced_head: bool = False) -> dict[str, float]:
+    """Share of one generation's tokens each path produced, the cascade seed's "share of tokens per path":
+    self-speculative decoding's accepted drafts against the tokens the full model gave; lossy exits' tokens
+    by the layer they left after (0-based; the first token, from the prefill, goes through all of them); a
+    reduced head's positions against those that fell back to the full head (``reduced_head`` without a
+    fallback: all of them). Each group sums to 1; a program without any of these has one path,
+    ``all N layers``."""
+    paths: dict[str, float] = {}
+    if "drafted" in stats:
+        accepted = min(stats.get("accepted", 0), new_tokens) / new_tokens
+        paths.update({"accepted draft": accepted, "full model": 1 - accepted})
+    elif stats.get("exit_layers"):
+        depths = [row[0] for row in stats["exit_layers"]]
+        depths += [num_layers] * max(0, new_tokens - len(depths))
+        for d in sorted(set(depths)):
+            key = f"all {num_layers} layers" if d == num_layers else f"exit at layer {d - 1}"
+            paths[key] = depths.count(d) / len(depths)
+    else:
+        paths[f"all {num_layers} layers"] = 1.0
+    if stats.get("head_positions"):
+        fallback = stats.get("head_fallbacks", 0) / stats["head_positions"]
+        paths.update({"reduced head": 1 - fallback, "full head (fallback)": fallback})
+    elif reduced_head:
+        paths["reduced head"] = 1.0
+    return paths
+
+
+def _path_order(key: str) -> tuple:
+    """Exits by depth, then the full depth, then the rest (heads, drafts) as they came."""
+    if key.startswith("exit at layer "):
+        return (0, int(key.rsplit(" ", 1)[1]))
+    return (1, 0) if key.startswith("all ") else (2, 0)
+
+
+def _mean_paths(per_sample: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted(dict.fromkeys(k for p in per_sample for k in p), key=_path_order)
+    return {k: statistics.mean(p.get(k, 0.0) for p in per_sample) for k in keys}
+
+
+def _teacher_forced(program, chunk):
+    """For the second half of ``chunk``, teacher-forced, the way the program decodes: its greedy next token
+    at each position, the summed negative log-likelihood of the true tokens, and how many true tokens it
+    gives probability 0 (a reduced head that did not fall back scores ``-inf`` outside its subset).
+
+    The first half is prefilled as a prompt (core neurons and dropped tokens are chosen on it), as in
+    :func:`effx.quality.perplexity`, whose value ``exp(nll / tokens)`` this reproduces from the same
+    forward pass (``tests/test_bench.py`` checks that), so agreement and perplexity cost one pass. Lossy
+    exits give a position's token from the first exit whose confidence passes its threshold (the
+    likelihood stays the final head's, as in ``perplexity``); such programs run over the whole chunk at once
+    (their exits are decode-time decisions), so a TokenDrop in the same program is not applied there.
+    """
+    import torch
+
+    from ..calibrate import teacher_forced_exits
+    from ..quality import second_half_logits
+
+    n = chunk.shape[1]
+    half = n // 2
+    target = chunk[0, half:]
+    lossy = program.exits and program.plan.policy.get("early_exit", {}).get("mode", "lossy") == "lossy"
+    if lossy:
+        teacher, exits = teacher_forced_exits(program, chunk)
+        true_logp = teacher[0, half - 1 : n - 1].gather(-1, target[:, None])[:, 0]
+        tokens = teacher.argmax(-1)[0]
+        decided = torch.zeros(n, dtype=torch.bool)
+        for e, logits, conf in exits:
+            leave = ~decided & (conf[0].float() >= program.exits[e].attrs["threshold"])
+            tokens = torch.where(leave, logits.argmax(-1)[0], tokens)
+            decided |= leave
+        return tokens[half - 1 : n - 1], -float(true_logp.sum()), int(torch.isneginf(true_logp).sum())
+    logits = second_half_logits(program, chunk)
+    nll = float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+    impossible = int(torch.isneginf(logits.gather(-1, target[:, None])).sum())
+    return logits.argmax(-1), nll, impossible
+
+
+def _rouge(preds: list[str], refs: list[str]) -> float:
+    """Mean ROUGE-L F1; identical texts score exactly 1.0 (also two empty ones, which the scorer gives 0)."""
+    from ..quality import rouge_l
+
+    scores = [1.0 if p == r else rouge_l([p], [r]) for p, r in zip(preds, refs, strict=True)]
+    return statistics.mean(scores)
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
