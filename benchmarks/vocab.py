@@ -34,12 +34,13 @@ from effx.calibrate import agreement
 from effx.data import PROMPTS, encode_prompts, pydoc_texts
 from effx.flops import count_graph_flops, stage_inputs
 from effx.passes import EarlyExit, VocabReduce
+from effx.program import torch_dtype
 from effx.quality import rouge_l
 
 
 def head_table(dense, vocab: str) -> None:
     info = dense.info
-    hidden = torch.randn(1, 1, info.hidden_size, dtype=info.torch_dtype)
+    hidden = torch.randn(1, 1, info.hidden_size, dtype=torch_dtype(info))
     ee = EarlyExit(layers=(10, 20)).apply(dense).program
     print(f"\nhead per token, batch 1 (V={info.vocab_size}, d={info.hidden_size})")
     print(f"{'head':<28} {'ms':>7} {'MFLOPs':>8} {'time ratio':>10}")

@@ -24,6 +24,7 @@ from .errors import (
     ModelLoadError,
     PassConfigError,
     PassError,
+    PassPreconditionError,
     PlanError,
     UnsupportedModelError,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "PassConfigError",
     "PassError",
     "PassManager",
+    "PassPreconditionError",
     "Plan",
     "PlanError",
     "Program",

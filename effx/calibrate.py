@@ -54,7 +54,7 @@ def teacher_forced_exits(program, chunk):
     for e in sorted(program.exits):
         ex = program.exits[e]
         ids = select_vocab(prev_logits, ex, ids) if ex.attrs.get("vocab") == "pruned" else None
-        logits, conf = exit_logits(ex, hiddens[e], prev, ids)
+        logits, conf = exit_logits(program, ex, hiddens[e], prev, ids)
         prev, prev_logits = hiddens[e], logits
         out.append((e, logits, conf))
     return teacher, out

@@ -25,119 +25,19 @@ model's measure there: ``EntropyGate(percentile=81)`` hands the 19% most uncerta
 
 from __future__ import annotations
 
-import math
 import sys
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import TextIO
 
 import torch
 
 from .errors import CascadeConfigError, CascadeError, GenerationInputError
+from .gates import EntropyGate, Gate, MaxProbGate
 from .program import Program
 
 __all__ = ["Cascade", "EntropyGate", "Gate", "GateCalibration", "MaxProbGate", "cascade"]
 
 MODES = ("gated", "verified")
-
-
-def _check_number(name: str, value, low: float, high: float, gate: str) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise CascadeConfigError(f"{gate}: {name} must be a number, got {value!r}")
-    if not low <= value <= high:
-        raise CascadeConfigError(f"{gate}: {name} must be in [{low:g}, {high:g}], got {value!r}")
-
-
-@dataclass(frozen=True)
-class Gate(ABC):
-    """A rule on the small model's next-token distribution that hands the token to the large model.
-
-    ``threshold`` is the decision value; ``percentile`` (0-100) says where calibration puts it in the
-    distribution of the small model's measure on calibration text. A gate needs a threshold to decode, and
-    either one to be calibrated.
-    """
-
-    threshold: float | None = None
-    percentile: float | None = None
-
-    name = "gate"
-    fires_high = True  # fires when the measure is >= threshold (else <=)
-    threshold_range = (0.0, math.inf)
-
-    def __post_init__(self):
-        low, high = self.threshold_range
-        _check_number("threshold", self.threshold, low, high, type(self).__name__)
-        _check_number("percentile", self.percentile, 0.0, 100.0, type(self).__name__)
-        if self.threshold is None and self.percentile is None:
-            raise CascadeConfigError(
-                f"{type(self).__name__} needs a threshold or a percentile (to calibrate the threshold from text)"
-            )
-
-    @abstractmethod
-    def measure(self, logits: torch.Tensor) -> torch.Tensor:
-        """The gate's measure of each distribution in ``logits [..., vocab]`` (float32, ``[...]``)."""
-
-    def fires_at(self, measure: torch.Tensor, threshold: float) -> torch.Tensor:
-        return measure >= threshold if self.fires_high else measure <= threshold
-
-    def require_threshold(self) -> float:
-        if self.threshold is None:
-            raise CascadeError(
-                f"{self!r} has no threshold yet: calibrate the cascade on text "
-                "(casc, report = casc.calibrate(texts, tokenizer)) or give threshold="
-            )
-        return self.threshold
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """Which rows of ``logits [batch, vocab]`` go to the large model (bool ``[batch]``)."""
-        return self.fires_at(self.measure(logits), self.require_threshold())
-
-    def share_of_percentile(self) -> float:
-        """The share of tokens that a threshold at ``percentile`` hands to the large model."""
-        p = self.percentile / 100
-        return 1 - p if self.fires_high else p
-
-    def threshold_for_share(self, measures: torch.Tensor, share: float) -> float:
-        """The threshold at which the gate fires on ``share`` of ``measures`` (ties fire together)."""
-        n = measures.numel()
-        count = round(share * n)
-        ranked = torch.sort(measures.flatten().double(), descending=self.fires_high).values
-        if count == 0:  # fire on nothing
-            return math.inf if self.fires_high else 0.0
-        value = float(ranked[count - 1])
-        low, high = self.threshold_range
-        return min(max(value, low), high)
-
-
-@dataclass(frozen=True)
-class EntropyGate(Gate):
-    """Fires when the entropy (nats) of the small model's next-token distribution is at or above
-    ``threshold``: 0 always fires, ``math.inf`` never does. ``percentile=81`` calibrates the threshold to the
-    81st percentile of the entropy on calibration text, so about 19% of tokens go to the large model."""
-
-    name = "entropy"
-    fires_high = True
-    threshold_range = (0.0, math.inf)
-
-    def measure(self, logits: torch.Tensor) -> torch.Tensor:
-        # entr(0) = 0: reduced heads give -inf logits, whose p log p would be nan
-        return torch.special.entr(logits.float().softmax(-1)).sum(-1)
-
-
-@dataclass(frozen=True)
-class MaxProbGate(Gate):
-    """Fires when the small model's top next-token probability is at or below ``threshold`` (in [0, 1]):
-    0 never fires, 1 always does. ``percentile=19`` calibrates the threshold to the 19th percentile of the top
-    probability on calibration text, so about 19% of tokens go to the large model."""
-
-    name = "max-prob"
-    fires_high = False
-    threshold_range = (0.0, 1.0)
-
-    def measure(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float().softmax(-1).amax(-1)
 
 
 @dataclass(frozen=True)
@@ -160,9 +60,8 @@ class GateCalibration:
 
 def _unsupported(program: Program, role: str) -> None:
     if program.exits:
-        policy = program.plan.policy.get("early_exit", {})
         raise CascadeError(
-            f"the {role} Program has exit stages (EarlyExit, mode {policy.get('mode')!r}): the cascade runs every "
+            f"the {role} Program has exit stages (EarlyExit, mode {program.plan.decode_mode!r}): the cascade runs every "
             "layer of both models and cannot honour them; transform that model without EarlyExit "
             "(NeuronMask, TokenDrop and VocabReduce(where='head') are supported)"
         )
@@ -267,8 +166,8 @@ class Cascade:
         ``small_share``/``large_share``.
         """
         from .runtime.cascade import decode
-        from .runtime.forward import check_left_padded
-        from .runtime.generate import _as_ids
+        from .runtime.loop import check_inputs, stop_and_pad
+        from .runtime.torch_backend import XP
 
         if do_sample:
             raise GenerationInputError(
@@ -276,39 +175,19 @@ class Cascade:
             )
         if self.gate is not None:
             self.gate.require_threshold()
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        if not isinstance(input_ids, torch.Tensor):
             raise GenerationInputError("input_ids must be a 2-D LongTensor [batch, prompt_length]")
-        batch, prompt_len = input_ids.shape
-        if batch == 0 or prompt_len == 0:
-            raise GenerationInputError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise GenerationInputError(
-                f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape "
-                f"{tuple(input_ids.shape)}"
-            )
-        check_left_padded(attention_mask)
         config = self.large.generation_config
         max_new = max_new_tokens
         if max_new is None:
             max_new = getattr(config, "max_new_tokens", None)
-        if max_new is None:
-            max_new = (getattr(config, "max_length", None) or 20) - prompt_len
-        if max_new < 1:
-            raise GenerationInputError(f"max_new_tokens must be >= 1, got {max_new}")
-        total = prompt_len + max_new
+        if max_new is None and input_ids.ndim == 2:
+            max_new = (getattr(config, "max_length", None) or 20) - input_ids.shape[1]
         limit = min(self.small.info.max_positions, self.large.info.max_positions)
-        if total > limit:
-            raise GenerationInputError(
-                f"prompt ({prompt_len}) + max_new_tokens ({max_new}) = {total} exceeds the {limit} positions "
-                "of the cascade's models"
-            )
-        eos_ids = _as_ids(eos_token_id) if eos_token_id is not None else list(self.large.plan.eos_token_ids)
-        eos = torch.tensor(eos_ids, dtype=torch.long)
-        pad = pad_token_id if pad_token_id is not None else self.large.plan.pad_token_id
-        if pad is None:
-            pad = int(eos[0]) if len(eos) else 0
+        input_ids, attention_mask = check_inputs(
+            XP, input_ids, attention_mask, max_new, limit, what="the cascade's models"
+        )
+        eos, pad = stop_and_pad(self.large.plan, eos_token_id, pad_token_id)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -323,7 +202,7 @@ class Cascade:
             mode=self.mode,
             max_new=max_new,
             eos=eos,
-            pad=int(pad),
+            pad=pad,
             fires=self.gate,
             draft=self.draft,
             adaptive=self.adaptive,

@@ -19,6 +19,11 @@ class PassError(EffxError):
     """A pass failed, was misordered, or broke the promise it states."""
 
 
+class PassPreconditionError(PassError):
+    """A pass cannot apply to the Program it is given (an earlier pass conflicts with it, or what it needs
+    is missing); raised before the pass runs."""
+
+
 class PassConfigError(PassError, ValueError):
     """A pass was given an invalid argument, or a pipeline string is malformed."""
 
@@ -33,6 +38,10 @@ class ArtifactError(EffxError):
 
 class GenerationInputError(EffxError, ValueError):
     """The inputs of generate() are invalid (empty prompt, bad mask, bad generation settings)."""
+
+
+class BackendCapabilityError(EffxError):
+    """The plan asks for something this backend cannot run (e.g. per-prompt core neurons on ONNX Runtime)."""
 
 
 class CascadeError(EffxError):

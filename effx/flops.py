@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .program import torch_dtype
+
 __all__ = [
     "count_graph_flops",
     "decode_flops",
@@ -94,7 +96,7 @@ def stage_inputs(program, stage, *, batch: int, seq: int, past: int) -> tuple:
     kind = stage if isinstance(stage, str) else stage.kind
     attrs = {} if isinstance(stage, str) else stage.attrs
     info = program.info
-    dt = info.torch_dtype
+    dt = torch_dtype(info)
     m = "meta"
     if kind == "embed":
         ids = torch.zeros(batch, seq, dtype=torch.long, device=m)

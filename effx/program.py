@@ -1,15 +1,14 @@
-"""Program: ordered stages (torch.fx GraphModules) plus a frozen, JSON-serializable Plan.
+"""Program: ordered stages (torch.fx GraphModules) plus a frozen, JSON-serializable Plan (:mod:`effx.plan`).
 
 The Plan is all the runtime reads to decide what to run: stage order and signatures, the model's shapes,
-the passes applied, and generation defaults. Stage graphs hold the computation; the plan holds the
-decisions around them.
+the passes applied, the run-time policies and generation defaults. Stage graphs hold the computation; the
+plan holds the decisions around them.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,161 +17,35 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 
 from .errors import PlanError
+from .plan import (
+    PLAN_SCHEMA_VERSION,
+    STAGE_SIGNATURES,
+    ModelInfo,
+    Plan,
+    Policy,
+    StageSpec,
+    stage_signature,
+)
 
 if TYPE_CHECKING:
     from .passes.base import PassReport
 
-__all__ = ["PLAN_SCHEMA_VERSION", "ModelInfo", "Plan", "Program", "Stage", "StageSpec"]
-
-PLAN_SCHEMA_VERSION = 1
-
-STAGE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "embed": (("input_ids", "position_ids"), ("hidden", "cos", "sin")),
-    "layer": (("hidden", "cos", "sin", "mask", "past_k", "past_v"), ("hidden", "k", "v")),
-    "head": (("hidden",), ("logits",)),
-    "exit": (("hidden", "prev_hidden"), ("logits", "confidence")),
-    # the full-vocabulary head that a vocabulary-reduced head falls back to (VocabReduce where="head")
-    "full_head": (("hidden",), ("logits",)),
-    # TokenDrop before layer j: importance of each prompt token (cut from layer j), then the gather
-    "token_score": (("hidden", "cos", "sin", "mask", "past_k", "past_v"), ("scores",)),
-    "token_drop": (("hidden", "cos", "sin", "keep_ids"), ("hidden", "cos", "sin")),
-}
-# an exit that scores only the token ids it is given (VocabReduce where="exits"; attrs vocab="pruned")
-PRUNED_EXIT_SIGNATURE = (("hidden", "prev_hidden", "vocab_ids"), ("logits", "confidence"))
+__all__ = [
+    "PLAN_SCHEMA_VERSION",
+    "STAGE_SIGNATURES",
+    "ModelInfo",
+    "Plan",
+    "Policy",
+    "Program",
+    "Stage",
+    "StageSpec",
+    "torch_dtype",
+]
 
 
-def stage_signature(kind: str, attrs: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The inputs and outputs of a stage of ``kind`` with ``attrs``."""
-    if kind == "exit" and attrs.get("vocab") == "pruned":
-        return PRUNED_EXIT_SIGNATURE
-    return STAGE_SIGNATURES[kind]
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Shapes and identity of the captured model."""
-
-    architecture: str
-    model_type: str
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_positions: int
-    dtype: str
-    tie_word_embeddings: bool
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """A stage as the plan records it: its name, kind, layer, signature and attributes.
-
-    ``attrs`` holds what the runtime needs to know about the stage: ``sliding_window`` for a layer;
-    ``threshold`` and ``measure`` for an exit (whose ``layer`` is the layer it follows).
-    """
-
-    name: str
-    kind: str
-    layer: int | None
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Frozen, JSON-serializable description of a Program. ``from_json(to_json())`` round-trips."""
-
-    model: ModelInfo
-    stages: tuple[StageSpec, ...]
-    passes: tuple[dict[str, Any], ...] = ()
-    policy: dict[str, Any] = field(default_factory=dict)
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int | None = None
-    schema_version: int = PLAN_SCHEMA_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
-        if not isinstance(data, dict):
-            raise PlanError(f"a plan is a JSON object, got {type(data).__name__}")
-        version = data.get("schema_version")
-        if version != PLAN_SCHEMA_VERSION:
-            raise PlanError(
-                f"plan schema version {version!r} is not supported (this effx reads version {PLAN_SCHEMA_VERSION}); "
-                "re-create the plan with this version of effx"
-            )
-        try:
-            model = ModelInfo(**data["model"])
-            stages = tuple(
-                StageSpec(**{**s, "inputs": tuple(s["inputs"]), "outputs": tuple(s["outputs"])})
-                for s in data["stages"]
-            )
-            plan = cls(
-                model=model,
-                stages=stages,
-                passes=tuple(data.get("passes", ())),
-                policy=dict(data.get("policy", {})),
-                eos_token_ids=tuple(data.get("eos_token_ids", ())),
-                pad_token_id=data.get("pad_token_id"),
-            )
-        except (KeyError, TypeError) as e:
-            raise PlanError(f"malformed plan: {e}") from e
-        plan.validate()
-        return plan
-
-    @classmethod
-    def from_json(cls, text: str) -> Plan:
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise PlanError(f"plan is not valid JSON: {e}") from e
-        return cls.from_dict(data)
-
-    def validate(self) -> None:
-        """Check that the stages form a runnable model: embed, each layer once and in order (each optionally
-        followed by an exit stage), head."""
-        kinds = [s.kind for s in self.stages]
-        if not kinds or kinds[0] != "embed" or kinds[-1] != "head":
-            raise PlanError(f"a plan starts with an embed stage and ends with a head stage; got {kinds}")
-        layers = [s.layer for s in self.stages if s.kind == "layer"]
-        if layers != list(range(self.model.num_layers)):
-            raise PlanError(f"plan layers {layers} are not 0..{self.model.num_layers - 1} in order")
-        names = [s.name for s in self.stages]
-        if len(set(names)) != len(names):
-            raise PlanError(f"stage names repeat: {names}")
-        for prev, s in zip(self.stages[:-1], self.stages[1:], strict=True):
-            if s.kind == "exit" and not (prev.kind == "layer" and prev.layer == s.layer):
-                raise PlanError(f"exit stage {s.name!r} must directly follow layer {s.layer}")
-            if prev.kind == "full_head" and s.kind != "head":
-                raise PlanError(f"full_head stage {prev.name!r} must directly precede the head")
-            if prev.kind == "token_score" and not (s.kind == "token_drop" and s.layer == prev.layer):
-                raise PlanError(f"token_score stage {prev.name!r} must be followed by its token_drop stage")
-            if prev.kind == "token_drop" and not (s.kind == "layer" and s.layer == prev.layer):
-                raise PlanError(f"token_drop stage {prev.name!r} must directly precede layer {prev.layer}")
-        if "full_head" in kinds and not self.stages[-1].attrs.get("fallback"):
-            raise PlanError("a full_head stage is only there for a head with a fallback threshold")
-        for s in self.stages:
-            if s.kind not in STAGE_SIGNATURES:
-                raise PlanError(f"stage {s.name!r} has unknown kind {s.kind!r}")
-            if (s.inputs, s.outputs) != stage_signature(s.kind, s.attrs):
-                raise PlanError(
-                    f"stage {s.name!r} signature {s.inputs} -> {s.outputs} is not that of a {s.kind}"
-                )
-            if s.kind == "exit" and not isinstance(s.attrs.get("threshold"), (int, float)):
-                raise PlanError(f"exit stage {s.name!r} has no numeric threshold")
+def torch_dtype(info: ModelInfo) -> torch.dtype:
+    """The torch dtype of the model's weights (``info.dtype`` names it)."""
+    return getattr(torch, info.dtype)
 
 
 @dataclass
@@ -290,12 +163,12 @@ class Program:
         plan = dataclasses.replace(self.plan, stages=tuple(s.spec for s in new_stages))
         return Program(new_stages, plan, generation_config=self.generation_config, reports=self.reports)
 
-    def with_stages(self, stages: list[Stage], *, policy: dict[str, Any] | None = None) -> Program:
+    def with_stages(self, stages: list[Stage], *, policy: Policy | None = None) -> Program:
         """A new Program with this stage list (stages may be added, e.g. exits) and, if given, a new policy."""
         plan = dataclasses.replace(
             self.plan,
             stages=tuple(s.spec for s in stages),
-            policy=dict(self.plan.policy if policy is None else policy),
+            policy=self.plan.policy if policy is None else policy,
         )
         return Program(list(stages), plan, generation_config=self.generation_config, reports=self.reports)
 

@@ -77,21 +77,17 @@ def second_half_logits(program, chunk):
     scored teacher-forced with the Program as it decodes, from the final head."""
     import torch
 
-    from .runtime.forward import KVCache, run_step
-    from .runtime.neurons import core_prefill
-    from .runtime.token_drop import drop_prefill
+    from .runtime.forward import run_step
+    from .runtime.loop import prefill
+    from .runtime.torch_backend import torch_backend
 
     n = chunk.shape[1]
     half = n // 2
-    cache = KVCache.for_program(program, 1, n)
+    backend = torch_backend(program)
+    cache = backend.new_cache(1, n)
     pos = torch.arange(n)[None]
     valid = torch.ones(1, n, dtype=torch.bool)
-    prog = program
-    if program.plan.policy.get("neuron_mask", {}).get("mode") == "core":
-        last, prog = core_prefill(program, cache, chunk[:, :half], pos[:, :half], valid[:, :half])
-    elif program.drops:
-        last = drop_prefill(program, cache, chunk[:, :half], pos[:, :half], valid[:, :half])
-    else:
-        last = run_step(program, cache, chunk[:, :half], pos[:, :half], valid[:, :half])
-    rest = run_step(prog, cache, chunk[:, half:-1], pos[:, half:-1], valid[:, : n - 1], last_only=False)
+    # the plan's own prefill (TokenDrop, core neurons) on the first half; core neurons decode sliced
+    last, backend = prefill(backend, cache, chunk[:, :half], pos[:, :half], valid[:, :half], None)
+    rest = run_step(backend, cache, chunk[:, half:-1], pos[:, half:-1], valid[:, : n - 1], last_only=False)
     return torch.cat([last[:, None], rest], 1)[0].float()

@@ -11,6 +11,7 @@ from effx.errors import GenerationInputError, PassConfigError, PassError
 from effx.passes import EarlyExit, parse_pipeline
 from effx.runtime.early_exit import ExitDecoder
 from effx.runtime.forward import KVCache, MaskCache, positions_from_mask, run_step
+from effx.runtime.torch_backend import torch_backend
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +149,7 @@ def test_deferred_kv_equals_dense_kv(dense4):
         run_step(dense4, cache, ids, positions, key_valid[:, :prompt])
         decoder = ExitDecoder(always0, cache)
         for j, prog in enumerate(schedule):
-            decoder.program = prog
+            decoder.backend = torch_backend(prog)
             masks = MaskCache(prog, key_valid[:, : prompt + j + 1], torch.float32)
             decoder.step(tokens[:, j : j + 1], positions[:, -1:] + 1 + j, masks)
             filled.append(list(cache.lengths))
@@ -239,11 +240,13 @@ def test_plan_with_exits_round_trips_and_validates(dense4):
     import json
 
     from effx import Plan, PlanError
+    from effx.plan import EarlyExitPolicy
 
     prog = EarlyExit(layers=(1,), thresholds=(0.8,), mode="self-speculative", draft=3).apply(dense4).program
     plan = Plan.from_json(prog.plan.to_json())
     assert plan == prog.plan
-    assert plan.policy == {
+    assert plan.policy.early_exit == EarlyExitPolicy("self-speculative", draft=3, measure="softmax-max")
+    assert json.loads(prog.plan.to_json())["policy"] == {
         "early_exit": {"mode": "self-speculative", "draft": 3, "measure": "softmax-max", "kv": "deferred"}
     }
     data = json.loads(prog.plan.to_json())
@@ -257,7 +260,7 @@ def test_plan_with_exits_round_trips_and_validates(dense4):
 
 
 def test_kv_projection_keeps_only_what_keys_and_values_need(dense4):
-    from effx.runtime.early_exit import kv_projection
+    from effx.runtime.torch_backend import kv_projection
 
     layer = dense4.layers[2].graph
     kv = kv_projection(layer)

@@ -13,6 +13,7 @@ from effx.errors import ArtifactError
 from effx.exporters import onnx as exporter
 from effx.passes import EarlyExit, NeuronMask, TokenDrop, VocabReduce
 from effx.runtime import onnx as ort_runtime
+from effx.runtime import onnx_backend
 
 V = 96
 
@@ -204,9 +205,9 @@ def test_default_providers(monkeypatch):
     greedy token on an H200: benchmarks/onnx_providers.py) and the nvidia wheels' libraries loaded once."""
     import onnxruntime as ort
 
-    monkeypatch.setattr(ort_runtime, "_CUDA_LIBRARIES_LOADED", False)
+    monkeypatch.setattr(onnx_backend, "_CUDA_LIBRARIES_LOADED", False)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    assert ort_runtime._providers(None) == ["CPUExecutionProvider"]
+    assert onnx_backend._providers(None) == ["CPUExecutionProvider"]
     loads = []
     monkeypatch.setattr(ort, "preload_dlls", lambda: loads.append(1), raising=False)
     monkeypatch.setattr(
@@ -214,9 +215,9 @@ def test_default_providers(monkeypatch):
     )
     assert loads == []
     cuda = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
-    assert ort_runtime._providers(None) == cuda
-    assert ort_runtime._providers(["CUDAExecutionProvider"]) == ["CUDAExecutionProvider"]
-    assert ort_runtime._providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert onnx_backend._providers(None) == cuda
+    assert onnx_backend._providers(["CUDAExecutionProvider"]) == ["CUDAExecutionProvider"]
+    assert onnx_backend._providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     assert loads == [1]
 
 

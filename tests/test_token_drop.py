@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 import effx
 from effx.errors import PassConfigError, PassError
 from effx.passes import NeuronMask, TokenDrop
+from effx.plan import TokenDropPolicy
 from effx.runtime.forward import KVCache, attention_masks, positions_from_mask
 from effx.runtime.token_drop import drop_prefill, select_tokens
 
@@ -48,7 +49,7 @@ def test_graph_after_the_pass(dense4):
     assert not any(r.startswith("mlp") or r in ("attn.v", "attn.o") for r in roles)
     gather = [n.target for n in prog.drops[1][1].graph.graph.nodes if n.op == "call_function"]
     assert torch.ops.aten.gather.default in gather
-    assert prog.plan.policy["token_drop"] == {"protect_last": 4, "special": [2]}
+    assert prog.plan.policy.token_drop == TokenDropPolicy(protect_last=4, special=(2,))
     full, dropped = effx.flops.prefill_flops(dense4, 64), effx.flops.prefill_flops(prog, 64)
     assert dropped < full
     assert effx.flops.decode_flops(prog) == effx.flops.decode_flops(dense4)

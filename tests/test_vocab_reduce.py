@@ -119,7 +119,7 @@ def test_pruned_exits_match_the_full_head_on_their_rows(k, schedule, layers, tie
         ex = prog.exits[e]
         ids = select_vocab(logits, ex, ids)
         assert 1 <= ids.shape[-1] <= ex.attrs["vocab_k"] <= k
-        logits, _ = exit_logits(ex, hidden, prev, ids)
+        logits, _ = exit_logits(prog, ex, hidden, prev, ids)
         logits = logits[:, -1]
         reference = full.exits[e].graph(hidden, prev)[0][:, -1]
         torch.testing.assert_close(logits.gather(1, ids), reference.gather(1, ids))

@@ -87,7 +87,7 @@ def _teacher_forced(program, chunk):
     n = chunk.shape[1]
     half = n // 2
     target = chunk[0, half:]
-    lossy = program.exits and program.plan.policy.get("early_exit", {}).get("mode", "lossy") == "lossy"
+    lossy = program.plan.decode_mode == "lossy"
     if lossy:
         teacher, exits = teacher_forced_exits(program, chunk)
         true_logp = teacher[0, half - 1 : n - 1].gather(-1, target[:, None])[:, 0]

@@ -48,8 +48,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArtifactError
-from ..runtime.onnx import (
+from ..artifact import (
     CASCADE_FILE,
     CASCADE_FORMAT,
     CASCADE_SCHEMA_VERSION,
@@ -58,8 +57,10 @@ from ..runtime.onnx import (
     SCHEMA_VERSION,
     SEGMENT_FILE,
     WEIGHTS,
-    _sha256,
+    sha256,
 )
+from ..errors import ArtifactError
+from ..program import torch_dtype
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "export"]
 
@@ -70,7 +71,7 @@ _INLINE_BYTES = 1024  # smaller tensors (scalars, shapes) stay inside the .onnx 
 def _example_args(program, stage):
     """Example inputs of ``stage`` and the dynamic axes of each (``None``: inferred by export)."""
     info = program.info
-    dt = info.torch_dtype
+    dt = torch_dtype(info)
     b, s, p = 2, 3, 2
     seq = {0: "batch", 1: "seq"}
     hidden = torch.randn(b, s, info.hidden_size, dtype=dt)
@@ -179,17 +180,10 @@ class _WeightStore:
 
 
 def _unsupported(program) -> list[str]:
-    policy = program.plan.policy
+    from ..runtime.backend import describe, needed_capabilities
+
     problems = [f"stage {s.name!r} of kind {s.kind!r}" for s in program if s.kind not in KINDS]
-    if policy.get("early_exit", {}).get("kv") == "copy":
-        problems.append(
-            "early exit with kv='copy' (its KV projection graphs are not exported; use kv='deferred', which is exact)"
-        )
-    if policy.get("neuron_mask", {}).get("mode") == "core":
-        problems.append(
-            "neuron-mask mode='core' (per-prompt neuron choice slices weights at run time; use mode='static')"
-        )
-    return problems
+    return problems + [describe(c) for c in needed_capabilities(program.plan)]
 
 
 def export(program, out_dir: str | os.PathLike, *, tokenizer=None, progress: bool = False) -> Path:
@@ -258,7 +252,7 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
             store.externalize(model)
             name = f"{stage.name}.onnx"
             onnx.save(model, str(out / name))
-            files[stage.name] = {"onnx": name, "sha256": _sha256(out / name)}
+            files[stage.name] = {"onnx": name, "sha256": sha256(out / name)}
             if stage.kind == "layer":
                 layers.append((stage.name, model))
     finally:
@@ -271,7 +265,7 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
                 "name": "layers",
                 "stages": [name for name, _ in layers],
                 "onnx": SEGMENT_FILE,
-                "sha256": _sha256(out / SEGMENT_FILE),
+                "sha256": sha256(out / SEGMENT_FILE),
             }
         )
     manifest = {
@@ -282,7 +276,7 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
         "plan": json.loads(program.plan.to_json()),
         "files": files,
         "segments": segments,
-        "data": {WEIGHTS: _sha256(out / WEIGHTS)},
+        "data": {WEIGHTS: sha256(out / WEIGHTS)},
     }
     (out / "plan.json").write_text(json.dumps(manifest, indent=2))
 
@@ -387,7 +381,7 @@ def _write_cascade(casc, out: Path) -> None:
         "adaptive": casc.adaptive,
         "gate": gate,
         "parts": {
-            role: {"dir": role, "plan_sha256": _sha256(out / role / "plan.json")}
+            role: {"dir": role, "plan_sha256": sha256(out / role / "plan.json")}
             for role in ("small", "large")
         },
     }

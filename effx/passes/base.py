@@ -3,8 +3,10 @@
 A pass is a frozen dataclass: its fields are its configuration, validated in ``__post_init__``
 (:class:`PassConfigError`, a ValueError). ``apply(program)`` returns a :class:`PassResult` with a *new*
 Program (never an edited one), ``modified`` computed from what changed, and a :class:`PassReport` of the
-sites changed and the sites skipped with their reasons. ``ensures(program)`` checks the promise the pass's
-docstring states and raises :class:`PassError` when it does not hold.
+sites changed and the sites skipped with their reasons. ``requires(program)`` checks what the pass needs of the Program it gets (:class:`PassPreconditionError`: an
+incompatible combination of passes is refused before anything runs, naming the passes);
+``ensures(program)`` checks the promise the pass's docstring states and raises :class:`PassError` when it
+does not hold.
 
 Pipelines parse from strings: ``"early-exit{layers=8,16,24 measure=top2-gap thresholds=0.4}"``; several passes are
 separated by commas at the top level (``"a{...}, b{...}"``).
@@ -20,11 +22,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..errors import PassConfigError, PassError
+from ..errors import PassConfigError, PassError, PassPreconditionError
 
 __all__ = [
     "Pass",
     "PassManager",
+    "PassPreconditionError",
     "PassReport",
     "PassResult",
     "get_pass",
@@ -47,6 +50,7 @@ class PassReport:
     flops_before: int | None = None
     flops_after: int | None = None
     notes: list[str] = field(default_factory=list)
+    modified: bool | None = None  # what the pass returned as PassResult.modified (set by the manager)
 
     def change(self, site: str, what: str) -> None:
         self.changed.append((site, what))
@@ -90,6 +94,10 @@ class Pass:
 
     def apply(self, program) -> PassResult:
         raise NotImplementedError(f"{type(self).__name__} does not implement apply()")
+
+    def requires(self, program) -> None:
+        """Check the pass's precondition on its input; raise :class:`PassPreconditionError` (saying which
+        earlier pass or state conflicts) if this pass cannot apply to ``program``."""
 
     def ensures(self, program) -> None:
         """Check the pass's postcondition on its output; raise PassError if it does not hold."""
@@ -324,6 +332,10 @@ class PassManager:
         from ..flops import decode_flops
 
         for i, p in enumerate(self.passes):
+            try:
+                p.requires(program)
+            except PassError as e:
+                raise PassPreconditionError(f"{self._context(i)} cannot apply: {e}") from e
             before = decode_flops(program)
             try:
                 result = p.apply(program)
@@ -337,7 +349,13 @@ class PassManager:
                 p.ensures(result.program)
             except PassError as e:
                 raise PassError(f"{self._context(i)} broke its promise: {e}") from e
+            if result.modified != (result.program is not program):
+                raise PassError(
+                    f"{self._context(i)} reported modified={result.modified} but "
+                    f"{'returned a new' if result.program is not program else 'returned its input'} Program"
+                )
             report = result.report
+            report.modified = result.modified
             if i in self.moves:
                 report.notes.append(self.moves[i])
             report.flops_before = before

@@ -33,7 +33,8 @@ import math
 import torch
 
 from ..errors import PassConfigError, PassError
-from ..program import Stage
+from ..plan import EarlyExitPolicy
+from ..program import Stage, torch_dtype
 from .base import Pass, PassResult, register_pass
 
 __all__ = ["MEASURES", "EarlyExit"]
@@ -143,9 +144,14 @@ class EarlyExit(Pass):
             raise PassError(f"every={self.every} places no exit before the last of {num_layers} layers")
         return layers
 
-    def apply(self, program) -> PassResult:
+    def requires(self, program) -> None:
+        """A Program without exits (one EarlyExit per Program), with the layers the exits follow."""
         if program.exits:
             raise PassError(f"the program already has exits after layers {sorted(program.exits)}")
+        self.exit_layers(program.info.num_layers)
+
+    def apply(self, program) -> PassResult:
+        self.requires(program)
         info = program.info
         layers = self.exit_layers(info.num_layers)
         if len(self.thresholds) == 1:
@@ -183,14 +189,14 @@ class EarlyExit(Pass):
                     f"exit.{stage.layer}",
                     f"exit after layer {stage.layer}: shared norm + LM head, {self.measure} >= {thr:g}",
                 )
-        policy = {
-            **program.plan.policy,
-            "early_exit": {"mode": self.mode, "draft": self.draft, "measure": self.measure, "kv": self.kv},
-        }
+        policy = dataclasses.replace(
+            program.plan.policy,
+            early_exit=EarlyExitPolicy(mode=self.mode, draft=self.draft, measure=self.measure, kv=self.kv),
+        )
         report.notes.append(
             "FLOPs/token count every exit evaluated (the worst case); what a token saves depends on where it exits"
         )
-        return PassResult(program.with_stages(stages, policy=policy), True, report)
+        return PassResult(program.with_stages(stages, policy=policy), bool(report.changed), report)
 
     def ensures(self, program) -> None:
         expected = self.exit_layers(program.info.num_layers)
@@ -204,7 +210,7 @@ class EarlyExit(Pass):
 def _measure_graph(measure: str, info) -> torch.fx.GraphModule:
     from ..capture import export_function
 
-    dt = info.torch_dtype
+    dt = torch_dtype(info)
     logits = torch.randn(2, 3, info.vocab_size, dtype=dt)
     hidden = torch.randn(2, 3, info.hidden_size, dtype=dt)
     fn = MEASURES[measure]

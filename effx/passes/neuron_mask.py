@@ -38,6 +38,7 @@ import dataclasses
 import torch
 
 from ..errors import PassConfigError, PassError
+from ..plan import NeuronMaskPolicy
 from .base import Pass, PassResult, register_pass
 from .vocab_reduce import _fetch
 
@@ -104,7 +105,25 @@ class NeuronMask(Pass):
             )
         return list(range(start, end + 1))
 
+    def requires(self, program) -> None:
+        """Layers in range that carry no neuron mask yet; for ``mode="core"``, a Program that drops no
+        tokens (TokenDrop and core neurons both choose what the prefill computes)."""
+        chosen = self.layer_range(program.info.num_layers)
+        masked = [
+            s.layer
+            for s in program.layers
+            if s.layer in chosen and (s.attrs.get("neurons") or s.attrs.get("core_neurons"))
+        ]
+        if masked:
+            raise PassError(f"layers {masked} already have neuron masks (from an earlier neuron-mask)")
+        if self.mode == "core" and program.drops:
+            raise PassError(
+                "neuron-mask mode='core' and token-drop both own the prefill (an earlier token-drop drops "
+                f"tokens before layers {sorted(program.drops)}); use one of them"
+            )
+
     def apply(self, program) -> PassResult:
+        self.requires(program)
         from ..flops import _param_bytes
 
         info = program.info
@@ -115,10 +134,6 @@ class NeuronMask(Pass):
             what = "sparsity=0" if self.mode == "threshold" else "keep=1.0"
             report.skip("all", f"{what}: every neuron is kept, the program is unchanged")
             return PassResult(program, False, report)
-        if any(
-            s.attrs.get("neurons") or s.attrs.get("core_neurons") for s in program.layers if s.layer in chosen
-        ):
-            raise PassError("some of these layers already have neuron masks")
         profile = base = None
         if self.profile:
             from ..neurons import load_neuron_profile
@@ -152,9 +167,9 @@ class NeuronMask(Pass):
             bytes_before += _param_bytes(stage.graph)
             bytes_after += _param_bytes(replace[stage.name].graph)
         stages = [replace.get(s.name, s) for s in program.stages]
-        policy = dict(program.plan.policy)
+        policy = program.plan.policy
         if self.mode == "core":
-            policy["neuron_mask"] = {"mode": "core", "top_share": self.top_share}
+            policy = dataclasses.replace(policy, neuron_mask=NeuronMaskPolicy(mode="core", top_share=self.top_share))
             report.notes.append(
                 "core: FLOPs/token here count the full MLP, which the prefill runs; decoding "
                 f"runs {k}/{width} of the MLP in layers {chosen[0]}..{chosen[-1]}"
@@ -168,7 +183,7 @@ class NeuronMask(Pass):
             report.notes.append(
                 f"weights of layers {chosen[0]}..{chosen[-1]}: {bytes_before / 1e6:.2f} MB -> {bytes_after / 1e6:.2f} MB"
             )
-        return PassResult(program.with_stages(stages, policy=policy), True, report)
+        return PassResult(program.with_stages(stages, policy=policy), bool(report.changed), report)
 
     def _choose(self, stage, profile, base, k: int) -> torch.Tensor:
         """The kept neuron ids of one layer, sorted."""

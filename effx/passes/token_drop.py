@@ -32,7 +32,8 @@ import math
 import torch
 
 from ..errors import PassConfigError, PassError
-from ..program import Stage
+from ..plan import TokenDropPolicy
+from ..program import Stage, torch_dtype
 from .base import Pass, PassResult, register_pass
 
 __all__ = ["TokenDrop"]
@@ -95,7 +96,9 @@ class TokenDrop(Pass):
             else [float(k) for k in self.keep]
         )
 
-    def apply(self, program) -> PassResult:
+    def requires(self, program) -> None:
+        """Layers in range, no earlier TokenDrop, and no per-prompt core neurons (both choose what the
+        prefill computes)."""
         info = program.info
         bad = [x for x in self.at_layers if x >= info.num_layers]
         if bad:
@@ -104,8 +107,15 @@ class TokenDrop(Pass):
             )
         if program.drops:
             raise PassError(f"the program already drops tokens before layers {sorted(program.drops)}")
-        if program.plan.policy.get("neuron_mask", {}).get("mode") == "core":
-            raise PassError("token-drop and neuron-mask mode='core' both own the prefill; use one of them")
+        if program.plan.policy.core_neurons:
+            raise PassError(
+                "token-drop and neuron-mask mode='core' both own the prefill (an earlier neuron-mask chose "
+                "core neurons); use one of them"
+            )
+
+    def apply(self, program) -> PassResult:
+        self.requires(program)
+        info = program.info
         report = self.new_report()
         ratios = dict(zip(self.at_layers, self.keeps(), strict=True))
         if all(r >= 1 for r in ratios.values()):
@@ -139,14 +149,14 @@ class TokenDrop(Pass):
                 report.skip(f"layer.{stage.layer}", "keep=1.0: nothing to drop")
             stages.append(stage)
         special = sorted({*program.plan.eos_token_ids, *self.special})
-        policy = {
-            **program.plan.policy,
-            "token_drop": {"protect_last": self.protect_last, "special": special},
-        }
+        policy = dataclasses.replace(
+            program.plan.policy,
+            token_drop=TokenDropPolicy(protect_last=self.protect_last, special=tuple(special)),
+        )
         report.notes.append(
             f"always kept: the last {self.protect_last} prompt tokens and token ids {special}; decoding is unchanged"
         )
-        return PassResult(program.with_stages(stages, policy=policy), True, report)
+        return PassResult(program.with_stages(stages, policy=policy), bool(report.changed), report)
 
     def ensures(self, program) -> None:
         expected = [j for j, r in zip(self.at_layers, self.keeps(), strict=True) if r < 1]
@@ -170,7 +180,7 @@ def _gather_graph(info) -> torch.fx.GraphModule:
 
         return take(hidden), take(cos), take(sin)
 
-    dt = info.torch_dtype
+    dt = torch_dtype(info)
     hidden = torch.randn(2, 7, info.hidden_size, dtype=dt)
     cos = torch.randn(2, 7, info.head_dim, dtype=dt)
     ids = torch.tensor([[0, 2, 5], [1, 3, 6]])
@@ -195,7 +205,7 @@ def _norm_score_graph(info, *, encoder: bool = False) -> torch.fx.GraphModule:
             (torch.randn(b, s, info.hidden_size), torch.zeros(b, 1, s, s)),
             ({0: "batch", 1: "seq"}, {0: "batch", 2: "seq", 3: "seq"}),
         )
-    dt = info.torch_dtype
+    dt = torch_dtype(info)
     hidden = torch.randn(b, s, info.hidden_size, dtype=dt)
     rope = torch.randn(b, s, info.head_dim, dtype=dt)
     mask = torch.zeros(b, 1, s, s, dtype=dt)

@@ -41,7 +41,7 @@ import time
 import torch
 
 from ..errors import PassConfigError, PassError
-from ..program import Stage
+from ..program import Stage, torch_dtype
 from .base import Pass, PassResult, register_pass
 
 __all__ = ["VocabReduce"]
@@ -96,10 +96,41 @@ class VocabReduce(Pass):
         if not 0 <= self.fallback <= 1:
             raise PassConfigError(f"vocab-reduce fallback must be in [0, 1], got {self.fallback!r}")
 
-    def apply(self, program) -> PassResult:
+    def requires(self, program) -> None:
+        """``k`` within the vocabulary; ``where="exits"``: lossy EarlyExit with two exits or more;
+        ``where="draft"``: self-speculative EarlyExit; the stage to reduce not reduced yet."""
         vocab_size = program.info.vocab_size
         if self.k > vocab_size:
             raise PassError(f"k={self.k} exceeds the vocabulary size {vocab_size}")
+        exits = sorted(program.exits)
+        if self.where == "exits":
+            if len(exits) < 2:
+                raise PassError(
+                    f"where='exits' prunes at the first exit for the later ones; the program has exits {exits} "
+                    "(add early-exit with at least two exits)"
+                )
+            if program.plan.decode_mode != "lossy":
+                raise PassError(
+                    "where='exits' applies to lossy early exit; a self-speculative program drafts with its "
+                    "first exit only: reduce that one with where='draft'"
+                )
+            targets = [program.exits[e] for e in exits[1:]]
+        elif self.where == "draft":
+            if program.plan.decode_mode != "self-speculative":
+                raise PassError(
+                    "where='draft' reduces the drafting exit of EarlyExit(mode='self-speculative'); "
+                    "add that pass first (for lossy exits use where='exits')"
+                )
+            targets = [program.exits[exits[0]]]
+        else:
+            targets = [program.head]
+        reduced = [s.name for s in targets if s.attrs.get("vocab")]
+        if reduced:
+            raise PassError(f"{', '.join(reduced)} already has a reduced vocabulary (from an earlier vocab-reduce)")
+
+    def apply(self, program) -> PassResult:
+        self.requires(program)
+        vocab_size = program.info.vocab_size
         report = self.new_report()
         if self.k == vocab_size:
             report.skip(self.where, f"k = V = {vocab_size}: nothing to reduce, the program is unchanged")
@@ -127,24 +158,11 @@ class VocabReduce(Pass):
 
     def _exits(self, program, report) -> PassResult:
         exits = sorted(program.exits)
-        policy = program.plan.policy.get("early_exit", {})
-        if len(exits) < 2:
-            raise PassError(
-                f"where='exits' prunes at the first exit for the later ones; the program has exits {exits} "
-                "(add early-exit with at least two exits)"
-            )
-        if policy.get("mode") != "lossy":
-            raise PassError(
-                "where='exits' applies to lossy early exit; a self-speculative program drafts with its first "
-                "exit only: reduce that one with where='draft'"
-            )
         ks = dict(zip(exits[1:], self.exit_ks(len(exits)), strict=True))
         pattern = _pruned_pattern(program.info)
         stages = []
         for stage in program.stages:
             if stage.kind == "exit" and stage.layer in ks:
-                if stage.attrs.get("vocab"):
-                    raise PassError(f"{stage.name} already has a reduced vocabulary")
                 attrs = {"vocab": "pruned", "vocab_k": ks[stage.layer]}
                 if self.schedule == "adaptive" and stage.layer == exits[1]:
                     attrs.update(vocab_mass=self.mass, vocab_min_k=min(self.min_k, self.k))
@@ -163,21 +181,14 @@ class VocabReduce(Pass):
             f"{len(exits)} exits ({full / reduced:.2f}x less)"
         )
         report.notes.append(_timing_note(program, stages, ks))
-        return PassResult(program.with_stages(stages), True, report)
+        return PassResult(program.with_stages(stages), bool(report.changed), report)
 
     # -- where="draft" / "head" --------------------------------------------------------------------------
     def _draft(self, program, ids, report) -> PassResult:
-        if not program.exits or program.plan.policy.get("early_exit", {}).get("mode") != "self-speculative":
-            raise PassError(
-                "where='draft' reduces the drafting exit of EarlyExit(mode='self-speculative'); "
-                "add that pass first (for lossy exits use where='exits')"
-            )
         first = min(program.exits)
         stages = []
         for stage in program.stages:
             if stage.kind == "exit" and stage.layer == first:
-                if stage.attrs.get("vocab"):
-                    raise PassError(f"{stage.name} already has a reduced vocabulary")
                 gm = _static_subset_graph(stage.graph, ids, program.info, self.name)
                 stage = Stage(
                     stage.name,
@@ -192,11 +203,9 @@ class VocabReduce(Pass):
             stages.append(stage)
         report.notes.append("the full model verifies every draft: the output is unchanged")
         report.notes.append(_timing_note(program, stages, {first: self.k}))
-        return PassResult(program.with_stages(stages), True, report)
+        return PassResult(program.with_stages(stages), bool(report.changed), report)
 
     def _head(self, program, ids, report) -> PassResult:
-        if program.head.attrs.get("vocab"):
-            raise PassError("the head already has a reduced vocabulary")
         gm = _static_subset_graph(program.head.graph, ids, program.info, self.name)
         head = Stage(
             "head",
@@ -216,7 +225,7 @@ class VocabReduce(Pass):
             report.notes.append("fallback=0: tokens outside the subset can never be generated (lossy)")
         stages.append(head)
         report.notes.append(_timing_note(program, stages, {None: self.k}))
-        return PassResult(program.with_stages(stages), True, report)
+        return PassResult(program.with_stages(stages), bool(report.changed), report)
 
     def ensures(self, program) -> None:
         reduced = [s for s in program.stages if s.attrs.get("vocab")]
@@ -243,7 +252,7 @@ def _pruned_pattern(info) -> torch.fx.GraphModule:
         out = scores.new_full((x.shape[0], x.shape[1], vocab_size), float("-inf"))
         return (out.scatter(2, ids[:, None, :].expand(-1, x.shape[1], -1), scores),)
 
-    dt = info.torch_dtype
+    dt = torch_dtype(info)
     x = torch.randn(2, 3, info.hidden_size, dtype=dt)
     weight = torch.randn(vocab_size, info.hidden_size, dtype=dt)
     ids = torch.randperm(vocab_size)[: min(5, vocab_size)].repeat(2, 1)
@@ -261,7 +270,7 @@ def _subset_pattern(info, k: int) -> torch.fx.GraphModule:
         out = scores.new_full((x.shape[0], x.shape[1], vocab_size), float("-inf"))
         return (out.scatter(2, ids[None, None, :].expand(x.shape[0], x.shape[1], -1), scores),)
 
-    dt = info.torch_dtype
+    dt = torch_dtype(info)
     x = torch.randn(2, 3, info.hidden_size, dtype=dt)
     weight = torch.randn(k, info.hidden_size, dtype=dt)
     ids = torch.randperm(vocab_size)[:k]
@@ -350,7 +359,7 @@ def _fetch(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
 def _timing_note(program, stages, ks: dict) -> str:
     """The head time per token, full vs reduced, measured now (batch 1, median of a few runs)."""
     info = program.info
-    hidden = torch.randn(1, 1, info.hidden_size, dtype=info.torch_dtype)
+    hidden = torch.randn(1, 1, info.hidden_size, dtype=torch_dtype(info))
 
     def median_ms(graph, *args) -> float:
         times = []

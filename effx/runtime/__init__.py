@@ -1,9 +1,10 @@
-"""The effx runtimes: the PyTorch decode loop over a Program's stages, and (``effx.runtime.onnx``) an
-ONNX Runtime backend that needs only numpy and onnxruntime."""
+"""The effx runtime: one decode loop (:mod:`effx.runtime.loop`) over a Backend that runs a plan's stages:
+the torch backend (:mod:`effx.runtime.torch_backend`) or ONNX Runtime (:mod:`effx.runtime.onnx`, which needs
+only numpy and onnxruntime)."""
 
 from .. import _torch_available
 
-if _torch_available():  # without torch, only effx.runtime.onnx is usable
+if _torch_available():  # without torch, effx.runtime.onnx and the loop are usable
     from .forward import KVCache, forward_logits
     from .generate import generate
     from .sampling import Sampler

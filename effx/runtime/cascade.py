@@ -30,16 +30,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-
-from .forward import KVCache, positions_from_mask, run_step
-from .generate import _Output
-from .neurons import core_prefill
-from .token_drop import drop_prefill
+from ..arrays import namespace
+from .forward import as_backend, positions_from_mask, run_step
+from .loop import Output, prefill
 
 __all__ = ["ModelState", "decode", "gated_decode", "next_draft_length", "verified_decode"]
 
-Gate = Callable[[torch.Tensor], torch.Tensor]  # logits [batch, vocab] -> fires [batch] (bool)
+Gate = Callable  # logits [batch, vocab] -> fires [batch] (bool)
 
 
 class ModelState:
@@ -50,32 +47,27 @@ class ModelState:
     fallbacks, kept prompt tokens, core neurons).
     """
 
-    def __init__(self, program, positions: torch.Tensor, key_valid: torch.Tensor, stats: dict | None = None):
-        self.program = program
+    def __init__(self, backend, positions, key_valid, stats: dict | None = None):
+        self.backend = as_backend(backend)
         self.positions = positions
         self.key_valid = key_valid
-        self.cache = KVCache.for_program(program, key_valid.shape[0], key_valid.shape[1])
+        self.cache = self.backend.new_cache(key_valid.shape[0], key_valid.shape[1])
         self.seen = 0
-        self.logits: torch.Tensor | None = None  # [batch, vocab], predicts slot ``seen``
+        self.logits = None  # [batch, vocab], predicts slot ``seen``
         self.stats = stats
         self.passes = 0  # forward passes after the prefill
         self.positions_run = 0  # token positions those passes ran over (per row)
 
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run the prompt with the Program's own prefill (TokenDrop, per-prompt core neurons, or dense)."""
-        program, n = self.program, input_ids.shape[1]
+    def prefill(self, input_ids):
+        """Run the prompt with the plan's own prefill (``effx.runtime.loop.prefill``: TokenDrop, per-prompt
+        core neurons, whose sliced backend decodes from then on, or dense)."""
+        n = input_ids.shape[1]
         positions, valid = self.positions[:, :n], self.key_valid[:, :n]
-        if program.drops:
-            logits = drop_prefill(program, self.cache, input_ids, positions, valid, self.stats)
-        elif program.plan.policy.get("neuron_mask", {}).get("mode") == "core":
-            # decoding goes on with the Program sliced to this prompt's core neurons
-            logits, self.program = core_prefill(program, self.cache, input_ids, positions, valid, self.stats)
-        else:
-            logits = run_step(program, self.cache, input_ids, positions, valid, stats=self.stats)
+        logits, self.backend = prefill(self.backend, self.cache, input_ids, positions, valid, self.stats)
         self.seen, self.logits = n, logits
         return logits
 
-    def feed(self, tokens: torch.Tensor, *, every: bool = False) -> torch.Tensor:
+    def feed(self, tokens, *, every: bool = False):
         """Run ``tokens [batch, q]`` (the tokens of slots ``seen .. seen+q-1``) in one step on the cache.
 
         Returns the logits that predict slot ``seen + q`` (``[batch, vocab]``), or with ``every`` those of
@@ -83,7 +75,7 @@ class ModelState:
         """
         start, end = self.seen, self.seen + tokens.shape[1]
         logits = run_step(
-            self.program,
+            self.backend,
             self.cache,
             tokens,
             self.positions[:, start:end],
@@ -97,7 +89,7 @@ class ModelState:
         self.positions_run += end - start
         return logits
 
-    def logits_for(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
+    def logits_for(self, tokens, slot: int):
         """The logits predicting ``slot``: first catching up on ``tokens[:, seen:slot]`` (the output so far)
         in one step if this model has not seen them."""
         if self.seen > slot:
@@ -116,30 +108,32 @@ class ModelState:
             self.logits = None
 
 
-def _count(stats: dict | None, key: str, rows: torch.Tensor) -> None:
+def _count(stats: dict | None, key: str, rows) -> None:
     if stats is not None:
-        stats[key] += int(rows.sum())
+        xp = namespace(rows)
+        stats[key] += int(xp.sum(xp.astype(rows, xp.int64)))
 
 
 def gated_decode(small: ModelState, large: ModelState, out, fires: Gate, stats: dict | None) -> None:
     """Emit tokens into ``out`` (an ``effx.runtime.generate`` output buffer) until it is done: the small
     model's greedy token, or, for the rows where ``fires`` says so, the large model's. Both models must have
     run their prefill."""
+    xp = small.backend.xp
     while not out.done:
         cur = out.length
         s_logits = small.logits_for(out.tokens, cur)
-        token = s_logits.float().argmax(-1)
+        token = xp.argmax(xp.astype(s_logits, xp.float32), axis=-1)
         active = ~out.finished
         fire = fires(s_logits) & active
-        if bool(fire.any()):
+        if bool(xp.any(fire)):
             caught_up = cur - large.seen
             l_logits = large.logits_for(out.tokens, cur)
-            l_token = l_logits.float().argmax(-1)
+            l_token = xp.argmax(xp.astype(l_logits, xp.float32), axis=-1)
             if stats is not None:
                 stats["large_steps"] += 1
                 stats["catch_up_tokens"] += caught_up
-                stats["overridden"] += int((fire & (l_token != token)).sum())
-            token = torch.where(fire, l_token, token)
+            _count(stats, "overridden", fire & (l_token != token))
+            token = xp.where(fire, l_token, token)
         _count(stats, "large_tokens", fire)
         _count(stats, "small_tokens", active & ~fire)
         out.emit(token)
@@ -167,6 +161,7 @@ def verified_decode(
     greedy first token is already emitted. Drafts are ``draft`` tokens long; with ``adaptive`` they start
     there and follow the acceptance of each round within ``[1, draft]``. A draft ends early at a token where
     ``fires`` (if given) says the small model is unsure of it."""
+    xp = small.backend.xp
     length = draft
     while not out.done:
         cur = out.length
@@ -177,20 +172,20 @@ def verified_decode(
         for j in range(n):
             if j:
                 logits = small.feed(drafts[-1][:, None])
-            drafts.append(logits.float().argmax(-1))
-            if fires is not None and bool((fires(logits) & active).any()):
+            drafts.append(xp.argmax(xp.astype(logits, xp.float32), axis=-1))
+            if fires is not None and bool(xp.any(fires(logits) & active)):
                 break
         m = len(drafts)
-        proposed = torch.stack(drafts, 1)  # [batch, m], slots cur .. cur+m-1
+        proposed = xp.stack(drafts, axis=1)  # [batch, m], slots cur .. cur+m-1
         if large.seen != cur - 1:
             raise RuntimeError(
                 f"cascade bookkeeping broken: large model at slot {large.seen}, expected {cur - 1}"
             )
-        verify = large.feed(torch.cat([out.tokens[:, cur - 1 : cur], proposed], 1), every=True)
-        verified = verify.float().argmax(-1)  # [batch, m+1], predicting slots cur .. cur+m
-        agree = (proposed == verified[:, :m]).long().cumprod(1).sum(1)
-        agree = torch.where(active, agree, torch.full_like(agree, m))  # finished rows do not hold others back
-        k = int(agree.min())
+        verify = large.feed(xp.concat([out.tokens[:, cur - 1 : cur], proposed], axis=1), every=True)
+        verified = xp.argmax(xp.astype(verify, xp.float32), axis=-1)  # [batch, m+1], predicting cur .. cur+m
+        agree = xp.sum(xp.cumulative_prod(xp.astype(proposed == verified[:, :m], xp.int64), axis=1), axis=1)
+        agree = xp.where(active, agree, xp.asarray(m, dtype=agree.dtype))  # finished rows hold no one back
+        k = int(xp.min(agree))
         for j in range(k):
             was = ~out.finished
             out.emit(proposed[:, j])
@@ -216,23 +211,24 @@ def verified_decode(
 def decode(
     small,
     large,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    input_ids,
+    attention_mask,
     *,
     mode: str,
     max_new: int,
-    eos: torch.Tensor,
+    eos: list[int],
     pad: int,
     fires: Gate | None,
     draft: int = 4,
     adaptive: bool = True,
     stats: dict | None = None,
     streamer=None,
-    on_token: Callable[[torch.Tensor], None] | None = None,
+    on_token: Callable | None = None,
     bar=None,
-) -> tuple[torch.Tensor, ModelState, ModelState]:
-    """Run the cascade of Programs ``small`` and ``large`` on checked inputs (``input_ids [batch, prompt]``,
-    left-padded ``attention_mask``); ``mode`` is ``"gated"`` or ``"verified"``.
+) -> tuple:
+    """Run the cascade of ``small`` and ``large`` (backends, or torch Programs) on checked inputs
+    (``input_ids [batch, prompt]`` int64, left-padded ``attention_mask``); ``mode`` is ``"gated"`` or
+    ``"verified"``.
 
     Returns the output ``[batch, prompt + new]`` (finished rows padded with ``pad``) and both models' states,
     whose caches hold the slots each model has seen. ``stats`` (a dict, or None) receives ``small_tokens`` and
@@ -240,13 +236,15 @@ def decode(
     ``small_positions``/``large_positions`` (forward passes after the prefill, and the token positions they
     ran over), in gated mode ``large_steps`` (steps where some row fired), ``catch_up_tokens`` and
     ``overridden`` (fired tokens where the large model chose differently), in verified mode ``drafted``,
-    ``accepted``, ``rounds`` and ``draft_lengths`` (per round); ``small``/``large`` hold what each Program's
+    ``accepted``, ``rounds`` and ``draft_lengths`` (per round); ``small``/``large`` hold what each plan's
     own runtime reports.
     """
+    small, large = as_backend(small), as_backend(large)
+    xp = large.xp
     batch, prompt_len = input_ids.shape
-    total = prompt_len + max_new
-    key_valid = torch.ones(batch, total, dtype=torch.bool)
-    key_valid[:, :prompt_len] = attention_mask.bool()
+    key_valid = xp.concat(
+        [xp.astype(attention_mask, xp.bool), xp.ones((batch, max_new), dtype=xp.bool)], axis=1
+    )
     positions = positions_from_mask(key_valid)
     if stats is not None:
         stats.update(small_tokens=0, large_tokens=0, small={}, large={})
@@ -255,16 +253,16 @@ def decode(
         else:
             stats.update(drafted=0, accepted=0, rounds=0, draft_lengths=[])
     if streamer is not None:
-        streamer.put(input_ids.cpu())
-    out = _Output(input_ids.long(), max_new, eos, pad, streamer, on_token, bar)
-    with torch.inference_mode():
+        streamer.put(input_ids)
+    out = Output(input_ids, max_new, eos, pad, streamer, on_token, bar)
+    with large.compute():
         s = ModelState(small, positions, key_valid, None if stats is None else stats["small"])
         lg = ModelState(large, positions, key_valid, None if stats is None else stats["large"])
-        s.prefill(input_ids.long())
-        lg.prefill(input_ids.long())
+        s.prefill(input_ids)
+        lg.prefill(input_ids)
         if mode == "verified":
-            out.emit(lg.logits.float().argmax(-1))
-            _count(stats, "large_tokens", torch.ones(batch, dtype=torch.bool))
+            out.emit(xp.argmax(xp.astype(lg.logits, xp.float32), axis=-1))
+            _count(stats, "large_tokens", xp.ones(batch, dtype=xp.bool))
             verified_decode(s, lg, out, draft=draft, adaptive=adaptive, fires=fires, stats=stats)
         else:
             gated_decode(s, lg, out, fires, stats)
@@ -277,4 +275,4 @@ def decode(
             small_positions=s.positions_run,
             large_positions=lg.positions_run,
         )
-    return out.tokens[:, : out.length], s, lg
+    return out.result(), s, lg

@@ -6,6 +6,8 @@ at the deepest such exit). The layers a token skipped have no keys and values fo
 is kept, and the next token that goes deeper carries it along (a multi-token step at those layers), so every
 cache entry is computed from the exact hidden state, as in the dense model; no token ever attends to a
 missing or approximate entry. Layers may therefore be filled to different lengths (``KVCache.lengths``).
+With ``kv="copy"`` (CALM's state copying, a backend capability) the skipped layers' entries are projected
+from the exit's hidden state at once instead.
 
 Self-speculative decoding (LayerSkip). The shallowest exit drafts tokens greedily through the first layers;
 the remaining layers then run once over all drafted tokens, on the same cache, and the head's greedy
@@ -15,91 +17,79 @@ token, and the cache forgets the rejected slots. The output is the dense greedy 
 
 from __future__ import annotations
 
-import torch
-
-from .forward import KVCache, MaskCache, run_layers
+from .backend import KV_COPY
+from .forward import KVCache, MaskCache, as_backend
 from .vocab import exit_logits, head_logits, select_vocab
 
 __all__ = ["ExitDecoder", "speculative_round"]
 
 
-def kv_projection(layer_graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The part of a layer graph that computes the new tokens' keys and values (norm, k/v projections, rope):
-    the same graph with only ``(k, v)`` as output and everything else removed as dead code."""
-    import copy
-
-    graph = copy.deepcopy(layer_graph.graph)
-    output = next(n for n in graph.nodes if n.op == "output")
-    _, k, v = output.args[0]
-    output.args = ((k, v),)
-    # stage graphs hold no side effects; SDPA counts as impure (dropout) for fx, so say so explicitly
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
-    return torch.fx.GraphModule(layer_graph, graph)
-
-
 class ExitDecoder:
-    """Lossy early exit over a Program with exit stages. By default the skipped layers' KV are computed later
+    """Lossy early exit over a plan with exit stages. By default the skipped layers' KV are computed later
     and exactly (deferred); with ``copy=True`` they are projected from the exit hidden state at once (CALM)."""
 
-    def __init__(self, program, cache: KVCache, *, copy: bool = False, stats: dict | None = None):
-        self.program = program
+    def __init__(self, backend, cache: KVCache, *, copy: bool = False, stats: dict | None = None):
+        self.backend = as_backend(backend)
         self.cache = cache
         self.stats = stats
+        self.copy = copy
+        if copy:
+            self.backend.require(KV_COPY)
         # slot -> (depth, hidden, cos, sin): tokens whose deeper layers are still to be computed
-        self.pending: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.kv_only = {s.layer: kv_projection(s.graph) for s in program.layers} if copy else None
+        self.pending: dict[int, tuple] = {}
 
-    def step(self, token: torch.Tensor, position: torch.Tensor, masks: MaskCache):
+    def step(self, token, position, masks: MaskCache):
         """One new token per row. Returns the logits each row exits with ``[batch, vocab]`` and the number
         of layers each row's token went through ``[batch]``."""
-        program, cache = self.program, self.cache
+        backend, cache = self.backend, self.cache
+        plan, xp = backend.plan, backend.xp
+        exits = plan.exits
+        layers = plan.layers
         slot = cache.lengths[0]
-        hidden, cos, sin = program.embed.graph(token, position)
+        hidden, cos, sin = backend.run(plan.embed, token, position)
         prev = hidden
         start = slot  # the buffer holds slots start..slot, as input to the current layer
         batch = token.shape[0]
-        decided = torch.zeros(batch, dtype=torch.bool)
-        depth = torch.full((batch,), program.info.num_layers, dtype=torch.long)
+        decided = xp.zeros(batch, dtype=xp.bool)
+        depth = xp.full((batch,), plan.model.num_layers, dtype=xp.int64)
         chosen = None
         ids = None  # the token ids a pruned exit scores (VocabReduce where="exits")
         prev_logits = None
-        for stage in program.layers:
+        for n, stage in enumerate(layers):
             i = stage.layer
             first = cache.lengths[i]
             if first < start:  # tokens that stopped at this depth join the step here
                 hs, cs, ss = [], [], []
                 for s in range(first, start):
-                    d, h, c, n = self.pending.pop(s)
+                    d, h, c, si = self.pending.pop(s)
                     if d != i:  # an invariant of the per-layer fill lengths; -O must not remove it
                         raise RuntimeError(
                             f"KV bookkeeping broken: slot {s} pending at depth {d}, expected {i}"
                         )
                     hs.append(h)
                     cs.append(c)
-                    ss.append(n)
-                hidden = torch.cat(hs + [hidden], dim=1)
-                cos = torch.cat(cs + [cos], dim=1)
-                sin = torch.cat(ss + [sin], dim=1)
+                    ss.append(si)
+                hidden = xp.concat(hs + [hidden], axis=1)
+                cos = xp.concat(cs + [cos], axis=1)
+                sin = xp.concat(ss + [sin], axis=1)
                 start = first
-            hidden = run_layers(program, cache, (stage,), hidden, cos, sin, masks)
-            ex = program.exits.get(i)
+            hidden = backend.run_layers(cache, (stage,), hidden, cos, sin, masks)
+            ex = exits.get(i)
             if ex is None:
                 continue
             last = hidden[:, -1:]
             ids = select_vocab(prev_logits, ex, ids) if ex.attrs.get("vocab") == "pruned" else None
-            logits, conf = exit_logits(ex, last, prev, ids)
+            logits, conf = exit_logits(backend, ex, last, prev, ids)
             prev, prev_logits = last, logits[:, -1]
             fire = (conf[:, -1] >= ex.attrs["threshold"]) & ~decided
-            if bool(fire.any()):
-                if chosen is None:
-                    chosen = torch.empty(batch, logits.shape[-1], dtype=logits.dtype)
-                chosen[fire] = logits[fire, -1]
-                depth[fire] = i + 1
-                decided |= fire
-            if bool(decided.all()):
-                if self.kv_only is not None:  # CALM state copying: no pending tokens, approximate entries
-                    for deeper in program.layers[i + 1 :]:
-                        k, v = self.kv_only[deeper.layer](hidden, cos, sin, None, None, None)
+            if bool(xp.any(fire)):
+                chosen = logits[:, -1] if chosen is None else xp.where(fire[:, None], logits[:, -1], chosen)
+                depth = xp.where(fire, xp.asarray(i + 1, dtype=xp.int64), depth)
+                decided = decided | fire
+            if bool(xp.all(decided)):
+                if self.copy:  # CALM state copying: no pending tokens, approximate entries
+                    for deeper in layers[n + 1 :]:
+                        k, v = backend.project_kv(deeper, hidden, cos, sin)
                         cache.write(deeper.layer, k, v)
                     return chosen, depth
                 for j in range(hidden.shape[1]):
@@ -110,52 +100,52 @@ class ExitDecoder:
                         sin[:, j : j + 1],
                     )
                 return chosen, depth
-        logits = head_logits(program, hidden[:, -1:], self.stats)[:, -1]
+        logits = head_logits(backend, hidden[:, -1:], self.stats)[:, -1]
         if chosen is None:
             return logits, depth
-        chosen[~decided] = logits[~decided]
-        return chosen, depth
+        return xp.where(decided[:, None], chosen, logits), depth
 
 
-def speculative_round(
-    program, cache: KVCache, out, token, position, key_valid, draft: int, stats
-) -> torch.Tensor:
+def speculative_round(backend, cache: KVCache, out, token, position, key_valid, draft: int, stats):
     """Draft with the shallowest exit, verify with the remaining layers, emit the agreed tokens.
 
     ``token`` (one per row) is the last emitted token, not yet in the cache. Returns the position of the next
     token to process.
     """
-    exit_layer = min(program.exits)
-    ex = program.exits[exit_layer]
-    shallow = [s for s in program.layers if s.layer <= exit_layer]
-    deep = [s for s in program.layers if s.layer > exit_layer]
+    backend = as_backend(backend)
+    plan, xp = backend.plan, backend.xp
+    exits = plan.exits
+    exit_layer = min(exits)
+    ex = exits[exit_layer]
+    shallow = [s for s in plan.layers if s.layer <= exit_layer]
+    deep = [s for s in plan.layers if s.layer > exit_layer]
     base = cache.lengths[0]
     n = min(draft, out.remaining)
     drafts, hiddens, coss, sins = [], [], [], []
     tok, pos = token, position
     for j in range(n):
-        masks = MaskCache(program, key_valid[:, : base + j + 1], cache.k[0].dtype)
-        hidden, cos, sin = program.embed.graph(tok[:, None], pos)
+        masks = MaskCache(backend, key_valid[:, : base + j + 1], backend.dtype)
+        hidden, cos, sin = backend.run(plan.embed, tok[:, None], pos)
         prev = hidden
-        hidden = run_layers(program, cache, shallow, hidden, cos, sin, masks)
-        logits, conf = ex.graph(hidden, prev)
-        tok = logits[:, -1].float().argmax(-1)
+        hidden = backend.run_layers(cache, shallow, hidden, cos, sin, masks)
+        logits, conf = exit_logits(backend, ex, hidden, prev, None)
+        tok = xp.argmax(xp.astype(logits[:, -1], xp.float32), axis=-1)
         drafts.append(tok)
         hiddens.append(hidden)
         coss.append(cos)
         sins.append(sin)
         pos = pos + 1
-        if bool((conf[:, -1] < ex.attrs["threshold"]).any()):
+        if bool(xp.any(conf[:, -1] < ex.attrs["threshold"])):
             break
     m = len(drafts)
-    masks = MaskCache(program, key_valid[:, : base + m], cache.k[0].dtype)
-    hidden = run_layers(
-        program, cache, deep, torch.cat(hiddens, 1), torch.cat(coss, 1), torch.cat(sins, 1), masks
+    masks = MaskCache(backend, key_valid[:, : base + m], backend.dtype)
+    hidden = backend.run_layers(
+        cache, deep, xp.concat(hiddens, axis=1), xp.concat(coss, axis=1), xp.concat(sins, axis=1), masks
     )
-    verified = head_logits(program, hidden, stats).float().argmax(-1)  # [batch, m]
-    proposed = torch.stack(drafts, 1)
-    agree = (proposed == verified).long().cumprod(1).sum(1)  # leading agreement per row
-    k = int(agree.min())
+    verified = xp.argmax(xp.astype(head_logits(backend, hidden, stats), xp.float32), axis=-1)  # [batch, m]
+    proposed = xp.stack(drafts, axis=1)
+    agree = xp.sum(xp.cumulative_prod(xp.astype(proposed == verified, xp.int64), axis=1), axis=1)
+    k = int(xp.min(agree))  # leading agreement, the shortest over the rows
     for j in range(k):
         out.emit(proposed[:, j])
         if out.done:

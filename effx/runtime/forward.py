@@ -1,50 +1,74 @@
-"""The pieces of a forward pass over a Program's stages: KV cache, masks, positions, running layers."""
+"""The pieces of a forward pass over a plan's stages: KV cache, masks, positions, running layers.
+
+Written once against the Python array API: the arrays are the backend's (torch tensors for
+:class:`effx.runtime.torch_backend.TorchBackend`, numpy arrays for the ONNX Runtime backend). Every
+function that takes a ``backend`` also takes a torch Program, which it runs on the torch backend.
+"""
 
 from __future__ import annotations
 
-import torch
-
+from ..arrays import namespace, put_along_axis
 from ..errors import GenerationInputError
+from .backend import Backend
 
 __all__ = [
     "KVCache",
     "MaskCache",
+    "as_backend",
     "attention_masks",
     "check_left_padded",
     "forward_logits",
     "positions_from_mask",
+    "run_layer_stages",
     "run_layers",
     "run_step",
 ]
 
 
+def as_backend(obj) -> Backend:
+    """``obj`` if it is a Backend, else the torch backend of a Program."""
+    if isinstance(obj, Backend):
+        return obj
+    from .torch_backend import torch_backend
+
+    return torch_backend(obj)
+
+
 class KVCache:
-    """A preallocated KV cache, one ``[batch, kv_heads, capacity, head_dim]`` pair of tensors per layer.
+    """A preallocated KV cache, one ``[batch, kv_heads, capacity, head_dim]`` pair of arrays per layer.
 
     ``lengths[i]`` slots of layer ``i`` are filled; a layer reads ``past(i)`` (views, no copy) and writes its
     new keys and values right after them. Slot order is time order, so causality is by slot index. Layers
     may be filled to different lengths (a token that exited early has not reached the deeper ones yet).
+    ``xp`` is the array namespace (torch by default).
     """
 
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype):
+    def __init__(
+        self, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, *, xp=None
+    ):
+        if xp is None:
+            import torch
+
+            xp = namespace(torch.empty(0))
+        self.xp = xp
         shape = (batch, kv_heads, capacity, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype) for _ in range(num_layers)]
+        self.k = [xp.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.v = [xp.zeros(shape, dtype=dtype) for _ in range(num_layers)]
         self.capacity = capacity
         self.lengths = [0] * num_layers
         # TokenDrop: layer -> [batch, prompt] True for the prompt slots whose tokens never reached that layer
-        self.dropped: dict[int, torch.Tensor] = {}
+        self.dropped: dict = {}
 
     @classmethod
     def for_program(cls, program, batch: int, capacity: int) -> KVCache:
-        info = program.info
-        return cls(info.num_layers, batch, info.num_kv_heads, capacity, info.head_dim, info.torch_dtype)
+        """The cache of a Program (or a backend) for ``batch`` rows and ``capacity`` slots."""
+        return as_backend(program).new_cache(batch, capacity)
 
-    def past(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def past(self, layer: int):
         n = self.lengths[layer]
         return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, layer: int, k, v) -> None:
         start = self.lengths[layer]
         end = start + k.shape[2]
         if end > self.capacity:
@@ -53,23 +77,16 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         self.lengths[layer] = end
 
-    def write_slots(
-        self,
-        layer: int,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        slots: torch.Tensor,
-        counts: torch.Tensor,
-        length: int,
-    ) -> None:
+    def write_slots(self, layer: int, k, v, slots, counts, length: int) -> None:
         """Prefill of a layer that saw only some prompt tokens: their keys and values go to their own slots
         ``slots [batch, n]`` of ``0..length-1`` where ``counts [batch, n]`` is True; every other slot is zero
         (and masked, see ``dropped``)."""
-        index = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        keep = counts[:, None, :, None].to(k.dtype)
+        xp = self.xp
+        index = slots[:, None, :, None]
+        keep = xp.astype(counts, k.dtype)[:, None, :, None]
         for store, new in ((self.k[layer], k), (self.v[layer], v)):
             store[:, :, :length] = 0
-            store[:, :, :length].scatter_(2, index, new * keep)
+            put_along_axis(xp, store[:, :, :length], index, new * keep, axis=2)
         self.lengths[layer] = length
 
     def truncate(self, length: int) -> None:
@@ -77,119 +94,129 @@ class KVCache:
         self.lengths = [min(n, length) for n in self.lengths]
 
 
-def check_left_padded(attention_mask: torch.Tensor) -> None:
+def check_left_padded(attention_mask) -> None:
     """Decoder-only generation needs left padding: each row is 0...0 1...1 with at least one 1."""
-    m = attention_mask.to(torch.bool)
-    if not bool(m[:, -1].all()) or bool((m[:, 1:].int() < m[:, :-1].int()).any()):
+    xp = namespace(attention_mask)
+    m = xp.astype(attention_mask, xp.int8) != 0
+    mi = xp.astype(m, xp.int8)
+    if not bool(xp.all(m[:, -1])) or bool(xp.any(mi[:, 1:] < mi[:, :-1])):
         raise GenerationInputError(
             "attention_mask must be left-padded (zeros, then ones, every row ending in a real token); "
             "set tokenizer.padding_side = 'left' before batching prompts"
         )
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+def positions_from_mask(attention_mask):
     """Position ids that count real tokens only (pads get 0; they are masked anyway)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+    xp = namespace(attention_mask)
+    return xp.clip(xp.cumulative_sum(xp.astype(attention_mask, xp.int64), axis=-1) - 1, min=0)
 
 
-def attention_masks(
-    key_valid: torch.Tensor, q_start: int, q_len: int, windows, dtype
-) -> dict[int | None, torch.Tensor]:
+def attention_masks(key_valid, q_start: int, q_len: int, windows, dtype) -> dict:
     """Additive masks ``[batch, 1, q_len, keys]`` by sliding window (None: full causal attention).
 
     ``key_valid[b, j]`` is False for padding slots; query ``i`` (slot ``q_start + i``) sees slot ``j`` when
     ``j <= q_start + i``, ``key_valid[b, j]``, and, with a window ``w``, ``j > q_start + i - w``.
     """
+    xp = namespace(key_valid)
     keys = key_valid.shape[1]
-    q = torch.arange(q_start, q_start + q_len)[:, None]
-    k = torch.arange(keys)[None, :]
+    q = xp.arange(q_start, q_start + q_len)[:, None]
+    k = xp.arange(keys)[None, :]
     causal = k <= q
     valid = key_valid[:, None, None, :]
-    neg = torch.finfo(dtype).min
+    zero = xp.zeros((), dtype=dtype)
+    neg = xp.full((), xp.finfo(dtype).min, dtype=dtype)
     out = {}
     for w in windows:
         allowed = causal if w is None else causal & (k > q - w)
-        allowed = allowed[None, None] & valid
-        out[w] = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, neg)
+        out[w] = xp.where(allowed[None, None] & valid, zero, neg)
     return out
 
 
 class MaskCache:
     """Masks for one step, built once per query start and shared by every layer that needs them."""
 
-    def __init__(self, program, key_valid: torch.Tensor, dtype):
-        self.windows = program.windows
+    def __init__(self, program, key_valid, dtype):
+        self.windows = program.plan.windows
         self.key_valid = key_valid
         self.dtype = dtype
-        self._masks: dict[tuple[int, int], dict] = {}
+        self._masks: dict[tuple, dict] = {}
 
-    def get(self, q_start: int, q_len: int, window, dropped: torch.Tensor | None = None) -> torch.Tensor:
+    def get(self, q_start: int, q_len: int, window, dropped=None):
         """The mask for ``q_len`` queries from slot ``q_start``; ``dropped [batch, n]`` marks the first ``n``
         slots that this layer never saw (TokenDrop) as invalid keys."""
         key = (q_start, q_len, None if dropped is None else id(dropped))
         if key not in self._masks:
             valid = self.key_valid
             if dropped is not None:
-                valid = valid.clone()
-                valid[:, : dropped.shape[1]] &= ~dropped
+                xp = namespace(valid)
+                n = dropped.shape[1]
+                valid = xp.concat([valid[:, :n] & ~dropped, valid[:, n:]], axis=1)
             self._masks[key] = attention_masks(valid, q_start, q_len, self.windows, self.dtype)
         return self._masks[key][window]
 
 
-def run_layers(program, cache: KVCache, layers, hidden, cos, sin, masks: MaskCache) -> torch.Tensor:
-    """Run ``layers`` (stages) on new tokens that start at each layer's filled length; fill the cache."""
+def run_layer_stages(backend, cache: KVCache, layers, hidden, cos, sin, masks: MaskCache):
+    """Run ``layers`` one stage at a time (the default of :meth:`Backend.run_layers`)."""
     q_len = hidden.shape[1]
     for stage in layers:
         i = stage.layer
         mask = masks.get(cache.lengths[i], q_len, stage.attrs.get("sliding_window"), cache.dropped.get(i))
-        hidden, k, v = stage.graph(hidden, cos, sin, mask, *cache.past(i))
+        hidden, k, v = backend.run(stage, hidden, cos, sin, mask, *cache.past(i))
         cache.write(i, k, v)
     return hidden
 
 
+def run_layers(backend, cache: KVCache, layers, hidden, cos, sin, masks: MaskCache):
+    """Run ``layers`` (stages) on new tokens that start at each layer's filled length; fill the cache."""
+    return as_backend(backend).run_layers(cache, layers, hidden, cos, sin, masks)
+
+
 def run_step(
-    program,
+    backend,
     cache: KVCache,
-    input_ids: torch.Tensor,
-    position_ids: torch.Tensor,
-    key_valid: torch.Tensor,
+    input_ids,
+    position_ids,
+    key_valid,
     *,
     last_only: bool = True,
     stats: dict | None = None,
-) -> torch.Tensor:
+):
     """Run embed, every layer (reading and filling ``cache``) and the head on ``input_ids``.
 
     ``key_valid`` covers every slot up to and including the new tokens. Returns logits of the last position
     (``[batch, vocab]``) or of all positions (``[batch, seq, vocab]``).
     """
-    hidden, cos, sin = program.embed.graph(input_ids, position_ids)
-    masks = MaskCache(program, key_valid, hidden.dtype)
-    hidden = run_layers(program, cache, program.layers, hidden, cos, sin, masks)
     from .vocab import head_logits
 
+    backend = as_backend(backend)
+    plan = backend.plan
+    hidden, cos, sin = backend.run(plan.embed, input_ids, position_ids)
+    masks = MaskCache(backend, key_valid, backend.dtype)
+    hidden = backend.run_layers(cache, plan.layers, hidden, cos, sin, masks)
     if last_only:
-        return head_logits(program, hidden[:, -1:], stats)[:, -1]
-    return head_logits(program, hidden, stats)
+        return head_logits(backend, hidden[:, -1:], stats)[:, -1]
+    return head_logits(backend, hidden, stats)
 
 
-def forward_logits(
-    program, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def forward_logits(backend, input_ids, attention_mask=None):
     """Logits ``[batch, seq, vocab]`` for every position: a full forward of the Program, no cache kept."""
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise GenerationInputError(
             f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(input_ids.shape)}"
         )
+    backend = as_backend(backend)
+    xp = backend.xp
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+        attention_mask = xp.ones_like(input_ids)
     batch, seq = input_ids.shape
-    cache = KVCache.for_program(program, batch, seq)
-    with torch.inference_mode():
+    cache = backend.new_cache(batch, seq)
+    with backend.compute():
         return run_step(
-            program,
+            backend,
             cache,
             input_ids,
             positions_from_mask(attention_mask),
-            attention_mask.bool(),
+            xp.astype(attention_mask, xp.bool),
             last_only=False,
         )

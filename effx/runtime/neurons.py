@@ -39,7 +39,7 @@ def core_prefill(program, cache: KVCache, input_ids, positions, key_valid, stats
     with (the marked layers sliced to each prompt's core neurons)."""
     from .vocab import head_logits
 
-    top_share = program.plan.policy["neuron_mask"]["top_share"]
+    top_share = program.plan.policy.neuron_mask.top_share
     hidden, cos, sin = program.embed.graph(input_ids, positions)
     masks = MaskCache(program, key_valid, hidden.dtype)
     chosen: dict[str, torch.Tensor] = {}

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-import torch
-
+from ..arrays import multinomial, namespace, softmax, topk
 from ..errors import GenerationInputError
 
 __all__ = ["Sampler"]
@@ -13,7 +13,11 @@ __all__ = ["Sampler"]
 
 @dataclass(frozen=True)
 class Sampler:
-    """Greedy when ``do_sample`` is False; else temperature, then top-k, then top-p (nucleus) sampling."""
+    """Greedy when ``do_sample`` is False; else temperature, then top-k, then top-p (nucleus) sampling.
+
+    ``top_k`` larger than the vocabulary keeps every token; ``top_k=None`` (or 0) means no limit. Settings
+    are checked when sampling is on (a greedy Sampler ignores them, as ``model.generate`` does).
+    """
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -22,29 +26,33 @@ class Sampler:
 
     def __post_init__(self):
         if self.do_sample:
-            if not self.temperature > 0:
+            t = self.temperature
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
                 raise GenerationInputError(f"temperature must be > 0 when sampling, got {self.temperature}")
-            if self.top_k is not None and self.top_k < 1:
+            if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
                 raise GenerationInputError(f"top_k must be >= 1 (or None for no limit), got {self.top_k}")
-            if not 0 < self.top_p <= 1:
+            if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
                 raise GenerationInputError(f"top_p must be in (0, 1], got {self.top_p}")
 
-    def __call__(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``logits [batch, vocab]`` -> token ids ``[batch]``."""
-        logits = logits.float()
+    def __call__(self, logits, generator=None):
+        """``logits [batch, vocab]`` -> token ids ``[batch]``; ``generator`` is the random source of the
+        logits' namespace (``effx.runtime.arrays.new_rng``; None: torch's global generator)."""
+        xp = namespace(logits)
+        logits = xp.astype(logits, xp.float32)
         if not self.do_sample:
-            return logits.argmax(-1)
+            return xp.argmax(logits, axis=-1)
         logits = logits / self.temperature
-        if self.top_k is not None and self.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+        ninf = xp.asarray(float("-inf"), dtype=xp.float32)
+        if self.top_k and self.top_k < logits.shape[-1]:
+            kth = topk(xp, logits, self.top_k)[0][:, -1:]
+            logits = xp.where(logits < kth, ninf, logits)
         if self.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            order = xp.argsort(logits, axis=-1, descending=True, stable=True)
+            sorted_logits = xp.take_along_axis(logits, order, axis=-1)
+            probs = softmax(xp, sorted_logits)
             # drop a token when the tokens ranked above it already reach top_p; always keep the best one
-            drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= self.top_p
-            drop_sorted[:, 0] = False
-            drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        probs = logits.softmax(-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            before = xp.cumulative_sum(probs, axis=-1) - probs
+            keep = xp.sum(xp.astype(before < self.top_p, xp.int64), axis=-1, keepdims=True)
+            cutoff = xp.take_along_axis(sorted_logits, xp.clip(keep, min=1) - 1, axis=-1)
+            logits = xp.where(logits < cutoff, ninf, logits)
+        return multinomial(xp, softmax(xp, logits), generator)

@@ -8,63 +8,69 @@
 
 from __future__ import annotations
 
-import torch
+from ..arrays import namespace, softmax, topk
+from .forward import as_backend
 
 __all__ = ["exit_logits", "head_logits", "select_vocab"]
 
 
-def head_logits(program, hidden: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
-    """``program.head`` on ``hidden [b, s, d]``. A reduced head with a fallback threshold re-scores, with the
-    full head, every position whose top probability within the subset is below the threshold."""
-    logits = program.head.graph(hidden)[0]
-    threshold = program.head.attrs.get("fallback")
-    if not threshold or program.full_head is None:
+def head_logits(backend, hidden, stats: dict | None = None):
+    """The head on ``hidden [b, s, d]``. A reduced head with a fallback threshold re-scores, with the full
+    head, every position whose top probability within the subset is below the threshold."""
+    backend = as_backend(backend)
+    plan, xp = backend.plan, backend.xp
+    logits = backend.run(plan.head, hidden)[0]
+    threshold = plan.head.attrs.get("fallback")
+    full = plan.full_head
+    if not threshold or full is None:
         return logits
-    need = logits.float().softmax(-1).amax(-1) < threshold  # [b, s]
+    need = xp.max(softmax(xp, logits), axis=-1) < threshold  # [b, s]
     if stats is not None:
-        stats["head_positions"] = stats.get("head_positions", 0) + need.numel()
-        stats["head_fallbacks"] = stats.get("head_fallbacks", 0) + int(need.sum())
-    if bool(need.any()):
-        logits = logits.clone()
-        logits[need] = program.full_head.graph(hidden[need][:, None])[0][:, 0]
+        stats["head_positions"] = stats.get("head_positions", 0) + need.shape[0] * need.shape[1]
+        stats["head_fallbacks"] = stats.get("head_fallbacks", 0) + int(xp.sum(xp.astype(need, xp.int64)))
+    if bool(xp.any(need)):
+        logits = xp.asarray(logits, copy=True)
+        logits[need] = backend.run(full, hidden[need][:, None])[0][:, 0]
     return logits
 
 
-def select_vocab(logits: torch.Tensor, stage, ids: torch.Tensor | None) -> torch.Tensor:
+def select_vocab(logits, stage, ids):
     """The ids ``[..., k]`` that the pruned exit ``stage`` scores, given the previous exit's logits
     ``[..., V]`` (``-inf`` outside its own subset) and the ids that exit scored (``None`` for a full exit).
     Leading dimensions are rows (decoding: ``[b]``) or rows and positions (teacher-forced: ``[b, s]``)."""
+    xp = namespace(logits)
     k = stage.attrs["vocab_k"]
     if ids is not None and ids.shape[-1] <= k:
         return ids  # fixed schedule: the first exit's subset, again
     mass = stage.attrs.get("vocab_mass")
     if mass is None:
-        return logits.topk(k, dim=-1).indices
-    top = logits.float().softmax(-1).topk(k, dim=-1)
+        return topk(xp, logits, k)[1]
+    values, indices = topk(xp, softmax(xp, logits), k)
     # adaptive: the fewest top tokens whose probability reaches ``mass``; the largest count in the batch
-    need = (top.values.cumsum(-1) < mass).sum(-1) + 1
-    n = int(need.clamp(min=stage.attrs["vocab_min_k"], max=k).max())
-    return top.indices[..., :n]
+    need = xp.sum(xp.astype(xp.cumulative_sum(values, axis=-1) < mass, xp.int64), axis=-1) + 1
+    n = int(xp.max(xp.clip(need, min=stage.attrs["vocab_min_k"], max=k)))
+    return indices[..., :n]
 
 
-def exit_logits(
-    stage, hidden: torch.Tensor, prev: torch.Tensor, ids: torch.Tensor | None, *, chunk: int = 16
-):
+def exit_logits(backend, stage, hidden, prev, ids, *, chunk: int = 16):
     """``(logits, confidence)`` of an exit stage on ``hidden [b, s, d]``. Pruned exits need ``ids``: ``[b, k]``
     (one subset for all positions, as in decoding) or ``[b, s, k]`` (one per position, teacher-forced; run
     ``chunk`` positions at a time, each as a row of its own)."""
+    backend = as_backend(backend)
     if stage.attrs.get("vocab") != "pruned":
-        return stage.graph(hidden, prev)
+        return tuple(backend.run(stage, hidden, prev))
     if ids is None:
         raise ValueError(f"{stage.name} scores a pruned vocabulary: it needs the ids to score")
     if ids.ndim == 2:
-        return stage.graph(hidden, prev, ids)
+        return tuple(backend.run(stage, hidden, prev, ids))
+    xp = backend.xp
     b, s, d = hidden.shape
-    rows_h, rows_p, rows_i = hidden.reshape(b * s, 1, d), prev.reshape(b * s, 1, d), ids.reshape(b * s, -1)
+    rows_h, rows_p = xp.reshape(hidden, (b * s, 1, d)), xp.reshape(prev, (b * s, 1, d))
+    rows_i = xp.reshape(ids, (b * s, -1))
     parts = [
-        stage.graph(rows_h[i : i + chunk], rows_p[i : i + chunk], rows_i[i : i + chunk])
+        backend.run(stage, rows_h[i : i + chunk], rows_p[i : i + chunk], rows_i[i : i + chunk])
         for i in range(0, b * s, chunk)
     ]
-    logits = torch.cat([p[0] for p in parts]).reshape(b, s, -1)
-    conf = torch.cat([p[1] for p in parts]).reshape(b, s)
+    logits = xp.reshape(xp.concat([p[0] for p in parts]), (b, s, -1))
+    conf = xp.reshape(xp.concat([p[1] for p in parts]), (b, s))
     return logits, conf

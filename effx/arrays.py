@@ -1,0 +1,84 @@
+"""What the decode loop needs beyond the Python array API standard, for each namespace it runs on.
+
+The loop is written against the standard (``array_api_compat`` gives the torch and numpy namespaces); the
+few operations the standard lacks, or where the library's own kernel is much faster than a standard
+composition, are here, chosen by namespace: top-k, in-place scatter along an axis, and random draws.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+
+__all__ = ["multinomial", "namespace", "new_rng", "put_along_axis", "softmax", "topk"]
+
+
+def namespace(*arrays) -> Any:
+    """The array API namespace of ``arrays`` (torch or numpy, through ``array_api_compat``)."""
+    return array_api_compat.array_namespace(*arrays)
+
+
+def _is_torch(xp) -> bool:
+    return array_api_compat.is_torch_namespace(xp)
+
+
+def softmax(xp, x, axis: int = -1):
+    """Softmax in float32 along ``axis`` (``-inf`` entries get probability 0)."""
+    x = xp.astype(x, xp.float32)
+    if _is_torch(xp):
+        return x.softmax(axis)
+    e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))
+    return e / xp.sum(e, axis=axis, keepdims=True)
+
+
+def topk(xp, x, k: int):
+    """``(values, indices)`` of the ``k`` largest entries along the last axis, largest first (``k`` is
+    capped at the axis length)."""
+    k = min(k, x.shape[-1])
+    if _is_torch(xp):
+        out = x.topk(k, dim=-1)
+        return out.values, out.indices
+    import numpy as np
+
+    part = np.argpartition(-x, k - 1, axis=-1)[..., :k]
+    order = np.argsort(-np.take_along_axis(x, part, -1), axis=-1, kind="stable")
+    idx = np.take_along_axis(part, order, -1)
+    return np.take_along_axis(x, idx, -1), idx
+
+
+def put_along_axis(xp, arr, indices, values, axis: int) -> None:
+    """``arr[..., indices[...], ...] = values`` along ``axis``, in place; ``indices`` broadcasts against
+    ``values``."""
+    indices = xp.broadcast_to(indices, values.shape)
+    if _is_torch(xp):
+        arr.scatter_(axis, indices, values)
+    else:
+        import numpy as np
+
+        np.put_along_axis(arr, indices, values, axis)
+
+
+def new_rng(xp, seed: int | None):
+    """A random source for :func:`multinomial`: a numpy ``Generator``, or a seeded ``torch.Generator``
+    (None without a seed: torch's global generator, which ``torch.manual_seed`` sets)."""
+    if _is_torch(xp):
+        import torch
+
+        return None if seed is None else torch.Generator().manual_seed(seed)
+    import numpy as np
+
+    return np.random.default_rng(seed)
+
+
+def multinomial(xp, probs, rng):
+    """One draw per row of ``probs [batch, vocab]``: token ids ``[batch]``."""
+    if _is_torch(xp):
+        import torch
+
+        return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+    u = rng.random(probs.shape[0])
+    cdf = xp.cumulative_sum(xp.astype(probs, xp.float64), axis=-1)
+    cdf = cdf / cdf[:, -1:]
+    ids = xp.sum(xp.astype(cdf < u[:, None], xp.int64), axis=-1)
+    return xp.clip(ids, max=probs.shape[-1] - 1)

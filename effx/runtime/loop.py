@@ -1,0 +1,198 @@
+"""The decode loop: prefill, then tokens over a plan's stages, for every backend.
+
+One loop serves every plan and both backends (:mod:`effx.runtime.torch_backend`, the ONNX Runtime backend
+of :mod:`effx.runtime.onnx`): a dense plan decodes a token per step through all layers; one with exit
+stages lets tokens leave early (``lossy``, :class:`effx.runtime.early_exit.ExitDecoder`) or drafts and
+verifies tokens (``self-speculative``); TokenDrop and per-prompt core neurons choose the prefill; a reduced
+head falls back to the full one per position; sampling is greedy, or temperature / top-k / top-p. The
+loop makes each of these decisions once, on the backend's arrays; ``Program.generate`` and
+``OnnxGenerator.generate`` are front ends that check their inputs into the arguments of :func:`decode`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..arrays import namespace
+from ..errors import GenerationInputError
+from .backend import CORE_NEURONS, Backend
+from .early_exit import ExitDecoder, speculative_round
+from .forward import KVCache, MaskCache, check_left_padded, positions_from_mask, run_step
+from .sampling import Sampler
+from .token_drop import drop_prefill
+
+__all__ = ["Output", "check_inputs", "decode", "prefill", "stop_and_pad"]
+
+
+def check_inputs(xp, input_ids, attention_mask, max_new: int, max_positions: int, *, what: str = "the model"):
+    """``(input_ids, attention_mask)`` as int64 arrays of ``xp``, or a ``GenerationInputError`` that says what
+    is wrong with them (shape, left padding, length against ``max_positions``)."""
+    ids = xp.asarray(input_ids)
+    if ids.ndim != 2:
+        raise GenerationInputError(
+            f"input_ids must be a 2-D array of token ids [batch, prompt_length], got shape {tuple(ids.shape)}"
+        )
+    batch, prompt_len = ids.shape
+    if batch == 0 or prompt_len == 0:
+        raise GenerationInputError(f"empty prompt: input_ids has shape {tuple(ids.shape)}")
+    ids = xp.astype(ids, xp.int64)
+    mask = xp.ones_like(ids) if attention_mask is None else xp.astype(xp.asarray(attention_mask), xp.int64)
+    if mask.shape != ids.shape:
+        raise GenerationInputError(
+            f"attention_mask shape {tuple(mask.shape)} does not match input_ids shape {tuple(ids.shape)}"
+        )
+    check_left_padded(mask)
+    if max_new is None or max_new < 1:
+        raise GenerationInputError(f"max_new_tokens must be >= 1, got {max_new}")
+    total = prompt_len + max_new
+    if total > max_positions:
+        raise GenerationInputError(
+            f"prompt ({prompt_len}) + max_new_tokens ({max_new}) = {total} exceeds the {max_positions} "
+            f"positions of {what}"
+        )
+    return ids, mask
+
+
+def _as_ids(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+def stop_and_pad(plan, eos_token_id, pad_token_id) -> tuple[list[int], int]:
+    """The stop token ids (``eos_token_id``, else the plan's; ``[]`` never stops) and the pad id
+    (``pad_token_id``, else the plan's, else the first stop token, else 0)."""
+    eos = _as_ids(eos_token_id) if eos_token_id is not None else list(plan.eos_token_ids)
+    pad = pad_token_id if pad_token_id is not None else plan.pad_token_id
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return eos, int(pad)
+
+
+class Output:
+    """The output buffer and everything that happens when a token is emitted (stop tokens, callbacks)."""
+
+    def __init__(self, input_ids, max_new: int, eos: list[int], pad: int, streamer=None, on_token=None, bar=None):
+        xp = namespace(input_ids)
+        self.xp = xp
+        batch, prompt_len = input_ids.shape
+        self.tokens = xp.full((batch, prompt_len + max_new), pad, dtype=xp.int64)
+        self.tokens[:, :prompt_len] = input_ids
+        self.length = prompt_len
+        self.end = prompt_len + max_new
+        self.finished = xp.zeros(batch, dtype=xp.bool)
+        self.eos = xp.asarray(eos, dtype=xp.int64)
+        self.pad = pad
+        self.streamer, self.on_token, self.bar = streamer, on_token, bar
+
+    @property
+    def done(self) -> bool:
+        return self.length >= self.end or bool(self.xp.all(self.finished))
+
+    @property
+    def remaining(self) -> int:
+        return self.end - self.length
+
+    def emit(self, token):
+        """Append one token per row (pad for finished rows); returns what was appended."""
+        xp = self.xp
+        token = xp.where(self.finished, xp.asarray(self.pad, dtype=xp.int64), xp.astype(token, xp.int64))
+        self.tokens[:, self.length] = token
+        self.length += 1
+        if self.eos.shape[0]:
+            self.finished = self.finished | xp.isin(token, self.eos)
+        if self.streamer is not None:
+            self.streamer.put(token)
+        if self.on_token is not None:
+            self.on_token(token)
+        if self.bar is not None:
+            self.bar.update(1)
+        return token
+
+    def result(self):
+        """The prompt and the tokens emitted so far, ``[batch, prompt + new]``."""
+        return self.tokens[:, : self.length]
+
+
+def prefill(backend: Backend, cache: KVCache, input_ids, positions, key_valid, stats):
+    """Run the prompt with the plan's own prefill: TokenDrop's, per-prompt core neurons' (which returns the
+    backend to decode with, its MLPs sliced to the prompt's neurons), or a plain step. Returns
+    ``(logits of the last position, backend)``."""
+    plan = backend.plan
+    if plan.drops:  # TokenDrop: later layers see only the kept prompt tokens
+        return drop_prefill(backend, cache, input_ids, positions, key_valid, stats), backend
+    if plan.policy.core_neurons:
+        backend.require(CORE_NEURONS)
+        return backend.core_prefill(cache, input_ids, positions, key_valid, stats)
+    return run_step(backend, cache, input_ids, positions, key_valid, stats=stats), backend
+
+
+def decode(
+    backend: Backend,
+    input_ids,
+    attention_mask,
+    *,
+    max_new: int,
+    eos: list[int],
+    pad: int,
+    sampler: Sampler,
+    generator=None,
+    streamer=None,
+    on_token: Callable | None = None,
+    bar=None,
+    stats: dict | None = None,
+):
+    """Generate ``max_new`` tokens (fewer when every row stops) after checked inputs (``input_ids [batch,
+    prompt]`` int64, left-padded ``attention_mask``), as the plan's policy says. Returns ``[batch, prompt +
+    new]``; finished rows are padded with ``pad``. ``stats`` receives what the loop decided (see
+    ``Program.generate``)."""
+    plan, xp = backend.plan, backend.xp
+    mode = plan.decode_mode
+    if mode == "self-speculative" and sampler.do_sample:
+        raise GenerationInputError(
+            "self-speculative early exit reproduces greedy decoding; call it with do_sample=False"
+        )
+    draft = plan.policy.early_exit.draft if mode == "self-speculative" else 0
+    batch, prompt_len = input_ids.shape
+    total = prompt_len + max_new
+    if streamer is not None:
+        streamer.put(input_ids)
+    out = Output(input_ids, max_new, eos, pad, streamer, on_token, bar)
+    # slots: the prompt, then one per new token (+ room for draft tokens that may be rejected)
+    key_valid = xp.concat(
+        [xp.astype(attention_mask, xp.bool), xp.ones((batch, max_new + draft), dtype=xp.bool)], axis=1
+    )
+    with backend.compute():
+        rollback = mode != "dense" or bool(plan.drops) or plan.policy.core_neurons
+        cache = backend.new_cache(batch, total + draft, rollback=rollback)
+        if stats is not None and plan.full_head is not None:
+            stats.update(head_positions=0, head_fallbacks=0)
+        positions = positions_from_mask(attention_mask)
+        logits, backend = prefill(backend, cache, input_ids, positions, key_valid[:, :prompt_len], stats)
+        next_pos = positions[:, -1:] + 1
+        token = out.emit(sampler(logits, generator))
+        if mode == "self-speculative":
+            if stats is not None:
+                stats.update(drafted=0, accepted=0, rounds=0)
+            while not out.done:
+                next_pos = speculative_round(backend, cache, out, token, next_pos, key_valid, draft, stats)
+                token = out.tokens[:, out.length - 1]
+            return out.result()
+        decoder = None
+        if mode == "lossy":
+            decoder = ExitDecoder(backend, cache, copy=plan.policy.early_exit.kv == "copy", stats=stats)
+            if stats is not None:
+                stats["exit_layers"] = []
+        while not out.done:
+            valid = key_valid[:, : out.length]
+            if decoder is None:
+                logits = run_step(backend, cache, token[:, None], next_pos, valid, stats=stats)
+            else:
+                logits, depth = decoder.step(token[:, None], next_pos, MaskCache(backend, valid, backend.dtype))
+                if stats is not None:
+                    stats["exit_layers"].append([int(d) for d in depth])
+            next_pos = next_pos + 1
+            token = out.emit(sampler(logits, generator))
+    return out.result()

@@ -1,0 +1,195 @@
+"""The ONNX Runtime backend: an artifact's stages as onnxruntime sessions, on numpy arrays (no torch).
+
+* Sessions: their threads spin between the ops of a run and stop when the run ends
+  (``session.force_spinning_stop``): spinning throughout let idle stages' threads take the cores from the
+  running one (decode about 2x slower on 2 cores), no spinning at all woke threads for every op (15%
+  slower). ONNX Runtime's global thread pool is not used: it forces every session in the process, the user's
+  own included, onto it.
+* Memory: effx's sessions take CPU memory from one arena registered with ONNX Runtime's environment
+  (``session.use_env_allocators``, set on effx's sessions only).
+* Segments: where the artifact has a layer segment (a program with no exits or token drop between its
+  layers), every layer runs as that one session; plain decoding (no slot ever rolled back) then keeps the
+  segment's KV cache where the session runs (on the GPU under CUDA) and binds it as the next step's past.
+* Providers: CPU by default; CUDA first when onnxruntime-gpu sees a GPU, with full float32 products.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import array_api_compat.numpy as XP
+import numpy as np
+
+from ..plan import Plan
+from .backend import Backend
+
+__all__ = ["OnnxBackend", "default_providers"]
+
+_CUDA_LIBRARIES_LOADED = False
+
+
+def _providers(providers):
+    """``providers``, or the default (CUDA first when onnxruntime-gpu sees a GPU, then CPU); for CUDA, the
+    CUDA and cuDNN libraries of the ``nvidia-*`` wheels are loaded first (``onnxruntime.preload_dlls``),
+    which torch would otherwise have done, and this runtime never imports torch."""
+    global _CUDA_LIBRARIES_LOADED
+    import onnxruntime as ort
+
+    providers = providers or default_providers()
+    names = [p[0] if isinstance(p, tuple) else p for p in providers]
+    if "CUDAExecutionProvider" in names and not _CUDA_LIBRARIES_LOADED and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+        _CUDA_LIBRARIES_LOADED = True
+    return providers
+
+
+_SHARED_ARENA = False
+
+
+def _share_cpu_arena(ort, opts) -> None:
+    """Have the sessions made with ``opts`` take CPU memory from one arena registered with ONNX Runtime's
+    environment, instead of one arena each: stages run one after another, so one arena serves them all,
+    and a 1024-token prefill through 30 layer sessions took 6.3 s until each layer's arena had grown and
+    2.1 s with one shared arena (1.7 s either way later). Sessions that do not opt in, a user's own, are
+    not affected."""
+    global _SHARED_ARENA
+    if not hasattr(ort, "create_and_register_allocator"):
+        return
+    if not _SHARED_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, None)
+        _SHARED_ARENA = True
+    opts.add_session_config_entry("session.use_env_allocators", "1")
+
+
+def default_providers() -> list:
+    """The execution providers ``load`` uses unless told otherwise: CUDA (full float32 products) first when
+    onnxruntime-gpu sees a GPU, then CPU."""
+    import onnxruntime as ort
+
+    providers: list = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        # full float32 matrix products, as torch computes them by default: ONNX Runtime's CUDA provider
+        # uses TF32 unless told not to, which changes logits enough to change greedy tokens
+        providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
+    return providers
+
+
+class _BoundCache:
+    """The KV cache of a segment that returns each layer's past-and-new keys and values: kept as ONNX
+    Runtime values where the session runs (on the GPU under CUDA) and bound as the next step's past, so
+    no cache crosses between host and device. Only for plain decoding (no rollback, no dropped slots)."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype, device: str):
+        self.empty = np.zeros((batch, kv_heads, 0, head_dim), dtype)
+        self.k = [None] * num_layers
+        self.v = [None] * num_layers
+        self.lengths = [0] * num_layers
+        self.dropped: dict = {}
+        self.device = device
+
+
+class OnnxBackend(Backend):
+    """The stages of an artifact (``out_dir``, with its checked ``plan`` and manifest ``files``) as
+    onnxruntime sessions."""
+
+    name = "ONNX Runtime"
+    xp = XP
+
+    def __init__(self, out_dir: Path, plan: Plan, files: dict, *, providers=None, segments=()):
+        import onnxruntime as ort
+
+        self.plan = plan
+        self.info = plan.model
+        self.dtype = np.dtype(self.info.dtype)
+        layers = plan.layers
+        # a program whose steps always run every layer back to back runs them as the artifact's segment,
+        # one session, instead of a session per layer (which then are not opened)
+        self._segment = None
+        if segments and not plan.exits and not plan.drops and len(plan.windows) == 1:
+            self._segment = segments[0]
+        skip = set(self._segment["stages"]) if self._segment else set()
+        paths = {s.name: files[s.name]["onnx"] for s in plan.stages if s.name not in skip}
+        if self._segment:
+            paths[self._segment["name"]] = self._segment["onnx"]
+
+        providers = _providers(providers)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # errors only: its notes on nodes it cannot constant-fold are noise
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+        _share_cpu_arena(ort, opts)
+        self.sessions = {
+            name: ort.InferenceSession(str(out_dir / path), sess_options=opts, providers=providers)
+            for name, path in paths.items()
+        }
+        # where the segment returns each layer's past-and-new cache, plain decoding keeps the cache in the
+        # segment session's memory (the GPU's under CUDA) instead of host arrays
+        self.bind_cache = True  # False: host arrays even where the segment could keep the cache
+        self._bound_device = None
+        if self._segment is not None:
+            seg = self.sessions[self._segment["name"]]
+            if any(o.name.startswith("present_") for o in seg.get_outputs()):
+                self._bound_device = "cuda" if seg.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self._layer_ids = [s.layer for s in layers]
+        # each session's input and output names once, and its own run: the Python wrapper's checks on every
+        # call were 2% of a SmolLM2 decode step (ONNX Runtime copies non-contiguous arrays, such as a
+        # cache's past, itself)
+        self._calls = {
+            name: (
+                [i.name for i in sess.get_inputs()],
+                [o.name for o in sess.get_outputs()],
+                getattr(sess, "_sess", sess).run,
+            )
+            for name, sess in self.sessions.items()
+        }
+
+    def _run(self, name: str, *args):
+        inputs, outputs, run = self._calls[name]
+        return run(outputs, dict(zip(inputs, args, strict=True)), None)
+
+    def run(self, stage, *inputs):
+        return self._run(stage.name, *inputs)
+
+    def new_cache(self, batch: int, capacity: int, *, rollback: bool = True):
+        if not rollback and self._bound_device is not None and self.bind_cache:
+            info = self.info
+            shape = (batch, info.num_kv_heads, info.head_dim)
+            return _BoundCache(info.num_layers, *shape, self.dtype, self._bound_device)
+        return super().new_cache(batch, capacity, rollback=rollback)
+
+    def run_layers(self, cache, layers, hidden, cos, sin, masks):
+        if self._segment is None or len(layers) != len(self._layer_ids):
+            return super().run_layers(cache, layers, hidden, cos, sin, masks)
+        # every layer in one run of the segment (see ``effx.exporters.onnx._fuse_layers``)
+        ids = self._layer_ids
+        window = next(iter(self.plan.windows))
+        mask = masks.get(cache.lengths[ids[0]], hidden.shape[1], window)
+        if isinstance(cache, _BoundCache):
+            return self._run_bound(cache, ids, hidden, cos, sin, mask)
+        out = self._run(self._segment["name"], hidden, cos, sin, mask, *(x for i in ids for x in cache.past(i)))
+        for j, i in enumerate(ids):
+            cache.write(i, out[1 + 2 * j], out[2 + 2 * j])
+        return out[0]
+
+    def _run_bound(self, cache: _BoundCache, ids, hidden, cos, sin, mask):
+        sess = self.sessions[self._segment["name"]]
+        binding = sess.io_binding()
+        for name, value in (("hidden", hidden), ("cos", cos), ("sin", sin), ("mask", mask)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for i in ids:
+            for kv, store in (("k", cache.k), ("v", cache.v)):
+                if store[i] is None:
+                    binding.bind_cpu_input(f"past_{kv}.{i}", cache.empty)
+                else:
+                    binding.bind_ortvalue_input(f"past_{kv}.{i}", store[i])
+        binding.bind_output("last_hidden", "cpu")
+        for i in ids:
+            binding.bind_output(f"present_k.{i}", cache.device)
+            binding.bind_output(f"present_v.{i}", cache.device)
+        sess.run_with_iobinding(binding)
+        out = binding.get_outputs()
+        for j, i in enumerate(ids):
+            cache.k[i], cache.v[i] = out[1 + 2 * j], out[2 + 2 * j]
+            cache.lengths[i] += hidden.shape[1]
+        return out[0].numpy()

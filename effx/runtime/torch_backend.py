@@ -1,0 +1,74 @@
+"""The torch backend: a Program's stages are torch.fx GraphModules, called in ``torch.inference_mode``.
+
+It can do what needs run-time graph surgery: per-prompt core neurons (:mod:`effx.runtime.neurons`) and
+CALM's KV state copying (the KV projection of a layer graph).
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import array_api_compat.torch as XP
+import torch
+
+from ..program import torch_dtype
+from .backend import CORE_NEURONS, KV_COPY, Backend
+
+__all__ = ["XP", "TorchBackend", "kv_projection", "torch_backend"]
+
+
+class TorchBackend(Backend):
+    """Runs ``program``'s stage graphs on torch tensors."""
+
+    name = "torch"
+    xp = XP
+    capabilities = frozenset({CORE_NEURONS, KV_COPY})
+
+    def __init__(self, program):
+        self.program = program
+        self.plan = program.plan
+        self.dtype = torch_dtype(program.info)
+        self._graphs = {s.name: s.graph for s in program.stages}
+        self._kv_only: dict[str, torch.fx.GraphModule] = {}
+
+    def run(self, stage, *inputs) -> tuple:
+        return self._graphs[stage.name](*inputs)
+
+    def compute(self):
+        return torch.inference_mode()
+
+    def core_prefill(self, cache, input_ids, positions, key_valid, stats):
+        from .neurons import core_prefill
+
+        logits, program = core_prefill(self.program, cache, input_ids, positions, key_valid, stats)
+        return logits, torch_backend(program)
+
+    def project_kv(self, layer, hidden, cos, sin):
+        gm = self._kv_only.get(layer.name)
+        if gm is None:
+            gm = self._kv_only[layer.name] = kv_projection(self._graphs[layer.name])
+        return gm(hidden, cos, sin, None, None, None)
+
+
+_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def torch_backend(program) -> TorchBackend:
+    """The torch backend of ``program`` (made once per Program; Programs are immutable)."""
+    backend = _BACKENDS.get(program)
+    if backend is None:
+        backend = _BACKENDS[program] = TorchBackend(program)
+    return backend
+
+
+def kv_projection(layer_graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The part of a layer graph that computes the new tokens' keys and values (norm, k/v projections, rope):
+    the same graph with only ``(k, v)`` as output and everything else removed as dead code."""
+    graph = copy.deepcopy(layer_graph.graph)
+    output = next(n for n in graph.nodes if n.op == "output")
+    _, k, v = output.args[0]
+    output.args = ((k, v),)
+    # stage graphs hold no side effects; SDPA counts as impure (dropout) for fx, so say so explicitly
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
+    return torch.fx.GraphModule(layer_graph, graph)
