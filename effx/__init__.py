@@ -10,11 +10,12 @@ prog.report()
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import models
+from ._about import __version__ as __version__
+from ._about import torch_available
 from .errors import (
     ArtifactError,
     CascadeConfigError,
@@ -29,20 +30,12 @@ from .errors import (
     UnsupportedModelError,
 )
 
-
-def _torch_available() -> bool:
-    try:
-        return importlib.util.find_spec("torch") is not None
-    except ImportError:  # an import hook that forbids torch
-        return False
-
-
 # Without torch (a deployment that only runs ONNX artifacts) ``import effx.runtime.onnx`` must still work:
 # the torch-based API is imported only where torch is installed.
-if TYPE_CHECKING or _torch_available():
-    from .capture import capture, capture_encoder
+if TYPE_CHECKING or torch_available():
+    from .capture import capture, capture_encoder, transform_encoder
     from .cascade import Cascade, EntropyGate, MaxProbGate, cascade
-    from .encoder import EncoderProgram, transform_encoder
+    from .encoder import EncoderProgram
     from .exit_heads import train_exit_heads
     from .neurons import profile_neurons
     from .passes import EarlyExit, NeuronMask, Pass, PassManager, TokenDrop, VocabReduce, parse_pipeline
@@ -58,8 +51,6 @@ def __getattr__(name: str):
             raise
         raise AttributeError(f"module 'effx' has no attribute {name!r}") from None
 
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError",

@@ -53,7 +53,7 @@ def _version_tuple(v: str) -> tuple:
 
 def read_manifest(path: Path, fmt: str, schema: int) -> dict:
     """``path`` as JSON, checked for format, schema version and the effx version that wrote it."""
-    from . import __version__
+    from ._about import __version__
 
     try:
         manifest = json.loads(path.read_text())

@@ -67,9 +67,9 @@ def exit_statistics(
 
     Returns ``({layer: (confidence [N], agrees [N])}, N)``.
     """
-    from .exit_heads import _token_chunks
+    from .data import token_chunks
 
-    chunks = _token_chunks(tokenizer, texts, seq_len, max_tokens)
+    chunks = token_chunks(tokenizer, texts, seq_len, max_tokens)
     if progress:
         from tqdm.auto import tqdm
 

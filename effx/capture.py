@@ -28,13 +28,13 @@ branches, and on CPU it is bitwise equal to the ``sdpa`` path that ``model.gener
 from __future__ import annotations
 
 import copy
-import operator
 
 import torch
 import torch.nn.functional as F
-from torch.export import Dim, export
+from torch.export import Dim
 
-from .errors import UnsupportedModelError
+from .errors import PassError, UnsupportedModelError
+from .fx import export_module, rebind, simplify
 from .program import ModelInfo, Program, Stage
 
 __all__ = [
@@ -42,8 +42,8 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "capture",
     "capture_encoder",
-    "export_function",
     "export_onnx",
+    "transform_encoder",
 ]
 
 # Model types whose glue between layers (embedding, rotary tables, mask, final norm) is the plain Llama one
@@ -209,77 +209,6 @@ def _structure(module: torch.nn.Module) -> tuple:
     return params, buffers, classes
 
 
-def _export(module: torch.nn.Module, args: tuple, dynamic: tuple) -> torch.fx.GraphModule:
-    with torch.no_grad():
-        ep = export(module, args, dynamic_shapes=dynamic, strict=False)
-    gm = ep.module()
-    # A plain GraphModule over the same graph: positional inputs, a tuple out, and no per-call input guards
-    # (the runtime checks shapes once per generate call, not once per stage call).
-    gm.graph._codegen = torch.fx.graph.CodeGen()
-    graph = copy.deepcopy(gm.graph)
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            graph.erase_node(node)
-    return _rebind(gm, graph, gm)
-
-
-class _Function(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
-
-
-def export_function(fn, args: tuple, dynamic_axes: tuple[dict[int, str], ...]) -> torch.fx.GraphModule:
-    """Export a small eager function (no parameters) to an ATen GraphModule, for passes that splice a
-    pattern into stage graphs. ``dynamic_axes`` names the dynamic dimensions of each input, e.g.
-    ``({0: "batch", 1: "seq"},)``; the same name is the same dimension. Inputs are positional placeholders;
-    the output is a tuple."""
-    dims: dict[str, Dim] = {}
-    spec = tuple(
-        {axis: dims.setdefault(name, Dim(name, min=1)) for axis, name in axes.items()}
-        for axes in dynamic_axes
-    )
-    gm = _export(_Function(fn), args, (spec,))
-    _simplify(gm)
-    return gm
-
-
-def _rebind(template: torch.nn.Module, graph: torch.fx.Graph, owner: torch.nn.Module) -> torch.fx.GraphModule:
-    """A GraphModule running ``graph`` with the attributes (weights) of ``owner``; attributes that only the
-    template has (constants lifted by export) come from the template."""
-    root = {}
-    for node in graph.nodes:
-        if node.op == "get_attr" and node.target not in root:
-            try:
-                root[node.target] = operator.attrgetter(node.target)(owner)
-            except AttributeError:
-                root[node.target] = operator.attrgetter(node.target)(template)
-    return torch.fx.GraphModule(root, graph)
-
-
-_NOOP_TARGETS = (torch.ops.aten._assert_tensor_metadata.default,)
-
-
-def _simplify(gm: torch.fx.GraphModule) -> None:
-    """Drop export's metadata asserts and dtype conversions to the dtype a tensor already has."""
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target in _NOOP_TARGETS and not node.users:
-            gm.graph.erase_node(node)
-        elif node.target == torch.ops.aten.to.dtype:
-            src = node.args[0]
-            val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
-            if val is not None and val.dtype == node.args[1] and len(node.args) == 2 and not node.kwargs:
-                node.replace_all_uses_with(src)
-                gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-
-
 def _role(node: torch.fx.Node, path: str, stage_kind: str) -> str:
     if node.op in ("placeholder", "output"):
         return "io"
@@ -370,7 +299,7 @@ def capture(
     try:
         # distinct example tensors: export treats one tensor passed twice as one input
         pos = torch.arange(S).expand(B, S).clone()
-        embed_gm = _export(
+        embed_gm = export_module(
             _Embed(base.embed_tokens, base.rotary_emb), (ids, pos), ({0: b, 1: s}, {0: b, 1: s})
         )
         with torch.no_grad():
@@ -400,13 +329,13 @@ def capture(
             key = _structure(layers[i])
             template = next((gm for k, gm in exported if k == key), None) if reuse_layer_graphs else None
             if template is None:
-                gm = _export(_Layer(_private_copy(layers[i])), layer_args, layer_dyn)
+                gm = export_module(_Layer(_private_copy(layers[i])), layer_args, layer_dyn)
                 exported.append((key, gm))
             else:
-                gm = _rebind(template, copy.deepcopy(template.graph), wrapper)
+                gm = rebind(template, copy.deepcopy(template.graph), wrapper)
             stages.append(Stage(f"layer.{i}", "layer", gm, layer=i, attrs={"sliding_window": windows[i]}))
         step = "export head"
-        head_gm = _export(_Head(base.norm, model.lm_head), (hidden,), ({0: b, 1: s},))
+        head_gm = export_module(_Head(base.norm, model.lm_head), (hidden,), ({0: b, 1: s},))
         stages.append(Stage("head", "head", head_gm))
     except UnsupportedModelError:
         raise
@@ -414,7 +343,7 @@ def capture(
         raise _fail(model, step, _first_line(e)) from e
 
     for stage in stages:
-        _simplify(stage.graph)
+        simplify(stage.graph)
         tag_roles(stage.graph, stage.kind, stage.layer)
     program = Program.from_stages(stages, info, generation_config=getattr(model, "generation_config", None))
     if verify:
@@ -491,12 +420,12 @@ def capture_encoder(model, *, verify: bool = True):
     ids = torch.randint(0, config.vocab_size, (b, s))
     types = torch.zeros(b, s, dtype=torch.long)
     try:
-        embed = _export(
+        embed = export_module(
             _EncoderEmbed(clone.embeddings), (ids, types), ({0: batch, 1: seq}, {0: batch, 1: seq})
         )
         hidden = torch.randn(b, s, d)
         mask = torch.zeros(b, 1, s, s)
-        template = _export(
+        template = export_module(
             _EncoderLayer(clone.encoder.layer[0]),
             (hidden, mask),
             ({0: batch, 1: seq}, {0: batch, 2: seq, 3: seq}),
@@ -509,7 +438,7 @@ def capture_encoder(model, *, verify: bool = True):
         wrapped = _EncoderLayer(layer)
         if _structure(layer) != _structure(clone.encoder.layer[0]):
             raise _fail(model, "export", f"layer {i} differs in structure from layer 0")
-        gm = template if i == 0 else _rebind(template, copy.deepcopy(template.graph), wrapped)
+        gm = template if i == 0 else rebind(template, copy.deepcopy(template.graph), wrapped)
         _tag_encoder(gm, i)
         layers.append(gm)
     info = EncoderInfo(
@@ -582,3 +511,19 @@ def export_onnx(
             gm, args, dynamic_shapes=spec, dynamo=True, opset_version=opset, verbose=False, optimize=optimize
         )
     return program.model_proto
+
+
+def transform_encoder(model, passes=(), *, verify: bool = True):
+    """Capture a BERT-style encoder and apply ``passes`` (TokenDrop only: the other passes rewrite decoder
+    LMs)."""
+    from .encoder import apply_token_drop
+    from .passes import TokenDrop, parse_pipeline
+
+    passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
+    for p in passes:
+        if not isinstance(p, TokenDrop):
+            raise PassError(f"pass {p.name!r} rewrites decoder LMs; encoders take token-drop only")
+    program = capture_encoder(model, verify=verify)
+    for p in passes:
+        program = apply_token_drop(p, program)
+    return program

@@ -24,6 +24,7 @@ __all__ = [
     "aclsum",
     "encode_prompts",
     "pydoc_texts",
+    "token_chunks",
 ]
 
 PROMPTS: tuple[str, ...] = (
@@ -155,3 +156,23 @@ def aclsum(split: str = "test", n: int | None = None) -> list[dict]:
             paper["summary"] = " ".join(summaries[a] for a in ACLSUM_ASPECTS)
             papers.append(paper)
     return papers
+
+
+def token_chunks(tokenizer, texts, seq_len: int, max_tokens: int) -> list:
+    """``texts`` tokenized and joined (end-of-text between texts) into ``[1, seq_len]`` LongTensors, at most
+    ``max_tokens`` tokens in all: the chunks calibration and evaluation read teacher-forced."""
+    import torch
+
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False).input_ids)
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= max_tokens:
+            break
+    ids = ids[:max_tokens]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"need at least {seq_len} tokens of text to train exit heads, got {len(ids)}")
+    return [torch.tensor(ids[i * seq_len : (i + 1) * seq_len])[None] for i in range(n)]

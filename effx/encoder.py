@@ -18,7 +18,7 @@ import torch
 
 from .errors import PassError
 
-__all__ = ["EncoderInfo", "EncoderProgram", "apply_token_drop", "transform_encoder"]
+__all__ = ["EncoderInfo", "EncoderProgram", "apply_token_drop"]
 
 
 @dataclass(frozen=True)
@@ -105,24 +105,8 @@ def _mask(valid: torch.Tensor, dtype) -> torch.Tensor:
     return m.masked_fill(~valid[:, None, None, :], torch.finfo(dtype).min)
 
 
-def transform_encoder(model, passes=(), *, verify: bool = True) -> EncoderProgram:
-    """Capture a BERT-style encoder and apply ``passes`` (TokenDrop only: the other passes rewrite decoder
-    LMs)."""
-    from .capture import capture_encoder
-    from .passes import TokenDrop, parse_pipeline
-
-    passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
-    for p in passes:
-        if not isinstance(p, TokenDrop):
-            raise PassError(f"pass {p.name!r} rewrites decoder LMs; encoders take token-drop only")
-    program = capture_encoder(model, verify=verify)
-    for p in passes:
-        program = apply_token_drop(p, program)
-    return program
-
-
 def apply_token_drop(p, program: EncoderProgram) -> EncoderProgram:
-    from .passes.token_drop import _encoder_score_graph, _hidden_gather_graph, _norm_score_graph
+    from .passes.token_drop import encoder_score_graph, hidden_gather_graph, norm_score_graph
 
     n = program.info.num_layers
     bad = [x for x in p.at_layers if x >= n]
@@ -131,16 +115,16 @@ def apply_token_drop(p, program: EncoderProgram) -> EncoderProgram:
     if program.drops:
         raise PassError(f"the encoder already drops tokens before layers {sorted(program.drops)}")
     report = p.new_report()
-    gather = _hidden_gather_graph(program.info.hidden_size)
+    gather = hidden_gather_graph(program.info.hidden_size)
     drops = {}
     for j, keep in zip(p.at_layers, p.keeps(), strict=True):
         if keep >= 1:
             report.skip(f"layer.{j}", "keep=1.0: nothing to drop")
             continue
         if p.score == "attention":
-            score = _encoder_score_graph(program.layers[j])
+            score = encoder_score_graph(program.layers[j])
         else:
-            score = _norm_score_graph(program.info, encoder=True)
+            score = norm_score_graph(program.info, encoder=True)
         drops[j] = EncoderDrop(keep, score, gather)
         report.change(f"layer.{j}", f"from here on {keep:.0%} of each input ({p.score} score)")
     report.notes.append(f"always kept: the first token (CLS) and token ids {list(p.special)}")

@@ -16,27 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import ArtifactError
+from .data import token_chunks
+from .formats import EXIT_HEADS_KIND, load_exit_heads
 
 __all__ = ["load_exit_heads", "train_exit_heads"]
 
-_KIND = "effx-exit-heads"
-
-
-def _token_chunks(tokenizer, texts, seq_len: int, max_tokens: int) -> list[torch.Tensor]:
-    ids: list[int] = []
-    eos = tokenizer.eos_token_id
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False).input_ids)
-        if eos is not None:
-            ids.append(eos)
-        if len(ids) >= max_tokens:
-            break
-    ids = ids[:max_tokens]
-    n = len(ids) // seq_len
-    if n == 0:
-        raise ValueError(f"need at least {seq_len} tokens of text to train exit heads, got {len(ids)}")
-    return [torch.tensor(ids[i * seq_len : (i + 1) * seq_len])[None] for i in range(n)]
 
 
 def _backbone(program, chunk: torch.Tensor, layers):
@@ -88,7 +72,7 @@ def train_exit_heads(
         raise ValueError(f"exit layers must be in 0..{info.num_layers - 2}, got {layers}")
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    chunks = _token_chunks(tokenizer, texts, seq_len, max_tokens)
+    chunks = token_chunks(tokenizer, texts, seq_len, max_tokens)
     g = torch.Generator().manual_seed(seed)
     d = info.hidden_size
     params = {
@@ -145,7 +129,7 @@ def train_exit_heads(
     }
     if path is not None:
         meta = {
-            "kind": _KIND,
+            "kind": EXIT_HEADS_KIND,
             "architecture": info.architecture,
             "hidden_size": info.hidden_size,
             "num_layers": info.num_layers,
@@ -162,32 +146,3 @@ def train_exit_heads(
     return result
 
 
-def load_exit_heads(path: str | os.PathLike, info) -> dict[int, dict[str, torch.Tensor]]:
-    """Adapters from a file written by :func:`train_exit_heads`, checked against the model (``ModelInfo``)."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(
-            f"exit heads file {path} does not exist; write one with effx.train_exit_heads(..., path=...)"
-        )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("effx", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, ValueError, OSError) as e:
-        raise ArtifactError(f"{path} is not a readable exit heads file: {e}") from e
-    if meta.get("kind") != _KIND:
-        raise ArtifactError(f"{path} was not written by effx.train_exit_heads (no '{_KIND}' metadata)")
-    for key in ("hidden_size", "num_layers", "vocab_size"):
-        if meta.get(key) != getattr(info, key):
-            raise ArtifactError(
-                f"{path} was trained for a model with {key}={meta.get(key)}, this one has {getattr(info, key)}"
-            )
-    heads: dict[int, dict[str, torch.Tensor]] = {}
-    for e in meta["layers"]:
-        try:
-            heads[int(e)] = {"down": tensors[f"exit.{e}.down"], "up": tensors[f"exit.{e}.up"]}
-        except KeyError as err:
-            raise ArtifactError(f"{path} lacks tensor {err} for exit layer {e}") from None
-    return heads

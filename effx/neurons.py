@@ -17,93 +17,16 @@ a whole, as PartInfer does, and combine them in ``NeuronMask(profile=..., base=.
 
 from __future__ import annotations
 
-import copy
-import json
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .errors import ArtifactError
+from .data import token_chunks
+from .formats import QUANTILE_LEVELS, NeuronProfile, load_neuron_profile
+from .fx import mlp_probe
 
-__all__ = ["NeuronProfile", "load_neuron_profile", "mlp_nodes", "mlp_probe", "profile_neurons"]
+__all__ = ["QUANTILE_LEVELS", "NeuronProfile", "load_neuron_profile", "profile_neurons"]
 
-_KIND = "effx-neurons"
-QUANTILE_LEVELS = tuple(i / 100 for i in range(1, 100))
-
-
-def mlp_nodes(graph: torch.fx.Graph):
-    """The gate, up and down projections (``aten.linear`` nodes) of a layer graph's MLP."""
-    found = {}
-    for n in graph.nodes:
-        role = n.meta.get("effx_role")
-        if (
-            n.op == "call_function"
-            and n.target == torch.ops.aten.linear.default
-            and role
-            in (
-                "mlp.gate",
-                "mlp.up",
-                "mlp.down",
-            )
-        ):
-            if role in found:
-                raise ValueError(f"two {role} projections in one layer graph")
-            found[role] = n
-    missing = {"mlp.gate", "mlp.up", "mlp.down"} - set(found)
-    if missing:
-        raise ValueError(f"the layer graph has no {', '.join(sorted(missing))} projection: not a gated MLP")
-    return found["mlp.gate"], found["mlp.up"], found["mlp.down"]
-
-
-def mlp_probe(layer_graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The layer graph with two more outputs: the MLP intermediate ``act(gate) * up`` and ``act(gate)``."""
-    gm = torch.fx.GraphModule(layer_graph, copy.deepcopy(layer_graph.graph))
-    gate, _, down = mlp_nodes(gm.graph)
-    act = next(iter(gate.users))  # act(gate): the gate's only user
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    output.args = (tuple(output.args[0]) + (down.args[0], act),)
-    gm.recompile()
-    return gm
-
-
-@dataclass
-class NeuronProfile:
-    mean_abs: dict[int, torch.Tensor]  # layer -> [F]
-    freq: dict[int, torch.Tensor]  # layer -> [F]
-    gate_quantiles: dict[int, torch.Tensor]  # layer -> [len(QUANTILE_LEVELS)]
-    meta: dict = field(default_factory=dict)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
-
-        tensors = {}
-        for i in self.mean_abs:
-            tensors[f"layer.{i}.mean_abs"] = self.mean_abs[i].contiguous()
-            tensors[f"layer.{i}.freq"] = self.freq[i].contiguous()
-            tensors[f"layer.{i}.gate_quantiles"] = self.gate_quantiles[i].contiguous()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"effx": json.dumps({**self.meta, "kind": _KIND})})
-        tmp.replace(path)
-        return path
-
-    def gate_threshold(self, layer: int, sparsity: float) -> float:
-        """The ``|act(gate)|`` below which a ``sparsity`` share of this layer's activations fall."""
-        if sparsity <= 0:
-            return 0.0
-        levels = torch.tensor(QUANTILE_LEVELS, dtype=torch.float64)
-        q = self.gate_quantiles[layer].double()
-        return float(_interp(torch.tensor([sparsity], dtype=torch.float64), levels, q)[0])
-
-
-def _interp(x, xp, fp):
-    x = x.clamp(xp[0], xp[-1])
-    i = torch.searchsorted(xp, x).clamp(1, len(xp) - 1)
-    w = (x - xp[i - 1]) / (xp[i] - xp[i - 1])
-    return fp[i - 1] + w * (fp[i] - fp[i - 1])
 
 
 def profile_neurons(
@@ -125,13 +48,12 @@ def profile_neurons(
     """
     from tqdm.auto import tqdm
 
-    from .exit_heads import _token_chunks
     from .runtime.forward import KVCache, MaskCache
 
     if not 0 < top_share <= 1:
         raise ValueError(f"top_share must be in (0, 1], got {top_share}")
     texts = [texts] if isinstance(texts, str) else list(texts)
-    chunks = _token_chunks(tokenizer, texts, seq_len, max_tokens)
+    chunks = token_chunks(tokenizer, texts, seq_len, max_tokens)
     probes = {s.layer: mlp_probe(s.graph) for s in program.layers}
     width = program.info.intermediate_size
     top = max(1, round(top_share * width))
@@ -177,40 +99,3 @@ def profile_neurons(
     return profile
 
 
-def load_neuron_profile(path: str | os.PathLike, info) -> NeuronProfile:
-    """A profile written by :func:`profile_neurons`, checked against the model (``ModelInfo``)."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(
-            f"neuron profile {path} does not exist; write one with effx.profile_neurons(..., path=...)"
-        )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("effx", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, ValueError, OSError) as e:
-        raise ArtifactError(f"{path} is not a readable neuron profile: {e}") from e
-    if meta.get("kind") != _KIND:
-        raise ArtifactError(f"{path} was not written by effx.profile_neurons (no '{_KIND}' metadata)")
-    for key in ("num_layers", "hidden_size", "intermediate_size"):
-        if meta.get(key) != getattr(info, key):
-            raise ArtifactError(
-                f"{path} profiles a model with {key}={meta.get(key)}; this one has {getattr(info, key)}"
-            )
-    out = NeuronProfile({}, {}, {}, meta)
-    width = info.intermediate_size
-    for i in range(info.num_layers):
-        try:
-            mean, freq, q = (tensors[f"layer.{i}.{name}"] for name in ("mean_abs", "freq", "gate_quantiles"))
-        except KeyError as err:
-            raise ArtifactError(f"{path} lacks tensor {err}") from None
-        if mean.shape != (width,) or freq.shape != (width,) or q.shape != (len(QUANTILE_LEVELS),):
-            raise ArtifactError(
-                f"{path}: layer {i} tensors have the wrong shape for intermediate size {width}"
-            )
-        if not (torch.isfinite(mean).all() and torch.isfinite(freq).all() and torch.isfinite(q).all()):
-            raise ArtifactError(f"{path}: layer {i} holds non-finite values")
-        out.mean_abs[i], out.freq[i], out.gate_quantiles[i] = mean, freq, q
-    return out

@@ -58,9 +58,9 @@ def perplexity(
     import torch
     from tqdm.auto import tqdm
 
-    from .exit_heads import _token_chunks
+    from .data import token_chunks
 
-    chunks = _token_chunks(tokenizer, texts, seq_len, max_tokens)
+    chunks = token_chunks(tokenizer, texts, seq_len, max_tokens)
     nll, count = 0.0, 0
     with torch.inference_mode():
         for chunk in tqdm(chunks, desc="perplexity", unit="chunk", disable=not progress):

@@ -282,11 +282,11 @@ def test_configurations_identical_to_dense_report_exact_quality(result):
 )
 def test_perplexity_from_the_agreement_pass_is_effx_quality_perplexity(passes, tokenizer):
     # run_bench computes agreement and perplexity in one forward pass: it must equal the library's definition
-    from effx.exit_heads import _token_chunks
+    from effx.data import token_chunks
     from effx.quality import perplexity
 
     program = effx.transform(tiny_model("llama", layers=3, seed=2), passes)
-    chunks = _token_chunks(tokenizer, HELDOUT, 32, 128)
+    chunks = token_chunks(tokenizer, HELDOUT, 32, 128)
     with torch.inference_mode():  # as run_bench calls it
         nll = sum(bench._teacher_forced(program, c)[1] for c in chunks)
     ours = math.exp(nll / sum(c.shape[1] - c.shape[1] // 2 for c in chunks))

@@ -6,6 +6,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from conftest import left_padded_batch, related_models, tiny_model
 
 import effx
@@ -423,7 +424,10 @@ def test_cascade_artifacts_match_the_torch_backend(cascade_pair, tmp_path, mode)
         ref = casc.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], stats=torch_stats)
         out = gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=10, eos_token_id=[], stats=onnx_stats)
         assert np.array_equal(out, ref.numpy()), lengths
-        assert {k: torch_stats[k] for k in onnx_stats} == onnx_stats
+        # every field of the torch cascade's report, the guard-checked bookkeeping included
+        assert onnx_stats == torch_stats
+        assert {"small_passes", "large_passes", "small_positions", "large_positions"} <= set(onnx_stats)
+        assert ("draft_lengths" if mode == "verified" else "overridden") in onnx_stats
         assert 0 < onnx_stats["large_tokens"] and 0 < onnx_stats["small_tokens"]  # both models decide
 
 
@@ -442,4 +446,51 @@ def test_bad_cascade_artifacts(cascade_pair, tmp_path):
     manifest["gate"] = {"kind": "coin-flip", "threshold": 0.5}
     (a / "cascade.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="gate this runtime does not know"):
+        ort_runtime.load(a)
+
+
+# -- sampling on the ONNX backend (the loop's Sampler, numpy's generator) ------------------------------------
+
+
+def test_onnx_sampling_is_seeded_and_takes_every_setting(program, artifact):
+    gen = ort_runtime.load(artifact)
+    ids = np.array([[5, 9, 11]])
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, eos_token_id=[])
+    a, b, c = (gen.generate(ids, seed=s, **kw) for s in (7, 7, 8))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    greedy = gen.generate(ids, max_new_tokens=8, eos_token_id=[])
+    assert np.array_equal(gen.generate(ids, seed=1, **{**kw, "top_k": 1}), greedy)
+    # top_k beyond the vocabulary keeps every token (it used to fail with an IndexError)
+    assert gen.generate(ids, seed=3, **{**kw, "top_k": 10 * V}).shape == (1, 11)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=0.0), "temperature must be > 0"),  # used to be clamped to 1e-6
+        (dict(temperature=-1.0), "temperature must be > 0"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-2), "top_k"),
+    ],
+)
+def test_onnx_sampling_settings_are_checked_as_on_torch(program, artifact, kwargs, match):
+    from effx.errors import GenerationInputError
+
+    gen = ort_runtime.load(artifact)
+    ids = np.array([[5, 9, 11]])
+    for run in (
+        lambda: gen.generate(ids, max_new_tokens=2, do_sample=True, **kwargs),
+        lambda: program.generate(torch.as_tensor(ids), max_new_tokens=2, do_sample=True, **kwargs),
+    ):
+        with pytest.raises(GenerationInputError, match=match):
+            run()
+
+
+def test_onnx_core_neurons_are_a_missing_capability(artifact, tmp_path):
+    """Per-prompt core neurons need run-time graph surgery: the ONNX backend says so at load, and the loop
+    says so if a backend without the capability is asked to run it."""
+    a = _copy(artifact, tmp_path)
+    _edit_manifest(a, lambda m: m["plan"]["policy"].update(neuron_mask={"mode": "core", "top_share": 0.2}))
+    with pytest.raises(ArtifactError, match="cannot run neuron-mask mode='core'"):
         ort_runtime.load(a)

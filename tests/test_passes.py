@@ -196,3 +196,31 @@ def test_broken_promise_is_caught(llama):
 def test_transform_rejects_non_passes(llama):
     with pytest.raises(PassConfigError, match="expected a Pass or a pipeline string"):
         effx.transform(llama, passes=[42])
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class Dishonest(Pass):
+    """Rewrites nothing but says it did."""
+
+    name = "test-dishonest"
+
+    def apply(self, program):
+        return PassResult(program, True, self.new_report())
+
+
+def test_modified_must_match_what_the_pass_returned(llama):
+    with pytest.raises(PassError, match="'test-dishonest'.*reported modified=True but returned its input"):
+        effx.transform(llama, passes="test-dishonest")
+
+
+def test_the_manager_records_modified(llama):
+    prog = effx.transform(llama, passes="test-scale-logits{factor=1}, test-scale-logits{factor=2}")
+    assert [r.modified for r in prog.reports] == [False, True]
+
+
+def test_preconditions_are_checked_before_apply(llama):
+    from effx.errors import PassPreconditionError
+
+    with pytest.raises(PassPreconditionError, match=r"'vocab-reduce' \(#1; after: none\) cannot apply: .*where='draft'"):
+        effx.transform(llama, passes="vocab-reduce{k=8 where=draft vocab=none.json}")

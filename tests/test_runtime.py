@@ -127,3 +127,73 @@ def test_generation_config_and_max_length_defaults(llama, llama_program):
 def test_bad_generate_input(llama_program, kwargs, match):
     with pytest.raises(GenerationInputError, match=match):
         llama_program.generate(**kwargs)
+
+
+@pytest.mark.parametrize("lib", ["torch", "numpy"])
+def test_sampler_draws_the_distribution_on_each_namespace(lib):
+    """The one Sampler on both backends' arrays: frequencies follow softmax(logits / T) within the top-k and
+    top-p sets, and nothing outside them is ever drawn."""
+    import numpy as np
+
+    from effx.arrays import namespace, new_rng
+    from effx.runtime import Sampler
+
+    p = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
+    logits = np.log(np.tile(p, (4000, 1))).astype(np.float32)
+    logits = torch.from_numpy(logits) if lib == "torch" else logits
+    rng = new_rng(namespace(logits), 3)
+
+    def freq(**kw):
+        drawn = np.asarray(Sampler(do_sample=True, **kw)(logits, rng))
+        return np.bincount(drawn, minlength=5) / len(drawn)
+
+    np.testing.assert_allclose(freq(), p, atol=0.03)
+    top2 = freq(top_k=2)
+    assert top2[2:].sum() == 0
+    np.testing.assert_allclose(top2[:2], p[:2] / p[:2].sum(), atol=0.03)
+    nucleus = freq(top_p=0.6)  # 0.4 + 0.3 reach 0.6: the first two only
+    assert nucleus[2:].sum() == 0
+    hot = freq(temperature=2.0)
+    q = p**0.5 / (p**0.5).sum()
+    np.testing.assert_allclose(hot, q, atol=0.03)
+    assert freq(top_k=50).shape == (5,)  # top_k beyond the vocabulary keeps everything
+    greedy = np.asarray(Sampler()(logits))
+    assert (greedy == 0).all()
+
+
+def test_a_backend_without_a_capability_is_refused_with_a_typed_error(llama):
+    """The loop asks its backend for what only some backends can do; a backend that lacks it says so."""
+    from effx.errors import BackendCapabilityError
+    from effx.passes import NeuronMask
+    from effx.runtime.loop import decode
+    from effx.runtime.sampling import Sampler
+    from effx.runtime.torch_backend import TorchBackend
+
+    class Plain(TorchBackend):
+        name = "plain"
+        capabilities = frozenset()
+
+    core = effx.transform(llama, [NeuronMask(mode="core", keep=0.5, score="random")])
+    ids = torch.tensor([[5, 9, 11]])
+    assert core.generate(ids, max_new_tokens=2).shape == (1, 5)  # the torch backend has it
+    with pytest.raises(BackendCapabilityError, match="the plain backend cannot run neuron-mask mode='core'"):
+        decode(Plain(core), ids, torch.ones_like(ids), max_new=2, eos=[], pad=0, sampler=Sampler())
+
+
+def test_the_plan_the_loop_and_the_gates_import_no_torch():
+    """What an ONNX-only deployment loads: plan, artifact format, gates, the loop and the ONNX backend."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is blocked')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "import effx.plan, effx.artifact, effx.gates, effx.runtime.loop, effx.runtime.onnx\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -182,3 +182,32 @@ def test_perplexity_sees_the_drop(model4, dense4):
     assert perplexity(kept_all, texts, Tok(), seq_len=32, max_tokens=64) == pytest.approx(dense, rel=1e-5)
     dropped = effx.transform(model4, [TokenDrop(at_layers=(1,), keep=(0.3,), protect_last=1)])
     assert perplexity(dropped, texts, Tok(), seq_len=32, max_tokens=64) != pytest.approx(dense, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "pipeline, failing, earlier",
+    [
+        ("token-drop{at_layers=1 keep=0.5}, neuron-mask{mode=core keep=0.5 score=random}", "neuron-mask", "token-drop"),
+        ("neuron-mask{mode=core keep=0.5 score=random}, token-drop{at_layers=1 keep=0.5}", "token-drop", "neuron-mask"),
+    ],
+)
+def test_token_drop_and_core_neurons_are_refused_in_either_order(model4, pipeline, failing, earlier):
+    """Both choose what the prefill computes. Token drop then core neurons used to be accepted, and generate
+    silently ignored the core neurons while effx.quality used them. Refused before anything runs, naming the
+    pass that cannot apply and the one before it."""
+    from effx.errors import PassPreconditionError
+
+    with pytest.raises(PassPreconditionError, match=rf"'{failing}' \(#2; after: {earlier}\) cannot apply:.*both own the prefill"):
+        effx.transform(model4, pipeline)
+
+
+def test_a_plan_with_token_drop_and_core_neurons_is_malformed(dense4):
+    import dataclasses
+
+    from effx.errors import PlanError
+    from effx.plan import NeuronMaskPolicy
+
+    drop = TokenDrop(at_layers=(1,), keep=(0.5,)).apply(dense4).program
+    policy = dataclasses.replace(drop.plan.policy, neuron_mask=NeuronMaskPolicy(mode="core"))
+    with pytest.raises(PlanError, match="both choose what the prefill computes"):
+        dataclasses.replace(drop.plan, policy=policy).validate()

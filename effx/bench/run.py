@@ -75,7 +75,7 @@ def _machine() -> dict[str, Any]:
     import torch
     import transformers
 
-    from .. import __version__
+    from .._about import __version__
 
     return {
         "cpu_count": os.cpu_count(),
@@ -119,8 +119,7 @@ def run_bench(
     from tqdm.auto import tqdm
 
     from ..capture import capture
-    from ..data import encode_prompts, pydoc_texts
-    from ..exit_heads import _token_chunks
+    from ..data import encode_prompts, pydoc_texts, token_chunks
     from ..flops import decode_flops, prefill_flops, weight_bytes
     from ..passes import PassManager
     from ..quality import bleu
@@ -142,7 +141,7 @@ def run_bench(
     calib = list(pydoc_texts("calib") if calib_texts is None else calib_texts)
 
     try:
-        chunks = _token_chunks(tokenizer, heldout, seq_len, heldout_tokens)
+        chunks = token_chunks(tokenizer, heldout, seq_len, heldout_tokens)
     except ValueError as e:
         raise BenchDataError(
             f"the held-out text is too short for chunks of {seq_len} tokens "

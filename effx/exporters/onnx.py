@@ -231,7 +231,7 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
     import onnx
     from tqdm.auto import tqdm
 
-    from .. import __version__
+    from .._about import __version__
     from ..capture import export_onnx
 
     files = {}
@@ -369,7 +369,7 @@ def _length_free(inputs, like: str, name: str):
 
 
 def _write_cascade(casc, out: Path) -> None:
-    from .. import __version__
+    from .._about import __version__
 
     gate = None if casc.gate is None else {"kind": casc.gate.name, "threshold": float(casc.gate.threshold)}
     manifest = {

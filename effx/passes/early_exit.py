@@ -33,6 +33,7 @@ import math
 import torch
 
 from ..errors import PassConfigError, PassError
+from ..fx import export_function
 from ..plan import EarlyExitPolicy
 from ..program import Stage, torch_dtype
 from .base import Pass, PassResult, register_pass
@@ -161,7 +162,7 @@ class EarlyExit(Pass):
         measure = _measure_graph(self.measure, info)
         adapters = {}
         if self.head == "trained":
-            from ..exit_heads import load_exit_heads
+            from ..formats import load_exit_heads
 
             adapters = load_exit_heads(self.heads, info)
             missing = [x for x in layers if x not in adapters]
@@ -208,8 +209,6 @@ class EarlyExit(Pass):
 
 
 def _measure_graph(measure: str, info) -> torch.fx.GraphModule:
-    from ..capture import export_function
-
     dt = torch_dtype(info)
     logits = torch.randn(2, 3, info.vocab_size, dtype=dt)
     hidden = torch.randn(2, 3, info.hidden_size, dtype=dt)

@@ -38,9 +38,9 @@ import dataclasses
 import torch
 
 from ..errors import PassConfigError, PassError
+from ..fx import fetch, mlp_nodes, slice_mlp, tag_nodes
 from ..plan import NeuronMaskPolicy
 from .base import Pass, PassResult, register_pass
-from .vocab_reduce import _fetch
 
 __all__ = ["NeuronMask"]
 
@@ -136,11 +136,11 @@ class NeuronMask(Pass):
             return PassResult(program, False, report)
         profile = base = None
         if self.profile:
-            from ..neurons import load_neuron_profile
+            from ..formats import load_neuron_profile
 
             profile = load_neuron_profile(self.profile, info)
         if self.base:
-            from ..neurons import load_neuron_profile
+            from ..formats import load_neuron_profile
 
             base = load_neuron_profile(self.base, info)
         width = info.intermediate_size
@@ -209,10 +209,8 @@ class NeuronMask(Pass):
 
 
 def _mlp_width(gm: torch.fx.GraphModule) -> int:
-    from ..neurons import mlp_nodes
-
     gate, _, _ = mlp_nodes(gm.graph)
-    return int(_fetch(gm, gate.args[1]).shape[0])
+    return int(fetch(gm, gate.args[1]).shape[0])
 
 
 def _ranking(profile, layer: int, score: str, gm: torch.fx.GraphModule) -> torch.Tensor:
@@ -222,50 +220,13 @@ def _ranking(profile, layer: int, score: str, gm: torch.fx.GraphModule) -> torch
         by_mean = torch.argsort(mean, descending=True, stable=True)
         return by_mean[torch.argsort(profile.freq[layer][by_mean], descending=True, stable=True)]
     if score == "contribution":
-        from ..neurons import mlp_nodes
-
         _, _, down = mlp_nodes(gm.graph)
-        mean = mean * _fetch(gm, down.args[1]).double().norm(dim=0)
+        mean = mean * fetch(gm, down.args[1]).double().norm(dim=0)
     return torch.argsort(mean, descending=True, stable=True)
-
-
-def _tag(nodes, pass_name: str, role: str) -> None:
-    for n in nodes:
-        n.meta.update(effx_role=role, effx_pass=pass_name)
-        n.meta.setdefault("effx_layer", None)
-        n.meta.setdefault("effx_module", "")
-
-
-def slice_mlp(graph: torch.fx.GraphModule, idx: torch.Tensor, pass_name: str) -> torch.fx.GraphModule:
-    """``graph`` with its MLP restricted to neurons ``idx``: new sliced weight buffers, the full ones dropped."""
-    from ..neurons import mlp_nodes
-
-    gm = torch.fx.GraphModule(graph, copy.deepcopy(graph.graph))
-    gate, up, down = mlp_nodes(gm.graph)
-    for name, node, rows in (("gate", gate, True), ("up", up, True), ("down", down, False)):
-        w = _fetch(gm, node.args[1]).detach()
-        gm.register_buffer(f"mlp_{name}_kept", (w[idx] if rows else w[:, idx]).contiguous())
-        args = list(node.args)
-        with gm.graph.inserting_before(node):
-            attr = gm.graph.get_attr(f"mlp_{name}_kept")
-            if len(args) > 2 and args[2] is not None and rows:  # a bias on gate/up: slice it too
-                gm.register_buffer(f"mlp_{name}_bias_kept", _fetch(gm, args[2]).detach()[idx].contiguous())
-                args[2] = gm.graph.get_attr(f"mlp_{name}_bias_kept")
-                _tag([args[2]], pass_name, node.meta["effx_role"])
-        _tag([attr], pass_name, node.meta["effx_role"])
-        args[1] = attr
-        node.args = tuple(args)
-        node.meta["effx_pass"] = pass_name
-    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
-    out = torch.fx.GraphModule(gm, gm.graph)  # only what the graph still uses: not the full MLP weights
-    out.recompile()
-    return out
 
 
 def threshold_mlp(graph: torch.fx.GraphModule, threshold: float, pass_name: str) -> torch.fx.GraphModule:
     """``graph`` with ``act(gate)`` zeroed where its magnitude is below ``threshold``."""
-    from ..neurons import mlp_nodes
-
     gm = torch.fx.GraphModule(graph, copy.deepcopy(graph.graph))
     g = gm.graph
     gate, _, _ = mlp_nodes(g)
@@ -277,6 +238,6 @@ def threshold_mlp(graph: torch.fx.GraphModule, threshold: float, pass_name: str)
         zero = g.call_function(aten.zeros_like.default, (act,))
         masked = g.call_function(aten.where.self, (keep, act, zero))
     act.replace_all_uses_with(masked, delete_user_cb=lambda n: n not in (mag, zero, masked))
-    _tag([mag, keep, zero, masked], pass_name, "mlp.act")
+    tag_nodes([mag, keep, zero, masked], pass_name, "mlp.act")
     gm.recompile()
     return gm

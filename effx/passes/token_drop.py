@@ -32,6 +32,7 @@ import math
 import torch
 
 from ..errors import PassConfigError, PassError
+from ..fx import export_function
 from ..plan import TokenDropPolicy
 from ..program import Stage, torch_dtype
 from .base import Pass, PassResult, register_pass
@@ -129,7 +130,7 @@ class TokenDrop(Pass):
                 scorer = (
                     _attention_score_graph(stage.graph, self.queries)
                     if self.score == "attention"
-                    else _norm_score_graph(info)
+                    else norm_score_graph(info)
                 )
                 _tag(scorer, self.name)
                 stages.append(
@@ -172,8 +173,6 @@ def _tag(gm: torch.fx.GraphModule, pass_name: str) -> None:
 
 
 def _gather_graph(info) -> torch.fx.GraphModule:
-    from ..capture import export_function
-
     def gather(hidden, cos, sin, ids):
         def take(x):
             return x.gather(1, ids[:, :, None].expand(-1, -1, x.shape[-1]))
@@ -195,9 +194,7 @@ def _gather_graph(info) -> torch.fx.GraphModule:
     return gm
 
 
-def _norm_score_graph(info, *, encoder: bool = False) -> torch.fx.GraphModule:
-    from ..capture import export_function
-
+def norm_score_graph(info, *, encoder: bool = False) -> torch.fx.GraphModule:
     b, s = 2, 5
     if encoder:  # (hidden, mask) -> scores
         return export_function(
@@ -260,8 +257,6 @@ def _finish_score_graph(
 
 
 def _attention_pattern(queries: int, scale: float, q_val, k_val, mask_val) -> torch.fx.GraphModule:
-    from ..capture import export_function
-
     def score(q, k, mask):  # q [b, h, s, d], k [b, kv, s, d], mask [b, 1, s, s]
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
@@ -288,10 +283,8 @@ def _attention_pattern(queries: int, scale: float, q_val, k_val, mask_val) -> to
     )
 
 
-def _hidden_gather_graph(hidden_size: int) -> torch.fx.GraphModule:
+def hidden_gather_graph(hidden_size: int) -> torch.fx.GraphModule:
     """``(hidden, keep_ids) -> hidden`` gathered along the token axis (encoders: no rotary tables)."""
-    from ..capture import export_function
-
     gm = export_function(
         lambda h, ids: (h.gather(1, ids[:, :, None].expand(-1, -1, h.shape[-1])),),
         (torch.randn(2, 7, hidden_size), torch.tensor([[0, 2, 5], [1, 3, 6]])),
@@ -303,11 +296,9 @@ def _hidden_gather_graph(hidden_size: int) -> torch.fx.GraphModule:
     return gm
 
 
-def _encoder_score_graph(layer_graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def encoder_score_graph(layer_graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """An encoder layer's graph cut to its queries and keys, then the attention each token receives from
     all real tokens (mean over heads and queries): PoWER-BERT's significance score."""
-    from ..capture import export_function
-
     gm, (q, k, mask), scale = _cut_to_attention_inputs(layer_graph)
 
     def score(q, k, mask):

@@ -41,6 +41,7 @@ import time
 import torch
 
 from ..errors import PassConfigError, PassError
+from ..fx import export_function, fetch
 from ..program import Stage, torch_dtype
 from .base import Pass, PassResult, register_pass
 
@@ -242,8 +243,6 @@ class VocabReduce(Pass):
 def _pruned_pattern(info) -> torch.fx.GraphModule:
     """``(x, weight, ids) -> logits``: ``x [b, s, d]`` scored against the ``ids [b, k]`` rows of ``weight``,
     scattered into a ``[b, s, V]`` tensor of ``-inf``."""
-    from ..capture import export_function
-
     vocab_size = info.vocab_size
 
     def pruned(x, weight, ids):
@@ -261,8 +260,6 @@ def _pruned_pattern(info) -> torch.fx.GraphModule:
 
 def _subset_pattern(info, k: int) -> torch.fx.GraphModule:
     """``(x, weight_k, ids) -> logits``: ``x`` scored against ``weight_k [k, d]``, the rows of ``ids [k]``."""
-    from ..capture import export_function
-
     vocab_size = info.vocab_size
 
     def subset(x, weight, ids):
@@ -334,7 +331,7 @@ def _static_subset_graph(
     gm = torch.fx.GraphModule(graph, copy.deepcopy(graph.graph))
     g = gm.graph
     linear = _lm_head_node(g)
-    full = _fetch(gm, linear.args[1])
+    full = fetch(gm, linear.args[1])
     gm.register_buffer("vocab_weight", full.detach()[ids].clone())
     gm.register_buffer("vocab_ids", ids.clone())
     with g.inserting_before(linear):
@@ -347,13 +344,6 @@ def _static_subset_graph(
     out = torch.fx.GraphModule(gm, gm.graph)
     out.recompile()
     return out
-
-
-def _fetch(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _timing_note(program, stages, ks: dict) -> str:

@@ -2,9 +2,9 @@
 the torch backend (:mod:`effx.runtime.torch_backend`) or ONNX Runtime (:mod:`effx.runtime.onnx`, which needs
 only numpy and onnxruntime)."""
 
-from .. import _torch_available
+from .._about import torch_available
 
-if _torch_available():  # without torch, effx.runtime.onnx and the loop are usable
+if torch_available():  # without torch, effx.runtime.onnx and the loop are usable
     from .forward import KVCache, forward_logits
     from .generate import generate
     from .sampling import Sampler

@@ -15,6 +15,7 @@ import weakref
 
 import torch
 
+from ..fx import fetch, mlp_nodes, mlp_probe, slice_mlp
 from .forward import KVCache, MaskCache, run_layers
 
 __all__ = ["batched_mlp", "choose_core", "core_prefill"]
@@ -69,8 +70,6 @@ _TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _probe(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    from ..neurons import mlp_probe
-
     if gm not in _PROBES:
         _PROBES[gm] = mlp_probe(gm)
     return _PROBES[gm]
@@ -80,9 +79,6 @@ def sliced_mlp(graph: torch.fx.GraphModule, idx: torch.Tensor) -> torch.fx.Graph
     """``graph`` restricted to neurons ``idx [batch, k]``: sliced weights (``k x d``) when every sample keeps
     the same neurons, batched ``[batch, k, d]`` matmuls otherwise. The sliced graph is built once per layer
     graph and shape; each call only gathers the weights."""
-    from ..neurons import mlp_nodes
-    from ..passes.neuron_mask import _fetch, slice_mlp
-
     same = bool((idx == idx[:1]).all())
     nodes = mlp_nodes(graph.graph)
     if any(len(n.args) > 2 and n.args[2] is not None for n in nodes):  # biases: slice them too, no template
@@ -95,7 +91,7 @@ def sliced_mlp(graph: torch.fx.GraphModule, idx: torch.Tensor) -> torch.fx.Graph
             slice_mlp(graph, placeholder, "neuron-mask") if same else batched_mlp(graph, placeholder[None])
         )
     template = templates[key]
-    gate, up, down = (_fetch(graph, n.args[1]).detach() for n in nodes)
+    gate, up, down = (fetch(graph, n.args[1]).detach() for n in nodes)
     if same:
         i = idx[0]
         new = {"mlp_gate_kept": gate[i], "mlp_up_kept": up[i], "mlp_down_kept": down[:, i].contiguous()}
@@ -108,21 +104,18 @@ def sliced_mlp(graph: torch.fx.GraphModule, idx: torch.Tensor) -> torch.fx.Graph
     root = {}
     for node in template.graph.nodes:
         if node.op == "get_attr":
-            root[node.target] = new[node.target] if node.target in new else _fetch(template, node)
+            root[node.target] = new[node.target] if node.target in new else fetch(template, node)
     return torch.fx.GraphModule(root, copy.deepcopy(template.graph))
 
 
 def batched_mlp(graph: torch.fx.GraphModule, idx: torch.Tensor) -> torch.fx.GraphModule:
     """``graph`` with its MLP restricted to per-sample neurons ``idx [batch, k]``: batched matmuls against
     ``[batch, d, k]`` / ``[batch, k, d]`` weight slices."""
-    from ..neurons import mlp_nodes
-    from ..passes.neuron_mask import _fetch
-
     gm = torch.fx.GraphModule(graph, copy.deepcopy(graph.graph))
     g = gm.graph
     aten = torch.ops.aten
     for name, node in zip(("gate", "up", "down"), mlp_nodes(g), strict=True):
-        w = _fetch(gm, node.args[1]).detach()
+        w = fetch(gm, node.args[1]).detach()
         bias = node.args[2] if len(node.args) > 2 else None
         if name == "down":
             kept = w.t()[idx].contiguous()  # [b, k, d]: a [b, s, k] @ kept
@@ -134,7 +127,7 @@ def batched_mlp(graph: torch.fx.GraphModule, idx: torch.Tensor) -> torch.fx.Grap
             new = g.call_function(aten.matmul.default, (node.args[0], attr))
             made = [attr, new]
             if bias is not None:
-                b = _fetch(gm, bias).detach()
+                b = fetch(gm, bias).detach()
                 gm.register_buffer(
                     f"mlp_{name}_core_bias", (b if name == "down" else b[idx][:, None, :]).contiguous()
                 )
