@@ -42,8 +42,9 @@ test-fast: install   ## tiny random models only
 bench: install   ## HF generate vs effx dense runtime, same run
 	$(PY) benchmarks/decode.py
 
-lint: install
+lint: install   ## ruff, and the layers contract of pyproject.toml (import-linter)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

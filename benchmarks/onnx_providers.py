@@ -62,15 +62,13 @@ def single_generate(sess, info, ids: np.ndarray, new: int) -> np.ndarray:
 
 def prepare(out: Path) -> None:
     import torch
-
-    root = Path(__file__).resolve().parent
-    sys.path[:0] = [str(root), str(root.parent / "tests")]
-    from conftest import left_padded_batch, tiny_model
-    from onnx_runtime import single_graph
-    from test_onnx import PASSES, V
+    from onnx_runtime import single_graph  # beside this script
 
     import effx
     from effx.exporters import onnx as exporter
+    from effx.testing import PARITY_PASSES as PASSES
+    from effx.testing import TINY_VOCAB as V
+    from effx.testing import left_padded_batch, tiny_model
 
     model = tiny_model("llama", layers=4, seed=3)  # the model of tests/test_onnx.py's pass artifacts
     vocab = out / "vocab.json"

@@ -11,7 +11,7 @@ from typing import Any
 
 import array_api_compat
 
-__all__ = ["multinomial", "namespace", "new_rng", "put_along_axis", "softmax", "topk"]
+__all__ = ["copy", "multinomial", "namespace", "new_rng", "put_along_axis", "softmax", "topk"]
 
 
 def namespace(*arrays) -> Any:
@@ -21,6 +21,11 @@ def namespace(*arrays) -> Any:
 
 def _is_torch(xp) -> bool:
     return array_api_compat.is_torch_namespace(xp)
+
+
+def copy(xp, x):
+    """A copy of ``x`` that may be written to."""
+    return x.clone() if _is_torch(xp) else x.copy()
 
 
 def softmax(xp, x, axis: int = -1):

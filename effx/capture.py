@@ -31,10 +31,9 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from torch.export import Dim
 
 from .errors import PassError, UnsupportedModelError
-from .fx import export_module, rebind, simplify
+from .fx import Dim, export_module, rebind, simplify
 from .program import ModelInfo, Program, Stage
 
 __all__ = [

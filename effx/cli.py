@@ -128,6 +128,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)"
     )
     r.add_argument(
+        "--no-chat-template", action="store_true", help="use the prompt as raw text even for chat models"
+    )
+    r.add_argument(
         "--provider",
         choices=("auto", "cpu", "cuda"),
         default="auto",
@@ -215,6 +218,47 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def chat_prompt(tokenizer_dir, prompt: str) -> str:
+    """``prompt`` as one user message in the chat template that the exported tokenizer carries
+    (``chat_template.jinja``, or ``chat_template`` in ``tokenizer_config.json``), rendered with Jinja as
+    transformers does, with the generation prompt; ``prompt`` unchanged when there is no template."""
+    import json
+    from pathlib import Path
+
+    tokenizer_dir = Path(tokenizer_dir)
+    config_path = tokenizer_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    jinja_file = tokenizer_dir / "chat_template.jinja"
+    template = jinja_file.read_text() if jinja_file.is_file() else config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if not template:
+        return prompt
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ValueError(
+            "the tokenizer has a chat template, which needs jinja2 (pip install jinja2); "
+            "or pass --no-chat-template"
+        ) from None
+
+    def special(name: str) -> str:
+        value = config.get(name) or ""
+        return value.get("content", "") if isinstance(value, dict) else str(value)
+
+    def raise_exception(message):
+        raise ValueError(f"the chat template refused the prompt: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(
+        messages=[{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        bos_token=special("bos_token"),
+        eos_token=special("eos_token"),
+    )
+
+
 def _cmd_run(args) -> int:
     from pathlib import Path
 
@@ -244,9 +288,12 @@ def _cmd_run(args) -> int:
         return 1
     tokenizer = Tokenizer.from_file(str(tok_file))
     prompt = args.prompt
-    config = Path(args.out_dir) / "tokenizer" / "tokenizer_config.json"
-    if config.is_file() and "im_start" in config.read_text():  # ChatML (SmolLM2, Qwen): the template's shape
-        prompt = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    if not args.no_chat_template:
+        try:
+            prompt = chat_prompt(Path(args.out_dir) / "tokenizer", prompt)
+        except ValueError as e:
+            print(f"effx: error: {e}", file=sys.stderr)
+            return 1
     ids = np.array([tokenizer.encode(prompt, add_special_tokens=False).ids], dtype=np.int64)
     start = time.perf_counter()
     out = gen.generate(ids, max_new_tokens=args.max_new_tokens)

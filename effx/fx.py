@@ -14,6 +14,7 @@ import torch
 from torch.export import Dim, export
 
 __all__ = [
+    "Dim",
     "export_function",
     "export_module",
     "fetch",

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -91,3 +92,22 @@ def test_console_script_runs():
         [sys.executable, "-m", "effx.cli", "--help"], capture_output=True, text=True, check=True
     )
     assert "usage: effx" in result.stdout
+
+
+def test_run_applies_the_tokenizers_own_chat_template(tmp_path):
+    """``effx run`` renders the chat template that the exported tokenizer carries (transformers 5 writes it
+    to chat_template.jinja), as ``apply_chat_template`` would, instead of guessing ChatML from a substring."""
+    from effx.cli import chat_prompt
+
+    assert chat_prompt(tmp_path, "hi") == "hi"  # no template: the raw prompt
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": {"content": "<s>"}, "chat_template": "{{ bos_token }}[{{ messages[0]['content'] }}]"})
+    )
+    assert chat_prompt(tmp_path, "hi") == "<s>[hi]"
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    assert chat_prompt(tmp_path, "hi") == "<user>hi<assistant>"
+    (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no user turns') }}")
+    with pytest.raises(ValueError, match="refused the prompt: no user turns"):
+        chat_prompt(tmp_path, "hi")

@@ -12,11 +12,12 @@ from conftest import left_padded_batch, related_models, tiny_model
 import effx
 from effx.errors import ArtifactError
 from effx.exporters import onnx as exporter
-from effx.passes import EarlyExit, NeuronMask, TokenDrop, VocabReduce
+from effx.passes import EarlyExit, NeuronMask
 from effx.runtime import onnx as ort_runtime
 from effx.runtime import onnx_backend
+from effx.testing import PARITY_PASSES, TINY_VOCAB
 
-V = 96
+V = TINY_VOCAB
 
 
 @pytest.fixture(scope="module")
@@ -255,27 +256,7 @@ def test_runtime_runs_without_torch(pass_artifacts):
 
 # -- programs with passes ---------------------------------------------------------------------------------
 
-PASSES = {
-    "lossy-exits": lambda v: [EarlyExit(layers=(0, 2), thresholds=(0.3,))],
-    "pruned-exits": lambda v: [EarlyExit(layers=(0, 1, 2), thresholds=(0.3,)), VocabReduce(k=20)],
-    "adaptive-exits": lambda v: [
-        EarlyExit(layers=(0, 1, 2), thresholds=(0.3,)),
-        VocabReduce(k=20, schedule="adaptive", mass=0.9, min_k=4),
-    ],
-    "self-speculative": lambda v: [
-        EarlyExit(layers=(1,), thresholds=(0.2,), mode="self-speculative", draft=3),
-        VocabReduce(k=40, where="draft", vocab=v),
-    ],
-    "reduced-head": lambda v: [VocabReduce(k=30, where="head", vocab=v, fallback=0.9)],
-    "neuron-mask": lambda v: [NeuronMask(keep=0.5, score="random", layers=(1, 2))],
-    "token-drop": lambda v: [TokenDrop(at_layers=(1, 3), keep=(0.6, 0.3), protect_last=2)],
-    "combined": lambda v: [
-        NeuronMask(keep=0.5, score="random"),
-        TokenDrop(at_layers=(2,), keep=(0.5,), protect_last=2),
-        EarlyExit(layers=(0, 1), thresholds=(0.3,)),
-        VocabReduce(k=24),
-    ],
-}
+PASSES = PARITY_PASSES
 
 
 @pytest.fixture(scope="module")

@@ -357,3 +357,15 @@ def test_plans_of_reduced_programs_round_trip(model4, tmp_path):
     bad["stages"][-1]["attrs"]["fallback"] = 0  # a full_head stage with nothing to fall back from
     with pytest.raises(effx.PlanError, match="only there for a head with a fallback"):
         effx.Plan.from_dict(bad)
+
+
+def test_early_exit_after_a_reduced_head_is_refused(model4, dense4, tmp_path):
+    """Exits copy the head: on a reduced head they would score its subset without its fallback. In a
+    pipeline the order constraint runs EarlyExit first; applied directly afterwards, it is refused."""
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps({"ids": list(range(3, 60))}))
+    reduced = VocabReduce(k=30, where="head", vocab=str(path), fallback=0.9).apply(dense4).program
+    with pytest.raises(PassError, match="run early-exit before vocab-reduce"):
+        EarlyExit(layers=(1,)).apply(reduced)
+    both = effx.transform(model4, [VocabReduce(k=30, where="head", vocab=str(path)), EarlyExit(layers=(1,))])
+    assert [p["name"] for p in both.plan.passes] == ["early-exit", "vocab-reduce"]

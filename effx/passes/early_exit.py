@@ -146,9 +146,15 @@ class EarlyExit(Pass):
         return layers
 
     def requires(self, program) -> None:
-        """A Program without exits (one EarlyExit per Program), with the layers the exits follow."""
+        """A Program without exits (one EarlyExit per Program), with the layers the exits follow, and a
+        full-vocabulary head (exits copy the head)."""
         if program.exits:
             raise PassError(f"the program already has exits after layers {sorted(program.exits)}")
+        if program.head.attrs.get("vocab"):
+            raise PassError(
+                "the head scores a reduced vocabulary (an earlier vocab-reduce where='head'), and every exit "
+                "would copy it without its fallback: run early-exit before vocab-reduce"
+            )
         self.exit_layers(program.info.num_layers)
 
     def apply(self, program) -> PassResult:

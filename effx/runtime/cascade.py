@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..arrays import namespace
+from .backend import needed_capabilities
 from .forward import as_backend, positions_from_mask, run_step
 from .loop import Output, prefill
 
@@ -240,6 +241,9 @@ def decode(
     own runtime reports.
     """
     small, large = as_backend(small), as_backend(large)
+    for backend in (small, large):  # before anything runs
+        for capability in needed_capabilities(backend.plan):
+            backend.require(capability)
     xp = large.xp
     batch, prompt_len = input_ids.shape
     key_valid = xp.concat(
@@ -266,8 +270,6 @@ def decode(
             verified_decode(s, lg, out, draft=draft, adaptive=adaptive, fires=fires, stats=stats)
         else:
             gated_decode(s, lg, out, fires, stats)
-    if streamer is not None:
-        streamer.end()
     if stats is not None:
         stats.update(
             small_passes=s.passes,
@@ -275,4 +277,4 @@ def decode(
             small_positions=s.positions_run,
             large_positions=lg.positions_run,
         )
-    return out.result(), s, lg
+    return out.finish(), s, lg

@@ -110,5 +110,3 @@ def generate(
     finally:
         if bar is not None:
             bar.close()
-        if streamer is not None:
-            streamer.end()

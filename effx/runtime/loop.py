@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from ..arrays import namespace
 from ..errors import GenerationInputError
-from .backend import CORE_NEURONS, Backend
+from .backend import CORE_NEURONS, Backend, needed_capabilities
 from .early_exit import ExitDecoder, speculative_round
 from .forward import KVCache, MaskCache, check_left_padded, positions_from_mask, run_step
 from .sampling import Sampler
@@ -111,8 +111,10 @@ class Output:
             self.bar.update(1)
         return token
 
-    def result(self):
-        """The prompt and the tokens emitted so far, ``[batch, prompt + new]``."""
+    def finish(self):
+        """End the streamer and return the prompt and the tokens emitted, ``[batch, prompt + new]``."""
+        if self.streamer is not None:
+            self.streamer.end()
         return self.tokens[:, : self.length]
 
 
@@ -149,6 +151,8 @@ def decode(
     new]``; finished rows are padded with ``pad``. ``stats`` receives what the loop decided (see
     ``Program.generate``)."""
     plan, xp = backend.plan, backend.xp
+    for capability in needed_capabilities(plan):  # before anything runs
+        backend.require(capability)
     mode = plan.decode_mode
     if mode == "self-speculative" and sampler.do_sample:
         raise GenerationInputError(
@@ -179,7 +183,7 @@ def decode(
             while not out.done:
                 next_pos = speculative_round(backend, cache, out, token, next_pos, key_valid, draft, stats)
                 token = out.tokens[:, out.length - 1]
-            return out.result()
+            return out.finish()
         decoder = None
         if mode == "lossy":
             decoder = ExitDecoder(backend, cache, copy=plan.policy.early_exit.kv == "copy", stats=stats)
@@ -195,4 +199,4 @@ def decode(
                     stats["exit_layers"].append([int(d) for d in depth])
             next_pos = next_pos + 1
             token = out.emit(sampler(logits, generator))
-    return out.result()
+    return out.finish()

@@ -137,7 +137,7 @@ class OnnxGenerator(OnnxBackend):
         ids, mask = check_inputs(XP, input_ids, attention_mask, max_new_tokens, self.info.max_positions)
         sampler = Sampler(do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p)
         eos, pad = stop_and_pad(self.plan, eos_token_id, pad_token_id)
-        out = decode(
+        return decode(
             self,
             ids,
             mask,
@@ -150,9 +150,6 @@ class OnnxGenerator(OnnxBackend):
             on_token=on_token,
             stats=stats,
         )
-        if streamer is not None:
-            streamer.end()
-        return out
 
 
 # -- cascades ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from ..arrays import namespace, softmax, topk
+from ..arrays import copy, namespace, softmax, topk
 from .forward import as_backend
 
 __all__ = ["exit_logits", "head_logits", "select_vocab"]
@@ -29,7 +29,7 @@ def head_logits(backend, hidden, stats: dict | None = None):
         stats["head_positions"] = stats.get("head_positions", 0) + need.shape[0] * need.shape[1]
         stats["head_fallbacks"] = stats.get("head_fallbacks", 0) + int(xp.sum(xp.astype(need, xp.int64)))
     if bool(xp.any(need)):
-        logits = xp.asarray(logits, copy=True)
+        logits = copy(xp, logits)
         logits[need] = backend.run(full, hidden[need][:, None])[0][:, 0]
     return logits
 
