@@ -11,12 +11,20 @@ from typing import Any
 
 import array_api_compat
 
-__all__ = ["copy", "multinomial", "namespace", "new_rng", "put_along_axis", "softmax", "topk"]
+__all__ = ["as_array", "copy", "multinomial", "namespace", "new_rng", "put_along_axis", "softmax", "topk"]
 
 
 def namespace(*arrays) -> Any:
     """The array API namespace of ``arrays`` (torch or numpy, through ``array_api_compat``)."""
     return array_api_compat.array_namespace(*arrays)
+
+
+def as_array(xp, x):
+    """``x`` as an array of ``xp``: unchanged when it already is one, else converted (lists, other libraries'
+    arrays)."""
+    if array_api_compat.is_array_api_obj(x) and array_api_compat.array_namespace(x) is xp:
+        return x
+    return xp.asarray(x)
 
 
 def _is_torch(xp) -> bool:

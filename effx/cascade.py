@@ -162,8 +162,7 @@ class Cascade:
         ``[batch, prompt + new]`` with rows that stopped early filled with ``pad_token_id``. Defaults for
         ``max_new_tokens``, ``eos_token_id`` and ``pad_token_id`` come from the large model (``eos_token_id=[]``
         turns stopping off); the models' own sampling settings are not used: cascades decode greedily.
-        ``stats`` (a dict) receives what the cascade decided (see :func:`effx.runtime.cascade.decode`) and
-        ``small_share``/``large_share``.
+        ``stats`` (a dict) receives what the cascade decided (see :func:`effx.runtime.cascade.decode`).
         """
         from .runtime.cascade import decode
         from .runtime.loop import check_inputs, stop_and_pad
@@ -213,9 +212,6 @@ class Cascade:
         )
         if bar is not None:
             bar.close()
-        produced = run["small_tokens"] + run["large_tokens"]
-        run["small_share"] = run["small_tokens"] / produced if produced else 0.0
-        run["large_share"] = run["large_tokens"] / produced if produced else 0.0
         t = self._totals
         t.small_tokens += run["small_tokens"]
         t.large_tokens += run["large_tokens"]
@@ -320,21 +316,9 @@ class Cascade:
 
 def _chunks(tokenizer, texts, seq_len: int, max_tokens: int) -> list[torch.Tensor]:
     """The calibration text as ``[1, seq_len]`` chunks of token ids (documents joined by end-of-sequence)."""
-    if isinstance(texts, str):
-        texts = [texts]
-    ids: list[int] = []
-    eos = getattr(tokenizer, "eos_token_id", None)
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False).input_ids)
-        if eos is not None:
-            ids.append(eos)
-        if len(ids) >= max_tokens:
-            break
-    ids = ids[:max_tokens]
-    n = len(ids) // seq_len
-    if n == 0:
-        raise CascadeConfigError(
-            f"calibration needs at least seq_len={seq_len} tokens of text, got {len(ids)}; give more text or a "
-            "smaller seq_len"
-        )
-    return [torch.tensor(ids[i * seq_len : (i + 1) * seq_len])[None] for i in range(n)]
+    from .data import token_chunks
+
+    try:
+        return token_chunks(tokenizer, texts, seq_len, max_tokens)
+    except ValueError as e:
+        raise CascadeConfigError(f"calibration: {e}; give more text or a smaller seq_len") from None

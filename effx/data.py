@@ -160,11 +160,14 @@ def aclsum(split: str = "test", n: int | None = None) -> list[dict]:
 
 def token_chunks(tokenizer, texts, seq_len: int, max_tokens: int) -> list:
     """``texts`` tokenized and joined (end-of-text between texts) into ``[1, seq_len]`` LongTensors, at most
-    ``max_tokens`` tokens in all: the chunks calibration and evaluation read teacher-forced."""
+    ``max_tokens`` tokens in all: the chunks calibration and evaluation read teacher-forced. ``ValueError``
+    when the text holds fewer than ``seq_len`` tokens."""
     import torch
 
+    if isinstance(texts, str):
+        texts = [texts]
     ids: list[int] = []
-    eos = tokenizer.eos_token_id
+    eos = getattr(tokenizer, "eos_token_id", None)
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False).input_ids)
         if eos is not None:
@@ -174,5 +177,5 @@ def token_chunks(tokenizer, texts, seq_len: int, max_tokens: int) -> list:
     ids = ids[:max_tokens]
     n = len(ids) // seq_len
     if n == 0:
-        raise ValueError(f"need at least {seq_len} tokens of text to train exit heads, got {len(ids)}")
+        raise ValueError(f"need at least seq_len={seq_len} tokens of text, got {len(ids)}")
     return [torch.tensor(ids[i * seq_len : (i + 1) * seq_len])[None] for i in range(n)]

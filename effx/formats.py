@@ -31,28 +31,34 @@ NEURONS_KIND = "effx-neurons"
 QUANTILE_LEVELS = tuple(i / 100 for i in range(1, 100))
 
 
-def load_exit_heads(path: str | os.PathLike, info) -> dict[int, dict[str, torch.Tensor]]:
-    """Adapters from a file written by :func:`train_exit_heads`, checked against the model (``ModelInfo``)."""
+def _read(path, info, kind: str, what: str, writer: str, keys, mismatch: str) -> tuple[dict, dict]:
+    """The metadata and tensors of the ``kind`` file at ``path`` (written by ``writer``), checked against the
+    model's ``keys``; every problem is an ``ArtifactError`` that says what to do."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(
-            f"exit heads file {path} does not exist; write one with effx.train_exit_heads(..., path=...)"
-        )
+        raise ArtifactError(f"{what} {path} does not exist; write one with {writer}(..., path=...)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("effx", "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, ValueError, OSError) as e:
-        raise ArtifactError(f"{path} is not a readable exit heads file: {e}") from e
-    if meta.get("kind") != EXIT_HEADS_KIND:
-        raise ArtifactError(f"{path} was not written by effx.train_exit_heads (no '{EXIT_HEADS_KIND}' metadata)")
-    for key in ("hidden_size", "num_layers", "vocab_size"):
+        raise ArtifactError(f"{path} is not a readable {what}: {e}") from e
+    if meta.get("kind") != kind:
+        raise ArtifactError(f"{path} was not written by {writer} (no '{kind}' metadata)")
+    for key in keys:
         if meta.get(key) != getattr(info, key):
-            raise ArtifactError(
-                f"{path} was trained for a model with {key}={meta.get(key)}, this one has {getattr(info, key)}"
-            )
+            raise ArtifactError(f"{path} {mismatch} {key}={meta.get(key)}; this one has {getattr(info, key)}")
+    return meta, tensors
+
+
+def load_exit_heads(path: str | os.PathLike, info) -> dict[int, dict[str, torch.Tensor]]:
+    """Adapters from a file written by :func:`train_exit_heads`, checked against the model (``ModelInfo``)."""
+    meta, tensors = _read(
+        path, info, EXIT_HEADS_KIND, "exit heads file", "effx.train_exit_heads",
+        ("hidden_size", "num_layers", "vocab_size"), "was trained for a model with",
+    )
     heads: dict[int, dict[str, torch.Tensor]] = {}
     for e in meta["layers"]:
         try:
@@ -102,26 +108,10 @@ def _interp(x, xp, fp):
 
 def load_neuron_profile(path: str | os.PathLike, info) -> NeuronProfile:
     """A profile written by :func:`profile_neurons`, checked against the model (``ModelInfo``)."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(
-            f"neuron profile {path} does not exist; write one with effx.profile_neurons(..., path=...)"
-        )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("effx", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, ValueError, OSError) as e:
-        raise ArtifactError(f"{path} is not a readable neuron profile: {e}") from e
-    if meta.get("kind") != NEURONS_KIND:
-        raise ArtifactError(f"{path} was not written by effx.profile_neurons (no '{NEURONS_KIND}' metadata)")
-    for key in ("num_layers", "hidden_size", "intermediate_size"):
-        if meta.get(key) != getattr(info, key):
-            raise ArtifactError(
-                f"{path} profiles a model with {key}={meta.get(key)}; this one has {getattr(info, key)}"
-            )
+    meta, tensors = _read(
+        path, info, NEURONS_KIND, "neuron profile", "effx.profile_neurons",
+        ("num_layers", "hidden_size", "intermediate_size"), "profiles a model with",
+    )
     out = NeuronProfile({}, {}, {}, meta)
     width = info.intermediate_size
     for i in range(info.num_layers):

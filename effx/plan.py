@@ -9,6 +9,7 @@ decode loop (``effx.runtime.loop``) reads only this and calls a backend to run t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -235,25 +236,25 @@ class Plan:
             raise PlanError(f"plan is not valid JSON: {e}") from e
         return cls.from_dict(data)
 
-    # -- views the runtime uses -------------------------------------------------------------------------
-    @property
+    # -- views the runtime uses (computed once: a Plan is frozen) ---------------------------------------
+    @functools.cached_property
     def layers(self) -> tuple[StageSpec, ...]:
         return tuple(s for s in self.stages if s.kind == "layer")
 
-    @property
+    @functools.cached_property
     def embed(self) -> StageSpec:
         return self.stages[0]
 
-    @property
+    @functools.cached_property
     def head(self) -> StageSpec:
         return self.stages[-1]
 
-    @property
+    @functools.cached_property
     def exits(self) -> dict[int, StageSpec]:
         """Exit stages by the layer they follow."""
         return {s.layer: s for s in self.stages if s.kind == "exit"}
 
-    @property
+    @functools.cached_property
     def drops(self) -> dict[int, tuple[StageSpec, StageSpec]]:
         """TokenDrop: layer -> (score stage, drop stage) of the drop before that layer."""
         return {
@@ -262,16 +263,16 @@ class Plan:
             if s.kind == "token_score"
         }
 
-    @property
+    @functools.cached_property
     def full_head(self) -> StageSpec | None:
         """The full head a vocabulary-reduced head falls back to, if any."""
         return next((s for s in self.stages if s.kind == "full_head"), None)
 
-    @property
+    @functools.cached_property
     def windows(self) -> frozenset[int | None]:
         return frozenset(s.attrs.get("sliding_window") for s in self.layers)
 
-    @property
+    @functools.cached_property
     def decode_mode(self) -> str:
         """``"dense"``, ``"lossy"`` or ``"self-speculative"``: how the loop decodes this plan."""
         ee = self.policy.early_exit

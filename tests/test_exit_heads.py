@@ -92,7 +92,7 @@ def test_bad_head_files(trained, tmp_path):
     with pytest.raises(PassError, match=r"has no trained head for exit layers \[0\] \(it has \[1\]\)"):
         effx.transform(model, passes=[EarlyExit(layers=(0, 1), head="trained", heads=str(only1))])
     other = effx.transform(tiny_model("llama", layers=3, hidden=32, heads=2, kv_heads=1))
-    with pytest.raises(ArtifactError, match="hidden_size=64, this one has 32"):
+    with pytest.raises(ArtifactError, match="hidden_size=64; this one has 32"):
         load_exit_heads(path, other.info)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")

@@ -1,4 +1,6 @@
-"""Decode loops over two Programs that share a vocabulary: a small one proposes tokens, a large one decides.
+"""Decode loops over two models that share a vocabulary: a small one proposes tokens, a large one decides.
+
+Written once for every backend (torch Programs, ONNX artifacts), on the backend's arrays.
 
 Both models fill their own KV cache over the same slots: the (left-padded) prompt, then one slot per output
 token, so slot ``s`` holds the same token in both caches and one ``key_valid`` mask and one table of
@@ -37,14 +39,15 @@ from .loop import Output, prefill
 
 __all__ = ["ModelState", "decode", "gated_decode", "next_draft_length", "verified_decode"]
 
-Gate = Callable  # logits [batch, vocab] -> fires [batch] (bool)
+Gate = Callable  # logits [batch, vocab] -> fires [batch] (bool); effx.gates
 
 
 class ModelState:
-    """One Program's side of a cascade: its KV cache, the slots it has seen, and the logits for the next.
+    """One model's side of a cascade (a backend, or a torch Program): its KV cache, the slots it has seen,
+    and the logits for the next.
 
     ``positions [batch, capacity]`` and ``key_valid [batch, capacity]`` cover every slot of the run and are
-    shared by both models. ``stats`` (or None) receives what the Program's own runtime reports (reduced-head
+    shared by both models. ``stats`` (or None) receives what the model's own runtime reports (reduced-head
     fallbacks, kept prompt tokens, core neurons).
     """
 
@@ -233,12 +236,12 @@ def decode(
 
     Returns the output ``[batch, prompt + new]`` (finished rows padded with ``pad``) and both models' states,
     whose caches hold the slots each model has seen. ``stats`` (a dict, or None) receives ``small_tokens`` and
-    ``large_tokens`` (tokens each model decided, over unfinished rows), ``small_passes``/``large_passes`` and
-    ``small_positions``/``large_positions`` (forward passes after the prefill, and the token positions they
-    ran over), in gated mode ``large_steps`` (steps where some row fired), ``catch_up_tokens`` and
-    ``overridden`` (fired tokens where the large model chose differently), in verified mode ``drafted``,
-    ``accepted``, ``rounds`` and ``draft_lengths`` (per round); ``small``/``large`` hold what each plan's
-    own runtime reports.
+    ``large_tokens`` (tokens each model decided, over unfinished rows) and their shares ``small_share`` /
+    ``large_share``, ``small_passes``/``large_passes`` and ``small_positions``/``large_positions`` (forward
+    passes after the prefill, and the token positions they ran over), in gated mode ``large_steps`` (steps
+    where some row fired), ``catch_up_tokens`` and ``overridden`` (fired tokens where the large model chose
+    differently), in verified mode ``drafted``, ``accepted``, ``rounds`` and ``draft_lengths`` (per round);
+    ``small``/``large`` hold what each model's own runtime reports.
     """
     small, large = as_backend(small), as_backend(large)
     for backend in (small, large):  # before anything runs
@@ -271,10 +274,13 @@ def decode(
         else:
             gated_decode(s, lg, out, fires, stats)
     if stats is not None:
+        produced = stats["small_tokens"] + stats["large_tokens"]
         stats.update(
             small_passes=s.passes,
             large_passes=lg.passes,
             small_positions=s.positions_run,
             large_positions=lg.positions_run,
+            small_share=stats["small_tokens"] / produced if produced else 0.0,
+            large_share=stats["large_tokens"] / produced if produced else 0.0,
         )
     return out.finish(), s, lg

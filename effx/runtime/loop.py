@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..arrays import namespace
+from ..arrays import as_array, namespace
 from ..errors import GenerationInputError
 from .backend import CORE_NEURONS, Backend, needed_capabilities
 from .early_exit import ExitDecoder, speculative_round
@@ -27,7 +27,7 @@ __all__ = ["Output", "check_inputs", "decode", "prefill", "stop_and_pad"]
 def check_inputs(xp, input_ids, attention_mask, max_new: int, max_positions: int, *, what: str = "the model"):
     """``(input_ids, attention_mask)`` as int64 arrays of ``xp``, or a ``GenerationInputError`` that says what
     is wrong with them (shape, left padding, length against ``max_positions``)."""
-    ids = xp.asarray(input_ids)
+    ids = as_array(xp, input_ids)
     if ids.ndim != 2:
         raise GenerationInputError(
             f"input_ids must be a 2-D array of token ids [batch, prompt_length], got shape {tuple(ids.shape)}"
@@ -36,7 +36,7 @@ def check_inputs(xp, input_ids, attention_mask, max_new: int, max_positions: int
     if batch == 0 or prompt_len == 0:
         raise GenerationInputError(f"empty prompt: input_ids has shape {tuple(ids.shape)}")
     ids = xp.astype(ids, xp.int64)
-    mask = xp.ones_like(ids) if attention_mask is None else xp.astype(xp.asarray(attention_mask), xp.int64)
+    mask = xp.ones_like(ids) if attention_mask is None else xp.astype(as_array(xp, attention_mask), xp.int64)
     if mask.shape != ids.shape:
         raise GenerationInputError(
             f"attention_mask shape {tuple(mask.shape)} does not match input_ids shape {tuple(ids.shape)}"
