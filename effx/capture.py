@@ -1,7 +1,7 @@
 """Capture a Hugging Face decoder-only model as a staged :class:`~effx.program.Program`.
 
-This is the one module that touches ``torch.export`` and transformers internals. It exports (non-strict)
-three kinds of stage:
+This is the one module that reaches into transformers internals; it exports through ``effx.fx`` (the one
+module that calls ``torch.export``), non-strict, three kinds of stage:
 
 * ``embed``   ``(input_ids, position_ids) -> (hidden, cos, sin)``: token embedding and rotary tables;
 * ``layer.i`` ``(hidden, cos, sin, mask, past_k, past_v) -> (hidden, k, v)``: one decoder layer, with its
@@ -23,6 +23,9 @@ layer index, or None) and ``effx_module`` (the sub-module path from ``nn_module_
 Attention is exported through a registered transformers attention function (``"effx"``) that calls
 ``scaled_dot_product_attention`` with the explicit mask the runtime builds. It has no shape-dependent
 branches, and on CPU it is bitwise equal to the ``sdpa`` path that ``model.generate`` takes.
+
+Capture checks its stages against the model's own logits with the runtime, so it sits above the runtime
+(and above encoders: ``transform_encoder`` is capture followed by encoder token drop).
 """
 
 from __future__ import annotations
