@@ -138,6 +138,32 @@ def _build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
 
+    c = sub.add_parser(
+        "chat",
+        help="chat with a pipeline (torch) or an exported artifact (ONNX Runtime) in the terminal",
+        description="An interactive chat: the conversation is rendered with the tokenizer's chat template "
+        "every turn, replies stream, Ctrl-C stops a reply and keeps the session. Commands: /reset, "
+        "/passes, /stats (the last reply's tokens/s and run-time decisions), /help, /quit. With --prompts, "
+        "a predefined prompt set runs non-interactively, each prompt a conversation of its own.",
+        epilog="examples:\n"
+        "  effx chat --model smollm2-135m\n"
+        '  effx chat --model smollm2-135m --passes "early-exit{layers=10,20 thresholds=0.9}"\n'
+        "  effx chat --artifact out/smollm2                 # ONNX Runtime, no torch\n"
+        "  effx chat --model smollm2-135m --prompts builtin --max-new-tokens 16",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(c)
+    c.add_argument("--artifact", default=None, help="chat with an artifact written by 'effx export' instead")
+    c.add_argument(
+        "--max-new-tokens", type=int, default=256, help="tokens per reply at most (default: %(default)s)"
+    )
+    c.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE|builtin",
+        help="run these prompts (a text file, one a line, or 'builtin': effx's prompt suite) and exit",
+    )
+
     sub.add_parser(
         "passes", help="list the registered passes", description="List the passes a pipeline string can name."
     )
@@ -222,6 +248,12 @@ def chat_prompt(tokenizer_dir, prompt: str) -> str:
     """``prompt`` as one user message in the chat template that the exported tokenizer carries
     (``chat_template.jinja``, or ``chat_template`` in ``tokenizer_config.json``), rendered with Jinja as
     transformers does, with the generation prompt; ``prompt`` unchanged when there is no template."""
+    return render_chat(tokenizer_dir, [{"role": "user", "content": prompt}])
+
+
+def render_chat(tokenizer_dir, messages: list[dict]) -> str:
+    """``messages`` in the exported tokenizer's chat template, with the generation prompt (see
+    :func:`chat_prompt`); without a template, the messages' contents one a line."""
     import json
     from pathlib import Path
 
@@ -233,7 +265,7 @@ def chat_prompt(tokenizer_dir, prompt: str) -> str:
     if isinstance(template, list):  # named templates: the default one
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     if not template:
-        return prompt
+        return "\n".join(m["content"] for m in messages)
     try:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
@@ -252,11 +284,92 @@ def chat_prompt(tokenizer_dir, prompt: str) -> str:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(
-        messages=[{"role": "user", "content": prompt}],
+        messages=messages,
         add_generation_prompt=True,
         bos_token=special("bos_token"),
         eos_token=special("eos_token"),
     )
+
+
+def _cmd_chat(args) -> int:
+    from .chat import input_lines, load_prompts
+
+    prompts = None
+    if args.prompts is not None:
+        try:
+            prompts = load_prompts(args.prompts)
+        except (OSError, ValueError) as e:
+            print(f"effx: error: {e}", file=sys.stderr)
+            return 1
+    if args.max_new_tokens < 1:
+        print(f"effx: error: --max-new-tokens must be >= 1, got {args.max_new_tokens}", file=sys.stderr)
+        return 1
+    session = _onnx_chat(args) if args.artifact else _torch_chat(args)
+    if session is None:
+        return 1
+    if prompts is not None:
+        session.run_prompts(prompts)
+    else:
+        print(f"[effx chat] {session.passes or 'dense'}; /help for commands, /quit or Ctrl-D to leave", file=sys.stderr)
+        session.run(input_lines())
+    return 0
+
+
+def _torch_chat(args):
+    import effx
+
+    from .chat import ChatSession
+    from .passes.base import pipeline_string
+
+    passes = effx.parse_pipeline(args.passes)  # a bad pipeline fails before the model loads
+    model, tokenizer = effx.models.load(args.model)
+    program = effx.transform(model, passes=passes)
+
+    def render(messages):
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = "\n".join(m["content"] for m in messages)
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+
+    def generate(ids, on_token, stats):
+        program.generate(
+            ids, max_new_tokens=args.max_new_tokens, stats=stats, on_token=lambda t: on_token(int(t[0]))
+        )
+
+    return ChatSession(
+        render,
+        generate,
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        passes=pipeline_string(passes),
+    )
+
+
+def _onnx_chat(args):
+    from pathlib import Path
+
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from .chat import ChatSession
+    from .runtime import onnx as rt
+
+    gen = rt.load(args.artifact)
+    tok_file = Path(args.artifact) / "tokenizer" / "tokenizer.json"
+    if not tok_file.is_file():
+        print(f"effx: error: {tok_file} is missing: export with a tokenizer", file=sys.stderr)
+        return None
+    tokenizer = Tokenizer.from_file(str(tok_file))
+
+    def render(messages):
+        text = render_chat(Path(args.artifact) / "tokenizer", messages)
+        return np.array([tokenizer.encode(text, add_special_tokens=False).ids], dtype=np.int64)
+
+    def generate(ids, on_token, stats):
+        gen.generate(ids, max_new_tokens=args.max_new_tokens, stats=stats, on_token=lambda t: on_token(int(t[0])))
+
+    passes = ", ".join(p["name"] for p in gen.plan.passes)
+    return ChatSession(render, generate, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), passes=passes)
 
 
 def _cmd_run(args) -> int:
@@ -426,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": _cmd_run,
         "passes": _cmd_passes,
         "bench": _cmd_bench,
+        "chat": _cmd_chat,
     }[args.command]
     try:
         return handler(args)

@@ -111,3 +111,101 @@ def test_run_applies_the_tokenizers_own_chat_template(tmp_path):
     (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no user turns') }}")
     with pytest.raises(ValueError, match="refused the prompt: no user turns"):
         chat_prompt(tmp_path, "hi")
+
+
+# -- effx chat ------------------------------------------------------------------------------------------------
+
+
+def _session(replies, seen=None):
+    """A ChatSession over a fake engine: each reply is a list of token ids; ``seen`` records the messages
+    each turn was rendered from."""
+    import io
+
+    from effx.chat import ChatSession
+
+    out = io.StringIO()
+    queue = list(replies)
+
+    def render(messages):
+        if seen is not None:
+            seen.append([dict(m) for m in messages])
+        return messages
+
+    def generate(ids, on_token, stats):
+        for token in queue.pop(0):
+            if token is KeyboardInterrupt:
+                raise KeyboardInterrupt
+            on_token(token)
+        stats["drafted"], stats["accepted"] = 4, 3
+
+    return ChatSession(render, generate, lambda ids: "".join(f"<{i}>" for i in ids), passes="p{x=1}", out=out), out
+
+
+def test_chat_keeps_the_history_and_resets_it():
+    seen = []
+    session, out = _session([[5, 6], [7], [8]], seen)
+    session.run(iter(["hello", "again", "/reset", "fresh", "/quit", "never asked"]))
+    assert seen[0] == [{"role": "user", "content": "hello"}]
+    assert seen[1] == [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "<5><6>"},
+        {"role": "user", "content": "again"},
+    ]
+    assert seen[2] == [{"role": "user", "content": "fresh"}]  # /reset forgot the first two turns
+    assert len(seen) == 3 and "[conversation cleared]" in out.getvalue()
+    assert "<5><6>\n" in out.getvalue()  # streamed as the tokens came
+
+
+def test_chat_commands_and_stats():
+    session, out = _session([[5, 6, 7]])
+    session.run(iter(["/stats", "hi", "/stats", "/passes", "/frob", "/help"]))
+    text = out.getvalue()
+    assert "[stats] no reply yet" in text
+    assert "[stats] 3 tokens in" in text and "drafts accepted 3/4 (75%)" in text
+    assert "[passes] p{x=1}" in text and "[unknown command /frob]" in text and "/reset" in text
+
+
+def test_ctrl_c_stops_a_reply_and_keeps_the_session():
+    session, out = _session([[5, 6, KeyboardInterrupt, 9], [7]])
+    session.run(iter(["long answer please", "next"]))
+    assert session.messages[1] == {"role": "assistant", "content": "<5><6>"}  # what was said so far
+    assert session.messages[3] == {"role": "assistant", "content": "<7>"}  # the session went on
+    assert "[interrupted]" in out.getvalue() and session.last.tokens == 1
+
+
+def test_chat_cli_interactive_and_predefined_prompts(model_dir, tmp_path, monkeypatch, capsys):
+    """Driven through stdin: a reply, /stats with the exits' decisions, /passes, then end of input; and the
+    predefined-prompt mode, which exits 0 after the last prompt, on torch and on an exported artifact."""
+    import io
+
+    passes = "early-exit{layers=0 thresholds=0.5}"
+    monkeypatch.setattr("sys.stdin", io.StringIO("w5 w6 w7\n/stats\n/passes\n"))
+    assert main(["chat", "--model", str(model_dir), "--passes", passes, "--max-new-tokens", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "[stats]" in text and "tokens/s" in text and "mean exit depth" in text
+    assert "[passes] early-exit{layers=0 thresholds=0.5}" in text
+
+    assert main(["chat", "--model", str(model_dir), "--prompts", "builtin", "--max-new-tokens", "2"]) == 0
+    text = capsys.readouterr().out
+    from effx.data import PROMPTS
+
+    assert text.count("[stats]") == len(PROMPTS) and f"> {PROMPTS[-1]}" in text
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w5 w6\n\nw7 w8 w9\n")
+    art = tmp_path / "art"
+    assert main(["export", "--model", str(model_dir), str(art)]) == 0
+    capsys.readouterr()
+    assert main(["chat", "--artifact", str(art), "--prompts", str(prompts), "--max-new-tokens", "3"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("[stats]") == 2 and "> w7 w8 w9" in text
+
+
+def test_chat_bad_input_is_one_line(model_dir, tmp_path, capsys):
+    assert main(["chat", "--model", str(model_dir), "--prompts", str(tmp_path / "none.txt")]) == 1
+    assert capsys.readouterr().err.startswith("effx: error: --prompts")
+    assert main(["chat", "--model", str(model_dir), "--passes", "nope{"]) == 1
+    assert capsys.readouterr().err.startswith("effx: error:")
+    assert main(["chat", "--artifact", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("effx: error:") and "no plan.json" in err and "Traceback" not in err

@@ -11,7 +11,7 @@ sweep and what is wrong: unknown pass or field, a malformed range, ``step <= 0``
 configurations than ``max_configs``, or a value the pass rejects.
 
 :func:`expand_configs` turns a base pipeline and its sweeps into :class:`BenchConfig` s;
-:func:`pipeline_string` writes passes back as a pipeline string.
+:func:`pipeline_string` (from ``effx.passes``) writes passes back as a pipeline string.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PassConfigError
+from ..passes.base import format_value, pipeline_string
 from .errors import BenchConfigError
 
 MAX_CONFIGS = 64
@@ -167,31 +168,6 @@ def parse_sweep(text: str, *, max_configs: int = MAX_CONFIGS) -> Sweep:
     return Sweep(pass_name, field, values, text)
 
 
-def _format_value(value) -> str:
-    if isinstance(value, (tuple, list)):
-        return ",".join(_format_value(v) for v in value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "none"
-    return str(value)
-
-
-def pipeline_string(passes: Sequence) -> str:
-    """The pipeline string of ``passes`` (fields at their default left out); :func:`effx.parse_pipeline`
-    reads it back to equal passes."""
-    parts = []
-    for p in passes:
-        args = []
-        for f in dataclasses.fields(p):
-            value = getattr(p, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else None
-            if value != default:
-                args.append(f"{f.name}={_format_value(value)}")
-        parts.append(f"{p.name}{{{' '.join(args)}}}" if args else p.name)
-    return ", ".join(parts)
-
-
 def _with_fields(passes: list, assigned: list[tuple[Sweep, Any]]) -> list:
     """``passes`` with the swept fields set: all fields of one pass at once, so a configuration is
     validated as a whole (``neuron-mask.keep`` with ``neuron-mask.score=random`` needs no profile)."""
@@ -209,7 +185,7 @@ def _with_fields(passes: list, assigned: list[tuple[Sweep, Any]]) -> list:
             new = _construct(klass, {**base, **{sw.field: v for sw, v in items}})
         except PassConfigError as e:
             texts = ", ".join(repr(sw.text) for sw, _ in items)
-            shown = " ".join(f"{pass_name}.{sw.field}={_format_value(v)}" for sw, v in items)
+            shown = " ".join(f"{pass_name}.{sw.field}={format_value(v)}" for sw, v in items)
             hint = (
                 f" ({pass_name} is not in the pipeline, so it was added with its defaults: give it in "
                 "--passes with the arguments it needs)"
@@ -265,7 +241,7 @@ def expand_configs(
         grid = []
         for combo in itertools.product(*(s.values for s in parsed)):
             name = " ".join(
-                f"{s.pass_name}.{s.field}={_format_value(v)}" for s, v in zip(parsed, combo, strict=True)
+                f"{s.pass_name}.{s.field}={format_value(v)}" for s, v in zip(parsed, combo, strict=True)
             )
             grid.append((name, _with_fields(passes, list(zip(parsed, combo, strict=True)))))
     configs = []

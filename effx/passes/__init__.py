@@ -7,6 +7,7 @@ from .base import (
     PassResult,
     get_pass,
     parse_pipeline,
+    pipeline_string,
     register_pass,
     registered_passes,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "PassResult",
     "get_pass",
     "parse_pipeline",
+    "pipeline_string",
     "register_pass",
     "registered_passes",
     "TokenDrop",

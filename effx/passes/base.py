@@ -32,6 +32,7 @@ __all__ = [
     "PassResult",
     "get_pass",
     "parse_pipeline",
+    "pipeline_string",
     "register_pass",
     "registered_passes",
 ]
@@ -258,6 +259,32 @@ def parse_pipeline(text: str) -> list[Pass]:
             if text[pos:].strip() == "":
                 raise PassConfigError(f"pipeline {text!r}: trailing ',' with no pass after it")
     return passes
+
+
+def format_value(value) -> str:
+    """A field value as a pipeline string writes it."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(format_value(v) for v in value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    return str(value)
+
+
+def pipeline_string(passes: Sequence) -> str:
+    """The pipeline string of ``passes`` (fields at their default left out); :func:`effx.parse_pipeline`
+    reads it back to equal passes."""
+    parts = []
+    for p in passes:
+        args = []
+        for f in dataclasses.fields(p):
+            value = getattr(p, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if value != default:
+                args.append(f"{f.name}={format_value(value)}")
+        parts.append(f"{p.name}{{{' '.join(args)}}}" if args else p.name)
+    return ", ".join(parts)
 
 
 # -- the manager ----------------------------------------------------------------------------------------

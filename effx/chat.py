@@ -1,0 +1,193 @@
+"""``effx chat``: an interactive terminal chat over any pipeline (torch) or exported artifact (ONNX Runtime).
+
+The conversation is kept as chat messages and rendered with the tokenizer's chat template every turn (a
+tokenizer without one gets the turns as plain lines). Replies stream as they are generated; Ctrl-C stops a
+reply, keeps what was said so far, and leaves the session running. Commands:
+
+* ``/reset``: forget the conversation;
+* ``/passes``: the pipeline the model runs;
+* ``/stats``: the last reply's tokens, tokens/s and the run-time decisions (exit depths, accepted drafts,
+  reduced-head fallbacks, kept prompt tokens);
+* ``/help``, ``/quit`` (or end of input).
+
+``--prompts builtin`` (effx's prompt suite) or ``--prompts FILE`` (one prompt per line) runs a predefined
+prompt set non-interactively, each prompt a conversation of its own, as PartInfer's predefined prompts.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TextIO
+
+__all__ = ["ChatSession", "Reply", "format_stats", "load_prompts"]
+
+HELP = "commands: /reset (forget the conversation), /passes, /stats (last reply), /help, /quit"
+
+
+@dataclass
+class Reply:
+    """One reply: its text, how many tokens, how long it took, what the runtime decided."""
+
+    text: str = ""
+    tokens: int = 0
+    seconds: float = 0.0
+    stats: dict = field(default_factory=dict)
+    interrupted: bool = False
+
+
+def format_stats(reply: Reply | None) -> str:
+    """One line about a reply: tokens, tokens/s and the decisions the runtime reported."""
+    if reply is None:
+        return "no reply yet"
+    rate = reply.tokens / reply.seconds if reply.seconds > 0 else 0.0
+    parts = [f"{reply.tokens} tokens in {reply.seconds:.2f} s ({rate:.1f} tokens/s)"]
+    s = reply.stats
+    if s.get("exit_layers"):
+        depths = [d for step in s["exit_layers"] for d in step]
+        parts.append(f"mean exit depth {sum(depths) / len(depths):.1f} layers")
+    if s.get("drafted"):
+        parts.append(f"drafts accepted {s['accepted']}/{s['drafted']} ({s['accepted'] / s['drafted']:.0%})")
+    if s.get("head_positions"):
+        parts.append(f"reduced head fell back on {s['head_fallbacks']}/{s['head_positions']} positions")
+    if s.get("kept_tokens"):
+        kept = ", ".join(f"layer {layer}: {counts[0]}" for layer, counts in sorted(s["kept_tokens"].items()))
+        parts.append(f"prompt tokens kept ({kept})")
+    if reply.interrupted:
+        parts.append("interrupted")
+    return "; ".join(parts)
+
+
+class ChatSession:
+    """A conversation over an engine.
+
+    ``render(messages) -> prompt ids`` applies the chat template; ``generate(ids, on_token, stats) -> None``
+    generates a reply, calling ``on_token(token_id)`` for each new token; ``decode(ids) -> str`` turns ids
+    into text. ``passes`` describes the pipeline (for ``/passes``).
+    """
+
+    def __init__(
+        self,
+        render: Callable[[list[dict]], object],
+        generate: Callable[[object, Callable[[int], None], dict], None],
+        decode: Callable[[list[int]], str],
+        *,
+        passes: str = "",
+        out: TextIO | None = None,
+    ):
+        self.render, self.generate, self.decode = render, generate, decode
+        self.passes = passes
+        self.out = out if out is not None else sys.stdout
+        self.messages: list[dict] = []
+        self.last: Reply | None = None
+
+    def reset(self) -> None:
+        self.messages = []
+
+    def ask(self, text: str) -> Reply:
+        """Send ``text`` as the user's turn; stream the reply to ``out``; keep both in the history."""
+        self.messages.append({"role": "user", "content": text})
+        ids = self.render(self.messages)
+        reply = Reply()
+        new: list[int] = []
+        shown = ""
+
+        def on_token(token: int) -> None:
+            nonlocal shown
+            new.append(token)
+            text = self.decode(new)
+            if text.startswith(shown):  # print what the new token added (tokens may merge into characters)
+                self.out.write(text[len(shown) :])
+                self.out.flush()
+                shown = text
+
+        start = time.perf_counter()
+        try:
+            self.generate(ids, on_token, reply.stats)
+        except KeyboardInterrupt:
+            reply.interrupted = True
+        reply.seconds = time.perf_counter() - start
+        reply.tokens = len(new)
+        reply.text = self.decode(new)
+        if reply.text.startswith(shown):
+            self.out.write(reply.text[len(shown) :])
+        self.out.write("\n[interrupted]\n" if reply.interrupted else "\n")
+        self.out.flush()
+        self.messages.append({"role": "assistant", "content": reply.text})
+        self.last = reply
+        return reply
+
+    def command(self, line: str) -> bool:
+        """Run a ``/command``; returns False when the session should end."""
+        name = line.strip().split()[0].lower()
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/reset":
+            self.reset()
+            self.out.write("[conversation cleared]\n")
+        elif name == "/passes":
+            self.out.write(f"[passes] {self.passes or 'none (dense)'}\n")
+        elif name == "/stats":
+            self.out.write(f"[stats] {format_stats(self.last)}\n")
+        elif name == "/help":
+            self.out.write(HELP + "\n")
+        else:
+            self.out.write(f"[unknown command {name}] {HELP}\n")
+        return True
+
+    def run(self, lines, *, prompt: str = "you> ") -> None:
+        """The interactive loop over ``lines`` (an iterator of input lines, e.g. from :func:`input_lines`)."""
+        while True:
+            try:
+                line = next(lines)
+            except StopIteration:
+                break
+            except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh prompt, as shells do
+                self.out.write("\n")
+                continue
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    break
+                continue
+            self.ask(line)
+
+    def run_prompts(self, prompts: Sequence[str]) -> None:
+        """Each prompt as a conversation of its own, with its reply and stats."""
+        for text in prompts:
+            self.reset()
+            self.out.write(f"> {text}\n")
+            self.ask(text)
+            self.out.write(f"[stats] {format_stats(self.last)}\n")
+
+
+def input_lines(prompt: str = "you> "):
+    """Lines typed at the terminal (``input``), until end of input."""
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:
+            return
+
+
+def load_prompts(spec: str) -> list[str]:
+    """``builtin`` (effx's prompt suite) or a text file with one prompt per line (blank lines skipped)."""
+    from pathlib import Path
+
+    if spec == "builtin":
+        from .data import PROMPTS
+
+        return list(PROMPTS)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--prompts {spec}: no such file (give a text file, one prompt per line, or 'builtin')"
+        )
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {spec}: the file holds no prompt")
+    return prompts
