@@ -90,16 +90,34 @@ __all__ = [
 
 
 def transform(
-    model, passes: str | Pass | Sequence[Pass | str] | None = None, *, progress: bool = False
+    model,
+    passes: str | Pass | Sequence[Pass | str] | None = None,
+    *,
+    kernels: str | None = None,
+    progress: bool = False,
 ) -> Program:
     """Capture ``model`` and apply ``passes`` (Pass objects and/or a pipeline string) in order.
 
     The pipeline is validated before capture starts. The user's model is never modified: the Program shares
     its weights read-only, and passes build new tensors for whatever they change.
+
+    ``kernels`` chooses how the torch backend runs the products (a last ``lower`` step, recorded in the
+    plan): "fast" (the default) runs effx's CPU kernels, float32 with last-bit differences from torch's;
+    "reference" runs the captured ATen ops, bitwise equal to ``model.generate`` on CPU. A pipeline that has
+    its own ``lower`` step decides for itself.
     """
     from .capture import capture
-    from .passes import PassManager
+    from .passes import Lower, PassManager
+    from .passes.base import as_passes
 
-    manager = PassManager(passes)
+    steps = as_passes(passes)
+    own = [p for p in steps if isinstance(p, Lower)]
+    if own and kernels is not None and own[-1].kernels != kernels:
+        raise PassConfigError(
+            f"the pipeline lowers with kernels={own[-1].kernels} but transform() was given kernels={kernels}"
+        )
+    if not own:
+        steps.append(Lower("fast" if kernels is None else kernels))
+    manager = PassManager(steps)
     program = capture(model, progress=progress)
     return manager.run(program)

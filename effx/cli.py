@@ -43,6 +43,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--passes", default="", help="pass pipeline string to apply (default: none, the dense model)"
     )
+    p.add_argument(
+        "--kernels",
+        choices=("fast", "reference"),
+        default=None,
+        help="how torch runs the products: fast (effx's CPU kernels, the default; float32, last-bit "
+        "differences from torch's) or reference (torch's own ops, bitwise equal to model.generate)",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -236,7 +243,7 @@ def _cmd_export(args) -> int:
 
     passes = effx.parse_pipeline(args.passes)
     model, tokenizer = effx.models.load(args.model)
-    program = effx.transform(model, passes=passes)
+    program = effx.transform(model, passes=passes, kernels=args.kernels)
     start = time.perf_counter()
     out = exporter.export(program, args.out_dir, tokenizer=tokenizer, progress=True)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -323,7 +330,7 @@ def _torch_chat(args):
 
     passes = effx.parse_pipeline(args.passes)  # a bad pipeline fails before the model loads
     model, tokenizer = effx.models.load(args.model)
-    program = effx.transform(model, passes=passes)
+    program = effx.transform(model, passes=passes, kernels=args.kernels)
 
     def render(messages):
         if getattr(tokenizer, "chat_template", None):
@@ -428,7 +435,7 @@ def _cmd_generate(args) -> int:
 
     passes = effx.parse_pipeline(args.passes)  # a bad pipeline fails before the model loads
     model, tokenizer = effx.models.load(args.model)
-    program = effx.transform(model, passes=passes)
+    program = effx.transform(model, passes=passes, kernels=args.kernels)
     from .data import encode_prompts
 
     ids, _ = encode_prompts(tokenizer, args.prompt, chat=not args.no_chat_template)
@@ -462,7 +469,7 @@ def _cmd_inspect(args) -> int:
 
     passes = effx.parse_pipeline(args.passes)
     model, _ = effx.models.load(args.model)
-    program = effx.transform(model, passes=passes)
+    program = effx.transform(model, passes=passes, kernels=args.kernels)
     program.report(sys.stdout, context=args.context)
     if args.plan:
         print(program.plan.to_json())
@@ -485,7 +492,7 @@ def _cmd_bench(args) -> int:
 
     start = time.perf_counter()
     model, tokenizer = effx.models.load(args.model)
-    dense = effx.transform(model)
+    dense = effx.transform(model, kernels=args.kernels)
     if configs is None:
         configs = bench.default_configs(args.model, dense, tokenizer)
     result = bench.run_bench(

@@ -197,10 +197,15 @@ def format_report(program, *, context: int = 512) -> str:
         lines.append(f"{name:<20} {n_nodes:>6} {mb:>8.1f} {mflops:>13.2f}  {roles_text}")
     lines.append("")
     lines.append(f"decode FLOPs/token at context {context}: {total:,} ({total / 1e6:.1f} MFLOPs)")
-    if program.reports:
-        lines.append("")
+    rewrites = [r for r in program.reports if r.name != "lower"]
+    lines.append("")
+    if rewrites:
         lines.append("passes:")
-        lines += ["  " + line for r in program.reports for line in r.format().splitlines()]
+        lines += ["  " + line for r in rewrites for line in r.format().splitlines()]
     else:
         lines.append("passes: none (dense)")
+    lines.append(f"kernels: {program.plan.kernels}")
+    lowers = [r for r in program.reports if r.name == "lower"]
+    if lowers:
+        lines += ["  " + line for line in lowers[-1].format().splitlines()[1:]]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from typing import Any
 from .errors import PlanError
 
 __all__ = [
+    "KERNELS",
     "PLAN_SCHEMA_VERSION",
     "PRUNED_EXIT_SIGNATURE",
     "STAGE_SIGNATURES",
@@ -31,6 +32,11 @@ __all__ = [
 ]
 
 PLAN_SCHEMA_VERSION = 1
+
+# How the torch backend runs a plan's products (``Plan.kernels``): "reference" runs the captured ATen ops
+# (bitwise equal to ``model.generate`` on CPU); "fast" runs effx's CPU kernels (``effx.kernels``) where this
+# machine has them, the reference ops elsewhere. ONNX Runtime always uses its own kernels.
+KERNELS = ("reference", "fast")
 
 STAGE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "embed": (("input_ids", "position_ids"), ("hidden", "cos", "sin")),
@@ -182,6 +188,7 @@ class Plan:
     policy: Policy = field(default_factory=Policy)
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    kernels: str = "reference"
     schema_version: int = PLAN_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -222,6 +229,7 @@ class Plan:
                 policy=Policy.from_dict(data.get("policy")),
                 eos_token_ids=tuple(data.get("eos_token_ids", ())),
                 pad_token_id=data.get("pad_token_id"),
+                kernels=data.get("kernels", "reference"),  # plans written before kernels existed
             )
         except (KeyError, TypeError) as e:
             raise PlanError(f"malformed plan: {e}") from e
@@ -310,6 +318,8 @@ class Plan:
                 )
             if s.kind == "exit" and not isinstance(s.attrs.get("threshold"), (int, float)):
                 raise PlanError(f"exit stage {s.name!r} has no numeric threshold")
+        if self.kernels not in KERNELS:
+            raise PlanError(f"plan kernels {self.kernels!r} is not one of {', '.join(KERNELS)}")
         if not isinstance(self.policy, Policy):
             raise PlanError(f"a plan's policy is a Policy, got {type(self.policy).__name__}")
         if "token_score" in kinds and self.policy.token_drop is None:

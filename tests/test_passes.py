@@ -109,7 +109,10 @@ def test_pass_rewrites_graph_tags_provenance_and_reports(llama, llama_program):
     assert torch.allclose(prog(ids), llama_program(ids) * 2.0)
     # the input program is untouched (functional passes)
     assert not any(n.meta.get("effx_pass") for n in llama_program.head.graph.graph.nodes)
-    assert prog.plan.passes == ({"name": "test-scale-logits", "config": {"factor": 2.0}},)
+    assert prog.plan.passes == (
+        {"name": "test-scale-logits", "config": {"factor": 2.0}},
+        {"name": "lower", "config": {"kernels": "fast"}},  # transform's last step
+    )
     text = prog.report(file=None)
     assert "changed head: logits scaled by 2.0" in text and "FLOPs/token" in text
 
@@ -216,7 +219,7 @@ def test_modified_must_match_what_the_pass_returned(llama):
 
 def test_the_manager_records_modified(llama):
     prog = effx.transform(llama, passes="test-scale-logits{factor=1}, test-scale-logits{factor=2}")
-    assert [r.modified for r in prog.reports] == [False, True]
+    assert [r.modified for r in prog.reports] == [False, True, True]  # lower: reference -> fast kernels
 
 
 def test_preconditions_are_checked_before_apply(llama):

@@ -12,12 +12,14 @@ from .base import (
     registered_passes,
 )
 from .early_exit import EarlyExit
+from .lower import Lower
 from .neuron_mask import NeuronMask
 from .token_drop import TokenDrop
 from .vocab_reduce import VocabReduce
 
 __all__ = [
     "EarlyExit",
+    "Lower",
     "NeuronMask",
     "Pass",
     "PassManager",

@@ -27,6 +27,7 @@ from ..errors import PassConfigError, PassError, PassPreconditionError
 __all__ = [
     "Pass",
     "PassManager",
+    "as_passes",
     "PassPreconditionError",
     "PassReport",
     "PassResult",
@@ -290,7 +291,8 @@ def pipeline_string(passes: Sequence) -> str:
 # -- the manager ----------------------------------------------------------------------------------------
 
 
-def _as_passes(passes: str | Pass | Iterable[Pass | str] | None) -> list[Pass]:
+def as_passes(passes: str | Pass | Iterable[Pass | str] | None) -> list[Pass]:
+    """A pipeline given as a string, a Pass, or a list of both, as a list of Passes."""
     if passes is None:
         return []
     if isinstance(passes, str):
@@ -317,7 +319,7 @@ class PassManager:
     """
 
     def __init__(self, passes: str | Pass | Sequence[Pass | str] | None):
-        self.passes = _as_passes(passes)
+        self.passes = as_passes(passes)
         self.moves: dict[int, str] = {}  # index in self.passes -> why it was moved
         self.check_order()
 

@@ -1,7 +1,9 @@
 """The torch backend: a Program's stages are torch.fx GraphModules, called in ``torch.inference_mode``.
 
 It can do what needs run-time graph surgery: per-prompt core neurons (:mod:`effx.runtime.neurons`) and
-CALM's KV state copying (the KV projection of a layer graph).
+CALM's KV state copying (the KV projection of a layer graph). A plan with ``kernels="fast"`` runs lowered
+copies of the stage graphs (:func:`effx.kernels.lower.lower_graph`: effx's CPU kernels), made once per
+graph and shared by every Program holding that graph; ``kernels="reference"`` runs the graphs as captured.
 """
 
 from __future__ import annotations
@@ -15,11 +17,30 @@ import torch
 from ..program import torch_dtype
 from .backend import CORE_NEURONS, KV_COPY, Backend
 
-__all__ = ["XP", "TorchBackend", "kv_projection", "torch_backend"]
+__all__ = ["XP", "TorchBackend", "kv_projection", "running_kernels", "torch_backend"]
+
+
+_LOWERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _lowered(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    from ..kernels.lower import lower_graph
+
+    gm = _LOWERED.get(graph)
+    if gm is None:
+        gm = _LOWERED[graph] = lower_graph(graph)
+    return gm
+
+
+def running_kernels(plan) -> str:
+    """The kernels the torch backend runs ``plan`` with here: "fast" only where effx's kernels load."""
+    from .. import kernels
+
+    return "fast" if plan.kernels == "fast" and kernels.available() else "reference"
 
 
 class TorchBackend(Backend):
-    """Runs ``program``'s stage graphs on torch tensors."""
+    """Runs ``program``'s stage graphs on torch tensors (lowered onto effx's kernels for ``kernels="fast"``)."""
 
     name = "torch"
     xp = XP
@@ -29,7 +50,9 @@ class TorchBackend(Backend):
         self.program = program
         self.plan = program.plan
         self.dtype = torch_dtype(program.info)
-        self._graphs = {s.name: s.graph for s in program.stages}
+        self.kernels = running_kernels(program.plan)
+        lower = _lowered if self.kernels == "fast" else (lambda g: g)
+        self._graphs = {s.name: lower(s.graph) for s in program.stages}
         self._kv_only: dict[str, torch.fx.GraphModule] = {}
 
     def run(self, stage, *inputs) -> tuple:

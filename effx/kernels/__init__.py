@@ -1,0 +1,287 @@
+"""effx's CPU kernels for the torch backend: products whose cost follows the bytes of weight they read.
+
+torch's default float32 ``F.linear`` (MKL) reaches about a third of this kind of machine's read bandwidth
+for one token and doubles in cost from one token to two (it repacks the weight for every multi-row
+product). A decode step, a batch of decode steps and a verification of a few drafted tokens all multiply a
+few rows of activations by every weight once, so they should cost what reading the weights costs. The
+kernels here (``cpu.c``, AVX-512) do that on the weights' own row-major layout:
+
+* :func:`linear`: ``x @ w.T (+ b)``; :func:`linear_many`: several products of one input in one parallel
+  loop (a layer's q, k and v); :func:`linear_rows`: a product with a gathered subset of weight rows (a pruned
+  exit's per-token vocabulary, without copying the rows);
+* :func:`gated`: ``silu(x @ wg.T) * (x @ wu.T)``, the gated MLP's input side in one pass;
+* :func:`rms_norm`, and the rotary embedding inside :func:`qkv_rope`.
+
+Numerics: float32 throughout, every output one dot product in a fixed order, so the kernels are batch
+invariant (a token's row is bitwise the same computed alone or with others) but differ from MKL in the
+last bits (about 1e-6 relative; tests bound the logits). Products of more than :data:`MAX_ROWS`
+activation rows (a prefill) go to torch's ``F.linear``, which is compute-bound there and faster.
+
+The library is compiled with the C compiler (``$CC``, else ``cc``/``gcc``) at first use into the effx cache
+directory (``<cache>/kernels``; about a second). Where it cannot be (no compiler, no AVX-512, not x86-64
+Linux), :func:`available` is False, :func:`unavailable_reason` says why, and the torch backend runs the
+reference ATen ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "MAX_ROWS",
+    "available",
+    "gated",
+    "linear",
+    "linear_many",
+    "linear_rows",
+    "qkv_rope",
+    "rms_norm",
+    "unavailable_reason",
+]
+
+# products with more activation rows than this go to F.linear (a prefill is compute-bound, not memory-bound)
+MAX_ROWS = 32
+
+_SOURCE = Path(__file__).with_name("cpu.c")
+_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+
+
+def _cache_dir() -> Path:
+    from ..models import cache_dir
+
+    return cache_dir() / "kernels"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _build() -> Path:
+    """Compile ``cpu.c`` (once per source, flags and compiler) and return the shared library's path."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found (set $CC, or install gcc)")
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((cc, *_FLAGS)).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"effx_cpu_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if run.returncode != 0:
+            raise OSError(f"{cc} failed to compile {_SOURCE.name}: {run.stderr.strip()[-400:]}")
+        os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("EFFX_KERNELS", "").lower() in ("0", "off", "reference"):
+        return None, "disabled by EFFX_KERNELS"
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"effx's CPU kernels are built for x86-64 Linux, not {sys.platform}/{platform.machine()}"
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except OSError as e:
+        return None, str(e)
+    if not lib.effx_supported():
+        return None, "this CPU lacks AVX-512F/FMA"
+    lib.effx_linear.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I]
+    lib.effx_linear_rows.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I]
+    lib.effx_gated.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I]
+    lib.effx_rms_norm.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float]
+    lib.effx_rope.argtypes = [_P, _I, _I, _I, _I, _P, _P]
+    for fn in (lib.effx_linear, lib.effx_linear_rows, lib.effx_gated, lib.effx_rms_norm, lib.effx_rope):
+        fn.restype = None
+    return lib, ""
+
+
+def available() -> bool:
+    """Whether effx's CPU kernels run on this machine (built and loaded at the first call)."""
+    return _library()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why :func:`available` is False ('' when it is True)."""
+    return _library()[1]
+
+
+def _fits(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
+    """The kernels take float32 CPU tensors: a contiguous input of few rows, contiguous 2-D weights."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        return False
+    if x.numel() > MAX_ROWS * x.shape[-1]:
+        return False
+    grad = torch.is_grad_enabled()  # the kernels have no backward: autograd takes the reference ops
+    if grad and x.requires_grad:
+        return False
+    for w in weights:
+        if w is not None and (
+            w.dtype != torch.float32 or not w.is_contiguous() or (grad and w.requires_grad)
+        ):
+            return False
+    return True
+
+
+def _ptrs(tensors) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[0 if t is None else t.data_ptr() for t in tensors])
+
+
+def linear_many(x: torch.Tensor, weights, biases=None) -> tuple[torch.Tensor, ...]:
+    """``F.linear(x, w, b)`` for each weight (and bias), computed in one parallel loop."""
+    biases = list(biases) if biases is not None else [None] * len(weights)
+    lib = _library()[0]
+    if lib is None or not _fits(x, *weights, *biases) or len(weights) > 4:
+        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
+    k = x.shape[-1]
+    m = x.numel() // k
+    sizes = [w.shape[0] for w in weights]
+    out = torch.empty(*x.shape[:-1], sum(sizes), dtype=x.dtype)
+    total = sum(sizes)
+    views, start = [], 0
+    for n in sizes:
+        views.append(out.narrow(-1, start, n))
+        start += n
+    lib.effx_linear(
+        x.data_ptr(),
+        m,
+        k,
+        k,
+        len(weights),
+        _ptrs(weights),
+        _ptrs(biases),
+        (ctypes.c_int * len(sizes))(*sizes),
+        _ptrs(views),
+        (ctypes.c_int * len(sizes))(*([total] * len(sizes))),
+        torch.get_num_threads(),
+    )
+    return tuple(views)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``."""
+    lib = _library()[0]
+    if lib is None or not _fits(x, weight, bias):
+        return F.linear(x, weight, bias)
+    k = x.shape[-1]
+    n = weight.shape[0]
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    one = ctypes.c_int(n)
+    lib.effx_linear(
+        x.data_ptr(),
+        x.numel() // k,
+        k,
+        k,
+        1,
+        ctypes.byref(ctypes.c_void_p(weight.data_ptr())),
+        ctypes.byref(ctypes.c_void_p(0 if bias is None else bias.data_ptr())),
+        ctypes.byref(one),
+        ctypes.byref(ctypes.c_void_p(out.data_ptr())),
+        ctypes.byref(one),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight[ids])`` without gathering the rows: ``ids`` is a 1-D int64 tensor."""
+    lib = _library()[0]
+    if lib is None or not _fits(x, weight) or ids.dtype != torch.int64 or ids.ndim != 1:
+        return F.linear(x, weight.index_select(0, ids))
+    ids = ids.contiguous()
+    k = x.shape[-1]
+    out = torch.empty(*x.shape[:-1], ids.shape[0], dtype=x.dtype)
+    lib.effx_linear_rows(
+        x.data_ptr(), x.numel() // k, k, weight.data_ptr(), ids.data_ptr(), ids.shape[0], out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def gated(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """``silu(F.linear(x, w_gate)) * F.linear(x, w_up)``."""
+    lib = _library()[0]
+    if lib is None or not _fits(x, w_gate, w_up):
+        return F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
+    k = x.shape[-1]
+    n = w_gate.shape[0]
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    lib.effx_gated(
+        x.data_ptr(), x.numel() // k, k, w_gate.data_ptr(), w_up.data_ptr(), n, out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x * rsqrt(mean(x**2, -1) + eps))`` over the last axis."""
+    lib = _library()[0]
+    if lib is None or not _fits(x, weight) or weight.shape != x.shape[-1:]:
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    out = torch.empty_like(x)
+    d = x.shape[-1]
+    lib.effx_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // d, d, eps)
+    return out
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's rotary embedding on ``[batch, heads, seq, dim]`` with ``cos``/``sin`` ``[batch, seq, dim]``."""
+    half = t.shape[-1] // 2
+    rotated = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
+    return t * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+def qkv_rope(x, wq, wk, wv, bq, bk, bv, cos, sin, head_dim: int):
+    """A Llama attention's input side: the q, k and v projections of ``x [batch, seq, hidden]`` as
+    ``[batch, heads, seq, head_dim]`` views, with the rotary embedding (``cos``/``sin`` ``[batch, seq,
+    head_dim]``) applied to q and k; the three products run as one parallel loop."""
+    batch, seq = x.shape[0], x.shape[1]
+    lib = _library()[0]
+    fused = (
+        lib is not None
+        and _fits(x, wq, wk, wv, bq, bk, bv)
+        and head_dim % 2 == 0
+        and all(
+            t.dtype == torch.float32 and t.is_contiguous() and tuple(t.shape) == (batch, seq, head_dim)
+            for t in (cos, sin)
+        )
+    )
+    q, k, v = linear_many(x, (wq, wk, wv), (bq, bk, bv))
+    if not fused:
+        q, k, v = (t.view(batch, seq, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+    width = q.stride(-2)  # the three outputs are column ranges of one [batch, seq, width] buffer
+    for t in (q, k):
+        lib.effx_rope(
+            t.data_ptr(),
+            batch * seq,
+            t.shape[-1] // head_dim,
+            head_dim,
+            width,
+            cos.data_ptr(),
+            sin.data_ptr(),
+        )
+    return tuple(t.view(batch, seq, -1, head_dim).transpose(1, 2) for t in (q, k, v))

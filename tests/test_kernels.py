@@ -1,0 +1,228 @@
+"""effx's CPU kernels and the lowering onto them: numbers within a stated bound of the reference ATen ops,
+batch invariance, the graph after lowering, the Program-level fast/reference choice, and fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import effx
+from effx import kernels
+from effx.kernels.lower import lower_graph, lowered_ops
+from effx.passes import EarlyExit, Lower, NeuronMask
+from effx.runtime.torch_backend import torch_backend
+from effx.testing import left_padded_batch, tiny_model
+
+needs_kernels = pytest.mark.skipif(
+    not kernels.available(), reason=f"no effx kernels: {kernels.unavailable_reason()}"
+)
+
+# The stated bound of the fast kernels against torch's float32 ops: each output is a float32 dot product in
+# another order, so they differ by a few ulps of the sum of |x_k w_k| (here: 1e-5 of it).
+REL = 1e-5
+
+
+def _bound(x, w):
+    return REL * (x.abs() @ w.abs().T) + 1e-6
+
+
+@needs_kernels
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, kernels.MAX_ROWS),
+    n=st.integers(1, 70),
+    k=st.integers(1, 90),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_matches_reference_within_bound(rows, n, k, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    with torch.inference_mode():
+        got, ref = kernels.linear(x, w, b), F.linear(x, w, b)
+    assert got.shape == ref.shape
+    assert ((got - ref).abs() <= _bound(x, w)).all()
+
+
+@needs_kernels
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(2, kernels.MAX_ROWS),
+    n=st.integers(1, 60),
+    k=st.integers(1, 80),
+    seed=st.integers(0, 999),
+)
+def test_kernels_are_batch_invariant(rows, n, k, seed):
+    """A row computed with others is bitwise the row computed alone (what lossless verification rests on)."""
+    g = torch.Generator().manual_seed(seed)
+    x, w, w2 = (
+        torch.randn(rows, k, generator=g),
+        torch.randn(n, k, generator=g),
+        torch.randn(n, k, generator=g),
+    )
+    with torch.inference_mode():
+        together = kernels.linear(x, w)
+        gated = kernels.gated(x, w, w2)
+        for r in (0, rows - 1):
+            assert torch.equal(kernels.linear(x[r : r + 1], w), together[r : r + 1])
+            assert torch.equal(kernels.gated(x[r : r + 1], w, w2), gated[r : r + 1])
+
+
+@needs_kernels
+def test_thread_count_does_not_change_results():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 200, generator=g), torch.randn(300, 200, generator=g)
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        try:
+            torch.set_num_threads(1)
+            one = kernels.linear(x, w)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, kernels.linear(x, w))
+
+
+@needs_kernels
+def test_fused_kernels_match_reference():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 48, generator=g)
+    wg, wu = torch.randn(80, 48, generator=g) * 0.2, torch.randn(80, 48, generator=g) * 0.2
+    norm_w = torch.randn(48, generator=g)
+    ids = torch.tensor([7, 0, 79, 7, 31])
+    with torch.inference_mode():
+        torch.testing.assert_close(kernels.gated(x, wg, wu), F.silu(F.linear(x, wg)) * F.linear(x, wu))
+        ref = norm_w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+        torch.testing.assert_close(kernels.rms_norm(x, norm_w, 1e-5), ref)
+        torch.testing.assert_close(kernels.linear_rows(x, wg, ids), F.linear(x, wg[ids]))
+        many = kernels.linear_many(x, (wg, wu[:5]), (None, torch.ones(5)))
+        torch.testing.assert_close(many[1], F.linear(x, wu[:5], torch.ones(5)))
+        # q, k, v as heads, rope on q and k
+        wq, wk, wv = (torch.randn(n, 48, generator=g) * 0.2 for n in (64, 32, 32))
+        cos, sin = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g)
+        q, k, v = kernels.qkv_rope(x, wq, wk, wv, None, None, None, cos, sin, 16)
+        heads = [F.linear(x, w).view(2, 3, -1, 16).transpose(1, 2) for w in (wq, wk, wv)]
+        torch.testing.assert_close(q, kernels._rotate(heads[0], cos, sin))
+        torch.testing.assert_close(k, kernels._rotate(heads[1], cos, sin))
+        torch.testing.assert_close(v, heads[2])
+
+
+def test_inputs_the_kernels_do_not_take_fall_back_to_reference():
+    """Prefill-sized products, other dtypes and autograd go to torch's ops, bitwise."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 24, generator=g)
+    big = torch.randn(kernels.MAX_ROWS + 1, 24, generator=g)
+    with torch.inference_mode():
+        assert torch.equal(kernels.linear(big, w), F.linear(big, w))
+        half = big[:2].double()
+        assert torch.equal(kernels.linear(half, w.double()), F.linear(half, w.double()))
+    leaf = torch.randn(2, 24, requires_grad=True)
+    out = kernels.linear(leaf, w)
+    out.sum().backward()
+    assert leaf.grad is not None
+
+
+def test_lowered_layer_graph_has_fused_kernels():
+    program = effx.transform(tiny_model("llama"), kernels="reference")
+    layer = program.layers[0].graph
+    lowered = lower_graph(layer)
+    assert lowered_ops(lowered) == {"rms_norm": 2, "qkv_rope": 1, "gated": 1, "linear": 2}
+    calls = [n for n in lowered.graph.nodes if n.op == "call_function"]
+    assert len(calls) < len([n for n in layer.graph.nodes if n.op == "call_function"]) / 2
+    assert not any(n.target == torch.ops.aten.linear.default for n in calls)
+    # the Program's own graph is untouched
+    assert any(n.target == torch.ops.aten.linear.default for n in layer.graph.nodes)
+    assert lowered_ops(lower_graph(program.head.graph)) == {"rms_norm": 1, "linear": 1}
+
+
+def test_lowering_matches_qwen2_biases_and_skips_what_it_does_not_know():
+    program = effx.transform(tiny_model("qwen2"), kernels="reference")
+    assert lowered_ops(lower_graph(program.layers[0].graph))["qkv_rope"] == 1  # q, k, v with biases
+    # a layer whose MLP is not silu(gate) * up keeps separate products (negative case)
+    gm = program.layers[0].graph
+    graph = lower_graph(gm).graph
+    assert sum(n.target is kernels.gated for n in graph.nodes) == 1
+    import copy
+
+    g2 = copy.deepcopy(gm.graph)
+    for n in g2.nodes:
+        if n.target == torch.ops.aten.silu.default:
+            n.target = torch.ops.aten.gelu.default
+    other = lower_graph(torch.fx.GraphModule(gm, g2))
+    ops = lowered_ops(other)
+    assert "gated" not in ops and ops["linear"] == 4
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_fast_program_logits_within_bound_of_reference(kind):
+    model = tiny_model(kind, layers=3)
+    fast, ref = effx.transform(model), effx.transform(model, kernels="reference")
+    assert fast.plan.kernels == "fast" and ref.plan.kernels == "reference"
+    ids, mask = left_padded_batch([6, 9], model.config.vocab_size, seed=3)
+    with torch.inference_mode():
+        for n in (1, 4):  # forward of a few tokens: the kernels' path
+            a, b = fast(ids[:, -n:]), ref(ids[:, -n:])
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            assert torch.equal(ref(ids[:, -n:]), model(ids[:, -n:]).logits)
+    out_fast = fast.generate(ids, attention_mask=mask, max_new_tokens=12)
+    out_ref = ref.generate(ids, attention_mask=mask, max_new_tokens=12)
+    hf = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out_ref, hf)  # the exact opt-out: token-identical to model.generate
+    assert torch.equal(out_fast, out_ref)  # tiny random models have peaked logits: no greedy near-ties
+
+
+@needs_kernels
+@settings(max_examples=6, deadline=None)
+@given(
+    layers=st.integers(2, 4),
+    hidden=st.sampled_from([32, 48, 64]),
+    heads=st.sampled_from([2, 4]),
+    seed=st.integers(0, 100),
+)
+def test_fast_self_speculative_equals_fast_dense(layers, hidden, heads, seed):
+    """Lossless on the fast kernels: drafts verified in one multi-token step give the dense greedy tokens."""
+    model = tiny_model("llama", seed=seed, layers=layers, hidden=hidden, heads=heads, kv_heads=heads // 2)
+    dense = effx.transform(model)
+    spec = effx.transform(
+        model, [EarlyExit(layers=(0,), thresholds=(0.2,), mode="self-speculative", draft=3)]
+    )
+    assert spec.plan.kernels == "fast"
+    ids, mask = left_padded_batch([5, 8], model.config.vocab_size, seed=seed)
+    a = dense.generate(ids, attention_mask=mask, max_new_tokens=16)
+    b = spec.generate(ids, attention_mask=mask, max_new_tokens=16)
+    assert torch.equal(a, b)
+
+
+def test_lower_step_is_recorded_and_round_trips():
+    model = tiny_model("llama")
+    program = effx.transform(model, [NeuronMask(keep=0.5, score="random")])
+    assert [p["name"] for p in program.plan.passes] == ["neuron-mask", "lower"]
+    assert effx.Plan.from_json(program.plan.to_json()).kernels == "fast"
+    report = program.reports[-1].format()
+    assert "layer.0 .. layer.1 (2 stages)" in report and "linear x" in report
+    # a pipeline's own lower step decides; one that contradicts transform's kernels is refused
+    ref = effx.transform(model, "lower{kernels=reference}")
+    assert ref.plan.kernels == "reference" and torch_backend(ref).kernels == "reference"
+    with pytest.raises(effx.PassConfigError, match="kernels"):
+        effx.transform(model, [Lower("reference")], kernels="fast")
+    with pytest.raises(effx.PassConfigError, match="kernels must be one of"):
+        Lower("turbo")
+    # lower runs after every graph rewrite, wherever it is listed
+    moved = effx.transform(model, [Lower("fast"), NeuronMask(keep=0.5, score="random")])
+    assert [p["name"] for p in moved.plan.passes] == ["neuron-mask", "lower"]
+
+
+def test_backend_runs_reference_ops_where_kernels_are_missing(monkeypatch):
+    monkeypatch.setattr(kernels, "_library", lambda: (None, "no compiler here"))
+    model = tiny_model("llama")
+    program = effx.transform(model)
+    assert program.plan.kernels == "fast"  # what was asked for is recorded ...
+    assert "no compiler here" in program.reports[-1].format()
+    backend = torch_backend(program)
+    assert backend.kernels == "reference"  # ... and the backend says what it runs
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.inference_mode():
+        assert torch.equal(program(ids), model(ids).logits)
