@@ -110,6 +110,22 @@ def test_fused_kernels_match_reference():
         torch.testing.assert_close(v, heads[2])
 
 
+def test_append_kv_writes_into_the_cache_buffer_or_concatenates():
+    buf = torch.zeros(2, 3, 10, 4)
+    buf[:, :, :5] = torch.randn(2, 3, 5, 4)
+    new = torch.randn(2, 3, 2, 4)
+    out = kernels.append_kv(buf[:, :, :5], new)
+    assert torch.equal(out, torch.cat([buf[:, :, :5], new], 2))
+    assert out.data_ptr() == buf.data_ptr() and torch.equal(buf[:, :, 5:7], new)  # no copy of the past
+    # no room after the past, or a past that is not the front of a buffer: a plain cat, the buffer untouched
+    full = torch.randn(2, 3, 5, 4)
+    assert torch.equal(kernels.append_kv(full, new), torch.cat([full, new], 2))
+    assert torch.equal(kernels.append_kv(buf[:, :, :9], new), torch.cat([buf[:, :, :9], new], 2))
+    assert torch.equal(buf[:, :, 9], torch.zeros(2, 3, 4))
+    odd = torch.randn(2, 5, 3, 4).transpose(1, 2)  # heads not outermost
+    assert torch.equal(kernels.append_kv(odd, new), torch.cat([odd, new], 2))
+
+
 def test_inputs_the_kernels_do_not_take_fall_back_to_reference():
     """Prefill-sized products, other dtypes and autograd go to torch's ops, bitwise."""
     g = torch.Generator().manual_seed(2)
@@ -129,7 +145,7 @@ def test_lowered_layer_graph_has_fused_kernels():
     program = effx.transform(tiny_model("llama"), kernels="reference")
     layer = program.layers[0].graph
     lowered = lower_graph(layer)
-    assert lowered_ops(lowered) == {"rms_norm": 2, "qkv_rope": 1, "gated": 1, "linear": 2}
+    assert lowered_ops(lowered) == {"rms_norm": 2, "qkv_rope": 1, "gated": 1, "linear": 2, "append_kv": 2}
     calls = [n for n in lowered.graph.nodes if n.op == "call_function"]
     assert len(calls) < len([n for n in layer.graph.nodes if n.op == "call_function"]) / 2
     assert not any(n.target == torch.ops.aten.linear.default for n in calls)

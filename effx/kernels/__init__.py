@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "MAX_ROWS",
+    "append_kv",
     "available",
     "gated",
     "linear",
@@ -245,6 +246,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     d = x.shape[-1]
     lib.effx_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // d, d, eps)
     return out
+
+
+def append_kv(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([past, new], dim=2)`` for ``[batch, heads, slots, dim]`` keys or values, without copying
+    ``past`` when it is the filled front of a larger buffer (the runtime's KV cache, whose slots after the
+    filled ones are free): ``new`` is written into the slots right after ``past`` and the longer view of the
+    buffer is returned. Anything else (``past`` not such a view, no room left) is a plain ``cat``."""
+    if past.dim() == 4 and new.dim() == 4 and past.dtype == new.dtype and past.shape[2] > 0:
+        b, h, n, d = past.shape
+        s = new.shape[2]
+        sb, sh, sn, sd = past.stride()
+        room = past.untyped_storage().nbytes() // past.element_size() - past.storage_offset()
+        last = (
+            (b - 1) * sb + (h - 1) * sh + (n + s - 1) * sn + (d - 1) * sd
+        )  # the extended view's last element
+        if (
+            sd == 1
+            and sn == d
+            and sh >= (n + s) * d
+            and sb >= h * sh
+            and last < room
+            and new.shape[:2] == (b, h)
+        ):
+            out = past.as_strided((b, h, n + s, d), past.stride(), past.storage_offset())
+            out[:, :, n:] = new
+            return out
+    return torch.cat([past, new], dim=2)
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,9 @@ where its pattern matches exactly and skipped otherwise:
   place; 27 ATen calls become one);
 * ``silu(linear(x, wg)) * linear(x, wu)`` -> :func:`effx.kernels.gated`;
 * ``linear(x, index_select(w, 0, ids))`` (a pruned exit's per-token rows) -> :func:`effx.kernels.linear_rows`;
-* every other ``aten.linear`` -> :func:`effx.kernels.linear`.
+* every other ``aten.linear`` -> :func:`effx.kernels.linear`;
+* ``cat([past_k, k], 2)`` (and v) -> :func:`effx.kernels.append_kv`: the new keys and values are written into
+  the cache's free slots after ``past`` instead of copying the whole past every layer and step.
 
 Every replacement falls back to the reference computation at run time for inputs the kernels do not take
 (more than :data:`effx.kernels.MAX_ROWS` rows, other dtypes), so a lowered graph runs anything the
@@ -25,7 +27,7 @@ from collections import Counter
 
 import torch
 
-from . import gated, linear, linear_rows, qkv_rope, rms_norm
+from . import append_kv, gated, linear, linear_rows, qkv_rope, rms_norm
 
 __all__ = ["lower_graph", "lowered_ops"]
 
@@ -37,6 +39,7 @@ _KERNELS = {
     rms_norm: "rms_norm",
     qkv_rope: "qkv_rope",
     linear_rows: "linear_rows",
+    append_kv: "append_kv",
 }
 
 
@@ -207,6 +210,26 @@ def _linears(graph) -> int:
     return count
 
 
+def _kv_appends(graph) -> int:
+    """``cat([past_k, k], 2)`` of a layer's cache input -> :func:`effx.kernels.append_kv` (no copy of the past)."""
+    count = 0
+    for n in list(graph.nodes):
+        if not _is(n, aten.cat.default) or n.args[1:] != (2,) or len(n.args[0]) != 2:
+            continue
+        past, new = n.args[0]
+        if not (
+            isinstance(past, torch.fx.Node)
+            and past.op == "placeholder"
+            and past.target in ("past_k", "past_v")
+        ):
+            continue
+        with graph.inserting_before(n):
+            node = _new(graph, n, append_kv, (past, new))
+        n.replace_all_uses_with(node)
+        count += 1
+    return count
+
+
 def lower_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of ``gm`` whose products, norms and rotary embeddings run on effx's CPU kernels."""
     graph = copy.deepcopy(gm.graph)
@@ -214,6 +237,7 @@ def lower_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     _qkv_ropes(graph)
     _gated(graph)
     _linears(graph)
+    _kv_appends(graph)
     # stage graphs have no side effects (fx counts SDPA as impure because of its dropout argument)
     graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
     graph.lint()
