@@ -111,12 +111,14 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     if not lib.effx_supported():
         return None, "this CPU lacks AVX-512F/FMA"
     lib.effx_linear.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I]
+    lib.effx_linear1.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I, _I]
+    lib.effx_qkv_rope.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I]
     lib.effx_linear_rows.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I]
     lib.effx_gated.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I]
     lib.effx_rms_norm.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float]
     lib.effx_rope.argtypes = [_P, _I, _I, _I, _I, _P, _P]
-    for fn in (lib.effx_linear, lib.effx_linear_rows, lib.effx_gated, lib.effx_rms_norm, lib.effx_rope):
-        fn.restype = None
+    for name in ("linear", "linear1", "qkv_rope", "linear_rows", "gated", "rms_norm", "rope"):
+        getattr(lib, f"effx_{name}").restype = None
     return lib, ""
 
 
@@ -190,20 +192,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     k = x.shape[-1]
     n = weight.shape[0]
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-    one = ctypes.c_int(n)
-    lib.effx_linear(
-        x.data_ptr(),
-        x.numel() // k,
-        k,
-        k,
-        1,
-        ctypes.byref(ctypes.c_void_p(weight.data_ptr())),
-        ctypes.byref(ctypes.c_void_p(0 if bias is None else bias.data_ptr())),
-        ctypes.byref(one),
-        ctypes.byref(ctypes.c_void_p(out.data_ptr())),
-        ctypes.byref(one),
-        torch.get_num_threads(),
-    )
+    lib.effx_linear1(
+        x.data_ptr(), x.numel() // k, k, weight.data_ptr(), None if bias is None else bias.data_ptr(), n,
+        out.data_ptr(), n, torch.get_num_threads(),
+    )  # fmt: skip
     return out
 
 
@@ -285,31 +277,30 @@ def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def qkv_rope(x, wq, wk, wv, bq, bk, bv, cos, sin, head_dim: int):
     """A Llama attention's input side: the q, k and v projections of ``x [batch, seq, hidden]`` as
     ``[batch, heads, seq, head_dim]`` views, with the rotary embedding (``cos``/``sin`` ``[batch, seq,
-    head_dim]``) applied to q and k; the three products run as one parallel loop."""
+    head_dim]``) applied to q and k; the three products run as one parallel loop, the rope in place."""
     batch, seq = x.shape[0], x.shape[1]
     lib = _library()[0]
     fused = (
         lib is not None
         and _fits(x, wq, wk, wv, bq, bk, bv)
         and head_dim % 2 == 0
+        and wk.shape[0] == wv.shape[0]
         and all(
             t.dtype == torch.float32 and t.is_contiguous() and tuple(t.shape) == (batch, seq, head_dim)
             for t in (cos, sin)
         )
     )
-    q, k, v = linear_many(x, (wq, wk, wv), (bq, bk, bv))
     if not fused:
+        q, k, v = linear_many(x, (wq, wk, wv), (bq, bk, bv))
         q, k, v = (t.view(batch, seq, -1, head_dim).transpose(1, 2) for t in (q, k, v))
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
-    width = q.stride(-2)  # the three outputs are column ranges of one [batch, seq, width] buffer
-    for t in (q, k):
-        lib.effx_rope(
-            t.data_ptr(),
-            batch * seq,
-            t.shape[-1] // head_dim,
-            head_dim,
-            width,
-            cos.data_ptr(),
-            sin.data_ptr(),
-        )
+    nq, nkv = wq.shape[0], wk.shape[0]
+    out = torch.empty(batch, seq, nq + 2 * nkv, dtype=x.dtype)
+    lib.effx_qkv_rope(
+        x.data_ptr(), batch * seq, x.shape[-1], wq.data_ptr(), wk.data_ptr(), wv.data_ptr(),
+        None if bq is None else bq.data_ptr(), None if bk is None else bk.data_ptr(),
+        None if bv is None else bv.data_ptr(), nq, nkv, out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        head_dim, torch.get_num_threads(),
+    )  # fmt: skip
+    q, k, v = out.split((nq, nkv, nkv), dim=-1)
     return tuple(t.view(batch, seq, -1, head_dim).transpose(1, 2) for t in (q, k, v))
