@@ -179,8 +179,10 @@ def test_bad_artifacts(artifact, tmp_path):
         (lambda m: m.update(data={"weights.bin": "0" * 64}), "weights.bin does not match its checksum"),
         (lambda m: m["plan"]["stages"].__setitem__(1, {"name": "x", "kind": "moe"}), "kinds \\['moe'\\]"),
         (lambda m: m["plan"]["policy"].update(early_exit={"mode": "lossy", "kv": "copy"}), "kv='copy'"),
-        (lambda m: m["segments"][0]["stages"].pop(), "'stages' are the plan's layers in order"),
-        (lambda m: m.update(segments={"layers": 1}), "a segment must be a dict"),
+        (lambda m: m["segments"][0]["stages"].pop(1), "'stages' are two or more consecutive layers"),
+        (lambda m: m["segments"][0]["stages"].reverse(), "'stages' are two or more consecutive layers"),
+        (lambda m: m.update(segments=[{"layers": 1}]), "a segment must be a dict whose 'stages'"),
+        (lambda m: m.update(segments={"layers": 1}), "'segments' must be a list"),
         (lambda m: m["segments"][0].update(name="head"), "segment name 'head' is not a new name"),
         (lambda m: m["segments"][0].update(sha256="0" * 64), "layers.onnx does not match its checksum"),
         (lambda m: m["segments"][0].update(onnx="gone.onnx"), r"gone.onnx is missing \(segment layers\)"),
@@ -304,12 +306,18 @@ def test_pass_artifacts_match_the_torch_backend(pass_artifacts, name):
 
 
 def test_segments_only_where_every_step_runs_every_layer(pass_artifacts):
-    """Neuron-masked layers and a reduced head still run as one block; exits and token drop decide between
-    layers, so their artifacts have no segment and run layer by layer."""
-    for name, (_, artifact) in pass_artifacts.items():
+    """Neuron-masked layers and a reduced head still run as one block, the whole-model segment "layers";
+    exits and token drop decide between layers, so their artifacts list a segment per run of layers
+    between decision points instead (tests/test_onnx_segments.py)."""
+    for name, (program, artifact) in pass_artifacts.items():
         segments = json.loads((artifact / "plan.json").read_text())["segments"]
         block = name in ("neuron-mask", "reduced-head")
-        assert bool(segments) == block, name
+        whole = [s for s in segments if s["name"] == "layers"]
+        assert bool(whole) == block, name
+        if block:
+            assert segments == whole and whole[0]["stages"] == [s.name for s in program.plan.layers], name
+        else:
+            assert all(s["name"].startswith("layers.") for s in segments), name
         assert ("layers" in ort_runtime.load(artifact).sessions) == block, name
 
 

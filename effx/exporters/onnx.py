@@ -6,10 +6,12 @@
       plan.json            {"format": "effx-onnx", "schema_version": 2, "effx_version", "opset",
                             "plan": <Program.plan as JSON>,
                             "files": {stage: {"onnx", "sha256"}},
-                            "segments": [{"name": "layers", "stages": [layer names], "onnx", "sha256"}],
+                            "segments": [{"name": "layers" | "layers.0-3", "stages": [layer names],
+                                          "onnx", "sha256"}],
                             "data": {"weights.bin": sha256}}
       embed.onnx, layer.0.onnx, ..., exit.9.onnx, ..., head.onnx    (graphs; weights are external)
       layers.onnx          every layer in one graph, on the same weights (only when ``segments`` lists it)
+      layers.0-3.onnx      a run of layers between decision points in one graph (also under ``segments``)
       weights.bin          every weight tensor once, at 64-byte (>= 1 MB: 64 KiB) aligned offsets
       tokenizer/           (when a tokenizer is given)
 
@@ -24,7 +26,13 @@ A program whose decoding steps always run every layer back to back (no exits or 
 them: dense, neuron-masked, a reduced head) also gets ``layers.onnx``, the layer stages composed into one
 graph, listed under ``segments``: the runtime then opens that one session instead of one per layer, which
 spares ONNX Runtime a thread wake-up per layer and step. Runtimes that do not know ``segments`` ignore it
-and run the layer files.
+and run the layer files. A program with decision points between its layers (an exit after layer i, a
+token drop before layer j, a change of attention window) gets such a graph for every run of two or more
+layers between them instead, ``layers.a-b.onnx``, also listed under ``segments``: the
+runtime runs a run of layers as one session wherever the loop runs it without a decision in between.
+``effx.runtime.onnx.load`` checks every segment like the stage files (two or more consecutive layers
+with one attention window, a new name, no two overlapping, its file inside the artifact and matching its
+checksum).
 
 A cascade (``effx.cascade``) is written as two such artifacts, ``small/`` and ``large/``, with
 ``cascade.json`` (mode, draft settings, the calibrated gate, both plans' checksums); ``effx.runtime.onnx.load``
@@ -62,7 +70,7 @@ from ..artifact import (
 from ..errors import ArtifactError
 from ..program import torch_dtype
 
-__all__ = ["FORMAT", "SCHEMA_VERSION", "export"]
+__all__ = ["FORMAT", "SCHEMA_VERSION", "export", "layer_runs"]
 
 OPSET = 18
 _INLINE_BYTES = 1024  # smaller tensors (scalars, shapes) stay inside the .onnx file
@@ -236,7 +244,7 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
 
     files = {}
     templates: dict[tuple, onnx.ModelProto] = {}
-    layers = []
+    layers = {}  # layer stage name -> its exported model, for the segments
     store = _WeightStore(out / WEIGHTS)
     desc = f"export ONNX{' (' + label + ')' if label else ''}"
     try:
@@ -254,20 +262,16 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
             onnx.save(model, str(out / name))
             files[stage.name] = {"onnx": name, "sha256": sha256(out / name)}
             if stage.kind == "layer":
-                layers.append((stage.name, model))
+                layers[stage.name] = model
     finally:
         store.close()
     segments = []
-    if _runs_as_one_block(program) and len(layers) > 1:
-        onnx.save(_fuse_layers(layers), str(out / SEGMENT_FILE))
-        segments.append(
-            {
-                "name": "layers",
-                "stages": [name for name, _ in layers],
-                "onnx": SEGMENT_FILE,
-                "sha256": sha256(out / SEGMENT_FILE),
-            }
-        )
+    for run in layer_runs(program):
+        whole = _runs_as_one_block(program) and len(run) == len(layers)
+        name, path = ("layers", SEGMENT_FILE) if whole else (_segment_name(run), f"{_segment_name(run)}.onnx")
+        onnx.save(_fuse_layers([(s, layers[s]) for s in run], presents=whole), str(out / path))
+        entry = {"name": name, "stages": list(run), "onnx": path, "sha256": sha256(out / path)}
+        segments.append(entry)
     manifest = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -281,23 +285,53 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
     (out / "plan.json").write_text(json.dumps(manifest, indent=2))
 
 
+def layer_runs(stages) -> list[tuple[str, ...]]:
+    """The names of every maximal run of two or more consecutive layer stages of ``stages`` (a Program or
+    a Plan's stages, in order) that a decoding step may run without a decision between them: an exit after
+    layer i ends a run at i (the loop checks it, and deferred tokens join after it), a token drop before
+    layer j starts one at j (the layers from j on have another dropped set), and a change of sliding window
+    starts one too (one mask serves a segment's layers)."""
+    runs, run, window = [], [], None
+    for stage in stages:
+        if stage.kind == "layer":
+            w = stage.attrs.get("sliding_window")
+            if run and w != window:
+                runs.append(run)
+                run = []
+            run.append(stage.name)
+            window = w
+        elif run:  # exit, token_score / token_drop, or a stage outside the layers: a decision point
+            runs.append(run)
+            run = []
+    runs.append(run)
+    return [tuple(r) for r in runs if len(r) >= 2]
+
+
 def _runs_as_one_block(program) -> bool:
     """Whether every decoding step runs all of ``program``'s layers back to back with one mask: no exits
-    or token-drop stages between them, one attention window."""
+    or token-drop stages between them, one attention window. Only then is a segment the whole-model one
+    (``layers``, with the bound cache's outputs)."""
     kinds = {s.kind for s in program}
     return not kinds & {"exit", "token_score", "token_drop"} and len(program.windows) == 1
 
 
-def _fuse_layers(layers):
+def _segment_name(run) -> str:
+    """``layers.a-b`` for a run of layer stages ``layer.a`` .. ``layer.b``."""
+    return f"layers.{run[0].split('.', 1)[1]}-{run[-1].split('.', 1)[1]}"
+
+
+def _fuse_layers(layers, *, presents: bool = True):
     """One graph that runs the layer stages ``layers`` (``[(name, model)]``, in order): inputs ``hidden``,
     ``cos``, ``sin``, ``mask`` and each layer's ``past_k.i`` / ``past_v.i``; outputs the last hidden state
-    and each layer's ``k.i`` / ``v.i``. Its weights are the layer files' own entries in the weight store.
+    and each layer's ``k.i`` / ``v.i`` (``i`` counts the segment's layers from 0). Its weights are the layer
+    files' own entries in the weight store. ``presents=False`` leaves out the past-and-new cache outputs
+    (``_present_outputs``), which only the whole-model segment's bound cache reads.
     ONNX Runtime wakes a session's threads at each run: on 2 cores, SmolLM2's 30 layers as 30 sessions ran
     at 0.95x the speed of this one graph, fed the same inputs."""
     import onnx
     from onnx import compose, helper
 
-    nodes, initializers, value_info, inputs, outputs, presents = [], [], [], [], [], []
+    nodes, initializers, value_info, inputs, outputs, found = [], [], [], [], [], []
     hidden = "hidden"
     for i, (name, model) in enumerate(layers):
         graph = compose.add_prefix(model, f"{name}/").graph
@@ -320,10 +354,10 @@ def _fuse_layers(layers):
             outputs.append(onnx.ValueInfoProto())
             outputs[-1].CopyFrom(value)
             outputs[-1].name = new
-        presents.append(_present_outputs(graph, i))
+        found.append(_present_outputs(graph, i))
         hidden = out_hidden.name
-    if all(presents):  # every layer's cache concatenation found: expose them (see _present_outputs)
-        for i, pair in enumerate(presents):
+    if presents and all(found):  # every layer's cache concatenation found: expose them (see _present_outputs)
+        for i, pair in enumerate(found):
             for kv, source in zip("kv", pair, strict=True):
                 nodes.append(helper.make_node("Identity", [source], [f"present_{kv}.{i}"]))
                 outputs.append(_length_free(inputs, f"past_{kv}.{i}", f"present_{kv}.{i}"))

@@ -55,8 +55,9 @@ class ExitDecoder:
         chosen = None
         ids = None  # the token ids a pruned exit scores (VocabReduce where="exits")
         prev_logits = None
-        for n, stage in enumerate(layers):
-            i = stage.layer
+        n = 0
+        while n < len(layers):
+            i = layers[n].layer
             first = cache.lengths[i]
             if first < start:  # tokens that stopped at this depth join the step here
                 hs, cs, ss = [], [], []
@@ -73,7 +74,16 @@ class ExitDecoder:
                 cos = xp.concat(cs + [cos], axis=1)
                 sin = xp.concat(ss + [sin], axis=1)
                 start = first
-            hidden = backend.run_layers(cache, (stage,), hidden, cos, sin, masks)
+            # the layers up to the next exit, or up to the next layer filled to another length (where
+            # pending tokens join), run as one call: a backend may run them as one fused segment
+            end = n + 1
+            while end < len(layers) and layers[end - 1].layer not in exits:
+                if cache.lengths[layers[end].layer] != first:
+                    break
+                end += 1
+            hidden = backend.run_layers(cache, layers[n:end], hidden, cos, sin, masks)
+            n = end
+            i = layers[n - 1].layer
             ex = exits.get(i)
             if ex is None:
                 continue
@@ -88,7 +98,7 @@ class ExitDecoder:
                 decided = decided | fire
             if bool(xp.all(decided)):
                 if self.copy:  # CALM state copying: no pending tokens, approximate entries
-                    for deeper in layers[n + 1 :]:
+                    for deeper in layers[n:]:
                         k, v = backend.project_kv(deeper, hidden, cos, sin)
                         cache.write(deeper.layer, k, v)
                     return chosen, depth

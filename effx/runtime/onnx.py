@@ -87,16 +87,8 @@ def _load_program(out_dir: Path, providers) -> OnnxGenerator:
         if not isinstance(entry, dict):
             raise ArtifactError(f"the plan references stage {s.name!r}, which has no file in {plan_path}")
         checks.append((entry.get("onnx"), entry.get("sha256"), f"stage {s.name}"))
-    segments = manifest.get("segments", [])
-    layer_names = [s.name for s in plan.layers]
-    for seg in segments if isinstance(segments, list) else [None]:
-        if not isinstance(seg, dict) or seg.get("stages") != layer_names:
-            raise ArtifactError(
-                f"{plan_path}: a segment must be a dict whose 'stages' are the plan's layers in order, got {seg!r}"
-            )
-        if not isinstance(seg.get("name"), str) or seg["name"] in files:
-            raise ArtifactError(f"{plan_path}: segment name {seg.get('name')!r} is not a new name")
-        checks.append((seg.get("onnx"), seg.get("sha256"), f"segment {seg.get('name')}"))
+    segments = _check_segments(manifest.get("segments", []), plan, files, plan_path)
+    checks += [(seg.get("onnx"), seg.get("sha256"), f"segment {seg['name']}") for seg in segments]
     for name, digest, what in checks:
         if not isinstance(name, str) or Path(name).name != name:
             raise ArtifactError(
@@ -108,6 +100,44 @@ def _load_program(out_dir: Path, providers) -> OnnxGenerator:
         if sha256(path) != digest:
             raise ArtifactError(f"{path} does not match its checksum in plan.json: the artifact is corrupt")
     return OnnxGenerator(out_dir, plan, files, providers=providers, segments=segments)
+
+
+def _check_segments(segments, plan: Plan, files: dict, plan_path: Path) -> list[dict]:
+    """The manifest's ``segments``, checked: each a dict with a new name over two or more consecutive layers
+    of the plan with one attention window (the whole-model segment ``layers``, or a run of layers between
+    decision points, ``layers.a-b``), no two covering the same layer. Their files are checked with the
+    others. An artifact without the key (older ones) runs layer by layer."""
+    if not isinstance(segments, list):
+        raise ArtifactError(f"{plan_path}: 'segments' must be a list, got {segments!r}")
+    order = {s.name: n for n, s in enumerate(plan.layers)}
+    names = set(files)
+    covered: set[str] = set()
+    for seg in segments:
+        stages = seg.get("stages") if isinstance(seg, dict) else None
+        where = (
+            [order.get(s) if isinstance(s, str) else None for s in stages] if isinstance(stages, list) else []
+        )
+        consecutive = (
+            len(where) >= 2
+            and None not in where
+            and where == list(range(where[0], where[0] + len(where)))
+            and len({plan.layers[n].attrs.get("sliding_window") for n in where}) == 1
+        )
+        if not consecutive:
+            raise ArtifactError(
+                f"{plan_path}: a segment must be a dict whose 'stages' are two or more consecutive layers "
+                f"of the plan with one attention window, got {seg!r}"
+            )
+        name = seg.get("name")
+        if not isinstance(name, str) or name in names:
+            raise ArtifactError(f"{plan_path}: segment name {name!r} is not a new name")
+        names.add(name)
+        if covered & set(stages):
+            raise ArtifactError(
+                f"{plan_path}: segments overlap (segment {name}: {sorted(covered & set(stages))})"
+            )
+        covered.update(stages)
+    return segments
 
 
 class OnnxGenerator(OnnxBackend):

@@ -7,9 +7,14 @@
   own included, onto it.
 * Memory: effx's sessions take CPU memory from one arena registered with ONNX Runtime's environment
   (``session.use_env_allocators``, set on effx's sessions only).
-* Segments: where the artifact has a layer segment (a program with no exits or token drop between its
-  layers), every layer runs as that one session; plain decoding (no slot ever rolled back) then keeps the
-  segment's KV cache where the session runs (on the GPU under CUDA) and binds it as the next step's past.
+* Segments (the manifest's ``segments``, checked by ``effx.runtime.onnx.load``): where one covers every
+  layer and the program has no exits or token drop and one attention window, every layer runs as that one
+  session; plain decoding (no slot ever rolled back) then keeps the segment's KV cache where the session
+  runs (on the GPU under CUDA) and binds it as the next step's past. Otherwise each segment is a run of
+  layers between decision points (a program with exits or token drop has one for each run of two or more
+  layers between them): ``run_layers`` runs such a run as its one session whenever the loop asks for
+  exactly it with one mask for all its layers, and layer by layer otherwise (those layers' own sessions
+  are then opened on first use).
 * Providers: CPU by default; CUDA first when onnxruntime-gpu sees a GPU, with full float32 products.
 """
 
@@ -22,6 +27,7 @@ import numpy as np
 
 from ..plan import Plan
 from .backend import Backend
+from .forward import run_layer_stages
 
 __all__ = ["OnnxBackend", "default_providers"]
 
@@ -91,7 +97,9 @@ class _BoundCache:
 
 class OnnxBackend(Backend):
     """The stages of an artifact (``out_dir``, with its checked ``plan`` and manifest ``files``) as
-    onnxruntime sessions."""
+    onnxruntime sessions. ``segments``: the manifest's checked segments, each a dict with ``name``,
+    ``stages`` (two or more consecutive layers with one attention window, no two overlapping) and
+    ``onnx``."""
 
     name = "ONNX Runtime"
     xp = XP
@@ -102,27 +110,37 @@ class OnnxBackend(Backend):
         self.plan = plan
         self.info = plan.model
         self.dtype = np.dtype(self.info.dtype)
+        out_dir = Path(out_dir)
         layers = plan.layers
-        # a program whose steps always run every layer back to back runs them as the artifact's segment,
-        # one session, instead of a session per layer (which then are not opened)
+        # a program whose steps always run every layer back to back runs them as the artifact's whole-model
+        # segment, one session, instead of a session per layer (which then are not opened)
+        segments = list(segments)
+        every = [s.name for s in layers]
         self._segment = None
-        if segments and not plan.exits and not plan.drops and len(plan.windows) == 1:
-            self._segment = segments[0]
-        skip = set(self._segment["stages"]) if self._segment else set()
+        if not plan.exits and not plan.drops and len(plan.windows) == 1:
+            self._segment = next((seg for seg in segments if list(seg["stages"]) == every), None)
+        # otherwise each segment is a run of layers between decision points
+        runs = [self._segment] if self._segment else segments
+        self._segments = {seg["stages"][0]: seg for seg in runs}  # by the name of their first layer
+        skip = {name for seg in runs for name in seg["stages"]}
         paths = {s.name: files[s.name]["onnx"] for s in plan.stages if s.name not in skip}
-        if self._segment:
-            paths[self._segment["name"]] = self._segment["onnx"]
+        paths.update((seg["name"], seg["onnx"]) for seg in runs)
 
-        providers = _providers(providers)
+        self._out_dir, self._files = out_dir, files
+        self._providers = _providers(providers)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only: its notes on nodes it cannot constant-fold are noise
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
         opts.add_session_config_entry("session.force_spinning_stop", "1")
         _share_cpu_arena(ort, opts)
-        self.sessions = {
-            name: ort.InferenceSession(str(out_dir / path), sess_options=opts, providers=providers)
-            for name, path in paths.items()
-        }
+        self._opts = opts
+        self.sessions = {}
+        # each session's input and output names once, and its own run: the Python wrapper's checks on every
+        # call were 2% of a SmolLM2 decode step (ONNX Runtime copies non-contiguous arrays, such as a
+        # cache's past, itself)
+        self._calls = {}
+        for name, path in paths.items():
+            self._open(name, path)
         # where the segment returns each layer's past-and-new cache, plain decoding keeps the cache in the
         # segment session's memory (the GPU's under CUDA) instead of host arrays
         self.bind_cache = True  # False: host arrays even where the segment could keep the cache
@@ -132,20 +150,27 @@ class OnnxBackend(Backend):
             if any(o.name.startswith("present_") for o in seg.get_outputs()):
                 self._bound_device = "cuda" if seg.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._layer_ids = [s.layer for s in layers]
-        # each session's input and output names once, and its own run: the Python wrapper's checks on every
-        # call were 2% of a SmolLM2 decode step (ONNX Runtime copies non-contiguous arrays, such as a
-        # cache's past, itself)
-        self._calls = {
-            name: (
-                [i.name for i in sess.get_inputs()],
-                [o.name for o in sess.get_outputs()],
-                getattr(sess, "_sess", sess).run,
-            )
-            for name, sess in self.sessions.items()
-        }
+
+    def _open(self, name: str, path: str):
+        """Open the session ``name`` (file ``path``) and note how to call it. Host-array runs never ask for
+        a segment's past-and-new cache outputs (``present_*``, the bound cache's): fetching them would copy
+        every layer's whole cache out of the session at every step."""
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(
+            str(self._out_dir / path), sess_options=self._opts, providers=self._providers
+        )
+        self.sessions[name] = sess
+        self._calls[name] = call = (
+            [i.name for i in sess.get_inputs()],
+            [o.name for o in sess.get_outputs() if not o.name.startswith("present_")],
+            getattr(sess, "_sess", sess).run,
+        )
+        return call
 
     def _run(self, name: str, *args):
-        inputs, outputs, run = self._calls[name]
+        # a layer inside a segment has no session until a step runs it alone (see run_layers)
+        inputs, outputs, run = self._calls.get(name) or self._open(name, self._files[name]["onnx"])
         return run(outputs, dict(zip(inputs, args, strict=True)), None)
 
     def run(self, stage, *inputs):
@@ -159,15 +184,34 @@ class OnnxBackend(Backend):
         return super().new_cache(batch, capacity, rollback=rollback)
 
     def run_layers(self, cache, layers, hidden, cos, sin, masks):
-        if self._segment is None or len(layers) != len(self._layer_ids):
-            return super().run_layers(cache, layers, hidden, cos, sin, masks)
-        # every layer in one run of the segment (see ``effx.exporters.onnx._fuse_layers``)
-        ids = self._layer_ids
-        window = next(iter(self.plan.windows))
-        mask = masks.get(cache.lengths[ids[0]], hidden.shape[1], window)
-        if isinstance(cache, _BoundCache):
+        """Run ``layers``: each part that is exactly a segment's layers, filled to one length and with one
+        dropped set (so one mask serves them all), as that segment's one session; every other layer as its
+        own session."""
+        if isinstance(cache, _BoundCache):  # only plain decoding, which runs every layer each step
+            ids = self._layer_ids
+            window = next(iter(self.plan.windows))
+            mask = masks.get(cache.lengths[ids[0]], hidden.shape[1], window)
             return self._run_bound(cache, ids, hidden, cos, sin, mask)
-        out = self._run(self._segment["name"], hidden, cos, sin, mask, *(x for i in ids for x in cache.past(i)))
+        layers = tuple(layers)
+        p = 0
+        while p < len(layers):
+            seg = self._segments.get(layers[p].name)
+            run = layers[p : p + len(seg["stages"])] if seg is not None else ()
+            if seg is not None and _one_mask(cache, seg, run):
+                hidden = self._run_segment(seg, cache, run, hidden, cos, sin, masks)
+                p += len(run)
+            else:
+                hidden = run_layer_stages(self, cache, layers[p : p + 1], hidden, cos, sin, masks)
+                p += 1
+        return hidden
+
+    def _run_segment(self, seg: dict, cache, run, hidden, cos, sin, masks):
+        """The layers ``run`` as the one session of ``seg`` (see ``effx.exporters.onnx._fuse_layers``)."""
+        ids = [s.layer for s in run]
+        first = ids[0]
+        window = run[0].attrs.get("sliding_window")
+        mask = masks.get(cache.lengths[first], hidden.shape[1], window, cache.dropped.get(first))
+        out = self._run(seg["name"], hidden, cos, sin, mask, *(x for i in ids for x in cache.past(i)))
         for j, i in enumerate(ids):
             cache.write(i, out[1 + 2 * j], out[2 + 2 * j])
         return out[0]
@@ -193,3 +237,14 @@ class OnnxBackend(Backend):
             cache.k[i], cache.v[i] = out[1 + 2 * j], out[2 + 2 * j]
             cache.lengths[i] += hidden.shape[1]
         return out[0].numpy()
+
+
+def _one_mask(cache, seg: dict, run) -> bool:
+    """Whether the layers ``run`` are exactly ``seg``'s and one mask serves them: the same filled length
+    and the same TokenDrop dropped set (the same array, as ``drop_prefill`` stores it) in each. A deferred
+    token joining inside the run, or a drop inside it, sends the run layer by layer instead."""
+    if tuple(s.name for s in run) != tuple(seg["stages"]):
+        return False
+    first = run[0].layer
+    length, dropped = cache.lengths[first], cache.dropped.get(first)
+    return all(cache.lengths[s.layer] == length and cache.dropped.get(s.layer) is dropped for s in run)
