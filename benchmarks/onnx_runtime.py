@@ -8,7 +8,8 @@ to back on each prompt, the order rotating from prompt to prompt, so machine noi
 * ``dense``: effx's dense Program on the torch backend and as an effx ONNX artifact;
 * one row per pass at the settings of its own benchmark: static neuron mask (keep 0.5, layers 3..27), a
   reduced head (k=8192, fallback 0.9), lossy early exit with trained, pruned (adaptive k=2048) exit heads
-  calibrated to 0.95 agreement, self-speculative decoding with a reduced draft head (k=2048);
+  calibrated to 0.95 agreement, the same exits with a threshold no token reaches (what exits cost when none
+  is taken), self-speculative decoding with a reduced draft head (k=2048);
 * TokenDrop is a prefill technique: its row is time to first token on a long prompt (keep 0.5 at layers 4
   and 12), dense against dropped, on each backend: a one-token generation, median of 3, the four
   interleaved.
@@ -157,6 +158,14 @@ def main() -> None:
             model, [VocabReduce(k=8192, where="head", vocab=vocab, fallback=0.9)]
         ),
         "lossy exits, pruned k=2048 adaptive (0.95)": lossy,
+        # the exits' own cost: every exit evaluated, none ever taken (confidence <= 1 < threshold)
+        "exits never taken (threshold 2), pruned k=2048": effx.transform(
+            model,
+            [
+                EarlyExit(layers=(10, 15, 20, 25), head="trained", heads=heads, thresholds=(2.0,)),
+                VocabReduce(k=2048, schedule="adaptive"),
+            ],
+        ),
         "self-speculative, draft k=2048": effx.transform(
             model,
             [

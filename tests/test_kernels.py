@@ -141,6 +141,21 @@ def test_inputs_the_kernels_do_not_take_fall_back_to_reference():
     assert leaf.grad is not None
 
 
+def test_operands_that_do_not_fit_raise_the_reference_error():
+    """Shapes the kernels cannot take are never read out of bounds: the reference op runs and raises."""
+    x, w = torch.randn(2, 8), torch.randn(5, 9)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError):
+            kernels.linear(x, w)
+        with pytest.raises(RuntimeError):
+            kernels.linear(x, torch.randn(5, 8), torch.randn(4))
+        with pytest.raises(RuntimeError):
+            kernels.gated(x, torch.randn(5, 8), torch.randn(6, 8))
+        with pytest.raises(IndexError):
+            kernels.linear_rows(x, torch.randn(5, 8), torch.tensor([0, 5]))
+        assert kernels.linear(torch.randn(0, 8), torch.randn(5, 8)).shape == (0, 5)
+
+
 def test_lowered_layer_graph_has_fused_kernels():
     program = effx.transform(tiny_model("llama"), kernels="reference")
     layer = program.layers[0].graph

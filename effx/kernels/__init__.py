@@ -132,21 +132,35 @@ def unavailable_reason() -> str:
     return _library()[1]
 
 
-def _fits(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
-    """The kernels take float32 CPU tensors: a contiguous input of few rows, contiguous 2-D weights."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+def _fits(x: torch.Tensor, weights, biases=()) -> bool:
+    """Whether the kernels take these operands (else the caller runs the reference op, which also raises
+    the reference error for operands that do not fit together): float32 CPU tensors, a contiguous input of
+    at most ``MAX_ROWS`` rows of ``k >= 1`` values, contiguous ``[n, k]`` weights, ``[n]`` biases or None;
+    nothing that autograd must see (the kernels have no backward)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.dim() < 1:
         return False
-    if x.numel() > MAX_ROWS * x.shape[-1]:
+    k = x.shape[-1]
+    if k < 1 or x.numel() > MAX_ROWS * k:
         return False
-    grad = torch.is_grad_enabled()  # the kernels have no backward: autograd takes the reference ops
+    grad = torch.is_grad_enabled()
     if grad and x.requires_grad:
         return False
     for w in weights:
-        if w is not None and (
-            w.dtype != torch.float32 or not w.is_contiguous() or (grad and w.requires_grad)
-        ):
+        if w.dim() != 2 or w.shape[1] != k or not _plain(w, grad):
+            return False
+    for w, b in zip(weights, biases, strict=False):  # no biases: ()
+        if b is not None and (b.dim() != 1 or b.shape[0] != w.shape[0] or not _plain(b, grad)):
             return False
     return True
+
+
+def _plain(t: torch.Tensor, grad: bool) -> bool:
+    return (
+        t.dtype == torch.float32
+        and t.device.type == "cpu"
+        and t.is_contiguous()
+        and not (grad and t.requires_grad)
+    )
 
 
 def _ptrs(tensors) -> ctypes.Array:
@@ -157,7 +171,7 @@ def linear_many(x: torch.Tensor, weights, biases=None) -> tuple[torch.Tensor, ..
     """``F.linear(x, w, b)`` for each weight (and bias), computed in one parallel loop."""
     biases = list(biases) if biases is not None else [None] * len(weights)
     lib = _library()[0]
-    if lib is None or not _fits(x, *weights, *biases) or len(weights) > 4:
+    if lib is None or len(weights) > 4 or not _fits(x, weights, biases):
         return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
     k = x.shape[-1]
     m = x.numel() // k
@@ -187,7 +201,7 @@ def linear_many(x: torch.Tensor, weights, biases=None) -> tuple[torch.Tensor, ..
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``."""
     lib = _library()[0]
-    if lib is None or not _fits(x, weight, bias):
+    if lib is None or not _fits(x, (weight,), (bias,)):
         return F.linear(x, weight, bias)
     k = x.shape[-1]
     n = weight.shape[0]
@@ -202,7 +216,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight[ids])`` without gathering the rows: ``ids`` is a 1-D int64 tensor."""
     lib = _library()[0]
-    if lib is None or not _fits(x, weight) or ids.dtype != torch.int64 or ids.ndim != 1:
+    fits = lib is not None and _fits(x, (weight,)) and ids.dtype == torch.int64 and ids.ndim == 1
+    if not fits or (ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < weight.shape[0])):
         return F.linear(x, weight.index_select(0, ids))
     ids = ids.contiguous()
     k = x.shape[-1]
@@ -217,7 +232,7 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> tor
 def gated(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
     """``silu(F.linear(x, w_gate)) * F.linear(x, w_up)``."""
     lib = _library()[0]
-    if lib is None or not _fits(x, w_gate, w_up):
+    if lib is None or w_gate.shape != w_up.shape or not _fits(x, (w_gate, w_up)):
         return F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
     k = x.shape[-1]
     n = w_gate.shape[0]
@@ -232,7 +247,12 @@ def gated(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Te
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * (x * rsqrt(mean(x**2, -1) + eps))`` over the last axis."""
     lib = _library()[0]
-    if lib is None or not _fits(x, weight) or weight.shape != x.shape[-1:]:
+    if (
+        lib is None
+        or not _fits(x, ())
+        or weight.shape != x.shape[-1:]
+        or not _plain(weight, torch.is_grad_enabled())
+    ):
         return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
     out = torch.empty_like(x)
     d = x.shape[-1]
@@ -282,9 +302,12 @@ def qkv_rope(x, wq, wk, wv, bq, bk, bv, cos, sin, head_dim: int):
     lib = _library()[0]
     fused = (
         lib is not None
-        and _fits(x, wq, wk, wv, bq, bk, bv)
+        and x.dim() == 3
+        and _fits(x, (wq, wk, wv), (bq, bk, bv))
         and head_dim % 2 == 0
         and wk.shape[0] == wv.shape[0]
+        and wq.shape[0] % head_dim == 0
+        and wk.shape[0] % head_dim == 0
         and all(
             t.dtype == torch.float32 and t.is_contiguous() and tuple(t.shape) == (batch, seq, head_dim)
             for t in (cos, sin)
