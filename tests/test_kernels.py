@@ -246,6 +246,17 @@ def test_lower_step_is_recorded_and_round_trips():
     assert [p["name"] for p in moved.plan.passes] == ["neuron-mask", "lower"]
 
 
+def test_plans_written_before_kernels_read_as_reference_and_bad_values_are_refused():
+    plan = effx.transform(tiny_model("llama")).plan
+    data = plan.to_dict()
+    assert data["kernels"] == "fast"
+    del data["kernels"]
+    assert effx.Plan.from_dict(data).kernels == "reference"
+    data["kernels"] = "turbo"
+    with pytest.raises(effx.PlanError, match="kernels"):
+        effx.Plan.from_dict(data)
+
+
 def test_backend_runs_reference_ops_where_kernels_are_missing(monkeypatch):
     monkeypatch.setattr(kernels, "_library", lambda: (None, "no compiler here"))
     model = tiny_model("llama")
