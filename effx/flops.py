@@ -207,5 +207,6 @@ def format_report(program, *, context: int = 512) -> str:
     lines.append(f"kernels: {program.plan.kernels}")
     lowers = [r for r in program.reports if r.name == "lower"]
     if lowers:
-        lines += ["  " + line for line in lowers[-1].format().splitlines()[1:]]
+        # what runs on which kernel; lowering changes no FLOPs, so its FLOPs line is left out
+        lines += ["  " + line for line in lowers[-1].format().splitlines()[1:] if "FLOPs/token" not in line]
     return "\n".join(lines)
