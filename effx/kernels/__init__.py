@@ -308,10 +308,7 @@ def qkv_rope(x, wq, wk, wv, bq, bk, bv, cos, sin, head_dim: int):
         and wk.shape[0] == wv.shape[0]
         and wq.shape[0] % head_dim == 0
         and wk.shape[0] % head_dim == 0
-        and all(
-            t.dtype == torch.float32 and t.is_contiguous() and tuple(t.shape) == (batch, seq, head_dim)
-            for t in (cos, sin)
-        )
+        and all(_plain(t, False) and tuple(t.shape) == (batch, seq, head_dim) for t in (cos, sin))
     )
     if not fused:
         q, k, v = linear_many(x, (wq, wk, wv), (bq, bk, bv))

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import copy
 import operator
+import weakref
 from collections import Counter
 
 import torch
 
 from . import append_kv, gated, linear, linear_rows, qkv_rope, rms_norm
 
-__all__ = ["lower_graph", "lowered_ops"]
+__all__ = ["lower_graph", "lowered", "lowered_ops"]
 
 aten = torch.ops.aten
 _LINEAR = aten.linear.default
@@ -68,8 +69,7 @@ def _new(graph, like, target, args):
     return node
 
 
-def _rms_norms(graph) -> int:
-    count = 0
+def _rms_norms(graph) -> None:
     for out in list(graph.nodes):
         if not _is(out, aten.mul.Tensor) or len(out.args) != 2:
             continue
@@ -93,8 +93,6 @@ def _rms_norms(graph) -> int:
         with graph.inserting_before(out):
             node = _new(graph, out, rms_norm, (x, w, add.args[1]))
         out.replace_all_uses_with(node)
-        count += 1
-    return count
 
 
 def _heads(lin):
@@ -141,14 +139,13 @@ def _rope(t, d):
     return add, cs[0], cs[1]
 
 
-def _qkv_ropes(graph) -> int:
+def _qkv_ropes(graph) -> None:
     groups: dict = {}
     for n in graph.nodes:
         role = n.meta.get("effx_role")
         parts = _linear_parts(n)
         if parts is not None and role in ("attn.q", "attn.k", "attn.v"):
             groups.setdefault(parts[0], {})[role] = n
-    count = 0
     for x, found in groups.items():
         if len(found) != 3:
             continue
@@ -169,12 +166,9 @@ def _qkv_ropes(graph) -> int:
         rq[0].replace_all_uses_with(outs[0])
         rk[0].replace_all_uses_with(outs[1])
         heads["attn.v"][0].replace_all_uses_with(outs[2])
-        count += 1
-    return count
 
 
-def _gated(graph) -> int:
-    count = 0
+def _gated(graph) -> None:
     for mul in list(graph.nodes):
         if not _is(mul, aten.mul.Tensor) or len(mul.args) != 2:
             continue
@@ -189,12 +183,9 @@ def _gated(graph) -> int:
         with graph.inserting_before(mul):
             node = _new(graph, mul, gated, (g[0], g[1], u[1]))
         mul.replace_all_uses_with(node)
-        count += 1
-    return count
 
 
-def _linears(graph) -> int:
-    count = 0
+def _linears(graph) -> None:
     for n in list(graph.nodes):
         if not _is(n, _LINEAR) or n.kwargs:
             continue
@@ -206,13 +197,10 @@ def _linears(graph) -> int:
             else:
                 node = _new(graph, n, linear, (x, w, b))
         n.replace_all_uses_with(node)
-        count += 1
-    return count
 
 
-def _kv_appends(graph) -> int:
+def _kv_appends(graph) -> None:
     """``cat([past_k, k], 2)`` of a layer's cache input -> :func:`effx.kernels.append_kv` (no copy of the past)."""
-    count = 0
     for n in list(graph.nodes):
         if not _is(n, aten.cat.default) or n.args[1:] != (2,) or len(n.args[0]) != 2:
             continue
@@ -226,8 +214,6 @@ def _kv_appends(graph) -> int:
         with graph.inserting_before(n):
             node = _new(graph, n, append_kv, (past, new))
         n.replace_all_uses_with(node)
-        count += 1
-    return count
 
 
 def lower_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -242,6 +228,18 @@ def lower_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
     graph.lint()
     return torch.fx.GraphModule(gm, graph)
+
+
+_LOWERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def lowered(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """:func:`lower_graph` of ``gm``, made once per graph: Programs share unchanged stage graphs, and the
+    lower step's report and the torch backend ask for the same ones."""
+    out = _LOWERED.get(gm)
+    if out is None:
+        out = _LOWERED[gm] = lower_graph(gm)
+    return out
 
 
 def lowered_ops(gm: torch.fx.GraphModule) -> Counter:

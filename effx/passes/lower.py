@@ -12,7 +12,6 @@ recorded in the plan, so an exported or reloaded Program says which kernels it r
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -48,11 +47,11 @@ class Lower(Pass):
                     f"effx's CPU kernels are not available here ({cpu.unavailable_reason()}); "
                     "the torch backend runs the reference ATen ops"
                 )
-            from ..kernels.lower import lower_graph, lowered_ops
+            from ..kernels.lower import lowered, lowered_ops
 
             by_ops: dict[tuple, list[str]] = {}
             for stage in program.stages:
-                ops = lowered_ops(lower_graph(stage.graph))
+                ops = lowered_ops(lowered(stage.graph))
                 by_ops.setdefault(tuple(sorted(ops.items())), []).append(stage.name)
             for ops, names in by_ops.items():
                 site = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)} stages)"
@@ -74,13 +73,3 @@ class Lower(Pass):
 
         if program.plan.kernels != self.kernels:
             raise PassError(f"the plan runs kernels={program.plan.kernels}, not {self.kernels}")
-
-
-def kernel_counts(program) -> Counter:
-    """Calls of each effx kernel a decode step of ``program`` makes when lowered (every stage once)."""
-    from ..kernels.lower import lower_graph, lowered_ops
-
-    total: Counter = Counter()
-    for stage in program.stages:
-        total += lowered_ops(lower_graph(stage.graph))
-    return total

@@ -20,18 +20,6 @@ from .backend import CORE_NEURONS, KV_COPY, Backend
 __all__ = ["XP", "TorchBackend", "kv_projection", "running_kernels", "torch_backend"]
 
 
-_LOWERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _lowered(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    from ..kernels.lower import lower_graph
-
-    gm = _LOWERED.get(graph)
-    if gm is None:
-        gm = _LOWERED[graph] = lower_graph(graph)
-    return gm
-
-
 def running_kernels(plan) -> str:
     """The kernels the torch backend runs ``plan`` with here: "fast" only where effx's kernels load."""
     from .. import kernels
@@ -51,7 +39,9 @@ class TorchBackend(Backend):
         self.plan = program.plan
         self.dtype = torch_dtype(program.info)
         self.kernels = running_kernels(program.plan)
-        lower = _lowered if self.kernels == "fast" else (lambda g: g)
+        from ..kernels.lower import lowered
+
+        lower = lowered if self.kernels == "fast" else (lambda g: g)
         self._graphs = {s.name: lower(s.graph) for s in program.stages}
         self._kv_only: dict[str, torch.fx.GraphModule] = {}
 
