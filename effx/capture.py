@@ -266,6 +266,7 @@ def _model_info(model) -> ModelInfo:
         max_positions=getattr(c, "max_position_embeddings", 8192),
         dtype=str(model.dtype).replace("torch.", ""),
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        source=str(getattr(c, "_name_or_path", "") or ""),
     )
 
 

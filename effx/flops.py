@@ -25,7 +25,10 @@ __all__ = [
     "weight_bytes",
 ]
 
+from . import quant as _quant  # noqa: F401  (registers effx.qlinear)
+
 aten = torch.ops.aten
+_QLINEAR = torch.ops.effx.qlinear.default
 _META = torch.device("meta")
 
 
@@ -38,9 +41,9 @@ def _matmul_flops(a, b, out) -> int:
 
 
 def _op_flops(target, args, kwargs, out) -> int:
-    if target == aten.linear.default:
+    if target in (aten.linear.default, _QLINEAR):
         x, w = args[0], args[1]
-        return 2 * (_numel(x.shape) // int(x.shape[-1])) * int(w.shape[0]) * int(w.shape[1])
+        return 2 * (_numel(x.shape) // int(x.shape[-1])) * int(w.shape[0]) * int(x.shape[-1])
     if target in (aten.mm.default, aten.bmm.default, aten.matmul.default):
         return _matmul_flops(args[0], args[1], out)
     if target == aten.addmm.default:

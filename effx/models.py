@@ -37,6 +37,7 @@ __all__ = [
     "KNOWN_MODELS",
     "SplitGGUFSource",
     "cache_dir",
+    "gguf_file",
     "load",
     "load_encoder",
     "resolve",
@@ -302,6 +303,30 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     raise ModelLoadError(
         f"unknown model '{key}': give a known name ({', '.join(sorted(KNOWN_MODELS))}) "
         "or the path of a local Hugging Face model directory"
+    )
+
+
+def gguf_file(source: str | os.PathLike) -> Path:
+    """The GGUF file a model was converted from: ``source`` is a known name, the model directory effx
+    converted it into (``ModelInfo.source`` of a Program captured from :func:`load`), or a ``.gguf`` path.
+    A split model's parts are joined again if the joined file was deleted after its conversion."""
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    key = str(source) if str(source) in KNOWN_MODELS else path.name
+    meta = path / "effx_source.json"
+    if meta.is_file():
+        try:
+            recorded = Path(json.loads(meta.read_text()).get("gguf", ""))
+        except ValueError:
+            recorded = Path()
+        if recorded.suffix == ".gguf" and recorded.is_file():
+            return recorded
+    if key in KNOWN_MODELS:
+        return KNOWN_MODELS[key].locate()
+    raise ModelLoadError(
+        f"no GGUF file is known for {str(source) or 'this model'!r}: it was not loaded from one by "
+        "effx.models.load; give the file (quantize{source=gguf file=PATH})"
     )
 
 

@@ -76,6 +76,7 @@ class ModelInfo:
     max_positions: int
     dtype: str
     tie_word_embeddings: bool
+    source: str = ""  # where the weights came from (the model directory transformers loaded), if known
 
 
 @dataclass(frozen=True)

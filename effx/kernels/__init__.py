@@ -56,7 +56,7 @@ __all__ = [
 MAX_ROWS = 32
 
 _SOURCE = Path(__file__).with_name("cpu.c")
-_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off")
 _P = ctypes.c_void_p
 _I = ctypes.c_int
 
@@ -117,7 +117,15 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.effx_gated.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I]
     lib.effx_rms_norm.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float]
     lib.effx_rope.argtypes = [_P, _I, _I, _I, _I, _P, _P]
-    for name in ("linear", "linear1", "qkv_rope", "linear_rows", "gated", "rms_norm", "rope"):
+    lib.effx_linear_w.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I]
+    lib.effx_qlinear.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I]
+    lib.effx_qkv_rope_w.argtypes = [_P, _I, _I, _P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I]
+    lib.effx_linear_rows_w.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I]
+    lib.effx_gated_w.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I]
+    for name in (
+        "linear", "linear1", "qkv_rope", "linear_rows", "gated", "rms_norm", "rope",
+        "linear_w", "qlinear", "qkv_rope_w", "linear_rows_w", "gated_w",
+    ):  # fmt: skip
         getattr(lib, f"effx_{name}").restype = None
     return lib, ""
 
@@ -132,26 +140,133 @@ def unavailable_reason() -> str:
     return _library()[1]
 
 
-def _fits(x: torch.Tensor, weights, biases=()) -> bool:
-    """Whether the kernels take these operands (else the caller runs the reference op, which also raises
-    the reference error for operands that do not fit together): float32 CPU tensors, a contiguous input of
-    at most ``MAX_ROWS`` rows of ``k >= 1`` values, contiguous ``[n, k]`` weights, ``[n]`` biases or None;
-    nothing that autograd must see (the kernels have no backward)."""
+class _Weight(ctypes.Structure):
+    """``effx_weight`` of cpu.c: how the kernels read a float32 or quantized weight."""
+
+    _fields_ = [
+        ("kind", _I), ("data", _P), ("scale", _P), ("min", _P),
+        ("scale_f16", _I), ("gshift", _I), ("ngroups", _I), ("ld", _I),
+    ]  # fmt: skip
+
+
+_KIND = {torch.uint8: 4, torch.int8: 8, torch.bfloat16: 16}
+
+
+def rows_of(w) -> int:
+    """The output size of a weight operand: a float ``[n, k]`` tensor or a quantized ``(q, scale, minimum)``."""
+    return (w[0] if isinstance(w, tuple) else w).shape[0]
+
+
+def dense(w, k: int) -> torch.Tensor:
+    """A weight operand as a float32 ``[n, k]`` tensor (de-quantized if it is quantized; see effx.quant)."""
+    if not isinstance(w, tuple):
+        return w
+    from ..quant import dequantize
+
+    return dequantize(*w, k)
+
+
+def _weight(w, k: int, grad: bool) -> _Weight | None:
+    """The kernels' view of a weight operand, or None if they do not take it (then the caller runs the
+    reference op): a contiguous float32 ``[n, k]`` tensor, or effx.quant's ``(q, scale, minimum)``."""
+    if not isinstance(w, tuple):
+        if w.dim() != 2 or w.shape[1] != k or not _plain(w, grad):
+            return None
+        return _Weight(0, w.data_ptr(), None, None, 0, 0, 0, k)
+    q, scale, minimum = w
+    kind = _KIND.get(q.dtype)
+    if kind is None or q.dim() != 2 or q.device.type != "cpu" or not q.is_contiguous():
+        return None
+    kp = q.shape[1] * (2 if kind == 4 else 1)
+    if kp < k or kp % 32:
+        return None
+    if kind == 16:
+        if scale is not None or minimum is not None:
+            return None
+        return _Weight(16, q.data_ptr(), None, None, 0, 0, 0, q.shape[1])
+    for t in (scale, minimum):
+        if t is None:
+            continue
+        if (
+            t.dtype not in (torch.float16, torch.float32)
+            or t.dtype != scale.dtype
+            or t.shape != scale.shape
+            or t.dim() != 2
+            or t.shape[0] != q.shape[0]
+            or not t.is_contiguous()
+            or t.device.type != "cpu"
+            or (grad and t.requires_grad)
+        ):
+            return None
+    if scale is None or scale.shape[1] == 0 or kp % scale.shape[1]:
+        return None
+    group = kp // scale.shape[1]
+    if group < 16 or group & (group - 1):
+        return None
+    return _Weight(
+        kind, q.data_ptr(), scale.data_ptr(), None if minimum is None else minimum.data_ptr(),
+        int(scale.dtype == torch.float16), group.bit_length() - 1, scale.shape[1], q.shape[1],
+    )  # fmt: skip
+
+
+def _fits_x(x: torch.Tensor) -> bool:
     if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.dim() < 1:
         return False
     k = x.shape[-1]
     if k < 1 or x.numel() > MAX_ROWS * k:
         return False
+    return not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def _chunked(x: torch.Tensor, weights) -> bool:
+    """Whether a product is better run as kernel calls over ``MAX_ROWS`` rows at a time than by the
+    reference op: quantized weights, which the reference op would de-quantize whole, and a float32 input of
+    more rows than the kernels take at once (a prefill)."""
+    return (
+        any(isinstance(w, tuple) for w in weights)
+        and _library()[0] is not None
+        and x.dtype == torch.float32
+        and x.dim() >= 1
+        and x.shape[-1] >= 1
+        and x.numel() > MAX_ROWS * x.shape[-1]
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    )
+
+
+def _by_rows(fn, x: torch.Tensor, *args):
+    """``fn(x, *args)`` computed ``MAX_ROWS`` rows of ``x`` at a time (fn is row-wise); fn returns one tensor
+    or a tuple of them."""
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    parts = [fn(flat[i : i + MAX_ROWS], *args) for i in range(0, flat.shape[0], MAX_ROWS)]
+    shape = x.shape[:-1]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(col).reshape(*shape, -1) for col in zip(*parts, strict=True))
+    return torch.cat(parts).reshape(*shape, -1)
+
+
+def _descs(x: torch.Tensor, weights, biases=()) -> list[_Weight] | None:
+    """The kernels' views of ``weights`` if the kernels take these operands (else None: the caller runs the
+    reference op, which also raises the reference error for operands that do not fit together): a float32
+    CPU input, contiguous, of at most ``MAX_ROWS`` rows of ``k >= 1`` values; weights as :func:`_weight`
+    takes them; ``[n]`` float32 biases or None; nothing that autograd must see (the kernels have no
+    backward)."""
+    if not _fits_x(x):
+        return None
     grad = torch.is_grad_enabled()
-    if grad and x.requires_grad:
-        return False
+    descs = []
     for w in weights:
-        if w.dim() != 2 or w.shape[1] != k or not _plain(w, grad):
-            return False
+        d = _weight(w, x.shape[-1], grad)
+        if d is None:
+            return None
+        descs.append(d)
     for w, b in zip(weights, biases, strict=False):  # no biases: ()
-        if b is not None and (b.dim() != 1 or b.shape[0] != w.shape[0] or not _plain(b, grad)):
-            return False
-    return True
+        if b is not None and (b.dim() != 1 or b.shape[0] != rows_of(w) or not _plain(b, grad)):
+            return None
+    return descs
+
+
+def _fits(x: torch.Tensor, weights, biases=()) -> bool:
+    return _descs(x, weights, biases) is not None
 
 
 def _plain(t: torch.Tensor, grad: bool) -> bool:
@@ -168,27 +283,31 @@ def _ptrs(tensors) -> ctypes.Array:
 
 
 def linear_many(x: torch.Tensor, weights, biases=None) -> tuple[torch.Tensor, ...]:
-    """``F.linear(x, w, b)`` for each weight (and bias), computed in one parallel loop."""
+    """``F.linear(x, w, b)`` for each weight operand (and bias), computed in one parallel loop."""
     biases = list(biases) if biases is not None else [None] * len(weights)
     lib = _library()[0]
-    if lib is None or len(weights) > 4 or not _fits(x, weights, biases):
-        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
+    descs = None if lib is None or len(weights) > 4 else _descs(x, weights, biases)
+    if descs is None:
+        if _chunked(x, weights):
+            return _by_rows(linear_many, x, weights, biases)
+        k = x.shape[-1]
+        return tuple(F.linear(x, dense(w, k), b) for w, b in zip(weights, biases, strict=True))
     k = x.shape[-1]
     m = x.numel() // k
-    sizes = [w.shape[0] for w in weights]
+    sizes = [rows_of(w) for w in weights]
     out = torch.empty(*x.shape[:-1], sum(sizes), dtype=x.dtype)
     total = sum(sizes)
     views, start = [], 0
     for n in sizes:
         views.append(out.narrow(-1, start, n))
         start += n
-    lib.effx_linear(
+    lib.effx_linear_w(
         x.data_ptr(),
         m,
         k,
         k,
         len(weights),
-        _ptrs(weights),
+        (_Weight * len(descs))(*descs),
         _ptrs(biases),
         (ctypes.c_int * len(sizes))(*sizes),
         _ptrs(views),
@@ -198,12 +317,25 @@ def linear_many(x: torch.Tensor, weights, biases=None) -> tuple[torch.Tensor, ..
     return tuple(views)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``."""
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; ``weight`` a float tensor or a quantized ``(q, scale, minimum)``."""
     lib = _library()[0]
+    k = x.shape[-1]
+    if isinstance(weight, tuple):
+        descs = None if lib is None else _descs(x, (weight,), (bias,))
+        if descs is None:
+            if _chunked(x, (weight,)):
+                return _by_rows(linear, x, weight, bias)
+            return F.linear(x, dense(weight, k), bias)
+        n = rows_of(weight)
+        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+        lib.effx_qlinear(
+            x.data_ptr(), x.numel() // k, k, ctypes.byref(descs[0]), None if bias is None else bias.data_ptr(),
+            n, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
     if lib is None or not _fits(x, (weight,), (bias,)):
         return F.linear(x, weight, bias)
-    k = x.shape[-1]
     n = weight.shape[0]
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
     lib.effx_linear1(
@@ -213,32 +345,47 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out
 
 
-def linear_rows(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def _take(w, ids):
+    return (
+        tuple(None if t is None else t.index_select(0, ids) for t in w)
+        if isinstance(w, tuple)
+        else (w.index_select(0, ids))
+    )
+
+
+def linear_rows(x: torch.Tensor, weight, ids: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight[ids])`` without gathering the rows: ``ids`` is a 1-D int64 tensor."""
     lib = _library()[0]
-    fits = lib is not None and _fits(x, (weight,)) and ids.dtype == torch.int64 and ids.ndim == 1
-    if not fits or (ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < weight.shape[0])):
-        return F.linear(x, weight.index_select(0, ids))
+    descs = None if lib is None else _descs(x, (weight,))
+    fits = descs is not None and ids.dtype == torch.int64 and ids.ndim == 1
+    if not fits or (ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < rows_of(weight))):
+        if _chunked(x, (weight,)) and ids.dtype == torch.int64 and ids.ndim == 1:
+            return _by_rows(linear, x, _take(weight, ids))
+        return F.linear(x, dense(_take(weight, ids), x.shape[-1]))
     ids = ids.contiguous()
     k = x.shape[-1]
     out = torch.empty(*x.shape[:-1], ids.shape[0], dtype=x.dtype)
-    lib.effx_linear_rows(
-        x.data_ptr(), x.numel() // k, k, weight.data_ptr(), ids.data_ptr(), ids.shape[0], out.data_ptr(),
+    lib.effx_linear_rows_w(
+        x.data_ptr(), x.numel() // k, k, ctypes.byref(descs[0]), ids.data_ptr(), ids.shape[0], out.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
     return out
 
 
-def gated(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+def gated(x: torch.Tensor, w_gate, w_up) -> torch.Tensor:
     """``silu(F.linear(x, w_gate)) * F.linear(x, w_up)``."""
     lib = _library()[0]
-    if lib is None or w_gate.shape != w_up.shape or not _fits(x, (w_gate, w_up)):
-        return F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
+    descs = None if lib is None or rows_of(w_gate) != rows_of(w_up) else _descs(x, (w_gate, w_up))
+    if descs is None:
+        if _chunked(x, (w_gate, w_up)) and rows_of(w_gate) == rows_of(w_up):
+            return _by_rows(gated, x, w_gate, w_up)
+        k = x.shape[-1]
+        return F.silu(F.linear(x, dense(w_gate, k))) * F.linear(x, dense(w_up, k))
     k = x.shape[-1]
-    n = w_gate.shape[0]
+    n = rows_of(w_gate)
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-    lib.effx_gated(
-        x.data_ptr(), x.numel() // k, k, w_gate.data_ptr(), w_up.data_ptr(), n, out.data_ptr(),
+    lib.effx_gated_w(
+        x.data_ptr(), x.numel() // k, k, ctypes.byref(descs[0]), ctypes.byref(descs[1]), n, out.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
     return out
@@ -300,24 +447,23 @@ def qkv_rope(x, wq, wk, wv, bq, bk, bv, cos, sin, head_dim: int):
     head_dim]``) applied to q and k; the three products run as one parallel loop, the rope in place."""
     batch, seq = x.shape[0], x.shape[1]
     lib = _library()[0]
+    descs = None if lib is None or x.dim() != 3 else _descs(x, (wq, wk, wv), (bq, bk, bv))
+    nq, nkv = rows_of(wq), rows_of(wk)
     fused = (
-        lib is not None
-        and x.dim() == 3
-        and _fits(x, (wq, wk, wv), (bq, bk, bv))
+        descs is not None
         and head_dim % 2 == 0
-        and wk.shape[0] == wv.shape[0]
-        and wq.shape[0] % head_dim == 0
-        and wk.shape[0] % head_dim == 0
+        and nkv == rows_of(wv)
+        and nq % head_dim == 0
+        and nkv % head_dim == 0
         and all(_plain(t, False) and tuple(t.shape) == (batch, seq, head_dim) for t in (cos, sin))
     )
     if not fused:
         q, k, v = linear_many(x, (wq, wk, wv), (bq, bk, bv))
         q, k, v = (t.view(batch, seq, -1, head_dim).transpose(1, 2) for t in (q, k, v))
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
-    nq, nkv = wq.shape[0], wk.shape[0]
     out = torch.empty(batch, seq, nq + 2 * nkv, dtype=x.dtype)
-    lib.effx_qkv_rope(
-        x.data_ptr(), batch * seq, x.shape[-1], wq.data_ptr(), wk.data_ptr(), wv.data_ptr(),
+    lib.effx_qkv_rope_w(
+        x.data_ptr(), batch * seq, x.shape[-1], (_Weight * 3)(*descs),
         None if bq is None else bq.data_ptr(), None if bk is None else bk.data_ptr(),
         None if bv is None else bv.data_ptr(), nq, nkv, out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
         head_dim, torch.get_num_threads(),

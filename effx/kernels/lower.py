@@ -32,8 +32,11 @@ from . import append_kv, gated, linear, linear_rows, qkv_rope, rms_norm
 
 __all__ = ["lower_graph", "lowered", "lowered_ops"]
 
+from .. import quant as _quant  # noqa: F401  (registers effx.qlinear)
+
 aten = torch.ops.aten
 _LINEAR = aten.linear.default
+_QLINEAR = torch.ops.effx.qlinear.default
 _KERNELS = {
     linear: "linear",
     gated: "gated",
@@ -52,15 +55,47 @@ def _only_user(node):
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
+def _get_attr(node) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "get_attr"
+
+
 def _linear_parts(node):
-    """``(x, weight, bias)`` of a linear node whose weight is a graph attribute, else None."""
-    if not _is(node, _LINEAR) or node.kwargs:
+    """``(x, weight, bias)`` of a linear node whose weight is a graph attribute, else None; the weight of a
+    quantized product (``effx.qlinear``) is the tuple ``(q, scale, minimum)`` of its attributes."""
+    if node.kwargs:
+        return None
+    if _is(node, _QLINEAR):
+        x, q, scale, minimum, b = node.args
+        if all(p is None or _get_attr(p) for p in (scale, minimum)) and _get_attr(q):
+            return x, (q, scale, minimum), b
+        return None
+    if not _is(node, _LINEAR):
         return None
     x, w, *rest = node.args
     b = rest[0] if rest else None
-    if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
+    if not _get_attr(w):
         return None
     return x, w, b
+
+
+def _gathered(node):
+    """``(x, (q, scale, minimum), ids)`` of a quantized product over the rows ``ids`` of its attributes
+    (``index_select(t, 0, ids)`` of each: a pruned exit's per-token vocabulary), else None."""
+    if not _is(node, _QLINEAR) or node.kwargs or node.args[4] is not None:
+        return None
+    x, *parts = node.args[:4]
+    sources, ids = [], None
+    for p in parts:
+        if p is None:
+            sources.append(None)
+            continue
+        if not (_is(p, aten.index_select.default) and p.args[1] == 0 and _get_attr(p.args[0])):
+            return None
+        if ids is not None and p.args[2] is not ids:
+            return None
+        ids = p.args[2]
+        sources.append(p.args[0])
+    return x, tuple(sources), ids
 
 
 def _new(graph, like, target, args):
@@ -187,6 +222,18 @@ def _gated(graph) -> None:
 
 def _linears(graph) -> None:
     for n in list(graph.nodes):
+        rows = _gathered(n)
+        if rows is not None:
+            with graph.inserting_before(n):
+                node = _new(graph, n, linear_rows, rows)
+            n.replace_all_uses_with(node)
+            continue
+        parts = _linear_parts(n) if _is(n, _QLINEAR) else None
+        if parts is not None:
+            with graph.inserting_before(n):
+                node = _new(graph, n, linear, parts)
+            n.replace_all_uses_with(node)
+            continue
         if not _is(n, _LINEAR) or n.kwargs:
             continue
         x, w, *rest = n.args

@@ -14,12 +14,14 @@ from .base import (
 from .early_exit import EarlyExit
 from .lower import Lower
 from .neuron_mask import NeuronMask
+from .quantize import Quantize
 from .token_drop import TokenDrop
 from .vocab_reduce import VocabReduce
 
 __all__ = [
     "EarlyExit",
     "Lower",
+    "Quantize",
     "NeuronMask",
     "Pass",
     "PassManager",
