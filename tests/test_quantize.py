@@ -173,7 +173,8 @@ def _float_products(program):
         (s.name, n.meta.get("effx_role"))
         for s in program
         for n in s.graph.graph.nodes
-        if n.op == "call_function" and n.target == torch.ops.aten.linear.default
+        if n.op == "call_function"
+        and n.target in (torch.ops.aten.linear.default, torch.ops.aten.embedding.default)
     ]
 
 
@@ -209,7 +210,7 @@ def test_int8_quantized_program_decodes_like_dense(model, kernels_):
 
 def test_layers_head_and_embed_are_selectable(model):
     q = effx.transform(model, passes="quantize{layers=1 head=false embed=false}")
-    assert {s for s, _ in _float_products(q)} == {"layer.0", "head"}
+    assert {s for s, _ in _float_products(q)} == {"embed", "layer.0", "head"}
     assert _qlinears(q) == 7
     with pytest.raises(PassPreconditionError, match="out of range"):
         effx.transform(model, passes="quantize{layers=5}")

@@ -284,11 +284,13 @@ class Quantize(Pass):
                 node.replace_all_uses_with(new)
                 g.erase_node(node)
                 changes.append((role, how))
-            elif _is(node, aten.embedding.default) and self.embed and stage.kind == "embed":
+            elif _is(node, aten.embedding.default) and (self.embed if stage.kind == "embed" else self.head):
+                # the embedding lookup, or a pruned exit's per-token rows of the LM head
                 w = _attr(gm, node.args[0])
                 if w is None or w.dim() != 2 or w.dtype != torch.float32:
                     continue
-                qw, how = quantized(w, f"{stage.name}:embed")
+                role = "embed" if stage.kind == "embed" else node.meta.get("effx_role", "lm_head")
+                qw, how = quantized(w, f"{stage.name}:{role}")
                 count += 1
                 with g.inserting_before(node):
                     parts = store(qw, f"quant_{count}", node)
@@ -297,7 +299,7 @@ class Quantize(Pass):
                 new.meta["effx_pass"] = self.name
                 node.replace_all_uses_with(new)
                 g.erase_node(node)
-                changes.append(("embed", how))
+                changes.append((role, how))
         if not changes:
             return None, []
         g.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
@@ -309,8 +311,12 @@ class Quantize(Pass):
         for stage in program.stages:
             for node in stage.graph.graph.nodes:
                 role = node.meta.get("effx_role", "?")
-                if not (_is(node, _LINEAR) and self._wanted(stage, role)):
-                    continue
-                w = node.args[1]
-                if _attr(stage.graph, w) is not None:
-                    raise PassError(f"{stage.name}: the {role} product still reads a float weight")
+                if _is(node, _LINEAR) and self._wanted(stage, role):
+                    w = node.args[1]
+                    if _is(w, aten.index_select.default):
+                        w = w.args[0]
+                    if _attr(stage.graph, w) is not None:
+                        raise PassError(f"{stage.name}: the {role} product still reads a float weight")
+                if _is(node, aten.embedding.default) and (self.embed if stage.kind == "embed" else self.head):
+                    if _attr(stage.graph, node.args[0]) is not None:
+                        raise PassError(f"{stage.name}: the {role} lookup still reads a float weight")
