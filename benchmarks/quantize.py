@@ -1,0 +1,147 @@
+"""Quantized decoding on SmolLM2: effx's quantize configurations beside HF ``generate`` float32, effx's
+float32 Program and llama.cpp on the model's own Q4_1 file, timed in the same run.
+
+Every row decodes the same chat prompts (batch 1, greedy, a fixed number of new tokens, no stop token),
+interleaved by :func:`effx.bench.interleave` so machine noise hits all rows alike. Quality against the
+float32 Program: ``agree`` is teacher-forced agreement (the share of positions of the float32 Program's own
+continuation where the row's model predicts the same next token), ``lead`` the leading generated tokens
+equal to the float32 Program's (per prompt), ``ppl`` the perplexity on held-out pydoc text.
+
+    python benchmarks/quantize.py                          # 4 prompts x 128 tokens, 3 repeats
+    python benchmarks/quantize.py --prompts 2 --new-tokens 32 --repeats 1     # quick look
+    python benchmarks/quantize.py --no-llama-cpp            # without the llama.cpp row
+
+llama.cpp runs through llama-cpp-python (``pip install -e .[llama]``, a source build of a few minutes);
+without it the row is left out, and the script says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+import effx
+from effx.bench import first_outputs, interleave, total_seconds
+from effx.data import PROMPTS, encode_prompts, pydoc_texts, token_chunks
+from effx.models import gguf_file
+
+CONFIGS = {
+    "effx quantize{source=gguf}": "quantize{source=gguf}",
+    "effx quantize{bits=8 symmetric=true}": "quantize{bits=8 symmetric=true}",
+    "effx quantize{bits=4}": "quantize{bits=4}",
+    "effx quantize{dtype=bf16}": "quantize{dtype=bf16}",
+}
+
+
+def _llama_cpp(path, threads: int):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    return Llama(model_path=str(path), n_threads=threads, n_ctx=1024, verbose=False, logits_all=False)
+
+
+def _agreement(prog, ref_logits, seqs, start) -> float:
+    hits = total = 0
+    for seq, ref, s in zip(seqs, ref_logits, start, strict=True):
+        pred = prog(seq).argmax(-1)[0, s - 1 : -1]
+        hits += int((pred == ref).sum())
+        total += ref.numel()
+    return hits / total
+
+
+def _perplexity(prog, chunks) -> float:
+    nll = n = 0.0
+    for chunk in chunks:
+        logp = prog(chunk).log_softmax(-1)[0, :-1]
+        nll -= float(logp.gather(-1, chunk[0, 1:, None]).sum())
+        n += chunk.shape[1] - 1
+    return math.exp(nll / n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=4, help="chat prompts of effx.data.PROMPTS (default 4)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--no-llama-cpp", action="store_true", help="leave the llama.cpp row out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tok = effx.models.load("smollm2-135m")
+    prompts = [encode_prompts(tok, [p]) for p in PROMPTS[: args.prompts]]
+    dense = effx.transform(model, passes=[])
+    progs = {"effx float32": dense}
+    for label, pipeline in CONFIGS.items():
+        progs[label] = effx.transform(model, passes=pipeline)
+    n = args.new_tokens
+
+    def hf(ids, mask):
+        with torch.inference_mode():
+            return model.generate(
+                ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n
+            )
+
+    runners = {"HF generate float32": hf}
+    for label, prog in progs.items():
+        runners[label] = lambda ids, mask, p=prog: p.generate(
+            ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[]
+        )
+    llm = None if args.no_llama_cpp else _llama_cpp(gguf_file("smollm2-135m"), args.threads)
+    if llm is not None:
+
+        def llama_cpp(ids, mask):
+            llm.reset()
+            out = []
+            for t in llm.generate(ids[0].tolist(), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+                out.append(t)
+                if len(out) == n:
+                    break
+            return torch.cat([ids, torch.tensor([out])], dim=1)
+
+        runners["llama.cpp Q4_1 (the GGUF file)"] = llama_cpp
+    elif not args.no_llama_cpp:
+        print("llama-cpp-python is not installed (pip install -e .[llama]): no llama.cpp row")
+
+    runs = interleave(
+        runners, prompts, repeats=args.repeats, warmup=(prompts[0][0][:, :8], prompts[0][1][:, :8])
+    )
+    tokens = n * len(prompts)
+    seconds = {name: total_seconds(r) for name, r in runs.items()}
+    outs = {name: first_outputs(r) for name, r in runs.items()}
+
+    # quality against the float32 Program: its own continuations, teacher-forced
+    seqs = outs["effx float32"]
+    starts = [ids.shape[1] for ids, _ in prompts]
+    ref = [dense(s).argmax(-1)[0, st - 1 : -1] for s, st in zip(seqs, starts, strict=True)]
+    chunks = token_chunks(tok, pydoc_texts("heldout"), 256, 4096)
+    hf_tps = tokens / seconds["HF generate float32"]
+    print(f"\nSmolLM2-135M, {len(prompts)} chat prompts x {n} tokens, batch 1, {args.threads} threads, "
+          f"median of {args.repeats}")  # fmt: skip
+    print(f"{'row':<38} {'tok/s':>7} {'x HF':>6} {'x f32':>6} {'agree':>6} {'ppl':>6}  lead (of 32 or fewer)")
+    dense_tps = tokens / seconds["effx float32"]
+    for name in runners:
+        tps = tokens / seconds[name]
+        leads = []
+        for out, s, base in zip(outs[name], starts, seqs, strict=True):
+            a, b = out[0, s : s + 32], base[0, s : s + 32]
+            diff = (a != b).nonzero()
+            leads.append(int(diff[0]) if len(diff) else a.numel())
+        prog = progs.get(name)
+        agree = f"{_agreement(prog, ref, seqs, starts):.3f}" if prog is not None else "-"
+        ppl = f"{_perplexity(prog, chunks):.2f}" if prog is not None else "-"
+        print(
+            f"{name:<38} {tps:7.1f} {tps / hf_tps:6.2f} {tps / dense_tps:6.2f} {agree:>6} {ppl:>6}  "
+            + " ".join(map(str, leads))
+        )
+    for label, prog in progs.items():
+        if label != "effx float32":
+            size = effx.flops.weight_bytes(prog) / 1e6
+            print(f"  {label}: resident weights {size:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
