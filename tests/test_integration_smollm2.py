@@ -158,3 +158,24 @@ def test_onnx_artifact_with_passes_matches_the_torch_backend(smollm2, tmp_path):
     out = gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=16, stats=onnx_stats)
     assert np.array_equal(out, ref.numpy())
     assert onnx_stats == torch_stats
+
+
+def test_gguf_quantized_program_is_the_float_program(smollm2, dense):
+    """quantize{source=gguf} keeps the file's own Q4_1/Q8_0 values: every weight de-quantizes bitwise to the
+    float32 one, so logits equal the float32 Program's bitwise (reference kernels, and fast kernels at <= 32
+    rows, whose quantized products accumulate like the float ones) and greedy output is identical."""
+    model, tokenizer, fast = dense
+    quant = effx.transform(model, passes="quantize{source=gguf}")
+    report = quant.reports[0]
+    assert not report.skipped and {what for _, what in report.changed} == {"gguf Q4_1", "gguf Q8_0"}
+    assert effx.flops.weight_bytes(quant) < 0.2 * effx.flops.weight_bytes(fast)
+    ids, mask = encode_prompts(tokenizer, PROMPTS[:4])
+    with torch.inference_mode():
+        one = ids[:1, -16:]
+        assert torch.equal(quant(one), fast(one))
+    out = quant.generate(ids, attention_mask=mask, max_new_tokens=32)
+    assert torch.equal(out, fast.generate(ids, attention_mask=mask, max_new_tokens=32))
+    ref = effx.transform(model, passes="quantize{source=gguf}", kernels="reference")
+    with torch.inference_mode():
+        real = mask.bool()
+        assert torch.equal(ref(ids, mask)[real], effx.transform(model, kernels="reference")(ids, mask)[real])
