@@ -232,6 +232,16 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--no-chat-template", action="store_true", help="use the prompts as raw text even for chat models"
     )
+    b.add_argument(
+        "--quantize",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="STEP",
+        help="add every default configuration combined with this quantize step, e.g. 'quantize{bits=4}' "
+        "(alone: quantize{source=gguf} for a model loaded from a GGUF file, else int8); the defaults "
+        "always include the quantize step alone",
+    )
     b.add_argument("--no-plot", action="store_true", help="skip the Pareto plot (no matplotlib needed)")
     b.add_argument("--out", default="results", help="output directory (default: %(default)s)")
     return parser
@@ -317,7 +327,10 @@ def _cmd_chat(args) -> int:
     if prompts is not None:
         session.run_prompts(prompts)
     else:
-        print(f"[effx chat] {session.passes or 'dense'}; /help for commands, /quit or Ctrl-D to leave", file=sys.stderr)
+        print(
+            f"[effx chat] {session.passes or 'dense'}; /help for commands, /quit or Ctrl-D to leave",
+            file=sys.stderr,
+        )
         session.run(input_lines())
     return 0
 
@@ -373,10 +386,14 @@ def _onnx_chat(args):
         return np.array([tokenizer.encode(text, add_special_tokens=False).ids], dtype=np.int64)
 
     def generate(ids, on_token, stats):
-        gen.generate(ids, max_new_tokens=args.max_new_tokens, stats=stats, on_token=lambda t: on_token(int(t[0])))
+        gen.generate(
+            ids, max_new_tokens=args.max_new_tokens, stats=stats, on_token=lambda t: on_token(int(t[0]))
+        )
 
     passes = ", ".join(p["name"] for p in gen.plan.passes)
-    return ChatSession(render, generate, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), passes=passes)
+    return ChatSession(
+        render, generate, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), passes=passes
+    )
 
 
 def _cmd_run(args) -> int:
@@ -481,6 +498,10 @@ def _cmd_bench(args) -> int:
 
     # everything that can be wrong with the arguments fails before the model loads
     configs = None
+    if args.quantize and (args.passes or args.sweep):
+        raise bench.BenchConfigError(
+            "--quantize adds to the default configurations; with --passes, add it there"
+        )
     if args.passes or args.sweep:
         configs = bench.expand_configs(
             args.passes, args.sweep, calibrate=args.calibrate, max_configs=args.max_configs
@@ -494,7 +515,9 @@ def _cmd_bench(args) -> int:
     model, tokenizer = effx.models.load(args.model)
     dense = effx.transform(model, kernels=args.kernels)
     if configs is None:
-        configs = bench.default_configs(args.model, dense, tokenizer)
+        quantize = bench.default_quantize(dense) if args.quantize == "auto" else args.quantize
+        configs = bench.default_configs(args.model, dense, tokenizer, quantize=quantize)
+
     result = bench.run_bench(
         model,
         tokenizer,

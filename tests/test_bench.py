@@ -456,3 +456,16 @@ def test_bench_command_on_a_local_model(tmp_path, tokenizer, capsys, monkeypatch
     (written,) = (tmp_path / "res").glob("bench-*.json")
     data = bench.load_result(written)
     assert data["configs"][2]["metrics"]["agreement"] == 1.0  # keep=1.0 is the dense program
+
+
+def test_default_quantize_step_follows_the_model_source():
+    """int8 round-to-nearest for a model that did not come from a GGUF file (the file's own values
+    otherwise: tested on SmolLM2 by the bench's own run)."""
+    dense = effx.transform(tiny_model("llama"), passes=[])
+    assert bench.default_quantize(dense) == "quantize{bits=8 symmetric=true}"
+    assert [p.name for p in parse_pipeline(bench.default_quantize(dense))] == ["quantize"]
+
+
+def test_bench_quantize_flag_is_for_the_defaults(capsys):
+    assert main(["bench", "--model", "/no/such/model", "--passes", "quantize{bits=8}", "--quantize"]) == 1
+    assert "--quantize adds to the default configurations" in capsys.readouterr().err

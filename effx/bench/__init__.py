@@ -29,7 +29,7 @@ Its modules, each importing only those above it in this list; every name below i
 
 from __future__ import annotations
 
-from .configs import default_configs, exit_heads, neuron_profile, vocab_file
+from .configs import default_configs, default_quantize, exit_heads, neuron_profile, vocab_file
 from .errors import BenchConfigError, BenchDataError
 from .metrics import _mean_paths as _mean_paths
 from .metrics import _paths as _paths
@@ -54,6 +54,7 @@ __all__ = [
     "Timed",
     "data_choices",
     "default_configs",
+    "default_quantize",
     "expand_configs",
     "first_outputs",
     "exit_heads",

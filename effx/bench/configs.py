@@ -85,7 +85,21 @@ def neuron_profile(model_name: str, dense, tokenizer, tokens: int, *, progress: 
     return str(path)
 
 
-def default_configs(model_name: str, dense, tokenizer, *, progress: bool = True) -> list[BenchConfig]:
+def default_quantize(dense) -> str:
+    """The quantize step of the default configurations: the GGUF file's own values for a model effx loaded
+    from one, round-to-nearest int8 otherwise."""
+    from ..models import gguf_file
+
+    try:
+        gguf_file(dense.info.source)
+    except Exception:  # ModelLoadError: not loaded from a GGUF file
+        return "quantize{bits=8 symmetric=true}"
+    return "quantize{source=gguf}"
+
+
+def default_configs(
+    model_name: str, dense, tokenizer, *, progress: bool = True, quantize: str | None = None
+) -> list[BenchConfig]:
     """Every pass at the setting its README section measured on SmolLM2, placed by depth so that other
     models get the same shape (on a 30-layer model: exactly the documented layers):
 
@@ -96,9 +110,13 @@ def default_configs(model_name: str, dense, tokenizer, *, progress: bool = True)
       (4k pydoc tokens), calibrated to 0.95 agreement;
     * the same exits with ``vocab-reduce`` exits k = V/24 (2048), adaptive, calibrated to 0.95.
 
+    * the quantize step alone (:func:`default_quantize`: ``quantize{source=gguf}`` for a model loaded from
+      a GGUF file, else int8).
+
+    ``quantize`` (a ``quantize{...}`` pipeline string) adds every configuration above combined with it.
     Profiles, vocabularies and heads are made once and cached (about 40 s, 60 s and 90 s on SmolLM2).
     """
-    from ..passes import EarlyExit, NeuronMask, TokenDrop, VocabReduce
+    from ..passes import EarlyExit, NeuronMask, TokenDrop, VocabReduce, parse_pipeline
 
     n, vocab = dense.info.num_layers, dense.info.vocab_size
     if n < 4:
@@ -117,7 +135,7 @@ def default_configs(model_name: str, dense, tokenizer, *, progress: bool = True)
     k_head, k_exit = max(1, vocab // 6), max(1, vocab // 24)
     early = EarlyExit(layers=tuple(exits), head="trained", heads=heads)
     exit_names = "/".join(map(str, exits))
-    return [
+    configs = [
         BenchConfig(
             f"neuron-mask static keep 0.5, layers {mask_layers[0]}..{mask_layers[1]}",
             (NeuronMask(keep=0.5, profile=profile, layers=mask_layers),),
@@ -137,3 +155,13 @@ def default_configs(model_name: str, dense, tokenizer, *, progress: bool = True)
             calibrate=0.95,
         ),
     ]
+    alone = default_quantize(dense)
+    out = configs + [BenchConfig(alone, tuple(parse_pipeline(alone)))]
+    if quantize:
+        steps = tuple(parse_pipeline(quantize))
+        if [p.name for p in steps] != ["quantize"]:
+            raise BenchConfigError(f"--quantize takes one quantize{{...}} step, got {quantize!r}")
+        out += [
+            BenchConfig(f"{c.name} + {quantize}", c.passes + steps, calibrate=c.calibrate) for c in configs
+        ]
+    return out
