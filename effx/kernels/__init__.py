@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -166,9 +167,40 @@ def dense(w, k: int) -> torch.Tensor:
     return dequantize(*w, k)
 
 
+# descriptors made once per weight tensor (a decode step asks for every weight's each time): keyed by the
+# identity of the float weight or the quantized values (an entry leaves when that tensor dies), checked
+# against the other tensors, k and the data pointer
+_DESCS: dict[int, tuple] = {}
+
+
 def _weight(w, k: int, grad: bool) -> _Weight | None:
     """The kernels' view of a weight operand, or None if they do not take it (then the caller runs the
     reference op): a contiguous float32 ``[n, k]`` tensor, or effx.quant's ``(q, scale, minimum)``."""
+    parts = w if isinstance(w, tuple) else (w, None, None)
+    if len(parts) != 3 or not isinstance(parts[0], torch.Tensor):
+        return None
+    if grad and any(t is not None and t.requires_grad for t in parts):
+        return None
+    key = parts[0]
+    hit = _DESCS.get(id(key))
+    if (
+        hit is not None
+        and hit[0]() is key
+        and hit[1] == k
+        and hit[2] is parts[1]
+        and hit[3] is parts[2]
+        and hit[4] == key.data_ptr()
+    ):
+        return hit[5]
+    desc = _make_weight(w, k, grad)
+    if desc is not None:
+        ident = id(key)
+        ref = weakref.ref(key, lambda _, i=ident: _DESCS.pop(i, None))
+        _DESCS[ident] = (ref, k, parts[1], parts[2], key.data_ptr(), desc)
+    return desc
+
+
+def _make_weight(w, k: int, grad: bool) -> _Weight | None:
     if not isinstance(w, tuple):
         if w.dim() != 2 or w.shape[1] != k or not _plain(w, grad):
             return None
