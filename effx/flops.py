@@ -18,6 +18,7 @@ from .program import torch_dtype
 __all__ = [
     "count_graph_flops",
     "decode_flops",
+    "decode_weight_bytes",
     "format_report",
     "prefill_flops",
     "program_flops",
@@ -174,6 +175,24 @@ def weight_bytes(program) -> int:
     return sum(_param_bytes(stage.graph, seen) for stage in program)
 
 
+def decode_weight_bytes(program) -> int:
+    """Bytes of weights a decode step reads, every stage run once (exits too: the worst case, as the FLOPs):
+    each stage's weights (a head shared by exits is read by each of them), except the embedding table, of
+    which a token reads one row, and a fallback full head."""
+    total = 0
+    for stage in program:
+        if stage.kind == "full_head":
+            continue
+        if stage.kind == "embed":
+            rows = {int(t.shape[0]) for t in stage.graph.buffers() if t.dim() == 2} | {
+                int(t.shape[0]) for t in stage.graph.parameters() if t.dim() == 2
+            }
+            total += _param_bytes(stage.graph) // max(rows, default=1)
+            continue
+        total += _param_bytes(stage.graph)
+    return total
+
+
 def format_report(program, *, context: int = 512) -> str:
     info = program.info
     per_stage = program_flops(program, context=context)
@@ -200,6 +219,10 @@ def format_report(program, *, context: int = 512) -> str:
         lines.append(f"{name:<20} {n_nodes:>6} {mb:>8.1f} {mflops:>13.2f}  {roles_text}")
     lines.append("")
     lines.append(f"decode FLOPs/token at context {context}: {total:,} ({total / 1e6:.1f} MFLOPs)")
+    lines.append(
+        f"weights: {weight_bytes(program) / 1e6:.1f} MB resident, {decode_weight_bytes(program) / 1e6:.1f} MB "
+        "read per decode token"
+    )
     rewrites = [r for r in program.reports if r.name != "lower"]
     lines.append("")
     if rewrites:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import effx
 from effx import kernels
 from effx.errors import PassConfigError, PassPreconditionError
-from effx.flops import weight_bytes
+from effx.flops import decode_weight_bytes, weight_bytes
 from effx.quant import dequantize, pack4, quantize_rtn, unpack4
 from effx.testing import left_padded_batch, tiny_model
 
@@ -192,6 +192,8 @@ def test_graph_after_quantize_holds_no_float_weights(model, kind):
     ratio = weight_bytes(q) / weight_bytes(dense)
     assert ratio < {4: 0.3, 8: 0.4, 16: 0.6}[kind["bits"]]
     assert "quantize" in [p["name"] for p in q.plan.passes]
+    assert decode_weight_bytes(q) < ratio * 1.01 * decode_weight_bytes(dense) + 1e3
+    assert "MB read per decode token" in q.report(file=None)
 
 
 @pytest.mark.parametrize("kernels_", ["fast", "reference"])
