@@ -488,11 +488,14 @@ def export_onnx(
     opset: int = 18,
     *,
     optimize: bool = False,
+    translations: dict | None = None,
 ):
     """Export one stage graph to an ``onnx.ModelProto`` with named dynamic axes (``None``: let export infer
     the dimension, e.g. a mask's key axis that is ``past + seq``). ``"past"`` may be 0, other axes >= 1.
     ``optimize=False`` (stages) keeps initializers under their state-dict names, so that one layer's export
-    can take another layer's weights; ONNX Runtime folds what the optimizer would have at load time."""
+    can take another layer's weights; ONNX Runtime folds what the optimizer would have at load time.
+    ``translations``: ``torch.onnx.export``'s ``custom_translation_table`` (ops effx registers itself, such as
+    the quantized ones: ``effx.exporters.onnx_quant``)."""
     dims: dict[str, Dim] = {}
     spec = tuple(
         {
@@ -511,7 +514,14 @@ def export_onnx(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on renamed axes
         program = torch.onnx.export(
-            gm, args, dynamic_shapes=spec, dynamo=True, opset_version=opset, verbose=False, optimize=optimize
+            gm,
+            args,
+            dynamic_shapes=spec,
+            dynamo=True,
+            opset_version=opset,
+            verbose=False,
+            optimize=optimize,
+            custom_translation_table=translations,
         )
     return program.model_proto
 

@@ -22,6 +22,12 @@ gather stages. Stages of one structure are exported once: the others are that mo
 swapped in, so a 30-layer model costs one layer's export, not 30. Tensors with the same bytes are stored
 once (a tied embedding and LM head, the head that every shared-head exit repeats).
 
+A quantized Program (the Quantize pass) keeps its quantized bytes, and only them, in the weight store: its
+4-bit products run as ONNX Runtime's ``com.microsoft.MatMulNBits``, its lookups (the embedding, a pruned
+exit's rows of the head) gather the quantized rows and de-quantize them, and 8-bit and bfloat16 products
+de-quantize in the graph, which ONNX Runtime folds to float32 weights at load
+(:mod:`effx.exporters.onnx_quant`). The logits equal the torch Program's up to float rounding.
+
 A program whose decoding steps always run every layer back to back (no exits or token-drop stages between
 them: dense, neuron-masked, a reduced head) also gets ``layers.onnx``, the layer stages composed into one
 graph, listed under ``segments``: the runtime then opens that one session instead of one per layer, which
@@ -69,6 +75,7 @@ from ..artifact import (
 )
 from ..errors import ArtifactError
 from ..program import torch_dtype
+from . import onnx_quant
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "export", "layer_runs"]
 
@@ -141,7 +148,6 @@ def _with_weights(model, gm: torch.fx.GraphModule):
     """A copy of ``model`` (an exported stage) whose initializers hold ``gm``'s weights of the same names,
     or None if its initializers are not exactly ``gm``'s weights by name."""
     import onnx
-    from onnx import numpy_helper
 
     state = {k: v.detach() for k, v in gm.state_dict().items()}
     out = onnx.ModelProto()
@@ -149,9 +155,20 @@ def _with_weights(model, gm: torch.fx.GraphModule):
     swapped = 0
     for init in out.graph.initializer:
         if init.name in state:
-            init.CopyFrom(numpy_helper.from_array(state[init.name].numpy(), init.name))
+            init.CopyFrom(_tensor_proto(state[init.name], init.name))
             swapped += 1
     return out if swapped == len(state) else None
+
+
+def _tensor_proto(t: torch.Tensor, name: str):
+    """``t`` as an ONNX initializer (bfloat16, which numpy lacks, from its bytes)."""
+    import onnx
+    from onnx import numpy_helper
+
+    if t.dtype == torch.bfloat16:
+        data = t.contiguous().view(torch.int16).numpy().tobytes()
+        return onnx.helper.make_tensor(name, onnx.TensorProto.BFLOAT16, list(t.shape), data, raw=True)
+    return numpy_helper.from_array(t.numpy(), name)
 
 
 class _WeightStore:
@@ -243,7 +260,8 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
     from ..capture import export_onnx
 
     files = {}
-    templates: dict[tuple, onnx.ModelProto] = {}
+    translations = onnx_quant.translations()
+    templates: dict[tuple, onnx.ModelProto] = {}  # exported stages before lowering: weights swap by name
     layers = {}  # layer stage name -> its exported model, for the segments
     store = _WeightStore(out / WEIGHTS)
     desc = f"export ONNX{' (' + label + ')' if label else ''}"
@@ -254,9 +272,12 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
             if model is None:
                 args, axes = _example_args(program, stage)
                 with torch.no_grad():
-                    model = _optimize(export_onnx(stage.graph, args, axes, OPSET))
+                    exported = export_onnx(stage.graph, args, axes, OPSET, translations=translations)
+                    model = _optimize(exported)
                 templates[key] = model
                 model = _copy(model)
+            # quantized products and lookups: from the placeholders over this stage's own tensors
+            model = onnx_quant.lower(model)
             store.externalize(model)
             name = f"{stage.name}.onnx"
             onnx.save(model, str(out / name))

@@ -1,0 +1,369 @@
+"""Quantized weights in ONNX artifacts: ``effx.qlinear`` and ``effx.qembedding`` (:mod:`effx.quant`) as ONNX
+Runtime operators that read the quantized bytes.
+
+Two steps. ``torch.onnx.export`` translates the two ops (:func:`translations`) into placeholder nodes of the
+domain ``effx`` (``QLinear``, ``QEmbedding``) over the stage's quantized initializers, under their state-dict
+names: one layer's export can then take another layer's weights by name, as for float stages. :func:`lower`
+then rewrites each stage's own model, from its own tensors, into standard ONNX and ``com.microsoft`` nodes:
+
+* Every quantized tensor is stored in one form, whichever node reads it, so that a tied embedding and LM
+  head (and a pruned exit's gather of the head's rows) keep sharing bytes in the weight store:
+  4-bit values repacked into MatMulNBits' nibble order (value ``2j`` in the low nibble of byte ``j``,
+  ``2j + 1`` in its high nibble; effx pairs values ``j`` and ``j + 16`` of every block of 32), 8-bit values
+  as ``uint8 q + 128``, scales and minimums as float32 (MatMulNBits takes scales of the input's type),
+  bfloat16 values as they are. Nothing is stored as float weights.
+* ``qlinear`` over stored tensors:
+
+  - 4 bits with a minimum (``w = scale * u + minimum``): ``MatMulNBits(x, B, scale, zero points 0)``
+    plus the minimum term ``(x summed over each group) @ minimum^T``, a product of inner size ``k / group``
+    (float zero points ``-minimum / scale`` are exact too, but ONNX Runtime runs them 10x slower);
+  - 4 bits symmetric (``w = scale * (u - 8)``): ``MatMulNBits`` with its default zero point 8;
+  - 8 bits (``w = scale * q (+ minimum)``) and bfloat16: the weight de-quantized in the graph (as for
+    gathered rows, below), then ``MatMul``; ONNX Runtime folds the de-quantization to a float32 weight when
+    it loads the stage, so the artifact holds the 8-bit (bfloat16) bytes and the session float32 ones.
+    ONNX Runtime 1.32's CPU ``MatMulNBits bits=8`` is exact (on ``q + 128`` with its default zero point
+    128, plus the minimum term), but it has no float kernel for 8 bits and ran SmolLM2 at 4.1 tok/s against
+    33-40 tok/s folded (and 44-63 tok/s for 4 bits): :data:`NBITS` lists the widths it is used for.
+
+  MatMulNBits runs at ``accuracy_level=1`` (float32 arithmetic: exact up to float rounding; level 4, int8
+  activations, is faster and lossy). A bias is added after the product.
+* ``qlinear`` over gathered rows (a reduced head's ``index_select`` of the tensors): the rows de-quantized in
+  the graph, then ``MatMul``; ``qembedding``: ``Gather`` of the rows' bytes, scales and minimums, then
+  their de-quantization (unpack nibbles, ``(u - zero) * scale (+ minimum)`` in float32, the order
+  :func:`effx.quant.dequantize` computes), bitwise the float rows torch computes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ArtifactError
+
+__all__ = ["DOMAIN", "lower", "repack4", "translations"]
+
+DOMAIN = "effx"  # the placeholders' domain: between export and lower only, never in an artifact
+MS_DOMAIN = "com.microsoft"
+ACCURACY_LEVEL = 1
+# the widths whose products run as MatMulNBits (8 bits works, slowly: see above; add 8 to use it)
+NBITS = (4,)
+_BLOCK = 32  # effx's nibble blocks (effx.quant.BLOCK)
+
+
+# -- export: placeholders ---------------------------------------------------------------------------------
+
+
+def _schemas():
+    from onnx.defs import OpSchema
+
+    param = OpSchema.FormalParameter
+    optional = OpSchema.FormalParameterOption.Optional
+    types = [
+        ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
+        ("Q", ["tensor(uint8)", "tensor(int8)", "tensor(bfloat16)"], "quantized values"),
+        ("S", ["tensor(float)", "tensor(float16)"], "scales and minimums"),
+        ("I", ["tensor(int64)", "tensor(int32)"], "row ids"),
+    ]
+    k = OpSchema.Attribute("k", OpSchema.AttrType.INT, "the weight's input size")
+    tensors = [
+        param("q", "Q"),
+        param("scale", "S", param_option=optional),
+        param("minimum", "S", param_option=optional),
+    ]
+    qlinear = OpSchema(
+        "QLinear",
+        DOMAIN,
+        1,
+        inputs=[param("x", "T"), *tensors, param("bias", "T", param_option=optional)],
+        outputs=[param("y", "T")],
+        type_constraints=types,
+        attributes=[k],
+    )
+    qembedding = OpSchema(
+        "QEmbedding",
+        DOMAIN,
+        1,
+        inputs=[param("ids", "I"), *tensors],
+        outputs=[param("rows", "T")],
+        type_constraints=types,
+        attributes=[k],
+    )
+    return qlinear, qembedding
+
+
+def translations() -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export``: the two ops as ``effx`` placeholder nodes."""
+    import onnxscript
+    import torch
+
+    from .. import quant  # noqa: F401  (registers the two ops)
+
+    opset = onnxscript.values.Opset(DOMAIN, 1)
+    qlinear_schema, qembedding_schema = _schemas()
+    qlinear_op = onnxscript.values.Op(opset, "QLinear", qlinear_schema)
+    qembedding_op = onnxscript.values.Op(opset, "QEmbedding", qembedding_schema)
+
+    def qlinear(x, q, scale, minimum, bias):
+        return qlinear_op(x, q, scale, minimum, bias, k=int(x.shape[-1]))
+
+    def qembedding(ids, q, scale, minimum, k: int):
+        return qembedding_op(ids, q, scale, minimum, k=k)
+
+    return {torch.ops.effx.qlinear.default: qlinear, torch.ops.effx.qembedding.default: qembedding}
+
+
+# -- lowering ---------------------------------------------------------------------------------------------
+
+
+def repack4(q: np.ndarray) -> np.ndarray:
+    """effx's 4-bit bytes ``[n, kp / 2]`` (in every block of 32 values, byte ``j`` holds value ``j`` low and
+    value ``j + 16`` high) in MatMulNBits' order (byte ``j``: value ``2j`` low, value ``2j + 1`` high)."""
+    n, half = q.shape
+    blocks = q.reshape(n, half // (_BLOCK // 2), 1, _BLOCK // 2)
+    u = np.concatenate([blocks & 15, blocks >> 4], axis=2).reshape(n, half * 2)  # effx.quant.unpack4
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
+
+
+class _Weight:
+    """A placeholder's weight: its stored form, bits (4, 8, 16), rows, padded input size, group, minimum."""
+
+    def __init__(self, form: str, q, scale, minimum):
+        self.bits = {"q4": 4, "q8": 8, "bf16": 16}[form]
+        self.n = int(q.dims[0])
+        self.kp = int(q.dims[-1]) * (2 if self.bits == 4 else 1)
+        self.blocks = None if scale is None else int(scale.dims[-1])
+        self.group = None if scale is None else self.kp // self.blocks
+        self.has_minimum = minimum is not None
+
+
+class _Lowering:
+    """Rewrites one model's placeholders; new values are named after the placeholder's output."""
+
+    def __init__(self, model):
+        import onnx
+
+        self.onnx = onnx
+        self.graph = model.graph
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.producers = {o: n for n in self.graph.node for o in n.output}
+        self.stored: dict[str, str] = {}  # initializer -> its stored form: "q4", "q8", "bf16", "f32"
+        self.nodes: list = []
+        self.made: set[str] = set()
+        self.used_ms = False
+
+    # -- building
+    def const(self, name: str, array) -> str:
+        name = f"effx_quant.{name}"
+        if name not in self.inits:
+            self.graph.initializer.append(self.onnx.numpy_helper.from_array(np.asarray(array), name))
+            self.inits[name] = self.graph.initializer[-1]
+        return name
+
+    def node(self, op: str, inputs, out: str, domain: str = "", **attrs) -> str:
+        if out not in self.made:  # a value asked for twice (a padded input) is made once
+            self.made.add(out)
+            self.nodes.append(
+                self.onnx.helper.make_node(op, list(inputs), [out], name=out, domain=domain, **attrs)
+            )
+        return out
+
+    def shape_with(self, lead: str, tail, out: str) -> str:
+        """``lead`` (a Shape) followed by the static dims ``tail``."""
+        name = "x".join(map(str, tail))
+        return self.node("Concat", [lead, self.const(f"tail.{name}", np.array(tail))], out, axis=0)
+
+    # -- the stored tensors
+    def source(self, value: str) -> tuple[str, bool]:
+        """The initializer behind ``value``: itself (True) or the data of the Gather that makes it (False)."""
+        if value in self.inits:
+            return value, True
+        node = self.producers.get(value)
+        if node is not None and node.op_type == "Gather" and node.input[0] in self.inits:
+            return node.input[0], False
+        raise ArtifactError(
+            f"the quantized tensor {value!r} is neither a stored tensor nor rows gathered from one"
+        )
+
+    def convert(self, name: str, role: str) -> None:
+        """The initializer ``name`` in its stored form (once, whichever nodes read it)."""
+        if name in self.stored:
+            return
+        from onnx import numpy_helper
+
+        init = self.inits[name]
+        TP = self.onnx.TensorProto
+        array = None
+        if role == "q" and init.data_type == TP.UINT8:
+            form, array = "q4", repack4(numpy_helper.to_array(init))
+        elif role == "q" and init.data_type == TP.INT8:
+            form, array = "q8", (numpy_helper.to_array(init).astype(np.int16) + 128).astype(np.uint8)
+        elif role == "q" and init.data_type == TP.BFLOAT16:
+            form = "bf16"
+        elif role == "q":
+            raise ArtifactError(f"quantized values {name!r} of ONNX type {init.data_type} are not effx's")
+        else:
+            form = "f32"
+            if init.data_type == TP.FLOAT16:
+                array = numpy_helper.to_array(init).astype(np.float32)
+        self.stored[name] = form
+        if array is not None:
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+
+    def tensors(self, node):
+        """``(values, initializers, weight, stored directly)`` of a placeholder's q, scale and minimum."""
+        values = [node.input[i] if len(node.input) > i and node.input[i] else None for i in (1, 2, 3)]
+        names, direct = [], True
+        for value, role in zip(values, ("q", "scale", "minimum"), strict=True):
+            if value is None:
+                names.append(None)
+                continue
+            name, itself = self.source(value)
+            self.convert(name, role)
+            names.append(name)
+            direct = direct and itself
+        weight = _Weight(self.stored[names[0]], *(None if n is None else self.inits[n] for n in names))
+        return values, names, weight, direct
+
+    # -- de-quantization in the graph: rows [..., kp / 2] (4 bits) or [..., kp] -> float32 [..., k]
+    def dequantize(self, values, w: _Weight, k: int, out: str) -> str:
+        q, scale, minimum = values
+        TP = self.onnx.TensorProto
+        last = self.const("axes.last", np.array([-1]))
+        if w.bits == 16:
+            return self.slice_k(self.node("Cast", [q], f"{out}/float", to=TP.FLOAT), w, k, out)
+        lead = self.node("Shape", [q], f"{out}/lead", end=-1)
+        if w.bits == 4:
+            low = self.node("BitwiseAnd", [q, self.const("u8.15", np.array(15, np.uint8))], f"{out}/low")
+            four = self.const("u8.4", np.array(4, np.uint8))
+            high = self.node("BitShift", [q, four], f"{out}/high", direction="RIGHT")
+            pairs = [self.node("Unsqueeze", [v, last], f"{v}/pair") for v in (low, high)]
+            q = self.node("Concat", pairs, f"{out}/pairs", axis=-1)  # [..., kp / 2, 2]: consecutive values
+        shape = self.shape_with(lead, [w.blocks, w.group], f"{out}/blocks_shape")
+        blocks = self.node("Reshape", [q, shape], f"{out}/blocks")
+        u = self.node("Cast", [blocks], f"{out}/u", to=TP.FLOAT)
+        zero = 128 if w.bits == 8 else None if w.has_minimum else 8
+        if zero is not None:
+            u = self.node(
+                "Sub", [u, self.const(f"f32.{zero}", np.array(zero, np.float32))], f"{out}/centered"
+            )
+        rows = self.node("Mul", [u, self.node("Unsqueeze", [scale, last], f"{out}/scale")], f"{out}/scaled")
+        if w.has_minimum:
+            rows = self.node("Add", [rows, self.node("Unsqueeze", [minimum, last], f"{out}/min")], f"{out}/w")
+        rows = self.node("Reshape", [rows, self.shape_with(lead, [w.kp], f"{out}/rows_shape")], f"{out}/rows")
+        return self.slice_k(rows, w, k, out)
+
+    def slice_k(self, rows: str, w: _Weight, k: int, out: str) -> str:
+        if k == w.kp:
+            return rows
+        bounds = [self.const("i64.0", np.array([0])), self.const(f"i64.{k}", np.array([k]))]
+        return self.node("Slice", [rows, *bounds, self.const("axes.last", np.array([-1]))], f"{out}/sliced")
+
+    def pad_k(self, x: str, k: int, w: _Weight, out: str) -> str:
+        """``x`` padded with zeros to the weight's padded input size."""
+        if k == w.kp:
+            return x
+        pads = self.const(f"pads.{w.kp - k}", np.array([0, w.kp - k]))
+        zero = self.const("f32.0", np.array(0, np.float32))
+        return self.node("Pad", [x, pads, zero, self.const("axes.last", np.array([-1]))], f"{out}/padded")
+
+    # -- the placeholders
+    def qlinear(self, node) -> None:
+        x, out = node.input[0], node.output[0]
+        bias = node.input[4] if len(node.input) > 4 and node.input[4] else None
+        k = next(a.i for a in node.attribute if a.name == "k")
+        values, names, w, direct = self.tensors(node)
+        y = f"{out}/product" if bias else out
+        if w.bits not in NBITS or not direct:  # stored tensors: ONNX Runtime folds this to float32 at load
+            rows = self.dequantize(values, w, k, out)
+            self.node("MatMul", [x, self.node("Transpose", [rows], f"{out}/wT", perm=[1, 0])], y)
+        else:
+            self.matmul_nbits(x, names, w, k, out, y)
+        if bias:
+            self.node("Add", [y, bias], out)
+
+    def matmul_nbits(self, x: str, names, w: _Weight, k: int, out: str, y: str) -> None:
+        q, scale, minimum = names
+        packed = (
+            f"{q}.nbits"  # the stored bytes, shaped [n, blocks, bytes per block] as MatMulNBits takes them
+        )
+        if packed not in self.inits:
+            self.graph.initializer.append(self.inits[q])
+            b = self.graph.initializer[-1]
+            b.name = packed
+            del b.dims[:]
+            b.dims.extend([w.n, w.blocks, w.group // 2 if w.bits == 4 else w.group])
+            self.inits[packed] = b
+        # MatMulNBits takes ceil(K / block) blocks: pad x where effx padded a whole block more (group 16)
+        a, K = (x, k) if -(-k // w.group) == w.blocks else (self.pad_k(x, k, w, out), w.kp)
+        inputs = [a, packed, scale]
+        if w.bits == 4 and w.has_minimum:  # zero points 0 (default 8): the minimum term adds the rest
+            shape = (w.n, (w.blocks + 1) // 2)
+            inputs.append(self.const(f"zp0.{shape[0]}x{shape[1]}", np.zeros(shape, np.uint8)))
+        # (8 bits: q + 128 with the default zero point 128)
+        product = f"{out}/nbits" if w.has_minimum else y
+        attrs = dict(K=K, N=w.n, bits=w.bits, block_size=w.group, accuracy_level=ACCURACY_LEVEL)
+        self.node("MatMulNBits", inputs, product, domain=MS_DOMAIN, **attrs)
+        self.used_ms = True
+        if w.has_minimum:
+            # (x summed over each group of its values) @ minimum^T, of inner size blocks
+            padded = self.pad_k(x, k, w, out)
+            lead = self.node("Shape", [padded], f"{out}/x_lead", end=-1)
+            groups = self.shape_with(lead, [w.blocks, w.group], f"{out}/x_groups_shape")
+            grouped = self.node("Reshape", [padded, groups], f"{out}/x_groups")
+            last = self.const("axes.last", np.array([-1]))
+            sums = self.node("ReduceSum", [grouped, last], f"{out}/x_sums", keepdims=0)
+            minimum_t = self.node("Transpose", [minimum], f"{out}/minT", perm=[1, 0])
+            term = self.node("MatMul", [sums, minimum_t], f"{out}/min_term")
+            self.node("Add", [product, term], y)
+
+    def qembedding(self, node) -> None:
+        ids, out = node.input[0], node.output[0]
+        k = next(a.i for a in node.attribute if a.name == "k")
+        _, names, w, direct = self.tensors(node)
+        if not direct:
+            raise ArtifactError(f"{out}: effx.qembedding reads stored tensors, not gathered ones")
+        rows = [
+            None if n is None else self.node("Gather", [n, ids], f"{out}/{part}_rows", axis=0)
+            for n, part in zip(names, ("q", "scale", "min"), strict=True)
+        ]
+        self.node("Identity", [self.dequantize(rows, w, k, out)], out)
+
+    def run(self) -> None:
+        placeholders = {"QLinear": self.qlinear, "QEmbedding": self.qembedding}
+        for node in list(self.graph.node):
+            if node.domain != DOMAIN:
+                self.nodes.append(node)
+            elif node.op_type in placeholders:
+                placeholders[node.op_type](node)
+            else:
+                raise ArtifactError(f"unknown effx node {node.op_type!r}")
+        del self.graph.node[:]
+        self.graph.node.extend(self.nodes)
+        # the types export recorded for converted tensors (float16 scales, int8 values) and rows gathered
+        # from them are stale
+        stale = set(self.stored)
+        stale |= {n.output[0] for n in self.nodes if n.op_type == "Gather" and n.input[0] in self.stored}
+        infos = [v for v in self.graph.value_info if v.name not in stale]
+        del self.graph.value_info[:]
+        self.graph.value_info.extend(infos)
+        # stored tensors that nothing reads now (a 4-bit or 8-bit weight's bytes live under their .nbits name)
+        read = {i for n in self.graph.node for i in n.input}
+        keep = [t for t in self.graph.initializer if t.name in read or t.name not in self.stored]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep)
+
+
+def lower(model):
+    """``model`` (an exported stage with its own weights) with its ``effx`` placeholders rewritten into ONNX
+    and ``com.microsoft`` operators, in place; returns it. A model without placeholders is left as it is."""
+    import onnx
+
+    if not any(n.domain == DOMAIN for n in model.graph.node):
+        return model
+    lowering = _Lowering(model)
+    lowering.run()
+    imports = [o for o in model.opset_import if o.domain not in (DOMAIN, MS_DOMAIN)]
+    if lowering.used_ms:
+        imports.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    del model.opset_import[:]
+    model.opset_import.extend(imports)
+    return model
