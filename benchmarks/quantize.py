@@ -10,6 +10,10 @@ equal to the float32 Program's (per prompt), ``ppl`` the perplexity on held-out 
     python benchmarks/quantize.py                          # 4 prompts x 128 tokens, 3 repeats
     python benchmarks/quantize.py --prompts 2 --new-tokens 32 --repeats 1     # quick look
     python benchmarks/quantize.py --no-llama-cpp            # without the llama.cpp row
+    python benchmarks/quantize.py --no-onnx                 # without the ONNX artifact rows
+
+The ONNX rows are artifacts of the float32 Program and of ``quantize{source=gguf}`` (exported to a temporary
+directory) run by effx's ONNX Runtime backend; their size is printed beside the GGUF file's.
 
 llama.cpp runs through llama-cpp-python (``pip install -e .[llama]``, a source build of a few minutes);
 without it the row is left out, and the script says so.
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -68,6 +74,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-llama-cpp", action="store_true", help="leave the llama.cpp row out")
+    ap.add_argument("--no-onnx", action="store_true", help="leave the ONNX artifact rows out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -90,6 +97,22 @@ def main() -> None:
         runners[label] = lambda ids, mask, p=prog: p.generate(
             ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[]
         )
+    tmp = tempfile.TemporaryDirectory(prefix="effx-quantize-")
+    sizes = {}
+    if not args.no_onnx:
+        from effx.exporters.onnx import export
+        from effx.runtime.onnx import load
+
+        for label, prog in (
+            ("float32", dense),
+            ("quantize{source=gguf}", progs["effx quantize{source=gguf}"]),
+        ):
+            out = export(prog, Path(tmp.name) / label.replace("{", "_").replace("}", "").replace("=", "_"))
+            sizes[label] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+            gen = load(out)
+            runners[f"effx ONNX {label}"] = lambda ids, mask, g=gen: torch.from_numpy(
+                g.generate(ids.numpy(), mask.numpy(), max_new_tokens=n, eos_token_id=[])
+            )
     llm = None if args.no_llama_cpp else _llama_cpp(gguf_file("smollm2-135m"), args.threads)
     if llm is not None:
 
@@ -141,6 +164,12 @@ def main() -> None:
         if label != "effx float32":
             size = effx.flops.weight_bytes(prog) / 1e6
             print(f"  {label}: resident weights {size:.1f} MB")
+    gguf_size = gguf_file("smollm2-135m").stat().st_size
+    for label, size in sizes.items():
+        print(
+            f"  ONNX artifact {label}: {size / 1e6:.1f} MB ({size / gguf_size:.2f}x the GGUF file's {gguf_size / 1e6:.1f} MB)"
+        )
+    tmp.cleanup()
 
 
 if __name__ == "__main__":
