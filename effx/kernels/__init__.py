@@ -12,6 +12,12 @@ kernels here (``cpu.c``, AVX-512) do that on the weights' own row-major layout:
 * :func:`gated`: ``silu(x @ wg.T) * (x @ wu.T)``, the gated MLP's input side in one pass;
 * :func:`rms_norm`, and the rotary embedding inside :func:`qkv_rope`.
 
+Every product takes a float32 ``[n, k]`` weight or a quantized one, ``(q, scale, minimum)`` in
+:mod:`effx.quant`'s format (4-bit, int8 or bfloat16 values), read directly and de-quantized in registers
+exactly as :func:`effx.quant.dequantize` computes it: a quantized product equals the float product over the
+de-quantized weight bit for bit (for k a multiple of 32). Quantized products of more than :data:`MAX_ROWS`
+rows run as calls of :data:`MAX_ROWS` rows (the reference op would de-quantize the whole weight).
+
 Numerics: float32 throughout, every output one dot product in a fixed order, so the kernels are batch
 invariant (a token's row is bitwise the same computed alone or with others) but differ from MKL in the
 last bits (about 1e-6 relative; tests bound the logits). Products of more than :data:`MAX_ROWS`
