@@ -47,7 +47,6 @@ __all__ = [
     "gguf_weights",
     "pack4",
     "quantize_rtn",
-    "storage_bytes",
     "unpack4",
 ]
 
@@ -160,17 +159,10 @@ class QWeight:
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.q, self.scale, self.minimum, self.k)
 
-    def nbytes(self) -> int:
-        return storage_bytes(self.tensors())
-
     def rows(self, ids: torch.Tensor) -> QWeight:
         """The rows ``ids`` (exact: rows are quantized independently)."""
         pick = lambda t: None if t is None else t.index_select(0, ids).contiguous()  # noqa: E731
         return QWeight(pick(self.q), pick(self.scale), pick(self.minimum), self.k, self.origin)
-
-
-def storage_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group: int = 32, *, symmetric: bool = False,

@@ -204,10 +204,9 @@ def test_int8_quantized_program_decodes_like_dense(model, kernels_):
     logits, ref = q(ids, mask), dense(ids, mask)
     valid = mask.bool()
     assert (logits - ref)[valid].abs().max() < 0.05 * ref[valid].abs().max()
-    assert torch.equal(
-        q.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False),
-        q.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False),
-    )
+    # the first generated token is the quantized Program's own greedy choice after the prompt
+    out = q.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out[:, ids.shape[1]], logits[:, -1].argmax(-1))
 
 
 def test_layers_head_and_embed_are_selectable(model):

@@ -35,6 +35,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import PassConfigError, PassError, PassPreconditionError
+from ..fx import fetch
 from ..quant import GGUF_EXACT, QWeight, quantize_rtn
 from .base import Pass, PassResult, register_pass
 
@@ -54,11 +55,10 @@ def _is(node, target) -> bool:
 
 
 def _attr(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node reads, or None for any other argument."""
     if not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
         return None
-    value = gm
-    for part in node.target.split("."):
-        value = getattr(value, part)
+    value = fetch(gm, node)
     return value if isinstance(value, torch.Tensor) else None
 
 
@@ -70,7 +70,6 @@ class _GGUFIndex:
 
         from ..quant import gguf_weights
 
-        self.path = path
         every = gguf_weights(path)
         self.tensors = [t for t in every if t.kind in GGUF_EXACT]
         self.others = Counter(
@@ -202,7 +201,7 @@ class Quantize(Pass):
                 )
         done: dict[tuple, tuple[QWeight, str]] = {}  # shared float weights quantize once, stay shared
 
-        def quantized(w: torch.Tensor, site: str) -> tuple[QWeight, str]:
+        def quantized(w: torch.Tensor) -> tuple[QWeight, str]:
             key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()))
             if key not in done:
                 if index is not None:
@@ -267,7 +266,7 @@ class Quantize(Pass):
                     w, gather = _attr(gm, w_node.args[0]), w_node.args[2]
                 if w is None or w.dim() != 2 or w.dtype != torch.float32:
                     continue
-                qw, how = quantized(w, f"{stage.name}:{role}")
+                qw, how = quantized(w)
                 count += 1
                 base = f"quant_{count}"
                 with g.inserting_before(node):
@@ -290,7 +289,7 @@ class Quantize(Pass):
                 if w is None or w.dim() != 2 or w.dtype != torch.float32:
                     continue
                 role = "embed" if stage.kind == "embed" else node.meta.get("effx_role", "lm_head")
-                qw, how = quantized(w, f"{stage.name}:{role}")
+                qw, how = quantized(w)
                 count += 1
                 with g.inserting_before(node):
                     parts = store(qw, f"quant_{count}", node)
