@@ -38,7 +38,16 @@ if TYPE_CHECKING or torch_available():
     from .encoder import EncoderProgram
     from .exit_heads import train_exit_heads
     from .neurons import profile_neurons
-    from .passes import EarlyExit, NeuronMask, Pass, PassManager, TokenDrop, VocabReduce, parse_pipeline
+    from .passes import (
+        EarlyExit,
+        NeuronMask,
+        Pass,
+        PassManager,
+        PromptLookup,
+        TokenDrop,
+        VocabReduce,
+        parse_pipeline,
+    )
     from .program import Plan, Program
     from .vocab import calibrate_vocab
 
@@ -73,6 +82,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "Program",
+    "PromptLookup",
     "TokenDrop",
     "UnsupportedModelError",
     "VocabReduce",

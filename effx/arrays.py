@@ -11,7 +11,7 @@ from typing import Any
 
 import array_api_compat
 
-__all__ = ["as_array", "copy", "multinomial", "namespace", "new_rng", "put_along_axis", "softmax", "topk"]
+__all__ = ["as_array", "copy", "multinomial", "namespace", "new_rng", "put_along_axis", "softmax", "take_along_axis", "topk"]
 
 
 def namespace(*arrays) -> Any:
@@ -70,6 +70,18 @@ def put_along_axis(xp, arr, indices, values, axis: int) -> None:
         import numpy as np
 
         np.put_along_axis(arr, indices, values, axis)
+
+
+def take_along_axis(xp, arr, indices, axis: int):
+    """``arr`` gathered along ``axis`` at ``indices`` (which broadcasts against ``arr`` on the other axes)."""
+    shape = list(arr.shape)
+    shape[axis] = indices.shape[axis]
+    indices = xp.broadcast_to(indices, tuple(shape))
+    if _is_torch(xp):
+        return arr.gather(axis, indices)
+    import numpy as np
+
+    return np.take_along_axis(arr, indices, axis)
 
 
 def new_rng(xp, seed: int | None):

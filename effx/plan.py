@@ -25,6 +25,7 @@ __all__ = [
     "ModelInfo",
     "NeuronMaskPolicy",
     "Plan",
+    "PromptLookupPolicy",
     "Policy",
     "StageSpec",
     "TokenDropPolicy",
@@ -138,7 +139,30 @@ class NeuronMaskPolicy:
             raise PlanError(f"neuron-mask policy has unknown mode {self.mode!r} (only 'core' needs one)")
 
 
-_POLICIES = {"early_exit": EarlyExitPolicy, "token_drop": TokenDropPolicy, "neuron_mask": NeuronMaskPolicy}
+@dataclass(frozen=True)
+class PromptLookupPolicy:
+    """PromptLookup: draft up to ``draft`` tokens that followed the latest earlier occurrence of the last
+    ``ngram`` tokens (else of shorter n-grams, down to ``min_ngram``) in the prompt and the output so far."""
+
+    ngram: int = 3
+    min_ngram: int = 1
+    draft: int = 8
+
+    def __post_init__(self):
+        for name in ("ngram", "min_ngram", "draft"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PlanError(f"prompt-lookup policy {name} must be an integer >= 1, got {value!r}")
+        if self.min_ngram > self.ngram:
+            raise PlanError(f"prompt-lookup policy min_ngram {self.min_ngram} exceeds ngram {self.ngram}")
+
+
+_POLICIES = {
+    "early_exit": EarlyExitPolicy,
+    "token_drop": TokenDropPolicy,
+    "neuron_mask": NeuronMaskPolicy,
+    "prompt_lookup": PromptLookupPolicy,
+}
 
 
 @dataclass(frozen=True)
@@ -148,6 +172,7 @@ class Policy:
     early_exit: EarlyExitPolicy | None = None
     token_drop: TokenDropPolicy | None = None
     neuron_mask: NeuronMaskPolicy | None = None
+    prompt_lookup: PromptLookupPolicy | None = None
 
     @property
     def core_neurons(self) -> bool:
@@ -287,6 +312,12 @@ class Plan:
         ee = self.policy.early_exit
         return ee.mode if ee is not None and self.exits else "dense"
 
+    @property
+    def speculative(self) -> bool:
+        """Whether the loop drafts and verifies (prompt lookup, self-speculative exits): greedy only, and
+        token-identical to the plan's dense greedy decoding."""
+        return self.policy.prompt_lookup is not None or self.decode_mode == "self-speculative"
+
     def validate(self) -> None:
         """Check that the stages form a runnable model: embed, each layer once and in order (each optionally
         followed by an exit stage), head; and that the policies fit the stages."""
@@ -327,6 +358,8 @@ class Plan:
             raise PlanError("the plan drops tokens but has no token_drop policy")
         if "exit" in kinds and self.policy.early_exit is None:
             raise PlanError("the plan has exit stages but no early_exit policy")
+        if self.policy.prompt_lookup is not None and self.decode_mode == "lossy":
+            raise PlanError("prompt lookup verifies its drafts; it cannot run with lossy early exits")
         if self.policy.core_neurons and "token_score" in kinds:
             raise PlanError(
                 "token-drop and neuron-mask mode='core' both choose what the prefill computes; a plan holds one"

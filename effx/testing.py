@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .passes import EarlyExit, NeuronMask, TokenDrop, VocabReduce
+from .passes import EarlyExit, NeuronMask, PromptLookup, TokenDrop, VocabReduce
 
 __all__ = ["PARITY_PASSES", "TINY_VOCAB", "left_padded_batch", "related_models", "tiny_config", "tiny_model"]
 
@@ -104,6 +104,11 @@ PARITY_PASSES = {
     "self-speculative": lambda v: [
         EarlyExit(layers=(1,), thresholds=(0.2,), mode="self-speculative", draft=3),
         VocabReduce(k=40, where="draft", vocab=v),
+    ],
+    "prompt-lookup": lambda v: [PromptLookup(ngram=2, draft=4)],
+    "lookup-and-exit": lambda v: [
+        EarlyExit(layers=(1,), thresholds=(0.2,), mode="self-speculative", draft=3),
+        PromptLookup(ngram=2, draft=5),
     ],
     "reduced-head": lambda v: [VocabReduce(k=30, where="head", vocab=v, fallback=0.9)],
     "neuron-mask": lambda v: [NeuronMask(keep=0.5, score="random", layers=(1, 2))],

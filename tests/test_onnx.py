@@ -306,12 +306,13 @@ def test_pass_artifacts_match_the_torch_backend(pass_artifacts, name):
 
 
 def test_segments_only_where_every_step_runs_every_layer(pass_artifacts):
-    """Neuron-masked layers and a reduced head still run as one block, the whole-model segment "layers";
+    """Neuron-masked layers, a reduced head and prompt lookup (which verifies with every layer) still run as
+    one block, the whole-model segment "layers";
     exits and token drop decide between layers, so their artifacts list a segment per run of layers
     between decision points instead (tests/test_onnx_segments.py)."""
     for name, (program, artifact) in pass_artifacts.items():
         segments = json.loads((artifact / "plan.json").read_text())["segments"]
-        block = name in ("neuron-mask", "reduced-head")
+        block = name in ("neuron-mask", "reduced-head", "prompt-lookup")
         whole = [s for s in segments if s["name"] == "layers"]
         assert bool(whole) == block, name
         if block:

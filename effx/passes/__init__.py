@@ -14,6 +14,7 @@ from .base import (
 from .early_exit import EarlyExit
 from .lower import Lower
 from .neuron_mask import NeuronMask
+from .prompt_lookup import PromptLookup
 from .quantize import Quantize
 from .token_drop import TokenDrop
 from .vocab_reduce import VocabReduce
@@ -27,6 +28,7 @@ __all__ = [
     "PassManager",
     "PassReport",
     "PassResult",
+    "PromptLookup",
     "get_pass",
     "parse_pipeline",
     "pipeline_string",

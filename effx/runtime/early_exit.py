@@ -1,4 +1,4 @@
-"""Decoding with exit stages: lossy early exit with deferred KV, and self-speculative decoding.
+"""Decoding with exit stages: lossy early exit with deferred KV.
 
 Lossy early exit (FREE's synchronized parallel decoding). A decode step runs layers until every row of the
 batch has passed an exit's threshold (each row takes the token of the first exit it passed; the batch stops
@@ -9,10 +9,8 @@ missing or approximate entry. Layers may therefore be filled to different length
 With ``kv="copy"`` (CALM's state copying, a backend capability) the skipped layers' entries are projected
 from the exit's hidden state at once instead.
 
-Self-speculative decoding (LayerSkip). The shallowest exit drafts tokens greedily through the first layers;
-the remaining layers then run once over all drafted tokens, on the same cache, and the head's greedy
-choices decide: drafts are kept while they agree, the first disagreement is replaced by the full model's
-token, and the cache forgets the rejected slots. The output is the dense greedy output.
+Self-speculative decoding (LayerSkip) is a draft source of the shared verifier: see
+:class:`effx.runtime.speculative.ExitDraft`.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from .backend import KV_COPY
 from .forward import KVCache, MaskCache, as_backend
 from .vocab import exit_logits, head_logits, select_vocab
 
-__all__ = ["ExitDecoder", "speculative_round"]
+__all__ = ["ExitDecoder"]
 
 
 class ExitDecoder:
@@ -115,57 +113,3 @@ class ExitDecoder:
             return logits, depth
         return xp.where(decided[:, None], chosen, logits), depth
 
-
-def speculative_round(backend, cache: KVCache, out, token, position, key_valid, draft: int, stats):
-    """Draft with the shallowest exit, verify with the remaining layers, emit the agreed tokens.
-
-    ``token`` (one per row) is the last emitted token, not yet in the cache. Returns the position of the next
-    token to process.
-    """
-    backend = as_backend(backend)
-    plan, xp = backend.plan, backend.xp
-    exits = plan.exits
-    exit_layer = min(exits)
-    ex = exits[exit_layer]
-    shallow = [s for s in plan.layers if s.layer <= exit_layer]
-    deep = [s for s in plan.layers if s.layer > exit_layer]
-    base = cache.lengths[0]
-    n = min(draft, out.remaining)
-    drafts, hiddens, coss, sins = [], [], [], []
-    tok, pos = token, position
-    for j in range(n):
-        masks = MaskCache(backend, key_valid[:, : base + j + 1], backend.dtype)
-        hidden, cos, sin = backend.run(plan.embed, tok[:, None], pos)
-        prev = hidden
-        hidden = backend.run_layers(cache, shallow, hidden, cos, sin, masks)
-        logits, conf = exit_logits(backend, ex, hidden, prev, None)
-        tok = xp.argmax(xp.astype(logits[:, -1], xp.float32), axis=-1)
-        drafts.append(tok)
-        hiddens.append(hidden)
-        coss.append(cos)
-        sins.append(sin)
-        pos = pos + 1
-        if bool(xp.any(conf[:, -1] < ex.attrs["threshold"])):
-            break
-    m = len(drafts)
-    masks = MaskCache(backend, key_valid[:, : base + m], backend.dtype)
-    hidden = backend.run_layers(
-        cache, deep, xp.concat(hiddens, axis=1), xp.concat(coss, axis=1), xp.concat(sins, axis=1), masks
-    )
-    verified = xp.argmax(xp.astype(head_logits(backend, hidden, stats), xp.float32), axis=-1)  # [batch, m]
-    proposed = xp.stack(drafts, axis=1)
-    agree = xp.sum(xp.cumulative_prod(xp.astype(proposed == verified, xp.int64), axis=1), axis=1)
-    k = int(xp.min(agree))  # leading agreement, the shortest over the rows
-    for j in range(k):
-        out.emit(proposed[:, j])
-        if out.done:
-            break
-    if k < m and not out.done:
-        out.emit(verified[:, k])
-    kept = min(k + 1, m)  # slots of token, d_1..d_k stay; rejected drafts' slots are forgotten
-    cache.truncate(base + kept)
-    if stats is not None:
-        stats["drafted"] += m
-        stats["accepted"] += k
-        stats["rounds"] += 1
-    return position + kept

@@ -7,7 +7,7 @@ function that takes a ``backend`` also takes a torch Program, which it runs on t
 
 from __future__ import annotations
 
-from ..arrays import namespace, put_along_axis
+from ..arrays import namespace, put_along_axis, take_along_axis
 from ..errors import GenerationInputError
 from .backend import Backend
 
@@ -92,6 +92,19 @@ class KVCache:
     def truncate(self, length: int) -> None:
         """Forget every slot from ``length`` on, in every layer (rejected draft tokens)."""
         self.lengths = [min(n, length) for n in self.lengths]
+
+    def compact(self, start: int, index) -> None:
+        """Close holes: in every layer, the slots ``start + index[b, j]`` of each row ``b`` move, in order, to
+        slots ``start + j``, and the cache is filled to ``start + index.shape[1]``. Every layer must be filled
+        to one length (speculative decoding between rounds; its rows leave holes where they rejected drafts
+        that other rows accepted)."""
+        if len(set(self.lengths)) != 1:
+            raise RuntimeError(f"KV cache compaction needs layers filled to one length, got {self.lengths}")
+        end, count = self.lengths[0], index.shape[1]
+        index = index[:, None, :, None]
+        for store in (*self.k, *self.v):
+            store[:, :, start : start + count] = take_along_axis(self.xp, store[:, :, start:end], index, axis=2)
+        self.lengths = [start + count] * len(self.lengths)
 
 
 def check_left_padded(attention_mask) -> None:

@@ -3,7 +3,7 @@
 One loop serves every plan and both backends (:mod:`effx.runtime.torch_backend`, the ONNX Runtime backend
 of :mod:`effx.runtime.onnx`): a dense plan decodes a token per step through all layers; one with exit
 stages lets tokens leave early (``lossy``, :class:`effx.runtime.early_exit.ExitDecoder`) or drafts and
-verifies tokens (``self-speculative``); TokenDrop and per-prompt core neurons choose the prefill; a reduced
+verifies tokens (``self-speculative``, and prompt lookup: :mod:`effx.runtime.speculative`); TokenDrop and per-prompt core neurons choose the prefill; a reduced
 head falls back to the full one per position; sampling is greedy, or temperature / top-k / top-p. The
 loop makes each of these decisions once, on the backend's arrays; ``Program.generate`` and
 ``OnnxGenerator.generate`` are front ends that check their inputs into the arguments of :func:`decode`.
@@ -16,9 +16,10 @@ from collections.abc import Callable
 from ..arrays import as_array, namespace
 from ..errors import GenerationInputError
 from .backend import CORE_NEURONS, Backend, needed_capabilities
-from .early_exit import ExitDecoder, speculative_round
+from .early_exit import ExitDecoder
 from .forward import KVCache, MaskCache, check_left_padded, positions_from_mask, run_step
 from .sampling import Sampler
+from .speculative import Speculation, capacity, longest_draft, sources_of
 from .token_drop import drop_prefill
 
 __all__ = ["Output", "check_inputs", "decode", "prefill", "stop_and_pad"]
@@ -145,44 +146,46 @@ def decode(
     on_token: Callable | None = None,
     bar=None,
     stats: dict | None = None,
+    sources: list | None = None,
 ):
     """Generate ``max_new`` tokens (fewer when every row stops) after checked inputs (``input_ids [batch,
     prompt]`` int64, left-padded ``attention_mask``), as the plan's policy says. Returns ``[batch, prompt +
     new]``; finished rows are padded with ``pad``. ``stats`` receives what the loop decided (see
-    ``Program.generate``)."""
+    ``Program.generate``). ``sources`` replaces the plan's draft sources (:mod:`effx.runtime.speculative`)
+    and makes the run speculative."""
     plan, xp = backend.plan, backend.xp
+    speculative = plan.speculative or sources is not None
     for capability in needed_capabilities(plan):  # before anything runs
         backend.require(capability)
     mode = plan.decode_mode
-    if mode == "self-speculative" and sampler.do_sample:
+    if speculative and sampler.do_sample:
         raise GenerationInputError(
-            "self-speculative early exit reproduces greedy decoding; call it with do_sample=False"
+            "speculative decoding (prompt lookup, self-speculative early exit) reproduces greedy decoding "
+            "only; call it with do_sample=False"
         )
-    draft = plan.policy.early_exit.draft if mode == "self-speculative" else 0
     batch, prompt_len = input_ids.shape
-    total = prompt_len + max_new
+    draft = longest_draft(plan, sources) if speculative else 0
+    # slots: the prompt, then one per new token (+ room for drafts that may be rejected)
+    slots = capacity(batch, prompt_len, max_new, draft) if speculative else prompt_len + max_new
     if streamer is not None:
         streamer.put(input_ids)
     out = Output(input_ids, max_new, eos, pad, streamer, on_token, bar)
-    # slots: the prompt, then one per new token (+ room for draft tokens that may be rejected)
     key_valid = xp.concat(
-        [xp.astype(attention_mask, xp.bool), xp.ones((batch, max_new + draft), dtype=xp.bool)], axis=1
+        [xp.astype(attention_mask, xp.bool), xp.ones((batch, slots - prompt_len), dtype=xp.bool)], axis=1
     )
     with backend.compute():
-        rollback = mode != "dense" or bool(plan.drops) or plan.policy.core_neurons
-        cache = backend.new_cache(batch, total + draft, rollback=rollback)
+        rollback = mode != "dense" or speculative or bool(plan.drops) or plan.policy.core_neurons
+        cache = backend.new_cache(batch, slots, rollback=rollback)
         if stats is not None and plan.full_head is not None:
             stats.update(head_positions=0, head_fallbacks=0)
         positions = positions_from_mask(attention_mask)
         logits, backend = prefill(backend, cache, input_ids, positions, key_valid[:, :prompt_len], stats)
         next_pos = positions[:, -1:] + 1
         token = out.emit(sampler(logits, generator))
-        if mode == "self-speculative":
-            if stats is not None:
-                stats.update(drafted=0, accepted=0, rounds=0)
-            while not out.done:
-                next_pos = speculative_round(backend, cache, out, token, next_pos, key_valid, draft, stats)
-                token = out.tokens[:, out.length - 1]
+        if speculative:
+            if not out.done:
+                sources = sources_of(plan) if sources is None else sources
+                Speculation(backend, cache, out, key_valid, next_pos, sources, draft=draft, stats=stats).run()
             return out.finish()
         decoder = None
         if mode == "lossy":

@@ -1,0 +1,353 @@
+"""One verifier for every draft source: speculative decoding that reproduces greedy decoding exactly.
+
+A round: a draft source proposes up to ``n`` tokens per row; the Program runs once over the row's last token
+and its drafts (one multi-token step on its own cache) and its greedy choices decide. A row keeps its drafts
+while they agree with the Program's choice before them, then takes the Program's own token (its correction at
+the first disagreement, or the token after the last draft when every draft agreed). Every emitted token is
+therefore the Program's greedy choice given the row's tokens before it: the output is the dense greedy
+output, whatever the source proposes.
+
+Draft sources (:class:`DraftSource`):
+
+* :class:`LookupDraft` (``prompt-lookup``): the tokens that followed the most recent earlier occurrence of
+  the row's last n-gram, in the prompt or in the text generated so far (prompt lookup decoding). No weights;
+  a row where nothing matches drafts nothing.
+* :class:`ExitDraft` (``EarlyExit(mode="self-speculative")``, LayerSkip): the shallowest exit drafts greedily
+  through the first layers, on the Program's own cache; the verifier then runs only the remaining layers over
+  the drafted hidden states. Its last draft is not run through the layers (that would cost a shallow step
+  for one more verified token), so a round whose drafts all agree ends with the last draft, not a bonus
+  token.
+
+Sources are tried in order each round and the first that proposes anything for some row drafts it: with both,
+lookup drafts where the text repeats and the exit drafts elsewhere.
+
+Batches. Each row has its own drafts and accepts its own agreeing prefix. All rows share one KV cache with
+one fill length, so the round's slots are kept up to the longest accepted prefix; a row that accepted fewer
+leaves holes (slots marked invalid in ``key_valid``, never attended to) and its next token goes after them,
+at its own position. Rows therefore advance at their own pace: the verifier keeps each row's tokens and emits
+columns to the output as every unfinished row has them. When holes would overflow the cache, it is
+compacted (each row's valid slots moved to the front of the generated region, in order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .forward import KVCache, MaskCache, as_backend
+from .vocab import exit_logits, head_logits
+
+__all__ = ["Draft", "DraftSource", "ExitDraft", "LookupDraft", "Speculation", "capacity", "sources_of"]
+
+
+@dataclass
+class Draft:
+    """What a source proposes for one round.
+
+    ``tokens [batch, m]`` the drafts (any token id past a row's count), ``counts`` (per row, a list of ints)
+    how many of them the row really proposes. ``hidden`` (or None): ``(hidden, cos, sin)`` of the verifier's
+    inputs (the last token and the first ``m - 1`` drafts) after the layers up to ``through``, whose cache
+    entries the source has already written; then ``bonus`` is False (the last draft is not an input).
+    """
+
+    tokens: Any
+    counts: list[int]
+    hidden: tuple | None = None
+    through: int = -1
+    bonus: bool = True
+
+
+class DraftSource:
+    """Proposes tokens for the verifier. ``name`` keys its statistics; ``draft`` is the most tokens it
+    proposes in a round."""
+
+    name = "draft"
+    draft = 8
+
+    def start(self, spec: Speculation) -> None:
+        """Called once after the prefill and the first token."""
+
+    def propose(self, spec: Speculation, n: int) -> Draft | None:
+        """Up to ``n`` drafts per row for the rows of ``spec.active``, or None when nothing is proposed."""
+        raise NotImplementedError
+
+    def appended(self, spec: Speculation, row: int, tokens: list[int]) -> None:
+        """Row ``row`` has emitted ``tokens``."""
+
+
+class LookupDraft(DraftSource):
+    """Prompt lookup: the continuation of the most recent earlier occurrence of the row's last n-gram
+    (``ngram`` tokens, else shorter down to ``min_ngram``) in the row's prompt and output."""
+
+    name = "lookup"
+
+    def __init__(self, ngram: int, min_ngram: int, draft: int):
+        self.draft = draft
+        self.sizes = list(range(ngram, min_ngram - 1, -1))
+        self.history: list[list[int]] = []
+        # per row, per n-gram size: n-gram -> where the tokens that followed its latest occurrence start
+        self.index: list[dict[int, dict[tuple, int]]] = []
+
+    def start(self, spec):
+        self.history = [[] for _ in range(spec.batch)]
+        self.index = [{s: {} for s in self.sizes} for _ in range(spec.batch)]
+        for b in range(spec.batch):
+            self.appended(spec, b, spec.row_tokens(b))
+
+    def appended(self, spec, row, tokens):
+        hist, index = self.history[row], self.index[row]
+        for t in tokens:
+            n = len(hist)
+            for s in self.sizes:  # the n-gram that ends just before the new token now has a continuation
+                if n >= s:
+                    index[s][tuple(hist[n - s :])] = n
+            hist.append(int(t))
+
+    def propose(self, spec, n):
+        rows = []
+        for b in range(spec.batch):
+            found: list[int] = []
+            if spec.active[b]:
+                hist, index = self.history[b], self.index[b]
+                for s in self.sizes:
+                    if len(hist) >= s:
+                        at = index[s].get(tuple(hist[-s:]))
+                        if at is not None:
+                            found = hist[at : at + n]
+                            break
+            rows.append(found)
+        m = max(len(r) for r in rows)
+        if m == 0:
+            return None
+        xp = spec.xp
+        tokens = xp.asarray([r + [0] * (m - len(r)) for r in rows], dtype=xp.int64)
+        return Draft(tokens, [len(r) for r in rows])
+
+
+class ExitDraft(DraftSource):
+    """Self-speculative drafting: the shallowest exit's greedy tokens, one shallow step each, until every
+    active row's exit confidence has fallen below the exit's threshold (that token is still drafted) or ``n``
+    are drafted."""
+
+    name = "exit"
+
+    def __init__(self, draft: int):
+        self.draft = draft
+
+    def propose(self, spec, n):
+        backend, plan, xp = spec.backend, spec.backend.plan, spec.xp
+        layer = min(plan.exits)
+        ex = plan.exits[layer]
+        shallow = [s for s in plan.layers if s.layer <= layer]
+        threshold = ex.attrs["threshold"]
+        token, pos = spec.last, spec.pos
+        confident = list(spec.active)
+        counts = [0] * spec.batch
+        drafts, hs, cs, ss = [], [], [], []
+        for j in range(n):
+            slot = spec.length + j
+            spec.open(slot, 1)
+            masks = MaskCache(backend, spec.key_valid[:, : slot + 1], backend.dtype)
+            hidden, cos, sin = backend.run(plan.embed, token[:, None], pos[:, None])
+            prev = hidden
+            hidden = backend.run_layers(spec.cache, shallow, hidden, cos, sin, masks)
+            logits, conf = exit_logits(backend, ex, hidden, prev, None)
+            token = xp.argmax(xp.astype(logits[:, -1], xp.float32), axis=-1)
+            drafts.append(token)
+            hs.append(hidden)
+            cs.append(cos)
+            ss.append(sin)
+            pos = pos + 1
+            sure = [bool(c) for c in (conf[:, -1] >= threshold)]
+            for b in range(spec.batch):
+                if confident[b]:
+                    counts[b] = j + 1
+                    confident[b] = sure[b]
+            if not any(confident):
+                break
+        hidden = tuple(xp.concat(parts, axis=1) for parts in (hs, cs, ss))
+        return Draft(xp.stack(drafts, axis=1), counts, hidden=hidden, through=layer, bonus=False)
+
+
+def sources_of(plan) -> list[DraftSource]:
+    """The draft sources ``plan`` decodes with, in the order they are tried ([] for no speculation)."""
+    sources: list[DraftSource] = []
+    lookup = plan.policy.prompt_lookup
+    if lookup is not None:
+        sources.append(LookupDraft(lookup.ngram, lookup.min_ngram, lookup.draft))
+    if plan.decode_mode == "self-speculative":
+        sources.append(ExitDraft(plan.policy.early_exit.draft))
+    return sources
+
+
+def longest_draft(plan, sources=None) -> int:
+    """The most tokens one round drafts with ``sources`` (default: the plan's)."""
+    return max((s.draft for s in (sources_of(plan) if sources is None else sources)), default=0)
+
+
+def capacity(batch: int, prompt_len: int, max_new: int, draft: int) -> int:
+    """Cache slots for a speculative run: one row never leaves holes; a batch gets room for some (the
+    verifier compacts when they would overflow)."""
+    room = max_new + draft + 1
+    return prompt_len + (room if batch == 1 else 2 * room)
+
+
+class Speculation:
+    """The state of a speculative run over one backend's cache: per row, its tokens, the last one (emitted,
+    not yet in the cache), its position and whether it has finished; per slot, which rows' entries are valid.
+
+    ``key_valid [batch, capacity]`` covers the (left-padded) prompt and every slot after it; ``out`` is the
+    loop's output buffer, whose first token has been emitted.
+    """
+
+    def __init__(self, backend, cache: KVCache, out, key_valid, pos, sources, *, draft: int, stats):
+        self.backend = as_backend(backend)
+        self.xp = self.backend.xp
+        self.cache, self.out, self.key_valid = cache, out, key_valid
+        self.sources, self.draft, self.stats = sources, draft, stats
+        self.batch, self.prompt_len = out.tokens.shape[0], out.length - 1
+        self.end = out.end
+        xp = self.xp
+        self.tokens = xp.full((self.batch, self.end), out.pad, dtype=xp.int64)  # each row's own tokens
+        self.tokens[:, : out.length] = out.tokens[:, : out.length]
+        self.n = [out.length] * self.batch  # tokens of each row (prompt included)
+        self.first = [int(v) for v in xp.sum(xp.astype(~key_valid[:, : self.prompt_len], xp.int64), axis=1)]
+        self.finished = [bool(f) for f in out.finished]
+        self.eos = {int(t) for t in out.eos}
+        self.last = out.tokens[:, out.length - 1]
+        self.pos = pos[:, 0]
+        self.length = cache.lengths[0]
+        if stats is not None:
+            stats.update(drafted=0, accepted=0, rounds=0, draft_lengths=[], compactions=0)
+            stats["sources"] = {s.name: {"rounds": 0, "drafted": 0, "accepted": 0} for s in sources}
+        for source in sources:
+            source.start(self)
+
+    @property
+    def active(self) -> list[bool]:
+        return [not f and n < self.end for f, n in zip(self.finished, self.n, strict=True)]
+
+    def row_tokens(self, b: int) -> list[int]:
+        """Row ``b``'s tokens so far, prompt (without padding) included."""
+        return [int(t) for t in self.tokens[b, self.first[b] : self.n[b]]]
+
+    def open(self, slot: int, width: int) -> None:
+        """Slots ``slot .. slot+width-1`` get new tokens: valid in every row until a round rejects them."""
+        self.key_valid[:, slot : slot + width] = True
+
+    def run(self) -> None:
+        """Rounds until every row has finished; then the output holds every row's tokens."""
+        while any(self.active):
+            self.round()
+        self.flush()
+
+    def round(self) -> None:
+        xp, backend, plan = self.xp, self.backend, self.backend.plan
+        active = self.active
+        n = min(self.draft, max(self.end - m for m, a in zip(self.n, active, strict=True) if a) - 1)
+        if self.length + n + 1 > self.cache.capacity:
+            self.compact()
+        draft, source = None, None
+        if n > 0:
+            for source in self.sources:
+                draft = source.propose(self, n)
+                if draft is not None and any(c for c, a in zip(draft.counts, active, strict=True) if a):
+                    break
+                draft = None
+        if draft is None:
+            drafts, counts, bonus = xp.zeros((self.batch, 0), dtype=xp.int64), [0] * self.batch, True
+        else:
+            drafts, counts, bonus = draft.tokens, draft.counts, draft.bonus
+        m = drafts.shape[1]
+        width = m + 1 if bonus else m
+        inputs = xp.concat([self.last[:, None], drafts], axis=1)[:, :width]
+        positions = self.pos[:, None] + xp.arange(width, dtype=xp.int64)[None, :]
+        start = self.length
+        self.open(start, width)
+        masks = MaskCache(backend, self.key_valid[:, : start + width], backend.dtype)
+        if draft is not None and draft.hidden is not None:
+            hidden, cos, sin = draft.hidden
+            deep = [s for s in plan.layers if s.layer > draft.through]
+        else:
+            hidden, cos, sin = backend.run(plan.embed, inputs, positions)
+            deep = plan.layers
+        hidden = backend.run_layers(self.cache, deep, hidden, cos, sin, masks)
+        logits = head_logits(backend, hidden, self.stats)
+        verified = xp.argmax(xp.astype(logits, xp.float32), axis=-1)  # [batch, width]: predicts slot + 1
+        lead = xp.sum(xp.cumulative_prod(xp.astype(drafts == verified[:, :m], xp.int64), axis=1), axis=1)
+        lead = [int(v) for v in lead]
+        kept = [0] * self.batch
+        drafts_rows = [[int(t) for t in row] for row in drafts] if m else [[] for _ in range(self.batch)]
+        verified_rows = [[int(t) for t in row] for row in verified]
+        accepted = 0
+        for b in range(self.batch):
+            if not active[b]:
+                continue
+            k = min(lead[b], counts[b])
+            accepted += k
+            new = drafts_rows[b][:k] + ([verified_rows[b][k]] if k < width else [])
+            kept[b] = min(k + 1, width)
+            self.append(b, new)
+        self.stats_round(source if draft is not None else None, counts, active, accepted)
+        # keep the slots up to the longest accepted prefix; shorter rows leave holes
+        length = start + max(kept)
+        for b in range(self.batch):
+            if start + kept[b] < length:
+                self.key_valid[b, start + kept[b] : length] = False
+        self.cache.truncate(length)
+        self.length = length
+        self.pos = self.pos + xp.asarray(kept, dtype=xp.int64)
+        self.last = xp.asarray([self.tokens[b, self.n[b] - 1] for b in range(self.batch)], dtype=xp.int64)
+        self.flush()
+
+    def append(self, b: int, new: list[int]) -> None:
+        """Row ``b`` emits ``new`` (cut at the end of the output and after a stop token)."""
+        new = new[: self.end - self.n[b]]
+        for j, t in enumerate(new):
+            if t in self.eos:
+                new = new[: j + 1]
+                self.finished[b] = True
+                break
+        if new:
+            self.tokens[b, self.n[b] : self.n[b] + len(new)] = self.xp.asarray(new, dtype=self.xp.int64)
+            self.n[b] += len(new)
+            for source in self.sources:
+                source.appended(self, b, new)
+
+    def flush(self) -> None:
+        """Emit the columns every unfinished row has."""
+        out = self.out
+        while not out.done:
+            c = out.length
+            if any(not f and n <= c for f, n in zip(self.finished, self.n, strict=True)):
+                return
+            out.emit(self.tokens[:, c])
+
+    def compact(self) -> None:
+        """Move each row's valid slots of the generated region to its front, in order (see KVCache.compact)."""
+        xp, p = self.xp, self.prompt_len
+        valid = self.key_valid[:, p : self.length]
+        counts = xp.sum(xp.astype(valid, xp.int64), axis=1)
+        count = int(xp.max(counts))
+        order = xp.argsort(xp.astype(~valid, xp.int8), axis=1, stable=True)[:, :count]
+        self.cache.compact(p, order)
+        self.key_valid[:, p:] = False
+        self.key_valid[:, p : p + count] = xp.arange(count)[None, :] < counts[:, None]
+        self.length = p + count
+        if self.stats is not None:
+            self.stats["compactions"] += 1
+
+    def stats_round(self, source, counts, active, accepted) -> None:
+        stats = self.stats
+        if stats is None:
+            return
+        drafted = sum(c for c, a in zip(counts, active, strict=True) if a)
+        stats["rounds"] += 1
+        stats["drafted"] += drafted
+        stats["accepted"] += accepted
+        stats["draft_lengths"].append(max(counts) if counts else 0)
+        if source is not None:
+            s = stats["sources"][source.name]
+            s["rounds"] += 1
+            s["drafted"] += drafted
+            s["accepted"] += accepted
