@@ -145,8 +145,8 @@ class PromptLookupPolicy:
     ``ngram`` tokens (else of shorter n-grams, down to ``min_ngram``) in the prompt and the output so far."""
 
     ngram: int = 3
-    min_ngram: int = 1
-    draft: int = 8
+    min_ngram: int = 2
+    draft: int = 4
 
     def __post_init__(self):
         for name in ("ngram", "min_ngram", "draft"):

@@ -33,7 +33,7 @@ def test_the_pass_sets_a_policy_and_changes_no_graph(dense4):
     prog = PromptLookup(ngram=2, draft=5).apply(dense4).program
     assert [s.name for s in prog] == [s.name for s in dense4]
     assert all(a.graph is b.graph for a, b in zip(prog, dense4, strict=True))
-    assert prog.plan.policy.prompt_lookup == PromptLookupPolicy(ngram=2, min_ngram=1, draft=5)
+    assert prog.plan.policy.prompt_lookup == PromptLookupPolicy(ngram=2, min_ngram=2, draft=5)
     assert prog.plan.speculative and not dense4.plan.speculative
     again = Plan.from_json(prog.plan.to_json())
     assert again.policy.prompt_lookup == prog.plan.policy.prompt_lookup
@@ -168,7 +168,7 @@ def test_prompt_lookup_is_dense_greedy(kind, layers, ngram, draft, exit_draft, l
     k = min(4, *lengths)  # some repetition to look up: every row's last k tokens, again
     ids, mask = torch.cat([ids, ids[:, -k:]], 1), torch.cat([mask, mask[:, -k:]], 1)
     dense = effx.transform(model).generate(ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[])
-    passes = [PromptLookup(ngram=ngram, draft=draft)]
+    passes = [PromptLookup(ngram=ngram, min_ngram=1, draft=draft)]
     if exit_draft:
         passes.insert(0, EarlyExit(layers=(0,), mode="self-speculative", draft=3, thresholds=(0.2,)))
     stats = {}
@@ -185,7 +185,7 @@ def test_lookup_then_exit_drafts(model4, dense4):
     ids = torch.tensor([[5, 17, 33, 8, 40, 41]])
     ref = dense4.generate(ids, max_new_tokens=20, eos_token_id=[])
     prog = effx.transform(
-        model4, passes="early-exit{layers=1 mode=self-speculative draft=3 thresholds=0}, prompt-lookup{ngram=1}"
+        model4, passes="early-exit{layers=1 mode=self-speculative draft=3 thresholds=0}, prompt-lookup{ngram=1 min_ngram=1}"
     )
     stats = {}
     assert torch.equal(prog.generate(ids, max_new_tokens=20, eos_token_id=[], stats=stats), ref)

@@ -8,10 +8,12 @@ the Program's own next token, so the output is the Program's greedy output exact
 
 The pass changes no graph: it sets the run-time policy the verifier reads::
 
-    prompt-lookup{ngram=3 min_ngram=1 draft=8}
+    prompt-lookup{ngram=3 min_ngram=2 draft=4}      # the defaults
 
 ``ngram``: the longest n-gram matched (shorter ones, down to ``min_ngram``, are tried when it does not
-occur); ``draft``: the most tokens drafted per round. With ``EarlyExit(mode="self-speculative")`` in the same
+occur); ``draft``: the most tokens drafted per round. The defaults are the best of those measured on SmolLM2
+(``benchmarks/drafting.py``): single-token matches (``min_ngram=1``) are mostly chance on open chat prompts
+and their rejected drafts cost more than they win there. With ``EarlyExit(mode="self-speculative")`` in the same
 pipeline both are draft sources: lookup drafts where the text repeats, the shallow exit elsewhere.
 """
 
@@ -37,8 +39,8 @@ class PromptLookup(Pass):
     order_reason = "prompt-lookup checks the early-exit mode, which must be set first"
 
     ngram: int = 3
-    min_ngram: int = 1
-    draft: int = 8
+    min_ngram: int = 2
+    draft: int = 4
 
     def __post_init__(self):
         try:

@@ -74,6 +74,9 @@ class DraftSource:
     def appended(self, spec: Speculation, row: int, tokens: list[int]) -> None:
         """Row ``row`` has emitted ``tokens``."""
 
+    def verified(self, spec: Speculation, counts: list[int], accepted: list[int]) -> None:
+        """This source drafted the round just verified: per row, ``counts`` drafts, ``accepted`` kept."""
+
 
 class LookupDraft(DraftSource):
     """Prompt lookup: the continuation of the most recent earlier occurrence of the row's last n-gram
@@ -276,7 +279,7 @@ class Speculation:
         verified = xp.argmax(xp.astype(logits, xp.float32), axis=-1)  # [batch, width]: predicts slot + 1
         lead = xp.sum(xp.cumulative_prod(xp.astype(drafts == verified[:, :m], xp.int64), axis=1), axis=1)
         lead = [int(v) for v in lead]
-        kept = [0] * self.batch
+        kept, taken = [0] * self.batch, [0] * self.batch
         drafts_rows = [[int(t) for t in row] for row in drafts] if m else [[] for _ in range(self.batch)]
         verified_rows = [[int(t) for t in row] for row in verified]
         accepted = 0
@@ -285,9 +288,12 @@ class Speculation:
                 continue
             k = min(lead[b], counts[b])
             accepted += k
+            taken[b] = k
             new = drafts_rows[b][:k] + ([verified_rows[b][k]] if k < width else [])
             kept[b] = min(k + 1, width)
             self.append(b, new)
+        if draft is not None:
+            source.verified(self, counts, taken)
         self.stats_round(source if draft is not None else None, counts, active, accepted)
         # keep the slots up to the longest accepted prefix; shorter rows leave holes
         length = start + max(kept)

@@ -1,0 +1,130 @@
+"""Lossless drafting on SmolLM2: prompt lookup and self-speculative exits, on torch and ONNX, in one run.
+
+Two prompt sets, each decoded greedily at batch 1 for --new-tokens tokens (no stop at end-of-turn, so every
+row does the same work):
+
+* ``summ``: ACLSum test papers (title, abstract, introduction cut to --doc-tokens tokens), "summarize in
+  three sentences" as a chat turn: a grounded task, where the answer reuses the prompt's words;
+* ``chat``: the first --prompts of ``effx.data.PROMPTS``, open chat prompts where lookup has little to find.
+
+Rows, each against the dense Program of its own backend, timed in the same run with
+:func:`effx.bench.interleave` (per prompt all rows back to back, the order rotating, --repeats repeats,
+each prompt's median):
+
+* ``dense``: the Program, no drafting (the baseline of every ratio);
+* ``prompt-lookup``: ``prompt-lookup`` at its defaults (--lookup to change them);
+* ``self-speculative``: ``early-exit{layers=--exit-layer mode=self-speculative}`` with the exit heads
+  ``effx bench`` trains (4,096 pydoc tokens, cached), drafting --draft tokens;
+* ``self-speculative + prompt-lookup``: both sources, lookup first;
+* the same on ONNX artifacts (exported to a temporary directory) unless --no-onnx.
+
+Every row must give the dense tokens ("same"); "acc" is accepted drafts / drafted, "tok/round" the tokens a
+verification round emits on average.
+
+    python benchmarks/drafting.py                       # both sets, 4 prompts x 128 tokens, torch + ONNX
+    python benchmarks/drafting.py --sets summ --no-onnx --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+from cascade import summary_prompts
+from common import exit_heads
+
+import effx
+from effx.bench import first_outputs, interleave, total_seconds
+from effx.data import PROMPTS, aclsum, encode_prompts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sets", default="summ,chat", help="prompt sets: summ (ACLSum summaries), chat")
+    ap.add_argument("--prompts", type=int, default=4, help="prompts per set")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--doc-tokens", type=int, default=512, help="paper tokens in a summary prompt")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lookup", default="prompt-lookup", help="the prompt-lookup step (pipeline string)")
+    ap.add_argument("--exit-layer", type=int, default=20, help="the self-speculative exit")
+    ap.add_argument("--draft", type=int, default=4, help="self-speculative draft length")
+    ap.add_argument("--no-onnx", action="store_true", help="leave the ONNX artifact rows out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    n = args.new_tokens
+
+    model, tok = effx.models.load("smollm2-135m")
+    dense = effx.transform(model)
+    heads = exit_heads("smollm2-135m", dense, tok, [args.exit_layer], 4096)
+    spec = (
+        f"early-exit{{layers={args.exit_layer} mode=self-speculative draft={args.draft} thresholds=0 "
+        f"head=trained heads={heads}}}"
+    )
+    pipelines = {
+        "dense": "",
+        "prompt-lookup": args.lookup,
+        "self-speculative": spec,
+        "self-speculative + prompt-lookup": f"{spec}, {args.lookup}",
+    }
+    progs = {name: effx.transform(model, passes=p or None) for name, p in pipelines.items()}
+    runners = {}
+    for name, prog in progs.items():
+        runners[f"torch {name}"] = lambda ids, mask, p=prog: _stats_of(
+            lambda st: p.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[], stats=st)
+        )
+    tmp = tempfile.TemporaryDirectory(prefix="effx-drafting-")
+    if not args.no_onnx:
+        from effx.exporters.onnx import export
+        from effx.runtime.onnx import load
+
+        for name in ("dense", "prompt-lookup", "self-speculative"):
+            gen = load(export(progs[name], Path(tmp.name) / name.replace(" ", "_")))
+            runners[f"onnx {name}"] = lambda ids, mask, g=gen: _stats_of(
+                lambda st: torch.from_numpy(
+                    g.generate(ids.numpy(), mask.numpy(), max_new_tokens=n, eos_token_id=[], stats=st)
+                )
+            )
+
+    sets = {}
+    for name in args.sets.split(","):
+        if name == "summ":
+            sets[name] = summary_prompts(tok, aclsum("test", n=args.prompts), args.doc_tokens)
+        elif name == "chat":
+            sets[name] = [encode_prompts(tok, p) for p in PROMPTS[: args.prompts]]
+        else:
+            raise SystemExit(f"unknown prompt set {name!r}: choose summ, chat")
+
+    print(f"SmolLM2-135M, batch 1, {n} new tokens, {args.threads} threads, {args.repeats} repeats (medians)")
+    for set_name, prompts in sets.items():
+        runs = interleave(
+            runners, prompts, repeats=args.repeats, warmup=(prompts[0][0][:, :8], prompts[0][1][:, :8])
+        )
+        print(f"\n{set_name}: {len(prompts)} prompts")
+        print(f"{'row':44} {'tok/s':>7} {'x dense':>8} {'same':>5} {'acc':>6} {'tok/round':>9}")
+        for name, r in runs.items():
+            backend = name.split()[0]
+            base = runs[f"{backend} dense"]
+            outs, refs = first_outputs(r), first_outputs(base)
+            same = all(torch.equal(a[0], b[0]) for a, b in zip(outs, refs, strict=True))
+            drafted = sum(o[1].get("drafted", 0) for o in outs)
+            accepted = sum(o[1].get("accepted", 0) for o in outs)
+            rounds = sum(o[1].get("rounds", 0) for o in outs)
+            seconds = total_seconds(r)
+            acc = f"{accepted / drafted:6.2f}" if drafted else f"{'-':>6}"
+            per_round = f"{(n - 1) * len(prompts) / rounds:9.2f}" if rounds else f"{'-':>9}"
+            print(
+                f"{name:44} {n * len(prompts) / seconds:7.1f} {total_seconds(base) / seconds:8.2f} "
+                f"{str(same):>5} {acc} {per_round}"
+            )
+
+
+def _stats_of(fn):
+    stats: dict = {}
+    return fn(stats), stats
+
+
+if __name__ == "__main__":
+    main()
