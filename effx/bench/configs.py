@@ -108,7 +108,8 @@ def default_configs(
     * ``token-drop`` before layers 4/30 and 12/30 of the depth, keep 0.75 then 0.5;
     * ``early-exit`` lossy after 1/3, 1/2, 2/3, 5/6 of the layers (10, 15, 20, 25) with trained heads
       (4k pydoc tokens), calibrated to 0.95 agreement;
-    * the same exits with ``vocab-reduce`` exits k = V/24 (2048), adaptive, calibrated to 0.95.
+    * the same exits with ``vocab-reduce`` exits k = V/24 (2048), adaptive, calibrated to 0.95;
+    * ``prompt-lookup`` at its defaults (lossless drafts from the prompt; its acceptance in the table).
 
     * the quantize step alone (:func:`default_quantize`: ``quantize{source=gguf}`` for a model loaded from
       a GGUF file, else int8).
@@ -116,7 +117,7 @@ def default_configs(
     ``quantize`` (a ``quantize{...}`` pipeline string) adds every configuration above combined with it.
     Profiles, vocabularies and heads are made once and cached (about 40 s, 60 s and 90 s on SmolLM2).
     """
-    from ..passes import EarlyExit, NeuronMask, TokenDrop, VocabReduce, parse_pipeline
+    from ..passes import EarlyExit, NeuronMask, PromptLookup, TokenDrop, VocabReduce, parse_pipeline
 
     n, vocab = dense.info.num_layers, dense.info.vocab_size
     if n < 4:
@@ -154,6 +155,7 @@ def default_configs(
             (early, VocabReduce(k=k_exit, where="exits", schedule="adaptive")),
             calibrate=0.95,
         ),
+        BenchConfig("prompt-lookup (lossless)", (PromptLookup(),)),
     ]
     alone = default_quantize(dense)
     out = configs + [BenchConfig(alone, tuple(parse_pipeline(alone)))]

@@ -287,11 +287,10 @@ class Speculation:
             if not active[b]:
                 continue
             k = min(lead[b], counts[b])
-            accepted += k
-            taken[b] = k
             new = drafts_rows[b][:k] + ([verified_rows[b][k]] if k < width else [])
             kept[b] = min(k + 1, width)
-            self.append(b, new)
+            taken[b] = min(k, self.append(b, new))  # drafts emitted (the end or a stop token may cut them)
+            accepted += taken[b]
         if draft is not None:
             source.verified(self, counts, taken)
         self.stats_round(source if draft is not None else None, counts, active, accepted)
@@ -306,8 +305,9 @@ class Speculation:
         self.last = xp.asarray([self.tokens[b, self.n[b] - 1] for b in range(self.batch)], dtype=xp.int64)
         self.flush()
 
-    def append(self, b: int, new: list[int]) -> None:
-        """Row ``b`` emits ``new`` (cut at the end of the output and after a stop token)."""
+    def append(self, b: int, new: list[int]) -> int:
+        """Row ``b`` emits ``new``, cut at the end of the output and after a stop token; returns how many it
+        emitted."""
         new = new[: self.end - self.n[b]]
         for j, t in enumerate(new):
             if t in self.eos:
@@ -319,6 +319,7 @@ class Speculation:
             self.n[b] += len(new)
             for source in self.sources:
                 source.appended(self, b, new)
+        return len(new)
 
     def flush(self) -> None:
         """Emit the columns every unfinished row has."""
