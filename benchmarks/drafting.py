@@ -111,7 +111,7 @@ def main() -> None:
             same = all(torch.equal(a[0], b[0]) for a, b in zip(outs, refs, strict=True))
             drafted = sum(o[1].get("drafted", 0) for o in outs)
             accepted = sum(o[1].get("accepted", 0) for o in outs)
-            rounds = sum(o[1].get("rounds", 0) for o in outs)
+            rounds = sum(o[1].get("steps", 0) for o in outs)
             seconds = total_seconds(r)
             acc = f"{accepted / drafted:6.2f}" if drafted else f"{'-':>6}"
             per_round = f"{(n - 1) * len(prompts) / rounds:9.2f}" if rounds else f"{'-':>9}"

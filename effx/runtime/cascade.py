@@ -20,12 +20,14 @@ the others, and each row's tokens must be in the cache for that row's next fire 
 fire simply discard its prediction. The large model's cost therefore follows the number of steps at which
 any row fires, not the number of fired tokens.
 
-Verified mode (speculative decoding). The small model drafts up to ``n`` tokens greedily; the large model
-runs once over the last emitted token and the drafts and its greedy choices decide: drafts are kept while
-they agree, then the large model's token follows (its correction at the first disagreement, or the token
-after the last draft when all agree). Both caches forget the slots of rejected drafts (``KVCache.truncate``).
-In a batch, the round keeps the shortest agreeing prefix among unfinished rows. Every emitted token is the
-large model's greedy choice given the tokens before it, so the output is the large model's greedy output.
+Verified mode (speculative decoding) runs on the shared verifier (:mod:`effx.runtime.speculative`), the
+small model as its draft source (:class:`ModelDraft`): the small model drafts up to ``n`` tokens greedily
+on its own cache over the verifier's slots; the large model runs once over the last emitted token and the
+drafts and its greedy choices decide: each row keeps its drafts while they agree, then the large model's
+token (its correction at the first disagreement, or the token after the last draft when all agree). Both
+caches forget rejected slots; in a batch each row keeps its own prefix (rows that accepted fewer leave holes
+in both caches, the same ones). Every emitted token is the large model's greedy choice given the tokens
+before it, so the output is the large model's greedy output.
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ from ..arrays import namespace
 from .backend import needed_capabilities
 from .forward import as_backend, positions_from_mask, run_step
 from .loop import Output, prefill
+from .loop import decode as loop_decode
+from .sampling import Sampler
+from .speculative import Draft, DraftSource
 
-__all__ = ["ModelState", "decode", "gated_decode", "next_draft_length", "verified_decode"]
+__all__ = ["ModelDraft", "ModelState", "decode", "gated_decode", "next_draft_length"]
 
 Gate = Callable  # logits [batch, vocab] -> fires [batch] (bool); effx.gates
 
@@ -112,6 +117,12 @@ class ModelState:
             self.logits = None
 
 
+def _shares(stats: dict) -> None:
+    produced = stats["small_tokens"] + stats["large_tokens"]
+    stats["small_share"] = stats["small_tokens"] / produced if produced else 0.0
+    stats["large_share"] = stats["large_tokens"] / produced if produced else 0.0
+
+
 def _count(stats: dict | None, key: str, rows) -> None:
     if stats is not None:
         xp = namespace(rows)
@@ -151,65 +162,81 @@ def next_draft_length(draft: int, drafted: int, accepted: int, max_draft: int) -
     return max(1, draft - 1)
 
 
-def verified_decode(
-    small: ModelState,
-    large: ModelState,
-    out,
-    *,
-    draft: int,
-    adaptive: bool,
-    fires: Gate | None,
-    stats: dict | None,
-) -> None:
-    """Speculative decoding until ``out`` is done. Both models have run their prefill and the large model's
-    greedy first token is already emitted. Drafts are ``draft`` tokens long; with ``adaptive`` they start
-    there and follow the acceptance of each round within ``[1, draft]``. A draft ends early at a token where
-    ``fires`` (if given) says the small model is unsure of it."""
-    xp = small.backend.xp
-    length = draft
-    while not out.done:
-        cur = out.length
-        active = ~out.finished
-        n = min(length, out.remaining)
+class ModelDraft(DraftSource):
+    """Verified mode's drafts: the small model's greedy tokens, on its own cache over the verifier's slots
+    (the same slots, holes and positions as the large model's), up to ``draft`` tokens; with ``adaptive``
+    the length follows each round within ``[1, draft]`` (the shortest accepted prefix among the rows that
+    drafted); a draft ends early at a token where ``fires`` says the small model is unsure of it."""
+
+    name = "model"
+
+    def __init__(self, backend, draft: int, *, adaptive: bool, fires: Gate | None, stats: dict | None):
+        self.backend = as_backend(backend)
+        self.draft, self.length, self.adaptive, self.fires, self.stats = draft, draft, adaptive, fires, stats
+        self.passes = 0  # forward passes after the prefill
+        self.positions_run = 0  # token positions those passes ran over (per row)
+
+    def start(self, spec):
+        self.spec = spec
+        p = spec.prompt_len
+        self.cache = self.backend.new_cache(spec.batch, spec.cache.capacity)
+        ids, positions, valid = spec.slot_tokens[:, :p], spec.slot_pos[:, :p], spec.key_valid[:, :p]
+        _, self.backend = prefill(self.backend, self.cache, ids, positions, valid, self.stats)
+        self.seen = p
+
+    def _feed(self, spec, end: int):
+        """Run the slots ``seen .. end-1`` (the verifier's tokens there) in one step; the logits of the last."""
+        logits = run_step(
+            self.backend,
+            self.cache,
+            spec.slot_tokens[:, self.seen : end],
+            spec.slot_pos[:, self.seen : end],
+            spec.key_valid[:, :end],
+            stats=self.stats,
+        )
+        self.passes += 1
+        self.positions_run += end - self.seen
+        self.seen = end
+        return logits
+
+    def _rewind(self, spec) -> None:
+        if self.seen > spec.length:  # slots the verifier rejected
+            self.cache.truncate(spec.length)
+            self.seen = spec.length
+
+    def propose(self, spec, n):
+        xp = spec.xp
+        self._rewind(spec)
+        start, n = spec.length, min(n, self.length)
+        active = spec.active
+        rows = xp.asarray(active)
+        spec.place(start, spec.last[:, None], spec.pos[:, None])
+        logits = self._feed(spec, start + 1)  # catching up on what it has not seen, then the last token
         drafts = []
-        logits = small.logits_for(out.tokens, cur)
         for j in range(n):
             if j:
-                logits = small.feed(drafts[-1][:, None])
+                spec.place(start + j, drafts[-1][:, None], spec.pos[:, None] + j)
+                logits = self._feed(spec, start + j + 1)
             drafts.append(xp.argmax(xp.astype(logits, xp.float32), axis=-1))
-            if fires is not None and bool(xp.any(fires(logits) & active)):
+            if self.fires is not None and bool(xp.any(self.fires(logits) & rows)):
                 break
         m = len(drafts)
-        proposed = xp.stack(drafts, axis=1)  # [batch, m], slots cur .. cur+m-1
-        if large.seen != cur - 1:
-            raise RuntimeError(
-                f"cascade bookkeeping broken: large model at slot {large.seen}, expected {cur - 1}"
-            )
-        verify = large.feed(xp.concat([out.tokens[:, cur - 1 : cur], proposed], axis=1), every=True)
-        verified = xp.argmax(xp.astype(verify, xp.float32), axis=-1)  # [batch, m+1], predicting cur .. cur+m
-        agree = xp.sum(xp.cumulative_prod(xp.astype(proposed == verified[:, :m], xp.int64), axis=1), axis=1)
-        agree = xp.where(active, agree, xp.asarray(m, dtype=agree.dtype))  # finished rows hold no one back
-        k = int(xp.min(agree))
-        for j in range(k):
-            was = ~out.finished
-            out.emit(proposed[:, j])
-            _count(stats, "small_tokens", was)
-            if out.done:
-                break
-        if not out.done:
-            was = ~out.finished
-            out.emit(verified[:, k])
-            _count(stats, "large_tokens", was)
-        # both caches keep slot cur-1 (the token before the drafts) and the accepted drafts d_1..d_k
-        large.truncate(cur + k)
-        small.truncate(cur + k)
-        if stats is not None:
-            stats["drafted"] += m
-            stats["accepted"] += k
-            stats["rounds"] += 1
-            stats["draft_lengths"].append(m)
-        if adaptive:
-            length = next_draft_length(length, m, k, draft)
+        return Draft(xp.stack(drafts, axis=1), [m if a else 0 for a in active])
+
+    def verified(self, spec, counts, accepted):
+        if self.adaptive:
+            drafted = [(c, a) for c, a in zip(counts, accepted, strict=True) if c]
+            m, k = max(c for c, _ in drafted), min(a for _, a in drafted)
+            self.length = next_draft_length(self.length, m, k, self.draft)
+
+    def sync(self, spec):
+        self._rewind(spec)
+        if self.seen < spec.length:
+            self._feed(spec, spec.length)
+
+    def compacted(self, spec, start, index):
+        self.cache.compact(start, index)
+        self.seen = spec.length
 
 
 def decode(
@@ -234,13 +261,16 @@ def decode(
     (``input_ids [batch, prompt]`` int64, left-padded ``attention_mask``); ``mode`` is ``"gated"`` or
     ``"verified"``.
 
-    Returns the output ``[batch, prompt + new]`` (finished rows padded with ``pad``) and both models' states,
-    whose caches hold the slots each model has seen. ``stats`` (a dict, or None) receives ``small_tokens`` and
+    Returns the output ``[batch, prompt + new]`` (finished rows padded with ``pad``) and both models' states:
+    in gated mode their :class:`ModelState`, whose caches hold the slots each model has seen; in verified mode
+    the small model's :class:`ModelDraft` and the large backend (the rounds run on the shared verifier,
+    :mod:`effx.runtime.speculative`). ``stats`` (a dict, or None) receives ``small_tokens`` and
     ``large_tokens`` (tokens each model decided, over unfinished rows) and their shares ``small_share`` /
     ``large_share``, ``small_passes``/``large_passes`` and ``small_positions``/``large_positions`` (forward
     passes after the prefill, and the token positions they ran over), in gated mode ``large_steps`` (steps
     where some row fired), ``catch_up_tokens`` and ``overridden`` (fired tokens where the large model chose
-    differently), in verified mode ``drafted``, ``accepted``, ``rounds`` and ``draft_lengths`` (per round);
+    differently), in verified mode ``drafted``, ``accepted``, ``rounds`` and ``draft_lengths`` (per round), ``steps`` and
+    ``compactions`` (see :class:`effx.runtime.speculative.Speculation`);
     ``small``/``large`` hold what each model's own runtime reports.
     """
     small, large = as_backend(small), as_backend(large)
@@ -249,16 +279,39 @@ def decode(
             backend.require(capability)
     xp = large.xp
     batch, prompt_len = input_ids.shape
-    key_valid = xp.concat(
-        [xp.astype(attention_mask, xp.bool), xp.ones((batch, max_new), dtype=xp.bool)], axis=1
-    )
-    positions = positions_from_mask(key_valid)
     if stats is not None:
         stats.update(small_tokens=0, large_tokens=0, small={}, large={})
         if mode == "gated":
             stats.update(large_steps=0, catch_up_tokens=0, overridden=0)
-        else:
-            stats.update(drafted=0, accepted=0, rounds=0, draft_lengths=[])
+    if mode == "verified":
+        source = ModelDraft(
+            small, draft, adaptive=adaptive, fires=fires, stats=None if stats is None else stats["small"]
+        )
+        inner: dict | None = None if stats is None else {}
+        tokens = loop_decode(
+            large, input_ids, attention_mask, max_new=max_new, eos=eos, pad=pad, sampler=Sampler(),
+            streamer=streamer, on_token=on_token, bar=bar, stats=inner, sources=[source],
+        )  # fmt: skip
+        if stats is not None:
+            speculation = ("drafted", "accepted", "rounds", "steps", "draft_lengths", "compactions")
+            stats["large_positions"] = inner.pop("verified_positions")
+            stats.update({k: inner.pop(k) for k in speculation})
+            emitted = batch + inner.pop("emitted")  # the first token of every row, then the rounds'
+            inner.pop("sources")
+            stats["large"].update(inner)
+            stats.update(
+                small_tokens=stats["accepted"],
+                large_tokens=emitted - stats["accepted"],
+                small_passes=source.passes,
+                large_passes=stats["steps"],
+                small_positions=source.positions_run,
+            )
+            _shares(stats)
+        return tokens, source, large
+    key_valid = xp.concat(
+        [xp.astype(attention_mask, xp.bool), xp.ones((batch, max_new), dtype=xp.bool)], axis=1
+    )
+    positions = positions_from_mask(key_valid)
     if streamer is not None:
         streamer.put(input_ids)
     out = Output(input_ids, max_new, eos, pad, streamer, on_token, bar)
@@ -267,20 +320,13 @@ def decode(
         lg = ModelState(large, positions, key_valid, None if stats is None else stats["large"])
         s.prefill(input_ids)
         lg.prefill(input_ids)
-        if mode == "verified":
-            out.emit(xp.argmax(xp.astype(lg.logits, xp.float32), axis=-1))
-            _count(stats, "large_tokens", xp.ones(batch, dtype=xp.bool))
-            verified_decode(s, lg, out, draft=draft, adaptive=adaptive, fires=fires, stats=stats)
-        else:
-            gated_decode(s, lg, out, fires, stats)
+        gated_decode(s, lg, out, fires, stats)
     if stats is not None:
-        produced = stats["small_tokens"] + stats["large_tokens"]
         stats.update(
             small_passes=s.passes,
             large_passes=lg.passes,
             small_positions=s.positions_run,
             large_positions=lg.positions_run,
-            small_share=stats["small_tokens"] / produced if produced else 0.0,
-            large_share=stats["large_tokens"] / produced if produced else 0.0,
         )
+        _shares(stats)
     return out.finish(), s, lg

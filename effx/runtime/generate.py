@@ -66,8 +66,9 @@ def generate(
     streamer (``put``/``end``, e.g. ``TextStreamer``); ``on_token(ids [batch])`` is called for every token;
     ``progress=True`` shows a progress bar. Pass a dict as ``stats`` to get what the runtime decided:
     ``exit_layers`` (per step, per row: how many layers the token went through) with early exits,
-    ``drafted``/``accepted``/``rounds`` (and per draft source, ``sources``; ``compactions`` of a batch's
-    cache) when the plan drafts (prompt lookup, self-speculative exits), ``head_positions``/``head_fallbacks``
+    ``drafted``/``accepted`` (summed over rows), ``rounds`` (verification steps with drafts), ``steps``
+    (all of them), ``draft_lengths``, per draft source ``sources`` and ``compactions`` of a batch's cache
+    when the plan drafts (prompt lookup, self-speculative exits), ``head_positions``/``head_fallbacks``
     (positions a vocabulary-reduced head scored, and how many of them fell back to the full head),
     ``kept_tokens`` (TokenDrop: per drop layer, prompt tokens kept per row) and ``core_neurons``
     (NeuronMask core mode: per layer, the neuron ids each row decodes with).

@@ -183,9 +183,8 @@ def decode(
         next_pos = positions[:, -1:] + 1
         token = out.emit(sampler(logits, generator))
         if speculative:
-            if not out.done:
-                sources = sources_of(plan) if sources is None else sources
-                Speculation(backend, cache, out, key_valid, next_pos, sources, draft=draft, stats=stats).run()
+            sources = sources_of(plan) if sources is None else sources
+            Speculation(backend, cache, out, key_valid, next_pos, sources, draft=draft, stats=stats).run()
             return out.finish()
         decoder = None
         if mode == "lossy":

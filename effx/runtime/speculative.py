@@ -18,6 +18,10 @@ Draft sources (:class:`DraftSource`):
   for one more verified token), so a round whose drafts all agree ends with the last draft, not a bonus
   token.
 
+* :class:`effx.runtime.cascade.ModelDraft` (``effx.cascade(..., mode="verified")``): a small model's greedy
+  tokens, on its own cache over the same slots (it catches up from the verifier's per-slot tokens and
+  positions).
+
 Sources are tried in order each round and the first that proposes anything for some row drafts it: with both,
 lookup drafts where the text repeats and the exit drafts elsewhere.
 
@@ -34,7 +38,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .forward import KVCache, MaskCache, as_backend
+from ..arrays import take_along_axis
+from .forward import KVCache, MaskCache, as_backend, positions_from_mask
 from .vocab import exit_logits, head_logits
 
 __all__ = ["Draft", "DraftSource", "ExitDraft", "LookupDraft", "Speculation", "capacity", "sources_of"]
@@ -76,6 +81,13 @@ class DraftSource:
 
     def verified(self, spec: Speculation, counts: list[int], accepted: list[int]) -> None:
         """This source drafted the round just verified: per row, ``counts`` drafts, ``accepted`` kept."""
+
+    def sync(self, spec: Speculation) -> None:
+        """Before a compaction: bring any cache of the source's own to ``spec.length`` slots."""
+
+    def compacted(self, spec: Speculation, start: int, index) -> None:
+        """The verifier compacted its cache (``KVCache.compact(start, index)``): do the same to any of the
+        source's own."""
 
 
 class LookupDraft(DraftSource):
@@ -149,7 +161,7 @@ class ExitDraft(DraftSource):
         drafts, hs, cs, ss = [], [], [], []
         for j in range(n):
             slot = spec.length + j
-            spec.open(slot, 1)
+            spec.place(slot, token[:, None], pos[:, None])
             masks = MaskCache(backend, spec.key_valid[:, : slot + 1], backend.dtype)
             hidden, cos, sin = backend.run(plan.embed, token[:, None], pos[:, None])
             prev = hidden
@@ -215,13 +227,19 @@ class Speculation:
         self.tokens[:, : out.length] = out.tokens[:, : out.length]
         self.n = [out.length] * self.batch  # tokens of each row (prompt included)
         self.first = [int(v) for v in xp.sum(xp.astype(~key_valid[:, : self.prompt_len], xp.int64), axis=1)]
+        # per slot: the token each row has there and its position (a draft model catches up from them)
+        capacity = key_valid.shape[1]
+        self.slot_tokens = xp.zeros((self.batch, capacity), dtype=xp.int64)
+        self.slot_pos = xp.zeros((self.batch, capacity), dtype=xp.int64)
+        self.slot_tokens[:, : self.prompt_len] = out.tokens[:, : self.prompt_len]
+        self.slot_pos[:, : self.prompt_len] = positions_from_mask(key_valid[:, : self.prompt_len])
         self.finished = [bool(f) for f in out.finished]
         self.eos = {int(t) for t in out.eos}
         self.last = out.tokens[:, out.length - 1]
         self.pos = pos[:, 0]
         self.length = cache.lengths[0]
         if stats is not None:
-            stats.update(drafted=0, accepted=0, rounds=0, draft_lengths=[], compactions=0)
+            stats.update(drafted=0, accepted=0, rounds=0, steps=0, verified_positions=0, emitted=0, draft_lengths=[], compactions=0)
             stats["sources"] = {s.name: {"rounds": 0, "drafted": 0, "accepted": 0} for s in sources}
         for source in sources:
             source.start(self)
@@ -234,9 +252,13 @@ class Speculation:
         """Row ``b``'s tokens so far, prompt (without padding) included."""
         return [int(t) for t in self.tokens[b, self.first[b] : self.n[b]]]
 
-    def open(self, slot: int, width: int) -> None:
-        """Slots ``slot .. slot+width-1`` get new tokens: valid in every row until a round rejects them."""
-        self.key_valid[:, slot : slot + width] = True
+    def place(self, slot: int, tokens, positions) -> None:
+        """Slots from ``slot`` on get ``tokens [batch, q]`` at ``positions [batch, q]``: valid in every row
+        until a round rejects them."""
+        q = tokens.shape[1]
+        self.key_valid[:, slot : slot + q] = True
+        self.slot_tokens[:, slot : slot + q] = tokens
+        self.slot_pos[:, slot : slot + q] = positions
 
     def run(self) -> None:
         """Rounds until every row has finished; then the output holds every row's tokens."""
@@ -266,7 +288,7 @@ class Speculation:
         inputs = xp.concat([self.last[:, None], drafts], axis=1)[:, :width]
         positions = self.pos[:, None] + xp.arange(width, dtype=xp.int64)[None, :]
         start = self.length
-        self.open(start, width)
+        self.place(start, inputs, positions)
         masks = MaskCache(backend, self.key_valid[:, : start + width], backend.dtype)
         if draft is not None and draft.hidden is not None:
             hidden, cos, sin = draft.hidden
@@ -293,7 +315,7 @@ class Speculation:
             accepted += taken[b]
         if draft is not None:
             source.verified(self, counts, taken)
-        self.stats_round(source if draft is not None else None, counts, active, accepted)
+        self.stats_round(source if draft is not None else None, counts, active, accepted, width)
         # keep the slots up to the longest accepted prefix; shorter rows leave holes
         length = start + max(kept)
         for b in range(self.batch):
@@ -319,6 +341,8 @@ class Speculation:
             self.n[b] += len(new)
             for source in self.sources:
                 source.appended(self, b, new)
+            if self.stats is not None:
+                self.stats["emitted"] += len(new)
         return len(new)
 
     def flush(self) -> None:
@@ -333,27 +357,35 @@ class Speculation:
     def compact(self) -> None:
         """Move each row's valid slots of the generated region to its front, in order (see KVCache.compact)."""
         xp, p = self.xp, self.prompt_len
+        for source in self.sources:
+            source.sync(self)
         valid = self.key_valid[:, p : self.length]
         counts = xp.sum(xp.astype(valid, xp.int64), axis=1)
         count = int(xp.max(counts))
         order = xp.argsort(xp.astype(~valid, xp.int8), axis=1, stable=True)[:, :count]
         self.cache.compact(p, order)
+        for table in (self.slot_tokens, self.slot_pos):
+            table[:, p : p + count] = take_along_axis(xp, table[:, p : self.length], order, axis=1)
         self.key_valid[:, p:] = False
         self.key_valid[:, p : p + count] = xp.arange(count)[None, :] < counts[:, None]
         self.length = p + count
+        for source in self.sources:
+            source.compacted(self, p, order)
         if self.stats is not None:
             self.stats["compactions"] += 1
 
-    def stats_round(self, source, counts, active, accepted) -> None:
+    def stats_round(self, source, counts, active, accepted, width) -> None:
         stats = self.stats
         if stats is None:
             return
         drafted = sum(c for c, a in zip(counts, active, strict=True) if a)
-        stats["rounds"] += 1
+        stats["steps"] += 1
+        stats["verified_positions"] += width
         stats["drafted"] += drafted
         stats["accepted"] += accepted
-        stats["draft_lengths"].append(max(counts) if counts else 0)
         if source is not None:
+            stats["rounds"] += 1
+            stats["draft_lengths"].append(max(counts))
             s = stats["sources"][source.name]
             s["rounds"] += 1
             s["drafted"] += drafted
