@@ -97,6 +97,18 @@ def test_self_speculative_early_exit_is_token_identical(dense):
     assert stats["drafted"] > 0
 
 
+def test_prompt_lookup_is_token_identical(dense):
+    """A grounded prompt (summarize a given text) and an open one, as a left-padded batch: lookup drafts are
+    accepted where the answer copies the prompt, and the tokens are the dense Program's."""
+    model, tokenizer, prog = dense
+    lookup = effx.transform(model, passes="prompt-lookup")
+    ids, mask = encode_prompts(tokenizer, [PROMPTS[2], PROMPTS[0]])
+    stats = {}
+    out = lookup.generate(ids, attention_mask=mask, max_new_tokens=48, stats=stats)
+    assert torch.equal(out, prog.generate(ids, attention_mask=mask, max_new_tokens=48))
+    assert 0 < stats["accepted"] <= stats["drafted"]
+
+
 def test_reduced_draft_head_keeps_self_speculative_identical(dense, tmp_path):
     from effx.data import pydoc_texts
 
