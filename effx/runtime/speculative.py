@@ -42,7 +42,16 @@ from ..arrays import take_along_axis
 from .forward import KVCache, MaskCache, as_backend, positions_from_mask
 from .vocab import exit_logits, head_logits
 
-__all__ = ["Draft", "DraftSource", "ExitDraft", "LookupDraft", "Speculation", "capacity", "sources_of"]
+__all__ = [
+    "Draft",
+    "DraftSource",
+    "ExitDraft",
+    "LookupDraft",
+    "Speculation",
+    "capacity",
+    "longest_draft",
+    "sources_of",
+]
 
 
 @dataclass
