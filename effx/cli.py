@@ -171,6 +171,39 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run these prompts (a text file, one a line, or 'builtin': effx's prompt suite) and exit",
     )
 
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a pipeline or an artifact on lm-evaluation-harness tasks (the lm-eval extra)",
+        description="Run lm-evaluation-harness tasks on effx's lm-eval model (the same as 'lm_eval --model "
+        "effx', with effx's local tasks included): the dense Program, any pipeline, or an exported "
+        "artifact on ONNX Runtime. Prints lm-eval's table and what the runtime decided (exit depths, "
+        "accepted drafts, kept prompt tokens, reduced-head fallbacks). effx's local tasks "
+        "(effx_aclsum_title, effx_aclsum_challenge, effx_pydoc; the tag 'effx' names all three) read data "
+        "that ships offline.",
+        epilog="examples:\n"
+        "  effx eval --tasks effx_aclsum_title --limit 20\n"
+        '  effx eval --passes "early-exit{layers=10,20 thresholds=0.9}" --tasks effx --limit 10\n'
+        "  effx eval --artifact out/smollm2 --tasks effx_pydoc\n"
+        "  effx eval --tasks my_task.yaml --include-path my_tasks/ --output results.json\n"
+        "the same with lm-eval's own command line (pipelines in parentheses there, as lm-eval reads braces "
+        "as JSON):\n"
+        '  lm_eval --model effx --model_args model=smollm2-135m,passes="early-exit(layers=10,20 '
+        'thresholds=0.9)" --include_path effx/lm_eval_tasks --tasks effx_aclsum_title --limit 20',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(ev)
+    ev.add_argument("--artifact", default=None, help="evaluate an artifact written by 'effx export' instead")
+    ev.add_argument(
+        "--tasks", required=True, help="comma-separated task names, tags or task YAML files"
+    )
+    ev.add_argument("--limit", type=float, default=None, help="documents per task (a count, or a fraction < 1)")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
+    ev.add_argument("--batch-size", type=int, default=1, help="requests per batch (default: %(default)s)")
+    ev.add_argument(
+        "--include-path", default=None, help="a directory of more task YAML files (effx's own are always in)"
+    )
+    ev.add_argument("--output", default=None, help="write lm-eval's results (JSON) to this file")
+
     sub.add_parser(
         "passes", help="list the registered passes", description="List the passes a pipeline string can name."
     )
@@ -541,6 +574,67 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    import effx
+
+    try:
+        from . import harness
+    except ImportError as e:
+        print(f"effx: error: effx eval needs lm-eval ({e}); pip install 'effx[lm-eval]'", file=sys.stderr)
+        return 1
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    if args.limit is not None and args.limit <= 0:
+        print(f"effx: error: --limit must be > 0, got {args.limit}", file=sys.stderr)
+        return 1
+    include = [str(harness.TASKS_DIR)]
+    if args.include_path is not None:
+        if not Path(args.include_path).is_dir():
+            print(f"effx: error: --include-path {args.include_path}: no such directory", file=sys.stderr)
+            return 1
+        include.append(args.include_path)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for t in tasks:
+        if t.endswith((".yaml", ".yml")) and not Path(t).is_file():
+            print(f"effx: error: --tasks {t}: no such task file", file=sys.stderr)
+            return 1
+    manager = TaskManager(include_path=include, verbosity="ERROR")
+    names = [t for t in tasks if not t.endswith((".yaml", ".yml"))]
+    missing = [t for t in names if not manager.match_tasks([t])]
+    if missing:
+        print(
+            f"effx: error: unknown task(s) {', '.join(missing)}; effx's local tasks: "
+            "effx_aclsum_title, effx_aclsum_challenge, effx_pydoc (tag: effx); 'lm_eval ls tasks' lists lm-eval's",
+            file=sys.stderr,
+        )
+        return 1
+    if not args.artifact:
+        effx.parse_pipeline(args.passes)  # a bad pipeline fails before the model loads
+    lm = harness.EffxLM(
+        model=args.model,
+        passes=args.passes,
+        artifact=args.artifact,
+        kernels=args.kernels,
+        batch_size=args.batch_size,
+    )
+    results = simple_evaluate(
+        model=lm, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot, task_manager=manager
+    )
+    print(make_table(results))
+    print(f"[effx] {lm.description['passes'] or 'dense'} ({lm.description['backend']}): "
+          f"{harness.format_stats(lm.stats())}")
+    if args.output:
+        results.pop("samples", None)
+        Path(args.output).write_text(json.dumps(results, indent=2, default=str))
+        print(f"[effx] results: {args.output}", file=sys.stderr)
+    return 0
+
+
 def _cmd_passes(args) -> int:
     from .passes import registered_passes
 
@@ -570,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         "passes": _cmd_passes,
         "bench": _cmd_bench,
         "chat": _cmd_chat,
+        "eval": _cmd_eval,
     }[args.command]
     try:
         return handler(args)

@@ -222,8 +222,14 @@ def _parse_args(pass_name: str, body: str) -> dict[str, Any]:
     return args
 
 
+# a pass's arguments go in braces; parentheses do the same where braces are taken (lm-eval's --model_args
+# reads any value with a brace as JSON)
+_CLOSE = {"{": "}", "(": ")"}
+
+
 def parse_pipeline(text: str) -> list[Pass]:
-    """Parse ``"name{key=value ...}, name2, ..."`` into pass instances (validated)."""
+    """Parse ``"name{key=value ...}, name2, ..."`` into pass instances (validated); ``name(key=value ...)``
+    is the same as ``name{key=value ...}``."""
     if not isinstance(text, str):
         raise PassConfigError(f"a pipeline is a string, got {type(text).__name__}")
     passes: list[Pass] = []
@@ -240,12 +246,13 @@ def parse_pipeline(text: str) -> list[Pass]:
         name = m.group(1)
         pos = m.end()
         args: dict[str, Any] = {}
-        if pos < n and text[pos] == "{":
-            close = text.find("}", pos)
+        if pos < n and text[pos] in _CLOSE:
+            opening, closing = text[pos], _CLOSE[text[pos]]
+            close = text.find(closing, pos)
             if close < 0:
-                raise PassConfigError(f"pipeline {text!r}: '{{' after {name!r} is never closed")
-            if "{" in text[pos + 1 : close]:
-                raise PassConfigError(f"pipeline {text!r}: nested '{{' in the arguments of {name!r}")
+                raise PassConfigError(f"pipeline {text!r}: {opening!r} after {name!r} is never closed")
+            if opening in text[pos + 1 : close]:
+                raise PassConfigError(f"pipeline {text!r}: nested {opening!r} in the arguments of {name!r}")
             args = _parse_args(name, text[pos + 1 : close])
             pos = close + 1
         passes.append(_construct(get_pass(name), args))

@@ -1,0 +1,126 @@
+"""Scoring a given continuation the way a Program decodes it: the log-probability of each of its tokens and
+whether it is the Program's greedy choice there (what lm-evaluation-harness's ``loglikelihood`` asks).
+
+Written once against the array API, so the torch backend and the ONNX Runtime backend score alike.
+
+* A plan whose decode steps are the dense model's (dense, neuron-masked, vocabulary-reduced heads with
+  their fallback, TokenDrop, core neurons; and lossless drafting, whose output is the dense Program's by
+  construction) prefills the context with the plan's own prefill and scores the continuation in
+  multi-token steps of at most ``chunk`` positions.
+* A plan with lossy early exits runs the decode loop itself (:func:`effx.runtime.loop.decode`), forced
+  along the continuation: every token's log-probability comes from the head that the runtime used at that
+  position (an exit's, or the final one), with the exited tokens' deferred KV as in generation.
+
+Batches are left-padded contexts with right-padded continuations; each row's first ``lengths[b]``
+continuation tokens are scored, the rest are ignored.
+"""
+
+from __future__ import annotations
+
+from ..arrays import take_along_axis
+from ..errors import GenerationInputError
+from .backend import Backend
+from .forward import positions_from_mask, run_step
+from .loop import decode, prefill
+
+__all__ = ["log_softmax", "score"]
+
+
+def log_softmax(xp, logits):
+    """``log_softmax`` over the last axis in float32 (``-inf`` logits stay ``-inf``)."""
+    logits = xp.astype(logits, xp.float32)
+    top = xp.max(logits, axis=-1, keepdims=True)
+    return logits - (top + xp.log(xp.sum(xp.exp(logits - top), axis=-1, keepdims=True)))
+
+
+def _pick(xp, logits, targets):
+    """``(log-probability of targets, targets == argmax)``, both ``[batch, n]``, from logits ``[batch, n, V]``."""
+    logp = log_softmax(xp, logits)
+    picked = take_along_axis(xp, logp, targets[..., None], axis=-1)[..., 0]
+    return picked, xp.argmax(logits, axis=-1) == targets
+
+
+class _Forced:
+    """A sampler that answers with the given continuation and keeps what each step scored it."""
+
+    do_sample = False
+
+    def __init__(self, xp, tokens):
+        self.xp, self.tokens = xp, tokens
+        self.logp, self.greedy = [], []
+
+    def __call__(self, logits, generator=None):
+        step = len(self.logp)
+        target = self.tokens[:, step]
+        logp, greedy = _pick(self.xp, logits[:, None], target[:, None])
+        self.logp.append(logp[:, 0])
+        self.greedy.append(greedy[:, 0])
+        return target
+
+
+def score(
+    backend: Backend,
+    context,
+    context_mask,
+    continuation,
+    *,
+    chunk: int = 256,
+    stats: dict | None = None,
+):
+    """``(logp, greedy)``, both ``[batch, n]``: for every token of ``continuation [batch, n]`` (int64) after
+    the left-padded ``context [batch, c]`` (``context_mask`` marks its real tokens), its log-probability
+    under the Program as it decodes and whether it is the Program's greedy token there. ``stats`` receives
+    the run-time decisions, as in ``generate`` (``exit_layers`` has one entry per decode step: the first
+    continuation token comes from the prefill, which runs every layer)."""
+    xp = backend.xp
+    if context.ndim != 2 or continuation.ndim != 2 or context.shape[0] != continuation.shape[0]:
+        raise GenerationInputError(
+            f"context [batch, c] and continuation [batch, n] must share their batch, got shapes "
+            f"{tuple(context.shape)} and {tuple(continuation.shape)}"
+        )
+    if context.shape[1] == 0 or continuation.shape[1] == 0:
+        raise GenerationInputError("context and continuation must each hold at least one token")
+    if chunk < 1:
+        raise GenerationInputError(f"chunk must be >= 1, got {chunk}")
+    batch, c = context.shape
+    n = continuation.shape[1]
+    plan = backend.plan
+    if c + n - 1 > plan.model.max_positions:  # the last continuation token is scored, never read
+        raise GenerationInputError(
+            f"{c} context + {n} continuation tokens exceed the model's {plan.model.max_positions} positions"
+        )
+    if plan.decode_mode == "lossy":
+        forced = _Forced(xp, continuation)
+        decode(
+            backend, context, context_mask, max_new=n, eos=[], pad=0, sampler=forced, stats=stats
+        )
+        return xp.stack(forced.logp, axis=1), xp.stack(forced.greedy, axis=1)
+    key_valid = xp.concat(
+        [xp.astype(context_mask, xp.bool), xp.ones((batch, n), dtype=xp.bool)], axis=1
+    )
+    with backend.compute():
+        rollback = bool(plan.drops) or plan.policy.core_neurons
+        cache = backend.new_cache(batch, c + n, rollback=rollback)
+        positions = positions_from_mask(context_mask)
+        if stats is not None and plan.full_head is not None:
+            stats.update(head_positions=0, head_fallbacks=0)
+        last, step_backend = prefill(backend, cache, context, positions, key_valid[:, :c], stats)
+        logp, greedy = _pick(xp, last[:, None], continuation[:, :1])
+        parts, flags = [logp], [greedy]
+        start = positions[:, -1:] + 1
+        for lo in range(0, n - 1, chunk):
+            hi = min(lo + chunk, n - 1)
+            pos = start + xp.arange(lo, hi)[None]
+            logits = run_step(
+                step_backend,
+                cache,
+                continuation[:, lo:hi],
+                pos,
+                key_valid[:, : c + hi],
+                last_only=False,
+                stats=stats,
+            )
+            logp, greedy = _pick(xp, logits, continuation[:, lo + 1 : hi + 1])
+            parts.append(logp)
+            flags.append(greedy)
+    return xp.concat(parts, axis=1), xp.concat(flags, axis=1)
