@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from . import show
+
 __all__ = ["ChatSession", "Reply", "format_stats", "load_prompts"]
 
 HELP = "commands: /reset (forget the conversation), /passes, /stats (last reply), /help, /quit"
@@ -76,9 +78,12 @@ class ChatSession:
         *,
         passes: str = "",
         out: TextIO | None = None,
+        show: str | None = None,
+        num_layers: int = 0,
     ):
         self.render, self.generate, self.decode = render, generate, decode
         self.passes = passes
+        self.show, self.num_layers = show, num_layers
         self.out = out if out is not None else sys.stdout
         self.messages: list[dict] = []
         self.last: Reply | None = None
@@ -93,13 +98,19 @@ class ChatSession:
         reply = Reply()
         new: list[int] = []
         shown = ""
+        tracer = show.Tracer(reply.stats, self.num_layers) if self.show else None
+        colour = show.use_colour(self.out)
 
         def on_token(token: int) -> None:
             nonlocal shown
             new.append(token)
+            mark = tracer.on_token() if tracer is not None else None
             text = self.decode(new)
             if text.startswith(shown):  # print what the new token added (tokens may merge into characters)
-                self.out.write(text[len(shown) :])
+                piece = text[len(shown) :]
+                if mark is not None:
+                    piece = show.render([piece], [mark], self.show, num_layers=self.num_layers, colour=colour)
+                self.out.write(piece)
                 self.out.flush()
                 shown = text
 
@@ -114,6 +125,8 @@ class ChatSession:
         if reply.text.startswith(shown):
             self.out.write(reply.text[len(shown) :])
         self.out.write("\n[interrupted]\n" if reply.interrupted else "\n")
+        if tracer is not None:
+            self.out.write(show.legend(tracer.marks, self.show, num_layers=self.num_layers, colour=colour) + "\n")
         self.out.flush()
         self.messages.append({"role": "assistant", "content": reply.text})
         self.last = reply

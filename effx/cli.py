@@ -52,6 +52,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_show_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--show",
+        choices=("exits", "paths"),
+        default=None,
+        help="mark where each generated token came from: exits (the exit depth of a lossy early exit) or "
+        "paths (exit depth, accepted drafts, a reduced head's fallback); colours on a terminal, marks such "
+        "as ‹L10› ‹d:lookup› ‹f› in plain text",
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="effx",
@@ -92,6 +103,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--no-stream", action="store_true", help="print the text at the end instead of as it is made"
     )
+    _add_show_arg(g)
 
     i = sub.add_parser(
         "inspect",
@@ -170,6 +182,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="FILE|builtin",
         help="run these prompts (a text file, one a line, or 'builtin': effx's prompt suite) and exit",
     )
+    _add_show_arg(c)
 
     ev = sub.add_parser(
         "eval",
@@ -390,11 +403,17 @@ def _torch_chat(args):
             ids, max_new_tokens=args.max_new_tokens, stats=stats, on_token=lambda t: on_token(int(t[0]))
         )
 
+    if args.show:
+        from . import show
+
+        show.check_mode(args.show, program.plan.decode_mode)
     return ChatSession(
         render,
         generate,
         lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
         passes=pipeline_string(passes),
+        show=args.show,
+        num_layers=program.info.num_layers,
     )
 
 
@@ -424,8 +443,17 @@ def _onnx_chat(args):
         )
 
     passes = ", ".join(p["name"] for p in gen.plan.passes)
+    if args.show:
+        from . import show
+
+        show.check_mode(args.show, gen.plan.decode_mode)
     return ChatSession(
-        render, generate, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), passes=passes
+        render,
+        generate,
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        passes=passes,
+        show=args.show,
+        num_layers=gen.plan.model.num_layers,
     )
 
 
@@ -488,8 +516,16 @@ def _cmd_generate(args) -> int:
     program = effx.transform(model, passes=passes, kernels=args.kernels)
     from .data import encode_prompts
 
+    tracer = None
+    if args.show:
+        from . import show
+
+        show.check_mode(args.show, program.plan.decode_mode)
+        tracer = show.Tracer({}, program.info.num_layers)
     ids, _ = encode_prompts(tokenizer, args.prompt, chat=not args.no_chat_template)
-    streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = None
+    if not args.no_stream and tracer is None:
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     start = time.perf_counter()
     out = program.generate(
         ids,
@@ -500,10 +536,14 @@ def _cmd_generate(args) -> int:
         top_p=args.top_p,
         seed=args.seed,
         streamer=streamer,
+        on_token=None if tracer is None else tracer.on_token,
+        stats=None if tracer is None else tracer.stats,
     )
     elapsed = time.perf_counter() - start
     new = out.shape[1] - ids.shape[1]
-    if streamer is None:
+    if tracer is not None:
+        _print_marked(tokenizer, out[0, ids.shape[1] :].tolist(), tracer, args.show, program.info.num_layers)
+    elif streamer is None:
         print(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     flops = program.flops(context=ids.shape[1] + new // 2)
     print(
@@ -512,6 +552,17 @@ def _cmd_generate(args) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _print_marked(tokenizer, new: list[int], tracer, mode: str, num_layers: int) -> None:
+    from . import show
+
+    eos = set(tokenizer.all_special_ids)
+    n = next((i for i, t in enumerate(new) if t in eos), len(new))  # the stop token and padding after it
+    text = show.pieces(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), new[:n])
+    colour = show.use_colour(sys.stdout)
+    print(show.render(text, tracer.marks[:n], mode, num_layers=num_layers, colour=colour))
+    print(show.legend(tracer.marks[:n], mode, num_layers=num_layers, colour=show.use_colour(sys.stderr)), file=sys.stderr)
 
 
 def _cmd_inspect(args) -> int:
