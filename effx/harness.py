@@ -18,8 +18,8 @@ Model arguments (``--model_args key=value,...``):
 ``loglikelihood`` scores each continuation the way the Program decodes it (:mod:`effx.runtime.score`):
 with lossy early exits every token's log-probability comes from the head that produced it at that
 position; lossless drafting scores as the dense Program. ``generate_until`` runs the Program's own
-``generate`` (left-padded batches of ``--batch_size``), greedy unless the task samples, and cuts the text
-at the first stop sequence. The run-time decisions (exit depths, accepted drafts, kept prompt tokens,
+``generate`` (left-padded batches of ``--batch_size``), greedy unless the task samples; a row stops once
+its text holds a stop sequence, and the text is cut there. The run-time decisions (exit depths, accepted drafts, kept prompt tokens,
 reduced-head fallbacks) are summed over the run, printed after each request type, and written into the
 results' ``config`` (``effx_stats``) by ``get_model_info``.
 
@@ -380,6 +380,19 @@ class EffxLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
         return totals
 
+    def _stopper(self, prompt: int, until: list[str]):
+        """The loop's stop rule for ``until``: a row ends once its new text holds a stop sequence (the text
+        is cut there afterwards)."""
+        stops = [u for u in until if u]
+        if not stops:
+            return None
+
+        def stop(tokens):
+            rows = tokens[:, prompt:].tolist()
+            return [any(u in self.tok_decode(row) for u in stops) for row in rows]
+
+        return stop
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         results: list = [None] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -410,7 +423,13 @@ class EffxLM(TemplateLM):
                 stats: dict = {}
                 start = time.perf_counter()
                 out = self._generate(
-                    ids, mask, max_new_tokens=max_gen, pad_token_id=self.eot_token_id, stats=stats, **sampling
+                    ids,
+                    mask,
+                    max_new_tokens=max_gen,
+                    pad_token_id=self.eot_token_id,
+                    stats=stats,
+                    stop=self._stopper(ids.shape[1], until),
+                    **sampling,
                 )
                 self.seconds += time.perf_counter() - start
                 lengths = []

@@ -197,3 +197,24 @@ def test_the_plan_the_loop_and_the_gates_import_no_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("passes", ["", "prompt-lookup{ngram=2 min_ngram=1 draft=3}", "early-exit{layers=1 thresholds=0.5}"])
+def test_a_stop_rule_ends_its_rows_where_it_says(passes):
+    """generate(stop=...) ends a row after the token that triggered the rule, as a stop token would, in
+    every decode mode (dense, speculative rounds, lossy exits); the other rows go on unchanged."""
+    prog = effx.transform(tiny_model("llama", layers=4, seed=2), passes)
+    ids, mask = left_padded_batch([6, 4], prog.info.vocab_size, seed=3)
+    ref = prog.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], pad_token_id=0)
+    seen = []
+
+    def stop(tokens):
+        seen.append(tokens.shape[1])
+        return [tokens.shape[1] >= ids.shape[1] + 4, False]
+
+    out = prog.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], pad_token_id=0, stop=stop)
+    new = ids.shape[1]
+    assert torch.equal(out[1], ref[1])
+    assert torch.equal(out[0, : new + 4], ref[0, : new + 4])
+    assert bool((out[0, new + 4 :] == 0).all())
+    assert seen == list(range(new + 1, new + 11))  # called after every emitted column

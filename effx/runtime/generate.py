@@ -52,6 +52,7 @@ def generate(
     on_token: Callable[[torch.Tensor], None] | None = None,
     progress: bool = False,
     stats: dict | None = None,
+    stop: Callable | None = None,
     **kwargs,
 ) -> torch.LongTensor:
     """Generate with the same inputs and output as ``model.generate``.
@@ -72,6 +73,10 @@ def generate(
     (positions a vocabulary-reduced head scored, and how many of them fell back to the full head),
     ``kept_tokens`` (TokenDrop: per drop layer, prompt tokens kept per row) and ``core_neurons``
     (NeuronMask core mode: per layer, the neuron ids each row decodes with).
+
+    ``stop(tokens [batch, length]) -> bools [batch]`` is called after every new token (``tokens`` holds the
+    prompt and what was generated); a row it marks ends there, as at a stop token (e.g. stop strings:
+    decode the row's new tokens and look for them).
     """
     if not isinstance(input_ids, torch.Tensor):
         raise GenerationInputError("input_ids must be a 2-D LongTensor [batch, prompt_length]")
@@ -108,6 +113,7 @@ def generate(
             on_token=on_token,
             bar=bar,
             stats=stats,
+            stop=stop,
         )
     finally:
         if bar is not None:

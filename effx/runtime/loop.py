@@ -75,7 +75,9 @@ def stop_and_pad(plan, eos_token_id, pad_token_id) -> tuple[list[int], int]:
 class Output:
     """The output buffer and everything that happens when a token is emitted (stop tokens, callbacks)."""
 
-    def __init__(self, input_ids, max_new: int, eos: list[int], pad: int, streamer=None, on_token=None, bar=None):
+    def __init__(
+        self, input_ids, max_new: int, eos: list[int], pad: int, streamer=None, on_token=None, bar=None, stop=None
+    ):
         xp = namespace(input_ids)
         self.xp = xp
         batch, prompt_len = input_ids.shape
@@ -87,6 +89,7 @@ class Output:
         self.eos = xp.asarray(eos, dtype=xp.int64)
         self.pad = pad
         self.streamer, self.on_token, self.bar = streamer, on_token, bar
+        self.stop = stop
 
     @property
     def done(self) -> bool:
@@ -104,6 +107,9 @@ class Output:
         self.length += 1
         if self.eos.shape[0]:
             self.finished = self.finished | xp.isin(token, self.eos)
+        if self.stop is not None:  # the caller's own stopping rule (e.g. stop strings), after this token
+            stopped = xp.asarray([bool(v) for v in self.stop(self.tokens[:, : self.length])], dtype=xp.bool)
+            self.finished = self.finished | stopped
         if self.streamer is not None:
             self.streamer.put(token)
         if self.on_token is not None:
@@ -147,12 +153,14 @@ def decode(
     bar=None,
     stats: dict | None = None,
     sources: list | None = None,
+    stop: Callable | None = None,
 ):
     """Generate ``max_new`` tokens (fewer when every row stops) after checked inputs (``input_ids [batch,
     prompt]`` int64, left-padded ``attention_mask``), as the plan's policy says. Returns ``[batch, prompt +
     new]``; finished rows are padded with ``pad``. ``stats`` receives what the loop decided (see
     ``Program.generate``). ``sources`` replaces the plan's draft sources (:mod:`effx.runtime.speculative`)
-    and makes the run speculative."""
+    and makes the run speculative. ``stop(tokens [batch, length]) -> bools [batch]``, called after every
+    emitted column, ends the rows it marks (as a stop token would, the token that triggered it kept)."""
     plan, xp = backend.plan, backend.xp
     speculative = plan.speculative or sources is not None
     for capability in needed_capabilities(plan):  # before anything runs
@@ -169,7 +177,7 @@ def decode(
     slots = capacity(batch, prompt_len, max_new, draft) if speculative else prompt_len + max_new
     if streamer is not None:
         streamer.put(input_ids)
-    out = Output(input_ids, max_new, eos, pad, streamer, on_token, bar)
+    out = Output(input_ids, max_new, eos, pad, streamer, on_token, bar, stop)
     key_valid = xp.concat(
         [xp.astype(attention_mask, xp.bool), xp.ones((batch, slots - prompt_len), dtype=xp.bool)], axis=1
     )

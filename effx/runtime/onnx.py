@@ -159,11 +159,13 @@ class OnnxGenerator(OnnxBackend):
         streamer=None,
         on_token=None,
         stats: dict | None = None,
+        stop=None,
     ) -> np.ndarray:
         """``[batch, prompt + new]`` token ids, as the torch backend's ``Program.generate`` (the same loop).
         Sampling draws from numpy's generator seeded with ``seed``. Pass a dict as ``stats`` to get what
         the runtime decided (the torch backend's keys: ``exit_layers``, ``drafted`` / ``accepted``,
-        ``head_positions`` / ``head_fallbacks``, ``kept_tokens``)."""
+        ``head_positions`` / ``head_fallbacks``, ``kept_tokens``). ``stop`` is the caller's stopping rule,
+        as in ``Program.generate``."""
         ids, mask = check_inputs(XP, input_ids, attention_mask, max_new_tokens, self.info.max_positions)
         sampler = Sampler(do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p)
         eos, pad = stop_and_pad(self.plan, eos_token_id, pad_token_id)
@@ -179,6 +181,7 @@ class OnnxGenerator(OnnxBackend):
             streamer=streamer,
             on_token=on_token,
             stats=stats,
+            stop=stop,
         )
 
 

@@ -255,6 +255,8 @@ class Speculation:
 
     @property
     def active(self) -> list[bool]:
+        # a row the output ended (the caller's stop rule, on columns already emitted) ends here too
+        self.finished = [f or bool(o) for f, o in zip(self.finished, self.out.finished, strict=True)]
         return [not f and n < self.end for f, n in zip(self.finished, self.n, strict=True)]
 
     def row_tokens(self, b: int) -> list[int]:
