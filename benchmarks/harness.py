@@ -4,8 +4,9 @@ ONNX artifact, in one run, with effx's run-time decisions beside lm-eval's metri
     python benchmarks/harness.py                  # --limit 20 documents per task, batch 4
     python benchmarks/harness.py --limit 50 --no-onnx
 
-Prints a markdown table: each task's metric per row, the seconds the run spent, and what the runtime
-decided (exit depths, accepted drafts). The dense rows must agree with HF's (same weights, float32).
+Prints a markdown table: each row's teacher-forced agreement with the dense Program (held-out pydoc text,
+``effx.calibrate.agreement``), each task's metric, the seconds the row took, and what the runtime decided
+(exit depths, accepted drafts). The dense rows must agree with HF's (same weights, float32).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 
 import effx
+from effx.calibrate import agreement
+from effx.data import pydoc_texts
 from effx.harness import TASKS_DIR, EffxLM, format_stats
 
 COLUMNS = [
@@ -41,11 +44,11 @@ def main() -> None:
     manager = TaskManager(include_path=[str(TASKS_DIR)], verbosity="ERROR")
     rows = []
 
-    def run(name, lm, stats=None):
+    def run(name, lm, stats=None, agree=""):
         start = time.perf_counter()
         results = simple_evaluate(model=lm, tasks=tasks, limit=args.limit, task_manager=manager, verbosity="ERROR")
         seconds = time.perf_counter() - start
-        rows.append((name, results["results"], seconds, stats() if stats else ""))
+        rows.append((name, results["results"], seconds, stats() if stats else "", agree))
         print(f"[lm_eval] {name}: {seconds:.0f} s", flush=True)
 
     if not args.no_hf:
@@ -53,13 +56,17 @@ def main() -> None:
 
         directory = effx.models.resolve("smollm2-135m")
         run("HF (lm-eval's hf model)", HFLM(pretrained=str(directory), device="cpu", dtype="float32", batch_size=args.batch_size))
+    _, tokenizer = effx.models.load("smollm2-135m")
     for name, passes in (
         ("effx dense (torch)", ""),
+        ("effx early-exit{layers=10,20 thresholds=0.99}", "early-exit{layers=10,20 thresholds=0.99}"),
         ("effx early-exit{layers=10,20 thresholds=0.9}", "early-exit{layers=10,20 thresholds=0.9}"),
         ("effx prompt-lookup (lossless)", "prompt-lookup"),
     ):
         lm = EffxLM(model="smollm2-135m", passes=passes, batch_size=args.batch_size)
-        run(name, lm, lambda lm=lm: format_stats(lm.stats()))
+        # teacher-forced agreement with the dense Program's greedy tokens on held-out pydoc text
+        agree = agreement(lm.program, pydoc_texts("heldout"), tokenizer, max_tokens=2048)[0]
+        run(name, lm, lambda lm=lm: format_stats(lm.stats()), f"{agree:.3f}")
     if not args.no_onnx:
         from effx.exporters import onnx as exporter
 
@@ -70,12 +77,12 @@ def main() -> None:
             run("effx dense (ONNX artifact)", lm, lambda: format_stats(lm.stats()))
 
     print(f"\n{args.limit} documents per task, batch {args.batch_size}, SmolLM2-135M-Instruct float32\n")
-    print("| row | " + " | ".join(c[2] for c in COLUMNS) + " | seconds | effx's decisions |")
-    print("|---" * (len(COLUMNS) + 3) + "|")
-    for name, results, seconds, stats in rows:
+    print("| row | agreement | " + " | ".join(c[2] for c in COLUMNS) + " | seconds | effx's decisions |")
+    print("|---" * (len(COLUMNS) + 4) + "|")
+    for name, results, seconds, stats, agree in rows:
         values = [results.get(task, {}).get(key) for task, key, _ in COLUMNS]
         cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in values]
-        print(f"| {name} | " + " | ".join(cells) + f" | {seconds:.0f} | {stats} |")
+        print(f"| {name} | {agree} | " + " | ".join(cells) + f" | {seconds:.0f} | {stats} |")
 
 
 if __name__ == "__main__":

@@ -108,8 +108,12 @@ def format_stats(totals: dict) -> str:
     if depths:
         count = sum(depths.values())
         mean = sum(int(d) * c for d, c in depths.items()) / count
-        shares = ", ".join(f"{c / count:.0%} at {d}" for d, c in sorted(depths.items(), key=lambda x: int(x[0])))
-        parts.append(f"exit depth {mean:.1f} of {totals['layers']} layers on average ({shares})")
+        layers = totals["layers"]
+        shares = ", ".join(
+            f"{c / count:.0%} " + (f"left at layer {int(d) - 1}" if int(d) < layers else "ran every layer")
+            for d, c in sorted(depths.items(), key=lambda x: int(x[0]))
+        )
+        parts.append(f"exit depth {mean:.1f} of {layers} layers on average ({shares})")
     if totals.get("drafted"):
         parts.append(
             f"drafts accepted {totals['accepted']}/{totals['drafted']} ({totals['accepted'] / totals['drafted']:.0%})"
@@ -193,7 +197,14 @@ class EffxLM(TemplateLM):
         self._generate = self.program.generate
         self.tokenizer = tokenizer
         self.tok = _Tokenizer(tokenizer)
-        self.description = {"model": model, "passes": passes, "backend": "torch", "kernels": self.backend.kernels}
+        from .passes.base import pipeline_string
+
+        self.description = {
+            "model": str(model),
+            "passes": pipeline_string(pipeline),
+            "backend": "torch",
+            "kernels": self.backend.kernels,
+        }
 
     def _load_artifact(self, artifact):
         from .runtime import onnx as rt
