@@ -1,8 +1,10 @@
 """effx as an lm-evaluation-harness model: ``lm_eval --model effx --model_args ... --tasks ...``.
 
     lm_eval --model effx \\
-        --model_args model=smollm2-135m,passes="early-exit{layers=10,20 thresholds=0.9}" \\
+        --model_args model=smollm2-135m,passes="early-exit(layers=10,20 thresholds=0.9)" \\
         --include_path effx/lm_eval_tasks --tasks effx_aclsum_title --limit 20
+
+(a pipeline's arguments in parentheses there: lm-eval reads any model argument holding a brace as JSON.)
 
 Model arguments (``--model_args key=value,...``):
 
@@ -19,8 +21,8 @@ Model arguments (``--model_args key=value,...``):
 with lossy early exits every token's log-probability comes from the head that produced it at that
 position; lossless drafting scores as the dense Program. ``generate_until`` runs the Program's own
 ``generate`` (left-padded batches of ``--batch_size``), greedy unless the task samples; a row stops once
-its text holds a stop sequence, and the text is cut there. The run-time decisions (exit depths, accepted drafts, kept prompt tokens,
-reduced-head fallbacks) are summed over the run, printed after each request type, and written into the
+its text holds a stop sequence, and the text is cut there. The run-time decisions (exit depths, accepted
+drafts, kept prompt tokens, reduced-head fallbacks) are summed over the run, printed after each request type, and written into the
 results' ``config`` (``effx_stats``) by ``get_model_info``.
 
 lm-eval 0.4 has no plugin discovery for models: effx installs a start-up hook (``effx-lm-eval.pth`` and

@@ -227,3 +227,20 @@ def test_preconditions_are_checked_before_apply(llama):
 
     with pytest.raises(PassPreconditionError, match=r"'vocab-reduce' \(#1; after: none\) cannot apply: .*where='draft'"):
         effx.transform(llama, passes="vocab-reduce{k=8 where=draft vocab=none.json}")
+
+
+def test_parentheses_are_braces_in_a_pipeline():
+    """``name(k=v ...)`` parses as ``name{k=v ...}`` (lm-eval's --model_args takes no braces); mismatched
+    or nested delimiters are refused."""
+    from effx.passes import parse_pipeline
+
+    assert parse_pipeline("early-exit(layers=1,2 thresholds=0.5), token-drop{at_layers=1 keep=0.5}") == parse_pipeline(
+        "early-exit{layers=1,2 thresholds=0.5}, token-drop(at_layers=1 keep=0.5)"
+    )
+    for bad, message in (
+        ("early-exit(layers=1", "never closed"),
+        ("early-exit{layers=1)", "never closed"),
+        ("early-exit(layers=(1))", "nested"),
+    ):
+        with pytest.raises(PassConfigError, match=message):
+            parse_pipeline(bad)

@@ -11,8 +11,9 @@ Written once against the array API, so the torch backend and the ONNX Runtime ba
   along the continuation: every token's log-probability comes from the head that the runtime used at that
   position (an exit's, or the final one), with the exited tokens' deferred KV as in generation.
 
-Batches are left-padded contexts with right-padded continuations; each row's first ``lengths[b]``
-continuation tokens are scored, the rest are ignored.
+Batches are left-padded contexts with right-padded continuations: every position is scored, and a row
+whose continuation is shorter ignores the scores past its end (padding only ever follows what is scored,
+so it cannot change them).
 """
 
 from __future__ import annotations
