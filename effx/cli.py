@@ -657,6 +657,10 @@ def _cmd_eval(args) -> int:
     manager = TaskManager(include_path=include, verbosity="ERROR")
     names = [t for t in tasks if not t.endswith((".yaml", ".yml"))]
     missing = [t for t in names if not manager.match_tasks([t])]
+    # task files become their configs, as lm-eval's own command line does it
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    tasks = [load_yaml(str(Path(t).absolute()), resolve_func=True) if t.endswith((".yaml", ".yml")) else t for t in tasks]
     if missing:
         print(
             f"effx: error: unknown task(s) {', '.join(missing)}; effx's local tasks: "

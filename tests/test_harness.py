@@ -6,6 +6,7 @@ same directory: the dense Program's loglikelihoods must equal HF's (float32, eff
 within 1e-4 per request, summation order only)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -351,3 +352,20 @@ def test_the_readmes_lm_eval_command_runs_as_written(smollm2):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "effx_aclsum_title" in run.stdout and "acc_norm" in run.stdout
     assert "[effx] after loglikelihood:" in run.stderr and "exit depth" in run.stderr
+
+
+def test_effx_eval_takes_a_task_file_and_writes_results(model_dir, tmp_path, capsys):
+    import json
+
+    from effx.cli import main
+
+    shutil.copy(effx.harness.TASKS_DIR / "utils.py", tmp_path / "utils.py")
+    text = (effx.harness.TASKS_DIR / "effx_pydoc.yaml").read_text().replace("task: effx_pydoc", "task: my_pydoc")
+    (tmp_path / "my.yaml").write_text(text.replace("tag: effx\n", ""))
+    out = tmp_path / "results.json"
+    rc = main(["eval", "--model", str(model_dir), "--tasks", str(tmp_path / "my.yaml"), "--limit", "1",
+               "--output", str(out)])
+    assert rc == 0 and "my_pydoc" in capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert "word_perplexity,none" in results["results"]["my_pydoc"]
+    assert results["config"]["effx_backend"] == "torch" and results["config"]["effx_stats"]["scored"] > 0
