@@ -9,6 +9,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+
 from .errors import ArtifactError
 
 __all__ = [
@@ -16,11 +18,13 @@ __all__ = [
     "CASCADE_FORMAT",
     "CASCADE_SCHEMA_VERSION",
     "FORMAT",
+    "FUSED_INPUTS",
     "KINDS",
     "PLAN_FILE",
     "SCHEMA_VERSION",
     "SEGMENT_FILE",
     "WEIGHTS",
+    "fused_inputs",
     "read_manifest",
     "sha256",
 ]
@@ -36,6 +40,27 @@ CASCADE_FORMAT = "effx-onnx-cascade"
 CASCADE_SCHEMA_VERSION = 1
 # the stage kinds an artifact holds and the ONNX runtime runs (every kind of effx.plan.STAGE_SIGNATURES)
 KINDS = ("embed", "layer", "exit", "head", "full_head", "token_score", "token_drop")
+# the inputs a fused layer graph (effx.exporters.onnx_attention) takes beyond a layer's: seqlens_k (int32
+# [batch], the filled length after the step minus one), total_len (int32, that length), and the step's
+# rotary angles as RotaryEmbedding takes them (fused_inputs)
+FUSED_INPUTS = ("seqlens_k", "total_len", "rope_ids", "rope_cos", "rope_sin")
+
+
+def fused_inputs(cos, sin, start: int, length: int) -> dict:
+    """The fused graphs' own inputs (:data:`FUSED_INPUTS`) for a step of ``length`` tokens from slot
+    ``start``, with the embed stage's rotary ``cos``/``sin`` ``[batch, seq, dim]``. RotaryEmbedding reads
+    rows ``rope_ids[b, i]`` of its cos/sin tables, so the tables are the step's own rows, one per token; a
+    plan's angles repeat over the two halves of ``dim`` (``cat(freqs, freqs)``), so half a row is the
+    table's (the exporter's check would fail on a model whose halves differ)."""
+    batch, seq, dim = cos.shape
+    total = start + length
+    return {
+        "seqlens_k": np.full((batch,), total - 1, np.int32),
+        "total_len": np.array(total, np.int32),
+        "rope_ids": np.arange(batch * seq, dtype=np.int64).reshape(batch, seq),
+        "rope_cos": np.ascontiguousarray(cos[..., : dim // 2].reshape(batch * seq, dim // 2)),
+        "rope_sin": np.ascontiguousarray(sin[..., : dim // 2].reshape(batch * seq, dim // 2)),
+    }
 
 
 def sha256(path: Path) -> str:

@@ -25,7 +25,13 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 # the tiny models live in effx.testing (the benchmarks build the same ones); test files import them from here
 from effx.testing import left_padded_batch, related_models, tiny_config, tiny_model  # noqa: E402
 
-__all__ = ["left_padded_batch", "related_models", "tiny_config", "tiny_model"]
+__all__ = ["left_padded_batch", "opened", "related_models", "tiny_config", "tiny_model"]
+
+
+def opened(gen) -> set[str]:
+    """The graphs an ONNX generator has opened a session for, by stage or segment name, whether it opened
+    the plain graph or the fused one (whose session is ``"fused:<name>"``, effx.exporters.onnx_attention)."""
+    return {name.removeprefix("fused:") for name in gen.sessions}
 
 
 @pytest.fixture(scope="session")

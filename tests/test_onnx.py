@@ -7,7 +7,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import left_padded_batch, related_models, tiny_model
+from conftest import left_padded_batch, opened, related_models, tiny_model
 
 import effx
 from effx.errors import ArtifactError
@@ -40,14 +40,16 @@ def test_artifact_layout_and_checker(artifact):
     # the layers also as one segment graph, on the same weights, which the runtime opens instead of them
     (segment,) = manifest["segments"]
     assert segment["stages"] == ["layer.0", "layer.1", "layer.2"] and segment["onnx"] == "layers.onnx"
+    # and with fused attention (onnx_attention), which the CPU runs instead of the plain segment
+    assert set(manifest["fused"]) == {"layer.0", "layer.1", "layer.2", "layers"}
     sessions = ort_runtime.load(artifact).sessions
-    assert set(sessions) == {"embed", "layers", "head"}
+    assert set(sessions) == {"embed", "fused:layers", "head"}
     # every stage takes CPU memory from the one arena registered with ONNX Runtime's environment
     assert {
         s.get_session_options().get_session_config_entry("session.use_env_allocators")
         for s in sessions.values()
     } == {"1"}
-    for entry in [*manifest["files"].values(), segment]:
+    for entry in [*manifest["files"].values(), segment, *manifest["fused"].values()]:
         model = onnx.load(str(artifact / entry["onnx"]), load_external_data=False)
         external = {d.value for t in model.graph.initializer for d in t.external_data if d.key == "location"}
         assert external == {"weights.bin"}  # weights live in the one store, not in the graph files
@@ -67,22 +69,31 @@ def test_artifacts_without_a_segment_run_layer_by_layer(program, artifact, tmp_p
     """An artifact without the segment (or one whose plan drops it) runs a session per layer, with the
     same tokens."""
     a = _copy(artifact, tmp_path)
-    _edit_manifest(a, lambda m: m.pop("segments"))
+    _edit_manifest(a, lambda m: (m.pop("segments"), m["fused"].pop("layers")))
     (a / "layers.onnx").unlink()
-    gen = ort_runtime.load(a)
-    assert set(gen.sessions) == {"embed", "layer.0", "layer.1", "layer.2", "head"}
+    (a / "layers.fused.onnx").unlink()
+    gen = ort_runtime.load(a)  # the layers' fused graphs
+    layers = {"layer.0", "layer.1", "layer.2"}
+    assert set(gen.sessions) == {"embed", "head"} | {f"fused:{name}" for name in layers}
+    _edit_manifest(a, lambda m: m.pop("fused"))
+    plain = ort_runtime.load(a)  # and without them (an artifact older than the fused graphs)
+    assert set(plain.sessions) == {"embed", "head"} | layers
     ids, mask = left_padded_batch([7, 3], V, seed=5)
     ref = program.generate(ids, attention_mask=mask, max_new_tokens=7, eos_token_id=[])
-    assert np.array_equal(
-        gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=7, eos_token_id=[]), ref.numpy()
-    )
+    for g in (gen, plain):
+        assert np.array_equal(
+            g.generate(ids.numpy(), mask.numpy(), max_new_tokens=7, eos_token_id=[]), ref.numpy()
+        )
 
 
-def test_segment_cache_stays_with_the_session(program, artifact, monkeypatch):
+def test_segment_cache_stays_with_the_session(program, artifact, monkeypatch, tmp_path):
     """Plain decoding binds each layer's past-and-new cache (the segment's present_k.i / present_v.i) as the
     next step's past, where the session runs (under CUDA it never leaves the GPU); with host arrays instead
-    the tokens are the same."""
-    gen = ort_runtime.load(artifact)
+    the tokens are the same. (On the CPU the fused segment, which writes the host cache in place, runs
+    instead where the artifact has it: here it has not.)"""
+    a = _copy(artifact, tmp_path)
+    _edit_manifest(a, lambda m: m.pop("fused"))
+    gen = ort_runtime.load(a)
     outputs = {o.name for o in gen.sessions["layers"].get_outputs()}
     assert {"present_k.0", "present_v.0", "present_k.2", "present_v.2"} <= outputs
     assert gen._bound_device == "cpu"
@@ -319,7 +330,7 @@ def test_segments_only_where_every_step_runs_every_layer(pass_artifacts):
             assert segments == whole and whole[0]["stages"] == [s.name for s in program.plan.layers], name
         else:
             assert all(s["name"].startswith("layers.") for s in segments), name
-        assert ("layers" in ort_runtime.load(artifact).sessions) == block, name
+        assert ("layers" in opened(ort_runtime.load(artifact))) == block, name
 
 
 def test_pass_decisions_are_exercised(pass_artifacts):

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import left_padded_batch, tiny_model
+from conftest import left_padded_batch, opened, tiny_model
 
 import effx
 from effx.errors import ArtifactError
@@ -38,12 +38,16 @@ def _manifest(artifact):
 
 
 def _layer_by_layer(artifact, tmp_path):
-    """A copy of ``artifact`` without its segments: the runtime then runs a session per layer."""
+    """A copy of ``artifact`` without its segments (and their fused graphs): the runtime then runs a session
+    per layer."""
     dst = tmp_path / f"{artifact.name}-per-layer"
     shutil.copytree(artifact, dst)
     manifest = _manifest(dst)
     for seg in manifest.pop("segments"):
         (dst / seg["onnx"]).unlink()
+        fused = manifest["fused"].pop(seg["name"], None)
+        if fused:
+            (dst / fused["onnx"]).unlink()
     (dst / "plan.json").write_text(json.dumps(manifest))
     return dst
 
@@ -60,7 +64,7 @@ def _check_parity(program, artifact, tmp_path, monkeypatch, batches=BATCHES):
     the names of the segments run."""
     gen = ort_runtime.load(artifact)
     plain = ort_runtime.load(_layer_by_layer(artifact, tmp_path))
-    assert not any(name.startswith("layers") for name in plain.sessions)
+    assert not any(name.startswith("layers") for name in opened(plain))
     runs = _count_segment_runs(gen, monkeypatch)
     for lengths in batches:
         ids, mask = left_padded_batch(lengths, V, seed=len(lengths) + sum(lengths))
@@ -125,8 +129,10 @@ def test_lossy_exit_artifact_lists_a_segment_per_run(model6, tmp_path):
         assert not any(o.name.startswith("present_") for o in model.graph.output)
         onnx.checker.check_model(str(artifact / seg["onnx"]), full_check=True)
     # the segments' sessions instead of the layers' (which open only if a layer runs alone)
+    # (their fused graphs, on the CPU: effx.exporters.onnx_attention)
     sessions = ort_runtime.load(artifact).sessions
-    assert set(sessions) == {"embed", "exit.1", "exit.3", "head", "layers.0-1", "layers.2-3", "layers.4-5"}
+    fused = {"fused:layers.0-1", "fused:layers.2-3", "fused:layers.4-5"}
+    assert set(sessions) == {"embed", "exit.1", "exit.3", "head"} | fused
 
 
 def test_runs_of_one_layer_get_no_segment(model6, tmp_path):
@@ -134,7 +140,7 @@ def test_runs_of_one_layer_get_no_segment(model6, tmp_path):
     _, artifact = _export(model6, passes, tmp_path, "every")
     manifest = _manifest(artifact)
     assert manifest["segments"] == []
-    assert not any(name.startswith("layers") for name in ort_runtime.load(artifact).sessions)
+    assert not any(name.startswith("layers") for name in opened(ort_runtime.load(artifact)))
 
 
 def test_dense_artifact_keeps_its_whole_model_segment(model6, tmp_path):
@@ -144,8 +150,14 @@ def test_dense_artifact_keeps_its_whole_model_segment(model6, tmp_path):
     assert segment["name"] == "layers" and segment["onnx"] == "layers.onnx"
     assert segment["stages"] == [f"layer.{i}" for i in range(6)]
     assert "partial_segments" not in manifest
+    import onnx
+
+    # the present_* outputs are still there for the bound cache (the CUDA provider's, and artifacts run
+    # without their fused graphs); the CPU runs the fused segment, which writes the host cache in place
+    model = onnx.load(str(artifact / "layers.onnx"), load_external_data=False)
+    assert {"present_k.0", "present_v.5"} <= {o.name for o in model.graph.output}
     gen = ort_runtime.load(artifact)
-    assert gen._bound_device == "cpu"  # the present_* outputs are still there for the bound cache
+    assert "fused:layers" in gen.sessions and gen._bound_device is None
 
 
 # -- the same tokens and decisions ------------------------------------------------------------------------
@@ -157,7 +169,7 @@ def test_lossy_exits_match_layer_by_layer_and_torch(model6, tmp_path, monkeypatc
     runs, gen = _check_parity(program, artifact, tmp_path, monkeypatch)
     assert runs and set(runs) <= {"layers.0-1", "layers.2-3", "layers.4-5"}
     if threshold == 2.0:  # every step runs every layer, run by run: no layer ever runs alone
-        assert not any(name.startswith("layer.") for name in gen.sessions)
+        assert not any(name.startswith("layer.") for name in opened(gen))
     if threshold == 0.0:  # every token leaves at exit.1; the deferred ones join at layer 2 (the prompt's
         # prefill runs every layer, the decoding steps the first segment)
         assert set(runs) == {"layers.0-1", "layers.2-3", "layers.4-5"}
@@ -173,7 +185,7 @@ def test_lossy_exits_that_fire_at_several_depths(model6, tmp_path, monkeypatch):
     gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=9, eos_token_id=[], stats=stats)
     depths = {d for step in stats["exit_layers"] for d in step}
     assert len(depths) >= 2, depths
-    assert not any(name.startswith("layer.") for name in gen.sessions)
+    assert not any(name.startswith("layer.") for name in opened(gen))
 
 
 def test_self_speculative_matches_layer_by_layer_and_torch(model6, tmp_path, monkeypatch):
@@ -186,7 +198,7 @@ def test_self_speculative_matches_layer_by_layer_and_torch(model6, tmp_path, mon
     runs, gen = _check_parity(program, artifact, tmp_path, monkeypatch)
     # the draft runs the layers up to the exit, the verification the rest: each one segment
     assert set(runs) == {"layers.0-2", "layers.3-5"}
-    assert not any(name.startswith("layer.") for name in gen.sessions)
+    assert not any(name.startswith("layer.") for name in opened(gen))
 
 
 def test_token_drop_segments_start_at_the_drop_layers(model6, tmp_path, monkeypatch):
@@ -220,7 +232,7 @@ def test_a_run_that_is_not_a_segment_runs_layer_by_layer(model6, tmp_path):
     cos, sin = (np.ones((2, 3, gen.info.head_dim), gen.dtype) for _ in range(2))
     masks = MaskCache(gen, np.ones((2, 3), bool), gen.dtype)
     got = gen.run_layers(cache, gen.plan.layers[1:5], hidden, cos, sin, masks)
-    assert {"layer.1", "layer.4"} <= set(gen.sessions) and "layer.2" not in gen.sessions
+    assert {"layer.1", "layer.4"} <= opened(gen) and "layer.2" not in opened(gen)
     ref_cache = plain.new_cache(2, 8)
     ref = run_layer_stages(plain, ref_cache, plain.plan.layers[1:5], hidden, cos, sin, masks)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)

@@ -75,11 +75,14 @@ from ..artifact import (
 )
 from ..errors import ArtifactError
 from ..program import torch_dtype
-from . import onnx_quant
+from . import onnx_attention, onnx_quant
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "export", "layer_runs"]
 
 OPSET = 18
+# the largest difference a fused layer graph may have from the plain one, relative to the largest output
+# (float32 sums in another order; measured 1e-6 on SmolLM2's layers)
+_FUSED_TOLERANCE = 1e-4
 _INLINE_BYTES = 1024  # smaller tensors (scalars, shapes) stay inside the .onnx file
 
 
@@ -263,6 +266,8 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
     translations = onnx_quant.translations()
     templates: dict[tuple, onnx.ModelProto] = {}  # exported stages before lowering: weights swap by name
     layers = {}  # layer stage name -> its exported model, for the segments
+    fused_layers, fused_files = {}, {}  # the same with fused attention (onnx_attention), and their files
+    checked: set = set()  # the structures whose fused graph was checked against the plain one
     store = _WeightStore(out / WEIGHTS)
     desc = f"export ONNX{' (' + label + ')' if label else ''}"
     try:
@@ -278,12 +283,20 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
                 model = _copy(model)
             # quantized products and lookups: from the placeholders over this stage's own tensors
             model = onnx_quant.lower(model)
+            fused = _fused_layer(program, model, check=key not in checked) if stage.kind == "layer" else None
+            checked.add(key)
             store.externalize(model)
             name = f"{stage.name}.onnx"
             onnx.save(model, str(out / name))
             files[stage.name] = {"onnx": name, "sha256": sha256(out / name)}
             if stage.kind == "layer":
                 layers[stage.name] = model
+            if fused is not None:
+                store.externalize(fused)
+                fused_layers[stage.name] = fused
+                path = f"{stage.name}.fused.onnx"
+                onnx.save(fused, str(out / path))
+                fused_files[stage.name] = {"onnx": path, "sha256": sha256(out / path)}
     finally:
         store.close()
     segments = []
@@ -293,6 +306,10 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
         onnx.save(_fuse_layers([(s, layers[s]) for s in run], presents=whole), str(out / path))
         entry = {"name": name, "stages": list(run), "onnx": path, "sha256": sha256(out / path)}
         segments.append(entry)
+        if all(s in fused_layers for s in run):
+            path = path.removesuffix(".onnx") + ".fused.onnx"
+            onnx.save(_fuse_layers([(s, fused_layers[s]) for s in run]), str(out / path))
+            fused_files[name] = {"onnx": path, "sha256": sha256(out / path)}
     manifest = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -301,9 +318,45 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
         "plan": json.loads(program.plan.to_json()),
         "files": files,
         "segments": segments,
+        "fused": fused_files,
         "data": {WEIGHTS: sha256(out / WEIGHTS)},
     }
     (out / "plan.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _fused_layer(program, model, *, check: bool):
+    """``model`` (a layer stage) with fused attention and norms (:mod:`effx.exporters.onnx_attention`), or
+    None where the rewrite does not apply. ``check``: run both on random inputs first (the first layer of
+    each structure); a fused graph that computes another function is an error of this exporter."""
+    info = program.info
+    if info.dtype != "float32":
+        return None  # the rewrite and its check are for float32 stages, as every effx Program is today
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+
+    def session(m):
+        return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    errors = []
+    # first with ONNX Runtime's rotary embedding on the projections, then with the graph's own
+    for rotary in (True, False):
+        fused = onnx_attention.fuse_layer(
+            model, num_heads=info.num_heads, kv_heads=info.num_kv_heads, rotary=rotary
+        )
+        if fused is None or not check:
+            return fused
+        plain = session(model)
+        err = onnx_attention.reference_check(
+            plain, session(fused), hidden=info.hidden_size, kv_heads=info.num_kv_heads, head_dim=info.head_dim
+        )
+        if err <= _FUSED_TOLERANCE:
+            return fused
+        errors.append(f"{err:.1e}")
+    raise ArtifactError(
+        f"the fused layer graphs differ from the plain one by {' and '.join(errors)} (relative): an exporter bug"
+    )
 
 
 def layer_runs(stages) -> list[tuple[str, ...]]:
@@ -347,6 +400,9 @@ def _fuse_layers(layers, *, presents: bool = True):
     and each layer's ``k.i`` / ``v.i`` (``i`` counts the segment's layers from 0). Its weights are the layer
     files' own entries in the weight store. ``presents=False`` leaves out the past-and-new cache outputs
     (``_present_outputs``), which only the whole-model segment's bound cache reads.
+    Fused layers (:func:`effx.exporters.onnx_attention.fuse_layer`) compose the same way, with their
+    ``seqlens_k`` and ``total_len`` inputs shared by every layer and their in-place caches as outputs
+    ``present_k.i`` / ``present_v.i``.
     ONNX Runtime wakes a session's threads at each run: on 2 cores, SmolLM2's 30 layers as 30 sessions ran
     at 0.95x the speed of this one graph, fed the same inputs."""
     import onnx
@@ -357,10 +413,20 @@ def _fuse_layers(layers, *, presents: bool = True):
     for i, (name, model) in enumerate(layers):
         graph = compose.add_prefix(model, f"{name}/").graph
         names = [x.name for x in graph.input]  # the layer signature: hidden, cos, sin, mask, past_k, past_v
-        shared = [hidden, "cos", "sin", "mask", f"past_k.{i}", f"past_v.{i}"]
+        shared = [hidden, "cos", "sin", "mask", f"past_k.{i}", f"past_v.{i}", *onnx_attention.FUSED_INPUTS]
+        shared = shared[: len(names)]
+        fused = len(names) > 6
         rename = dict(zip(names, shared, strict=True))
+        if fused:
+            # the in-place caches: the attention node's own outputs, which the runtime binds to the past's
+            # buffers (an Identity would copy them into buffers of ONNX Runtime's)
+            outs = {graph.output[1].name: f"present_k.{i}", graph.output[2].name: f"present_v.{i}"}
+            for value in graph.output[1:]:
+                value.name = outs[value.name]
         for node in graph.node:
             node.input[:] = [rename.get(x, x) for x in node.input]
+            if fused:
+                node.output[:] = [outs.get(x, x) for x in node.output]
         nodes += graph.node
         initializers += graph.initializer
         value_info += graph.value_info
@@ -370,12 +436,13 @@ def _fuse_layers(layers, *, presents: bool = True):
                 inputs[-1].CopyFrom(value)
                 inputs[-1].name = new
         out_hidden, out_k, out_v = graph.output
-        for value, new in ((out_k, f"k.{i}"), (out_v, f"v.{i}")):
-            nodes.append(helper.make_node("Identity", [value.name], [new]))
+        for value, kind in zip((out_k, out_v), ("k", "v"), strict=True):
             outputs.append(onnx.ValueInfoProto())
             outputs[-1].CopyFrom(value)
-            outputs[-1].name = new
-        found.append(_present_outputs(graph, i))
+            if not fused:
+                outputs[-1].name = f"{kind}.{i}"
+                nodes.append(helper.make_node("Identity", [value.name], [outputs[-1].name]))
+        found.append(None if fused else _present_outputs(graph, i))
         hidden = out_hidden.name
     if presents and all(found):  # every layer's cache concatenation found: expose them (see _present_outputs)
         for i, pair in enumerate(found):

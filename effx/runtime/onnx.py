@@ -89,6 +89,10 @@ def _load_program(out_dir: Path, providers) -> OnnxGenerator:
         checks.append((entry.get("onnx"), entry.get("sha256"), f"stage {s.name}"))
     segments = _check_segments(manifest.get("segments", []), plan, files, plan_path)
     checks += [(seg.get("onnx"), seg.get("sha256"), f"segment {seg['name']}") for seg in segments]
+    fused = _check_fused(manifest.get("fused", {}), plan, segments, plan_path)
+    checks += [
+        (entry.get("onnx"), entry.get("sha256"), f"fused graph of {name}") for name, entry in fused.items()
+    ]
     for name, digest, what in checks:
         if not isinstance(name, str) or Path(name).name != name:
             raise ArtifactError(
@@ -99,7 +103,7 @@ def _load_program(out_dir: Path, providers) -> OnnxGenerator:
             raise ArtifactError(f"{path} is missing ({what})")
         if sha256(path) != digest:
             raise ArtifactError(f"{path} does not match its checksum in plan.json: the artifact is corrupt")
-    return OnnxGenerator(out_dir, plan, files, providers=providers, segments=segments)
+    return OnnxGenerator(out_dir, plan, files, providers=providers, segments=segments, fused=fused)
 
 
 def _check_segments(segments, plan: Plan, files: dict, plan_path: Path) -> list[dict]:
@@ -138,6 +142,19 @@ def _check_segments(segments, plan: Plan, files: dict, plan_path: Path) -> list[
             )
         covered.update(stages)
     return segments
+
+
+def _check_fused(fused, plan: Plan, segments: list[dict], plan_path: Path) -> dict:
+    """The manifest's ``fused`` graphs (``effx.exporters.onnx_attention``), checked: a dict from the name of
+    a layer stage or a segment to its fused graph's ``{"onnx", "sha256"}`` (the files are checked with the
+    others). An artifact without the key (older ones) runs its plain graphs only."""
+    names = {s.name for s in plan.layers} | {seg["name"] for seg in segments}
+    if not isinstance(fused, dict) or not all(isinstance(v, dict) for v in fused.values()):
+        raise ArtifactError(f"{plan_path}: 'fused' must map layer or segment names to files, got {fused!r}")
+    unknown = sorted(set(fused) - names)
+    if unknown:
+        raise ArtifactError(f"{plan_path}: 'fused' names {unknown}, which are neither layers nor segments")
+    return fused
 
 
 class OnnxGenerator(OnnxBackend):
@@ -266,4 +283,3 @@ class OnnxCascade:
             stats=stats,
         )
         return tokens
-

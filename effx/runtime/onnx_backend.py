@@ -20,18 +20,21 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import array_api_compat.numpy as XP
 import numpy as np
 
+from ..artifact import fused_inputs
 from ..plan import Plan
 from .backend import Backend
-from .forward import run_layer_stages
+from .forward import KVCache, run_layer_stages
 
 __all__ = ["OnnxBackend", "default_providers"]
 
 _CUDA_LIBRARIES_LOADED = False
+_FUSED = "fused:"  # the prefix of a fused graph's session name
 
 
 def _providers(providers):
@@ -104,7 +107,7 @@ class OnnxBackend(Backend):
     name = "ONNX Runtime"
     xp = XP
 
-    def __init__(self, out_dir: Path, plan: Plan, files: dict, *, providers=None, segments=()):
+    def __init__(self, out_dir: Path, plan: Plan, files: dict, *, providers=None, segments=(), fused=None):
         import onnxruntime as ort
 
         self.plan = plan
@@ -123,11 +126,25 @@ class OnnxBackend(Backend):
         runs = [self._segment] if self._segment else segments
         self._segments = {seg["stages"][0]: seg for seg in runs}  # by the name of their first layer
         skip = {name for seg in runs for name in seg["stages"]}
-        paths = {s.name: files[s.name]["onnx"] for s in plan.stages if s.name not in skip}
-        paths.update((seg["name"], seg["onnx"]) for seg in runs)
+        # every graph by the name the backend runs it under; those in `opened` get a session now, the others
+        # on first use
+        self._paths = {s.name: files[s.name]["onnx"] for s in plan.stages}
+        self._paths.update((seg["name"], seg["onnx"]) for seg in segments)
+        opened = [s.name for s in plan.stages if s.name not in skip] + [seg["name"] for seg in runs]
+        self._segment_names = {seg["name"] for seg in segments}
 
-        self._out_dir, self._files = out_dir, files
+        self._out_dir = out_dir
         self._providers = _providers(providers)
+        # fused layer graphs (in-place cache, GroupQueryAttention: effx.exporters.onnx_attention) run where
+        # the session runs on the CPU, whose memory the cache's arrays are; their plain graphs then open
+        # only when a step needs them (a multi-token step over a past at batch > 1)
+        first = self._providers[0]
+        self._fused = {}
+        if (first[0] if isinstance(first, tuple) else first) == "CPUExecutionProvider":
+            self._fused = {name: _FUSED + name for name in (fused or {})}
+            self._paths.update((_FUSED + name, entry["onnx"]) for name, entry in (fused or {}).items())
+            opened = [_FUSED + n if n in self._fused else n for n in opened]
+        self._bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> {name: binding}
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only: its notes on nodes it cannot constant-fold are noise
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
@@ -139,26 +156,26 @@ class OnnxBackend(Backend):
         # call were 2% of a SmolLM2 decode step (ONNX Runtime copies non-contiguous arrays, such as a
         # cache's past, itself)
         self._calls = {}
-        for name, path in paths.items():
-            self._open(name, path)
+        for name in opened:
+            self._open(name)
         # where the segment returns each layer's past-and-new cache, plain decoding keeps the cache in the
         # segment session's memory (the GPU's under CUDA) instead of host arrays
         self.bind_cache = True  # False: host arrays even where the segment could keep the cache
         self._bound_device = None
-        if self._segment is not None:
+        if self._segment is not None and self._segment["name"] not in self._fused:
             seg = self.sessions[self._segment["name"]]
             if any(o.name.startswith("present_") for o in seg.get_outputs()):
                 self._bound_device = "cuda" if seg.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._layer_ids = [s.layer for s in layers]
 
-    def _open(self, name: str, path: str):
-        """Open the session ``name`` (file ``path``) and note how to call it. Host-array runs never ask for
-        a segment's past-and-new cache outputs (``present_*``, the bound cache's): fetching them would copy
-        every layer's whole cache out of the session at every step."""
+    def _open(self, name: str):
+        """Open the session ``name`` and note how to call it. Host-array runs never ask for a segment's
+        past-and-new cache outputs (``present_*``, the bound cache's): fetching them would copy every
+        layer's whole cache out of the session at every step."""
         import onnxruntime as ort
 
         sess = ort.InferenceSession(
-            str(self._out_dir / path), sess_options=self._opts, providers=self._providers
+            str(self._out_dir / self._paths[name]), sess_options=self._opts, providers=self._providers
         )
         self.sessions[name] = sess
         self._calls[name] = call = (
@@ -170,7 +187,7 @@ class OnnxBackend(Backend):
 
     def _run(self, name: str, *args):
         # a layer inside a segment has no session until a step runs it alone (see run_layers)
-        inputs, outputs, run = self._calls.get(name) or self._open(name, self._files[name]["onnx"])
+        inputs, outputs, run = self._calls.get(name) or self._open(name)
         return run(outputs, dict(zip(inputs, args, strict=True)), None)
 
     def run(self, stage, *inputs):
@@ -200,10 +217,66 @@ class OnnxBackend(Backend):
             if seg is not None and _one_mask(cache, seg, run):
                 hidden = self._run_segment(seg, cache, run, hidden, cos, sin, masks)
                 p += len(run)
+            elif self._fusable(layers[p].name, cache, layers[p].layer, hidden):
+                stage = layers[p]
+                mask = masks.get(
+                    cache.lengths[stage.layer],
+                    hidden.shape[1],
+                    stage.attrs.get("sliding_window"),
+                    cache.dropped.get(stage.layer),
+                )
+                hidden = self._run_fused(stage.name, cache, [stage.layer], hidden, cos, sin, mask)
+                p += 1
             else:
                 hidden = run_layer_stages(self, cache, layers[p : p + 1], hidden, cos, sin, masks)
                 p += 1
         return hidden
+
+    def _fusable(self, name: str, cache, first: int, hidden) -> bool:
+        """Whether the graph ``name`` has a fused form that this step can run: the cache is host arrays, and
+        the step is not several tokens over a past at batch > 1 (which ONNX Runtime's CPU attention refuses)."""
+        if (
+            name not in self._fused
+            or not isinstance(cache, KVCache)
+            or not isinstance(cache.k[0], np.ndarray)
+        ):
+            return False
+        return hidden.shape[0] == 1 or hidden.shape[1] == 1 or cache.lengths[first] == 0
+
+    def _run_fused(self, name: str, cache: KVCache, ids, hidden, cos, sin, mask):
+        """The layers ``ids`` as the fused graph of ``name``: each layer's cache arrays are bound as both its
+        past and its present, so the attention node writes the step's keys and values into their slots."""
+        start = cache.lengths[ids[0]]
+        total = start + hidden.shape[1]
+        if total > cache.capacity:
+            raise RuntimeError(f"KV cache overflow: {total} > capacity {cache.capacity}")
+        key = _FUSED + name
+        if key not in self._calls:
+            self._open(key)
+        bindings = self._bindings.setdefault(cache, {})
+        binding = bindings.get(key)
+        if binding is None:
+            import onnxruntime as ort
+
+            sess = self.sessions[key]
+            binding = bindings[key] = sess.io_binding()
+            binding.bind_output(sess.get_outputs()[0].name, "cpu")  # the hidden state: first, rebound below
+            suffix = (lambda j: f".{j}") if name in self._segment_names else (lambda j: "")
+            for j, i in enumerate(ids):
+                for kv, store in (("k", cache.k), ("v", cache.v)):
+                    value = ort.OrtValue.ortvalue_from_numpy(store[i])
+                    binding.bind_ortvalue_input(f"past_{kv}{suffix(j)}", value)
+                    binding.bind_ortvalue_output(f"present_{kv}{suffix(j)}", value)
+        # ONNX Runtime would write the next run's hidden state into this run's array (of another shape)
+        binding.bind_output(self.sessions[key].get_outputs()[0].name, "cpu")
+        feed = {"hidden": hidden, "cos": cos, "sin": sin, "mask": mask}
+        feed.update(fused_inputs(cos, sin, start, hidden.shape[1]))
+        for input_name, value in feed.items():
+            binding.bind_cpu_input(input_name, np.ascontiguousarray(value))
+        self.sessions[key].run_with_iobinding(binding)
+        for i in ids:
+            cache.lengths[i] = total
+        return binding.get_outputs()[0].numpy()
 
     def _run_segment(self, seg: dict, cache, run, hidden, cos, sin, masks):
         """The layers ``run`` as the one session of ``seg`` (see ``effx.exporters.onnx._fuse_layers``)."""
@@ -211,6 +284,8 @@ class OnnxBackend(Backend):
         first = ids[0]
         window = run[0].attrs.get("sliding_window")
         mask = masks.get(cache.lengths[first], hidden.shape[1], window, cache.dropped.get(first))
+        if self._fusable(seg["name"], cache, first, hidden):
+            return self._run_fused(seg["name"], cache, ids, hidden, cos, sin, mask)
         out = self._run(seg["name"], hidden, cos, sin, mask, *(x for i in ids for x in cache.past(i)))
         for j, i in enumerate(ids):
             cache.write(i, out[1 + 2 * j], out[2 + 2 * j])
