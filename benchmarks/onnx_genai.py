@@ -48,7 +48,9 @@ def _genai_model(out: Path, threads: int):
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out)]
         cmd += ["-p", "fp32", "-e", "cpu", "-c", str(out / "build-cache")]
         print("building the GenAI model:", " ".join(cmd))
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"the GenAI model builder failed:\n{done.stderr[-4000:]}")
     config_path = out / "genai_config.json"
     config = json.loads(config_path.read_text())
     config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads

@@ -48,6 +48,12 @@ def test_the_rewrite_replaces_attention_and_keeps_the_checker_happy(exported):
     assert "Softmax" not in ops and "Expand" not in ops and "Concat" not in ops  # no cache copies left
     assert [o.name for o in model.graph.output][1:] == ["present_k", "present_v"]
     onnx.checker.check_model(str(path), full_check=True)
+    # the segment: each later layer's first norm also takes the residual sum before it
+    path = artifact / manifest["fused"]["layers"]["onnx"]
+    segment = onnx.load(str(path), load_external_data=False)
+    ops = [n.op_type for n in segment.graph.node]
+    assert ops.count("SkipSimplifiedLayerNormalization") == 3 and ops.count("Pow") == 1
+    onnx.checker.check_model(str(path), full_check=True)
     plain = onnx.load(str(artifact / "layer.0.onnx"), load_external_data=False)
     assert "Softmax" in [n.op_type for n in plain.graph.node]  # the plain graph stays as exported
 

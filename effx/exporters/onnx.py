@@ -449,6 +449,8 @@ def _fuse_layers(layers, *, presents: bool = True):
             for kv, source in zip("kv", pair, strict=True):
                 nodes.append(helper.make_node("Identity", [source], [f"present_{kv}.{i}"]))
                 outputs.append(_length_free(inputs, f"past_{kv}.{i}", f"present_{kv}.{i}"))
+    if fused:  # the norms after one layer's residual sum, in the next layer (see fuse_norms)
+        nodes = onnx_attention.fuse_norms(nodes, initializers, [x.name for x in inputs])
     nodes.append(helper.make_node("Identity", [hidden], ["last_hidden"]))
     last = onnx.ValueInfoProto()
     last.CopyFrom(out_hidden)

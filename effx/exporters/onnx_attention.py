@@ -33,7 +33,7 @@ import numpy as np
 
 from ..artifact import FUSED_INPUTS, fused_inputs
 
-__all__ = ["fuse_layer", "reference_check"]
+__all__ = ["fuse_layer", "fuse_norms", "reference_check"]
 
 MS_DOMAIN = "com.microsoft"
 
@@ -243,6 +243,21 @@ def _sorted(nodes: list, known) -> list:
             )
         pending = rest
     return out
+
+
+def fuse_norms(nodes: list, initializers: list, inputs) -> list:
+    """``nodes`` (a graph's, reading the graph ``inputs`` and ``initializers`` by name) with every RMS norm
+    that follows a residual sum as ``SkipSimplifiedLayerNormalization`` (see :func:`_norms`), in an order the
+    checker takes. A segment of fused layers (``effx.exporters.onnx._fuse_layers``) calls it once more over
+    the composed graph: each layer's first norm reads the previous layer's residual sum, which no single
+    layer's graph holds."""
+    from onnx import helper
+
+    g = _Graph(helper.make_graph(nodes, "g", [], [], initializers))
+    nodes = list(g.graph.node)
+    replaced, dead = _norms(g, nodes)
+    nodes = [replaced.get(id(n), n) for n in nodes if id(n) not in dead]
+    return _sorted(nodes, [*inputs, *(t.name for t in initializers)])
 
 
 def fuse_layer(model, *, num_heads: int, kv_heads: int, rotary: bool = True):

@@ -38,9 +38,9 @@ class Sampler:
         """``logits [batch, vocab]`` -> token ids ``[batch]``; ``generator`` is the random source of the
         logits' namespace (``effx.runtime.arrays.new_rng``; None: torch's global generator)."""
         xp = namespace(logits)
-        logits = xp.astype(logits, xp.float32)
-        if not self.do_sample:
+        if not self.do_sample:  # the argmax of the logits as they are: float32 holds every value exactly
             return xp.argmax(logits, axis=-1)
+        logits = xp.astype(logits, xp.float32)
         logits = logits / self.temperature
         ninf = xp.asarray(float("-inf"), dtype=xp.float32)
         if self.top_k and self.top_k < logits.shape[-1]:
