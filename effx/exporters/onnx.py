@@ -144,7 +144,20 @@ def _optimize(model):
     del optimized.graph.input[:]
     optimized.graph.input.extend(inputs)
     optimized.graph.initializer.extend(weights)
+    _strip_node_metadata(optimized.graph)
     return optimized
+
+
+def _strip_node_metadata(graph) -> None:
+    """Drop what ``torch.onnx`` writes on every node (its fx node, module path and the Python stack trace
+    that made it, with this machine's file paths): 87% of a SmolLM2 layer file's bytes, nothing that ONNX
+    Runtime reads."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs]:
+                _strip_node_metadata(sub)
 
 
 def _with_weights(model, gm: torch.fx.GraphModule):
