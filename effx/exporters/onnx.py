@@ -352,7 +352,7 @@ def _fused_layer(program, model, *, check: bool):
     def session(m):
         return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
-    errors = []
+    errors, plain = [], None
     # first with ONNX Runtime's rotary embedding on the projections, then with the graph's own
     for rotary in (True, False):
         fused = onnx_attention.fuse_layer(
@@ -360,7 +360,7 @@ def _fused_layer(program, model, *, check: bool):
         )
         if fused is None or not check:
             return fused
-        plain = session(model)
+        plain = plain or session(model)
         err = onnx_attention.reference_check(
             plain, session(fused), hidden=info.hidden_size, kv_heads=info.num_kv_heads, head_dim=info.head_dim
         )

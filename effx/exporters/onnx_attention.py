@@ -322,11 +322,9 @@ def fuse_layer(model, *, num_heads: int, kv_heads: int, rotary: bool = True):
         n2.input[:] = ["gqa/out" if x == context else x for x in n.input]
         nodes.append(n2)
     nodes += new_nodes + [attn]
-    g2 = _Graph(helper.make_graph(nodes, "g", [], [], list(graph.initializer)))
-    nodes = list(g2.graph.node)
-    replaced, dead = _norms(g2, nodes)
-    nodes = [replaced.get(id(n), n) for n in nodes if id(n) not in dead]
-    # keep what the outputs need, in graph order
+    known = [x.name for x in graph.input] + list(FUSED_INPUTS)
+    nodes = fuse_norms(nodes, list(graph.initializer) + extra, known)
+    # keep what the outputs need, in that order
     wanted = {hidden_out, "present_k", "present_v"}
     producer = {o: n for n in nodes for o in n.output if o}
     live, stack = set(), list(wanted)
@@ -336,13 +334,7 @@ def fuse_layer(model, *, num_heads: int, kv_heads: int, rotary: bool = True):
             continue
         live.add(id(n))
         stack.extend(x for x in n.input if x)
-    nodes = _sorted(
-        [n for n in nodes if id(n) in live],
-        [x.name for x in graph.input]
-        + list(FUSED_INPUTS)
-        + [t.name for t in graph.initializer]
-        + [t.name for t in extra],
-    )
+    nodes = [n for n in nodes if id(n) in live]
     used = {x for n in nodes for x in n.input}
     inits = [t for t in graph.initializer if t.name in used] + [t for t in extra if t.name in used]
     inputs = [x for x in graph.input]
@@ -384,8 +376,8 @@ def reference_check(plain_session, fused_session, *, hidden: int, kv_heads: int,
         mask = np.zeros((1, 1, s, p + s), np.float32)
         for i in range(s):
             mask[..., i, p + i + 1 :] = np.finfo(np.float32).min
-        a = plain_session.run(None, dict(hidden=x, cos=cos, sin=sin, mask=mask, past_k=pk, past_v=pv))[0]
         feed = dict(hidden=x, cos=cos, sin=sin, mask=mask, past_k=pk, past_v=pv)
+        a = plain_session.run(None, feed)[0]
         b = fused_session.run(None, {**feed, **fused_inputs(cos, sin, p, s)})[0]
         worst = max(worst, float(np.abs(a - b).max() / max(1.0, float(np.abs(a).max()))))
     return worst

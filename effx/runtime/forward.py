@@ -18,6 +18,7 @@ __all__ = [
     "attention_masks",
     "check_left_padded",
     "forward_logits",
+    "layer_mask",
     "positions_from_mask",
     "run_layer_stages",
     "run_layers",
@@ -169,12 +170,18 @@ class MaskCache:
         return self._masks[key][window]
 
 
+def layer_mask(masks: MaskCache, cache: KVCache, stage, q_len: int):
+    """The attention mask of ``q_len`` new tokens at the layer ``stage``: its fill length, attention window
+    and dropped slots."""
+    i = stage.layer
+    return masks.get(cache.lengths[i], q_len, stage.attrs.get("sliding_window"), cache.dropped.get(i))
+
+
 def run_layer_stages(backend, cache: KVCache, layers, hidden, cos, sin, masks: MaskCache):
     """Run ``layers`` one stage at a time (the default of :meth:`Backend.run_layers`)."""
-    q_len = hidden.shape[1]
     for stage in layers:
         i = stage.layer
-        mask = masks.get(cache.lengths[i], q_len, stage.attrs.get("sliding_window"), cache.dropped.get(i))
+        mask = layer_mask(masks, cache, stage, hidden.shape[1])
         hidden, k, v = backend.run(stage, hidden, cos, sin, mask, *cache.past(i))
         cache.write(i, k, v)
     return hidden

@@ -29,7 +29,7 @@ import numpy as np
 from ..artifact import fused_inputs
 from ..plan import Plan
 from .backend import Backend
-from .forward import KVCache, run_layer_stages
+from .forward import KVCache, layer_mask, run_layer_stages
 
 __all__ = ["OnnxBackend", "default_providers"]
 
@@ -145,6 +145,7 @@ class OnnxBackend(Backend):
             self._paths.update((_FUSED + name, entry["onnx"]) for name, entry in (fused or {}).items())
             opened = [_FUSED + n if n in self._fused else n for n in opened]
         self._bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> {name: binding}
+        self._hidden_out: dict[str, str] = {}  # fused session name -> its hidden-state output
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only: its notes on nodes it cannot constant-fold are noise
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
@@ -218,14 +219,8 @@ class OnnxBackend(Backend):
                 hidden = self._run_segment(seg, cache, run, hidden, cos, sin, masks)
                 p += len(run)
             elif self._fusable(layers[p].name, cache, layers[p].layer, hidden):
-                stage = layers[p]
-                mask = masks.get(
-                    cache.lengths[stage.layer],
-                    hidden.shape[1],
-                    stage.attrs.get("sliding_window"),
-                    cache.dropped.get(stage.layer),
-                )
-                hidden = self._run_fused(stage.name, cache, [stage.layer], hidden, cos, sin, mask)
+                mask = layer_mask(masks, cache, layers[p], hidden.shape[1])
+                hidden = self._run_fused(layers[p].name, cache, [layers[p].layer], hidden, cos, sin, mask)
                 p += 1
             else:
                 hidden = run_layer_stages(self, cache, layers[p : p + 1], hidden, cos, sin, masks)
@@ -235,11 +230,7 @@ class OnnxBackend(Backend):
     def _fusable(self, name: str, cache, first: int, hidden) -> bool:
         """Whether the graph ``name`` has a fused form that this step can run: the cache is host arrays, and
         the step is not several tokens over a past at batch > 1 (which ONNX Runtime's CPU attention refuses)."""
-        if (
-            name not in self._fused
-            or not isinstance(cache, KVCache)
-            or not isinstance(cache.k[0], np.ndarray)
-        ):
+        if name not in self._fused or not isinstance(cache, KVCache):
             return False
         return hidden.shape[0] == 1 or hidden.shape[1] == 1 or cache.lengths[first] == 0
 
@@ -260,6 +251,7 @@ class OnnxBackend(Backend):
 
             sess = self.sessions[key]
             binding = bindings[key] = sess.io_binding()
+            self._hidden_out[key] = sess.get_outputs()[0].name
             suffix = (lambda j: f".{j}") if name in self._segment_names else (lambda j: "")
             for j, i in enumerate(ids):
                 for kv, store in (("k", cache.k), ("v", cache.v)):
@@ -269,9 +261,7 @@ class OnnxBackend(Backend):
         # the hidden state into an array of ours (fetching it through get_outputs would wrap every bound
         # output, the caches included: 2% of a SmolLM2 step)
         out = np.empty(hidden.shape, hidden.dtype)
-        binding.bind_output(
-            self.sessions[key].get_outputs()[0].name, "cpu", 0, out.dtype, list(out.shape), out.ctypes.data
-        )
+        binding.bind_output(self._hidden_out[key], "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
         feed = {"hidden": hidden, "cos": cos, "sin": sin, "mask": mask}
         feed.update(fused_inputs(cos, sin, start, hidden.shape[1]))
         for input_name, value in feed.items():
@@ -285,8 +275,7 @@ class OnnxBackend(Backend):
         """The layers ``run`` as the one session of ``seg`` (see ``effx.exporters.onnx._fuse_layers``)."""
         ids = [s.layer for s in run]
         first = ids[0]
-        window = run[0].attrs.get("sliding_window")
-        mask = masks.get(cache.lengths[first], hidden.shape[1], window, cache.dropped.get(first))
+        mask = layer_mask(masks, cache, run[0], hidden.shape[1])
         if self._fusable(seg["name"], cache, first, hidden):
             return self._run_fused(seg["name"], cache, ids, hidden, cos, sin, mask)
         out = self._run(seg["name"], hidden, cos, sin, mask, *(x for i in ids for x in cache.past(i)))

@@ -38,7 +38,7 @@ class Sampler:
         """``logits [batch, vocab]`` -> token ids ``[batch]``; ``generator`` is the random source of the
         logits' namespace (``effx.runtime.arrays.new_rng``; None: torch's global generator)."""
         xp = namespace(logits)
-        if not self.do_sample:  # the argmax of the logits as they are: float32 holds every value exactly
+        if not self.do_sample:  # the argmax of the logits as they are (a float32 copy has the same order)
             return xp.argmax(logits, axis=-1)
         logits = xp.astype(logits, xp.float32)
         logits = logits / self.temperature
