@@ -103,8 +103,11 @@ def test_quantized_artifacts_match_the_torch_program(model, kind, tmp_path, monk
             t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
         ]
         assert all(t.dims[1] <= 3 for t in floats), path
-    nbits = sum(n.op_type == "MatMulNBits" for n in models["layer.1.onnx"].graph.node)
-    assert nbits == (7 if kind.startswith("int4") else 0)  # 8 bits and bfloat16: folded to float32 at load
+    ops = [n.op_type for n in models["layer.1.onnx"].graph.node]
+    # q, k and v as one product, gate and up as one (split after), o and down: 8 bits and bfloat16 are
+    # folded to float32 at load
+    assert ops.count("MatMulNBits") == (4 if kind.startswith("int4") else 0)
+    assert ops.count("Split") == (2 if kind.startswith("int4") else 0)
     assert (artifact / "weights.bin").stat().st_size < RATIO[kind] * _float_bytes(model)
 
     # the tied embedding and LM head: the same bytes in the store, read by the lookup and by the product

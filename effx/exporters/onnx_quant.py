@@ -26,7 +26,10 @@ then rewrites each stage's own model, from its own tensors, into standard ONNX a
     33-40 tok/s folded (and 44-63 tok/s for 4 bits): :data:`NBITS` lists the widths it is used for.
 
   MatMulNBits runs at ``accuracy_level=1`` (float32 arithmetic: exact up to float rounding; level 4, int8
-  activations, is faster and lossy). A bias is added after the product.
+  activations, is faster and lossy). A bias is added after the product. Placeholders that read one input
+  with weights of one layout (a layer's q, k and v projections; its gate and up) become one MatMulNBits
+  over their weights concatenated along the rows, then a ``Split``: every output column is the same sum,
+  in fewer, larger products (SmolLM2's layers 11.6 -> 9.1 ms per token).
 * ``qlinear`` over gathered rows (a reduced head's ``index_select`` of the tensors): the rows de-quantized in
   the graph, then ``MatMul``; ``qembedding``: ``Gather`` of the rows' bytes, scales and minimums, then
   their de-quantization (unpack nibbles, ``(u - zero) * scale (+ minimum)`` in float32, the order
@@ -34,6 +37,8 @@ then rewrites each stage's own model, from its own tensors, into standard ONNX a
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 
@@ -64,6 +69,7 @@ def _schemas():
         ("I", ["tensor(int64)", "tensor(int32)"], "row ids"),
     ]
     k = OpSchema.Attribute("k", OpSchema.AttrType.INT, "the weight's input size")
+    rank = OpSchema.Attribute("rank", OpSchema.AttrType.INT, "the input's rank", required=False)
     tensors = [
         param("q", "Q"),
         param("scale", "S", param_option=optional),
@@ -76,7 +82,7 @@ def _schemas():
         inputs=[param("x", "T"), *tensors, param("bias", "T", param_option=optional)],
         outputs=[param("y", "T")],
         type_constraints=types,
-        attributes=[k],
+        attributes=[k, rank],
     )
     qembedding = OpSchema(
         "QEmbedding",
@@ -103,7 +109,7 @@ def translations() -> dict:
     qembedding_op = onnxscript.values.Op(opset, "QEmbedding", qembedding_schema)
 
     def qlinear(x, q, scale, minimum, bias):
-        return qlinear_op(x, q, scale, minimum, bias, k=int(x.shape[-1]))
+        return qlinear_op(x, q, scale, minimum, bias, k=int(x.shape[-1]), rank=len(x.shape))
 
     def qembedding(ids, q, scale, minimum, k: int):
         return qembedding_op(ids, q, scale, minimum, k=k)
@@ -123,6 +129,16 @@ def repack4(q: np.ndarray) -> np.ndarray:
     return (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
 
 
+def _attr(node, name: str):
+    """The int attribute ``name`` of ``node``, or None."""
+    return next((a.i for a in node.attribute if a.name == name), None)
+
+
+def _bias(node):
+    """A QLinear placeholder's bias input, or None."""
+    return node.input[4] if len(node.input) > 4 and node.input[4] else None
+
+
 class _Weight:
     """A placeholder's weight: its stored form, bits (4, 8, 16), rows, padded input size, group, minimum."""
 
@@ -133,6 +149,12 @@ class _Weight:
         self.blocks = None if scale is None else int(scale.dims[-1])
         self.group = None if scale is None else self.kp // self.blocks
         self.has_minimum = minimum is not None
+
+    def rows(self, n: int) -> _Weight:
+        """This layout with ``n`` rows (weights concatenated along their rows)."""
+        w = copy.copy(self)
+        w.n = n
+        return w
 
 
 class _Lowering:
@@ -268,19 +290,72 @@ class _Lowering:
     # -- the placeholders
     def qlinear(self, node) -> None:
         x, out = node.input[0], node.output[0]
-        bias = node.input[4] if len(node.input) > 4 and node.input[4] else None
-        k = next(a.i for a in node.attribute if a.name == "k")
+        bias = _bias(node)
+        k, rank = _attr(node, "k"), _attr(node, "rank")
         values, names, w, direct = self.tensors(node)
         y = f"{out}/product" if bias else out
         if w.bits not in NBITS or not direct:  # stored tensors: ONNX Runtime folds this to float32 at load
             rows = self.dequantize(values, w, k, out)
             self.node("MatMul", [x, self.node("Transpose", [rows], f"{out}/wT", perm=[1, 0])], y)
         else:
-            self.matmul_nbits(x, names, w, k, out, y)
+            self.matmul_nbits(x, names, w, k, rank, out, y)
         if bias:
             self.node("Add", [y, bias], out)
 
-    def matmul_nbits(self, x: str, names, w: _Weight, k: int, out: str, y: str) -> None:
+    def siblings(self) -> dict:
+        """Placeholders that read one input and stored tensors of one layout (a layer's q, k and v
+        projections; its gate and up): each one's output -> its group, ``[(node, names, weight)]``, made as
+        one MatMulNBits (and one minimum term) over the weights concatenated along their rows, then split.
+        Each output column is the same sum as apart: exact as they are, and fewer, larger products."""
+        readers: dict[str, int] = {}
+        for n in self.graph.node:
+            for i in n.input:
+                readers[i] = readers.get(i, 0) + 1
+        by_layout: dict[tuple, list] = {}
+        for node in self.graph.node:
+            if node.domain != DOMAIN or node.op_type != "QLinear":
+                continue
+            bias = _bias(node)
+            values, names, w, direct = self.tensors(node)
+            if not direct or w.bits not in NBITS or (bias and bias not in self.inits):
+                continue
+            if readers.get(names[0], 0) != 1:  # bytes shared with another reader (a tied embedding) stay so
+                continue
+            key = (node.input[0], w.bits, w.kp, w.group, w.has_minimum, _attr(node, "k"), _attr(node, "rank"))
+            by_layout.setdefault(key, []).append((node, names, w))
+        return {m[0].output[0]: group for group in by_layout.values() if len(group) > 1 for m in group}
+
+    def qlinear_merged(self, group) -> None:
+        from onnx import numpy_helper
+
+        first = group[0][0]
+        x, out = first.input[0], f"{first.output[0]}/merged"
+        k, rank = _attr(first, "k"), _attr(first, "rank")
+        names = []
+        for part in range(3):  # values, scales, minimums: concatenated along the rows
+            if group[0][1][part] is None:
+                names.append(None)
+                continue
+            name = f"{group[0][1][part]}.and{len(group) - 1}"
+            arrays = [numpy_helper.to_array(self.inits[names_[part]]) for _, names_, _ in group]
+            self.graph.initializer.append(numpy_helper.from_array(np.concatenate(arrays, axis=0), name))
+            self.inits[name] = self.graph.initializer[-1]
+            self.stored[name] = self.stored[group[0][1][part]]
+            names.append(name)
+        w = group[0][2].rows(sum(m[2].n for m in group))
+        self.matmul_nbits(x, names, w, k, rank, out, out)
+        outputs = [f"{n.output[0]}/product" if _bias(n) else n.output[0] for n, _, _ in group]
+        splits = self.const(
+            "split." + "x".join(str(m[2].n) for m in group), np.array([m[2].n for m in group])
+        )
+        self.nodes.append(
+            self.onnx.helper.make_node("Split", [out, splits], outputs, name=f"{out}/split", axis=-1)
+        )
+        for node, _, _ in group:
+            if _bias(node):
+                self.node("Add", [f"{node.output[0]}/product", _bias(node)], node.output[0])
+
+    def matmul_nbits(self, x: str, names, w: _Weight, k: int, rank, out: str, y: str) -> None:
         q, scale, minimum = names
         packed = (
             f"{q}.nbits"  # the stored bytes, shaped [n, blocks, bytes per block] as MatMulNBits takes them
@@ -306,8 +381,12 @@ class _Lowering:
         if w.has_minimum:
             # (x summed over each group of its values) @ minimum^T, of inner size blocks
             padded = self.pad_k(x, k, w, out)
-            lead = self.node("Shape", [padded], f"{out}/x_lead", end=-1)
-            groups = self.shape_with(lead, [w.blocks, w.group], f"{out}/x_groups_shape")
+            if rank is None:  # (placeholders of effx before the rank attribute)
+                lead = self.node("Shape", [padded], f"{out}/x_lead", end=-1)
+                groups = self.shape_with(lead, [w.blocks, w.group], f"{out}/x_groups_shape")
+            else:  # a static shape: Reshape's 0 keeps the lead dimensions
+                dims = [0] * (rank - 1) + [w.blocks, w.group]
+                groups = self.const("groups." + "x".join(map(str, dims)), np.array(dims))
             grouped = self.node("Reshape", [padded, groups], f"{out}/x_groups")
             last = self.const("axes.last", np.array([-1]))
             sums = self.node("ReduceSum", [grouped, last], f"{out}/x_sums", keepdims=0)
@@ -317,7 +396,7 @@ class _Lowering:
 
     def qembedding(self, node) -> None:
         ids, out = node.input[0], node.output[0]
-        k = next(a.i for a in node.attribute if a.name == "k")
+        k = _attr(node, "k")
         _, names, w, direct = self.tensors(node)
         if not direct:
             raise ArtifactError(f"{out}: effx.qembedding reads stored tensors, not gathered ones")
@@ -329,9 +408,14 @@ class _Lowering:
 
     def run(self) -> None:
         placeholders = {"QLinear": self.qlinear, "QEmbedding": self.qembedding}
+        siblings = self.siblings()
         for node in list(self.graph.node):
             if node.domain != DOMAIN:
                 self.nodes.append(node)
+            elif node.op_type == "QLinear" and node.output[0] in siblings:
+                group = siblings[node.output[0]]
+                if group[0][0] is node:  # the others are made with the first
+                    self.qlinear_merged(group)
             elif node.op_type in placeholders:
                 placeholders[node.op_type](node)
             else:
