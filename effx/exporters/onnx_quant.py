@@ -14,19 +14,25 @@ then rewrites each stage's own model, from its own tensors, into standard ONNX a
   bfloat16 values as they are. Nothing is stored as float weights.
 * ``qlinear`` over stored tensors:
 
-  - 4 bits with a minimum (``w = scale * u + minimum``): ``MatMulNBits(x, B, scale, zero points 0)``
-    plus the minimum term ``(x summed over each group) @ minimum^T``, a product of inner size ``k / group``
-    (float zero points ``-minimum / scale`` are exact too, but ONNX Runtime runs them 10x slower);
+  - 4 bits with a minimum (``w = scale * u + minimum``): ``MatMulNBits(x, B, scale)`` (its default zero
+    point 8, the kernels without a zero-point input: 2x faster than zero points 0 on ``down_proj``) plus the
+    minimum term ``(x summed over each group) @ (minimum + 8 * scale)^T``, a product of inner size
+    ``k / group`` (float zero points ``-minimum / scale`` are exact too, but ONNX Runtime runs them 15x
+    slower);
   - 4 bits symmetric (``w = scale * (u - 8)``): ``MatMulNBits`` with its default zero point 8;
-  - 8 bits (``w = scale * q (+ minimum)``) and bfloat16: the weight de-quantized in the graph (as for
-    gathered rows, below), then ``MatMul``; ONNX Runtime folds the de-quantization to a float32 weight when
-    it loads the stage, so the artifact holds the 8-bit (bfloat16) bytes and the session float32 ones.
-    ONNX Runtime 1.32's CPU ``MatMulNBits bits=8`` is exact (on ``q + 128`` with its default zero point
-    128, plus the minimum term), but it has no float kernel for 8 bits and ran SmolLM2 at 4.1 tok/s against
-    33-40 tok/s folded (and 44-63 tok/s for 4 bits): :data:`NBITS` lists the widths it is used for.
+  - 8 bits (``w = scale * q (+ minimum)``): ``MatMulNBits bits=8`` on ``q + 128`` (its default zero point
+    128; plus the minimum term) at ``accuracy_level=4``, int8 arithmetic, over the input split into
+    :data:`TERMS` int8-exact terms that sum to it (:meth:`_Lowering.int8_terms`): each term is on the grid
+    ONNX Runtime quantizes it to, so each term's product is exact and their sum is the float product
+    within about 2^-24 of the input (level 4 on the plain input is 2^-8; ONNX Runtime 1.32 has no float
+    kernel for 8 bits: level 1 ran SmolLM2 at 4.1 tok/s). SmolLM2's Q8_0 head in a decode step: 3.5 ms
+    as the folded float32 product, about 1.2 ms as three terms;
+  - bfloat16: the weight de-quantized in the graph (as for gathered rows, below), then ``MatMul``; ONNX
+    Runtime folds the de-quantization to a float32 weight when it loads the stage, so the artifact holds
+    the bfloat16 bytes and the session float32 ones.
 
-  MatMulNBits runs at ``accuracy_level=1`` (float32 arithmetic: exact up to float rounding; level 4, int8
-  activations, is faster and lossy). A bias is added after the product. Placeholders that read one input
+  4-bit MatMulNBits runs at ``accuracy_level=1`` (float32 arithmetic: exact up to float rounding; level 4
+  on the plain input is lossy: SmolLM2 agreed with float32 on 0.975 of forced tokens, 7% faster). A bias is added after the product. Placeholders that read one input
   with weights of one layout (a layer's q, k and v projections; its gate and up) become one MatMulNBits
   over their weights concatenated along the rows, then a ``Split``: every output column is the same sum,
   in fewer, larger products (SmolLM2's layers 11.6 -> 9.1 ms per token).
@@ -48,9 +54,12 @@ __all__ = ["DOMAIN", "lower", "repack4", "translations"]
 
 DOMAIN = "effx"  # the placeholders' domain: between export and lower only, never in an artifact
 MS_DOMAIN = "com.microsoft"
-ACCURACY_LEVEL = 1
-# the widths whose products run as MatMulNBits (8 bits works, slowly: see above; add 8 to use it)
-NBITS = (4,)
+ACCURACY_LEVEL = 1  # 4-bit products: float32 arithmetic
+# the widths whose products run as MatMulNBits (8 bits at accuracy level 4, on split inputs: see above)
+NBITS = (4, 8)
+# 8-bit products: the input as this many int8-exact terms (the input rounded to int8 per block, then what
+# that left, ...), each term's product exact in ONNX Runtime's int8 arithmetic
+TERMS = 3
 _BLOCK = 32  # effx's nibble blocks (effx.quant.BLOCK)
 
 
@@ -369,15 +378,22 @@ class _Lowering:
             self.inits[packed] = b
         # MatMulNBits takes ceil(K / block) blocks: pad x where effx padded a whole block more (group 16)
         a, K = (x, k) if -(-k // w.group) == w.blocks else (self.pad_k(x, k, w, out), w.kp)
+        level, product = ACCURACY_LEVEL, f"{out}/nbits" if w.has_minimum else y
+        if w.bits == 8:  # int8 arithmetic, exact on int8-exact inputs: the product of each term, then the sum
+            a, K = self.pad_k(x, k, w, out), w.kp  # (whole blocks)
+            a, level, terms = self.int8_terms(a, K, w.group, rank), 4, f"{out}/terms"
+            product, y_terms = terms, product
         inputs = [a, packed, scale]
-        if w.bits == 4 and w.has_minimum:  # zero points 0 (default 8): the minimum term adds the rest
-            shape = (w.n, (w.blocks + 1) // 2)
-            inputs.append(self.const(f"zp0.{shape[0]}x{shape[1]}", np.zeros(shape, np.uint8)))
-        # (8 bits: q + 128 with the default zero point 128)
-        product = f"{out}/nbits" if w.has_minimum else y
-        attrs = dict(K=K, N=w.n, bits=w.bits, block_size=w.group, accuracy_level=ACCURACY_LEVEL)
+        # the default zero points (8 for 4 bits: ONNX Runtime's fastest kernels have no zero-point input; 128
+        # for 8 bits, stored as q + 128); a minimum's term adds the rest: scale * u + minimum is
+        # scale * (u - 8) + (minimum + 8 * scale)
+        attrs = dict(K=K, N=w.n, bits=w.bits, block_size=w.group, accuracy_level=level)
         self.node("MatMulNBits", inputs, product, domain=MS_DOMAIN, **attrs)
         self.used_ms = True
+        if w.bits == 8:
+            product = self.node(
+                "ReduceSum", [terms, self.const("axes.first", np.array([0]))], y_terms, keepdims=0
+            )
         if w.has_minimum:
             # (x summed over each group of its values) @ minimum^T, of inner size blocks
             padded = self.pad_k(x, k, w, out)
@@ -390,9 +406,58 @@ class _Lowering:
             grouped = self.node("Reshape", [padded, groups], f"{out}/x_groups")
             last = self.const("axes.last", np.array([-1]))
             sums = self.node("ReduceSum", [grouped, last], f"{out}/x_sums", keepdims=0)
+            if w.bits == 4:  # (folded by ONNX Runtime when it loads the stage: initializers only)
+                eight = self.const("f32.8", np.array(8, np.float32))
+                shift = self.node("Mul", [scale, eight], f"{out}/scale8")
+                minimum = self.node("Add", [minimum, shift], f"{out}/minimum8")
             minimum_t = self.node("Transpose", [minimum], f"{out}/minT", perm=[1, 0])
             term = self.node("MatMul", [sums, minimum_t], f"{out}/min_term")
             self.node("Add", [product, term], y)
+
+    def int8_terms(self, a: str, K: int, group: int, rank) -> str:
+        """``a`` ``[..., K]`` as :data:`TERMS` stacked terms ``[TERMS, ..., K]`` that sum to it: each the
+        rest of ``a`` rounded per block of ``group`` values to ``scale * int8`` (scale = the block's largest
+        magnitude / 127), the grid ONNX Runtime quantizes a block to at accuracy level 4, so that its int8
+        arithmetic is exact on each term. Two terms leave about 2^-16 of the input; made once per input."""
+        name = f"{a}/int8_terms{TERMS}.{group}"
+        if name in self.made:
+            return name
+        if rank is None:
+            raise ArtifactError(f"{a}: 8-bit products need the input's rank (re-export with this effx)")
+        dims = [0] * (rank - 1) + [K // group, group]
+        blocks = self.node(
+            "Reshape",
+            [a, self.const("groups." + "x".join(map(str, dims)), np.array(dims))],
+            f"{a}/blocks.{group}",
+        )
+        rest = self.node(
+            "Unsqueeze", [blocks, self.const("axes.first", np.array([0]))], f"{a}/blocks1.{group}"
+        )
+        parts = []
+        for t in range(TERMS - 1):
+            p = f"{a}/int8_term{t}.{group}"
+            amax = self.node(
+                "ReduceMax",
+                [self.node("Abs", [rest], f"{p}/abs"), self.const("axes.last", np.array([-1]))],
+                f"{p}/amax",
+                keepdims=1,
+            )
+            scale = self.node(
+                "Mul", [amax, self.const("f32.1/127", np.array(1 / 127, np.float32))], f"{p}/scale"
+            )
+            scale = self.node(
+                "Max",
+                [scale, self.const("f32.tiny", np.array(np.finfo(np.float32).tiny, np.float32))],
+                f"{p}/scale_",
+            )
+            level = self.node("Round", [self.node("Div", [rest, scale], f"{p}/ratio")], f"{p}/int8")
+            parts.append(self.node("Mul", [level, scale], f"{p}/term"))
+            rest = self.node("Sub", [rest, parts[-1]], f"{p}/rest")
+        stacked = self.node("Concat", [*parts, rest], f"{a}/int8_terms.{group}", axis=0)
+        flat = [0] * rank + [K]
+        return self.node(
+            "Reshape", [stacked, self.const("terms." + "x".join(map(str, flat)), np.array(flat))], name
+        )
 
     def qembedding(self, node) -> None:
         ids, out = node.input[0], node.output[0]
