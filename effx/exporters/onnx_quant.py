@@ -418,7 +418,8 @@ class _Lowering:
         """``a`` ``[..., K]`` as :data:`TERMS` stacked terms ``[TERMS, ..., K]`` that sum to it: each the
         rest of ``a`` rounded per block of ``group`` values to ``scale * int8`` (scale = the block's largest
         magnitude / 127), the grid ONNX Runtime quantizes a block to at accuracy level 4, so that its int8
-        arithmetic is exact on each term. Two terms leave about 2^-16 of the input; made once per input."""
+        arithmetic is exact on each term. Three terms leave about 2^-24 of the input (two: 2^-16); made once per
+        input."""
         name = f"{a}/int8_terms{TERMS}.{group}"
         if name in self.made:
             return name
