@@ -12,8 +12,10 @@ equal to the float32 Program's (per prompt), ``ppl`` the perplexity on held-out 
     python benchmarks/quantize.py --no-llama-cpp            # without the llama.cpp row
     python benchmarks/quantize.py --no-onnx                 # without the ONNX artifact rows
 
-The ONNX rows are artifacts of the float32 Program and of ``quantize{source=gguf}`` (exported to a temporary
-directory) run by effx's ONNX Runtime backend; their size is printed beside the GGUF file's.
+The ONNX rows are artifacts of the float32 Program, ``quantize{source=gguf}`` and
+``quantize{bits=8 symmetric=true}`` (exported to a temporary directory) run by effx's ONNX Runtime backend,
+their agreement and perplexity measured on the artifact itself; their size is printed beside the GGUF
+file's.
 
 llama.cpp runs through llama-cpp-python (``pip install -e .[llama]``, a source build of a few minutes);
 without it the row is left out, and the script says so.
@@ -32,6 +34,7 @@ import effx
 from effx.bench import first_outputs, interleave, total_seconds
 from effx.data import PROMPTS, encode_prompts, pydoc_texts, token_chunks
 from effx.models import gguf_file
+from effx.runtime.forward import forward_logits
 
 CONFIGS = {
     "effx quantize{source=gguf}": "quantize{source=gguf}",
@@ -49,10 +52,17 @@ def _llama_cpp(path, threads: int):
     return Llama(model_path=str(path), n_threads=threads, n_ctx=1024, verbose=False, logits_all=False)
 
 
+def _logits(model, seq):
+    """A torch Program's logits, or an ONNX artifact's (its generator) as a torch tensor."""
+    if isinstance(model, effx.Program):
+        return model(seq)
+    return torch.from_numpy(forward_logits(model, seq.numpy()))
+
+
 def _agreement(prog, ref_logits, seqs, start) -> float:
     hits = total = 0
     for seq, ref, s in zip(seqs, ref_logits, start, strict=True):
-        pred = prog(seq).argmax(-1)[0, s - 1 : -1]
+        pred = _logits(prog, seq).argmax(-1)[0, s - 1 : -1]
         hits += int((pred == ref).sum())
         total += ref.numel()
     return hits / total
@@ -61,7 +71,7 @@ def _agreement(prog, ref_logits, seqs, start) -> float:
 def _perplexity(prog, chunks) -> float:
     nll = n = 0.0
     for chunk in chunks:
-        logp = prog(chunk).log_softmax(-1)[0, :-1]
+        logp = _logits(prog, chunk).log_softmax(-1)[0, :-1]
         nll -= float(logp.gather(-1, chunk[0, 1:, None]).sum())
         n += chunk.shape[1] - 1
     return math.exp(nll / n)
@@ -97,6 +107,7 @@ def main() -> None:
         runners[label] = lambda ids, mask, p=prog: p.generate(
             ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[]
         )
+    quality = dict(progs)  # row -> what its agreement and perplexity are measured on
     tmp = tempfile.TemporaryDirectory(prefix="effx-quantize-")
     sizes = {}
     if not args.no_onnx:
@@ -106,13 +117,16 @@ def main() -> None:
         for label, prog in (
             ("float32", dense),
             ("quantize{source=gguf}", progs["effx quantize{source=gguf}"]),
+            ("quantize{bits=8 symmetric=true}", progs["effx quantize{bits=8 symmetric=true}"]),
         ):
-            out = export(prog, Path(tmp.name) / label.replace("{", "_").replace("}", "").replace("=", "_"))
+            name = label.replace("{", "_").replace("}", "").replace("=", "_").replace(" ", "_")
+            out = export(prog, Path(tmp.name) / name)
             sizes[label] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
             gen = load(out)
             runners[f"effx ONNX {label}"] = lambda ids, mask, g=gen: torch.from_numpy(
                 g.generate(ids.numpy(), mask.numpy(), max_new_tokens=n, eos_token_id=[])
             )
+            quality[f"effx ONNX {label}"] = gen
     llm = None if args.no_llama_cpp else _llama_cpp(gguf_file("smollm2-135m"), args.threads)
     if llm is not None:
 
@@ -144,7 +158,7 @@ def main() -> None:
     hf_tps = tokens / seconds["HF generate float32"]
     print(f"\nSmolLM2-135M, {len(prompts)} chat prompts x {n} tokens, batch 1, {args.threads} threads, "
           f"median of {args.repeats}")  # fmt: skip
-    print(f"{'row':<38} {'tok/s':>7} {'x HF':>6} {'x f32':>6} {'agree':>6} {'ppl':>6}  lead (of 32 or fewer)")
+    print(f"{'row':<42} {'tok/s':>7} {'x HF':>6} {'x f32':>6} {'agree':>6} {'ppl':>6}  lead (of 32 or fewer)")
     dense_tps = tokens / seconds["effx float32"]
     for name in runners:
         tps = tokens / seconds[name]
@@ -153,11 +167,11 @@ def main() -> None:
             a, b = out[0, s : s + 32], base[0, s : s + 32]
             diff = (a != b).nonzero()
             leads.append(int(diff[0]) if len(diff) else a.numel())
-        prog = progs.get(name)
+        prog = quality.get(name)
         agree = f"{_agreement(prog, ref, seqs, starts):.3f}" if prog is not None else "-"
         ppl = f"{_perplexity(prog, chunks):.2f}" if prog is not None else "-"
         print(
-            f"{name:<38} {tps:7.1f} {tps / hf_tps:6.2f} {tps / dense_tps:6.2f} {agree:>6} {ppl:>6}  "
+            f"{name:<42} {tps:7.1f} {tps / hf_tps:6.2f} {tps / dense_tps:6.2f} {agree:>6} {ppl:>6}  "
             + " ".join(map(str, leads))
         )
     for label, prog in progs.items():
