@@ -618,6 +618,8 @@ def _cmd_bench(args) -> int:
     )
     paths = bench.write_outputs(result, args.out, plot=not args.no_plot)
     print(bench.format_table(result))
+    if stacked := bench.format_stacked_table(result):
+        print(stacked)
     print(bench.format_path_table(result))
     for kind, path in paths.items():
         print(f"[effx] {kind}: {path}", file=sys.stderr)

@@ -469,3 +469,42 @@ def test_default_quantize_step_follows_the_model_source():
 def test_bench_quantize_flag_is_for_the_defaults(capsys):
     assert main(["bench", "--model", "/no/such/model", "--passes", "quantize{bits=8}", "--quantize"]) == 1
     assert "--quantize adds to the default configurations" in capsys.readouterr().err
+
+
+def _config(name: str, speedup: float, ttft_speedup: float, tok_s, ttft_ms) -> dict:
+    samples = [
+        {"prompt": p, "repeat": r, "decode_tok_s": tok_s[p], "ttft_ms": ttft_ms[p]}
+        for p in (0, 1)
+        for r in (0, 1)
+    ]
+    return {"name": name, "ratios": {"speedup": speedup, "ttft_speedup": ttft_speedup}, "samples": samples}
+
+
+def test_stacked_rows_compare_a_pass_on_its_base_with_the_pass_alone():
+    result = {
+        "configs": [
+            _config("dense", 1.0, 1.0, (10, 20), (100, 200)),
+            _config("mask", 1.5, 1.0, (15, 30), (100, 200)),
+            _config("quantize{bits=8}", 2.0, 0.8, (20, 40), (125, 250)),
+            _config("mask + quantize{bits=8}", 2.6, 0.8, (26, 52), (125, 250)),
+            _config("drop", 1.0, 2.0, (10, 20), (50, 100)),
+            _config("drop + quantize{bits=8}", 2.0, 1.6, (20, 40), (100, 125)),
+            _config("exits + vocab", 1.1, 1.0, (11, 22), (100, 200)),  # its parts are no rows: not stacked
+        ]
+    }
+    rows = bench.stacked_rows(result)
+    assert [(r["pass"], r["base"]) for r in rows] == [
+        ("mask", "quantize{bits=8}"),
+        ("drop", "quantize{bits=8}"),
+    ]
+    mask, drop = rows
+    assert mask["speedup_on_base"] == pytest.approx(1.3) and mask["kept"] == pytest.approx(1.3 / 1.5)
+    assert mask["ttft_kept"] == pytest.approx(1.0)
+    # TTFT over the base per sample: 125/100 and 250/125, median 1.625
+    assert drop["ttft_speedup_on_base"] == pytest.approx(1.625) and drop["ttft_kept"] == pytest.approx(
+        1.625 / 2
+    )
+    table = bench.format_stacked_table(result).splitlines()
+    assert table[2].startswith("| pass | base | speed-up | on base | kept |")
+    assert table[4] == "| mask | quantize{bits=8} | 1.50x | 1.30x | 87% | 1.00x | 1.00x | 100% |"
+    assert bench.format_stacked_table({"configs": result["configs"][:3]}) == ""

@@ -34,7 +34,15 @@ from .errors import BenchConfigError, BenchDataError
 from .metrics import _mean_paths as _mean_paths
 from .metrics import _paths as _paths
 from .metrics import _teacher_forced as _teacher_forced
-from .report import format_path_table, format_table, pareto_front, plot_pareto, write_outputs
+from .report import (
+    format_path_table,
+    format_stacked_table,
+    format_table,
+    pareto_front,
+    plot_pareto,
+    stacked_rows,
+    write_outputs,
+)
 from .run import run_bench
 from .samples import ACLSUM_PROMPT as ACLSUM_PROMPT
 from .samples import Sample, data_choices, load_samples
@@ -60,6 +68,8 @@ __all__ = [
     "exit_heads",
     "format_path_table",
     "format_table",
+    "format_stacked_table",
+    "stacked_rows",
     "interleave",
     "load_result",
     "load_samples",

@@ -114,7 +114,9 @@ def default_configs(
     * the quantize step alone (:func:`default_quantize`: ``quantize{source=gguf}`` for a model loaded from
       a GGUF file, else int8).
 
-    ``quantize`` (a ``quantize{...}`` pipeline string) adds every configuration above combined with it.
+    ``quantize`` (a ``quantize{...}`` pipeline string) adds every configuration above combined with it (and
+    the step alone, where it is not the default one): :func:`effx.bench.stacked_rows` compares each pass's
+    speed-up on the quantized Program with its float32 one.
     Profiles, vocabularies and heads are made once and cached (about 40 s, 60 s and 90 s on SmolLM2).
     """
     from ..passes import EarlyExit, NeuronMask, PromptLookup, TokenDrop, VocabReduce, parse_pipeline
@@ -163,6 +165,8 @@ def default_configs(
         steps = tuple(parse_pipeline(quantize))
         if [p.name for p in steps] != ["quantize"]:
             raise BenchConfigError(f"--quantize takes one quantize{{...}} step, got {quantize!r}")
+        if quantize != alone:  # the base the stacked rows are compared with (effx.bench.stacked_rows)
+            out.append(BenchConfig(quantize, steps))
         out += [
             BenchConfig(f"{c.name} + {quantize}", c.passes + steps, calibrate=c.calibrate) for c in configs
         ]

@@ -54,6 +54,64 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _paired(config: dict[str, Any], base: dict[str, Any], key: str, *, lower: bool = False) -> float:
+    """The median over prompts and repeats of ``config``'s ``key`` over ``base``'s in the same sample (of
+    ``base``'s over ``config``'s where ``lower`` is better, as times are)."""
+    by = {(s["prompt"], s["repeat"]): s[key] for s in base["samples"]}
+    ratios = (s[key] / by[(s["prompt"], s["repeat"])] for s in config["samples"])
+    return statistics.median(1 / r if lower else r for r in ratios)
+
+
+def stacked_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each configuration ``"<pass> + <base>"`` of ``result`` whose ``<pass>`` and ``<base>`` rows are in it
+    too (``effx bench --quantize``): the pass's speed-ups over dense, and over ``<base>`` alone when stacked
+    on it, with the share of the first that the second keeps. Decode speed-up and TTFT speed-up are both
+    medians of paired per-sample ratios (TTFT is where token drop pays)."""
+    by_name = {c["name"]: c for c in result["configs"]}
+    rows = []
+    for c in result["configs"]:
+        name, sep, base = c["name"].rpartition(" + ")
+        if not sep or name not in by_name or base not in by_name:
+            continue
+        alone, on_base = by_name[name]["ratios"], by_name[base]
+        decode = _paired(c, on_base, "decode_tok_s")
+        ttft = _paired(c, on_base, "ttft_ms", lower=True)
+        rows.append(
+            {
+                "pass": name,
+                "base": base,
+                "speedup": alone["speedup"],
+                "speedup_on_base": decode,
+                "kept": decode / alone["speedup"],
+                "ttft_speedup": alone["ttft_speedup"],
+                "ttft_speedup_on_base": ttft,
+                "ttft_kept": ttft / alone["ttft_speedup"],
+            }
+        )
+    return rows
+
+
+def format_stacked_table(result: dict[str, Any]) -> str:
+    """:func:`stacked_rows` as Markdown, or ``""`` when the run has no stacked configurations."""
+    rows = stacked_rows(result)
+    if not rows:
+        return ""
+    lines = [
+        "Each pass on top of a base configuration (speed-ups over dense alone, over the base when stacked on "
+        "it; kept = the second over the first):",
+        "",
+        "| pass | base | speed-up | on base | kept | TTFT x | on base | kept |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['pass']} | {r['base']} | {r['speedup']:.2f}x | {r['speedup_on_base']:.2f}x | "
+            f"{r['kept']:.0%} | {r['ttft_speedup']:.2f}x | {r['ttft_speedup_on_base']:.2f}x | "
+            f"{r['ttft_kept']:.0%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def format_path_table(result: dict[str, Any]) -> str:
     """The cascade seed's table as Markdown: per prompt and over all prompts, each configuration's generation
     time (median over repeats) and its ratio to dense, ROUGE-L against the references (where the data has
@@ -195,6 +253,7 @@ def write_outputs(
     paths["json"].write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     paths["markdown"].write_text(
         format_table(result)
+        + ("\n" + stacked if (stacked := format_stacked_table(result)) else "")
         + "\nPer prompt (generation time = TTFT + decode):\n\n"
         + format_path_table(result)
     )
