@@ -193,6 +193,7 @@ class ModelDraft(DraftSource):
             spec.slot_pos[:, self.seen : end],
             spec.key_valid[:, :end],
             stats=self.stats,
+            key_pos=spec.slot_pos[:, :end],
         )
         self.passes += 1
         self.positions_run += end - self.seen

@@ -126,11 +126,14 @@ def positions_from_mask(attention_mask):
     return xp.clip(xp.cumulative_sum(xp.astype(attention_mask, xp.int64), axis=-1) - 1, min=0)
 
 
-def attention_masks(key_valid, q_start: int, q_len: int, windows, dtype) -> dict:
+def attention_masks(key_valid, q_start: int, q_len: int, windows, dtype, key_pos=None) -> dict:
     """Additive masks ``[batch, 1, q_len, keys]`` by sliding window (None: full causal attention).
 
     ``key_valid[b, j]`` is False for padding slots; query ``i`` (slot ``q_start + i``) sees slot ``j`` when
-    ``j <= q_start + i``, ``key_valid[b, j]``, and, with a window ``w``, ``j > q_start + i - w``.
+    ``j <= q_start + i``, ``key_valid[b, j]``, and, with a window ``w``, ``j > q_start + i - w``. Where a
+    row's slots are not its positions (speculative decoding leaves holes in a batch's cache), ``key_pos [batch,
+    slots]`` gives each slot's position and the window counts positions instead: ``key_pos[b, j] >
+    key_pos[b, q_start + i] - w``, as the model counts them.
     """
     xp = namespace(key_valid)
     keys = key_valid.shape[1]
@@ -142,17 +145,26 @@ def attention_masks(key_valid, q_start: int, q_len: int, windows, dtype) -> dict
     neg = xp.full((), xp.finfo(dtype).min, dtype=dtype)
     out = {}
     for w in windows:
-        allowed = causal if w is None else causal & (k > q - w)
-        out[w] = xp.where(allowed[None, None] & valid, zero, neg)
+        if w is None:
+            allowed = causal[None, None]
+        elif key_pos is None:
+            allowed = (causal & (k > q - w))[None, None]
+        else:
+            kp = key_pos[:, :keys]
+            qp = kp[:, q_start : q_start + q_len]
+            allowed = (causal[None] & (kp[:, None, :] > qp[:, :, None] - w))[:, None]
+        out[w] = xp.where(allowed & valid, zero, neg)
     return out
 
 
 class MaskCache:
-    """Masks for one step, built once per query start and shared by every layer that needs them."""
+    """Masks for one step, built once per query start and shared by every layer that needs them;
+    ``key_pos``: each slot's position, where slots are not positions (see :func:`attention_masks`)."""
 
-    def __init__(self, program, key_valid, dtype):
+    def __init__(self, program, key_valid, dtype, key_pos=None):
         self.windows = program.plan.windows
         self.key_valid = key_valid
+        self.key_pos = key_pos
         self.dtype = dtype
         self._masks: dict[tuple, dict] = {}
 
@@ -166,7 +178,7 @@ class MaskCache:
                 xp = namespace(valid)
                 n = dropped.shape[1]
                 valid = xp.concat([valid[:, :n] & ~dropped, valid[:, n:]], axis=1)
-            self._masks[key] = attention_masks(valid, q_start, q_len, self.windows, self.dtype)
+            self._masks[key] = attention_masks(valid, q_start, q_len, self.windows, self.dtype, self.key_pos)
         return self._masks[key][window]
 
 
@@ -201,18 +213,20 @@ def run_step(
     *,
     last_only: bool = True,
     stats: dict | None = None,
+    key_pos=None,
 ):
     """Run embed, every layer (reading and filling ``cache``) and the head on ``input_ids``.
 
-    ``key_valid`` covers every slot up to and including the new tokens. Returns logits of the last position
-    (``[batch, vocab]``) or of all positions (``[batch, seq, vocab]``).
+    ``key_valid`` covers every slot up to and including the new tokens (``key_pos``, where given, their
+    positions: see :func:`attention_masks`). Returns logits of the last position (``[batch, vocab]``) or of
+    all positions (``[batch, seq, vocab]``).
     """
     from .vocab import head_logits
 
     backend = as_backend(backend)
     plan = backend.plan
     hidden, cos, sin = backend.run(plan.embed, input_ids, position_ids)
-    masks = MaskCache(backend, key_valid, backend.dtype)
+    masks = MaskCache(backend, key_valid, backend.dtype, key_pos)
     hidden = backend.run_layers(cache, plan.layers, hidden, cos, sin, masks)
     if last_only:
         return head_logits(backend, hidden[:, -1:], stats)[:, -1]

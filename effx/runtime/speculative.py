@@ -171,7 +171,7 @@ class ExitDraft(DraftSource):
         for j in range(n):
             slot = spec.length + j
             spec.place(slot, token[:, None], pos[:, None])
-            masks = MaskCache(backend, spec.key_valid[:, : slot + 1], backend.dtype)
+            masks = MaskCache(backend, spec.key_valid[:, : slot + 1], backend.dtype, spec.slot_pos)
             hidden, cos, sin = backend.run(plan.embed, token[:, None], pos[:, None])
             prev = hidden
             hidden = backend.run_layers(spec.cache, shallow, hidden, cos, sin, masks)
@@ -300,7 +300,7 @@ class Speculation:
         positions = self.pos[:, None] + xp.arange(width, dtype=xp.int64)[None, :]
         start = self.length
         self.place(start, inputs, positions)
-        masks = MaskCache(backend, self.key_valid[:, : start + width], backend.dtype)
+        masks = MaskCache(backend, self.key_valid[:, : start + width], backend.dtype, self.slot_pos)
         if draft is not None and draft.hidden is not None:
             hidden, cos, sin = draft.hidden
             deep = [s for s in plan.layers if s.layer > draft.through]
