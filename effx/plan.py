@@ -78,6 +78,14 @@ class ModelInfo:
     dtype: str
     tie_word_embeddings: bool
     source: str = ""  # where the weights came from (the model directory transformers loaded), if known
+    # rotary tables the embed stage computes (Gemma 3: one for local layers, one for global ones), concatenated
+    # along the last axis of its cos/sin; each layer slices its own
+    rope_tables: int = 1
+
+    @property
+    def rope_width(self) -> int:
+        """The last axis of the embed stage's ``cos``/``sin``."""
+        return self.rope_tables * self.head_dim
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def tiny_config(
     tie: bool = False,
     sliding_window: int | None = None,
 ):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         vocab_size=vocab,
@@ -51,6 +51,18 @@ def tiny_config(
         return MistralConfig(**common, sliding_window=sliding_window)
     if kind == "qwen2":
         return Qwen2Config(**common)
+    if kind == "gemma3":
+        # local (sliding) and global layers alternate, each kind with its own rotary base; q/k norms, norms
+        # around the MLP, scaled embeddings (tie=True ties the head as Gemma does: tiny tied models repeat
+        # the token they were fed)
+        types = ("sliding_attention", "full_attention")
+        return Gemma3TextConfig(
+            **common,
+            head_dim=hidden // heads,
+            sliding_window=sliding_window or 6,
+            layer_types=[types[i % 2] for i in range(layers)],
+            query_pre_attn_scalar=hidden // heads,
+        )
     raise ValueError(kind)
 
 
@@ -59,6 +71,11 @@ def tiny_model(kind: str = "llama", seed: int = 0, **kw):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(kind, **kw), attn_implementation="sdpa")
+    if kind == "gemma3":  # its RMS norms scale by 1 + weight, initialized to 0: make them differ
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
     return model.eval()
 
 

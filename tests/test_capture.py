@@ -57,7 +57,7 @@ def test_kv_cache_is_explicit(llama_program):
     )
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "gemma3"])
 def test_logits_match_the_model(kind):
     model = tiny_model(kind, layers=3)
     prog = capture(model)

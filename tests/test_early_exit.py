@@ -91,7 +91,7 @@ def test_thresholds_that_never_fire_give_dense_tokens(kind, layers, exit_layer, 
 
 
 @given(
-    kind=st.sampled_from(["llama", "mistral", "qwen2"]),
+    kind=st.sampled_from(["llama", "mistral", "qwen2", "gemma3"]),
     layers=st.integers(2, 4),
     exit_layer=st.integers(0, 2),
     draft=st.integers(1, 5),
@@ -298,3 +298,18 @@ def test_kv_copy_is_lossy_only():
         EarlyExit(layers=(1,), kv="copy", mode="self-speculative")
     with pytest.raises(PassConfigError, match="kv must be"):
         EarlyExit(layers=(1,), kv="maybe")
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma3"])
+def test_self_speculative_batch_with_holes_keeps_sliding_windows_by_position(kind):
+    # rows accept different drafts and leave holes in the shared cache: a window counts positions, not slots
+    model = tiny_model(kind, layers=3, seed=773, sliding_window=3)
+    ids, mask = left_padded_batch([2, 3, 2], 96, 773)
+    dense = effx.transform(model).generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    ee = EarlyExit(layers=(1,), mode="self-speculative", draft=3, thresholds=(0.0,))
+    stats = {}
+    out = effx.transform(model, passes=[ee]).generate(
+        ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], stats=stats
+    )
+    assert torch.equal(out, dense)
+    assert 0 < stats["accepted"] < stats["drafted"]  # some rows rejected what others accepted

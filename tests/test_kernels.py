@@ -187,7 +187,7 @@ def test_lowering_matches_qwen2_biases_and_skips_what_it_does_not_know():
     assert "gated" not in ops and ops["linear"] == 4
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gemma3"])
 def test_fast_program_logits_within_bound_of_reference(kind):
     model = tiny_model(kind, layers=3)
     fast, ref = effx.transform(model), effx.transform(model, kernels="reference")

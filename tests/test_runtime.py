@@ -14,7 +14,7 @@ def hf_generate(model, ids, mask=None, **kw):
 
 
 @given(
-    kind=st.sampled_from(["llama", "mistral", "qwen2"]),
+    kind=st.sampled_from(["llama", "mistral", "qwen2", "gemma3"]),
     layers=st.integers(1, 3),
     heads_kv=st.sampled_from([(4, 4), (4, 2), (4, 1), (6, 2)]),
     head_dim=st.sampled_from([8, 16]),

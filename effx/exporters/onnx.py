@@ -97,7 +97,7 @@ def _example_args(program, stage):
     if kind == "embed":
         return (torch.zeros(b, s, dtype=torch.long), torch.arange(s).expand(b, s).clone()), (seq, seq)
     if kind in ("layer", "token_score", "token_drop"):
-        rope = torch.randn(b, s, info.head_dim, dtype=dt)
+        rope = torch.randn(b, s, info.rope_width, dtype=dt)
         past = torch.randn(b, info.num_kv_heads, p, info.head_dim, dtype=dt)
         if kind == "token_drop":
             keep_ids = torch.tensor([[0, 2], [1, 2]])

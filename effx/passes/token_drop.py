@@ -181,7 +181,7 @@ def _gather_graph(info) -> torch.fx.GraphModule:
 
     dt = torch_dtype(info)
     hidden = torch.randn(2, 7, info.hidden_size, dtype=dt)
-    cos = torch.randn(2, 7, info.head_dim, dtype=dt)
+    cos = torch.randn(2, 7, info.rope_width, dtype=dt)
     ids = torch.tensor([[0, 2, 5], [1, 3, 6]])
     gm = export_function(
         gather,
@@ -204,7 +204,7 @@ def norm_score_graph(info, *, encoder: bool = False) -> torch.fx.GraphModule:
         )
     dt = torch_dtype(info)
     hidden = torch.randn(b, s, info.hidden_size, dtype=dt)
-    rope = torch.randn(b, s, info.head_dim, dtype=dt)
+    rope = torch.randn(b, s, info.rope_width, dtype=dt)
     mask = torch.zeros(b, 1, s, s, dtype=dt)
     past = torch.zeros(b, info.num_kv_heads, 0, info.head_dim, dtype=dt)
     axes = {0: "batch", 1: "seq"}
