@@ -13,8 +13,8 @@ A value ``u`` stands for the weight::
 
     4 bits with a minimum:   scale * u + minimum       (u in 0..15; GGUF Q4_1, Q4_K)
     4 bits, symmetric:       scale * (u - 8)           (GGUF Q4_0)
-    8 bits with a minimum:   scale * u + minimum       (u in -128..127)
-    8 bits, symmetric:       scale * u                 (GGUF Q8_0, Q6_K with group 16)
+    8 bits with a minimum:   scale * u + minimum       (u in -128..127; GGUF Q5_1)
+    8 bits, symmetric:       scale * u                 (GGUF Q8_0, Q5_0, Q6_K with group 16)
     bfloat16:                float(u)
 
 computed in float32 in exactly this order (a product, then a sum): it is how ``gguf`` de-quantizes, so a
@@ -215,6 +215,8 @@ GGUF_EXACT = {
     "Q4_0": "4-bit symmetric, group 32, float16 scales",
     "Q4_1": "4-bit with minimum, group 32, float16 scales and minimums",
     "Q8_0": "8-bit symmetric, group 32, float16 scales",
+    "Q5_0": "8-bit symmetric, group 32, float16 scales (5-bit values widened to 8 bits)",
+    "Q5_1": "8-bit with minimum, group 32, float16 scales and minimums (5-bit values widened to 8 bits)",
     "Q4_K": "4-bit with minimum, group 32, float32 scales and minimums (super-block scale x 6-bit scale)",
     "Q6_K": "8-bit symmetric, group 16, float32 scales (6-bit values widened to 8 bits)",
 }
@@ -239,6 +241,13 @@ def _gguf_parts(kind: str, blocks: np.ndarray):
             return _q4_values(blocks[:, 2:], 16), d, None, 32, np.float16
         m = blocks[:, 2:4].copy().view(np.float16)
         return _q4_values(blocks[:, 4:], 16), d, m, 32, np.float16
+    if kind in ("Q5_0", "Q5_1"):  # d (, m), 32 high bits, 16 nibble bytes: values 0..31
+        d = blocks[:, :2].copy().view(np.float16)
+        m = blocks[:, 2:4].copy().view(np.float16) if kind == "Q5_1" else None
+        rest = blocks[:, 2:] if m is None else blocks[:, 4:]
+        high = rest[:, :4].copy().view(np.uint32) >> np.arange(32, dtype=np.uint32).reshape(1, 32)
+        q = _q4_values(rest[:, 4:], 16).astype(np.int8) | ((high & 1).astype(np.int8) << 4)
+        return (q - np.int8(16) if m is None else q), d, m, 32, np.float16
     from gguf.quants import Q4_K
 
     if kind == "Q4_K":

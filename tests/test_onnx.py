@@ -497,3 +497,32 @@ def test_onnx_core_neurons_are_a_missing_capability(artifact, tmp_path):
     _edit_manifest(a, lambda m: m["plan"]["policy"].update(neuron_mask={"mode": "core", "top_share": 0.2}))
     with pytest.raises(ArtifactError, match="cannot run neuron-mask mode='core'"):
         ort_runtime.load(a)
+
+
+@pytest.fixture(scope="module")
+def gemma_artifacts(vocab_file, tmp_path_factory):
+    """Every parity pipeline, and the dense and int4 Programs, on a tiny Gemma 3 (two rotary tables, local and
+    global layers alternating) and their artifacts."""
+    model = tiny_model("gemma3", layers=4, seed=3)
+    root = tmp_path_factory.mktemp("gemma3")
+    pipelines = {"dense": lambda v: [], **PASSES, "quantize": lambda v: "quantize{bits=4}"}
+    out = {}
+    for name, passes in pipelines.items():
+        program = effx.transform(model, passes(vocab_file))
+        out[name] = program, exporter.export(program, root / name)
+    return out
+
+
+def test_gemma3_artifacts_match_the_torch_backend(gemma_artifacts):
+    for name, (program, artifact) in gemma_artifacts.items():
+        gen = ort_runtime.load(artifact)
+        for lengths in ([5], [7, 3], [4, 12, 6, 2]):
+            ids, mask = left_padded_batch(lengths, V, seed=len(lengths) + sum(lengths))
+            torch_stats, onnx_stats = {}, {}
+            ref = program.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[], stats=torch_stats)
+            out = gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=9, eos_token_id=[], stats=onnx_stats)
+            assert np.array_equal(out, ref.numpy()), (name, lengths)
+            assert onnx_stats == torch_stats, name
+        manifest = json.loads((artifact / "plan.json").read_text())
+        assert manifest["plan"]["model"]["rope_tables"] == 2
+        assert "fused" not in manifest or not manifest["fused"]  # one rotary table per step only, for now

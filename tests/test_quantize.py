@@ -358,23 +358,26 @@ def test_gguf_dequantization_matches_gguf_py(tmp_path):
         )
 
 
-@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q5_0", "Q5_1"])
 def test_k_quant_blocks_dequantize_as_gguf_py(kind):
-    """Q4_K and Q6_K (gguf-py cannot write them): random blocks with finite float16 super-block scales,
-    read by effx and by gguf-py, de-quantize bitwise alike."""
+    """Q4_K and Q6_K (gguf-py cannot write them), and the 5-bit types: random blocks with finite float16
+    (super-)block scales, read by effx and by gguf-py, de-quantize bitwise alike."""
     from effx.quant import GGUFTensor
 
     qtype = gguf.GGMLQuantizationType[kind]
-    size = gguf.GGML_QUANT_SIZES[qtype][1]
+    per_block, size = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(1)
     rows, k = 3, 512
-    blocks = rng.integers(0, 256, (rows * k // 256, size), dtype=np.uint8)
+    blocks = rng.integers(0, 256, (rows * k // per_block, size), dtype=np.uint8)
     halves = rng.uniform(-0.05, 0.05, (blocks.shape[0], 2)).astype(np.float16).view(np.uint8)
-    if kind == "Q4_K":
-        blocks[:, :4] = halves  # d, dmin
+    if kind in ("Q4_K", "Q5_1"):
+        blocks[:, :4] = halves  # d, dmin (d, m)
+    elif kind == "Q5_0":
+        blocks[:, :2] = halves[:, :2]  # d
     else:
         blocks[:, -2:] = halves[:, :2]  # d
     t = GGUFTensor("w", kind, rows, k, blocks.reshape(rows, -1))
     got = t.weight()
-    assert got.bits == (4 if kind == "Q4_K" else 8) and got.group == (32 if kind == "Q4_K" else 16)
+    assert got.bits == (4 if kind == "Q4_K" else 8) and got.group == (16 if kind == "Q6_K" else 32)
+    assert (got.minimum is not None) == (kind in ("Q4_K", "Q5_1"))
     assert np.array_equal(got.dequantize().numpy(), t.dequantized())

@@ -344,6 +344,8 @@ def _fused_layer(program, model, *, check: bool):
     info = program.info
     if info.dtype != "float32":
         return None  # the rewrite and its check are for float32 stages, as every effx Program is today
+    if info.rope_tables != 1:
+        return None  # the fused graphs' rotary tables are the step's one table (Gemma 3 has one per layer kind)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
