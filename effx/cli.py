@@ -314,19 +314,35 @@ def chat_prompt(tokenizer_dir, prompt: str) -> str:
     return render_chat(tokenizer_dir, [{"role": "user", "content": prompt}])
 
 
-def render_chat(tokenizer_dir, messages: list[dict]) -> str:
-    """``messages`` in the exported tokenizer's chat template, with the generation prompt (see
-    :func:`chat_prompt`); without a template, the messages' contents one a line."""
+def _tokenizer_config(tokenizer_dir) -> dict:
     import json
     from pathlib import Path
 
-    tokenizer_dir = Path(tokenizer_dir)
-    config_path = tokenizer_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    jinja_file = tokenizer_dir / "chat_template.jinja"
-    template = jinja_file.read_text() if jinja_file.is_file() else config.get("chat_template")
+    config_path = Path(tokenizer_dir) / "tokenizer_config.json"
+    return json.loads(config_path.read_text()) if config_path.is_file() else {}
+
+
+def chat_template(tokenizer_dir) -> str | None:
+    """The exported tokenizer's chat template (``chat_template.jinja``, or ``chat_template`` in
+    ``tokenizer_config.json``; of named templates, the default one), or None: a base model has none, and
+    its prompts are tokenized with the tokenizer's own special tokens (a ``<bos>``)."""
+    from pathlib import Path
+
+    jinja_file = Path(tokenizer_dir) / "chat_template.jinja"
+    if jinja_file.is_file():
+        template = jinja_file.read_text()
+    else:
+        template = _tokenizer_config(tokenizer_dir).get("chat_template")
     if isinstance(template, list):  # named templates: the default one
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template or None
+
+
+def render_chat(tokenizer_dir, messages: list[dict]) -> str:
+    """``messages`` in the exported tokenizer's chat template, with the generation prompt (see
+    :func:`chat_prompt`); without a template, the messages' contents one a line."""
+    config = _tokenizer_config(tokenizer_dir)
+    template = chat_template(tokenizer_dir)
     if not template:
         return "\n".join(m["content"] for m in messages)
     try:
@@ -392,11 +408,13 @@ def _torch_chat(args):
     program = effx.transform(model, passes=passes, kernels=args.kernels)
 
     def render(messages):
-        if getattr(tokenizer, "chat_template", None):
+        templated = bool(getattr(tokenizer, "chat_template", None))
+        if templated:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
             text = "\n".join(m["content"] for m in messages)
-        return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        # a template writes its own special tokens; a base model's text gets the tokenizer's (its <bos>)
+        return tokenizer(text, add_special_tokens=not templated, return_tensors="pt").input_ids
 
     def generate(ids, on_token, stats):
         program.generate(
@@ -433,9 +451,11 @@ def _onnx_chat(args):
         return None
     tokenizer = Tokenizer.from_file(str(tok_file))
 
+    special = chat_template(Path(args.artifact) / "tokenizer") is None  # a base model's <bos>
+
     def render(messages):
         text = render_chat(Path(args.artifact) / "tokenizer", messages)
-        return np.array([tokenizer.encode(text, add_special_tokens=False).ids], dtype=np.int64)
+        return np.array([tokenizer.encode(text, add_special_tokens=special).ids], dtype=np.int64)
 
     def generate(ids, on_token, stats):
         gen.generate(
@@ -486,13 +506,15 @@ def _cmd_run(args) -> int:
         return 1
     tokenizer = Tokenizer.from_file(str(tok_file))
     prompt = args.prompt
+    special = args.no_chat_template or chat_template(Path(args.out_dir) / "tokenizer") is None
     if not args.no_chat_template:
         try:
             prompt = chat_prompt(Path(args.out_dir) / "tokenizer", prompt)
         except ValueError as e:
             print(f"effx: error: {e}", file=sys.stderr)
             return 1
-    ids = np.array([tokenizer.encode(prompt, add_special_tokens=False).ids], dtype=np.int64)
+    # a template writes its own special tokens; plain text gets the tokenizer's (a base model's <bos>)
+    ids = np.array([tokenizer.encode(prompt, add_special_tokens=special).ids], dtype=np.int64)
     start = time.perf_counter()
     out = gen.generate(ids, max_new_tokens=args.max_new_tokens)
     elapsed = time.perf_counter() - start

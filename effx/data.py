@@ -59,7 +59,8 @@ def encode_prompts(tokenizer, prompts, *, chat: bool = True):
     """
     if isinstance(prompts, str):
         prompts = [prompts]
-    if chat and getattr(tokenizer, "chat_template", None):
+    templated = bool(chat and getattr(tokenizer, "chat_template", None))
+    if templated:
         texts = [
             tokenizer.apply_chat_template(
                 [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
@@ -71,7 +72,8 @@ def encode_prompts(tokenizer, prompts, *, chat: bool = True):
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+        # a template writes its own special tokens; plain text gets the tokenizer's (a base model's <bos>)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not templated)
     finally:
         tokenizer.padding_side = side
     return enc["input_ids"], enc["attention_mask"]

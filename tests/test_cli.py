@@ -97,13 +97,15 @@ def test_console_script_runs():
 def test_run_applies_the_tokenizers_own_chat_template(tmp_path):
     """``effx run`` renders the chat template that the exported tokenizer carries (transformers 5 writes it
     to chat_template.jinja), as ``apply_chat_template`` would, instead of guessing ChatML from a substring."""
-    from effx.cli import chat_prompt
+    from effx.cli import chat_prompt, chat_template
 
     assert chat_prompt(tmp_path, "hi") == "hi"  # no template: the raw prompt
+    assert chat_template(tmp_path) is None  # (tokenized with the tokenizer's own special tokens)
     (tmp_path / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": {"content": "<s>"}, "chat_template": "{{ bos_token }}[{{ messages[0]['content'] }}]"})
     )
     assert chat_prompt(tmp_path, "hi") == "<s>[hi]"
+    assert chat_template(tmp_path).startswith("{{ bos_token }}")
     (tmp_path / "chat_template.jinja").write_text(
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
     )

@@ -65,3 +65,34 @@ def test_aclsum_malformed_record_names_the_line(monkeypatch, tmp_path):
     monkeypatch.setattr(effx.data, "_aclsum_dir", lambda: tmp_path)
     with pytest.raises(DataLoadError, match=r"test.jsonl, line 1: not an ACLSum record \(KeyError"):
         aclsum("test")
+
+
+class _Tokenizer:
+    """Records how encode_prompts tokenizes; ``chat_template`` as a real tokenizer has it (None: a base model)."""
+
+    def __init__(self, chat_template):
+        self.chat_template, self.padding_side, self.calls = chat_template, "right", []
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return f"<turn>{messages[0]['content']}<model>"
+
+    def __call__(self, texts, **kwargs):
+        import torch
+
+        self.calls.append((texts, kwargs["add_special_tokens"], self.padding_side))
+        return {
+            "input_ids": torch.ones(len(texts), 2, dtype=torch.long),
+            "attention_mask": torch.ones(len(texts), 2),
+        }
+
+
+def test_encode_prompts_adds_special_tokens_unless_a_template_wrote_them():
+    from effx.data import encode_prompts
+
+    chat = _Tokenizer("{{ messages }}")
+    encode_prompts(chat, ["hi"])
+    assert chat.calls == [(["<turn>hi<model>"], False, "left")] and chat.padding_side == "right"
+    base = _Tokenizer(None)  # a base model (Gemma 3 270M): plain text, with its <bos>
+    encode_prompts(base, ["hi"])
+    encode_prompts(base, ["hi"], chat=False)
+    assert base.calls == [(["hi"], True, "left"), (["hi"], True, "left")]
