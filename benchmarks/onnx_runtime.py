@@ -20,6 +20,10 @@ artifact size on disk. ``onnx.checker.check_model(full_check=True)`` runs on eve
 
     python benchmarks/onnx_runtime.py                         # 3 prompts x 64 new tokens
     python benchmarks/onnx_runtime.py --prompts 2 --new-tokens 32 --skip-single-graph
+    python benchmarks/onnx_runtime.py --skip-single-graph --quantize "quantize{source=gguf}"
+
+``--quantize STEP`` adds the quantize step to every row, dense included (exits calibrated on the quantized
+Program), so each speed-up is the pass's on top of the quantized Program, on both backends.
 
 (Not ``benchmarks/onnx.py``: run as a script, that name would shadow the ``onnx`` package.)
 """
@@ -41,7 +45,7 @@ import effx
 from effx.bench import interleave, timed, total_seconds
 from effx.data import PROMPTS, encode_prompts, pydoc_texts
 from effx.exporters import onnx as exporter
-from effx.passes import EarlyExit, NeuronMask, TokenDrop, VocabReduce
+from effx.passes import EarlyExit, NeuronMask, TokenDrop, VocabReduce, parse_pipeline
 from effx.runtime import onnx as ort_runtime
 
 
@@ -134,15 +138,20 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--ttft-length", type=int, default=1024, help="prompt tokens of the TokenDrop row")
     parser.add_argument("--skip-single-graph", action="store_true", help="skip the ~80 s single-graph export")
+    parser.add_argument("--quantize", default="", help="a quantize{...} step added to every row")
     args = parser.parse_args()
+    steps = list(parse_pipeline(args.quantize)) if args.quantize else []
 
     model, tok = effx.models.load(args.model)
-    dense = effx.transform(model)
+
+    def make(passes):  # a row's Program: its passes, then the --quantize step when given
+        return effx.transform(model, list(passes) + steps)
+
+    dense = make([])
     heads = str(exit_heads(args.model, dense, tok, (10, 15, 20, 25), 4096))
     vocab = vocab_file(args.model, dense, tok, 16)
     profile = neuron_profile(args.model, dense, tok, 16384)
-    lossy = effx.transform(
-        model,
+    lossy = make(
         [
             EarlyExit(layers=(10, 15, 20, 25), head="trained", heads=heads),
             VocabReduce(k=2048, schedule="adaptive"),
@@ -151,23 +160,19 @@ def main() -> None:
     lossy, _ = lossy.calibrate(pydoc_texts("calib"), tok, target=0.95)
     configs = {
         "dense": dense,
-        "neuron-mask static keep 0.5": effx.transform(
-            model, [NeuronMask(keep=0.5, profile=profile, layers=(3, 27))]
-        ),
-        "reduced head k=8192 fallback 0.9": effx.transform(
-            model, [VocabReduce(k=8192, where="head", vocab=vocab, fallback=0.9)]
+        "neuron-mask static keep 0.5": make([NeuronMask(keep=0.5, profile=profile, layers=(3, 27))]),
+        "reduced head k=8192 fallback 0.9": make(
+            [VocabReduce(k=8192, where="head", vocab=vocab, fallback=0.9)]
         ),
         "lossy exits, pruned k=2048 adaptive (0.95)": lossy,
         # the exits' own cost: every exit evaluated, none ever taken (confidence <= 1 < threshold)
-        "exits never taken (threshold 2), pruned k=2048": effx.transform(
-            model,
+        "exits never taken (threshold 2), pruned k=2048": make(
             [
                 EarlyExit(layers=(10, 15, 20, 25), head="trained", heads=heads, thresholds=(2.0,)),
                 VocabReduce(k=2048, schedule="adaptive"),
             ],
         ),
-        "self-speculative, draft k=2048": effx.transform(
-            model,
+        "self-speculative, draft k=2048": make(
             [
                 EarlyExit(
                     layers=(20,), mode="self-speculative", thresholds=(0.3,), head="trained", heads=heads
@@ -176,7 +181,7 @@ def main() -> None:
             ],
         ),
     }
-    drop = effx.transform(model, [TokenDrop(at_layers=(4, 12), keep=(0.75, 0.5))])
+    drop = make([TokenDrop(at_layers=(4, 12), keep=(0.75, 0.5))])
 
     tmp = Path(tempfile.mkdtemp(prefix="effx-onnx-bench-"))
     try:
@@ -242,7 +247,10 @@ def main() -> None:
 
     tokens = new * len(prompts)
     dense_torch, dense_onnx = times["dense"]
-    print(f"\n{len(prompts)} prompts x {new} new tokens, greedy, batch 1; speed-up = dense time / row time")
+    on = f", every row with {args.quantize}" if steps else ""
+    print(
+        f"\n{len(prompts)} prompts x {new} new tokens, greedy, batch 1{on}; speed-up = dense time / row time"
+    )
     header = f"{'configuration':<44} {'torch tok/s':>11} {'x':>5} {'ONNX tok/s':>10} {'x':>5} {'ONNX x / torch x':>16}  same  {'export s':>8} {'MB':>6}"
     print(header)
     if single is not None:

