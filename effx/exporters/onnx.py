@@ -344,8 +344,6 @@ def _fused_layer(program, model, *, check: bool):
     info = program.info
     if info.dtype != "float32":
         return None  # the rewrite and its check are for float32 stages, as every effx Program is today
-    if info.rope_tables != 1:
-        return None  # the fused graphs' rotary tables are the step's one table (Gemma 3 has one per layer kind)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -355,8 +353,9 @@ def _fused_layer(program, model, *, check: bool):
         return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
     errors, plain = [], None
-    # first with ONNX Runtime's rotary embedding on the projections, then with the graph's own
-    for rotary in (True, False):
+    # first with ONNX Runtime's rotary embedding on the projections, then with the graph's own; a model with
+    # a rotary table per kind of layer (Gemma 3) keeps the graph's own, which slices the layer's table
+    for rotary in (True, False) if info.rope_tables == 1 else (False,):
         fused = onnx_attention.fuse_layer(
             model, num_heads=info.num_heads, kv_heads=info.num_kv_heads, rotary=rotary
         )
@@ -364,7 +363,12 @@ def _fused_layer(program, model, *, check: bool):
             return fused
         plain = plain or session(model)
         err = onnx_attention.reference_check(
-            plain, session(fused), hidden=info.hidden_size, kv_heads=info.num_kv_heads, head_dim=info.head_dim
+            plain,
+            session(fused),
+            hidden=info.hidden_size,
+            kv_heads=info.num_kv_heads,
+            head_dim=info.head_dim,
+            tables=info.rope_tables,
         )
         if err <= _FUSED_TOLERANCE:
             return fused

@@ -361,15 +361,19 @@ def fuse_layer(model, *, num_heads: int, kv_heads: int, rotary: bool = True):
     return helper.make_model(fused, opset_imports=opsets, ir_version=model.ir_version)
 
 
-def reference_check(plain_session, fused_session, *, hidden: int, kv_heads: int, head_dim: int, rng=None):
+def reference_check(
+    plain_session, fused_session, *, hidden: int, kv_heads: int, head_dim: int, tables: int = 1, rng=None
+):
     """The largest difference between a plain and a fused layer session's hidden output, over a decode step
-    and a multi-token step on a random past (at batch 1, as the fused kernel allows)."""
+    and a multi-token step on a random past (at batch 1, as the fused kernel allows); ``tables``: rotary
+    tables side by side in ``cos``/``sin`` (``ModelInfo.rope_tables``)."""
     rng = rng or np.random.default_rng(0)
     worst = 0.0
     for s, p in ((1, 5), (3, 4), (4, 0)):
         x = rng.standard_normal((1, s, hidden), dtype=np.float32)
-        ang = rng.standard_normal((1, s, head_dim // 2), dtype=np.float32)
-        ang = np.concatenate([ang, ang], axis=-1)  # rotary angles: both halves alike, as every plan's
+        ang = rng.standard_normal((1, s, tables, head_dim // 2), dtype=np.float32)
+        # rotary angles: both halves of each table alike, as every plan's
+        ang = np.concatenate([ang, ang], axis=-1).reshape(1, s, tables * head_dim)
         cos, sin = np.cos(ang), np.sin(ang)
         pk = rng.standard_normal((1, kv_heads, p, head_dim), dtype=np.float32)
         pv = rng.standard_normal((1, kv_heads, p, head_dim), dtype=np.float32)
