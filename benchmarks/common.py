@@ -42,6 +42,25 @@ def generator(prog, new_tokens: int):
     return run
 
 
+def peer_runners(model, progs: dict, n: int) -> dict:
+    """``runner(ids, mask)`` per row for :func:`effx.bench.interleave`: HF ``generate`` float32 on ``model``
+    (``"HF generate float32"``), then each Program of ``progs`` by its label, every one decoding exactly
+    ``n`` tokens greedily with no stop token."""
+
+    def hf(ids, mask):
+        with torch.inference_mode():
+            return model.generate(
+                ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n
+            )
+
+    runners = {"HF generate float32": hf}
+    for label, prog in progs.items():
+        runners[label] = lambda ids, mask, p=prog: p.generate(
+            ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[]
+        )
+    return runners
+
+
 def time_rows(runners, prompts, *, repeats: int = 1) -> dict:
     """Every ``runner(ids, mask)`` on every prompt through :func:`effx.bench.interleave` (rows back to back
     per prompt, order rotating, one untimed warm-up call each). A runner returns the generated ids, or

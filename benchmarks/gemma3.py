@@ -27,6 +27,7 @@ import collections
 import time
 
 import torch
+from common import peer_runners
 
 import effx
 from effx.bench import first_outputs, interleave, total_seconds
@@ -81,17 +82,7 @@ def main() -> None:
     }
     n = args.new_tokens
 
-    def hf(ids, mask):
-        with torch.inference_mode():
-            return model.generate(
-                ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n
-            )
-
-    runners = {"HF generate float32": hf}
-    for label, prog in progs.items():
-        runners[label] = lambda ids, mask, p=prog: p.generate(
-            ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[]
-        )
+    runners = peer_runners(model, progs, n)
     runs = interleave(
         runners, prompts, repeats=args.repeats, warmup=(prompts[0][0][:, :8], prompts[0][1][:, :8])
     )

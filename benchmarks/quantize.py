@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import peer_runners
 
 import effx
 from effx.bench import first_outputs, interleave, total_seconds
@@ -96,17 +97,7 @@ def main() -> None:
         progs[label] = effx.transform(model, passes=pipeline)
     n = args.new_tokens
 
-    def hf(ids, mask):
-        with torch.inference_mode():
-            return model.generate(
-                ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n
-            )
-
-    runners = {"HF generate float32": hf}
-    for label, prog in progs.items():
-        runners[label] = lambda ids, mask, p=prog: p.generate(
-            ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[]
-        )
+    runners = peer_runners(model, progs, n)
     quality = dict(progs)  # row -> what its agreement and perplexity are measured on
     tmp = tempfile.TemporaryDirectory(prefix="effx-quantize-")
     sizes = {}
