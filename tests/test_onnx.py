@@ -296,6 +296,19 @@ def pass_artifacts(model4, vocab_file, tmp_path_factory):
     return out
 
 
+def _assert_parity(name, program, artifact, batches):
+    """The artifact's tokens and runtime decisions equal the torch backend's on left-padded batches of the
+    prompt ``lengths`` in ``batches``."""
+    gen = ort_runtime.load(artifact)
+    for lengths in batches:
+        ids, mask = left_padded_batch(lengths, V, seed=len(lengths) + sum(lengths))
+        torch_stats, onnx_stats = {}, {}
+        ref = program.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[], stats=torch_stats)
+        out = gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=9, eos_token_id=[], stats=onnx_stats)
+        assert np.array_equal(out, ref.numpy()), (name, lengths)
+        assert onnx_stats == torch_stats, name
+
+
 @pytest.mark.parametrize("name", list(PASSES))
 def test_pass_artifacts_match_the_torch_backend(pass_artifacts, name):
     """Token-for-token parity, and the same runtime decisions (exit depths, drafts, fallbacks, kept
@@ -303,14 +316,7 @@ def test_pass_artifacts_match_the_torch_backend(pass_artifacts, name):
     import onnx
 
     program, artifact = pass_artifacts[name]
-    gen = ort_runtime.load(artifact)
-    for lengths in ([5], [7, 3], [4, 12, 6, 2], [9, 9, 1]):
-        ids, mask = left_padded_batch(lengths, V, seed=len(lengths) + sum(lengths))
-        torch_stats, onnx_stats = {}, {}
-        ref = program.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[], stats=torch_stats)
-        out = gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=9, eos_token_id=[], stats=onnx_stats)
-        assert np.array_equal(out, ref.numpy()), (name, lengths)
-        assert onnx_stats == torch_stats
+    _assert_parity(name, program, artifact, ([5], [7, 3], [4, 12, 6, 2], [9, 9, 1]))
     kinds = {s.kind for s in program}
     manifest = json.loads((artifact / "plan.json").read_text())
     assert {s["kind"] for s in manifest["plan"]["stages"]} == kinds
@@ -515,14 +521,7 @@ def gemma_artifacts(vocab_file, tmp_path_factory):
 
 def test_gemma3_artifacts_match_the_torch_backend(gemma_artifacts):
     for name, (program, artifact) in gemma_artifacts.items():
-        gen = ort_runtime.load(artifact)
-        for lengths in ([5], [7, 3], [4, 12, 6, 2]):
-            ids, mask = left_padded_batch(lengths, V, seed=len(lengths) + sum(lengths))
-            torch_stats, onnx_stats = {}, {}
-            ref = program.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[], stats=torch_stats)
-            out = gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=9, eos_token_id=[], stats=onnx_stats)
-            assert np.array_equal(out, ref.numpy()), (name, lengths)
-            assert onnx_stats == torch_stats, name
+        _assert_parity(name, program, artifact, ([5], [7, 3], [4, 12, 6, 2]))
         manifest = json.loads((artifact / "plan.json").read_text())
         assert manifest["plan"]["model"]["rope_tables"] == 2
         assert manifest["fused"]  # the layers fused, each on its own rotary table
