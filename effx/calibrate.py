@@ -45,10 +45,11 @@ def teacher_forced_exits(program, chunk):
     ``[1, n, V]`` and, per exit in depth order, ``(layer, logits, confidence)`` at every position. Pruned
     exits (VocabReduce where="exits") score, at each position, the subset the runtime would give them
     there."""
-    from .exit_heads import _backbone
-    from .runtime.vocab import exit_logits, select_vocab
+    from .exit_heads import backbone_states
+    from .runtime.vocab import exit_logits, head_logits, select_vocab
 
-    prev, hiddens, teacher = _backbone(program, chunk, set(program.exits))
+    prev, hiddens, last = backbone_states(program, chunk, set(program.exits))
+    teacher = head_logits(program, last).float().log_softmax(-1)
     out = []
     ids = prev_logits = None
     for e in sorted(program.exits):

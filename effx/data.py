@@ -25,6 +25,7 @@ __all__ = [
     "encode_prompts",
     "pydoc_texts",
     "token_chunks",
+    "training_prompts",
 ]
 
 PROMPTS: tuple[str, ...] = (
@@ -92,6 +93,47 @@ def pydoc_texts(split: str = "calib") -> list[str]:
     names = sorted(topics)
     keep = (lambda i: i % 3 != 2) if split == "calib" else (lambda i: i % 3 == 2)
     return [topics[n] for i, n in enumerate(names) if keep(i)]
+
+
+_TOPICS = (
+    "photosynthesis", "the water cycle", "compound interest", "how vaccines work", "black holes",
+    "the French Revolution", "machine learning", "plate tectonics", "the immune system", "inflation",
+    "recursion in programming", "climate change", "the printing press", "supply and demand", "volcanoes",
+    "the human heart", "electric cars", "the Roman Empire", "sleep", "public key cryptography",
+    "rainbows", "the stock market", "bees and pollination", "the internet", "earthquakes",
+    "healthy breakfasts", "learning a new language", "time management", "composting", "the moon landing",
+)
+_ASKS = (
+    "Explain {} in simple terms.",
+    "Write a short paragraph about {}.",
+    "Give three facts about {}.",
+    "What are the pros and cons of {}?",
+    "Write a short poem about {}.",
+    "How would you teach {} to a ten-year-old?",
+)
+
+
+def training_prompts() -> list[str]:
+    """A varied set of instructions, for training on a model's own generations (exit heads): general
+    questions about 30 topics in six forms, summaries and questions over the ACLSum ``train`` and ``val``
+    papers, and explanations of pydoc ``calib`` pages; 533 prompts, in a fixed shuffled order. It shares no
+    text with the evaluation sets (``PROMPTS``, ACLSum ``test``, pydoc ``heldout``); without the ``aclsum``
+    wheel the papers are left out."""
+    import random
+
+    prompts = [ask.format(topic) for topic in _TOPICS for ask in _ASKS]
+    try:
+        papers = aclsum("train") + aclsum("val")
+    except DataLoadError:
+        papers = []
+    for p in papers:
+        prompts.append(f"Summarize this paper in three sentences.\n\nTitle: {p['title']}\n\n{p['abstract']}")
+        prompts.append(f"{p['introduction'][:1200]}\n\nWhat problem does this paper address, and how?")
+    forms = ("Explain this in simple words:\n", "Summarize:\n", "Write a short example that uses this:\n")
+    for i, page in enumerate(pydoc_texts("calib")[:120]):
+        prompts.append(forms[i % len(forms)] + page[:600])
+    random.Random(0).shuffle(prompts)
+    return prompts
 
 
 ACLSUM_SPLITS = ("train", "val", "test")

@@ -1,45 +1,375 @@
 """Cheap trained exit heads (EE-Tuning style): small adapters before the shared norm + LM head.
 
 A stock model was not trained to predict from its middle layers, so an exit that reuses the final norm and
-head directly is a poor predictor. ``train_exit_heads`` keeps the backbone frozen and trains, per exit layer
-``e``, a low-rank residual adapter ``h -> h + up(down(h))`` (``up`` starts at zero, so training starts from
-the shared head) to match the final layer's next-token distribution (KL divergence to the last layer's
-logits) on a few thousand tokens of text. The adapters are saved as safetensors with JSON metadata and
+head directly is a poor predictor. Exit heads keep the backbone frozen and train, per exit layer ``e``, a
+residual adapter ``h -> h + up(down(h))`` of rank ``r`` (``up`` starts at zero, so training starts from the
+shared head; ``r`` up to the hidden size, where it is a full linear map) to predict what the final layer
+predicts. Training has two phases:
+
+1. **collect** (:func:`collect_exit_states`): the backbone runs once, teacher-forced, over many tokens and
+   keeps, position by position, the hidden state after each exit layer and the final layer's top-k
+   next-token log-probabilities (:class:`ExitStates`). The tokens are the model's own greedy generations on
+   a varied prompt set (:func:`own_generations`, :func:`effx.data.training_prompts`: the text a drafting
+   exit sees when it decodes) or offline text (:func:`text_sequences`).
+2. **fit** (:func:`fit_exit_heads`): the adapters are fitted on the cached states, with the head's own
+   weights frozen: cross-entropy against the final layer's top-k distribution (``loss="kl"``, KL up to the
+   teacher's entropy) or against its greedy token (``loss="greedy"``). With ``vocab=`` (a ranking file from
+   :func:`effx.calibrate_vocab`) and ``vocab_k=``, the exit scores only those ``k`` ids, as a drafting exit
+   reduced by ``VocabReduce(where="draft")`` does: training is about ``V/k`` times cheaper and sees the
+   head it will run with.
+
+The result reports, per layer and on held-out sequences, the exit's agreement with the final layer's greedy
+token before (the shared head) and after training: the acceptance rate of a one-token draft from that exit.
+:func:`train_exit_heads` does both phases; the adapters are saved as safetensors with JSON metadata and
 loaded by ``EarlyExit(head="trained", heads=path)``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .data import token_chunks
+from .data import encode_prompts, token_chunks
 from .formats import EXIT_HEADS_KIND, load_exit_heads
 
-__all__ = ["load_exit_heads", "train_exit_heads"]
+__all__ = [
+    "LOSSES",
+    "ExitStates",
+    "backbone_states",
+    "collect_exit_states",
+    "fit_exit_heads",
+    "load_exit_heads",
+    "own_generations",
+    "save_exit_heads",
+    "text_sequences",
+    "train_exit_heads",
+]
+
+LOSSES = ("kl", "greedy")
 
 
+def own_generations(
+    program,
+    tokenizer,
+    prompts,
+    *,
+    max_new_tokens: int = 128,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[tuple[torch.Tensor, int, int]]:
+    """The program's own greedy continuations of ``prompts`` (chat-formatted where the tokenizer has a
+    template), ``batch_size`` at a time, until ``max_tokens`` new tokens (if given) are generated.
 
-def _backbone(program, chunk: torch.Tensor, layers):
-    """For one chunk of text: the embedding output, the hidden states after each of ``layers``, and the full
-    model's log-probabilities."""
+    Returns sequences ``(ids, first, last)``: the prompt and its continuation (cut after the first stop
+    token), and the positions ``first..last-1`` that generated the continuation."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("own_generations needs at least one prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    stop = set(program.plan.eos_token_ids) | {program.plan.pad_token_id}
+    out: list[tuple[torch.Tensor, int, int]] = []
+    total = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_tokens, desc="generate own text", unit="tok")
+    try:
+        for i in range(0, len(prompts), batch_size):
+            ids, mask = encode_prompts(tokenizer, prompts[i : i + batch_size])
+            gen = program.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
+            for row in range(ids.shape[0]):
+                prompt = ids[row][mask[row].bool()]
+                new = gen[row, ids.shape[1] :].tolist()
+                cut = next((j + 1 for j, t in enumerate(new) if t in stop), len(new))
+                seq = torch.cat([prompt, torch.tensor(new[:cut], dtype=prompt.dtype)])
+                out.append((seq, prompt.numel() - 1, seq.numel() - 1))
+                total += cut
+                if bar is not None:
+                    bar.update(cut)
+            if max_tokens is not None and total >= max_tokens:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def text_sequences(tokenizer, texts, seq_len: int = 128, max_tokens: int = 4096):
+    """``texts`` as sequences for :func:`collect_exit_states`: chunks of ``seq_len`` tokens (at most
+    ``max_tokens`` in all), every position kept."""
+    return [(chunk[0], 0, chunk.shape[1]) for chunk in token_chunks(tokenizer, texts, seq_len, max_tokens)]
+
+
+def backbone_states(program, ids: torch.Tensor, layers):
+    """``ids [1, n]`` teacher-forced through ``program``'s layers: ``(embedded, {layer: hidden}, last)``, the
+    embedding output, the hidden state after each of ``layers`` and after the last layer, each ``[1, n, d]``."""
     from .runtime.forward import KVCache, MaskCache, run_layers
-    from .runtime.vocab import head_logits
 
-    cache = KVCache.for_program(program, 1, chunk.shape[1])
-    hidden, cos, sin = program.embed.graph(chunk, torch.arange(chunk.shape[1])[None])
-    masks = MaskCache(program, torch.ones_like(chunk, dtype=torch.bool), hidden.dtype)
+    length = ids.shape[1]
+    cache = KVCache.for_program(program, 1, length)
+    hidden, cos, sin = program.embed.graph(ids, torch.arange(length)[None])
+    masks = MaskCache(program, torch.ones_like(ids, dtype=torch.bool), hidden.dtype)
     embedded = hidden
     taken = {}
     for stage in program.layers:
         hidden = run_layers(program, cache, (stage,), hidden, cos, sin, masks)
         if stage.layer in layers:
             taken[stage.layer] = hidden
-    teacher = head_logits(program, hidden).float().log_softmax(-1)
-    return embedded, taken, teacher
+    return embedded, taken, hidden
+
+
+@dataclass
+class ExitStates:
+    """Per position: the hidden state after each exit layer and the final layer's top-k next tokens."""
+
+    hidden: dict[int, torch.Tensor]  # layer -> [N, d] float32
+    top_ids: torch.Tensor  # [N, k] the final layer's top-k ids, its greedy token first
+    top_logprobs: torch.Tensor  # [N, k] their log-probabilities
+    group: torch.Tensor  # [N] the sequence each position came from
+    source: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return int(self.top_ids.shape[0])
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.hidden)
+
+    def split(self, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position indices ``(train, held_out)``: the last ``holdout`` share of the sequences is held out
+        (whole sequences, so no held-out position shares text with a training one). With one sequence or
+        ``holdout=0`` both are every position."""
+        groups = int(self.group.max()) + 1 if self.tokens else 0
+        every = torch.arange(self.tokens)
+        if holdout <= 0 or groups < 2:
+            return every, every
+        cut = groups - max(1, round(groups * holdout))
+        return every[self.group < cut], every[self.group >= cut]
+
+
+def collect_exit_states(
+    program, sequences, layers, *, top_k: int = 32, progress: bool = True, source: str = ""
+) -> ExitStates:
+    """Run ``program``'s backbone teacher-forced over ``sequences`` (``(ids, first, last)`` from
+    :func:`own_generations` or :func:`text_sequences`) and keep positions ``first..last-1`` of each."""
+    from .runtime.vocab import head_logits
+
+    layers = sorted(layers)
+    info = program.info
+    if not layers:
+        raise ValueError("collect_exit_states needs at least one layer")
+    if any(not 0 <= x < info.num_layers - 1 for x in layers):
+        raise ValueError(f"exit layers must be in 0..{info.num_layers - 2}, got {layers}")
+    top_k = min(top_k, info.vocab_size)
+    hidden: dict[int, list[torch.Tensor]] = {e: [] for e in layers}
+    ids_parts, lp_parts, groups = [], [], []
+    seqs = list(sequences)
+    if progress:
+        from tqdm.auto import tqdm
+
+        seqs = tqdm(seqs, desc="collect exit states", unit="seq")
+    with torch.inference_mode():
+        for g, (ids, first, last) in enumerate(seqs):
+            if last <= first:
+                continue
+            _, taken, h = backbone_states(program, ids[None], hidden)
+            for e, states in taken.items():
+                hidden[e].append(states[0, first:last].float().clone())
+            logprobs = head_logits(program, h[:, first:last]).float().log_softmax(-1)[0]
+            values, top = logprobs.topk(top_k, dim=-1)
+            ids_parts.append(top)
+            lp_parts.append(values)
+            groups.append(torch.full((last - first,), g, dtype=torch.int64))
+    if not groups:
+        raise ValueError("collect_exit_states found no positions to keep in the sequences")
+    return ExitStates(
+        {e: torch.cat(v) for e, v in hidden.items()},
+        torch.cat(ids_parts),
+        torch.cat(lp_parts),
+        torch.cat(groups),
+        source,
+    )
+
+
+def _draft_head(program, vocab, vocab_k):
+    """The head an exit trains against: the program's own, or the static subset ``VocabReduce(where="draft",
+    vocab=vocab, k=vocab_k)`` would give its drafting exit."""
+    head = program.head.graph
+    if not vocab:
+        if vocab_k is not None:
+            raise ValueError("vocab_k needs vocab=<ranking file> (write one with effx.calibrate_vocab)")
+        return head
+    from .passes.vocab_reduce import _static_subset_graph
+    from .vocab import load_vocab, subset_ids
+
+    if vocab_k is None:
+        raise ValueError("vocab=<file> needs vocab_k: how many of its top-ranked ids the exit scores")
+    ids = subset_ids(load_vocab(vocab, program.info.vocab_size), vocab_k, program.plan.eos_token_ids)
+    return _static_subset_graph(head, ids, program.info, "exit-heads")
+
+
+def fit_exit_heads(
+    program,
+    states: ExitStates,
+    *,
+    layers: list[int] | None = None,
+    rank: int = 64,
+    loss: str = "kl",
+    vocab: str | os.PathLike | None = None,
+    vocab_k: int | None = None,
+    epochs: int = 3,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    holdout: float = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Fit one adapter per layer of ``layers`` (default: every layer of ``states``) on cached states.
+
+    Adam with a one-cycle schedule peaking at ``lr``, ``epochs`` passes over the training positions in
+    shuffled minibatches of ``batch_size``. Returns ``{"layers", "rank", "loss", "vocab_k", "tokens",
+    "heldout", "agreement_before", "agreement_after", "loss_before", "loss_after", "seconds", "state"}``:
+    agreement with the final layer's greedy token and mean loss per layer on the held-out positions, with the
+    shared head (before) and with the adapter (after); ``seconds`` per layer of fitting."""
+    info = program.info
+    d = info.hidden_size
+    layers = sorted(layers if layers is not None else states.layers)
+    missing = [x for x in layers if x not in states.hidden]
+    if missing:
+        raise ValueError(f"the states hold layers {states.layers}, not {missing}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if not 1 <= rank <= d:
+        raise ValueError(f"rank must be in 1..{d} (the hidden size), got {rank}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    head = _draft_head(program, vocab, vocab_k)
+    frozen = {n: t.detach() for n, t in list(head.named_parameters()) + list(head.named_buffers())}
+
+    def logits_of(h):
+        return torch.func.functional_call(head, frozen, (h[None],))[0][0].float()
+
+    train, test = states.split(holdout)
+    greedy = states.top_ids[:, 0]
+    teacher = states.top_logprobs.softmax(-1)
+
+    def objective(logprobs, rows):
+        # positions whose targets the (reduced) head cannot score drop out of the loss
+        if loss == "greedy":
+            target = logprobs.gather(1, greedy[rows][:, None])[:, 0]
+            ok = torch.isfinite(target)
+            return -(target[ok].sum()) / max(1, int(ok.sum()))
+        picked = logprobs.gather(1, states.top_ids[rows])
+        ok = torch.isfinite(picked)
+        weights = torch.where(ok, teacher[rows], 0.0)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
+        return -(weights * torch.where(ok, picked, 0.0)).sum() / len(rows)
+
+    def evaluate(h, adapt):
+        hits, total = 0, 0.0
+        with torch.no_grad():
+            for i in range(0, len(test), 1024):
+                rows = test[i : i + 1024]
+                logprobs = logits_of(adapt(h[rows])).log_softmax(-1)
+                hits += int((logprobs.argmax(-1) == greedy[rows]).sum())
+                total += float(objective(logprobs, rows)) * len(rows)
+        return hits / len(test), total / len(test)
+
+    g = torch.Generator().manual_seed(seed)
+    per_epoch = max(1, math.ceil(len(train) / batch_size))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(layers) * epochs * per_epoch, desc="fit exit heads", unit="batch")
+    state: dict[str, torch.Tensor] = {}
+    before: dict[int, float] = {}
+    after: dict[int, float] = {}
+    loss_before: dict[int, float] = {}
+    loss_after: dict[int, float] = {}
+    seconds: dict[int, float] = {}
+    try:
+        for e in layers:
+            start = time.perf_counter()
+            h = states.hidden[e]
+            down = torch.nn.Parameter(torch.randn(rank, d, generator=g) / d**0.5)
+            up = torch.nn.Parameter(torch.zeros(d, rank))
+
+            def adapt(x, down=down, up=up):
+                return x + (x @ down.T) @ up.T
+
+            before[e], loss_before[e] = evaluate(h, lambda x: x)
+            optim = torch.optim.Adam([down, up], lr=lr)
+            sched = torch.optim.lr_scheduler.OneCycleLR(optim, lr, total_steps=epochs * per_epoch)
+            for _ in range(epochs):
+                order = train[torch.randperm(len(train), generator=g)]
+                for i in range(0, len(order), batch_size):
+                    rows = order[i : i + batch_size]
+                    optim.zero_grad()
+                    objective(logits_of(adapt(h[rows])).log_softmax(-1), rows).backward()
+                    optim.step()
+                    sched.step()
+                    if bar is not None:
+                        bar.update()
+            after[e], loss_after[e] = evaluate(h, adapt)
+            state[f"exit.{e}.down"] = down.detach().clone().contiguous()
+            state[f"exit.{e}.up"] = up.detach().clone().contiguous()
+            seconds[e] = time.perf_counter() - start
+    finally:
+        if bar is not None:
+            bar.close()
+    return {
+        "layers": layers,
+        "rank": rank,
+        "loss": loss,
+        "vocab_k": vocab_k if vocab else None,
+        "tokens": len(train),
+        "heldout": len(test),
+        "agreement_before": before,
+        "agreement_after": after,
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "seconds": seconds,
+        "state": state,
+    }
+
+
+def save_exit_heads(program, result: dict, path: str | os.PathLike, *, source: str = "") -> Path:
+    """Write the adapters of a :func:`fit_exit_heads` result to ``path`` (safetensors, with the metadata
+    ``EarlyExit(head="trained")`` checks against the model)."""
+    from safetensors.torch import save_file
+
+    info = program.info
+    meta = {
+        "kind": EXIT_HEADS_KIND,
+        "architecture": info.architecture,
+        "hidden_size": info.hidden_size,
+        "num_layers": info.num_layers,
+        "vocab_size": info.vocab_size,
+        "layers": result["layers"],
+        "rank": result["rank"],
+        "tokens": result["tokens"],
+        "loss": result["loss"],
+        "vocab_k": result["vocab_k"],
+        "source": source,
+        "agreement": {str(e): round(a, 4) for e, a in result["agreement_after"].items()},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(result["state"], str(tmp), metadata={"effx": json.dumps(meta)})
+    tmp.replace(path)
+    return path
 
 
 def train_exit_heads(
@@ -49,100 +379,60 @@ def train_exit_heads(
     *,
     layers: list[int] | None = None,
     rank: int = 64,
+    generate: int = 0,
     seq_len: int = 128,
     max_tokens: int = 4096,
+    loss: str = "kl",
+    top_k: int = 32,
+    vocab: str | os.PathLike | None = None,
+    vocab_k: int | None = None,
     epochs: int = 3,
-    lr: float = 2e-3,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    holdout: float = 0.1,
     path: str | os.PathLike | None = None,
     progress: bool = True,
     seed: int = 0,
 ) -> dict:
     """Train one adapter per exit layer (``layers``, default: the program's exits) with the backbone frozen.
 
-    Returns ``{"layers", "rank", "tokens", "kl_before", "kl_after", "state"}`` (mean KL per token and layer, in
-    nats, over the first and the last epoch) and, with ``path``, writes the adapters there as safetensors.
-    """
-    from safetensors.torch import save_file
+    With ``generate=n`` the ``texts`` are prompts (:func:`effx.data.training_prompts` is a varied set) and the
+    training tokens are the program's own greedy continuations of them, ``n`` new tokens each, until
+    ``max_tokens`` are generated; otherwise the ``texts`` are read teacher-forced in chunks of ``seq_len``
+    tokens, ``max_tokens`` in all. The other arguments are :func:`fit_exit_heads`'s.
 
-    info = program.info
+    Returns :func:`fit_exit_heads`'s result plus ``"source"`` and ``"collect_seconds"`` (generating and
+    collecting) and, with ``path``, writes the adapters there.
+    """
     layers = sorted(layers if layers is not None else program.exits)
     if not layers:
         raise ValueError("no exit layers: pass layers=[...] or apply EarlyExit first")
-    if any(not 0 <= x < info.num_layers - 1 for x in layers):
-        raise ValueError(f"exit layers must be in 0..{info.num_layers - 2}, got {layers}")
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
-    chunks = token_chunks(tokenizer, texts, seq_len, max_tokens)
-    g = torch.Generator().manual_seed(seed)
-    d = info.hidden_size
-    params = {
-        e: {
-            "down": torch.nn.Parameter(torch.randn(rank, d, generator=g) / d**0.5),
-            "up": torch.nn.Parameter(torch.zeros(d, rank)),
-        }
-        for e in layers
-    }
-    optim = torch.optim.Adam([p for ps in params.values() for p in ps.values()], lr=lr)
-    head = program.head.graph
-    frozen = {name: t.detach() for name, t in list(head.named_parameters()) + list(head.named_buffers())}
-    kl_before: dict[int, float] = {}
-    kl_after: dict[int, float] = {}
-    steps = range(epochs * len(chunks))
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="train exit heads", unit="chunk")
-    for step in steps:
-        epoch, chunk = divmod(step, len(chunks))
-        with torch.no_grad():
-            _, hiddens, teacher = _backbone(program, chunks[chunk], layers)
-        optim.zero_grad()
-        total = 0.0
-        for e in layers:
-            h = hiddens[e]
-            adapted = h + torch.nn.functional.linear(
-                torch.nn.functional.linear(h, params[e]["down"]), params[e]["up"]
-            )
-            logits = torch.func.functional_call(head, frozen, (adapted,))[0].float()
-            # mean KL(teacher || exit) per token
-            kl = (
-                torch.nn.functional.kl_div(logits.log_softmax(-1), teacher, log_target=True, reduction="sum")
-                / teacher[..., 0].numel()
-            )
-            total = total + kl
-            if epoch == 0:
-                kl_before[e] = kl_before.get(e, 0.0) + kl.item() / len(chunks)
-            if epoch == epochs - 1:
-                kl_after[e] = kl_after.get(e, 0.0) + kl.item() / len(chunks)
-        total.backward()
-        optim.step()
-    state = {
-        f"exit.{e}.{k}": p.detach().clone().contiguous() for e, ps in params.items() for k, p in ps.items()
-    }
-    result = {
-        "layers": layers,
-        "rank": rank,
-        "tokens": len(chunks) * seq_len,
-        "kl_before": kl_before,
-        "kl_after": kl_after,
-        "state": state,
-    }
+    start = time.perf_counter()
+    if generate:
+        sequences = own_generations(
+            program, tokenizer, texts, max_new_tokens=generate, max_tokens=max_tokens, progress=progress
+        )
+        source = f"own generations ({generate} new tokens per prompt)"
+    else:
+        sequences = text_sequences(tokenizer, texts, seq_len, max_tokens)
+        source = "text"
+    states = collect_exit_states(program, sequences, layers, top_k=top_k, progress=progress, source=source)
+    collect_seconds = time.perf_counter() - start
+    result = fit_exit_heads(
+        program,
+        states,
+        rank=rank,
+        loss=loss,
+        vocab=vocab,
+        vocab_k=vocab_k,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        holdout=holdout,
+        seed=seed,
+        progress=progress,
+    )
+    result.update(source=source, collect_seconds=collect_seconds)
     if path is not None:
-        meta = {
-            "kind": EXIT_HEADS_KIND,
-            "architecture": info.architecture,
-            "hidden_size": info.hidden_size,
-            "num_layers": info.num_layers,
-            "vocab_size": info.vocab_size,
-            "layers": layers,
-            "rank": rank,
-            "tokens": result["tokens"],
-        }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(state, str(tmp), metadata={"effx": json.dumps(meta)})
-        tmp.replace(path)
+        save_exit_heads(program, result, path, source=source)
     return result
-
-

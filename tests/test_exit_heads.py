@@ -38,17 +38,21 @@ def trained(tmp_path_factory):
         max_tokens=256,
         epochs=4,
         lr=1e-2,
+        batch_size=32,
         path=path,
         progress=False,
     )
     return model, program, path, result
 
 
-def test_training_lowers_kl_and_writes_a_file(trained):
+def test_training_lowers_the_held_out_loss_and_writes_a_file(trained):
     _, program, path, result = trained
-    assert result["layers"] == [0, 1] and result["tokens"] == 256
+    # 8 chunks of 32 tokens: one chunk (a tenth, rounded up to one sequence) held out
+    assert result["layers"] == [0, 1] and result["tokens"] == 224 and result["heldout"] == 32
+    assert result["source"] == "text" and result["loss"] == "kl"
     for e in (0, 1):
-        assert result["kl_after"][e] < result["kl_before"][e]
+        assert result["loss_after"][e] < result["loss_before"][e]
+        assert 0 <= result["agreement_before"][e] <= 1 and 0 <= result["agreement_after"][e] <= 1
     heads = load_exit_heads(path, program.info)
     assert heads[1]["down"].shape == (8, 64) and heads[1]["up"].shape == (64, 8)
 
@@ -127,3 +131,133 @@ def test_calibration_needs_exits(trained):
     _, program, _, _ = trained
     with pytest.raises(PassError, match="apply EarlyExit first"):
         program.calibrate(TEXTS, CountingTokenizer())
+
+
+@pytest.fixture(scope="module")
+def words():
+    """A word-level tokenizer over the tiny models' ids ("w5" is id 5), with an end-of-text and a pad."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(100)}, unk_token="w1"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="w2", pad_token="w0")
+
+
+PROMPTS = ["w5 w9 w11", "w7 w8 w9 w10 w12 w13", "w40 w41", "w60 w3 w4 w5 w6"]
+
+
+def test_own_generations_are_the_programs_greedy_continuations(trained, words):
+    from effx.data import encode_prompts
+    from effx.exit_heads import own_generations
+
+    _, program, _, _ = trained
+    seqs = own_generations(program, words, PROMPTS, max_new_tokens=6, progress=False)
+    ids, mask = encode_prompts(words, PROMPTS)
+    out = program.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    stop = set(program.plan.eos_token_ids) | {program.plan.pad_token_id}
+    for row, (seq, first, last) in enumerate(seqs):
+        prompt = ids[row][mask[row].bool()]
+        new = out[row, ids.shape[1] :].tolist()
+        cut = next((j + 1 for j, t in enumerate(new) if t in stop), len(new))
+        assert first == len(prompt) - 1 and last == len(seq) - 1 == len(prompt) + cut - 1
+        assert seq[: len(prompt)].tolist() == prompt.tolist() and seq[len(prompt) :].tolist() == new[:cut]
+    # generation stops after the batch that reaches max_tokens
+    few = own_generations(
+        program, words, PROMPTS, max_new_tokens=6, max_tokens=1, batch_size=2, progress=False
+    )
+    assert len(few) == 2
+    with pytest.raises(ValueError, match="at least one prompt"):
+        own_generations(program, words, [], progress=False)
+
+
+def test_collected_states_are_the_programs_own(trained, words):
+    from effx.exit_heads import collect_exit_states, own_generations
+
+    _, program, _, _ = trained
+    seqs = own_generations(program, words, PROMPTS, max_new_tokens=6, progress=False)
+    states = collect_exit_states(program, seqs, [1, 0], top_k=5, progress=False)
+    n = sum(last - first for _, first, last in seqs)
+    assert states.layers == [0, 1] and states.tokens == n and states.hidden[0].shape == (n, 64)
+    at = 0
+    for g, (seq, first, last) in enumerate(seqs):
+        rows = slice(at, at + last - first)
+        at += last - first
+        assert (states.group[rows] == g).all()
+        logprobs = program(seq[None])[0, first:last].float().log_softmax(-1)
+        values, ids = logprobs.topk(5, dim=-1)
+        torch.testing.assert_close(states.top_logprobs[rows], values, atol=1e-4, rtol=1e-4)
+        # a greedy generation: the final layer's top token at each kept position is the next token
+        assert states.top_ids[rows, 0].tolist() == seq[first + 1 : last + 1].tolist() == ids[:, 0].tolist()
+    train, held = states.split(0.25)  # one of four sequences held out, whole
+    assert len(train) + len(held) == n and set(states.group[held].tolist()) == {3}
+    with pytest.raises(ValueError, match=r"exit layers must be in 0..1"):
+        collect_exit_states(program, seqs, [2], progress=False)
+
+
+def test_fit_on_a_draft_vocabulary_scores_only_it(trained, words, tmp_path):
+    import json
+
+    from effx.exit_heads import collect_exit_states, fit_exit_heads, own_generations, save_exit_heads
+    from effx.passes import VocabReduce
+
+    model, program, _, _ = trained
+    seqs = own_generations(program, words, PROMPTS * 2, max_new_tokens=12, progress=False)
+    states = collect_exit_states(program, seqs, [0], progress=False)
+    greedy = states.top_ids[:, 0]
+    ranked = torch.bincount(greedy, minlength=program.info.vocab_size).argsort(descending=True)
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps({"ids": ranked.tolist()}))
+    result = fit_exit_heads(
+        program,
+        states,
+        rank=64,
+        loss="greedy",
+        vocab=str(vocab),
+        vocab_k=4,
+        epochs=6,
+        lr=1e-2,
+        batch_size=16,
+        holdout=0.25,
+        progress=False,
+    )
+    assert result["vocab_k"] == 4 and result["rank"] == 64 and set(result["seconds"]) == {0}
+    _, held = states.split(0.25)
+    eos = set(program.plan.eos_token_ids)
+    kept = set(ranked[: 4 - len(eos)].tolist()) | eos
+    reachable = sum(int(t) in kept for t in greedy[held]) / len(held)
+    assert result["agreement_after"][0] <= reachable + 1e-9  # ids outside the subset are never drafted
+    path = save_exit_heads(program, result, tmp_path / "heads.safetensors")
+    # drafting through the reduced exit with these heads stays lossless
+    ids = torch.tensor([[5, 9, 11, 40]])
+    spec = effx.transform(
+        model,
+        passes=[
+            EarlyExit(layers=(0,), head="trained", heads=str(path), mode="self-speculative", thresholds=(0,)),
+            VocabReduce(where="draft", vocab=str(vocab), k=4),
+        ],
+    )
+    dense = program.generate(ids, max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(spec.generate(ids, max_new_tokens=10, eos_token_id=[]), dense)
+
+
+def test_fit_refuses_what_it_cannot_train(trained, words):
+    from effx.exit_heads import collect_exit_states, fit_exit_heads, own_generations
+
+    _, program, _, _ = trained
+    states = collect_exit_states(
+        program,
+        own_generations(program, words, PROMPTS[:1], max_new_tokens=4, progress=False),
+        [0],
+        progress=False,
+    )
+    for kwargs, message in [
+        ({"rank": 0}, r"rank must be in 1..64"),
+        ({"rank": 65}, r"rank must be in 1..64"),
+        ({"loss": "mse"}, "loss must be one of kl, greedy"),
+        ({"layers": [1]}, r"the states hold layers \[0\], not \[1\]"),
+        ({"vocab_k": 8}, "vocab_k needs vocab="),
+        ({"vocab": "ranking.json"}, "needs vocab_k"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            fit_exit_heads(program, states, progress=False, **kwargs)

@@ -42,8 +42,14 @@ def exit_heads(model_name: str, dense, tokenizer, layers, tokens: int, *, progre
             path=path,
             progress=progress,
         )
-        kl = ", ".join(f"{e}: {result['kl_before'][e]:.2f}->{result['kl_after'][e]:.2f}" for e in layers)
-        logger.info("trained exit heads in %.0f s (KL per token %s)", time.perf_counter() - start, kl)
+        agree = ", ".join(
+            f"{e}: {result['agreement_before'][e]:.2f}->{result['agreement_after'][e]:.2f}" for e in layers
+        )
+        logger.info(
+            "trained exit heads in %.0f s (held-out agreement with the last layer %s)",
+            time.perf_counter() - start,
+            agree,
+        )
     return path
 
 
