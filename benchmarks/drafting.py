@@ -13,8 +13,11 @@ each prompt's median):
 
 * ``dense``: the Program, no drafting (the baseline of every ratio);
 * ``prompt-lookup``: ``prompt-lookup`` at its defaults (--lookup to change them);
-* ``self-speculative``: ``early-exit{layers=--exit-layer mode=self-speculative}`` with the exit heads
-  ``effx bench`` trains (4,096 pydoc tokens, cached), drafting --draft tokens;
+* ``self-speculative``: ``early-exit{layers=--exit-layer mode=self-speculative}`` drafting --draft tokens
+  (stopping below --threshold confidence), with exit heads trained on --heads: ``own`` (default), 32,768
+  tokens of the model's own generations, rank --rank, scoring a --vocab-k draft vocabulary
+  (``vocab-reduce{where=draft}``; see ``benchmarks/exit_heads.py``), or ``pydoc``, the rank-64 heads of
+  4,096 pydoc tokens the first measurements used (full vocabulary); cached;
 * ``self-speculative + prompt-lookup``: both sources, lookup first;
 * the same on ONNX artifacts (exported to a temporary directory) unless --no-onnx.
 
@@ -36,7 +39,7 @@ from cascade import summary_prompts
 from common import exit_heads
 
 import effx
-from effx.bench import first_outputs, interleave, total_seconds
+from effx.bench import draft_vocab, first_outputs, interleave, total_seconds
 from effx.data import PROMPTS, aclsum, encode_prompts
 
 
@@ -51,6 +54,10 @@ def main() -> None:
     ap.add_argument("--lookup", default="prompt-lookup", help="the prompt-lookup step (pipeline string)")
     ap.add_argument("--exit-layer", type=int, default=20, help="the self-speculative exit")
     ap.add_argument("--draft", type=int, default=4, help="self-speculative draft length")
+    ap.add_argument("--threshold", type=float, default=0.0, help="self-speculative: stop drafting below it")
+    ap.add_argument("--heads", choices=("own", "pydoc"), default="own", help="exit heads trained on")
+    ap.add_argument("--rank", type=int, default=576, help="own heads: adapter rank")
+    ap.add_argument("--vocab-k", type=int, default=8192, help="own heads: draft vocabulary (0: full)")
     ap.add_argument("--no-onnx", action="store_true", help="leave the ONNX artifact rows out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,11 +65,21 @@ def main() -> None:
 
     model, tok = effx.models.load("smollm2-135m")
     dense = effx.transform(model)
-    heads = exit_heads("smollm2-135m", dense, tok, [args.exit_layer], 4096)
     spec = (
-        f"early-exit{{layers={args.exit_layer} mode=self-speculative draft={args.draft} thresholds=0 "
-        f"head=trained heads={heads}}}"
+        f"early-exit{{layers={args.exit_layer} mode=self-speculative draft={args.draft} "
+        f"thresholds={args.threshold} head=trained heads={{}}}}"
     )
+    if args.heads == "pydoc":
+        spec = spec.format(exit_heads("smollm2-135m", dense, tok, [args.exit_layer], 4096))
+    else:
+        k = args.vocab_k or None
+        tokens = 32768
+        heads = exit_heads(
+            "smollm2-135m", dense, tok, [args.exit_layer], tokens, source="own", rank=args.rank, vocab_k=k
+        )
+        spec = spec.format(heads)
+        if k:
+            spec += f", vocab-reduce{{where=draft vocab={draft_vocab('smollm2-135m', dense, tok, tokens)} k={k}}}"
     pipelines = {
         "dense": "",
         "prompt-lookup": args.lookup,

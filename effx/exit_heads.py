@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .data import encode_prompts, token_chunks
+from .errors import ArtifactError
 from .formats import EXIT_HEADS_KIND, load_exit_heads
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "ExitStates",
     "backbone_states",
     "collect_exit_states",
+    "exit_agreement",
     "fit_exit_heads",
     "load_exit_heads",
     "own_generations",
@@ -52,6 +54,7 @@ __all__ = [
 ]
 
 LOSSES = ("kl", "greedy")
+STATES_KIND = "effx-exit-states"
 
 
 def own_generations(
@@ -145,6 +148,36 @@ class ExitStates:
     def layers(self) -> list[int]:
         return sorted(self.hidden)
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the states to ``path`` (safetensors), to fit again later without running the model."""
+        from safetensors.torch import save_file
+
+        tensors = {f"hidden.{e}": h.contiguous() for e, h in self.hidden.items()}
+        tensors.update(top_ids=self.top_ids, top_logprobs=self.top_logprobs, group=self.group)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"effx": json.dumps({"kind": STATES_KIND, "source": self.source})})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ExitStates:
+        """States written by :meth:`save`."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("effx", "{}"))
+            tensors = load_file(str(path))
+        except (SafetensorError, ValueError, OSError) as e:
+            raise ArtifactError(f"{path} is not a readable exit-states file: {e}") from e
+        if meta.get("kind") != STATES_KIND:
+            raise ArtifactError(f"{path} was not written by ExitStates.save")
+        hidden = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("hidden.")}
+        return cls(hidden, tensors["top_ids"], tensors["top_logprobs"], tensors["group"], meta.get("source", ""))
+
     def split(self, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Position indices ``(train, held_out)``: the last ``holdout`` share of the sequences is held out
         (whole sequences, so no held-out position shares text with a training one). With one sequence or
@@ -218,6 +251,75 @@ def _draft_head(program, vocab, vocab_k):
     return _static_subset_graph(head, ids, program.info, "exit-heads")
 
 
+class _Scorer:
+    """The exit's head (the program's, or its static draft subset) on cached states, with the loss and the
+    agreement :func:`fit_exit_heads` and :func:`exit_agreement` report."""
+
+    def __init__(self, program, states: ExitStates, loss: str, vocab, vocab_k):
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        self.head = _draft_head(program, vocab, vocab_k)
+        self.frozen = {
+            n: t.detach() for n, t in list(self.head.named_parameters()) + list(self.head.named_buffers())
+        }
+        self.states, self.loss = states, loss
+        self.greedy = states.top_ids[:, 0]
+        self.teacher = states.top_logprobs.softmax(-1)
+
+    def logprobs(self, hidden):
+        logits = torch.func.functional_call(self.head, self.frozen, (hidden[None],))[0][0]
+        return logits.float().log_softmax(-1)
+
+    def objective(self, logprobs, rows):
+        # positions whose targets the (reduced) head cannot score drop out of the loss
+        if self.loss == "greedy":
+            target = logprobs.gather(1, self.greedy[rows][:, None])[:, 0]
+            ok = torch.isfinite(target)
+            return -(target[ok].sum()) / max(1, int(ok.sum()))
+        picked = logprobs.gather(1, self.states.top_ids[rows])
+        ok = torch.isfinite(picked)
+        weights = torch.where(ok, self.teacher[rows], 0.0)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
+        return -(weights * torch.where(ok, picked, 0.0)).sum() / len(rows)
+
+    def evaluate(self, hidden, rows, adapt=None) -> tuple[float, float]:
+        """``(agreement, mean loss)`` over ``rows`` of ``hidden [N, d]``, adapted by ``adapt`` if given."""
+        hits, total = 0, 0.0
+        with torch.no_grad():
+            for i in range(0, len(rows), 1024):
+                part = rows[i : i + 1024]
+                h = hidden[part] if adapt is None else adapt(hidden[part])
+                logprobs = self.logprobs(h)
+                hits += int((logprobs.argmax(-1) == self.greedy[part]).sum())
+                total += float(self.objective(logprobs, part)) * len(part)
+        return hits / len(rows), total / len(rows)
+
+
+def exit_agreement(
+    program,
+    states: ExitStates,
+    heads: str | os.PathLike | None = None,
+    *,
+    vocab: str | os.PathLike | None = None,
+    vocab_k: int | None = None,
+    holdout: float = 0.1,
+) -> dict[int, float]:
+    """Per layer of ``states``: how often the exit's greedy token equals the final layer's on the held-out
+    positions (the acceptance rate of a one-token draft), with the shared head or with the adapters of a
+    ``heads`` file (layers it lacks are left out), scoring the full vocabulary or ``vocab``/``vocab_k``."""
+    scorer = _Scorer(program, states, "kl", vocab, vocab_k)
+    adapters = load_exit_heads(heads, program.info) if heads is not None else None
+    _, test = states.split(holdout)
+    out = {}
+    for e in states.layers:
+        if adapters is None:
+            out[e] = scorer.evaluate(states.hidden[e], test)[0]
+        elif e in adapters:
+            down, up = adapters[e]["down"].float(), adapters[e]["up"].float()
+            out[e] = scorer.evaluate(states.hidden[e], test, lambda x, d=down, u=up: x + (x @ d.T) @ u.T)[0]
+    return out
+
+
 def fit_exit_heads(
     program,
     states: ExitStates,
@@ -247,43 +349,12 @@ def fit_exit_heads(
     missing = [x for x in layers if x not in states.hidden]
     if missing:
         raise ValueError(f"the states hold layers {states.layers}, not {missing}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     if not 1 <= rank <= d:
         raise ValueError(f"rank must be in 1..{d} (the hidden size), got {rank}")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-    head = _draft_head(program, vocab, vocab_k)
-    frozen = {n: t.detach() for n, t in list(head.named_parameters()) + list(head.named_buffers())}
-
-    def logits_of(h):
-        return torch.func.functional_call(head, frozen, (h[None],))[0][0].float()
-
+    scorer = _Scorer(program, states, loss, vocab, vocab_k)
     train, test = states.split(holdout)
-    greedy = states.top_ids[:, 0]
-    teacher = states.top_logprobs.softmax(-1)
-
-    def objective(logprobs, rows):
-        # positions whose targets the (reduced) head cannot score drop out of the loss
-        if loss == "greedy":
-            target = logprobs.gather(1, greedy[rows][:, None])[:, 0]
-            ok = torch.isfinite(target)
-            return -(target[ok].sum()) / max(1, int(ok.sum()))
-        picked = logprobs.gather(1, states.top_ids[rows])
-        ok = torch.isfinite(picked)
-        weights = torch.where(ok, teacher[rows], 0.0)
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
-        return -(weights * torch.where(ok, picked, 0.0)).sum() / len(rows)
-
-    def evaluate(h, adapt):
-        hits, total = 0, 0.0
-        with torch.no_grad():
-            for i in range(0, len(test), 1024):
-                rows = test[i : i + 1024]
-                logprobs = logits_of(adapt(h[rows])).log_softmax(-1)
-                hits += int((logprobs.argmax(-1) == greedy[rows]).sum())
-                total += float(objective(logprobs, rows)) * len(rows)
-        return hits / len(test), total / len(test)
 
     g = torch.Generator().manual_seed(seed)
     per_epoch = max(1, math.ceil(len(train) / batch_size))
@@ -308,7 +379,7 @@ def fit_exit_heads(
             def adapt(x, down=down, up=up):
                 return x + (x @ down.T) @ up.T
 
-            before[e], loss_before[e] = evaluate(h, lambda x: x)
+            before[e], loss_before[e] = scorer.evaluate(h, test)
             optim = torch.optim.Adam([down, up], lr=lr)
             sched = torch.optim.lr_scheduler.OneCycleLR(optim, lr, total_steps=epochs * per_epoch)
             for _ in range(epochs):
@@ -316,12 +387,12 @@ def fit_exit_heads(
                 for i in range(0, len(order), batch_size):
                     rows = order[i : i + batch_size]
                     optim.zero_grad()
-                    objective(logits_of(adapt(h[rows])).log_softmax(-1), rows).backward()
+                    scorer.objective(scorer.logprobs(adapt(h[rows])), rows).backward()
                     optim.step()
                     sched.step()
                     if bar is not None:
                         bar.update()
-            after[e], loss_after[e] = evaluate(h, adapt)
+            after[e], loss_after[e] = scorer.evaluate(h, test, adapt)
             state[f"exit.{e}.down"] = down.detach().clone().contiguous()
             state[f"exit.{e}.up"] = up.detach().clone().contiguous()
             seconds[e] = time.perf_counter() - start

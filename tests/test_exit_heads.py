@@ -198,7 +198,13 @@ def test_collected_states_are_the_programs_own(trained, words):
 def test_fit_on_a_draft_vocabulary_scores_only_it(trained, words, tmp_path):
     import json
 
-    from effx.exit_heads import collect_exit_states, fit_exit_heads, own_generations, save_exit_heads
+    from effx.exit_heads import (
+        collect_exit_states,
+        exit_agreement,
+        fit_exit_heads,
+        own_generations,
+        save_exit_heads,
+    )
     from effx.passes import VocabReduce
 
     model, program, _, _ = trained
@@ -228,6 +234,10 @@ def test_fit_on_a_draft_vocabulary_scores_only_it(trained, words, tmp_path):
     reachable = sum(int(t) in kept for t in greedy[held]) / len(held)
     assert result["agreement_after"][0] <= reachable + 1e-9  # ids outside the subset are never drafted
     path = save_exit_heads(program, result, tmp_path / "heads.safetensors")
+    # the file, read back, scores the held-out positions as the fit did
+    subset = {"vocab": str(vocab), "vocab_k": 4, "holdout": 0.25}
+    assert exit_agreement(program, states, path, **subset) == result["agreement_after"]
+    assert exit_agreement(program, states, **subset) == result["agreement_before"]
     # drafting through the reduced exit with these heads stays lossless
     ids = torch.tensor([[5, 9, 11, 40]])
     spec = effx.transform(

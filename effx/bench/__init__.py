@@ -29,7 +29,15 @@ Its modules, each importing only those above it in this list; every name below i
 
 from __future__ import annotations
 
-from .configs import default_configs, default_quantize, exit_heads, neuron_profile, vocab_file
+from .configs import (
+    default_configs,
+    default_quantize,
+    draft_vocab,
+    exit_heads,
+    neuron_profile,
+    own_states,
+    vocab_file,
+)
 from .errors import BenchConfigError, BenchDataError
 from .metrics import _mean_paths as _mean_paths
 from .metrics import _paths as _paths
@@ -63,9 +71,11 @@ __all__ = [
     "data_choices",
     "default_configs",
     "default_quantize",
+    "draft_vocab",
     "expand_configs",
     "first_outputs",
     "exit_heads",
+    "own_states",
     "format_path_table",
     "format_table",
     "format_stacked_table",

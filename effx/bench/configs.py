@@ -10,6 +10,8 @@ import re
 import time
 from pathlib import Path
 
+import torch
+
 from .errors import BenchConfigError
 from .sweep import BenchConfig
 
@@ -21,18 +23,80 @@ def _safe(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", str(name)).strip("_") or "model"
 
 
-def exit_heads(model_name: str, dense, tokenizer, layers, tokens: int, *, progress: bool = True) -> Path:
-    """Path of trained exit heads for ``layers``: trained once on pydoc calibration text, then cached under
-    :func:`effx.models.cache_dir`."""
-    from ..data import pydoc_texts
-    from ..exit_heads import train_exit_heads
+def own_states(model_name: str, dense, tokenizer, layers, tokens: int, *, progress: bool = True):
+    """:class:`effx.exit_heads.ExitStates` at ``layers`` over ``tokens`` tokens of ``dense``'s own greedy
+    generations (128 new tokens per prompt of :func:`effx.data.training_prompts`), collected once and cached;
+    a cached file with more layers serves too."""
+    from ..data import training_prompts
+    from ..exit_heads import ExitStates, collect_exit_states, own_generations
     from ..models import cache_dir
 
-    path = (
-        cache_dir() / "exit_heads" / f"{_safe(model_name)}-{'-'.join(map(str, layers))}-{tokens}.safetensors"
+    folder = cache_dir() / "exit_states"
+    want = set(layers)
+    for cached in sorted(folder.glob(f"{_safe(model_name)}-own{tokens}-*.safetensors")):
+        have = {int(x) for x in cached.stem.rsplit("-", 1)[1].split("_")}
+        if want <= have:
+            return ExitStates.load(cached)
+    start = time.perf_counter()
+    sequences = own_generations(
+        dense, tokenizer, training_prompts(), max_new_tokens=128, max_tokens=tokens, progress=progress
     )
+    states = collect_exit_states(
+        dense, sequences, sorted(want), progress=progress, source="own generations (128 new tokens per prompt)"
+    )
+    states.save(folder / f"{_safe(model_name)}-own{tokens}-{'_'.join(map(str, sorted(want)))}.safetensors")
+    logger.info("generated and collected %d tokens in %.0f s", states.tokens, time.perf_counter() - start)
+    return states
+
+
+def draft_vocab(model_name: str, dense, tokenizer, tokens: int, states=None) -> str:
+    """A vocabulary ranking for drafting exits: the final layer's greedy tokens on the training positions of
+    the own-generation states (:func:`own_states`), ties broken by pydoc text counts; made once and cached."""
+    from ..data import pydoc_texts
+    from ..models import cache_dir
+    from ..vocab import VocabProfile, calibrate_vocab
+
+    path = cache_dir() / "vocab" / f"{_safe(model_name)}-own{tokens}.safetensors"
     if not path.is_file():
-        start = time.perf_counter()
+        if states is None:
+            raise BenchConfigError("draft_vocab needs the states the first time (own_states)")
+        train, _ = states.split(0.1)
+        counts = torch.bincount(states.top_ids[train, 0], minlength=dense.info.vocab_size)
+        generated = VocabProfile(counts, "generations", int(counts.sum()))
+        (generated + calibrate_vocab(tokenizer, pydoc_texts("calib"))).save(path, dense.info)
+    return str(path)
+
+
+def exit_heads(
+    model_name: str,
+    dense,
+    tokenizer,
+    layers,
+    tokens: int,
+    *,
+    source: str = "pydoc",
+    rank: int = 64,
+    vocab_k: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Path of trained exit heads for ``layers``, trained once and cached under
+    :func:`effx.models.cache_dir`: ``source="pydoc"`` on ``tokens`` tokens of pydoc calibration text (the
+    rank-64 heads of the first measurements), ``"own"`` on ``tokens`` tokens of the model's own generations
+    (:func:`own_states`), scoring the top ``vocab_k`` ids of :func:`draft_vocab` if given."""
+    from ..data import pydoc_texts
+    from ..exit_heads import fit_exit_heads, save_exit_heads, train_exit_heads
+    from ..models import cache_dir
+
+    if source not in ("pydoc", "own"):
+        raise BenchConfigError(f"exit heads source must be 'pydoc' or 'own', got {source!r}")
+    name = f"{_safe(model_name)}-{'-'.join(map(str, layers))}-{tokens}"
+    if source == "own":
+        name += f"-own-r{rank}" + (f"-k{vocab_k}" if vocab_k else "")
+    path = cache_dir() / "exit_heads" / f"{name}.safetensors"
+    if path.is_file():
+        return path
+    start = time.perf_counter()
+    if source == "pydoc":
         result = train_exit_heads(
             dense,
             pydoc_texts("calib"),
@@ -42,14 +106,21 @@ def exit_heads(model_name: str, dense, tokenizer, layers, tokens: int, *, progre
             path=path,
             progress=progress,
         )
-        agree = ", ".join(
-            f"{e}: {result['agreement_before'][e]:.2f}->{result['agreement_after'][e]:.2f}" for e in layers
+    else:
+        states = own_states(model_name, dense, tokenizer, layers, tokens, progress=progress)
+        vocab = draft_vocab(model_name, dense, tokenizer, tokens, states) if vocab_k else None
+        result = fit_exit_heads(
+            dense, states, layers=list(layers), rank=rank, vocab=vocab, vocab_k=vocab_k, progress=progress
         )
-        logger.info(
-            "trained exit heads in %.0f s (held-out agreement with the last layer %s)",
-            time.perf_counter() - start,
-            agree,
-        )
+        save_exit_heads(dense, result, path, source=states.source)
+    agree = ", ".join(
+        f"{e}: {result['agreement_before'][e]:.2f}->{result['agreement_after'][e]:.2f}" for e in layers
+    )
+    logger.info(
+        "trained exit heads in %.0f s (held-out agreement with the last layer %s)",
+        time.perf_counter() - start,
+        agree,
+    )
     return path
 
 
