@@ -67,17 +67,17 @@ def main() -> None:
     dense = effx.transform(model)
     spec = (
         f"early-exit{{layers={args.exit_layer} mode=self-speculative draft={args.draft} "
-        f"thresholds={args.threshold} head=trained heads={{}}}}"
+        f"thresholds={args.threshold} head=trained heads=HEADS}}"
     )
     if args.heads == "pydoc":
-        spec = spec.format(exit_heads("smollm2-135m", dense, tok, [args.exit_layer], 4096))
+        spec = spec.replace("HEADS", str(exit_heads("smollm2-135m", dense, tok, [args.exit_layer], 4096)))
     else:
         k = args.vocab_k or None
         tokens = 32768
         heads = exit_heads(
             "smollm2-135m", dense, tok, [args.exit_layer], tokens, source="own", rank=args.rank, vocab_k=k
         )
-        spec = spec.format(heads)
+        spec = spec.replace("HEADS", str(heads))
         if k:
             spec += f", vocab-reduce{{where=draft vocab={draft_vocab('smollm2-135m', dense, tok, tokens)} k={k}}}"
     pipelines = {

@@ -217,6 +217,51 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--output", default=None, help="write lm-eval's results (JSON) to this file")
 
+    t = sub.add_parser(
+        "train-heads",
+        help="train exit heads (adapters for early-exit head=trained) on the model's own generations",
+        description="Train one adapter per exit layer, the backbone frozen, to predict what the last layer "
+        "predicts: the model generates greedily from a varied prompt set (effx.data.training_prompts, or "
+        "--prompts FILE) until --tokens new tokens, the hidden states at the exits and the last layer's "
+        "top-32 are read once, and the adapters are fitted on them. Prints each exit's held-out agreement "
+        "with the last layer (a one-token draft's acceptance rate) before and after, and the pipeline that "
+        "uses the file.",
+        epilog="examples:\n"
+        "  effx train-heads --layers 20 --out heads.safetensors\n"
+        "  effx train-heads --layers 10,20 --rank 64 --tokens 8192 --out heads.safetensors\n"
+        "  effx train-heads --layers 20 --vocab ranking.safetensors --vocab-k 8192 --out heads.safetensors\n"
+        "then:\n"
+        '  effx generate --passes "early-exit{layers=20 mode=self-speculative head=trained '
+        'heads=heads.safetensors}" "..."',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(t)
+    t.add_argument("--layers", required=True, help="comma-separated exit layers, e.g. 10,20")
+    t.add_argument("--out", required=True, help="the safetensors file to write")
+    t.add_argument(
+        "--prompts", default=None, help="a text file of prompts, one per line (default: effx's training set)"
+    )
+    t.add_argument(
+        "--text",
+        action="store_true",
+        help="train on the prompts' text itself, read teacher-forced, instead of the model's generations",
+    )
+    t.add_argument("--tokens", type=int, default=32768, help="training tokens (default: %(default)s)")
+    t.add_argument(
+        "--new-tokens", type=int, default=128, help="tokens generated per prompt (default: %(default)s)"
+    )
+    t.add_argument(
+        "--rank", type=int, default=None, help="adapter rank (default: the hidden size, a full linear map)"
+    )
+    t.add_argument("--loss", choices=("kl", "greedy"), default="kl", help="fit target (default: %(default)s)")
+    t.add_argument(
+        "--vocab", default=None, help="a vocabulary ranking (effx.calibrate_vocab): score only its top ids"
+    )
+    t.add_argument("--vocab-k", type=int, default=None, help="how many ids of --vocab the exit scores")
+    t.add_argument(
+        "--epochs", type=int, default=3, help="passes over the training positions (default: %(default)s)"
+    )
+
     sub.add_parser(
         "passes", help="list the registered passes", description="List the passes a pipeline string can name."
     )
@@ -600,6 +645,58 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_train_heads(args) -> int:
+    from pathlib import Path
+
+    import effx
+    from effx.data import training_prompts
+    from effx.exit_heads import train_exit_heads
+
+    try:
+        layers = [int(x) for x in args.layers.split(",") if x.strip()]
+    except ValueError:
+        print(f"effx: error: --layers takes comma-separated integers, got {args.layers!r}", file=sys.stderr)
+        return 2
+    if args.prompts:
+        try:
+            prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            print(f"effx: error: cannot read --prompts: {e}", file=sys.stderr)
+            return 1
+    else:
+        prompts = training_prompts()
+    model, tokenizer = effx.models.load(args.model)
+    program = effx.transform(model, passes=effx.parse_pipeline(args.passes), kernels=args.kernels)
+    rank = args.rank if args.rank is not None else program.info.hidden_size
+    try:
+        result = train_exit_heads(
+            program, prompts, tokenizer, layers=layers, rank=rank, generate=0 if args.text else args.new_tokens,
+            max_tokens=args.tokens, loss=args.loss, vocab=args.vocab, vocab_k=args.vocab_k, epochs=args.epochs,
+            path=args.out,
+        )  # fmt: skip
+    except ValueError as e:
+        print(f"effx: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"trained on {result['tokens']} positions ({result['source']}; {result['collect_seconds']:.0f} s to "
+        f"collect), held out {result['heldout']}; rank {rank}, loss {result['loss']}"
+        + (f", {result['vocab_k']} ids scored" if result["vocab_k"] else "")
+    )
+    print(f"{'exit':>5} {'agreement before':>17} {'after':>7} {'fit s':>6}")
+    for e in result["layers"]:
+        print(
+            f"{e:>5} {result['agreement_before'][e]:17.3f} {result['agreement_after'][e]:7.3f} "
+            f"{result['seconds'][e]:6.1f}"
+        )
+    print(f"wrote {args.out}; use it with:")
+    shallow = min(result["layers"])
+    reduce = f", vocab-reduce{{where=draft vocab={args.vocab} k={args.vocab_k}}}" if args.vocab else ""
+    print(
+        f'  --passes "early-exit{{layers={shallow} mode=self-speculative head=trained heads={args.out}}}{reduce}"'
+    )
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from . import bench
 
@@ -745,6 +842,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": _cmd_bench,
         "chat": _cmd_chat,
         "eval": _cmd_eval,
+        "train-heads": _cmd_train_heads,
     }[args.command]
     try:
         return handler(args)

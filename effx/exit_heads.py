@@ -478,6 +478,14 @@ def train_exit_heads(
     layers = sorted(layers if layers is not None else program.exits)
     if not layers:
         raise ValueError("no exit layers: pass layers=[...] or apply EarlyExit first")
+    # every argument checked before the minutes of generating and collecting
+    if any(not 0 <= x < program.info.num_layers - 1 for x in layers):
+        raise ValueError(f"exit layers must be in 0..{program.info.num_layers - 2}, got {layers}")
+    if not 1 <= rank <= program.info.hidden_size:
+        raise ValueError(f"rank must be in 1..{program.info.hidden_size} (the hidden size), got {rank}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    _draft_head(program, vocab, vocab_k)
     start = time.perf_counter()
     if generate:
         sequences = own_generations(

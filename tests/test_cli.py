@@ -211,3 +211,20 @@ def test_chat_bad_input_is_one_line(model_dir, tmp_path, capsys):
     assert main(["chat", "--artifact", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("effx: error:") and "no plan.json" in err and "Traceback" not in err
+
+
+def test_train_heads_writes_heads_the_exit_pass_loads(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w5 w6 w7\nw8 w9\n\nw10 w11 w12 w13\nw14 w15\n")
+    heads = tmp_path / "heads.safetensors"
+    args = ["train-heads", "--model", str(model_dir), "--layers", "0", "--prompts", str(prompts)]
+    assert main([*args, "--tokens", "40", "--new-tokens", "10", "--rank", "8", "--out", str(heads)]) == 0
+    out = capsys.readouterr().out
+    assert "agreement before" in out and f"heads={heads}" in out and "own generations" in out
+    passes = f"early-exit{{layers=0 mode=self-speculative head=trained heads={heads}}}"
+    assert main(["generate", "--model", str(model_dir), "--passes", passes, "--max-new-tokens", "4", "w5"]) == 0
+    # bad arguments: a clean error, no file
+    bad = tmp_path / "bad.safetensors"
+    assert main([*args[:3], "--layers", "ten", "--out", str(bad)]) == 2
+    assert main([*args[:3], "--layers", "7", "--tokens", "20", "--out", str(bad)]) == 2
+    assert "exit layers must be in 0..0" in capsys.readouterr().err and not bad.exists()
