@@ -13,11 +13,14 @@ import torch
 from effx.bench import exit_heads, first_outputs, interleave, neuron_profile, total_seconds, vocab_file
 
 __all__ = [
+    "drafting_sets",
     "exit_heads",
     "generator",
     "median_ms",
     "neuron_profile",
+    "print_draft_rows",
     "same",
+    "stats_of",
     "time_rows",
     "token_match",
     "vocab_file",
@@ -97,3 +100,48 @@ def median_ms(fn, *args, repeats: int = 30) -> float:
             fn(*args)
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def stats_of(fn):
+    """``(fn(stats), stats)`` with a fresh stats dict: a runner that also returns what the loop counted."""
+    stats: dict = {}
+    return fn(stats), stats
+
+
+def drafting_sets(tok, names: str, prompts: int, doc_tokens: int = 512) -> dict:
+    """The drafting benchmarks' prompt sets by name: ``summ`` (ACLSum test summaries of ``doc_tokens`` paper
+    tokens) and ``chat`` (``effx.data.PROMPTS``), ``prompts`` each, as ``(ids, mask)`` pairs."""
+    from cascade import summary_prompts
+
+    from effx.data import PROMPTS, aclsum, encode_prompts
+
+    sets = {}
+    for name in names.split(","):
+        if name == "summ":
+            sets[name] = summary_prompts(tok, aclsum("test", n=prompts), doc_tokens)
+        elif name == "chat":
+            sets[name] = [encode_prompts(tok, p) for p in PROMPTS[:prompts]]
+        else:
+            raise SystemExit(f"unknown prompt set {name!r}: choose summ, chat")
+    return sets
+
+
+def print_draft_rows(runs: dict, base_of, new_tokens: int, width: int = 44) -> None:
+    """One line per row of :func:`effx.bench.interleave`'s ``runs`` (runners returning ``(ids, stats)``):
+    tok/s, speed-up over the row ``base_of(name)`` names, whether the first repeat's tokens equal that row's,
+    accepted drafts / drafted and tokens per verification round."""
+    print(f"{'row':{width}} {'tok/s':>7} {'x dense':>8} {'same':>5} {'acc':>6} {'tok/round':>9}")
+    for name, r in runs.items():
+        base = runs[base_of(name)]
+        outs, refs = first_outputs(r), first_outputs(base)
+        same = all(torch.equal(a[0], b[0]) for a, b in zip(outs, refs, strict=True))
+        drafted = sum(o[1].get("drafted", 0) for o in outs)
+        accepted = sum(o[1].get("accepted", 0) for o in outs)
+        rounds = sum(o[1].get("steps", 0) for o in outs)
+        seconds = total_seconds(r)
+        acc = f"{accepted / drafted:6.2f}" if drafted else f"{'-':>6}"
+        per_round = f"{(new_tokens - 1) * len(outs) / rounds:9.2f}" if rounds else f"{'-':>9}"
+        print(
+            f"{name:{width}} {new_tokens * len(outs) / seconds:7.1f} {total_seconds(base) / seconds:8.2f} "
+            f"{str(same):>5} {acc} {per_round}"
+        )

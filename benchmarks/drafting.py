@@ -35,12 +35,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from cascade import summary_prompts
-from common import exit_heads
+from common import drafting_sets, exit_heads, print_draft_rows, stats_of
 
 import effx
-from effx.bench import draft_vocab, first_outputs, interleave, total_seconds
-from effx.data import PROMPTS, aclsum, encode_prompts
+from effx.bench import draft_vocab, interleave
 
 
 def main() -> None:
@@ -79,7 +77,9 @@ def main() -> None:
         )
         spec = spec.replace("HEADS", str(heads))
         if k:
-            spec += f", vocab-reduce{{where=draft vocab={draft_vocab('smollm2-135m', dense, tok, tokens)} k={k}}}"
+            spec += (
+                f", vocab-reduce{{where=draft vocab={draft_vocab('smollm2-135m', dense, tok, tokens)} k={k}}}"
+            )
     pipelines = {
         "dense": "",
         "prompt-lookup": args.lookup,
@@ -89,7 +89,7 @@ def main() -> None:
     progs = {name: effx.transform(model, passes=p or None) for name, p in pipelines.items()}
     runners = {}
     for name, prog in progs.items():
-        runners[f"torch {name}"] = lambda ids, mask, p=prog: _stats_of(
+        runners[f"torch {name}"] = lambda ids, mask, p=prog: stats_of(
             lambda st: p.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[], stats=st)
         )
     tmp = tempfile.TemporaryDirectory(prefix="effx-drafting-")
@@ -99,48 +99,20 @@ def main() -> None:
 
         for name in ("dense", "prompt-lookup", "self-speculative"):
             gen = load(export(progs[name], Path(tmp.name) / name.replace(" ", "_")))
-            runners[f"onnx {name}"] = lambda ids, mask, g=gen: _stats_of(
+            runners[f"onnx {name}"] = lambda ids, mask, g=gen: stats_of(
                 lambda st: torch.from_numpy(
                     g.generate(ids.numpy(), mask.numpy(), max_new_tokens=n, eos_token_id=[], stats=st)
                 )
             )
 
-    sets = {}
-    for name in args.sets.split(","):
-        if name == "summ":
-            sets[name] = summary_prompts(tok, aclsum("test", n=args.prompts), args.doc_tokens)
-        elif name == "chat":
-            sets[name] = [encode_prompts(tok, p) for p in PROMPTS[: args.prompts]]
-        else:
-            raise SystemExit(f"unknown prompt set {name!r}: choose summ, chat")
-
+    sets = drafting_sets(tok, args.sets, args.prompts, args.doc_tokens)
     print(f"SmolLM2-135M, batch 1, {n} new tokens, {args.threads} threads, {args.repeats} repeats (medians)")
     for set_name, prompts in sets.items():
         runs = interleave(
             runners, prompts, repeats=args.repeats, warmup=(prompts[0][0][:, :8], prompts[0][1][:, :8])
         )
         print(f"\n{set_name}: {len(prompts)} prompts")
-        print(f"{'row':44} {'tok/s':>7} {'x dense':>8} {'same':>5} {'acc':>6} {'tok/round':>9}")
-        for name, r in runs.items():
-            backend = name.split()[0]
-            base = runs[f"{backend} dense"]
-            outs, refs = first_outputs(r), first_outputs(base)
-            same = all(torch.equal(a[0], b[0]) for a, b in zip(outs, refs, strict=True))
-            drafted = sum(o[1].get("drafted", 0) for o in outs)
-            accepted = sum(o[1].get("accepted", 0) for o in outs)
-            rounds = sum(o[1].get("steps", 0) for o in outs)
-            seconds = total_seconds(r)
-            acc = f"{accepted / drafted:6.2f}" if drafted else f"{'-':>6}"
-            per_round = f"{(n - 1) * len(prompts) / rounds:9.2f}" if rounds else f"{'-':>9}"
-            print(
-                f"{name:44} {n * len(prompts) / seconds:7.1f} {total_seconds(base) / seconds:8.2f} "
-                f"{str(same):>5} {acc} {per_round}"
-            )
-
-
-def _stats_of(fn):
-    stats: dict = {}
-    return fn(stats), stats
+        print_draft_rows(runs, lambda name: f"{name.split()[0]} dense", n)
 
 
 if __name__ == "__main__":

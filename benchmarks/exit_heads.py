@@ -29,11 +29,10 @@ import argparse
 import time
 
 import torch
-from cascade import summary_prompts
+from common import drafting_sets, print_draft_rows, stats_of
 
 import effx
-from effx.bench import draft_vocab, exit_heads, first_outputs, interleave, own_states, total_seconds
-from effx.data import PROMPTS, aclsum, encode_prompts
+from effx.bench import draft_vocab, exit_heads, interleave, own_states
 from effx.exit_heads import exit_agreement, fit_exit_heads, save_exit_heads
 from effx.models import cache_dir
 
@@ -68,7 +67,9 @@ def main() -> None:
     dense = effx.transform(model)
     start = time.perf_counter()
     states = own_states(MODEL, dense, tok, sorted(set(layers) | set(speed_layers)), args.tokens)
-    print(f"states: {states.tokens} positions ({states.source}), ready in {time.perf_counter() - start:.0f} s")
+    print(
+        f"states: {states.tokens} positions ({states.source}), ready in {time.perf_counter() - start:.0f} s"
+    )
     vocab = draft_vocab(MODEL, dense, tok, args.tokens, states) if k else None
     pydoc = exit_heads(MODEL, dense, tok, layers, 4096)
 
@@ -113,41 +114,15 @@ def main() -> None:
     runners = {}
     for name, p in pipelines.items():
         prog = effx.transform(model, passes=p or None)
-        runners[name] = lambda ids, mask, prog=prog: _stats_of(
+        runners[name] = lambda ids, mask, prog=prog: stats_of(
             lambda st: prog.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[], stats=st)
         )
-    for set_name in args.sets.split(","):
-        if set_name == "summ":
-            prompts = summary_prompts(tok, aclsum("test", n=args.prompts), 512)
-        elif set_name == "chat":
-            prompts = [encode_prompts(tok, p) for p in PROMPTS[: args.prompts]]
-        else:
-            raise SystemExit(f"unknown prompt set {set_name!r}: choose summ, chat")
+    for set_name, prompts in drafting_sets(tok, args.sets, args.prompts).items():
         runs = interleave(
             runners, prompts, repeats=args.repeats, warmup=(prompts[0][0][:, :8], prompts[0][1][:, :8])
         )
         print(f"\n{set_name}: {len(prompts)} prompts x {n} tokens, batch 1, {args.repeats} repeats (medians)")
-        print(f"{'row':34} {'tok/s':>7} {'x dense':>8} {'same':>5} {'acc':>6} {'tok/round':>9}")
-        base = runs["dense"]
-        refs = first_outputs(base)
-        for name, r in runs.items():
-            outs = first_outputs(r)
-            same = all(torch.equal(a[0], b[0]) for a, b in zip(outs, refs, strict=True))
-            drafted = sum(o[1].get("drafted", 0) for o in outs)
-            accepted = sum(o[1].get("accepted", 0) for o in outs)
-            rounds = sum(o[1].get("steps", 0) for o in outs)
-            seconds = total_seconds(r)
-            acc = f"{accepted / drafted:6.2f}" if drafted else f"{'-':>6}"
-            per_round = f"{(n - 1) * len(prompts) / rounds:9.2f}" if rounds else f"{'-':>9}"
-            print(
-                f"{name:34} {n * len(prompts) / seconds:7.1f} {total_seconds(base) / seconds:8.2f} "
-                f"{str(same):>5} {acc} {per_round}"
-            )
-
-
-def _stats_of(fn):
-    stats: dict = {}
-    return fn(stats), stats
+        print_draft_rows(runs, lambda name: "dense", n, width=34)
 
 
 if __name__ == "__main__":
