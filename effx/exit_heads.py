@@ -38,6 +38,7 @@ import torch
 from .data import encode_prompts, token_chunks
 from .errors import ArtifactError
 from .formats import EXIT_HEADS_KIND, load_exit_heads
+from .program import torch_dtype
 
 __all__ = [
     "LOSSES",
@@ -263,11 +264,12 @@ class _Scorer:
             n: t.detach() for n, t in list(self.head.named_parameters()) + list(self.head.named_buffers())
         }
         self.states, self.loss = states, loss
+        self.dtype = torch_dtype(program.info)  # adapters train in float32; the head runs in the model's dtype
         self.greedy = states.top_ids[:, 0]
         self.teacher = states.top_logprobs.softmax(-1)
 
     def logprobs(self, hidden):
-        logits = torch.func.functional_call(self.head, self.frozen, (hidden[None],))[0][0]
+        logits = torch.func.functional_call(self.head, self.frozen, (hidden[None].to(self.dtype),))[0][0]
         return logits.float().log_softmax(-1)
 
     def objective(self, logprobs, rows):
@@ -331,7 +333,7 @@ def fit_exit_heads(
     vocab_k: int | None = None,
     epochs: int = 3,
     lr: float = 1e-3,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     holdout: float = 0.1,
     seed: int = 0,
     progress: bool = True,
@@ -339,7 +341,8 @@ def fit_exit_heads(
     """Fit one adapter per layer of ``layers`` (default: every layer of ``states``) on cached states.
 
     Adam with a one-cycle schedule peaking at ``lr``, ``epochs`` passes over the training positions in
-    shuffled minibatches of ``batch_size``. Returns ``{"layers", "rank", "loss", "vocab_k", "tokens",
+    shuffled minibatches of ``batch_size`` (default: a hundredth of the training positions, within 32..256,
+    so that a few thousand tokens still take enough steps). Returns ``{"layers", "rank", "loss", "vocab_k", "tokens",
     "heldout", "agreement_before", "agreement_after", "loss_before", "loss_after", "seconds", "state"}``:
     agreement with the final layer's greedy token and mean loss per layer on the held-out positions, with the
     shared head (before) and with the adapter (after); ``seconds`` per layer of fitting."""
@@ -351,10 +354,12 @@ def fit_exit_heads(
         raise ValueError(f"the states hold layers {states.layers}, not {missing}")
     if not 1 <= rank <= d:
         raise ValueError(f"rank must be in 1..{d} (the hidden size), got {rank}")
-    if epochs < 1 or batch_size < 1:
+    if epochs < 1 or (batch_size is not None and batch_size < 1):
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     scorer = _Scorer(program, states, loss, vocab, vocab_k)
     train, test = states.split(holdout)
+    if batch_size is None:
+        batch_size = max(32, min(256, len(train) // 100))
 
     g = torch.Generator().manual_seed(seed)
     per_epoch = max(1, math.ceil(len(train) / batch_size))
@@ -402,6 +407,7 @@ def fit_exit_heads(
     return {
         "layers": layers,
         "rank": rank,
+        "batch_size": batch_size,
         "loss": loss,
         "vocab_k": vocab_k if vocab else None,
         "tokens": len(train),
@@ -459,7 +465,7 @@ def train_exit_heads(
     vocab_k: int | None = None,
     epochs: int = 3,
     lr: float = 1e-3,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     holdout: float = 0.1,
     path: str | os.PathLike | None = None,
     progress: bool = True,

@@ -194,7 +194,7 @@ def default_configs(
     ``quantize`` (a ``quantize{...}`` pipeline string) adds every configuration above combined with it (and
     the step alone, where it is not the default one): :func:`effx.bench.stacked_rows` compares each pass's
     speed-up on the quantized Program with its float32 one.
-    Profiles, vocabularies and heads are made once and cached (about 40 s, 60 s and 90 s on SmolLM2).
+    Profiles, vocabularies and heads are made once and cached (about 40 s, 60 s and a few minutes on SmolLM2).
     """
     from ..passes import EarlyExit, NeuronMask, PromptLookup, TokenDrop, VocabReduce, parse_pipeline
 
