@@ -16,8 +16,8 @@ each prompt's median):
 * ``self-speculative``: ``early-exit{layers=--exit-layer mode=self-speculative}`` drafting --draft tokens
   (stopping below --threshold confidence), with exit heads trained on --heads: ``own`` (default), 32,768
   tokens of the model's own generations, rank --rank, scoring a --vocab-k draft vocabulary
-  (``vocab-reduce{where=draft}``; see ``benchmarks/exit_heads.py``), or ``pydoc``, the rank-64 heads of
-  4,096 pydoc tokens the first measurements used (full vocabulary); cached;
+  (``vocab-reduce{where=draft}``; see ``benchmarks/exit_heads.py``), or ``pydoc``, rank-64 heads on
+  4,096 pydoc tokens as in the first measurements (full vocabulary); cached;
 * ``self-speculative + prompt-lookup``: both sources, lookup first;
 * the same on ONNX artifacts (exported to a temporary directory) unless --no-onnx.
 

@@ -7,8 +7,8 @@ self-speculative decoding speed with them, against the heads of the first measur
 2. **Acceptance table**, per layer, on the held-out tenth of the sequences: how often the exit's greedy token
    equals the final layer's (a one-token draft's acceptance rate), for
    * the shared head (no adapter);
-   * the pydoc heads (rank 64, 4,096 tokens of pydoc text, KL to the full distribution; what ``effx bench``
-     and the first drafting measurements used);
+   * the pydoc heads (rank 64 on 4,096 tokens of pydoc text, top-k KL over the full vocabulary; the kind
+     ``effx bench`` and the first drafting measurements used);
    * own-generation heads at each of --ranks, fitted with top-k KL on the exit's draft vocabulary (the top
      --vocab-k ids of :func:`effx.bench.draft_vocab`; 0 scores the full vocabulary), with their fitting
      time per layer.

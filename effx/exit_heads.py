@@ -191,6 +191,11 @@ class ExitStates:
         return every[self.group < cut], every[self.group >= cut]
 
 
+def _check_layers(info, layers) -> None:
+    if any(not 0 <= x < info.num_layers - 1 for x in layers):
+        raise ValueError(f"exit layers must be in 0..{info.num_layers - 2}, got {layers}")
+
+
 def collect_exit_states(
     program, sequences, layers, *, top_k: int = 32, progress: bool = True, source: str = ""
 ) -> ExitStates:
@@ -202,8 +207,7 @@ def collect_exit_states(
     info = program.info
     if not layers:
         raise ValueError("collect_exit_states needs at least one layer")
-    if any(not 0 <= x < info.num_layers - 1 for x in layers):
-        raise ValueError(f"exit layers must be in 0..{info.num_layers - 2}, got {layers}")
+    _check_layers(info, layers)
     top_k = min(top_k, info.vocab_size)
     hidden: dict[int, list[torch.Tensor]] = {e: [] for e in layers}
     ids_parts, lp_parts, groups = [], [], []
@@ -235,31 +239,48 @@ def collect_exit_states(
     )
 
 
-def _draft_head(program, vocab, vocab_k):
-    """The head an exit trains against: the program's own, or the static subset ``VocabReduce(where="draft",
-    vocab=vocab, k=vocab_k)`` would give its drafting exit."""
-    head = program.head.graph
+def _draft_ids(program, vocab, vocab_k):
+    """The ids an exit is trained to score: None for the whole vocabulary, else the static subset
+    ``VocabReduce(where="draft", vocab=vocab, k=vocab_k)`` would give its drafting exit."""
     if not vocab:
         if vocab_k is not None:
             raise ValueError("vocab_k needs vocab=<ranking file> (write one with effx.calibrate_vocab)")
-        return head
-    from .passes.vocab_reduce import _static_subset_graph
+        return None
     from .vocab import load_vocab, subset_ids
 
     if vocab_k is None:
         raise ValueError("vocab=<file> needs vocab_k: how many of its top-ranked ids the exit scores")
-    ids = subset_ids(load_vocab(vocab, program.info.vocab_size), vocab_k, program.plan.eos_token_ids)
-    return _static_subset_graph(head, ids, program.info, "exit-heads")
+    return subset_ids(load_vocab(vocab, program.info.vocab_size), vocab_k, program.plan.eos_token_ids)
+
+
+def _check_fit(program, *, rank, loss, epochs, batch_size, vocab, vocab_k):
+    """Every fitting argument checked (before any minutes of generating or collecting); returns the draft
+    ids (:func:`_draft_ids`)."""
+    d = program.info.hidden_size
+    if not 1 <= rank <= d:
+        raise ValueError(f"rank must be in 1..{d} (the hidden size), got {rank}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if epochs < 1 or (batch_size is not None and batch_size < 1):
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    return _draft_ids(program, vocab, vocab_k)
+
+
+def _adapt(x, down, up):
+    """An exit adapter: ``x + up(down(x))``."""
+    return x + (x @ down.T) @ up.T
 
 
 class _Scorer:
     """The exit's head (the program's, or its static draft subset) on cached states, with the loss and the
     agreement :func:`fit_exit_heads` and :func:`exit_agreement` report."""
 
-    def __init__(self, program, states: ExitStates, loss: str, vocab, vocab_k):
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-        self.head = _draft_head(program, vocab, vocab_k)
+    def __init__(self, program, states: ExitStates, loss: str, ids):
+        self.head = program.head.graph
+        if ids is not None:
+            from .passes.vocab_reduce import _static_subset_graph
+
+            self.head = _static_subset_graph(self.head, ids, program.info, "exit-heads")
         self.frozen = {
             n: t.detach() for n, t in list(self.head.named_parameters()) + list(self.head.named_buffers())
         }
@@ -309,7 +330,7 @@ def exit_agreement(
     """Per layer of ``states``: how often the exit's greedy token equals the final layer's on the held-out
     positions (the acceptance rate of a one-token draft), with the shared head or with the adapters of a
     ``heads`` file (layers it lacks are left out), scoring the full vocabulary or ``vocab``/``vocab_k``."""
-    scorer = _Scorer(program, states, "kl", vocab, vocab_k)
+    scorer = _Scorer(program, states, "kl", _draft_ids(program, vocab, vocab_k))
     adapters = load_exit_heads(heads, program.info) if heads is not None else None
     _, test = states.split(holdout)
     out = {}
@@ -318,7 +339,7 @@ def exit_agreement(
             out[e] = scorer.evaluate(states.hidden[e], test)[0]
         elif e in adapters:
             down, up = adapters[e]["down"].float(), adapters[e]["up"].float()
-            out[e] = scorer.evaluate(states.hidden[e], test, lambda x, d=down, u=up: x + (x @ d.T) @ u.T)[0]
+            out[e] = scorer.evaluate(states.hidden[e], test, lambda x, d=down, u=up: _adapt(x, d, u))[0]
     return out
 
 
@@ -342,8 +363,8 @@ def fit_exit_heads(
 
     Adam with a one-cycle schedule peaking at ``lr``, ``epochs`` passes over the training positions in
     shuffled minibatches of ``batch_size`` (default: a hundredth of the training positions, within 32..256,
-    so that a few thousand tokens still take enough steps). Returns ``{"layers", "rank", "loss", "vocab_k", "tokens",
-    "heldout", "agreement_before", "agreement_after", "loss_before", "loss_after", "seconds", "state"}``:
+    so that a few thousand tokens still take enough steps). Returns ``{"layers", "rank", "batch_size",
+    "loss", "vocab_k", "tokens", "heldout", "agreement_before", "agreement_after", "loss_before", "loss_after", "seconds", "state"}``:
     agreement with the final layer's greedy token and mean loss per layer on the held-out positions, with the
     shared head (before) and with the adapter (after); ``seconds`` per layer of fitting."""
     info = program.info
@@ -352,11 +373,10 @@ def fit_exit_heads(
     missing = [x for x in layers if x not in states.hidden]
     if missing:
         raise ValueError(f"the states hold layers {states.layers}, not {missing}")
-    if not 1 <= rank <= d:
-        raise ValueError(f"rank must be in 1..{d} (the hidden size), got {rank}")
-    if epochs < 1 or (batch_size is not None and batch_size < 1):
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-    scorer = _Scorer(program, states, loss, vocab, vocab_k)
+    ids = _check_fit(
+        program, rank=rank, loss=loss, epochs=epochs, batch_size=batch_size, vocab=vocab, vocab_k=vocab_k
+    )
+    scorer = _Scorer(program, states, loss, ids)
     train, test = states.split(holdout)
     if batch_size is None:
         batch_size = max(32, min(256, len(train) // 100))
@@ -382,7 +402,7 @@ def fit_exit_heads(
             up = torch.nn.Parameter(torch.zeros(d, rank))
 
             def adapt(x, down=down, up=up):
-                return x + (x @ down.T) @ up.T
+                return _adapt(x, down, up)
 
             before[e], loss_before[e] = scorer.evaluate(h, test)
             optim = torch.optim.Adam([down, up], lr=lr)
@@ -485,13 +505,8 @@ def train_exit_heads(
     if not layers:
         raise ValueError("no exit layers: pass layers=[...] or apply EarlyExit first")
     # every argument checked before the minutes of generating and collecting
-    if any(not 0 <= x < program.info.num_layers - 1 for x in layers):
-        raise ValueError(f"exit layers must be in 0..{program.info.num_layers - 2}, got {layers}")
-    if not 1 <= rank <= program.info.hidden_size:
-        raise ValueError(f"rank must be in 1..{program.info.hidden_size} (the hidden size), got {rank}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    _draft_head(program, vocab, vocab_k)
+    _check_layers(program.info, layers)
+    _check_fit(program, rank=rank, loss=loss, epochs=epochs, batch_size=batch_size, vocab=vocab, vocab_k=vocab_k)
     start = time.perf_counter()
     if generate:
         sequences = own_generations(
