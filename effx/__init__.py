@@ -33,7 +33,7 @@ from .errors import (
 # Without torch (a deployment that only runs ONNX artifacts) ``import effx.runtime.onnx`` must still work:
 # the torch-based API is imported only where torch is installed.
 if TYPE_CHECKING or torch_available():
-    from .capture import capture, capture_encoder, transform_encoder
+    from .capture import capture, capture_encoder, capture_seq2seq, transform_encoder, transform_seq2seq
     from .cascade import Cascade, EntropyGate, MaxProbGate, cascade
     from .encoder import EncoderProgram
     from .exit_heads import train_exit_heads
@@ -49,6 +49,7 @@ if TYPE_CHECKING or torch_available():
         parse_pipeline,
     )
     from .program import Plan, Program
+    from .seq2seq import Seq2SeqProgram
     from .vocab import calibrate_vocab
 
 
@@ -68,6 +69,7 @@ __all__ = [
     "CascadeError",
     "EarlyExit",
     "EncoderProgram",
+    "Seq2SeqProgram",
     "EffxError",
     "EntropyGate",
     "GenerationInputError",
@@ -89,6 +91,7 @@ __all__ = [
     "calibrate_vocab",
     "capture",
     "capture_encoder",
+    "capture_seq2seq",
     "cascade",
     "models",
     "parse_pipeline",
@@ -96,6 +99,7 @@ __all__ = [
     "train_exit_heads",
     "transform",
     "transform_encoder",
+    "transform_seq2seq",
 ]
 
 

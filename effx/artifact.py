@@ -23,6 +23,9 @@ __all__ = [
     "PLAN_FILE",
     "SCHEMA_VERSION",
     "SEGMENT_FILE",
+    "SEQ2SEQ_FILE",
+    "SEQ2SEQ_FORMAT",
+    "SEQ2SEQ_SCHEMA_VERSION",
     "WEIGHTS",
     "fused_inputs",
     "read_manifest",
@@ -38,6 +41,10 @@ SEGMENT_FILE = "layers.onnx"
 CASCADE_FILE = "cascade.json"
 CASCADE_FORMAT = "effx-onnx-cascade"
 CASCADE_SCHEMA_VERSION = 1
+# an encoder-decoder program (effx.seq2seq): one self-contained ONNX file per stage, named in seq2seq.json
+SEQ2SEQ_FILE = "seq2seq.json"
+SEQ2SEQ_FORMAT = "effx-onnx-seq2seq"
+SEQ2SEQ_SCHEMA_VERSION = 1
 # the stage kinds an artifact holds and the ONNX runtime runs (every kind of effx.plan.STAGE_SIGNATURES)
 KINDS = ("embed", "layer", "exit", "head", "full_head", "token_score", "token_drop")
 # the inputs a fused layer graph (effx.exporters.onnx_attention) takes beyond a layer's: seqlens_k (int32

@@ -42,16 +42,24 @@ from .program import ModelInfo, Program, Stage
 
 __all__ = [
     "ENCODER_MODEL_TYPES",
+    "RECURRENT_MODEL_TYPES",
+    "SEQ2SEQ_MODEL_TYPES",
     "SUPPORTED_MODEL_TYPES",
     "capture",
     "capture_encoder",
+    "capture_seq2seq",
     "export_onnx",
     "transform_encoder",
+    "transform_seq2seq",
 ]
 
 # Model types whose glue between layers (embedding, rotary tables, mask, final norm) is the plain Llama one
 # that the runtime reproduces. Capture also checks the result numerically against the model's own forward.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# captured by their own functions below, as their own kinds of program
+ENCODER_MODEL_TYPES = ("bert",)
+SEQ2SEQ_MODEL_TYPES = ("bart",)
+RECURRENT_MODEL_TYPES = ("mamba",)
 
 _ATTN_NAME = "effx"
 
@@ -192,10 +200,16 @@ def _check_architecture(model) -> None:
         )
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
+        other = {
+            **dict.fromkeys(SEQ2SEQ_MODEL_TYPES, "an encoder-decoder model: use effx.transform_seq2seq"),
+            **dict.fromkeys(RECURRENT_MODEL_TYPES, "a recurrent (state-space) model: use effx.transform_mamba"),
+            **dict.fromkeys(ENCODER_MODEL_TYPES, "an encoder: use effx.transform_encoder"),
+        }.get(model_type)
         raise _fail(
             model,
             "check architecture",
-            f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
+            f"model_type {model_type!r} is not supported"
+            + (f" here ({other})" if other else f"; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"),
         )
     base = getattr(model, "model", None)
     for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
@@ -423,8 +437,6 @@ def _verify(model, program: Program) -> None:
 
 # -- encoders (BERT-style) ---------------------------------------------------------------------------------
 
-ENCODER_MODEL_TYPES = ("bert",)
-
 _ENCODER_ROLES = {"word_embeddings": "embed", "query": "attn.q", "key": "attn.k", "value": "attn.v"}
 
 
@@ -589,4 +601,304 @@ def transform_encoder(model, passes=(), *, verify: bool = True):
     program = capture_encoder(model, verify=verify)
     for p in passes:
         program = apply_token_drop(p, program)
+    return program
+
+
+# -- encoder-decoder (BART-style) --------------------------------------------------------------------------
+
+
+class _Seq2SeqEmbed(torch.nn.Module):
+    """BART's embedding: scaled token embedding plus learned positions (offset by 2), then layer norm.
+    ``position_ids`` None: the encoder's, ``0..seq-1`` whatever the padding (as BART does)."""
+
+    def __init__(self, side):
+        super().__init__()
+        self.embed_tokens, self.embed_positions = side.embed_tokens, side.embed_positions
+        self.layernorm_embedding = side.layernorm_embedding
+
+    def forward(self, input_ids, position_ids=None):
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1])[None, :].expand(input_ids.shape[0], -1)
+        offset = getattr(self.embed_positions, "offset", 0)
+        positions = F.embedding(position_ids + offset, self.embed_positions.weight)
+        return (self.layernorm_embedding(self.embed_tokens(input_ids) + positions),)
+
+
+class _EncoderEmbedIds(torch.nn.Module):
+    def __init__(self, embed: _Seq2SeqEmbed):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+class _DecoderEmbed(torch.nn.Module):
+    def __init__(self, embed: _Seq2SeqEmbed):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, input_ids, position_ids):
+        return self.embed(input_ids, position_ids)
+
+
+class _CrossKV(torch.nn.Module):
+    """A decoder layer's cross-attention keys and values ``[batch, heads, kept, head_dim]`` of the encoder's
+    output: computed once per prompt, not once per step."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.k_proj, self.v_proj = attn.k_proj, attn.v_proj
+        self.head_dim = attn.head_dim
+
+    def forward(self, encoder_hidden):
+        shape = (*encoder_hidden.shape[:-1], -1, self.head_dim)
+        k = self.k_proj(encoder_hidden).view(shape).transpose(1, 2)
+        v = self.v_proj(encoder_hidden).view(shape).transpose(1, 2)
+        return k, v
+
+
+def _stage_encoder_decoder_cache(layer_idx, past_k, past_v, cross_k, cross_v):
+    """The cache a BART decoder layer sees during export: its self-attention cache explicit (new K/V
+    recorded), its cross-attention K/V given (``is_updated``: the layer reads them instead of projecting
+    the encoder's output again)."""
+    from types import SimpleNamespace
+
+    from transformers.cache_utils import EncoderDecoderCache
+
+    class _Cache(EncoderDecoderCache):
+        def __init__(self):  # no super().__init__: only what BartAttention reads
+            self.self_attention_cache = _StageCache(past_k, past_v)
+            self.cross_attention_cache = SimpleNamespace(
+                layers={layer_idx: SimpleNamespace(keys=cross_k, values=cross_v)}
+            )
+            self.is_updated = {layer_idx: True}
+
+    return _Cache()
+
+
+class _DecoderLayer(torch.nn.Module):
+    def __init__(self, layer, index: int):
+        super().__init__()
+        self.layer, self.index = layer, index
+        params = inspect.signature(layer.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def forward(self, hidden, mask, past_k, past_v, cross_k, cross_v, cross_mask):
+        cache = _stage_encoder_decoder_cache(self.index, past_k, past_v, cross_k, cross_v)
+        out = self.layer(
+            hidden,
+            attention_mask=mask,
+            encoder_hidden_states=cross_k,  # only tested for None: the cross K/V come from the cache
+            encoder_attention_mask=cross_mask,
+            **{self.cache_arg: cache},
+        )
+        if isinstance(out, tuple):
+            out = out[0]
+        k, v = cache.self_attention_cache.new
+        return out, k, v
+
+
+class _Seq2SeqHead(torch.nn.Module):
+    def __init__(self, lm_head, bias):
+        super().__init__()
+        self.lm_head = lm_head
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, hidden):
+        return (self.lm_head(hidden) + self.bias,)
+
+
+def _check_seq2seq(model) -> None:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if config is None or model_type not in SEQ2SEQ_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"cannot capture {type(model).__name__} as an encoder-decoder model: model_type {model_type!r} is "
+            f"not one of {', '.join(SEQ2SEQ_MODEL_TYPES)}"
+            + (
+                " (T5's relative position bias is computed in the first layer and shared with the others: "
+                "its layers are not separable stages yet)"
+                if model_type in ("t5", "mt5")
+                else ""
+            )
+        )
+    base = getattr(model, "model", None)
+    if base is None or not hasattr(base, "encoder") or not hasattr(base, "decoder"):
+        raise _fail(model, "check architecture", "expected model.model.encoder and .decoder (a seq2seq LM)")
+    if not hasattr(model, "lm_head"):
+        raise _fail(model, "check architecture", "expected model.lm_head: a ...ForConditionalGeneration model")
+    for side in (base.encoder, base.decoder):
+        if getattr(side, "layer_norm", None) is not None:
+            raise _fail(model, "check architecture", "a final encoder/decoder layer norm (mBART) is not supported")
+
+
+def capture_seq2seq(model, *, verify: bool = True):
+    """Capture a BART-style encoder-decoder LM (``BartForConditionalGeneration``) as a
+    :class:`~effx.seq2seq.Seq2SeqProgram`.
+
+    The encoder is an :class:`~effx.encoder.EncoderProgram` (``embed (input_ids) -> hidden``, ``layer.i
+    (hidden, mask) -> hidden``), so TokenDrop applies to it as to BERT. The decoder's stages are those of
+    :mod:`effx.runtime.seq2seq`: ``decoder.embed``, ``decoder.cross.i`` (cross-attention K/V of the encoder's
+    output, once per prompt), ``decoder.layer.i`` with its self-attention cache explicit, and ``head`` (LM head
+    plus ``final_logits_bias``). Batch, sequence and past length are dynamic. ``verify`` checks the stages
+    against the model's own forward.
+    """
+    from .encoder import EncoderInfo, EncoderProgram
+    from .seq2seq import Seq2SeqInfo, Seq2SeqProgram
+
+    _check_seq2seq(model)
+    _register_attention()
+    config = model.config
+    clone = _private_copy(model.model)
+    enc, dec = clone.encoder, clone.decoder
+    d = config.d_model
+    heads = config.decoder_attention_heads
+    head_dim = d // heads
+    max_pos = config.max_position_embeddings
+    batch, seq, past, kept = (
+        Dim("batch", min=1, max=1024),
+        Dim("seq", min=1, max=max_pos),
+        Dim("past", min=0, max=max_pos),
+        Dim("kept", min=1, max=max_pos),
+    )
+    B, S, P, E = 2, 3, 2, 5
+    dtype = model.dtype
+    step = "export encoder embed"
+    try:
+        enc_embed = export_module(
+            _EncoderEmbedIds(_Seq2SeqEmbed(enc)), (torch.zeros(B, E, dtype=torch.long),), ({0: batch, 1: kept},)
+        )
+        hidden = torch.randn(B, E, d, dtype=dtype)
+        enc_layers = []
+        for i, layer in enumerate(enc.layers):
+            step = f"export encoder layer {i}"
+            template = enc_layers[0] if enc_layers and _structure(layer) == _structure(enc.layers[0]) else None
+            if template is None:
+                gm = export_module(
+                    _EncoderLayer(layer),
+                    (hidden, torch.zeros(B, 1, E, E, dtype=dtype)),
+                    ({0: batch, 1: kept}, {0: batch, 2: kept, 3: kept}),
+                )
+            else:
+                gm = rebind(template, copy.deepcopy(template.graph), _EncoderLayer(layer))
+            enc_layers.append(gm)
+        step = "export decoder embed"
+        ids = torch.zeros(B, S, dtype=torch.long)
+        pos = torch.arange(S).expand(B, S).clone()
+        dec_embed = export_module(_DecoderEmbed(_Seq2SeqEmbed(dec)), (ids, pos), ({0: batch, 1: seq},) * 2)
+        cross, layers = [], []
+        x = torch.randn(B, S, d, dtype=dtype)
+        kv = torch.randn(B, heads, P, head_dim, dtype=dtype)
+        ckv = torch.randn(B, heads, E, head_dim, dtype=dtype)
+        layer_args = (x, torch.zeros(B, 1, S, P + S, dtype=dtype), kv, kv.clone(), ckv, ckv.clone(),
+                      torch.zeros(B, 1, 1, E, dtype=dtype))
+        layer_dyn = (
+            {0: batch, 1: seq},
+            {0: batch, 2: seq, 3: Dim.AUTO},
+            {0: batch, 2: past},
+            {0: batch, 2: past},
+            {0: batch, 2: kept},
+            {0: batch, 2: kept},
+            {0: batch, 3: kept},
+        )
+        for i, layer in enumerate(dec.layers):
+            step = f"export decoder layer {i}"
+            cross.append(export_module(_CrossKV(layer.encoder_attn), (hidden,), ({0: batch, 1: kept},)))
+            layers.append(export_module(_DecoderLayer(layer, i), layer_args, layer_dyn))
+        step = "export head"
+        bias = getattr(model, "final_logits_bias", None)
+        bias = torch.zeros(config.vocab_size, dtype=dtype) if bias is None else bias.reshape(-1)
+        head = export_module(_Seq2SeqHead(model.lm_head, bias), (x,), ({0: batch, 1: seq},))
+    except UnsupportedModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any export failure is a capture failure, with the step named
+        raise _fail(model, step, _first_line(e)) from e
+    for gm, layer in [(enc_embed, None), *[(g, i) for i, g in enumerate(enc_layers)]]:
+        _tag_encoder(gm, layer)
+    for gm in (dec_embed, *cross, *layers, head):
+        simplify(gm)
+    enc_info = EncoderInfo(
+        architecture=type(model).__name__,
+        model_type=config.model_type,
+        num_layers=len(enc_layers),
+        hidden_size=d,
+        num_heads=config.encoder_attention_heads,
+        max_positions=max_pos,
+    )
+    encoder = EncoderProgram(enc_embed, enc_layers, enc_info, token_types=False)
+    info = Seq2SeqInfo(
+        architecture=type(model).__name__,
+        model_type=config.model_type,
+        encoder_layers=len(enc_layers),
+        decoder_layers=len(layers),
+        hidden_size=d,
+        num_heads=heads,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        max_positions=max_pos,
+        dtype=str(dtype).replace("torch.", ""),
+    )
+    program = Seq2SeqProgram(encoder, dec_embed, cross, layers, head, info, _seq2seq_generation(model))
+    if verify:
+        _verify_seq2seq(model, program)
+    return program
+
+
+def _seq2seq_generation(model) -> dict:
+    """The generation defaults greedy ``model.generate`` applies: decoder start, stop and pad ids, forced
+    first and last tokens."""
+    gen = getattr(model, "generation_config", None)
+    cfg = model.config
+
+    def pick(name):
+        value = getattr(gen, name, None) if gen is not None else None
+        return getattr(cfg, name, None) if value is None else value
+
+    eos = pick("eos_token_id")
+    eos = [] if eos is None else ([int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)])
+    pad = pick("pad_token_id")
+    start = pick("decoder_start_token_id")
+    if start is None:
+        start = pick("bos_token_id")
+    return {
+        "decoder_start_token_id": int(start),
+        "eos_token_id": eos,
+        "pad_token_id": int(pad) if pad is not None else (eos[0] if eos else 0),
+        "forced_bos_token_id": None if pick("forced_bos_token_id") is None else int(pick("forced_bos_token_id")),
+        "forced_eos_token_id": None if pick("forced_eos_token_id") is None else int(pick("forced_eos_token_id")),
+    }
+
+
+def _verify_seq2seq(model, program) -> None:
+    ids = torch.arange(3, 12, dtype=torch.long).remainder(program.info.vocab_size)[None].repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    dec = torch.arange(4, 9, dtype=torch.long).remainder(program.info.vocab_size)[None].repeat(2, 1)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
+        got = program.logits(ids, dec, mask)
+    err = (ref - got).abs().max().item()
+    if not err <= 1e-4 * (ref.abs().max().item() + 1.0):
+        raise _fail(model, "verify", f"captured stages differ from the model's forward by {err:.3g} (max |logit|)")
+
+
+def transform_seq2seq(model, passes=(), *, verify: bool = True):
+    """Capture a BART-style encoder-decoder LM and apply ``passes``: TokenDrop, on the encoder (ELITE), is the
+    one that applies; the decoder's cross-attention then reads the kept tokens only. The other passes are
+    refused with the pass and the architecture named."""
+    from .passes import TokenDrop, parse_pipeline
+    from .seq2seq import apply_token_drop_seq2seq
+
+    passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
+    arch = type(model).__name__
+    for p in passes:
+        if not isinstance(p, TokenDrop):
+            raise PassError(
+                f"pass {p.name!r} does not apply to {arch} (an encoder-decoder model): encoder-decoder "
+                "programs take token-drop, on the encoder, only"
+            )
+    program = capture_seq2seq(model, verify=verify)
+    for p in passes:
+        program = apply_token_drop_seq2seq(p, program)
     return program

@@ -41,44 +41,57 @@ class EncoderDrop:
 class EncoderProgram:
     """An encoder as stages: ``embed`` and ``layers``, plus token-drop points (layer -> EncoderDrop)."""
 
-    def __init__(self, embed, layers, info: EncoderInfo, drops=None, special=(), reports=()):
+    def __init__(self, embed, layers, info: EncoderInfo, drops=None, special=(), reports=(), *, token_types=True):
         self.embed = embed
         self.layers = list(layers)
         self.info = info
         self.drops: dict[int, EncoderDrop] = dict(drops or {})
         self.special = tuple(special)
         self.reports = tuple(reports)
+        self.token_types = token_types  # BERT's embed takes token type ids (zeros); BART's does not
 
     def __repr__(self) -> str:
         return f"EncoderProgram({self.info.architecture}, {self.info.num_layers} layers, drops={sorted(self.drops)})"
 
+    def run(self, name: str, *args) -> tuple:
+        """Run one stage by the name :func:`effx.runtime.seq2seq.encode` gives it."""
+        if name == "encoder.embed":
+            ids = args[0]
+            return self.embed(ids, torch.zeros_like(ids)) if self.token_types else self.embed(ids)
+        kind, _, index = name.removeprefix("encoder.").partition(".")
+        if kind == "layer":
+            return self.layers[int(index)](*args)
+        if kind == "score":
+            return self.drops[int(index)].score(*args)
+        if kind == "gather":
+            return next(iter(self.drops.values())).gather(*args)
+        raise KeyError(f"no encoder stage named {name!r}")
+
     def hidden_states(self, input_ids, attention_mask=None, *, stats: dict | None = None):
         """Last hidden states ``[batch, kept, hidden]`` and which of them are real tokens ``[batch, kept]``
-        (all positions when nothing is dropped)."""
-        from .runtime.token_drop import keep_quota, select_tokens
+        (all positions when nothing is dropped). ``stats``: see :func:`effx.runtime.seq2seq.encode`."""
+        import array_api_compat.torch as xp
+
+        from .runtime.seq2seq import encode
 
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        valid = attention_mask.bool()
         with torch.inference_mode():
-            hidden = self.embed(input_ids, torch.zeros_like(input_ids))[0]
-            real = valid.sum(1)
-            protected = torch.isin(input_ids, torch.tensor(self.special, dtype=input_ids.dtype))
-            protected[:, 0] = True  # CLS
-            kept = {}
-            for i, layer in enumerate(self.layers):
-                if i in self.drops:
-                    drop = self.drops[i]
-                    scores = drop.score(hidden, _mask(valid, hidden.dtype))[0]
-                    quota = keep_quota(real, drop.keep)
-                    idx, valid = select_tokens(scores, valid, protected, quota)
-                    hidden = drop.gather(hidden, idx)[0]
-                    protected = protected.gather(1, idx)
-                    kept[i] = valid.sum(1).tolist()
-                hidden = layer(hidden, _mask(valid, hidden.dtype))[0]
-        if stats is not None:
-            stats["kept_tokens"] = kept
-        return hidden, valid
+            return encode(
+                self.run,
+                xp,
+                self.embed_dtype,
+                input_ids,
+                attention_mask.bool(),
+                drops={i: d.keep for i, d in self.drops.items()},
+                special=self.special,
+                num_layers=len(self.layers),
+                stats=stats,
+            )
+
+    @property
+    def embed_dtype(self) -> torch.dtype:
+        return next((p.dtype for p in self.embed.parameters()), torch.float32)
 
     def encode(
         self, input_ids, attention_mask=None, *, pooling: str = "mean", normalize: bool = True, stats=None
@@ -96,16 +109,20 @@ class EncoderProgram:
         return torch.nn.functional.normalize(out, dim=-1) if normalize else out
 
     def with_drops(self, drops, special, report) -> EncoderProgram:
-        return EncoderProgram(self.embed, self.layers, self.info, drops, special, self.reports + (report,))
+        return EncoderProgram(
+            self.embed,
+            self.layers,
+            self.info,
+            drops,
+            special,
+            self.reports + (report,),
+            token_types=self.token_types,
+        )
 
 
-def _mask(valid: torch.Tensor, dtype) -> torch.Tensor:
-    """Additive bidirectional mask ``[batch, 1, seq, seq]``: padding (and dropped passengers) as keys."""
-    m = torch.zeros(valid.shape[0], 1, valid.shape[1], valid.shape[1], dtype=dtype)
-    return m.masked_fill(~valid[:, None, None, :], torch.finfo(dtype).min)
-
-
-def apply_token_drop(p, program: EncoderProgram) -> EncoderProgram:
+def apply_token_drop(p, program: EncoderProgram, *, extra_special: tuple[int, ...] = ()) -> EncoderProgram:
+    """TokenDrop ``p`` on an encoder; ``extra_special``: ids kept besides ``p.special`` (a decoder's stop
+    token)."""
     from .passes.token_drop import encoder_score_graph, hidden_gather_graph, norm_score_graph
 
     n = program.info.num_layers
@@ -127,5 +144,6 @@ def apply_token_drop(p, program: EncoderProgram) -> EncoderProgram:
             score = norm_score_graph(program.info, encoder=True)
         drops[j] = EncoderDrop(keep, score, gather)
         report.change(f"layer.{j}", f"from here on {keep:.0%} of each input ({p.score} score)")
-    report.notes.append(f"always kept: the first token (CLS) and token ids {list(p.special)}")
-    return program.with_drops(drops, p.special, report)
+    special = tuple(p.special) + tuple(extra_special)
+    report.notes.append(f"always kept: the first token and token ids {list(special)}")
+    return program.with_drops(drops, special, report)

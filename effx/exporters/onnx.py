@@ -231,11 +231,17 @@ def export(program, out_dir: str | os.PathLike, *, tokenizer=None, progress: boo
     """Write ``program`` as ONNX stages + weight store + ``plan.json`` to ``out_dir`` (replaced if it
     exists). ``progress=True`` shows a progress bar over the stages.
 
-    ``program`` may also be an ``effx.Cascade`` (calibrated, if it has a gate): each model is written as
+    ``program`` may also be an encoder-decoder :class:`effx.seq2seq.Seq2SeqProgram`
+    (:mod:`effx.exporters.onnx_seq2seq`), or an ``effx.Cascade`` (calibrated, if it has a gate): each model is written as
     such an artifact under ``small/`` and ``large/``, and ``cascade.json`` holds the mode, the draft
     settings, the gate (kind and threshold) and the checksums of both plans."""
     from ..cascade import Cascade
+    from ..seq2seq import Seq2SeqProgram
 
+    if isinstance(program, Seq2SeqProgram):
+        from .onnx_seq2seq import export_seq2seq
+
+        return export_seq2seq(program, out_dir, tokenizer=tokenizer, progress=progress)
     parts = (
         {"small": program.small, "large": program.large} if isinstance(program, Cascade) else {"": program}
     )

@@ -35,6 +35,7 @@ from ..artifact import (
     KINDS,
     PLAN_FILE,
     SCHEMA_VERSION,
+    SEQ2SEQ_FILE,
     read_manifest,
     sha256,
 )
@@ -52,8 +53,13 @@ __all__ = ["OnnxCascade", "OnnxGenerator", "default_providers", "load"]
 
 def load(out_dir: str | os.PathLike, *, providers=None) -> OnnxGenerator | OnnxCascade:
     """Open an artifact written by ``effx.exporters.onnx.export``: an :class:`OnnxGenerator` for a Program,
-    an :class:`OnnxCascade` for a cascade (``cascade.json``). Every problem is an ``ArtifactError``."""
+    an :class:`OnnxCascade` for a cascade (``cascade.json``), an
+    :class:`effx.runtime.onnx_seq2seq.OnnxSeq2Seq` for an encoder-decoder program (``seq2seq.json``). Every problem is an ``ArtifactError``."""
     out_dir = Path(out_dir)
+    if (out_dir / SEQ2SEQ_FILE).is_file():
+        from .onnx_seq2seq import load_seq2seq
+
+        return load_seq2seq(out_dir, providers)
     if (out_dir / CASCADE_FILE).is_file():
         return _load_cascade(out_dir, providers)
     return _load_program(out_dir, providers)

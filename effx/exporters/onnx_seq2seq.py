@@ -1,0 +1,107 @@
+"""Write an encoder-decoder program (:class:`effx.seq2seq.Seq2SeqProgram`) as an ONNX artifact.
+
+One self-contained ONNX file per stage (weights inside), named as :mod:`effx.runtime.seq2seq` names the
+stages, and ``seq2seq.json``: the shapes, the greedy generation defaults, the encoder's token drops and the
+files' checksums. ``effx.runtime.onnx.load`` opens it as an
+:class:`effx.runtime.onnx_seq2seq.OnnxSeq2Seq`, which runs the same loop as ``Seq2SeqProgram.generate``.
+The token embedding is stored in the encoder, decoder and head files each (a shared weight store, as the
+decoder-only artifacts have, is left for when a real seq2seq model ships).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .._about import __version__
+from ..artifact import SEQ2SEQ_FILE, SEQ2SEQ_FORMAT, SEQ2SEQ_SCHEMA_VERSION, sha256
+from ..capture import export_onnx
+
+__all__ = ["export_seq2seq"]
+
+
+def _example(program, name: str):
+    """Example inputs and named dynamic axes of stage ``name``."""
+    info = program.info
+    d, h, hd, dt = info.hidden_size, info.num_heads, info.head_dim, program.dtype
+    B, S, P, E = 2, 3, 2, 5
+    seq = {0: "batch", 1: "seq"}
+    if name == "encoder.embed":
+        return (torch.zeros(B, E, dtype=torch.long),), (seq,)
+    if name.startswith(("encoder.layer.", "encoder.score.")):
+        return (torch.randn(B, E, d, dtype=dt), torch.zeros(B, 1, E, E, dtype=dt)), (
+            seq,
+            {0: "batch", 2: "seq", 3: "seq"},
+        )
+    if name == "encoder.gather":
+        return (torch.randn(B, 7, d, dtype=dt), torch.tensor([[0, 2, 5], [1, 3, 6]])), (
+            seq,
+            {0: "batch", 1: "kept"},
+        )
+    if name == "decoder.embed":
+        return (torch.zeros(B, S, dtype=torch.long), torch.arange(S).expand(B, S).clone()), (seq, seq)
+    if name.startswith("decoder.cross."):
+        return (torch.randn(B, E, d, dtype=dt),), ({0: "batch", 1: "kept"},)
+    if name.startswith("decoder.layer."):
+        kv = torch.randn(B, h, P, hd, dtype=dt)
+        ckv = torch.randn(B, h, E, hd, dtype=dt)
+        args = (
+            torch.randn(B, S, d, dtype=dt),
+            torch.zeros(B, 1, S, P + S, dtype=dt),
+            kv,
+            kv.clone(),
+            ckv,
+            ckv.clone(),
+            torch.zeros(B, 1, 1, E, dtype=dt),
+        )
+        past, kept = {0: "batch", 2: "past"}, {0: "batch", 2: "kept"}
+        return args, (seq, {0: "batch", 2: "seq", 3: None}, past, past, kept, kept, {0: "batch", 3: "kept"})
+    if name == "head":
+        return (torch.randn(B, S, d, dtype=dt),), (seq,)
+    raise KeyError(name)
+
+
+def export_seq2seq(program, out_dir: str | os.PathLike, *, tokenizer=None, progress: bool = False) -> Path:
+    """Write ``program`` to ``out_dir`` (replaced if it exists); returns the path. ``progress=True`` shows a
+    progress bar over the stages."""
+    import onnx
+    from tqdm.auto import tqdm
+
+    stages = program.stages()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        files = {}
+        for name, gm in tqdm(stages.items(), desc="export stages", unit="stage", disable=not progress):
+            args, axes = _example(program, name)
+            proto = export_onnx(gm, args, axes)
+            path = tmp / f"{name}.onnx"
+            onnx.save(proto, path)
+            files[name] = {"onnx": path.name, "sha256": sha256(path)}
+        enc = program.encoder
+        manifest = {
+            "format": SEQ2SEQ_FORMAT,
+            "schema_version": SEQ2SEQ_SCHEMA_VERSION,
+            "effx_version": __version__,
+            "info": program.info.to_dict(),
+            "generation": program.generation,
+            "drops": {str(i): d.keep for i, d in enc.drops.items()},
+            "special": list(enc.special),
+            "files": files,
+        }
+        (tmp / SEQ2SEQ_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "tokenizer")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

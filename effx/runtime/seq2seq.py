@@ -1,0 +1,150 @@
+"""The encoder and the encoder-decoder decode loop, for every backend (torch stages, ONNX Runtime sessions).
+
+Written against the array API (``xp``), like :mod:`effx.runtime.loop`, and over a ``run(name, *arrays)``
+callable that runs one stage by name and returns its outputs as a tuple. Stage names:
+
+* ``encoder.embed`` ``(input_ids) -> hidden``; ``encoder.layer.i`` ``(hidden, mask) -> hidden`` with an
+  additive bidirectional mask ``[batch, 1, seq, seq]``; where TokenDrop drops before layer ``i``,
+  ``encoder.score.i`` ``(hidden, mask) -> scores [batch, seq]`` and ``encoder.gather``
+  ``(hidden, keep_ids) -> hidden``;
+* ``decoder.embed`` ``(input_ids, position_ids) -> hidden``; ``decoder.cross.i`` ``(encoder_hidden) -> (k, v)``
+  (layer ``i``'s cross-attention keys and values, computed once per prompt, over the kept encoder tokens
+  only); ``decoder.layer.i`` ``(hidden, mask, past_k, past_v, cross_k, cross_v, cross_mask) -> (hidden, k, v)``
+  with the self-attention cache explicit (``k``/``v`` of the new tokens only) and ``cross_mask``
+  ``[batch, 1, 1, kept]`` masking padding and dropped passengers; ``head`` ``(hidden) -> logits``.
+
+Greedy decoding is that of ``model.generate`` for BART: the decoder starts at ``decoder_start``, the first
+token is forced to ``forced_bos`` and the last to ``forced_eos`` where the model's generation config says so,
+rows that reached a stop token are padded with ``pad``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .token_drop import keep_quota, select_tokens
+
+__all__ = ["bidirectional_mask", "encode", "generate_seq2seq"]
+
+Run = Callable[..., tuple]
+
+
+def bidirectional_mask(xp, valid, dtype, queries: int | None = None):
+    """Additive mask ``[batch, 1, queries, keys]`` (``queries`` None: as many as keys) that hides the keys
+    where ``valid [batch, keys]`` is False (padding, dropped passengers)."""
+    neg = xp.full((), xp.finfo(dtype).min, dtype=dtype)
+    m = xp.where(valid[:, None, None, :], xp.zeros((), dtype=dtype), neg)
+    rows = valid.shape[1] if queries is None else queries
+    return xp.broadcast_to(m, (valid.shape[0], 1, rows, valid.shape[1]))
+
+
+def encode(run: Run, xp, dtype, input_ids, valid, *, drops=None, special=(), num_layers: int, stats=None):
+    """The encoder's last hidden states ``[batch, kept, hidden]`` and which of them are real tokens
+    ``[batch, kept]``.
+
+    ``drops`` maps a layer to the share of each input's real tokens kept from that layer on (TokenDrop):
+    ``encoder.score.i`` rates the tokens still in, each row keeps its quota of the best and always its first
+    token and the ``special`` ids, and ``encoder.gather`` takes them. ``stats['kept_tokens']`` gets the
+    kept count per row at each drop layer, ``stats['kept_ids']`` the input positions that reached the last
+    layer ``[batch, kept]`` (with ``stats['kept_valid']`` marking the real ones)."""
+    drops = dict(drops or {})
+    hidden = run("encoder.embed", input_ids)[0]
+    real = xp.sum(xp.astype(valid, xp.int64), axis=1)
+    protected = xp.isin(input_ids, xp.asarray(list(special), dtype=input_ids.dtype))
+    first = xp.zeros(input_ids.shape, dtype=xp.bool)
+    first[:, 0] = True
+    protected = protected | first
+    batch, n = input_ids.shape
+    positions = xp.broadcast_to(xp.arange(n, dtype=xp.int64)[None, :], (batch, n))
+    kept = {}
+    for i in range(num_layers):
+        mask = bidirectional_mask(xp, valid, dtype)
+        if i in drops:
+            scores = run(f"encoder.score.{i}", hidden, mask)[0]
+            idx, valid = select_tokens(scores, valid, protected, keep_quota(real, drops[i]))
+            hidden = run("encoder.gather", hidden, idx)[0]
+            protected = xp.take_along_axis(protected, idx, axis=1)
+            positions = xp.take_along_axis(positions, idx, axis=1)
+            kept[i] = [int(c) for c in xp.sum(xp.astype(valid, xp.int64), axis=1)]
+            mask = bidirectional_mask(xp, valid, dtype)
+        hidden = run(f"encoder.layer.{i}", hidden, mask)[0]
+    if stats is not None:
+        stats["kept_tokens"] = kept
+        stats["kept_ids"] = positions
+        stats["kept_valid"] = valid
+    return hidden, valid
+
+
+def generate_seq2seq(
+    run: Run,
+    xp,
+    dtype,
+    input_ids,
+    valid,
+    *,
+    num_encoder_layers: int,
+    num_decoder_layers: int,
+    kv_shape: tuple[int, int],
+    max_new_tokens: int,
+    decoder_start: int,
+    eos: list[int],
+    pad: int,
+    forced_bos: int | None = None,
+    forced_eos: int | None = None,
+    drops=None,
+    special=(),
+    stats=None,
+):
+    """Encode ``input_ids`` (``valid`` marks real tokens: right padding, as the tokenizers of seq2seq models
+    give it), then decode greedily: ``[batch, 1 + new]`` decoder ids that start with ``decoder_start``, as
+    ``model.generate`` returns them. ``kv_shape`` is ``(heads, head_dim)`` of the decoder's self-attention.
+    ``stats`` gets the encoder's (see :func:`encode`) and ``cross_keys``: the encoder tokens every decoder
+    step's cross-attention reads, per row."""
+    enc, enc_valid = encode(
+        run,
+        xp,
+        dtype,
+        input_ids,
+        valid,
+        drops=drops,
+        special=special,
+        num_layers=num_encoder_layers,
+        stats=stats,
+    )
+    batch = input_ids.shape[0]
+    cross_mask = bidirectional_mask(xp, enc_valid, dtype, queries=1)
+    cross = [run(f"decoder.cross.{i}", enc) for i in range(num_decoder_layers)]
+    heads, head_dim = kv_shape
+    empty = xp.zeros((batch, heads, 0, head_dim), dtype=dtype)
+    past = [(empty, empty) for _ in range(num_decoder_layers)]
+    current = xp.full((batch, 1), decoder_start, dtype=xp.int64)
+    out = [current]
+    done = xp.zeros((batch,), dtype=xp.bool)
+    stop = xp.asarray(list(eos) or [-1], dtype=xp.int64)
+    for step in range(max_new_tokens):
+        hidden = run("decoder.embed", current, xp.full((batch, 1), step, dtype=xp.int64))[0]
+        self_mask = xp.zeros((batch, 1, 1, step + 1), dtype=dtype)
+        for i in range(num_decoder_layers):
+            k_cross, v_cross = cross[i]
+            hidden, k, v = run(
+                f"decoder.layer.{i}", hidden, self_mask, *past[i], k_cross, v_cross, cross_mask
+            )
+            past[i] = (xp.concat([past[i][0], k], axis=2), xp.concat([past[i][1], v], axis=2))
+        logits = run("head", hidden)[0][:, -1]
+        forced = forced_bos if step == 0 and forced_bos is not None else None
+        if step == max_new_tokens - 1 and forced_eos is not None:
+            forced = forced_eos
+        if forced is not None:
+            token = xp.full((batch,), forced, dtype=xp.int64)
+        else:
+            token = xp.astype(xp.argmax(logits, axis=-1), xp.int64)
+        token = xp.where(done, xp.asarray(pad, dtype=xp.int64), token)
+        done = done | xp.isin(token, stop)
+        current = token[:, None]
+        out.append(current)
+        if bool(xp.all(done)):
+            break
+    if stats is not None:
+        stats["cross_keys"] = [int(c) for c in xp.sum(xp.astype(enc_valid, xp.int64), axis=1)]
+        stats["steps"] = len(out) - 1
+    return xp.concat(out, axis=1)

@@ -1,0 +1,202 @@
+"""Encoder-decoder (BART-style) programs, and token elimination on their encoder (ELITE).
+
+``effx.transform_seq2seq(model, passes=[TokenDrop(...)])`` captures a ``BartForConditionalGeneration``
+(:func:`effx.capture.capture_seq2seq`) and drops encoder tokens as on BERT (:mod:`effx.encoder`): before each
+drop layer every token is rated by the attention it receives, each input keeps its share of the best (and
+always its first token, the stop token and the ``special`` ids), and the later encoder layers run on the kept
+tokens only. The decoder's cross-attention keys and values are then computed from the kept tokens, once per
+prompt, so every decoder step reads only those: less prefill, and less cross-attention per step.
+
+``generate`` is greedy ``model.generate`` (decoder start, forced first/last tokens, stop and pad ids from the
+model's generation config) run by :func:`effx.runtime.seq2seq.generate_seq2seq`, the loop the ONNX artifact
+(:mod:`effx.exporters.onnx_seq2seq`) runs too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .encoder import EncoderProgram, apply_token_drop
+from .errors import GenerationInputError
+
+__all__ = ["Seq2SeqInfo", "Seq2SeqProgram", "apply_token_drop_seq2seq"]
+
+
+@dataclass(frozen=True)
+class Seq2SeqInfo:
+    architecture: str
+    model_type: str
+    encoder_layers: int
+    decoder_layers: int
+    hidden_size: int
+    num_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Seq2SeqProgram:
+    """An encoder (:class:`EncoderProgram`) and the decoder's stages: ``embed``, ``cross[i]`` (cross-attention
+    K/V of the encoder's output), ``layers[i]`` and ``head``; ``generation`` holds the greedy defaults."""
+
+    def __init__(
+        self, encoder: EncoderProgram, embed, cross, layers, head, info: Seq2SeqInfo, generation: dict
+    ):
+        self.encoder = encoder
+        self.embed = embed
+        self.cross = list(cross)
+        self.layers = list(layers)
+        self.head = head
+        self.info = info
+        self.generation = dict(generation)
+
+    def __repr__(self) -> str:
+        return (
+            f"Seq2SeqProgram({self.info.architecture}, {self.info.encoder_layers}+{self.info.decoder_layers} "
+            f"layers, encoder drops={sorted(self.encoder.drops)})"
+        )
+
+    @property
+    def reports(self) -> tuple:
+        return self.encoder.reports
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.info.dtype)
+
+    def stages(self) -> dict[str, torch.nn.Module]:
+        """Every stage by its :mod:`effx.runtime.seq2seq` name (what the ONNX export writes)."""
+        enc = self.encoder
+        out = {"encoder.embed": enc.embed}
+        out.update({f"encoder.layer.{i}": gm for i, gm in enumerate(enc.layers)})
+        out.update({f"encoder.score.{i}": d.score for i, d in enc.drops.items()})
+        if enc.drops:
+            out["encoder.gather"] = next(iter(enc.drops.values())).gather
+        out["decoder.embed"] = self.embed
+        out.update({f"decoder.cross.{i}": gm for i, gm in enumerate(self.cross)})
+        out.update({f"decoder.layer.{i}": gm for i, gm in enumerate(self.layers)})
+        out["head"] = self.head
+        return out
+
+    def run(self, name: str, *args) -> tuple:
+        if name.startswith("encoder."):
+            return self.encoder.run(name, *args)
+        if name == "decoder.embed":
+            return self.embed(*args)
+        if name == "head":
+            return self.head(*args)
+        kind, _, index = name.removeprefix("decoder.").partition(".")
+        if kind == "cross":
+            return self.cross[int(index)](*args)
+        if kind == "layer":
+            return self.layers[int(index)](*args)
+        raise KeyError(f"no stage named {name!r}")
+
+    def logits(self, input_ids, decoder_input_ids, attention_mask=None):
+        """Teacher-forced logits ``[batch, decoder_len, vocab]`` (a full decoder forward, no cache)."""
+        import array_api_compat.torch as xp
+
+        from .runtime.seq2seq import bidirectional_mask
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        with torch.inference_mode():
+            enc, valid = self.encoder.hidden_states(input_ids, attention_mask)
+            cross_mask = bidirectional_mask(xp, valid, enc.dtype, queries=1)
+            b, n = decoder_input_ids.shape
+            hidden = self.embed(decoder_input_ids, torch.arange(n).expand(b, n))[0]
+            causal = torch.full((n, n), torch.finfo(enc.dtype).min, dtype=enc.dtype).triu(1)
+            mask = causal.expand(b, 1, n, n)
+            empty = torch.zeros(b, self.info.num_heads, 0, self.info.head_dim, dtype=enc.dtype)
+            for cross, layer in zip(self.cross, self.layers, strict=True):
+                hidden = layer(hidden, mask, empty, empty, *cross(enc), cross_mask)[0]
+            return self.head(hidden)[0]
+
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        max_new_tokens: int = 20,
+        eos_token_id=None,
+        pad_token_id: int | None = None,
+        stats: dict | None = None,
+    ):
+        """Greedy decoding like ``model.generate(input_ids, attention_mask=..., max_new_tokens=...)``: the
+        decoder ids ``[batch, 1 + new]``, starting with the decoder start token. ``stats`` gets the kept
+        encoder tokens (see :func:`effx.runtime.seq2seq.encode`) and ``cross_keys``, what each decoder step's
+        cross-attention reads per row."""
+        import array_api_compat.torch as xp
+
+        from .runtime.seq2seq import generate_seq2seq
+
+        ids, mask = check_seq2seq_inputs(
+            torch, input_ids, attention_mask, max_new_tokens, self.info.max_positions
+        )
+        gen = self.generation
+        eos = gen["eos_token_id"] if eos_token_id is None else _ids(eos_token_id)
+        with torch.inference_mode():
+            return generate_seq2seq(
+                self.run,
+                xp,
+                self.dtype,
+                ids,
+                mask,
+                num_encoder_layers=self.info.encoder_layers,
+                num_decoder_layers=self.info.decoder_layers,
+                kv_shape=(self.info.num_heads, self.info.head_dim),
+                max_new_tokens=max_new_tokens,
+                decoder_start=gen["decoder_start_token_id"],
+                eos=eos,
+                pad=gen["pad_token_id"] if pad_token_id is None else int(pad_token_id),
+                forced_bos=gen["forced_bos_token_id"],
+                forced_eos=gen["forced_eos_token_id"],
+                drops={i: d.keep for i, d in self.encoder.drops.items()},
+                special=self.encoder.special,
+                stats=stats,
+            )
+
+    def with_encoder(self, encoder: EncoderProgram) -> Seq2SeqProgram:
+        return Seq2SeqProgram(
+            encoder, self.embed, self.cross, self.layers, self.head, self.info, self.generation
+        )
+
+
+def _ids(value) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def check_seq2seq_inputs(xp, input_ids, attention_mask, max_new_tokens, max_positions):
+    """``(input_ids int64, valid bool)`` of ``xp`` (torch or numpy), or a ``GenerationInputError`` that says
+    what is wrong."""
+    ids = xp.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise GenerationInputError(
+            f"input_ids must be a non-empty 2-D array [batch, source_length], got shape {tuple(ids.shape)}"
+        )
+    mask = xp.ones_like(ids) if attention_mask is None else xp.asarray(attention_mask)
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise GenerationInputError(
+            f"attention_mask shape {tuple(mask.shape)} does not match input_ids shape {tuple(ids.shape)}"
+        )
+    if ids.shape[1] > max_positions:
+        raise GenerationInputError(f"the source has {ids.shape[1]} tokens; the encoder takes {max_positions}")
+    if max_new_tokens is None or max_new_tokens < 1 or max_new_tokens + 1 > max_positions:
+        raise GenerationInputError(f"max_new_tokens must be in 1..{max_positions - 1}, got {max_new_tokens}")
+    if xp is torch:
+        return ids.to(torch.int64), mask.bool()
+    return ids.astype("int64"), mask.astype(bool)
+
+
+def apply_token_drop_seq2seq(p, program: Seq2SeqProgram) -> Seq2SeqProgram:
+    """TokenDrop on the encoder of ``program``; the decoder's stop token is always kept (with ``p.special``)."""
+    eos = program.generation["eos_token_id"]
+    encoder = apply_token_drop(p, program.encoder, extra_special=tuple(e for e in eos if e not in p.special))
+    return program.with_encoder(encoder)
