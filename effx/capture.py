@@ -437,7 +437,20 @@ def _verify(model, program: Program) -> None:
 
 # -- encoders (BERT-style) ---------------------------------------------------------------------------------
 
-_ENCODER_ROLES = {"word_embeddings": "embed", "query": "attn.q", "key": "attn.k", "value": "attn.v"}
+_ENCODER_ROLES = {
+    "word_embeddings": "embed",
+    "embed_tokens": "embed",
+    "query": "attn.q",
+    "key": "attn.k",
+    "value": "attn.v",
+    "q_proj": "attn.q",
+    "k_proj": "attn.k",
+    "v_proj": "attn.v",
+    "out_proj": "attn.o",
+    "fc1": "mlp.up",
+    "fc2": "mlp.down",
+    "lm_head": "lm_head",
+}
 
 
 class _EncoderEmbed(torch.nn.Module):
@@ -816,8 +829,10 @@ def capture_seq2seq(model, *, verify: bool = True):
         raise _fail(model, step, _first_line(e)) from e
     for gm, layer in [(enc_embed, None), *[(g, i) for i, g in enumerate(enc_layers)]]:
         _tag_encoder(gm, layer)
-    for gm in (dec_embed, *cross, *layers, head):
+    stages = [(dec_embed, None), *[(g, i) for i, g in enumerate(cross)], *[(g, i) for i, g in enumerate(layers)]]
+    for gm, layer in [*stages, (head, None)]:
         simplify(gm)
+        _tag_encoder(gm, layer)
     enc_info = EncoderInfo(
         architecture=type(model).__name__,
         model_type=config.model_type,

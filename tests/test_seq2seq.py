@@ -1,0 +1,214 @@
+"""Encoder-decoder (BART-style) capture, greedy generate, encoder TokenDrop and the ONNX artifact."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import effx
+from effx.errors import ArtifactError, GenerationInputError, PassError, UnsupportedModelError
+from effx.passes import EarlyExit, TokenDrop
+
+V = 96
+
+
+def tiny_bart(d=32, enc=2, dec=2, heads=4, seed=0, **kw):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = BartConfig(
+        vocab_size=V,
+        d_model=d,
+        encoder_layers=enc,
+        decoder_layers=dec,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=2 * d,
+        decoder_ffn_dim=2 * d,
+        max_position_embeddings=64,
+        # untied and wide: a random tied model repeats its input token, and ends at once on the start token 2
+        tie_word_embeddings=False,
+        init_std=0.2,
+        **kw,
+    )
+    return BartForConditionalGeneration(cfg).eval()
+
+
+def source(lengths, seed=0):
+    """Right-padded sources that start with <s> (0) and end with </s> (2), padded with 1."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.ones(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(3, V, (n,), generator=g)
+        ids[row, 0], ids[row, n - 1] = 0, 2
+        mask[row, :n] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def bart():
+    return tiny_bart(enc=3)
+
+
+@pytest.fixture(scope="module")
+def dense(bart):
+    return effx.capture_seq2seq(bart)
+
+
+def test_capture_stages_and_logits(bart, dense):
+    assert len(dense.encoder.layers) == 3 and len(dense.layers) == 2 and len(dense.cross) == 2
+    assert "Seq2SeqProgram(BartForConditionalGeneration" in repr(dense)
+    ids, mask = source([9, 6])
+    dec = torch.tensor([[2, 5, 7, 9], [2, 8, 8, 3]])
+    with torch.no_grad():
+        ref = bart(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    torch.testing.assert_close(dense.logits(ids, dec, mask), ref, atol=1e-5, rtol=1e-5)
+    roles = {n.meta["effx_role"] for n in dense.encoder.layers[0].graph.nodes}
+    assert {"attn.q", "attn.k", "attn.sdpa"} <= roles  # what the token-drop score cuts the layer at
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    shape=st.sampled_from([(32, 1, 1, 4), (32, 2, 3, 2), (48, 3, 2, 6), (16, 1, 2, 1)]),
+    lengths=st.lists(st.integers(2, 12), min_size=1, max_size=3),
+    new=st.integers(1, 12),
+    seed=st.integers(0, 3),
+)
+def test_generate_equals_model_generate(shape, lengths, new, seed):
+    d, enc, dec, heads = shape
+    model = tiny_bart(d, enc, dec, heads, seed=seed)
+    program = effx.capture_seq2seq(model)
+    ids, mask = source(lengths, seed)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    assert torch.equal(program.generate(ids, mask, max_new_tokens=new), ref)
+
+
+def test_forced_tokens_and_stop(bart, dense):
+    ids, mask = source([8, 5])
+    kw = {"forced_bos_token_id": 7, "eos_token_id": 11, "forced_eos_token_id": None, "pad_token_id": 1}
+    ref = bart.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, **kw)
+    program = effx.capture_seq2seq(bart)
+    program.generation.update({k: v for k, v in kw.items() if k != "eos_token_id"}, eos_token_id=[11])
+    got = program.generate(ids, mask, max_new_tokens=9)
+    assert torch.equal(got, ref) and (got[:, 1] == 7).all()
+
+
+def test_encoder_token_drop_reads_kept_tokens_only(bart, dense):
+    """The decoder with TokenDrop equals the dense model run over the kept tokens: the model's own encoder
+    layers before the drop on every token, after it on the kept ones (with padding and passengers masked),
+    and ``model.generate`` on that encoder output."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    program = effx.transform_seq2seq(bart, [TokenDrop(at_layers=(2,), keep=(0.5,))])
+    ids, mask = source([12, 7, 10])
+    stats = {}
+    got = program.generate(ids, mask, max_new_tokens=10, stats=stats)
+    kept, valid = stats["kept_ids"], stats["kept_valid"]
+    assert stats["kept_tokens"] == {2: [6, 4, 5]}
+    assert stats["cross_keys"] == [6, 4, 5]  # every decoder step reads the kept tokens, no more
+    assert (kept[:, 0] == 0).all()  # the first token is always kept, and the stop token </s>
+    for row, n in enumerate([12, 7, 10]):
+        assert n - 1 in kept[row][valid[row]].tolist()
+
+    enc = bart.model.encoder
+    with torch.no_grad():
+        hidden = enc.layernorm_embedding(enc.embed_tokens(ids) + enc.embed_positions(ids))
+        full = torch.zeros(3, 1, 12, 12).masked_fill(
+            ~mask.bool()[:, None, None, :], torch.finfo(torch.float32).min
+        )
+        for layer in enc.layers[:2]:
+            hidden = layer(hidden, full)
+        hidden = hidden.gather(1, kept[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        n = kept.shape[1]
+        sub = torch.zeros(3, 1, n, n).masked_fill(~valid[:, None, None, :], torch.finfo(torch.float32).min)
+        for layer in enc.layers[2:]:
+            hidden = layer(hidden, sub)
+        ref = bart.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+            attention_mask=valid.long(),
+            max_new_tokens=10,
+            do_sample=False,
+        )
+    assert torch.equal(got, ref)
+    assert not torch.equal(got, dense.generate(ids, mask, max_new_tokens=10))  # dropping changed something
+
+
+def test_keep_one_drops_nothing(bart, dense):
+    program = effx.transform_seq2seq(bart, "token-drop{at_layers=1 keep=1.0}")
+    assert not program.encoder.drops
+    ids, mask = source([9, 4])
+    assert torch.equal(
+        program.generate(ids, mask, max_new_tokens=6), dense.generate(ids, mask, max_new_tokens=6)
+    )
+
+
+def test_refusals_name_the_pass_and_architecture(bart):
+    with pytest.raises(PassError, match="early-exit.*BartForConditionalGeneration.*encoder-decoder"):
+        effx.transform_seq2seq(bart, [EarlyExit(layers=(1,))])
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder model: use effx.transform_seq2seq"):
+        effx.capture(bart)
+    with pytest.raises(UnsupportedModelError, match="model_type 'llama' is not one of bart"):
+        effx.capture_seq2seq(effx.testing.tiny_model("llama"))
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(
+        T5Config(vocab_size=V, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+    )
+    with pytest.raises(UnsupportedModelError, match="relative position bias"):
+        effx.capture_seq2seq(t5)
+
+
+def test_generate_input_errors(dense):
+    ids, mask = source([5])
+    with pytest.raises(GenerationInputError, match="2-D"):
+        dense.generate(ids[0])
+    with pytest.raises(GenerationInputError, match="does not match"):
+        dense.generate(ids, mask[:, :3])
+    with pytest.raises(GenerationInputError, match="max_new_tokens"):
+        dense.generate(ids, mask, max_new_tokens=0)
+
+
+@pytest.fixture(scope="module")
+def artifact(bart, tmp_path_factory):
+    program = effx.transform_seq2seq(bart, [TokenDrop(at_layers=(1,), keep=(0.6,))])
+    out = effx.exporters.onnx.export(program, tmp_path_factory.mktemp("s2s") / "bart")
+    return program, out
+
+
+def test_onnx_parity(artifact):
+    from effx.runtime import onnx as effx_onnx
+
+    program, out = artifact
+    gen = effx_onnx.load(out)
+    ids, mask = source([11, 6, 9], seed=2)
+    torch_stats, onnx_stats = {}, {}
+    ref = program.generate(ids, mask, max_new_tokens=12, stats=torch_stats)
+    got = gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=12, stats=onnx_stats)
+    assert isinstance(got, np.ndarray) and got.dtype == np.int64
+    np.testing.assert_array_equal(got, ref.numpy())
+    assert onnx_stats["kept_tokens"] == torch_stats["kept_tokens"]
+    np.testing.assert_array_equal(onnx_stats["kept_ids"], torch_stats["kept_ids"].numpy())
+    logits_t = program.run("head", torch.ones(1, 2, 32))[0]
+    logits_o = gen.run("head", np.ones((1, 2, 32), np.float32))[0]
+    np.testing.assert_allclose(logits_o, logits_t.detach().numpy(), atol=1e-5)
+
+
+def test_onnx_artifact_checks(artifact, tmp_path):
+    import shutil
+
+    from effx.runtime import onnx as effx_onnx
+
+    _, out = artifact
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    with open(broken / "head.onnx", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ArtifactError, match="checksum"):
+        effx_onnx.load(broken)
+    shutil.copy(out / "head.onnx", broken / "head.onnx")
+    (broken / "decoder.layer.1.onnx").unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        effx_onnx.load(broken)
