@@ -33,7 +33,15 @@ from .errors import (
 # Without torch (a deployment that only runs ONNX artifacts) ``import effx.runtime.onnx`` must still work:
 # the torch-based API is imported only where torch is installed.
 if TYPE_CHECKING or torch_available():
-    from .capture import capture, capture_encoder, capture_seq2seq, transform_encoder, transform_seq2seq
+    from .capture import (
+        capture,
+        capture_encoder,
+        capture_mamba,
+        capture_seq2seq,
+        transform_encoder,
+        transform_mamba,
+        transform_seq2seq,
+    )
     from .cascade import Cascade, EntropyGate, MaxProbGate, cascade
     from .encoder import EncoderProgram
     from .exit_heads import train_exit_heads
@@ -49,6 +57,7 @@ if TYPE_CHECKING or torch_available():
         parse_pipeline,
     )
     from .program import Plan, Program
+    from .recurrent import RecurrentProgram
     from .seq2seq import Seq2SeqProgram
     from .vocab import calibrate_vocab
 
@@ -69,6 +78,7 @@ __all__ = [
     "CascadeError",
     "EarlyExit",
     "EncoderProgram",
+    "RecurrentProgram",
     "Seq2SeqProgram",
     "EffxError",
     "EntropyGate",
@@ -91,6 +101,7 @@ __all__ = [
     "calibrate_vocab",
     "capture",
     "capture_encoder",
+    "capture_mamba",
     "capture_seq2seq",
     "cascade",
     "models",
@@ -99,6 +110,7 @@ __all__ = [
     "train_exit_heads",
     "transform",
     "transform_encoder",
+    "transform_mamba",
     "transform_seq2seq",
 ]
 

@@ -47,9 +47,11 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "capture",
     "capture_encoder",
+    "capture_mamba",
     "capture_seq2seq",
     "export_onnx",
     "transform_encoder",
+    "transform_mamba",
     "transform_seq2seq",
 ]
 
@@ -916,4 +918,166 @@ def transform_seq2seq(model, passes=(), *, verify: bool = True):
     program = capture_seq2seq(model, verify=verify)
     for p in passes:
         program = apply_token_drop_seq2seq(p, program)
+    return program
+
+
+# -- recurrent (Mamba) ------------------------------------------------------------------------------------
+
+
+class _MambaEmbed(torch.nn.Module):
+    def __init__(self, embeddings):
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, input_ids):
+        return (self.embeddings(input_ids),)
+
+
+class _MambaLayer(torch.nn.Module):
+    """One Mamba block over a run of tokens, with its recurrent state explicit.
+
+    ``(hidden [b, s, d], valid [b, s], conv_state [b, I, K-1], ssm_state [b, I, N])`` ->
+    ``(hidden, conv_in [b, I, K-1+s], states [b, s, I, N])``: ``conv_in`` is the convolution's input with the
+    cached columns in front (the conv state after token ``t`` is its columns ``t+1 .. t+K-1``), ``states`` the
+    SSM state after every token, so that the runtime can keep any prefix of the run (self-speculative
+    rollback, deferred exits). ``valid`` zeroes padding, as the model does. The selective scan is in closed
+    form, ``h_t = sum_u exp(A (c_t - c_u)) dt_u B_u x_u + exp(A c_t) h_0`` with ``c`` the running sum of the
+    time steps: one graph for any run length, and equal to the step-by-step recurrence up to rounding. It
+    holds a ``[b, s, s, I, N]`` tensor, so the runtime feeds long prompts in chunks."""
+
+    def __init__(self, block):
+        super().__init__()
+        mixer = block.mixer
+        self.norm = block.norm
+        self.in_proj, self.conv1d, self.x_proj = mixer.in_proj, mixer.conv1d, mixer.x_proj
+        self.dt_proj, self.out_proj = mixer.dt_proj, mixer.out_proj
+        self.A_log, self.D = mixer.A_log, mixer.D
+        self.act = mixer.act
+        self.rank, self.state_size = mixer.time_step_rank, mixer.ssm_state_size
+        self.width = mixer.intermediate_size
+
+    def forward(self, hidden, valid, conv_state, ssm_state):
+        residual = hidden
+        mask = valid[..., None].to(hidden.dtype)
+        x, gate = self.in_proj(self.norm(hidden) * mask).transpose(1, 2).chunk(2, dim=1)
+        conv_in = torch.cat([conv_state, x], dim=-1)
+        x = self.act(F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias, groups=self.width))
+        x = x.transpose(1, 2) * mask  # [b, s, I]
+        step, B, C = torch.split(self.x_proj(x), [self.rank, self.state_size, self.state_size], dim=-1)
+        dt = F.softplus(self.dt_proj(step)).float()  # [b, s, I]
+        A = -torch.exp(self.A_log.float())  # [I, N]
+        c = dt.cumsum(1)
+        n = hidden.shape[1]
+        later = torch.ones(n, n, dtype=torch.bool).tril().logical_not()  # u after t: no contribution
+        diff = (c[:, :, None, :] - c[:, None, :, :]).masked_fill(later[None, :, :, None], float("inf"))
+        decay = torch.exp(diff[..., None] * A)  # [b, t, u, I, N]
+        inputs = (dt * x.float())[..., None] * B.float()[:, :, None, :]  # [b, u, I, N]
+        states = torch.einsum("btuin,buin->btin", decay, inputs)
+        states = states + torch.exp(c[..., None] * A) * ssm_state.float()[:, None]
+        y = torch.einsum("btin,btn->bti", states, C.float()) + x.float() * self.D.float()
+        y = (y * F.silu(gate.transpose(1, 2).float())).to(hidden.dtype)
+        return residual + self.out_proj(y), conv_in, states.to(ssm_state.dtype)
+
+
+class _MambaHead(torch.nn.Module):
+    def __init__(self, norm, lm_head):
+        super().__init__()
+        self.norm, self.lm_head = norm, lm_head
+
+    def forward(self, hidden):
+        return (self.lm_head(self.norm(hidden)),)
+
+
+def capture_mamba(model, *, verify: bool = True):
+    """Capture a ``MambaForCausalLM`` as a :class:`~effx.recurrent.RecurrentProgram`: ``embed (input_ids) ->
+    hidden``, ``layer.i`` (see :class:`_MambaLayer`: the conv and SSM states are the cache) and ``head``
+    (final norm and LM head). Batch and run length are dynamic. ``verify`` checks the stages against the
+    model's own forward."""
+    from .recurrent import RecurrentInfo, RecurrentProgram
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in RECURRENT_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"cannot capture {type(model).__name__} as a recurrent model: model_type "
+            f"{getattr(config, 'model_type', None)!r} is not one of {', '.join(RECURRENT_MODEL_TYPES)}"
+        )
+    base = getattr(model, "backbone", None)
+    if base is None or not hasattr(model, "lm_head"):
+        raise _fail(model, "check architecture", "expected model.backbone and model.lm_head (MambaForCausalLM)")
+    d, width = config.hidden_size, config.intermediate_size
+    N, K = config.state_size, config.conv_kernel
+    dtype = model.dtype
+    batch, run = Dim("batch", min=1, max=1024), Dim("run", min=1, max=4096)
+    B, S = 2, 3
+    step = "export embed"
+    try:
+        embed = export_module(_MambaEmbed(base.embeddings), (torch.zeros(B, S, dtype=torch.long),), ({0: batch, 1: run},))
+        args = (
+            torch.randn(B, S, d, dtype=dtype),
+            torch.ones(B, S, dtype=dtype),
+            torch.randn(B, width, K - 1, dtype=dtype),
+            torch.randn(B, width, N, dtype=dtype),
+        )
+        dyn = ({0: batch, 1: run}, {0: batch, 1: run}, {0: batch}, {0: batch})
+        layers = []
+        for i, block in enumerate(base.layers):
+            step = f"export layer {i}"
+            wrapper = _MambaLayer(block)
+            if layers and _structure(block) == _structure(base.layers[0]):
+                layers.append(rebind(layers[0], copy.deepcopy(layers[0].graph), wrapper))
+            else:
+                layers.append(export_module(wrapper, args, dyn))
+        step = "export head"
+        head = export_module(_MambaHead(base.norm_f, model.lm_head), (args[0],), ({0: batch, 1: run},))
+    except Exception as e:  # noqa: BLE001 - any export failure is a capture failure, with the step named
+        raise _fail(model, step, _first_line(e)) from e
+    for gm in (embed, *layers, head):
+        simplify(gm)
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else config.eos_token_id
+    eos = [] if eos is None else ([int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)])
+    pad = getattr(gen, "pad_token_id", None) if gen is not None else None
+    info = RecurrentInfo(
+        architecture=type(model).__name__,
+        model_type=config.model_type,
+        num_layers=len(layers),
+        hidden_size=d,
+        intermediate_size=width,
+        state_size=N,
+        conv_kernel=K,
+        vocab_size=config.vocab_size,
+        dtype=str(dtype).replace("torch.", ""),
+    )
+    program = RecurrentProgram(
+        embed, layers, head, info, eos_token_ids=eos, pad_token_id=eos[0] if pad is None and eos else pad
+    )
+    if verify:
+        ids = torch.arange(1, 10, dtype=torch.long).remainder(config.vocab_size)[None]
+        with torch.no_grad():
+            ref = model(input_ids=ids, use_cache=False).logits
+            got = program.logits(ids)
+        err = (ref - got).abs().max().item()
+        if not err <= 1e-4 * (ref.abs().max().item() + 1.0):
+            raise _fail(model, "verify", f"captured stages differ from the model's forward by {err:.3g} (max |logit|)")
+    return program
+
+
+def transform_mamba(model, passes=(), *, verify: bool = True):
+    """Capture a Mamba LM and apply ``passes``: EarlyExit (lossy with deferred state, or self-speculative
+    with state rollback) is the one that applies; the others are refused with the pass and the architecture
+    named."""
+    from .passes import EarlyExit, parse_pipeline
+    from .recurrent import apply_early_exit
+
+    passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
+    arch = type(model).__name__
+    for p in passes:
+        if not isinstance(p, EarlyExit):
+            raise PassError(
+                f"pass {p.name!r} does not apply to {arch} (a recurrent state-space model): it rewrites "
+                "attention or FFN layers; recurrent programs take early-exit only"
+            )
+    program = capture_mamba(model, verify=verify)
+    for p in passes:
+        program = apply_early_exit(p, program)
     return program

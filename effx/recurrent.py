@@ -1,0 +1,299 @@
+"""Recurrent (Mamba) programs, and early exits on them.
+
+``effx.transform_mamba(model, passes=[EarlyExit(...)])`` captures a ``MambaForCausalLM``
+(:func:`effx.capture.capture_mamba`: the conv and SSM states are the cache) and adds exits after chosen
+layers: the final norm and LM head on the layer's hidden state, with a confidence (``softmax-max``,
+``top2-gap`` or ``entropy``). ``lossy`` lets a token leave at the first exit that is confident enough and
+applies the layers it skipped to the state later, with the next token that goes deeper, so every state is
+the dense one; ``self-speculative`` drafts with the shallowest exit, verifies with the rest of the model and
+rolls the states back to the last kept token: the output is the dense greedy output. The loop is
+:mod:`effx.runtime.recurrent`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import GenerationInputError, PassError
+
+__all__ = ["RecurrentInfo", "RecurrentProgram", "apply_early_exit"]
+
+
+@dataclass(frozen=True)
+class RecurrentInfo:
+    architecture: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    state_size: int
+    conv_kernel: int
+    vocab_size: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class RecurrentExits:
+    """Exit layers and thresholds, the run-time mode and the exit stage ``(hidden) -> (logits, confidence)``."""
+
+    thresholds: dict[int, float]
+    mode: str
+    draft: int
+    measure: str
+    stage: torch.fx.GraphModule
+
+
+class RecurrentProgram:
+    """Stages ``embed``, ``layers[i]`` and ``head``, and optionally exits (:class:`RecurrentExits`)."""
+
+    def __init__(
+        self,
+        embed,
+        layers,
+        head,
+        info: RecurrentInfo,
+        *,
+        eos_token_ids=(),
+        pad_token_id=None,
+        exits: RecurrentExits | None = None,
+        reports=(),
+    ):
+        self.embed = embed
+        self.layers = list(layers)
+        self.head = head
+        self.info = info
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.pad_token_id = pad_token_id
+        self.exits = exits
+        self.reports = tuple(reports)
+
+    def __repr__(self) -> str:
+        exits = "" if self.exits is None else f", exits={sorted(self.exits.thresholds)} ({self.exits.mode})"
+        return f"RecurrentProgram({self.info.architecture}, {self.info.num_layers} layers{exits})"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.info.dtype)
+
+    def run(self, name: str, *args) -> tuple:
+        if name == "embed":
+            return self.embed(*args)
+        if name == "head":
+            return self.head(*args)
+        if name == "exit" and self.exits is not None:
+            return self.exits.stage(*args)
+        if name.startswith("layer."):
+            return self.layers[int(name.removeprefix("layer."))](*args)
+        raise KeyError(f"no stage named {name!r}")
+
+    def new_states(self, batch: int):
+        """Zero states for ``batch`` rows (:class:`effx.runtime.recurrent.States`)."""
+        import array_api_compat.torch as xp
+
+        from .runtime.recurrent import States
+
+        i = self.info
+        return States.zeros(
+            xp, batch, i.num_layers, i.intermediate_size, i.conv_kernel, i.state_size, self.dtype
+        )
+
+    def logits(self, input_ids, attention_mask=None):
+        """Logits ``[batch, seq, vocab]`` of every position (a dense run in chunks, from zero state)."""
+        import array_api_compat.torch as xp
+
+        from .runtime.recurrent import CHUNK, run_layer
+
+        valid = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        states = self.new_states(input_ids.shape[0])
+        out = []
+        with torch.inference_mode():
+            for start in range(0, input_ids.shape[1], CHUNK):
+                hidden = self.embed(input_ids[:, start : start + CHUNK])[0]
+                v = xp.astype(valid[:, start : start + CHUNK], self.dtype)
+                for i in range(self.info.num_layers):
+                    hidden = run_layer(self.run, states, i, hidden, v)[0]
+                out.append(self.head(hidden)[0])
+        return torch.cat(out, dim=1)
+
+    def prefill_states(self, input_ids):
+        """The states after a dense run over ``input_ids`` (no padding): what any decode of these tokens
+        must leave behind."""
+        import array_api_compat.torch as xp
+
+        from .runtime.recurrent import prefill
+
+        states = self.new_states(input_ids.shape[0])
+        with torch.inference_mode():
+            prefill(
+                self.run, xp, states, input_ids, torch.ones_like(input_ids), self.info.num_layers, self.dtype
+            )
+        return states
+
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        max_new_tokens: int = 20,
+        eos_token_id=None,
+        pad_token_id: int | None = None,
+        stats: dict | None = None,
+    ):
+        """Greedy decoding like ``model.generate``: ``[batch, prompt + new]`` (left-padded prompts; rows that
+        stopped are padded). With exits, each row decodes on its own; ``stats`` gets ``exits`` (tokens per
+        layer they left after) and, self-speculative, ``drafted``/``accepted``/``rounds``; ``states`` the rows'
+        final states and ``run_tokens`` the new tokens they hold (every one run through every layer; a round
+        may have run past the last token returned)."""
+        import array_api_compat.torch as xp
+
+        from .runtime.recurrent import decode_row, generate_dense, prefill
+
+        ids = torch.as_tensor(input_ids)
+        if ids.ndim != 2 or ids.numel() == 0:
+            raise GenerationInputError(
+                f"input_ids must be a non-empty 2-D tensor, got shape {tuple(ids.shape)}"
+            )
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        if mask.shape != ids.shape:
+            raise GenerationInputError(
+                f"attention_mask shape {tuple(mask.shape)} does not match {tuple(ids.shape)}"
+            )
+        if bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise GenerationInputError("recurrent models take left-padded batches: padding must come first")
+        if max_new_tokens is None or max_new_tokens < 1:
+            raise GenerationInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        eos = list(self.eos_token_ids) if eos_token_id is None else _ids(eos_token_id)
+        pad = (
+            pad_token_id
+            if pad_token_id is not None
+            else (self.pad_token_id if self.pad_token_id is not None else 0)
+        )
+        n, dt = self.info.num_layers, self.dtype
+        with torch.inference_mode():
+            if self.exits is None:
+                states = self.new_states(ids.shape[0])
+                new = generate_dense(
+                    self.run,
+                    xp,
+                    states,
+                    ids,
+                    mask.bool(),
+                    num_layers=n,
+                    max_new=max_new_tokens,
+                    eos=eos,
+                    pad=pad,
+                    dtype=dt,
+                )
+                if stats is not None:
+                    stats["states"] = [states]
+                return torch.cat([ids, new], dim=1)
+            rows, all_states = [], []
+            record = {} if stats is None else stats
+            record.setdefault("exits", {})
+            for r in range(ids.shape[0]):
+                prompt = ids[r : r + 1, mask[r].bool()]
+                states = self.new_states(1)
+                hidden = prefill(self.run, xp, states, prompt, torch.ones_like(prompt), n, dt)
+                first = int(self.head(hidden)[0][0, -1].argmax())
+                e = self.exits
+                rows.append(
+                    decode_row(
+                        self.run,
+                        xp,
+                        states,
+                        first,
+                        num_layers=n,
+                        exits=e.thresholds,
+                        mode=e.mode,
+                        draft=e.draft,
+                        max_new=max_new_tokens,
+                        eos=eos,
+                        dtype=dt,
+                        stats=record,
+                    )
+                )
+                all_states.append(states)
+                record.setdefault("run_tokens", []).append(rows[-1][:-1])
+                rows[-1] = _cut(rows[-1][:max_new_tokens], eos)
+            if stats is not None:
+                stats["states"] = all_states
+            width = max(len(t) for t in rows)
+            new = torch.full((ids.shape[0], width), pad, dtype=torch.long)
+            for r, tokens in enumerate(rows):
+                new[r, : len(tokens)] = torch.tensor(tokens)
+            return torch.cat([ids, new], dim=1)
+
+
+def _cut(tokens: list[int], eos) -> list[int]:
+    """``tokens`` up to and including the first stop token."""
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+def _ids(value) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def apply_early_exit(p, program: RecurrentProgram) -> RecurrentProgram:
+    """EarlyExit ``p`` on a recurrent program: exits after ``p``'s layers (the shared head), with its
+    measure, thresholds, mode and draft length. What only attention programs have is refused."""
+    from .fx import export_function
+    from .passes.early_exit import MEASURES
+
+    arch = program.info.architecture
+    where = f"on {arch} (a recurrent state-space model)"
+    if program.exits is not None:
+        raise PassError(f"early-exit {where}: the program already has exits")
+    if p.measure == "saturation":
+        raise PassError(
+            f"early-exit measure 'saturation' is not supported {where}: use softmax-max, top2-gap or entropy"
+        )
+    if p.head != "shared" or p.heads:
+        raise PassError(f"early-exit trained heads are not supported {where}: exits use the shared head")
+    if p.kv != "deferred":
+        raise PassError(
+            f"early-exit kv={p.kv!r} {where}: there is no KV cache; skipped layers' states are deferred"
+        )
+    n = program.info.num_layers
+    layers = list(p.layers) if p.layers else list(range(p.every - 1, n - 1, p.every))
+    bad = [x for x in layers if x >= n - 1]
+    if bad or not layers:
+        raise PassError(
+            f"early-exit layers {bad or layers} are out of range {where}: exits go after layers 0..{n - 2}"
+        )
+    thresholds = list(p.thresholds) * (len(layers) if len(p.thresholds) == 1 else 1)
+    measure = MEASURES[p.measure]
+    head = program.head
+
+    def exit_stage(hidden):
+        logits = head(hidden)[0]
+        return logits, measure(logits, hidden, hidden)
+
+    d = program.info.hidden_size
+    stage = export_function(
+        exit_stage, (torch.randn(2, 3, d, dtype=program.dtype),), ({0: "batch", 1: "seq"},)
+    )
+    exits = RecurrentExits(
+        thresholds={int(x): float(t) for x, t in zip(layers, thresholds, strict=True)},
+        mode=p.mode,
+        draft=p.draft,
+        measure=p.measure,
+        stage=stage,
+    )
+    report = p.new_report()
+    for x, t in exits.thresholds.items():
+        report.change(f"layer.{x}", f"exit after it ({p.measure} >= {t:g}, {p.mode})")
+    return RecurrentProgram(
+        program.embed,
+        program.layers,
+        program.head,
+        program.info,
+        eos_token_ids=program.eos_token_ids,
+        pad_token_id=program.pad_token_id,
+        exits=exits,
+        reports=program.reports + (report,),
+    )
