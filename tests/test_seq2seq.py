@@ -1,5 +1,7 @@
 """Encoder-decoder (BART-style) capture, greedy generate, encoder TokenDrop and the ONNX artifact."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -96,12 +98,34 @@ def test_forced_tokens_and_stop(bart, dense):
     assert torch.equal(got, ref) and (got[:, 1] == 7).all()
 
 
-def test_encoder_token_drop_reads_kept_tokens_only(bart, dense):
-    """The decoder with TokenDrop equals the dense model run over the kept tokens: the model's own encoder
-    layers before the drop on every token, after it on the kept ones (with padding and passengers masked),
-    and ``model.generate`` on that encoder output."""
+def _dense_over_kept(bart, ids, mask, drop_layer, kept, valid, new):
+    """The model's own encoder layers before ``drop_layer`` on every token, after it on the ``kept`` ones
+    (padding and passengers masked), then ``model.generate`` on that encoder output."""
     from transformers.modeling_outputs import BaseModelOutput
 
+    enc = bart.model.encoder
+    neg = torch.finfo(torch.float32).min
+    b, n = ids.shape
+    with torch.no_grad():
+        hidden = enc.layernorm_embedding(enc.embed_tokens(ids) + enc.embed_positions(ids))
+        full = torch.zeros(b, 1, n, n).masked_fill(~mask.bool()[:, None, None, :], neg)
+        for layer in enc.layers[:drop_layer]:
+            hidden = layer(hidden, full)
+        hidden = hidden.gather(1, kept[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        m = kept.shape[1]
+        sub = torch.zeros(b, 1, m, m).masked_fill(~valid[:, None, None, :], neg)
+        for layer in enc.layers[drop_layer:]:
+            hidden = layer(hidden, sub)
+        return bart.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+            attention_mask=valid.long(),
+            max_new_tokens=new,
+            do_sample=False,
+        )
+
+
+def test_encoder_token_drop_reads_kept_tokens_only(bart, dense):
+    """The decoder with TokenDrop equals the dense model run over the kept tokens."""
     program = effx.transform_seq2seq(bart, [TokenDrop(at_layers=(2,), keep=(0.5,))])
     ids, mask = source([12, 7, 10])
     stats = {}
@@ -112,28 +136,28 @@ def test_encoder_token_drop_reads_kept_tokens_only(bart, dense):
     assert (kept[:, 0] == 0).all()  # the first token is always kept, and the stop token </s>
     for row, n in enumerate([12, 7, 10]):
         assert n - 1 in kept[row][valid[row]].tolist()
-
-    enc = bart.model.encoder
-    with torch.no_grad():
-        hidden = enc.layernorm_embedding(enc.embed_tokens(ids) + enc.embed_positions(ids))
-        full = torch.zeros(3, 1, 12, 12).masked_fill(
-            ~mask.bool()[:, None, None, :], torch.finfo(torch.float32).min
-        )
-        for layer in enc.layers[:2]:
-            hidden = layer(hidden, full)
-        hidden = hidden.gather(1, kept[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        n = kept.shape[1]
-        sub = torch.zeros(3, 1, n, n).masked_fill(~valid[:, None, None, :], torch.finfo(torch.float32).min)
-        for layer in enc.layers[2:]:
-            hidden = layer(hidden, sub)
-        ref = bart.generate(
-            encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
-            attention_mask=valid.long(),
-            max_new_tokens=10,
-            do_sample=False,
-        )
-    assert torch.equal(got, ref)
+    assert torch.equal(got, _dense_over_kept(bart, ids, mask, 2, kept, valid, 10))
     assert not torch.equal(got, dense.generate(ids, mask, max_new_tokens=10))  # dropping changed something
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    drop_layer=st.integers(1, 2),
+    keep=st.sampled_from([0.25, 0.5, 0.8]),
+    lengths=st.lists(st.integers(2, 14), min_size=1, max_size=3),
+    score=st.sampled_from(["attention", "norm"]),
+    seed=st.integers(0, 5),
+)
+def test_token_drop_equals_dense_over_kept_tokens(bart, drop_layer, keep, lengths, score, seed):
+    program = effx.transform_seq2seq(bart, [TokenDrop(at_layers=(drop_layer,), keep=(keep,), score=score)])
+    ids, mask = source(lengths, seed)
+    stats = {}
+    got = program.generate(ids, mask, max_new_tokens=6, stats=stats)
+    valid = stats["kept_valid"]
+    assert stats["cross_keys"] == valid.sum(1).tolist() == stats["kept_tokens"][drop_layer]
+    # each row keeps its share, and at least its first token and its stop token
+    assert stats["cross_keys"] == [max(math.ceil(n * keep - 1e-9), 2) for n in lengths]
+    assert torch.equal(got, _dense_over_kept(bart, ids, mask, drop_layer, stats["kept_ids"], valid, 6))
 
 
 def test_keep_one_drops_nothing(bart, dense):
