@@ -30,8 +30,8 @@ __all__ = ["CHUNK", "States", "decode_row", "generate_dense", "prefill"]
 
 Run = Callable[..., tuple]
 
-# prompt tokens per layer call: a layer's scan holds a [batch, run, run, I, N] tensor
-CHUNK = 16
+# prompt tokens per layer call: a layer holds [batch, run, I, N] tensors (decays, updates, states)
+CHUNK = 256
 
 
 class States:
