@@ -603,21 +603,30 @@ def export_onnx(
     return program.model_proto
 
 
+def _apply_allowed(model, passes, allowed, what: str, capture_fn, apply_fn, *, verify: bool):
+    """Capture ``model`` with ``capture_fn`` and apply ``passes`` (objects or a pipeline string) with
+    ``apply_fn``; a pass that is not an ``allowed`` one is refused before capture, naming the pass and the
+    architecture (``what``: its kind, and the pass it takes)."""
+    from .passes import parse_pipeline
+
+    passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
+    for p in passes:
+        if not isinstance(p, allowed):
+            raise PassError(f"pass {p.name!r} does not apply to {type(model).__name__} ({what})")
+    program = capture_fn(model, verify=verify)
+    for p in passes:
+        program = apply_fn(p, program)
+    return program
+
+
 def transform_encoder(model, passes=(), *, verify: bool = True):
     """Capture a BERT-style encoder and apply ``passes`` (TokenDrop only: the other passes rewrite decoder
     LMs)."""
     from .encoder import apply_token_drop
-    from .passes import TokenDrop, parse_pipeline
+    from .passes import TokenDrop
 
-    passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
-    for p in passes:
-        if not isinstance(p, TokenDrop):
-            raise PassError(f"pass {p.name!r} rewrites decoder LMs; encoders take token-drop only")
-    program = capture_encoder(model, verify=verify)
-    for p in passes:
-        program = apply_token_drop(p, program)
-    return program
-
+    what = "an encoder: the other passes rewrite decoder LMs; encoders take token-drop only"
+    return _apply_allowed(model, passes, TokenDrop, what, capture_encoder, apply_token_drop, verify=verify)
 
 # -- encoder-decoder (BART-style) --------------------------------------------------------------------------
 
@@ -904,22 +913,11 @@ def transform_seq2seq(model, passes=(), *, verify: bool = True):
     """Capture a BART-style encoder-decoder LM and apply ``passes``: TokenDrop, on the encoder (ELITE), is the
     one that applies; the decoder's cross-attention then reads the kept tokens only. The other passes are
     refused with the pass and the architecture named."""
-    from .passes import TokenDrop, parse_pipeline
+    from .passes import TokenDrop
     from .seq2seq import apply_token_drop_seq2seq
 
-    passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
-    arch = type(model).__name__
-    for p in passes:
-        if not isinstance(p, TokenDrop):
-            raise PassError(
-                f"pass {p.name!r} does not apply to {arch} (an encoder-decoder model): encoder-decoder "
-                "programs take token-drop, on the encoder, only"
-            )
-    program = capture_seq2seq(model, verify=verify)
-    for p in passes:
-        program = apply_token_drop_seq2seq(p, program)
-    return program
-
+    what = "an encoder-decoder model: encoder-decoder programs take token-drop, on the encoder, only"
+    return _apply_allowed(model, passes, TokenDrop, what, capture_seq2seq, apply_token_drop_seq2seq, verify=verify)
 
 # -- recurrent (Mamba) ------------------------------------------------------------------------------------
 
@@ -1071,18 +1069,11 @@ def transform_mamba(model, passes=(), *, verify: bool = True):
     """Capture a Mamba LM and apply ``passes``: EarlyExit (lossy with deferred state, or self-speculative
     with state rollback) is the one that applies; the others are refused with the pass and the architecture
     named."""
-    from .passes import EarlyExit, parse_pipeline
+    from .passes import EarlyExit
     from .recurrent import apply_early_exit
 
-    passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
-    arch = type(model).__name__
-    for p in passes:
-        if not isinstance(p, EarlyExit):
-            raise PassError(
-                f"pass {p.name!r} does not apply to {arch} (a recurrent state-space model): it rewrites "
-                "attention or FFN layers; recurrent programs take early-exit only"
-            )
-    program = capture_mamba(model, verify=verify)
-    for p in passes:
-        program = apply_early_exit(p, program)
-    return program
+    what = (
+        "a recurrent state-space model: the other passes rewrite attention or FFN layers; recurrent programs "
+        "take early-exit only"
+    )
+    return _apply_allowed(model, passes, EarlyExit, what, capture_mamba, apply_early_exit, verify=verify)

@@ -53,6 +53,7 @@ export leaves nothing half-written. Two runtime choices have no ONNX form yet an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -254,15 +255,25 @@ def export(program, out_dir: str | os.PathLike, *, tokenizer=None, progress: boo
         raise ArtifactError(
             "the cascade's gate has no threshold yet: calibrate the cascade before exporting it"
         )
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with replacing(out_dir, tokenizer) as tmp:
         for role, prog in parts.items():
             (tmp / role).mkdir(exist_ok=True)
             _write_program(prog, tmp / role, progress=progress, label=role)
         if isinstance(program, Cascade):
             _write_cascade(program, tmp)
+    return Path(out_dir)
+
+
+@contextlib.contextmanager
+def replacing(out_dir: str | os.PathLike, tokenizer=None):
+    """A temporary folder beside ``out_dir`` to write an artifact into; on success it replaces ``out_dir``
+    (with ``tokenizer`` saved under ``tokenizer/``), on any failure it is removed and ``out_dir`` is left as
+    it was."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        yield tmp
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
         if out_dir.exists():
@@ -271,7 +282,6 @@ def export(program, out_dir: str | os.PathLike, *, tokenizer=None, progress: boo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def _write_program(program, out: Path, *, progress: bool, label: str) -> None:

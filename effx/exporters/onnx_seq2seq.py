@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -72,11 +70,10 @@ def export_seq2seq(program, out_dir: str | os.PathLike, *, tokenizer=None, progr
     import onnx
     from tqdm.auto import tqdm
 
+    from .onnx import replacing
+
     stages = program.stages()
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with replacing(out_dir, tokenizer) as tmp:
         files = {}
         for name, gm in tqdm(stages.items(), desc="export stages", unit="stage", disable=not progress):
             args, axes = _example(program, name)
@@ -96,12 +93,4 @@ def export_seq2seq(program, out_dir: str | os.PathLike, *, tokenizer=None, progr
             "files": files,
         }
         (tmp / SEQ2SEQ_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / "tokenizer")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
