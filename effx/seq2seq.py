@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from .encoder import EncoderProgram, apply_token_drop
-from .errors import GenerationInputError
 
 __all__ = ["Seq2SeqInfo", "Seq2SeqProgram", "apply_token_drop_seq2seq"]
 
@@ -135,31 +134,22 @@ class Seq2SeqProgram:
         cross-attention reads per row."""
         import array_api_compat.torch as xp
 
-        from .runtime.seq2seq import generate_seq2seq
+        from .runtime.seq2seq import generate
 
-        ids, mask = check_seq2seq_inputs(
-            torch, input_ids, attention_mask, max_new_tokens, self.info.max_positions
-        )
-        gen = self.generation
-        eos = gen["eos_token_id"] if eos_token_id is None else _ids(eos_token_id)
         with torch.inference_mode():
-            return generate_seq2seq(
+            return generate(
                 self.run,
                 xp,
                 self.dtype,
-                ids,
-                mask,
-                num_encoder_layers=self.info.encoder_layers,
-                num_decoder_layers=self.info.decoder_layers,
-                kv_shape=(self.info.num_heads, self.info.head_dim),
-                max_new_tokens=max_new_tokens,
-                decoder_start=gen["decoder_start_token_id"],
-                eos=eos,
-                pad=gen["pad_token_id"] if pad_token_id is None else int(pad_token_id),
-                forced_bos=gen["forced_bos_token_id"],
-                forced_eos=gen["forced_eos_token_id"],
+                input_ids,
+                attention_mask,
+                info=self.info.to_dict(),
+                generation=self.generation,
                 drops={i: d.keep for i, d in self.encoder.drops.items()},
                 special=self.encoder.special,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
                 stats=stats,
             )
 
@@ -167,32 +157,6 @@ class Seq2SeqProgram:
         return Seq2SeqProgram(
             encoder, self.embed, self.cross, self.layers, self.head, self.info, self.generation
         )
-
-
-def _ids(value) -> list[int]:
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
-
-def check_seq2seq_inputs(xp, input_ids, attention_mask, max_new_tokens, max_positions):
-    """``(input_ids int64, valid bool)`` of ``xp`` (torch or numpy), or a ``GenerationInputError`` that says
-    what is wrong."""
-    ids = xp.asarray(input_ids)
-    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise GenerationInputError(
-            f"input_ids must be a non-empty 2-D array [batch, source_length], got shape {tuple(ids.shape)}"
-        )
-    mask = xp.ones_like(ids) if attention_mask is None else xp.asarray(attention_mask)
-    if tuple(mask.shape) != tuple(ids.shape):
-        raise GenerationInputError(
-            f"attention_mask shape {tuple(mask.shape)} does not match input_ids shape {tuple(ids.shape)}"
-        )
-    if ids.shape[1] > max_positions:
-        raise GenerationInputError(f"the source has {ids.shape[1]} tokens; the encoder takes {max_positions}")
-    if max_new_tokens is None or max_new_tokens < 1 or max_new_tokens + 1 > max_positions:
-        raise GenerationInputError(f"max_new_tokens must be in 1..{max_positions - 1}, got {max_new_tokens}")
-    if xp is torch:
-        return ids.to(torch.int64), mask.bool()
-    return ids.astype("int64"), mask.astype(bool)
 
 
 def apply_token_drop_seq2seq(p, program: Seq2SeqProgram) -> Seq2SeqProgram:

@@ -10,8 +10,8 @@ import array_api_compat.numpy as XP
 import numpy as np
 
 from ..artifact import SEQ2SEQ_FILE, SEQ2SEQ_FORMAT, SEQ2SEQ_SCHEMA_VERSION, read_manifest, sha256
-from ..errors import ArtifactError, GenerationInputError
-from .seq2seq import generate_seq2seq
+from ..errors import ArtifactError
+from .seq2seq import generate
 
 __all__ = ["OnnxSeq2Seq", "load_seq2seq"]
 
@@ -88,33 +88,18 @@ class OnnxSeq2Seq:
         stats=None,
     ):
         """Greedy decoding, as ``Seq2SeqProgram.generate``: numpy int64 ``[batch, 1 + new]``."""
-        ids = np.asarray(input_ids)
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-        if ids.ndim != 2 or ids.size == 0 or mask.shape != ids.shape:
-            raise GenerationInputError(
-                f"input_ids must be a non-empty 2-D array with a mask of its shape, got {ids.shape} / {mask.shape}"
-            )
-        limit = self.info["max_positions"]
-        if ids.shape[1] > limit or max_new_tokens < 1 or max_new_tokens + 1 > limit:
-            raise GenerationInputError(f"source length and max_new_tokens must fit {limit} positions")
-        gen = self.generation
-        eos = gen["eos_token_id"] if eos_token_id is None else [int(e) for e in np.atleast_1d(eos_token_id)]
-        return generate_seq2seq(
+        return generate(
             self.run,
             XP,
             self.dtype,
-            ids.astype(np.int64),
-            mask.astype(bool),
-            num_encoder_layers=self.info["encoder_layers"],
-            num_decoder_layers=self.info["decoder_layers"],
-            kv_shape=(self.info["num_heads"], self.info["head_dim"]),
-            max_new_tokens=max_new_tokens,
-            decoder_start=gen["decoder_start_token_id"],
-            eos=eos,
-            pad=gen["pad_token_id"] if pad_token_id is None else int(pad_token_id),
-            forced_bos=gen["forced_bos_token_id"],
-            forced_eos=gen["forced_eos_token_id"],
+            input_ids,
+            attention_mask,
+            info=self.info,
+            generation=self.generation,
             drops=self.drops,
             special=self.special,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
             stats=stats,
         )

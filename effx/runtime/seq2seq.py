@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..errors import GenerationInputError
 from .token_drop import keep_quota, select_tokens
 
-__all__ = ["bidirectional_mask", "encode", "generate_seq2seq"]
+__all__ = ["bidirectional_mask", "check_inputs", "encode", "generate", "generate_seq2seq"]
 
 Run = Callable[..., tuple]
 
@@ -148,3 +149,69 @@ def generate_seq2seq(
         stats["cross_keys"] = [int(c) for c in xp.sum(xp.astype(enc_valid, xp.int64), axis=1)]
         stats["steps"] = len(out) - 1
     return xp.concat(out, axis=1)
+
+
+def check_inputs(xp, input_ids, attention_mask, max_new_tokens, max_positions):
+    """``(input_ids int64, valid bool)`` as arrays of ``xp``, or a ``GenerationInputError`` that says what is
+    wrong with them."""
+    ids = xp.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise GenerationInputError(
+            f"input_ids must be a non-empty 2-D array [batch, source_length], got shape {tuple(ids.shape)}"
+        )
+    mask = xp.ones_like(ids) if attention_mask is None else xp.asarray(attention_mask)
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise GenerationInputError(
+            f"attention_mask shape {tuple(mask.shape)} does not match input_ids shape {tuple(ids.shape)}"
+        )
+    if ids.shape[1] > max_positions:
+        raise GenerationInputError(f"the source has {ids.shape[1]} tokens; the encoder takes {max_positions}")
+    if max_new_tokens is None or max_new_tokens < 1 or max_new_tokens + 1 > max_positions:
+        raise GenerationInputError(f"max_new_tokens must be in 1..{max_positions - 1}, got {max_new_tokens}")
+    return xp.astype(ids, xp.int64), mask != 0
+
+
+def generate(
+    run: Run,
+    xp,
+    dtype,
+    input_ids,
+    attention_mask,
+    *,
+    info: dict,
+    generation: dict,
+    drops,
+    special,
+    max_new_tokens: int,
+    eos_token_id=None,
+    pad_token_id=None,
+    stats=None,
+):
+    """The front ends' ``generate``: check the inputs, take the stop and pad ids (the given ones, else the
+    ``generation`` defaults) and run :func:`generate_seq2seq` with the program's ``info`` (as a dict)."""
+    ids, valid = check_inputs(xp, input_ids, attention_mask, max_new_tokens, info["max_positions"])
+    if eos_token_id is None:
+        eos = list(generation["eos_token_id"])
+    else:
+        eos = (
+            [int(e) for e in eos_token_id] if isinstance(eos_token_id, (list, tuple)) else [int(eos_token_id)]
+        )
+    return generate_seq2seq(
+        run,
+        xp,
+        dtype,
+        ids,
+        valid,
+        num_encoder_layers=info["encoder_layers"],
+        num_decoder_layers=info["decoder_layers"],
+        kv_shape=(info["num_heads"], info["head_dim"]),
+        max_new_tokens=max_new_tokens,
+        decoder_start=generation["decoder_start_token_id"],
+        eos=eos,
+        pad=generation["pad_token_id"] if pad_token_id is None else int(pad_token_id),
+        forced_bos=generation["forced_bos_token_id"],
+        forced_eos=generation["forced_eos_token_id"],
+        drops=drops,
+        special=special,
+        stats=stats,
+    )
