@@ -190,3 +190,27 @@ def test_generate_input_errors(dense):
         dense.generate(ids, max_new_tokens=0)
     with pytest.raises(GenerationInputError, match="2-D"):
         dense.generate(ids[0])
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    layer=st.integers(0, 3),
+    threshold=st.sampled_from([0.0, 0.1, 0.3, 0.6]),
+    draft=st.integers(1, 6),
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=2),
+    new=st.integers(1, 16),
+    seed=st.integers(0, 3),
+)
+def test_self_speculative_property(mamba, dense, layer, threshold, draft, lengths, new, seed):
+    """Any exit, threshold and draft length: the dense tokens, and states equal to a dense run's."""
+    program = effx.transform_mamba(
+        mamba, [EarlyExit(layers=(layer,), thresholds=(threshold,), mode="self-speculative", draft=draft)]
+    )
+    ids, mask = prompts(lengths, seed)
+    stats = {}
+    out = program.generate(ids, mask, max_new_tokens=new, eos_token_id=[], stats=stats)
+    assert torch.equal(out, dense.generate(ids, mask, max_new_tokens=new, eos_token_id=[]))
+    for r in range(len(lengths)):
+        prompt = ids[r : r + 1, mask[r].bool()]
+        sequence = torch.cat([prompt, torch.tensor([stats["run_tokens"][r]], dtype=torch.long)], dim=1)
+        assert _states_close(stats["states"][r], program.prefill_states(sequence))
