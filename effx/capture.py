@@ -26,6 +26,13 @@ branches, and on CPU it is bitwise equal to the ``sdpa`` path that ``model.gener
 
 Capture checks its stages against the model's own logits with the runtime, so it sits above the runtime
 (and above encoders: ``transform_encoder`` is capture followed by encoder token drop).
+
+Three other kinds of model are captured by their own functions, as their own kinds of program: BERT-style
+encoders (``capture_encoder``, :class:`~effx.encoder.EncoderProgram`), BART-style encoder-decoders
+(``capture_seq2seq``, :class:`~effx.seq2seq.Seq2SeqProgram`: encoder stages, decoder stages with explicit
+self-attention cache and once-per-prompt cross-attention K/V) and Mamba (``capture_mamba``,
+:class:`~effx.recurrent.RecurrentProgram`: the conv and SSM states as the cache). ``capture`` refuses them
+with the function to use.
 """
 
 from __future__ import annotations
