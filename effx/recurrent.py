@@ -191,7 +191,6 @@ class RecurrentProgram:
                 return torch.cat([ids, new], dim=1)
             rows, all_states = [], []
             record = {} if stats is None else stats
-            record.setdefault("exits", {})
             for r in range(ids.shape[0]):
                 prompt = ids[r : r + 1, mask[r].bool()]
                 states = self.new_states(1)

@@ -129,7 +129,8 @@ def decode_row(
         waiting: list = []  # (depth, hidden [1, m, d]), oldest (deepest) first
         while len(tokens) < max_new and tokens[-1] not in eos:
             token, depth, hidden = _lossy_step(run, xp, states, tokens[-1], waiting, num_layers, exits, dtype)
-            stats["exits"][depth - 1] = stats["exits"].get(depth - 1, 0) + 1
+            exits_at = stats.setdefault("exits", {})
+            exits_at[depth - 1] = exits_at.get(depth - 1, 0) + 1
             if depth < num_layers:
                 if waiting and waiting[-1][0] == depth:
                     hidden = xp.concat([waiting.pop()[1], hidden], axis=1)
