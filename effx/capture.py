@@ -28,7 +28,7 @@ Capture checks its stages against the model's own logits with the runtime, so it
 (and above encoders: ``transform_encoder`` is capture followed by encoder token drop).
 
 Three other kinds of model are captured by their own functions, as their own kinds of program: BERT-style
-encoders (``capture_encoder``, :class:`~effx.encoder.EncoderProgram`), BART-style encoder-decoders
+encoders (``capture_encoder``, :class:`~effx.encoder.EncoderProgram`), BART and T5 encoder-decoders
 (``capture_seq2seq``, :class:`~effx.seq2seq.Seq2SeqProgram`: encoder stages, decoder stages with explicit
 self-attention cache and once-per-prompt cross-attention K/V) and Mamba (``capture_mamba``,
 :class:`~effx.recurrent.RecurrentProgram`: the conv and SSM states as the cache). ``capture`` refuses them
@@ -67,7 +67,7 @@ __all__ = [
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # captured by their own functions below, as their own kinds of program
 ENCODER_MODEL_TYPES = ("bert",)
-SEQ2SEQ_MODEL_TYPES = ("bart",)
+SEQ2SEQ_MODEL_TYPES = ("bart", "t5")
 RECURRENT_MODEL_TYPES = ("mamba",)
 
 _ATTN_NAME = "effx"
@@ -94,8 +94,11 @@ _MODULE_ROLES = {
 }
 
 
-def _effx_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA with the runtime's explicit additive mask; ``query`` may have more heads than ``key`` (GQA)."""
+def _effx_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_bias=None, **kwargs):
+    """SDPA with the runtime's explicit additive mask; ``query`` may have more heads than ``key`` (GQA). T5's
+    ``position_bias`` (which its stages take as their mask) is added to the mask."""
+    if position_bias is not None:
+        attention_mask = position_bias if attention_mask is None else attention_mask + position_bias
     out = F.scaled_dot_product_attention(
         query,
         key,
@@ -117,6 +120,9 @@ class _StageCache:
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
         self.new = (key_states, value_states)
         return torch.cat([self.past_k, key_states], dim=2), torch.cat([self.past_v, value_states], dim=2)
+
+    def get_seq_length(self, layer_idx=0) -> int:
+        return self.past_k.shape[2]
 
 
 def _rope_types(config) -> list[str]:
@@ -458,6 +464,12 @@ _ENCODER_ROLES = {
     "out_proj": "attn.o",
     "fc1": "mlp.up",
     "fc2": "mlp.down",
+    "q": "attn.q",  # T5
+    "k": "attn.k",
+    "v": "attn.v",
+    "o": "attn.o",
+    "wi": "mlp.up",
+    "wo": "mlp.down",
     "lm_head": "lm_head",
 }
 
@@ -740,6 +752,140 @@ class _Seq2SeqHead(torch.nn.Module):
         return (self.lm_head(hidden) + self.bias,)
 
 
+class _T5Embed(torch.nn.Module):
+    """T5's embedding: the shared token table, no positions (those are the attention's relative bias).
+    ``position_ids`` is the decoder stage's input and goes unused."""
+
+    def __init__(self, embed_tokens):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+
+    def forward(self, input_ids, position_ids=None):
+        return (self.embed_tokens(input_ids),)
+
+
+class _T5Bias(torch.nn.Module):
+    """T5's relative position bias ``[batch, heads, queries, keys]`` for queries and keys at the given
+    positions: the first layer's bucket table, which every layer of the stack adds to its scores. A stage
+    of its own, so that a layer after TokenDrop sees the kept tokens' original positions."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.table = attn.relative_attention_bias
+        self.bucket = attn._relative_position_bucket
+        self.bidirectional = not attn.is_decoder
+        self.buckets, self.max_distance = attn.relative_attention_num_buckets, attn.relative_attention_max_distance
+
+    def forward(self, query_positions, key_positions):
+        relative = key_positions[:, None, :] - query_positions[:, :, None]
+        buckets = self.bucket(relative, self.bidirectional, self.buckets, self.max_distance)
+        return (self.table(buckets).permute(0, 3, 1, 2),)
+
+
+class _T5EncoderBias(torch.nn.Module):
+    def __init__(self, bias: _T5Bias):
+        super().__init__()
+        self.bias = bias
+
+    def forward(self, positions):
+        return self.bias(positions, positions)
+
+
+class _T5EncoderLayer(torch.nn.Module):
+    """A T5 encoder block; its ``mask`` input is the padding mask plus the relative bias."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden, mask):
+        return (self.block(hidden, attention_mask=None, position_bias=mask)[0],)
+
+
+class _T5CrossKV(torch.nn.Module):
+    """The encoder's final norm, then a decoder layer's cross-attention keys and values."""
+
+    def __init__(self, final_norm, attn):
+        super().__init__()
+        self.final_norm, self.k, self.v = final_norm, attn.k, attn.v
+        self.head_dim = attn.key_value_proj_dim
+
+    def forward(self, encoder_hidden):
+        h = self.final_norm(encoder_hidden)
+        shape = (*h.shape[:-1], -1, self.head_dim)
+        return self.k(h).view(shape).transpose(1, 2), self.v(h).view(shape).transpose(1, 2)
+
+
+class _T5DecoderLayer(torch.nn.Module):
+    """A T5 decoder block; ``mask`` is the causal mask plus the decoder's relative bias."""
+
+    def __init__(self, block, index: int):
+        super().__init__()
+        self.block, self.index = block, index
+
+    def forward(self, hidden, mask, past_k, past_v, cross_k, cross_v, cross_mask):
+        cache = _stage_encoder_decoder_cache(self.index, past_k, past_v, cross_k, cross_v)
+        out = self.block(
+            hidden,
+            attention_mask=None,
+            position_bias=mask,
+            encoder_hidden_states=cross_k,  # only tested for None: the cross K/V come from the cache
+            encoder_attention_mask=cross_mask,
+            cache=cache,
+        )[0]
+        k, v = cache.self_attention_cache.new
+        return out, k, v
+
+
+class _T5Head(torch.nn.Module):
+    def __init__(self, final_norm, lm_head, scale: float):
+        super().__init__()
+        self.final_norm, self.lm_head, self.scale = final_norm, lm_head, scale
+
+    def forward(self, hidden):
+        return (self.lm_head(self.final_norm(hidden) * self.scale),)
+
+
+class _Seq2SeqParts:
+    """What capture_seq2seq exports, by model family: wrappers around the model's own modules."""
+
+    def __init__(self, model):
+        config = model.config
+        self.t5 = config.model_type == "t5"
+        if self.t5:
+            enc, dec = _private_copy(model.encoder), _private_copy(model.decoder)
+            self.enc_blocks, self.dec_blocks = list(enc.block), list(dec.block)
+            self.enc_embed = _EncoderEmbedIds(_T5Embed(enc.embed_tokens))
+            self.dec_embed = _DecoderEmbed(_T5Embed(dec.embed_tokens))
+            self.enc_layer = _T5EncoderLayer
+            self.cross = lambda i: _T5CrossKV(enc.final_layer_norm, dec.block[i].layer[1].EncDecAttention)
+            self.dec_layer = lambda i: _T5DecoderLayer(dec.block[i], i)
+            scale = config.d_model**-0.5 if getattr(config, "scale_decoder_outputs", False) else 1.0
+            self.head = _T5Head(dec.final_layer_norm, model.lm_head, scale)
+            self.enc_bias = _T5EncoderBias(_T5Bias(enc.block[0].layer[0].SelfAttention))
+            self.dec_bias = _T5Bias(dec.block[0].layer[0].SelfAttention)
+            self.heads, self.head_dim = config.num_heads, config.d_kv
+            self.enc_heads = config.num_heads
+            self.max_positions = 4096  # relative positions: no table bounds the length
+        else:
+            base = _private_copy(model.model)
+            enc, dec = base.encoder, base.decoder
+            self.enc_blocks, self.dec_blocks = list(enc.layers), list(dec.layers)
+            self.enc_embed = _EncoderEmbedIds(_Seq2SeqEmbed(enc))
+            self.dec_embed = _DecoderEmbed(_Seq2SeqEmbed(dec))
+            self.enc_layer = _EncoderLayer
+            self.cross = lambda i: _CrossKV(dec.layers[i].encoder_attn)
+            self.dec_layer = lambda i: _DecoderLayer(dec.layers[i], i)
+            bias = getattr(model, "final_logits_bias", None)
+            bias = torch.zeros(config.vocab_size, dtype=model.dtype) if bias is None else bias.reshape(-1)
+            self.head = _Seq2SeqHead(model.lm_head, bias)
+            self.enc_bias = self.dec_bias = None
+            self.heads = config.decoder_attention_heads
+            self.head_dim = config.d_model // self.heads
+            self.enc_heads = config.encoder_attention_heads
+            self.max_positions = config.max_position_embeddings
+
+
 def _check_seq2seq(model) -> None:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -747,33 +893,33 @@ def _check_seq2seq(model) -> None:
         raise UnsupportedModelError(
             f"cannot capture {type(model).__name__} as an encoder-decoder model: model_type {model_type!r} is "
             f"not one of {', '.join(SEQ2SEQ_MODEL_TYPES)}"
-            + (
-                " (T5's relative position bias is computed in the first layer and shared with the others: "
-                "its layers are not separable stages yet)"
-                if model_type in ("t5", "mt5")
-                else ""
-            )
         )
+    if not hasattr(model, "lm_head"):
+        raise _fail(model, "check architecture", "expected model.lm_head: a ...ForConditionalGeneration model")
+    if model_type == "t5":
+        if not (hasattr(model, "encoder") and hasattr(model, "decoder")):
+            raise _fail(model, "check architecture", "expected model.encoder and .decoder (T5ForConditionalGeneration)")
+        return
     base = getattr(model, "model", None)
     if base is None or not hasattr(base, "encoder") or not hasattr(base, "decoder"):
         raise _fail(model, "check architecture", "expected model.model.encoder and .decoder (a seq2seq LM)")
-    if not hasattr(model, "lm_head"):
-        raise _fail(model, "check architecture", "expected model.lm_head: a ...ForConditionalGeneration model")
     for side in (base.encoder, base.decoder):
         if getattr(side, "layer_norm", None) is not None:
             raise _fail(model, "check architecture", "a final encoder/decoder layer norm (mBART) is not supported")
 
 
 def capture_seq2seq(model, *, verify: bool = True):
-    """Capture a BART-style encoder-decoder LM (``BartForConditionalGeneration``) as a
+    """Capture an encoder-decoder LM (``BartForConditionalGeneration``, ``T5ForConditionalGeneration``) as a
     :class:`~effx.seq2seq.Seq2SeqProgram`.
 
     The encoder is an :class:`~effx.encoder.EncoderProgram` (``embed (input_ids) -> hidden``, ``layer.i
     (hidden, mask) -> hidden``), so TokenDrop applies to it as to BERT. The decoder's stages are those of
     :mod:`effx.runtime.seq2seq`: ``decoder.embed``, ``decoder.cross.i`` (cross-attention K/V of the encoder's
     output, once per prompt), ``decoder.layer.i`` with its self-attention cache explicit, and ``head`` (LM head
-    plus ``final_logits_bias``). Batch, sequence and past length are dynamic. ``verify`` checks the stages
-    against the model's own forward.
+    plus BART's ``final_logits_bias``). T5's relative position bias is a stage per stack (``encoder.bias``,
+    ``decoder.bias``) that the runtime adds to the masks, from the tokens' original positions; its encoder's
+    final norm is part of each ``decoder.cross.i``, its decoder's of ``head``. Batch, sequence and past
+    length are dynamic. ``verify`` checks the stages against the model's own forward.
     """
     from .encoder import EncoderInfo, EncoderProgram
     from .seq2seq import Seq2SeqInfo, Seq2SeqProgram
@@ -781,12 +927,9 @@ def capture_seq2seq(model, *, verify: bool = True):
     _check_seq2seq(model)
     _register_attention()
     config = model.config
-    clone = _private_copy(model.model)
-    enc, dec = clone.encoder, clone.decoder
+    parts = _Seq2SeqParts(model)
     d = config.d_model
-    heads = config.decoder_attention_heads
-    head_dim = d // heads
-    max_pos = config.max_position_embeddings
+    heads, head_dim, max_pos = parts.heads, parts.head_dim, parts.max_positions
     batch, seq, past, kept = (
         Dim("batch", min=1, max=1024),
         Dim("seq", min=1, max=max_pos),
@@ -795,35 +938,46 @@ def capture_seq2seq(model, *, verify: bool = True):
     )
     B, S, P, E = 2, 3, 2, 5
     dtype = model.dtype
+    mask_heads = parts.enc_heads if parts.t5 else 1  # T5's masks carry the per-head bias
     step = "export encoder embed"
     try:
-        enc_embed = export_module(
-            _EncoderEmbedIds(_Seq2SeqEmbed(enc)), (torch.zeros(B, E, dtype=torch.long),), ({0: batch, 1: kept},)
-        )
+        enc_embed = export_module(parts.enc_embed, (torch.zeros(B, E, dtype=torch.long),), ({0: batch, 1: kept},))
         hidden = torch.randn(B, E, d, dtype=dtype)
         enc_layers = []
-        for i, layer in enumerate(enc.layers):
+        for i, block in enumerate(parts.enc_blocks):
             step = f"export encoder layer {i}"
-            template = enc_layers[0] if enc_layers and _structure(layer) == _structure(enc.layers[0]) else None
-            if template is None:
+            first = parts.enc_blocks[0]
+            # T5's first block owns the bias table: its structure differs, its graph (bias given) does not
+            same = enc_layers and (parts.t5 or _structure(block) == _structure(first))
+            if same:
+                gm = rebind(enc_layers[0], copy.deepcopy(enc_layers[0].graph), parts.enc_layer(block))
+            else:
                 gm = export_module(
-                    _EncoderLayer(layer),
-                    (hidden, torch.zeros(B, 1, E, E, dtype=dtype)),
+                    parts.enc_layer(block),
+                    (hidden, torch.zeros(B, mask_heads, E, E, dtype=dtype)),
                     ({0: batch, 1: kept}, {0: batch, 2: kept, 3: kept}),
                 )
-            else:
-                gm = rebind(template, copy.deepcopy(template.graph), _EncoderLayer(layer))
             enc_layers.append(gm)
+        enc_bias = dec_bias = None
+        if parts.t5:
+            step = "export relative position bias"
+            positions = torch.arange(E).expand(B, E).clone()
+            enc_bias = export_module(parts.enc_bias, (positions,), ({0: batch, 1: kept},))
+            dec_bias = export_module(
+                parts.dec_bias,
+                (torch.arange(S).expand(B, S) + P, torch.arange(P + S).expand(B, P + S).clone()),
+                ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}),
+            )
         step = "export decoder embed"
         ids = torch.zeros(B, S, dtype=torch.long)
         pos = torch.arange(S).expand(B, S).clone()
-        dec_embed = export_module(_DecoderEmbed(_Seq2SeqEmbed(dec)), (ids, pos), ({0: batch, 1: seq},) * 2)
+        dec_embed = export_module(parts.dec_embed, (ids, pos), ({0: batch, 1: seq},) * 2)
         cross, layers = [], []
         x = torch.randn(B, S, d, dtype=dtype)
         kv = torch.randn(B, heads, P, head_dim, dtype=dtype)
         ckv = torch.randn(B, heads, E, head_dim, dtype=dtype)
-        layer_args = (x, torch.zeros(B, 1, S, P + S, dtype=dtype), kv, kv.clone(), ckv, ckv.clone(),
-                      torch.zeros(B, 1, 1, E, dtype=dtype))
+        self_mask = torch.zeros(B, mask_heads, S, P + S, dtype=dtype)
+        layer_args = (x, self_mask, kv, kv.clone(), ckv, ckv.clone(), torch.zeros(B, 1, 1, E, dtype=dtype))
         layer_dyn = (
             {0: batch, 1: seq},
             {0: batch, 2: seq, 3: Dim.AUTO},
@@ -833,14 +987,16 @@ def capture_seq2seq(model, *, verify: bool = True):
             {0: batch, 2: kept},
             {0: batch, 3: kept},
         )
-        for i, layer in enumerate(dec.layers):
+        for i, block in enumerate(parts.dec_blocks):
             step = f"export decoder layer {i}"
-            cross.append(export_module(_CrossKV(layer.encoder_attn), (hidden,), ({0: batch, 1: kept},)))
-            layers.append(export_module(_DecoderLayer(layer, i), layer_args, layer_dyn))
+            if layers and (parts.t5 or _structure(block) == _structure(parts.dec_blocks[0])):
+                cross.append(rebind(cross[0], copy.deepcopy(cross[0].graph), parts.cross(i)))
+                layers.append(rebind(layers[0], copy.deepcopy(layers[0].graph), parts.dec_layer(i)))
+            else:
+                cross.append(export_module(parts.cross(i), (hidden,), ({0: batch, 1: kept},)))
+                layers.append(export_module(parts.dec_layer(i), layer_args, layer_dyn))
         step = "export head"
-        bias = getattr(model, "final_logits_bias", None)
-        bias = torch.zeros(config.vocab_size, dtype=dtype) if bias is None else bias.reshape(-1)
-        head = export_module(_Seq2SeqHead(model.lm_head, bias), (x,), ({0: batch, 1: seq},))
+        head = export_module(parts.head, (x,), ({0: batch, 1: seq},))
     except UnsupportedModelError:
         raise
     except Exception as e:  # noqa: BLE001 - any export failure is a capture failure, with the step named
@@ -848,7 +1004,7 @@ def capture_seq2seq(model, *, verify: bool = True):
     for gm, layer in [(enc_embed, None), *[(g, i) for i, g in enumerate(enc_layers)]]:
         _tag_encoder(gm, layer)
     stages = [(dec_embed, None), *[(g, i) for i, g in enumerate(cross)], *[(g, i) for i, g in enumerate(layers)]]
-    for gm, layer in [*stages, (head, None)]:
+    for gm, layer in [*stages, (head, None), *[(g, None) for g in (enc_bias, dec_bias) if g is not None]]:
         simplify(gm)
         _tag_encoder(gm, layer)
     enc_info = EncoderInfo(
@@ -856,10 +1012,10 @@ def capture_seq2seq(model, *, verify: bool = True):
         model_type=config.model_type,
         num_layers=len(enc_layers),
         hidden_size=d,
-        num_heads=config.encoder_attention_heads,
+        num_heads=parts.enc_heads,
         max_positions=max_pos,
     )
-    encoder = EncoderProgram(enc_embed, enc_layers, enc_info, token_types=False)
+    encoder = EncoderProgram(enc_embed, enc_layers, enc_info, token_types=False, bias=enc_bias)
     info = Seq2SeqInfo(
         architecture=type(model).__name__,
         model_type=config.model_type,
@@ -871,8 +1027,11 @@ def capture_seq2seq(model, *, verify: bool = True):
         vocab_size=config.vocab_size,
         max_positions=max_pos,
         dtype=str(dtype).replace("torch.", ""),
+        relative_bias=parts.t5,
     )
-    program = Seq2SeqProgram(encoder, dec_embed, cross, layers, head, info, _seq2seq_generation(model))
+    program = Seq2SeqProgram(
+        encoder, dec_embed, cross, layers, head, info, _seq2seq_generation(model), decoder_bias=dec_bias
+    )
     if verify:
         _verify_seq2seq(model, program)
     return program
@@ -894,6 +1053,8 @@ def _seq2seq_generation(model) -> dict:
     start = pick("decoder_start_token_id")
     if start is None:
         start = pick("bos_token_id")
+    if start is None:
+        raise _fail(model, "generation defaults", "the model's generation config has no decoder_start_token_id")
     return {
         "decoder_start_token_id": int(start),
         "eos_token_id": eos,
@@ -917,7 +1078,7 @@ def _verify_seq2seq(model, program) -> None:
 
 
 def transform_seq2seq(model, passes=(), *, verify: bool = True):
-    """Capture a BART-style encoder-decoder LM and apply ``passes``: TokenDrop, on the encoder (ELITE), is the
+    """Capture an encoder-decoder LM (BART, T5) and apply ``passes``: TokenDrop, on the encoder (ELITE), is the
     one that applies; the decoder's cross-attention then reads the kept tokens only. The other passes are
     refused with the pass and the architecture named."""
     from .passes import TokenDrop

@@ -41,7 +41,18 @@ class EncoderDrop:
 class EncoderProgram:
     """An encoder as stages: ``embed`` and ``layers``, plus token-drop points (layer -> EncoderDrop)."""
 
-    def __init__(self, embed, layers, info: EncoderInfo, drops=None, special=(), reports=(), *, token_types=True):
+    def __init__(
+        self,
+        embed,
+        layers,
+        info: EncoderInfo,
+        drops=None,
+        special=(),
+        reports=(),
+        *,
+        token_types=True,
+        bias=None,
+    ):
         self.embed = embed
         self.layers = list(layers)
         self.info = info
@@ -49,6 +60,7 @@ class EncoderProgram:
         self.special = tuple(special)
         self.reports = tuple(reports)
         self.token_types = token_types  # BERT's embed takes token type ids (zeros); BART's does not
+        self.bias = bias  # T5: (positions) -> relative position bias, added to every layer's mask
 
     def __repr__(self) -> str:
         return f"EncoderProgram({self.info.architecture}, {self.info.num_layers} layers, drops={sorted(self.drops)})"
@@ -63,6 +75,8 @@ class EncoderProgram:
             return self.layers[int(index)](*args)
         if kind == "score":
             return self.drops[int(index)].score(*args)
+        if kind == "bias" and self.bias is not None:
+            return self.bias(*args)
         if kind == "gather":
             return next(iter(self.drops.values())).gather(*args)
         raise KeyError(f"no encoder stage named {name!r}")
@@ -86,6 +100,7 @@ class EncoderProgram:
                 drops={i: d.keep for i, d in self.drops.items()},
                 special=self.special,
                 num_layers=len(self.layers),
+                relative_bias=self.bias is not None,
                 stats=stats,
             )
 
@@ -117,6 +132,7 @@ class EncoderProgram:
             special,
             self.reports + (report,),
             token_types=self.token_types,
+            bias=self.bias,
         )
 
 

@@ -1,10 +1,10 @@
-"""Encoder-decoder (BART-style) programs, and token elimination on their encoder (ELITE).
+"""Encoder-decoder (BART, T5) programs, and token elimination on their encoder (ELITE).
 
-``effx.transform_seq2seq(model, passes=[TokenDrop(...)])`` captures a ``BartForConditionalGeneration``
-(:func:`effx.capture.capture_seq2seq`) and drops encoder tokens as on BERT (:mod:`effx.encoder`): before each
-drop layer every token is rated by the attention it receives, each input keeps its share of the best (and
-always its first token, the stop token and the ``special`` ids), and the later encoder layers run on the kept
-tokens only. The decoder's cross-attention keys and values are then computed from the kept tokens, once per
+``effx.transform_seq2seq(model, passes=[TokenDrop(...)])`` captures a ``BartForConditionalGeneration`` or a
+``T5ForConditionalGeneration`` (:func:`effx.capture.capture_seq2seq`) and drops encoder tokens as on BERT
+(:mod:`effx.encoder`): before each drop layer every token is rated by the attention it receives, each input
+keeps its share of the best (and always its first token, the stop token and the ``special`` ids), and the
+later encoder layers run on the kept tokens only (T5's at their original positions). The decoder's cross-attention keys and values are then computed from the kept tokens, once per
 prompt, so every decoder step reads only those: less prefill, and less cross-attention per step.
 
 ``generate`` is greedy ``model.generate`` (decoder start, forced first/last tokens, stop and pad ids from the
@@ -36,6 +36,7 @@ class Seq2SeqInfo:
     vocab_size: int
     max_positions: int
     dtype: str
+    relative_bias: bool = False  # T5: encoder.bias and decoder.bias stages
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -46,7 +47,16 @@ class Seq2SeqProgram:
     K/V of the encoder's output), ``layers[i]`` and ``head``; ``generation`` holds the greedy defaults."""
 
     def __init__(
-        self, encoder: EncoderProgram, embed, cross, layers, head, info: Seq2SeqInfo, generation: dict
+        self,
+        encoder: EncoderProgram,
+        embed,
+        cross,
+        layers,
+        head,
+        info: Seq2SeqInfo,
+        generation: dict,
+        *,
+        decoder_bias=None,
     ):
         self.encoder = encoder
         self.embed = embed
@@ -55,6 +65,7 @@ class Seq2SeqProgram:
         self.head = head
         self.info = info
         self.generation = dict(generation)
+        self.decoder_bias = decoder_bias  # T5: (query_positions, key_positions) -> relative position bias
 
     def __repr__(self) -> str:
         return (
@@ -78,6 +89,10 @@ class Seq2SeqProgram:
         out.update({f"encoder.score.{i}": d.score for i, d in enc.drops.items()})
         if enc.drops:
             out["encoder.gather"] = next(iter(enc.drops.values())).gather
+        if enc.bias is not None:
+            out["encoder.bias"] = enc.bias
+        if self.decoder_bias is not None:
+            out["decoder.bias"] = self.decoder_bias
         out["decoder.embed"] = self.embed
         out.update({f"decoder.cross.{i}": gm for i, gm in enumerate(self.cross)})
         out.update({f"decoder.layer.{i}": gm for i, gm in enumerate(self.layers)})
@@ -91,6 +106,8 @@ class Seq2SeqProgram:
             return self.embed(*args)
         if name == "head":
             return self.head(*args)
+        if name == "decoder.bias" and self.decoder_bias is not None:
+            return self.decoder_bias(*args)
         kind, _, index = name.removeprefix("decoder.").partition(".")
         if kind == "cross":
             return self.cross[int(index)](*args)
@@ -113,6 +130,9 @@ class Seq2SeqProgram:
             hidden = self.embed(decoder_input_ids, torch.arange(n).expand(b, n))[0]
             causal = torch.full((n, n), torch.finfo(enc.dtype).min, dtype=enc.dtype).triu(1)
             mask = causal.expand(b, 1, n, n)
+            if self.decoder_bias is not None:
+                positions = torch.arange(n).expand(b, n)
+                mask = mask + self.decoder_bias(positions, positions)[0]
             empty = torch.zeros(b, self.info.num_heads, 0, self.info.head_dim, dtype=enc.dtype)
             for cross, layer in zip(self.cross, self.layers, strict=True):
                 hidden = layer(hidden, mask, empty, empty, *cross(enc), cross_mask)[0]
@@ -155,7 +175,14 @@ class Seq2SeqProgram:
 
     def with_encoder(self, encoder: EncoderProgram) -> Seq2SeqProgram:
         return Seq2SeqProgram(
-            encoder, self.embed, self.cross, self.layers, self.head, self.info, self.generation
+            encoder,
+            self.embed,
+            self.cross,
+            self.layers,
+            self.head,
+            self.info,
+            self.generation,
+            decoder_bias=self.decoder_bias,
         )
 
 

@@ -31,8 +31,16 @@ def _example(program, name: str):
     seq = {0: "batch", 1: "seq"}
     if name == "encoder.embed":
         return (torch.zeros(B, E, dtype=torch.long),), (seq,)
+    mask_heads = h if info.relative_bias else 1  # T5's masks carry the per-head position bias
+    if name == "encoder.bias":
+        return (torch.arange(E).expand(B, E).clone(),), (seq,)
+    if name == "decoder.bias":
+        return (torch.arange(S).expand(B, S) + P, torch.arange(P + S).expand(B, P + S).clone()), (
+            seq,
+            {0: "batch", 1: None},
+        )
     if name.startswith(("encoder.layer.", "encoder.score.")):
-        return (torch.randn(B, E, d, dtype=dt), torch.zeros(B, 1, E, E, dtype=dt)), (
+        return (torch.randn(B, E, d, dtype=dt), torch.zeros(B, mask_heads, E, E, dtype=dt)), (
             seq,
             {0: "batch", 2: "seq", 3: "seq"},
         )
@@ -50,7 +58,7 @@ def _example(program, name: str):
         ckv = torch.randn(B, h, E, hd, dtype=dt)
         args = (
             torch.randn(B, S, d, dtype=dt),
-            torch.zeros(B, 1, S, P + S, dtype=dt),
+            torch.zeros(B, mask_heads, S, P + S, dtype=dt),
             kv,
             kv.clone(),
             ckv,

@@ -304,16 +304,18 @@ def encoder_score_graph(layer_graph: torch.fx.GraphModule) -> torch.fx.GraphModu
     def score(q, k, mask):
         att = q.float() @ k.float().transpose(-1, -2) * scale + mask.float()
         # [b, 1, s]: real queries. The mask hides invalid keys in every row, so token i is real exactly where
-        # it may attend to itself (the diagonal); a row's max would count padding queries too
-        counted = mask.diagonal(dim1=-2, dim2=-1) > -1.0
+        # it may attend to itself (the diagonal); a row's max would count padding queries too. The mask may
+        # carry a per-head position bias (T5), small beside the masked entries' dtype minimum
+        counted = (mask.diagonal(dim1=-2, dim2=-1) > torch.finfo(mask.dtype).min / 2)[:, :1]
         probs = att.softmax(-1) * counted[..., None]
         return (probs.sum(dim=(1, 2)) / (counted.sum(dim=(1, 2))[:, None] * q.shape[1]).clamp(min=1),)
 
     q_val = q.meta["val"]
     h, d = int(q_val.shape[1]), int(q_val.shape[-1])
+    mask_heads = int(mask.meta["val"].shape[1]) if "val" in mask.meta else 1
     pattern = export_function(
         score,
-        (torch.randn(2, h, 5, d), torch.randn(2, h, 5, d), torch.zeros(2, 1, 5, 5)),
+        (torch.randn(2, h, 5, d), torch.randn(2, h, 5, d), torch.zeros(2, mask_heads, 5, 5)),
         ({0: "batch", 2: "seq"}, {0: "batch", 2: "seq"}, {0: "batch", 2: "seq", 3: "seq"}),
     )
     result = _finish_score_graph(gm, pattern, (q, k, mask))

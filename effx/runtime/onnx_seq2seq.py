@@ -28,6 +28,7 @@ def load_seq2seq(out_dir: Path, providers=None) -> OnnxSeq2Seq:
     needed += [f"decoder.{k}.{i}" for i in range(info["decoder_layers"]) for k in ("cross", "layer")]
     needed += [f"encoder.score.{i}" for i in manifest["drops"]]
     needed += ["encoder.gather"] if manifest["drops"] else []
+    needed += ["encoder.bias", "decoder.bias"] if info.get("relative_bias") else []
     for name in needed:
         entry = files.get(name)
         if not isinstance(entry, dict) or Path(str(entry.get("onnx"))).name != entry.get("onnx"):

@@ -39,7 +39,19 @@ def bidirectional_mask(xp, valid, dtype, queries: int | None = None):
     return xp.broadcast_to(m, (valid.shape[0], 1, rows, valid.shape[1]))
 
 
-def encode(run: Run, xp, dtype, input_ids, valid, *, drops=None, special=(), num_layers: int, stats=None):
+def encode(
+    run: Run,
+    xp,
+    dtype,
+    input_ids,
+    valid,
+    *,
+    drops=None,
+    special=(),
+    num_layers: int,
+    relative_bias=False,
+    stats=None,
+):
     """The encoder's last hidden states ``[batch, kept, hidden]`` and which of them are real tokens
     ``[batch, kept]``.
 
@@ -47,7 +59,9 @@ def encode(run: Run, xp, dtype, input_ids, valid, *, drops=None, special=(), num
     ``encoder.score.i`` rates the tokens still in, each row keeps its quota of the best and always its first
     token and the ``special`` ids, and ``encoder.gather`` takes them. ``stats['kept_tokens']`` gets the
     kept count per row at each drop layer, ``stats['kept_ids']`` the input positions that reached the last
-    layer ``[batch, kept]`` (with ``stats['kept_valid']`` marking the real ones)."""
+    layer ``[batch, kept]`` (with ``stats['kept_valid']`` marking the real ones). ``relative_bias`` (T5):
+    ``encoder.bias (positions) -> [batch, heads, seq, seq]`` is added to every layer's mask, from the tokens'
+    original positions, so that a layer after a drop sees the kept tokens where they were."""
     drops = dict(drops or {})
     hidden = run("encoder.embed", input_ids)[0]
     real = xp.sum(xp.astype(valid, xp.int64), axis=1)
@@ -58,8 +72,13 @@ def encode(run: Run, xp, dtype, input_ids, valid, *, drops=None, special=(), num
     batch, n = input_ids.shape
     positions = xp.broadcast_to(xp.arange(n, dtype=xp.int64)[None, :], (batch, n))
     kept = {}
-    for i in range(num_layers):
+
+    def layer_mask():
         mask = bidirectional_mask(xp, valid, dtype)
+        return mask + run("encoder.bias", positions)[0] if relative_bias else mask
+
+    for i in range(num_layers):
+        mask = layer_mask()
         if i in drops:
             scores = run(f"encoder.score.{i}", hidden, mask)[0]
             idx, valid = select_tokens(scores, valid, protected, keep_quota(real, drops[i]))
@@ -67,7 +86,7 @@ def encode(run: Run, xp, dtype, input_ids, valid, *, drops=None, special=(), num
             protected = xp.take_along_axis(protected, idx, axis=1)
             positions = xp.take_along_axis(positions, idx, axis=1)
             kept[i] = [int(c) for c in xp.sum(xp.astype(valid, xp.int64), axis=1)]
-            mask = bidirectional_mask(xp, valid, dtype)
+            mask = layer_mask()
         hidden = run(f"encoder.layer.{i}", hidden, mask)[0]
     if stats is not None:
         stats["kept_tokens"] = kept
@@ -94,13 +113,15 @@ def generate_seq2seq(
     forced_eos: int | None = None,
     drops=None,
     special=(),
+    relative_bias: bool = False,
     stats=None,
 ):
     """Encode ``input_ids`` (``valid`` marks real tokens: right padding, as the tokenizers of seq2seq models
     give it), then decode greedily: ``[batch, 1 + new]`` decoder ids that start with ``decoder_start``, as
     ``model.generate`` returns them. ``kv_shape`` is ``(heads, head_dim)`` of the decoder's self-attention.
     ``stats`` gets the encoder's (see :func:`encode`) and ``cross_keys``: the encoder tokens every decoder
-    step's cross-attention reads, per row."""
+    step's cross-attention reads, per row. ``relative_bias`` (T5): the ``encoder.bias`` and ``decoder.bias
+    (query_positions, key_positions)`` stages are added to the masks."""
     enc, enc_valid = encode(
         run,
         xp,
@@ -110,6 +131,7 @@ def generate_seq2seq(
         drops=drops,
         special=special,
         num_layers=num_encoder_layers,
+        relative_bias=relative_bias,
         stats=stats,
     )
     batch = input_ids.shape[0]
@@ -125,6 +147,9 @@ def generate_seq2seq(
     for step in range(max_new_tokens):
         hidden = run("decoder.embed", current, xp.full((batch, 1), step, dtype=xp.int64))[0]
         self_mask = xp.zeros((batch, 1, 1, step + 1), dtype=dtype)
+        if relative_bias:
+            keys = xp.broadcast_to(xp.arange(step + 1, dtype=xp.int64)[None, :], (batch, step + 1))
+            self_mask = self_mask + run("decoder.bias", xp.full((batch, 1), step, dtype=xp.int64), keys)[0]
         for i in range(num_decoder_layers):
             k_cross, v_cross = cross[i]
             hidden, k, v = run(
@@ -213,5 +238,6 @@ def generate(
         forced_eos=generation["forced_eos_token_id"],
         drops=drops,
         special=special,
+        relative_bias=bool(info.get("relative_bias", False)),
         stats=stats,
     )
