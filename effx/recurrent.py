@@ -160,6 +160,8 @@ class RecurrentProgram:
             raise GenerationInputError(
                 f"attention_mask shape {tuple(mask.shape)} does not match {tuple(ids.shape)}"
             )
+        if bool((mask.sum(1) == 0).any()):
+            raise GenerationInputError("a row of attention_mask has no tokens")
         if bool((mask[:, 1:] < mask[:, :-1]).any()):
             raise GenerationInputError("recurrent models take left-padded batches: padding must come first")
         if max_new_tokens is None or max_new_tokens < 1:

@@ -186,6 +186,8 @@ def test_generate_input_errors(dense):
     ids = torch.tensor([[5, 6, 0]])
     with pytest.raises(GenerationInputError, match="left-padded"):
         dense.generate(ids, torch.tensor([[1, 1, 0]]))
+    with pytest.raises(GenerationInputError, match="no tokens"):
+        dense.generate(ids, torch.tensor([[0, 0, 0]]))
     with pytest.raises(GenerationInputError, match="max_new_tokens"):
         dense.generate(ids, max_new_tokens=0)
     with pytest.raises(GenerationInputError, match="2-D"):
