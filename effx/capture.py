@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from .errors import PassError, UnsupportedModelError
 from .fx import Dim, export_module, rebind, simplify
 from .program import ModelInfo, Program, Stage
+from .runtime.loop import as_ids
 
 __all__ = [
     "ENCODER_MODEL_TYPES",
@@ -199,6 +200,18 @@ def _fail(model, step: str, detail: str) -> UnsupportedModelError:
         f"cannot capture {type(model).__name__} (model_type={getattr(model.config, 'model_type', '?')!r}): "
         f"step '{step}' failed: {detail}"
     )
+
+
+def _require_type(model, types: tuple[str, ...], what: str):
+    """``model.config``, or an ``UnsupportedModelError`` when its model_type is not one of ``types``."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if config is None or model_type not in types:
+        raise UnsupportedModelError(
+            f"cannot capture {type(model).__name__} as {what}: model_type {model_type!r} is not one of "
+            f"{', '.join(types)}"
+        )
+    return config
 
 
 def _first_line(e: BaseException) -> str:
@@ -441,13 +454,14 @@ def _verify(model, program: Program) -> None:
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits
         got = forward_logits(program, ids)
+    _check_logits(model, ref, got, 1e-4 if ref.dtype == torch.float32 else 2e-2)
+
+
+def _check_logits(model, ref: torch.Tensor, got: torch.Tensor, rel: float) -> None:
+    """The captured stages' logits ``got`` within ``rel`` of the logit scale of the model's own ``ref``."""
     err = (ref - got).abs().max().item()
-    scale = ref.abs().max().item() + 1.0
-    tol = 1e-4 if ref.dtype == torch.float32 else 2e-2
-    if not err <= tol * scale:
-        raise _fail(
-            model, "verify", f"captured stages differ from the model's forward by {err:.3g} (max |logit|)"
-        )
+    if not err <= rel * (ref.abs().max().item() + 1.0):
+        raise _fail(model, "verify", f"captured stages differ from the model's forward by {err:.3g} (max |logit|)")
 
 
 # -- encoders (BERT-style) ---------------------------------------------------------------------------------
@@ -502,12 +516,7 @@ def capture_encoder(model, *, verify: bool = True):
     """
     from .encoder import EncoderInfo, EncoderProgram
 
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) not in ENCODER_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"cannot capture {type(model).__name__} as an encoder: model_type "
-            f"{getattr(config, 'model_type', None)!r} is not one of {', '.join(ENCODER_MODEL_TYPES)}"
-        )
+    config = _require_type(model, ENCODER_MODEL_TYPES, "an encoder")
     base = getattr(model, "bert", model)
     if not (hasattr(base, "embeddings") and hasattr(base, "encoder")):
         raise _fail(model, "check architecture", "expected .embeddings and .encoder.layer (a BERT encoder)")
@@ -887,13 +896,7 @@ class _Seq2SeqParts:
 
 
 def _check_seq2seq(model) -> None:
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if config is None or model_type not in SEQ2SEQ_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"cannot capture {type(model).__name__} as an encoder-decoder model: model_type {model_type!r} is "
-            f"not one of {', '.join(SEQ2SEQ_MODEL_TYPES)}"
-        )
+    model_type = _require_type(model, SEQ2SEQ_MODEL_TYPES, "an encoder-decoder model").model_type
     if not hasattr(model, "lm_head"):
         raise _fail(model, "check architecture", "expected model.lm_head: a ...ForConditionalGeneration model")
     if model_type == "t5":
@@ -1047,8 +1050,7 @@ def _seq2seq_generation(model) -> dict:
         value = getattr(gen, name, None) if gen is not None else None
         return getattr(cfg, name, None) if value is None else value
 
-    eos = pick("eos_token_id")
-    eos = [] if eos is None else ([int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)])
+    eos = as_ids(pick("eos_token_id"))
     pad = pick("pad_token_id")
     start = pick("decoder_start_token_id")
     if start is None:
@@ -1072,9 +1074,7 @@ def _verify_seq2seq(model, program) -> None:
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
         got = program.logits(ids, dec, mask)
-    err = (ref - got).abs().max().item()
-    if not err <= 1e-4 * (ref.abs().max().item() + 1.0):
-        raise _fail(model, "verify", f"captured stages differ from the model's forward by {err:.3g} (max |logit|)")
+    _check_logits(model, ref, got, 1e-4)
 
 
 def transform_seq2seq(model, passes=(), *, verify: bool = True):
@@ -1164,12 +1164,7 @@ def capture_mamba(model, *, verify: bool = True):
     model's own forward."""
     from .recurrent import RecurrentInfo, RecurrentProgram
 
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) not in RECURRENT_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"cannot capture {type(model).__name__} as a recurrent model: model_type "
-            f"{getattr(config, 'model_type', None)!r} is not one of {', '.join(RECURRENT_MODEL_TYPES)}"
-        )
+    config = _require_type(model, RECURRENT_MODEL_TYPES, "a recurrent model")
     base = getattr(model, "backbone", None)
     if base is None or not hasattr(model, "lm_head"):
         raise _fail(model, "check architecture", "expected model.backbone and model.lm_head (MambaForCausalLM)")
@@ -1203,8 +1198,7 @@ def capture_mamba(model, *, verify: bool = True):
     for gm in (embed, *layers, head):
         simplify(gm)
     gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else config.eos_token_id
-    eos = [] if eos is None else ([int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)])
+    eos = as_ids(getattr(gen, "eos_token_id", None) if gen is not None else config.eos_token_id)
     pad = getattr(gen, "pad_token_id", None) if gen is not None else None
     info = RecurrentInfo(
         architecture=type(model).__name__,
@@ -1225,11 +1219,9 @@ def capture_mamba(model, *, verify: bool = True):
         with torch.no_grad():
             ref = model(input_ids=ids, use_cache=False).logits
             got = program.logits(ids)
-        err = (ref - got).abs().max().item()
         # 1e-3 of the logit scale, not 1e-4 as for attention: 24 float32 Mamba layers round to ~2e-4 of it,
         # the model's own forward as much as the stages (both against a float64 run, Mamba-130m shapes)
-        if not err <= 1e-3 * (ref.abs().max().item() + 1.0):
-            raise _fail(model, "verify", f"captured stages differ from the model's forward by {err:.3g} (max |logit|)")
+        _check_logits(model, ref, got, 1e-3)
     return program
 
 

@@ -148,6 +148,7 @@ class RecurrentProgram:
         may have run past the last token returned)."""
         import array_api_compat.torch as xp
 
+        from .runtime.loop import as_ids
         from .runtime.recurrent import decode_row, generate_dense, prefill
 
         ids = torch.as_tensor(input_ids)
@@ -166,7 +167,7 @@ class RecurrentProgram:
             raise GenerationInputError("recurrent models take left-padded batches: padding must come first")
         if max_new_tokens is None or max_new_tokens < 1:
             raise GenerationInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        eos = list(self.eos_token_ids) if eos_token_id is None else _ids(eos_token_id)
+        eos = list(self.eos_token_ids) if eos_token_id is None else as_ids(eos_token_id)
         pad = (
             pad_token_id
             if pad_token_id is not None
@@ -233,10 +234,6 @@ def _cut(tokens: list[int], eos) -> list[int]:
         if t in eos:
             return tokens[: i + 1]
     return tokens
-
-
-def _ids(value) -> list[int]:
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
 def apply_early_exit(p, program: RecurrentProgram) -> RecurrentProgram:

@@ -22,7 +22,7 @@ from .sampling import Sampler
 from .speculative import Speculation, capacity, longest_draft, sources_of
 from .token_drop import drop_prefill
 
-__all__ = ["Output", "check_inputs", "decode", "prefill", "stop_and_pad"]
+__all__ = ["Output", "as_ids", "check_inputs", "decode", "prefill", "stop_and_pad"]
 
 
 def check_inputs(xp, input_ids, attention_mask, max_new: int, max_positions: int, *, what: str = "the model"):
@@ -54,7 +54,8 @@ def check_inputs(xp, input_ids, attention_mask, max_new: int, max_positions: int
     return ids, mask
 
 
-def _as_ids(value) -> list[int]:
+def as_ids(value) -> list[int]:
+    """Token ids as a list: None -> ``[]``, one id -> ``[id]``, a list or tuple -> its ints."""
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
@@ -65,7 +66,7 @@ def _as_ids(value) -> list[int]:
 def stop_and_pad(plan, eos_token_id, pad_token_id) -> tuple[list[int], int]:
     """The stop token ids (``eos_token_id``, else the plan's; ``[]`` never stops) and the pad id
     (``pad_token_id``, else the plan's, else the first stop token, else 0)."""
-    eos = _as_ids(eos_token_id) if eos_token_id is not None else list(plan.eos_token_ids)
+    eos = as_ids(eos_token_id) if eos_token_id is not None else list(plan.eos_token_ids)
     pad = pad_token_id if pad_token_id is not None else plan.pad_token_id
     if pad is None:
         pad = eos[0] if eos else 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import GenerationInputError
+from .loop import as_ids
 from .token_drop import keep_quota, select_tokens
 
 __all__ = ["bidirectional_mask", "check_inputs", "encode", "generate", "generate_seq2seq"]
@@ -215,12 +216,7 @@ def generate(
     """The front ends' ``generate``: check the inputs, take the stop and pad ids (the given ones, else the
     ``generation`` defaults) and run :func:`generate_seq2seq` with the program's ``info`` (as a dict)."""
     ids, valid = check_inputs(xp, input_ids, attention_mask, max_new_tokens, info["max_positions"])
-    if eos_token_id is None:
-        eos = list(generation["eos_token_id"])
-    else:
-        eos = (
-            [int(e) for e in eos_token_id] if isinstance(eos_token_id, (list, tuple)) else [int(eos_token_id)]
-        )
+    eos = list(generation["eos_token_id"]) if eos_token_id is None else as_ids(eos_token_id)
     return generate_seq2seq(
         run,
         xp,
