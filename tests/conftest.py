@@ -23,9 +23,14 @@ settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHES
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 # the tiny models live in effx.testing (the benchmarks build the same ones); test files import them from here
+from effx import kernels  # noqa: E402
 from effx.testing import left_padded_batch, related_models, tiny_config, tiny_model  # noqa: E402
 
-__all__ = ["left_padded_batch", "opened", "related_models", "tiny_config", "tiny_model"]
+__all__ = ["left_padded_batch", "on_every_isa", "opened", "related_models", "tiny_config", "tiny_model"]
+
+# a kernel test runs once per target this machine runs (AVX-512 machines run the AVX2 and portable builds
+# too; aarch64 under emulation: tests/test_kernels_harness.py), with the kernels built for it in force
+on_every_isa = pytest.mark.parametrize("isa", kernels.isas())
 
 
 def opened(gen) -> set[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import on_every_isa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,10 +17,6 @@ from effx.passes import EarlyExit, Lower, NeuronMask
 from effx.runtime.torch_backend import torch_backend
 from effx.testing import left_padded_batch, tiny_model
 
-needs_kernels = pytest.mark.skipif(
-    not kernels.available(), reason=f"no effx kernels: {kernels.unavailable_reason()}"
-)
-
 # The stated bound of the fast kernels against torch's float32 ops: each output is a float32 dot product in
 # another order, so they differ by a few ulps of the sum of |x_k w_k| (here: 1e-5 of it).
 REL = 1e-5
@@ -29,7 +26,7 @@ def _bound(x, w):
     return REL * (x.abs() @ w.abs().T) + 1e-6
 
 
-@needs_kernels
+@on_every_isa
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.integers(1, kernels.MAX_ROWS),
@@ -38,17 +35,18 @@ def _bound(x, w):
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_linear_matches_reference_within_bound(rows, n, k, bias, seed):
-    g = torch.Generator().manual_seed(seed)
-    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
-    b = torch.randn(n, generator=g) if bias else None
-    with torch.inference_mode():
-        got, ref = kernels.linear(x, w, b), F.linear(x, w, b)
-    assert got.shape == ref.shape
-    assert ((got - ref).abs() <= _bound(x, w)).all()
+def test_linear_matches_reference_within_bound(isa, rows, n, k, bias, seed):
+    with kernels.use(isa):
+        g = torch.Generator().manual_seed(seed)
+        x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+        b = torch.randn(n, generator=g) if bias else None
+        with torch.inference_mode():
+            got, ref = kernels.linear(x, w, b), F.linear(x, w, b)
+        assert got.shape == ref.shape
+        assert ((got - ref).abs() <= _bound(x, w)).all()
 
 
-@needs_kernels
+@on_every_isa
 @settings(max_examples=25, deadline=None)
 @given(
     rows=st.integers(2, kernels.MAX_ROWS),
@@ -56,58 +54,61 @@ def test_linear_matches_reference_within_bound(rows, n, k, bias, seed):
     k=st.integers(1, 80),
     seed=st.integers(0, 999),
 )
-def test_kernels_are_batch_invariant(rows, n, k, seed):
+def test_kernels_are_batch_invariant(isa, rows, n, k, seed):
     """A row computed with others is bitwise the row computed alone (what lossless verification rests on)."""
-    g = torch.Generator().manual_seed(seed)
-    x, w, w2 = (
-        torch.randn(rows, k, generator=g),
-        torch.randn(n, k, generator=g),
-        torch.randn(n, k, generator=g),
-    )
-    with torch.inference_mode():
-        together = kernels.linear(x, w)
-        gated = kernels.gated(x, w, w2)
-        for r in (0, rows - 1):
-            assert torch.equal(kernels.linear(x[r : r + 1], w), together[r : r + 1])
-            assert torch.equal(kernels.gated(x[r : r + 1], w, w2), gated[r : r + 1])
+    with kernels.use(isa):
+        g = torch.Generator().manual_seed(seed)
+        x, w, w2 = (
+            torch.randn(rows, k, generator=g),
+            torch.randn(n, k, generator=g),
+            torch.randn(n, k, generator=g),
+        )
+        with torch.inference_mode():
+            together = kernels.linear(x, w)
+            gated = kernels.gated(x, w, w2)
+            for r in (0, rows - 1):
+                assert torch.equal(kernels.linear(x[r : r + 1], w), together[r : r + 1])
+                assert torch.equal(kernels.gated(x[r : r + 1], w, w2), gated[r : r + 1])
 
 
-@needs_kernels
-def test_thread_count_does_not_change_results():
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(4, 200, generator=g), torch.randn(300, 200, generator=g)
-    threads = torch.get_num_threads()
-    with torch.inference_mode():
-        try:
-            torch.set_num_threads(1)
-            one = kernels.linear(x, w)
-        finally:
-            torch.set_num_threads(threads)
-        assert torch.equal(one, kernels.linear(x, w))
+@on_every_isa
+def test_thread_count_does_not_change_results(isa):
+    with kernels.use(isa):
+        g = torch.Generator().manual_seed(0)
+        x, w = torch.randn(4, 200, generator=g), torch.randn(300, 200, generator=g)
+        threads = torch.get_num_threads()
+        with torch.inference_mode():
+            try:
+                torch.set_num_threads(1)
+                one = kernels.linear(x, w)
+            finally:
+                torch.set_num_threads(threads)
+            assert torch.equal(one, kernels.linear(x, w))
 
 
-@needs_kernels
-def test_fused_kernels_match_reference():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 48, generator=g)
-    wg, wu = torch.randn(80, 48, generator=g) * 0.2, torch.randn(80, 48, generator=g) * 0.2
-    norm_w = torch.randn(48, generator=g)
-    ids = torch.tensor([7, 0, 79, 7, 31])
-    with torch.inference_mode():
-        torch.testing.assert_close(kernels.gated(x, wg, wu), F.silu(F.linear(x, wg)) * F.linear(x, wu))
-        ref = norm_w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
-        torch.testing.assert_close(kernels.rms_norm(x, norm_w, 1e-5), ref)
-        torch.testing.assert_close(kernels.linear_rows(x, wg, ids), F.linear(x, wg[ids]))
-        many = kernels.linear_many(x, (wg, wu[:5]), (None, torch.ones(5)))
-        torch.testing.assert_close(many[1], F.linear(x, wu[:5], torch.ones(5)))
-        # q, k, v as heads, rope on q and k
-        wq, wk, wv = (torch.randn(n, 48, generator=g) * 0.2 for n in (64, 32, 32))
-        cos, sin = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g)
-        q, k, v = kernels.qkv_rope(x, wq, wk, wv, None, None, None, cos, sin, 16)
-        heads = [F.linear(x, w).view(2, 3, -1, 16).transpose(1, 2) for w in (wq, wk, wv)]
-        torch.testing.assert_close(q, kernels._rotate(heads[0], cos, sin))
-        torch.testing.assert_close(k, kernels._rotate(heads[1], cos, sin))
-        torch.testing.assert_close(v, heads[2])
+@on_every_isa
+def test_fused_kernels_match_reference(isa):
+    with kernels.use(isa):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 3, 48, generator=g)
+        wg, wu = torch.randn(80, 48, generator=g) * 0.2, torch.randn(80, 48, generator=g) * 0.2
+        norm_w = torch.randn(48, generator=g)
+        ids = torch.tensor([7, 0, 79, 7, 31])
+        with torch.inference_mode():
+            torch.testing.assert_close(kernels.gated(x, wg, wu), F.silu(F.linear(x, wg)) * F.linear(x, wu))
+            ref = norm_w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+            torch.testing.assert_close(kernels.rms_norm(x, norm_w, 1e-5), ref)
+            torch.testing.assert_close(kernels.linear_rows(x, wg, ids), F.linear(x, wg[ids]))
+            many = kernels.linear_many(x, (wg, wu[:5]), (None, torch.ones(5)))
+            torch.testing.assert_close(many[1], F.linear(x, wu[:5], torch.ones(5)))
+            # q, k, v as heads, rope on q and k
+            wq, wk, wv = (torch.randn(n, 48, generator=g) * 0.2 for n in (64, 32, 32))
+            cos, sin = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g)
+            q, k, v = kernels.qkv_rope(x, wq, wk, wv, None, None, None, cos, sin, 16)
+            heads = [F.linear(x, w).view(2, 3, -1, 16).transpose(1, 2) for w in (wq, wk, wv)]
+            torch.testing.assert_close(q, kernels._rotate(heads[0], cos, sin))
+            torch.testing.assert_close(k, kernels._rotate(heads[1], cos, sin))
+            torch.testing.assert_close(v, heads[2])
 
 
 def test_append_kv_writes_into_the_cache_buffer_or_concatenates():
@@ -205,7 +206,7 @@ def test_fast_program_logits_within_bound_of_reference(kind):
     assert torch.equal(out_fast, out_ref)  # tiny random models have peaked logits: no greedy near-ties
 
 
-@needs_kernels
+@on_every_isa
 @settings(max_examples=6, deadline=None)
 @given(
     layers=st.integers(2, 4),
@@ -213,18 +214,19 @@ def test_fast_program_logits_within_bound_of_reference(kind):
     heads=st.sampled_from([2, 4]),
     seed=st.integers(0, 100),
 )
-def test_fast_self_speculative_equals_fast_dense(layers, hidden, heads, seed):
+def test_fast_self_speculative_equals_fast_dense(isa, layers, hidden, heads, seed):
     """Lossless on the fast kernels: drafts verified in one multi-token step give the dense greedy tokens."""
-    model = tiny_model("llama", seed=seed, layers=layers, hidden=hidden, heads=heads, kv_heads=heads // 2)
-    dense = effx.transform(model)
-    spec = effx.transform(
-        model, [EarlyExit(layers=(0,), thresholds=(0.2,), mode="self-speculative", draft=3)]
-    )
-    assert spec.plan.kernels == "fast"
-    ids, mask = left_padded_batch([5, 8], model.config.vocab_size, seed=seed)
-    a = dense.generate(ids, attention_mask=mask, max_new_tokens=16)
-    b = spec.generate(ids, attention_mask=mask, max_new_tokens=16)
-    assert torch.equal(a, b)
+    with kernels.use(isa):
+        model = tiny_model("llama", seed=seed, layers=layers, hidden=hidden, heads=heads, kv_heads=heads // 2)
+        dense = effx.transform(model)
+        spec = effx.transform(
+            model, [EarlyExit(layers=(0,), thresholds=(0.2,), mode="self-speculative", draft=3)]
+        )
+        assert spec.plan.kernels == "fast"
+        ids, mask = left_padded_batch([5, 8], model.config.vocab_size, seed=seed)
+        a = dense.generate(ids, attention_mask=mask, max_new_tokens=16)
+        b = spec.generate(ids, attention_mask=mask, max_new_tokens=16)
+        assert torch.equal(a, b)
 
 
 def test_lower_step_is_recorded_and_round_trips():

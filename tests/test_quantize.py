@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import on_every_isa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,9 +20,6 @@ from effx.flops import decode_weight_bytes, weight_bytes
 from effx.quant import dequantize, pack4, quantize_rtn, unpack4
 from effx.testing import left_padded_batch, tiny_model
 
-needs_kernels = pytest.mark.skipif(
-    not kernels.available(), reason=f"no effx kernels: {kernels.unavailable_reason()}"
-)
 QLINEAR = torch.ops.effx.qlinear.default
 KINDS = [
     dict(bits=4),
@@ -99,7 +97,7 @@ def test_bad_quantize_configs_are_refused():
 # -- kernels on quantized bytes ---------------------------------------------------------------------------
 
 
-@needs_kernels
+@on_every_isa
 @settings(max_examples=40, deadline=None)
 @given(
     kind=st.sampled_from(KINDS),
@@ -111,38 +109,44 @@ def test_bad_quantize_configs_are_refused():
     seed=st.integers(0, 2**16),
 )
 def test_kernels_on_quantized_bytes_equal_float_kernels_on_dequantized(
-    kind, group, blocks, n, rows, scale32, seed
+    isa, kind, group, blocks, n, rows, scale32, seed
 ):
     """Bitwise: the kernels de-quantize exactly as effx.quant does and accumulate in the float kernels'
     order, so quantization changes nothing but the weights (K a multiple of 32)."""
-    g = torch.Generator().manual_seed(seed)
-    k = 32 * blocks
-    w, x, b = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g), torch.randn(n, generator=g)
-    qw = _rtn(
-        w, kind["bits"], group, kind.get("symmetric", False), torch.float32 if scale32 else torch.float16
-    )
-    tensors, wd = qw.tensors(), qw.dequantize()
-    assert torch.equal(kernels.linear(x, tensors, b), kernels.linear(x, wd, b))
-    assert torch.equal(kernels.gated(x, tensors, tensors), kernels.gated(x, wd, wd))
-    ids = torch.randint(0, n, (min(n, 9),), generator=g)
-    assert torch.equal(kernels.linear_rows(x, tensors, ids), kernels.linear_rows(x, wd, ids))
-    many = kernels.linear_many(x, (tensors, wd), (None, b))
-    assert torch.equal(many[0], kernels.linear(x, wd)) and torch.equal(many[1], kernels.linear(x, wd, b))
+    with kernels.use(isa):
+        g = torch.Generator().manual_seed(seed)
+        k = 32 * blocks
+        w, x, b = (
+            torch.randn(n, k, generator=g),
+            torch.randn(rows, k, generator=g),
+            torch.randn(n, generator=g),
+        )
+        qw = _rtn(
+            w, kind["bits"], group, kind.get("symmetric", False), torch.float32 if scale32 else torch.float16
+        )
+        tensors, wd = qw.tensors(), qw.dequantize()
+        assert torch.equal(kernels.linear(x, tensors, b), kernels.linear(x, wd, b))
+        assert torch.equal(kernels.gated(x, tensors, tensors), kernels.gated(x, wd, wd))
+        ids = torch.randint(0, n, (min(n, 9),), generator=g)
+        assert torch.equal(kernels.linear_rows(x, tensors, ids), kernels.linear_rows(x, wd, ids))
+        many = kernels.linear_many(x, (tensors, wd), (None, b))
+        assert torch.equal(many[0], kernels.linear(x, wd)) and torch.equal(many[1], kernels.linear(x, wd, b))
 
 
-@needs_kernels
+@on_every_isa
 @settings(max_examples=25, deadline=None)
 @given(
     kind=st.sampled_from(KINDS), k=st.integers(1, 100), rows=st.integers(1, 80), seed=st.integers(0, 2**16)
 )
-def test_kernels_on_any_shape_are_within_the_float_bound(kind, k, rows, seed):
+def test_kernels_on_any_shape_are_within_the_float_bound(isa, kind, k, rows, seed):
     """Any K (a padded last block) and any number of rows (more than MAX_ROWS run in chunks)."""
-    g = torch.Generator().manual_seed(seed)
-    w, x = torch.randn(11, k, generator=g), torch.randn(rows, k, generator=g)
-    qw = _rtn(w, kind["bits"], 32, kind.get("symmetric", False))
-    wd = qw.dequantize()
-    got, ref = kernels.linear(x, qw.tensors()), F.linear(x, wd)
-    assert ((got - ref).abs() <= 1e-5 * (x.abs() @ wd.abs().T) + 1e-6).all()
+    with kernels.use(isa):
+        g = torch.Generator().manual_seed(seed)
+        w, x = torch.randn(11, k, generator=g), torch.randn(rows, k, generator=g)
+        qw = _rtn(w, kind["bits"], 32, kind.get("symmetric", False))
+        wd = qw.dequantize()
+        got, ref = kernels.linear(x, qw.tensors()), F.linear(x, wd)
+        assert ((got - ref).abs() <= 1e-5 * (x.abs() @ wd.abs().T) + 1e-6).all()
 
 
 def test_kernels_refuse_malformed_quantized_operands():
@@ -248,17 +252,19 @@ def test_exits_share_the_quantized_head(model):
     assert head_q == exit_q
 
 
-@needs_kernels
-def test_self_speculative_on_quantized_program_is_lossless(model):
+@on_every_isa
+def test_self_speculative_on_quantized_program_is_lossless(isa, model):
     """Drafts verified by the quantized Program: the output is that Program's own dense greedy output."""
-    ids, mask = left_padded_batch([7, 4], model.config.vocab_size, seed=3)
-    base = effx.transform(model, passes="quantize{bits=4}")
-    spec = effx.transform(
-        model, passes="early-exit{layers=0 thresholds=0.0 mode=self-speculative draft=3}, quantize{bits=4}"
-    )
-    a = base.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
-    b = spec.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
-    assert torch.equal(a, b)
+    with kernels.use(isa):
+        ids, mask = left_padded_batch([7, 4], model.config.vocab_size, seed=3)
+        base = effx.transform(model, passes="quantize{bits=4}")
+        spec = effx.transform(
+            model,
+            passes="early-exit{layers=0 thresholds=0.0 mode=self-speculative draft=3}, quantize{bits=4}",
+        )
+        a = base.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        b = spec.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        assert torch.equal(a, b)
 
 
 def test_core_neurons_are_refused(model):
@@ -327,14 +333,15 @@ def test_gguf_import_is_exact(tmp_path):
     )
 
 
-@needs_kernels
-def test_gguf_import_with_fast_kernels_equals_fast_dense(tmp_path):
-    model, path = _gguf_model(tmp_path, lambda n: "q8_0" if "embed" in n else "q4_1")
-    dense = effx.transform(model, passes=[])
-    q = effx.transform(model, passes=f"quantize{{source=gguf file={path} layers=0}}")
-    ids, mask = left_padded_batch([6, 5], model.config.vocab_size, seed=6)
-    a = q.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    assert torch.equal(a, dense.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False))
+@on_every_isa
+def test_gguf_import_with_fast_kernels_equals_fast_dense(isa, tmp_path):
+    with kernels.use(isa):
+        model, path = _gguf_model(tmp_path, lambda n: "q8_0" if "embed" in n else "q4_1")
+        dense = effx.transform(model, passes=[])
+        q = effx.transform(model, passes=f"quantize{{source=gguf file={path} layers=0}}")
+        ids, mask = left_padded_batch([6, 5], model.config.vocab_size, seed=6)
+        a = q.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        assert torch.equal(a, dense.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False))
 
 
 def test_gguf_dequantization_matches_gguf_py(tmp_path):

@@ -4,7 +4,8 @@ torch's default float32 ``F.linear`` (MKL) reaches about a third of this kind of
 for one token and doubles in cost from one token to two (it repacks the weight for every multi-row
 product). A decode step, a batch of decode steps and a verification of a few drafted tokens all multiply a
 few rows of activations by every weight once, so they should cost what reading the weights costs. The
-kernels here (``cpu.c``, AVX-512) do that on the weights' own row-major layout:
+kernels here (``cpu.c``) do that on the weights' own row-major layout, on every CPU the machines users have
+run: AVX-512, AVX2 + FMA (x86-64), Advanced SIMD (aarch64), and portable C elsewhere (see :data:`ISAS`):
 
 * :func:`linear`: ``x @ w.T (+ b)``; :func:`linear_many`: several products of one input in one parallel
   loop (a layer's q, k and v); :func:`linear_rows`: a product with a gathered subset of weight rows (a pruned
@@ -18,19 +19,23 @@ exactly as :func:`effx.quant.dequantize` computes it: a quantized product equals
 de-quantized weight bit for bit (for k a multiple of 32). Quantized products of more than :data:`MAX_ROWS`
 rows run as calls of :data:`MAX_ROWS` rows (the reference op would de-quantize the whole weight).
 
-Numerics: float32 throughout, every output one dot product in a fixed order, so the kernels are batch
-invariant (a token's row is bitwise the same computed alone or with others) but differ from MKL in the
-last bits (about 1e-6 relative; tests bound the logits). Products of more than :data:`MAX_ROWS`
+Numerics: float32 throughout, every output one dot product in a fixed order (16 lanes of fused
+multiply-adds, then a fixed tree), so the kernels are batch invariant (a token's row is bitwise the same
+computed alone or with others) and give the same bits on every target, but differ from MKL in the last bits
+(about 1e-6 relative; tests bound the logits). Products of more than :data:`MAX_ROWS`
 activation rows (a prefill) go to torch's ``F.linear``, which is compute-bound there and faster.
 
-The library is compiled with the C compiler (``$CC``, else ``cc``/``gcc``) at first use into the effx cache
-directory (``<cache>/kernels``; about a second). Where it cannot be (no compiler, no AVX-512, not x86-64
-Linux), :func:`available` is False, :func:`unavailable_reason` says why, and the torch backend runs the
-reference ATen ops.
+The library is compiled for the best target this CPU runs (:func:`isas`; ``EFFX_KERNELS=avx2`` or another
+target's name forces one, ``EFFX_KERNELS=off`` none) with the C compiler (``$CC``, else ``cc``/``gcc``) at
+first use into the effx cache directory (``<cache>/kernels``, which must be this user's and not writable by
+others; about a second). Where it cannot be (no compiler, an x86 CPU without AVX2/FMA, not Linux),
+:func:`available` is False, :func:`unavailable_reason` says why, and the torch backend runs the reference
+ATen ops. :func:`describe` says which target runs, for reports and benchmarks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -47,20 +52,38 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "ISAS",
     "MAX_ROWS",
     "append_kv",
     "available",
+    "cpu_features",
+    "describe",
     "gated",
+    "isa",
+    "isas",
     "linear",
     "linear_many",
     "linear_rows",
     "qkv_rope",
     "rms_norm",
     "unavailable_reason",
+    "use",
 ]
 
 # products with more activation rows than this go to F.linear (a prefill is compute-bound, not memory-bound)
 MAX_ROWS = 32
+
+#: The targets ``cpu.c`` builds for, best first; :func:`isas` says which of them this machine runs.
+ISAS = ("avx512", "avx2", "neon", "generic")
+# compiler flags per target (the source picks its vector code from the macros these define)
+_ISA_FLAGS = {
+    "avx512": ("-mavx512f", "-mavx512bw", "-mfma", "-mf16c"),
+    "avx2": ("-mavx2", "-mfma", "-mf16c"),
+    "neon": (),
+    "generic": ("-DEFFX_FORCE_GENERIC",),
+}
+# what each x86 target needs of the CPU (/proc/cpuinfo's flag names)
+_X86_NEEDS = {"avx512": {"avx512f", "avx512bw", "fma", "f16c"}, "avx2": {"avx2", "fma", "f16c"}}
 
 _SOURCE = Path(__file__).with_name("cpu.c")
 _FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off")
@@ -81,23 +104,86 @@ def _compiler() -> str | None:
     return None
 
 
-def _build() -> Path:
-    """Compile ``cpu.c`` (once per source, flags and compiler) and return the shared library's path."""
+def _arch() -> str:
+    """``x86_64``, ``aarch64`` or what else the machine says."""
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """The CPU's instruction-set flags as Linux reports them (``/proc/cpuinfo``: ``flags`` on x86,
+    ``Features`` on ARM); empty where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def isas() -> tuple[str, ...]:
+    """The kernel targets this machine can build and run, best first (the first is what runs by default,
+    except ``generic`` on x86-64, which only tests use: there torch's own ops are faster)."""
+    if not sys.platform.startswith("linux"):
+        return ()
+    arch, flags = _arch(), cpu_features()
+    if arch == "x86_64":
+        return (*(isa for isa, needs in _X86_NEEDS.items() if needs <= flags), "generic")
+    if arch == "aarch64":
+        return ("neon", "generic")
+    return ("generic",)
+
+
+def _default_isa() -> tuple[str | None, str]:
+    """The target to run when none is asked for, or None and why."""
+    if not sys.platform.startswith("linux"):
+        return (
+            None,
+            f"effx's CPU kernels are built for Linux (x86-64, aarch64 and others), not {sys.platform}",
+        )
+    best = isas()[0]
+    if best == "generic" and _arch() == "x86_64":
+        return None, "this CPU lacks AVX2/FMA/F16C (flags: avx512f+avx512bw or avx2, with fma and f16c)"
+    return best, ""
+
+
+def _private_dir(path: Path) -> str:
+    """'' if ``path`` is a folder owned by this user that no one else can write to (where a shared library
+    may be loaded from), else why not."""
+    st = path.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"{path} is owned by another user"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by others (chmod go-w it, or set EFFX_CACHE)"
+    return ""
+
+
+def _build(isa: str) -> Path:
+    """Compile ``cpu.c`` for ``isa`` (once per source, flags and compiler) and return the library's path."""
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler found (set $CC, or install gcc)")
+    flags = (*_FLAGS, *_ISA_FLAGS[isa])
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((cc, *_FLAGS)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"effx_cpu_{key}.so"
+    key = hashlib.sha256(source + " ".join((cc, *flags)).encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    unsafe = _private_dir(folder)
+    if unsafe:
+        raise OSError(f"refusing to load compiled kernels from {folder}: {unsafe}")
+    target = folder / f"effx_cpu_{isa}_{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
-        run = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        run = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
         if run.returncode != 0:
-            raise OSError(f"{cc} failed to compile {_SOURCE.name}: {run.stderr.strip()[-400:]}")
+            raise OSError(f"{cc} failed to compile {_SOURCE.name} for {isa}: {run.stderr.strip()[-400:]}")
         os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
     finally:
         if os.path.exists(tmp):
@@ -106,17 +192,17 @@ def _build() -> Path:
 
 
 @functools.cache
-def _library() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get("EFFX_KERNELS", "").lower() in ("0", "off", "reference"):
-        return None, "disabled by EFFX_KERNELS"
-    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"effx's CPU kernels are built for x86-64 Linux, not {sys.platform}/{platform.machine()}"
+def _load(isa: str) -> tuple[ctypes.CDLL | None, str]:
+    """The kernel library built for ``isa``, or None and why not."""
+    if isa not in isas():
+        return None, f"this machine cannot run effx's {isa} kernels (it runs: {', '.join(isas()) or 'none'})"
     try:
-        lib = ctypes.CDLL(str(_build()))
+        lib = ctypes.CDLL(str(_build(isa)))
     except OSError as e:
         return None, str(e)
-    if not lib.effx_supported():
-        return None, "this CPU lacks AVX-512F/FMA"
+    lib.effx_isa.restype = ctypes.c_char_p
+    if lib.effx_isa().decode() != isa or not lib.effx_supported():
+        return None, f"the {isa} build of effx's kernels does not run on this CPU"
     lib.effx_linear.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I]
     lib.effx_linear1.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I, _I]
     lib.effx_qkv_rope.argtypes = [_P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I]
@@ -137,6 +223,49 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     return lib, ""
 
 
+# the target forced by use() (tests, benchmarks); None: EFFX_KERNELS, else the best this CPU runs
+_forced: list[str] = []
+
+
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """The kernel library the torch backend runs now, or None and why not. ``EFFX_KERNELS`` chooses:
+    unset or ``auto`` for the best target this CPU runs, ``off`` (or ``0``, ``reference``) for torch's own
+    ops, or a target's name (``avx2``, ...) to run that one."""
+    if _forced:
+        return _load(_forced[-1])
+    return _chosen(os.environ.get("EFFX_KERNELS", ""))
+
+
+@functools.cache
+def _chosen(setting: str) -> tuple[ctypes.CDLL | None, str]:
+    choice = setting.strip().lower()
+    if choice in ("0", "off", "reference"):
+        return None, "disabled by EFFX_KERNELS"
+    if choice in ("", "auto", "fast"):
+        isa, why = _default_isa()
+        return (None, why) if isa is None else _load(isa)
+    if choice not in ISAS:
+        return None, f"EFFX_KERNELS={choice!r} is not one of auto, off, {', '.join(ISAS)}"
+    return _load(choice)
+
+
+@contextlib.contextmanager
+def use(isa: str):
+    """Run the kernels built for ``isa`` (one of :data:`ISAS`) inside the ``with`` block, in this thread
+    and every other (tests and benchmarks compare targets in one process); ValueError if this machine
+    cannot run it."""
+    if isa not in ISAS:
+        raise ValueError(f"kernel target must be one of {', '.join(ISAS)}, got {isa!r}")
+    lib, why = _load(isa)
+    if lib is None:
+        raise ValueError(why)
+    _forced.append(isa)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
 def available() -> bool:
     """Whether effx's CPU kernels run on this machine (built and loaded at the first call)."""
     return _library()[0] is not None
@@ -145,6 +274,23 @@ def available() -> bool:
 def unavailable_reason() -> str:
     """Why :func:`available` is False ('' when it is True)."""
     return _library()[1]
+
+
+def isa() -> str:
+    """The target the kernels run now (``avx512``, ``avx2``, ``neon``, ``generic``), '' if they do not."""
+    lib = _library()[0]
+    return "" if lib is None else lib.effx_isa().decode()
+
+
+def describe() -> str:
+    """One line for reports and benchmarks: the kernel target that runs (or why none does) and the CPU's
+    vector instruction sets."""
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "asimd",
+              "asimddp", "sve", "i8mm")  # fmt: skip
+    shown = [f for f in wanted if f in cpu_features()]
+    cpu = f"{_arch()}: {' '.join(shown) if shown else 'no vector flags read'}"
+    which = isa()
+    return f"effx kernels {which} ({cpu})" if which else f"effx kernels off: {unavailable_reason()} ({cpu})"
 
 
 class _Weight(ctypes.Structure):

@@ -5,70 +5,326 @@
  * row once per call, whatever the number of activation rows (up to a few dozen), from the weight's own
  * row-major [N, K] layout: no packed copy, so passes' slices, shared weights and row gathers need nothing
  * more. Every output y[m, n] is one dot product accumulated in a fixed order (16-lane partial sums over k,
- * then a fixed reduction), on one thread: results do not depend on how many rows are computed together
- * (batch invariant) nor on the thread count.
+ * each lane a fused multiply-add, then a fixed tree reduction), on one thread: results do not depend on how
+ * many rows are computed together (batch invariant), nor on the thread count, nor on the instruction set.
  *
- * Built by effx.kernels with the C compiler at first use; AVX-512F. Threads come from OpenMP (the libgomp
- * that torch loaded, which this library links against by soname).
+ * One source for every target. The kernels are written against a 16-lane float vector (v16 below) whose
+ * operations each target implements with its own instructions:
+ *
+ *   EFFX_ISA_AVX512   x86-64 AVX-512F/BW + FMA + F16C: one 512-bit register per v16
+ *   EFFX_ISA_AVX2     x86-64 AVX2 + FMA + F16C: two 256-bit registers
+ *   EFFX_ISA_NEON     aarch64 Advanced SIMD: four 128-bit registers
+ *   EFFX_ISA_GENERIC  portable C (fmaf per lane): the reference the others are checked against
+ *
+ * chosen by the compiler flags of the build (effx.kernels builds the one this CPU runs best, at first use;
+ * -DEFFX_FORCE_GENERIC builds the portable one anywhere).
+ * Since a lane's multiply-adds and the reduction tree are the same on every target, every target computes
+ * the same bits (tests/kernels_harness.c checks this across targets, aarch64 under emulation). Only the
+ * block shapes (how many weight rows share a pass over k) differ, to fit each target's registers.
+ *
+ * Threads come from OpenMP (the libgomp that torch loaded, which this library links against by soname).
  */
-#include <immintrin.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
-#define TARGET __attribute__((target("avx512f,avx512bw,fma,f16c")))
+#if defined(EFFX_FORCE_GENERIC)
+#define EFFX_ISA_GENERIC 1
+#define EFFX_ISA_NAME "generic"
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__FMA__) && defined(__F16C__)
+#define EFFX_ISA_AVX512 1
+#define EFFX_ISA_NAME "avx512"
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define EFFX_ISA_AVX2 1
+#define EFFX_ISA_NAME "avx2"
+#include <immintrin.h>
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define EFFX_ISA_NEON 1
+#define EFFX_ISA_NAME "neon"
+#include <arm_neon.h>
+#else
+#define EFFX_ISA_GENERIC 1
+#define EFFX_ISA_NAME "generic"
+#endif
+
 #define INLINE static inline __attribute__((always_inline))
 
+/* The instruction set this build was compiled for. */
+const char *effx_isa(void) { return EFFX_ISA_NAME; }
+
+/* Whether this CPU runs this build's instructions. */
 int effx_supported(void) {
+#if defined(EFFX_ISA_AVX512) || defined(EFFX_ISA_AVX2)
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
+#if defined(EFFX_ISA_AVX512)
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw")) return 0;
+#else
+  if (!__builtin_cpu_supports("avx2")) return 0;
+#endif
+  return __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return 1; /* Advanced SIMD is part of every aarch64 CPU; the generic build needs nothing */
+#endif
 }
 
 /* How far ahead of the rows being read (in floats) the next weight bytes are prefetched into L2: 64 KB.
  * Rows of a block are contiguous, so this reaches a few blocks ahead; the hardware prefetchers alone
  * kept too few lines in flight (SmolLM2's layer products: 19.7 -> 17.0 ms for one token, 23.3 -> 17.6 ms
- * for four, measured interleaved). A prefetch past the end of a weight is a harmless hint. */
+ * for four, measured interleaved on AVX-512). A prefetch past the end of a weight is a harmless hint. */
 #define PREFETCH 16384
+#define prefetch(p) __builtin_prefetch((const void *)(p), 0, 2)
+
+/* ---- the 16-lane vector, per target --------------------------------------------------------------- */
+
+#if defined(EFFX_ISA_AVX512)
+typedef struct { __m512 v; } v16;
+INLINE v16 v_zero(void) { return (v16){_mm512_setzero_ps()}; }
+INLINE v16 v_load(const float *p) { return (v16){_mm512_loadu_ps(p)}; }
+INLINE v16 v_set1(float a) { return (v16){_mm512_set1_ps(a)}; }
+INLINE v16 v_fma(v16 a, v16 b, v16 c) { return (v16){_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+INLINE v16 v_mul(v16 a, v16 b) { return (v16){_mm512_mul_ps(a.v, b.v)}; }
+INLINE v16 v_add(v16 a, v16 b) { return (v16){_mm512_add_ps(a.v, b.v)}; }
+INLINE float v_sum(v16 a) { /* lanes (i, i+8), then (i, i+4), (i, i+2), (0, 1) */
+  __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a.v), 
+                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a.v), 1)));
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+/* 16 integers as floats: unsigned bytes, signed bytes, and the low or high nibbles of 16 bytes */
+INLINE v16 v_from_u8(const uint8_t *p) { return (v16){_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)))}; }
+INLINE v16 v_from_i8(const int8_t *p) { return (v16){_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)))}; }
+INLINE void v_nibbles(const uint8_t *p, v16 *lo, v16 *hi) {
+  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+  lo->v = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+  hi->v = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+}
+INLINE v16 v_from_bf16(const uint16_t *p) {
+  __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+  return (v16){_mm512_castsi512_ps(_mm512_slli_epi32(a, 16))};
+}
+INLINE float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+/* block shapes: for MB activation rows, R weight rows per pass over k (MB * R accumulators) */
+#define R1 8
+#define R2 8
+#define R3 6
+#define R4 6
+#define R5 4
+#define R6 4
+
+#elif defined(EFFX_ISA_AVX2)
+typedef struct { __m256 a, b; } v16; /* lanes 0..7, 8..15 */
+INLINE v16 v_zero(void) { return (v16){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+INLINE v16 v_load(const float *p) { return (v16){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+INLINE v16 v_set1(float a) { return (v16){_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
+INLINE v16 v_fma(v16 x, v16 y, v16 c) { return (v16){_mm256_fmadd_ps(x.a, y.a, c.a), _mm256_fmadd_ps(x.b, y.b, c.b)}; }
+INLINE v16 v_mul(v16 x, v16 y) { return (v16){_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
+INLINE v16 v_add(v16 x, v16 y) { return (v16){_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }
+INLINE float v_sum(v16 x) {
+  __m256 s8 = _mm256_add_ps(x.a, x.b);
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+INLINE v16 v_from_u8(const uint8_t *p) {
+  return (v16){_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p))),
+               _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))))};
+}
+INLINE v16 v_from_i8(const int8_t *p) {
+  return (v16){_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))),
+               _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))))};
+}
+INLINE void v_nibbles(const uint8_t *p, v16 *lo, v16 *hi) {
+  __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+  const __m256i f = _mm256_set1_epi32(15);
+  lo->a = _mm256_cvtepi32_ps(_mm256_and_si256(a, f));
+  lo->b = _mm256_cvtepi32_ps(_mm256_and_si256(b, f));
+  hi->a = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+  hi->b = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+INLINE v16 v_from_bf16(const uint16_t *p) {
+  __m256i a = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+  __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 8)));
+  return (v16){_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(b, 16))};
+}
+INLINE float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+/* 16 registers of 8 lanes: at most 12 accumulators (two registers each: 6 v16) beside the operands */
+#define R1 4
+#define R2 3
+#define R3 2
+#define R4 1
+#define R5 1
+#define R6 1
+
+#elif defined(EFFX_ISA_NEON)
+typedef struct { float32x4_t q[4]; } v16;
+INLINE v16 v_zero(void) { v16 r; for (int i = 0; i < 4; i++) r.q[i] = vdupq_n_f32(0.f); return r; }
+INLINE v16 v_load(const float *p) { v16 r; for (int i = 0; i < 4; i++) r.q[i] = vld1q_f32(p + 4 * i); return r; }
+INLINE v16 v_set1(float a) { v16 r; for (int i = 0; i < 4; i++) r.q[i] = vdupq_n_f32(a); return r; }
+INLINE v16 v_fma(v16 x, v16 y, v16 c) { v16 r; for (int i = 0; i < 4; i++) r.q[i] = vfmaq_f32(c.q[i], x.q[i], y.q[i]); return r; }
+INLINE v16 v_mul(v16 x, v16 y) { v16 r; for (int i = 0; i < 4; i++) r.q[i] = vmulq_f32(x.q[i], y.q[i]); return r; }
+INLINE v16 v_add(v16 x, v16 y) { v16 r; for (int i = 0; i < 4; i++) r.q[i] = vaddq_f32(x.q[i], y.q[i]); return r; }
+INLINE float v_sum(v16 x) {
+  float32x4_t s8a = vaddq_f32(x.q[0], x.q[2]), s8b = vaddq_f32(x.q[1], x.q[3]); /* lanes (i, i+8) */
+  float32x4_t s4 = vaddq_f32(s8a, s8b);                                          /* (i, i+4) */
+  float32x2_t s2 = vadd_f32(vget_low_f32(s4), vget_high_f32(s4));               /* (i, i+2) */
+  return vget_lane_f32(s2, 0) + vget_lane_f32(s2, 1);
+}
+INLINE float32x4_t u32_to_f(uint32x4_t u) { return vcvtq_f32_u32(u); }
+INLINE v16 v_from_u8x16(uint8x16_t b) {
+  uint16x8_t lo = vmovl_u8(vget_low_u8(b)), hi = vmovl_u8(vget_high_u8(b));
+  v16 r;
+  r.q[0] = u32_to_f(vmovl_u16(vget_low_u16(lo)));
+  r.q[1] = u32_to_f(vmovl_u16(vget_high_u16(lo)));
+  r.q[2] = u32_to_f(vmovl_u16(vget_low_u16(hi)));
+  r.q[3] = u32_to_f(vmovl_u16(vget_high_u16(hi)));
+  return r;
+}
+INLINE v16 v_from_u8(const uint8_t *p) { return v_from_u8x16(vld1q_u8(p)); }
+INLINE v16 v_from_i8(const int8_t *p) {
+  int8x16_t b = vld1q_s8(p);
+  int16x8_t lo = vmovl_s8(vget_low_s8(b)), hi = vmovl_s8(vget_high_s8(b));
+  v16 r;
+  r.q[0] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
+  r.q[1] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo)));
+  r.q[2] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
+  r.q[3] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi)));
+  return r;
+}
+INLINE void v_nibbles(const uint8_t *p, v16 *lo, v16 *hi) {
+  uint8x16_t b = vld1q_u8(p);
+  *lo = v_from_u8x16(vandq_u8(b, vdupq_n_u8(15)));
+  *hi = v_from_u8x16(vshrq_n_u8(b, 4));
+}
+INLINE v16 v_from_bf16(const uint16_t *p) {
+  v16 r;
+  for (int i = 0; i < 4; i++) r.q[i] = vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p + 4 * i), 16));
+  return r;
+}
+INLINE float half_to_float(uint16_t h) {
+  __fp16 f;
+  memcpy(&f, &h, 2);
+  return (float)f;
+}
+/* 32 registers of 4 lanes: at most 16 accumulators (four registers each: 4 v16) beside the operands */
+#define R1 4
+#define R2 2
+#define R3 1
+#define R4 1
+#define R5 1
+#define R6 1
+
+#else /* portable C */
+typedef struct { float f[16]; } v16;
+INLINE v16 v_zero(void) { v16 r; for (int i = 0; i < 16; i++) r.f[i] = 0.f; return r; }
+INLINE v16 v_load(const float *p) { v16 r; memcpy(r.f, p, sizeof r.f); return r; }
+INLINE v16 v_set1(float a) { v16 r; for (int i = 0; i < 16; i++) r.f[i] = a; return r; }
+INLINE v16 v_fma(v16 x, v16 y, v16 c) { v16 r; for (int i = 0; i < 16; i++) r.f[i] = fmaf(x.f[i], y.f[i], c.f[i]); return r; }
+INLINE v16 v_mul(v16 x, v16 y) { v16 r; for (int i = 0; i < 16; i++) r.f[i] = x.f[i] * y.f[i]; return r; }
+INLINE v16 v_add(v16 x, v16 y) { v16 r; for (int i = 0; i < 16; i++) r.f[i] = x.f[i] + y.f[i]; return r; }
+INLINE float v_sum(v16 x) {
+  float s8[8], s4[4], s2[2];
+  for (int i = 0; i < 8; i++) s8[i] = x.f[i] + x.f[i + 8];
+  for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
+  for (int i = 0; i < 2; i++) s2[i] = s4[i] + s4[i + 2];
+  return s2[0] + s2[1];
+}
+INLINE v16 v_from_u8(const uint8_t *p) { v16 r; for (int i = 0; i < 16; i++) r.f[i] = (float)p[i]; return r; }
+INLINE v16 v_from_i8(const int8_t *p) { v16 r; for (int i = 0; i < 16; i++) r.f[i] = (float)p[i]; return r; }
+INLINE void v_nibbles(const uint8_t *p, v16 *lo, v16 *hi) {
+  for (int i = 0; i < 16; i++) {
+    lo->f[i] = (float)(p[i] & 15);
+    hi->f[i] = (float)(p[i] >> 4);
+  }
+}
+INLINE v16 v_from_bf16(const uint16_t *p) {
+  v16 r;
+  for (int i = 0; i < 16; i++) {
+    uint32_t u = (uint32_t)p[i] << 16;
+    memcpy(&r.f[i], &u, 4);
+  }
+  return r;
+}
+INLINE float half_to_float(uint16_t h) { /* IEEE binary16 -> binary32, exact (subnormals, inf, nan) */
+  uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023, u;
+  if (exp == 31) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp) {
+    u = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (!man) {
+    u = sign;
+  } else { /* subnormal: normalize */
+    int e = -1;
+    do {
+      man <<= 1;
+      e++;
+    } while (!(man & 1024));
+    u = sign | ((uint32_t)(112 - e) << 23) | ((man & 1023) << 13);
+  }
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+#define R1 4
+#define R2 4
+#define R3 4
+#define R4 2
+#define R5 2
+#define R6 2
+#endif
+
+/* Up to 16 floats from p (n < 16 of them; the rest zero): the tail of a row whose length is not a
+ * multiple of 16. */
+INLINE v16 v_load_n(const float *p, int n) {
+  float buf[16] = {0};
+  memcpy(buf, p, (size_t)n * sizeof(float));
+  return v_load(buf);
+}
+
+/* ---- float32 weights ------------------------------------------------------------------------------- */
 
 /* out[i * R + j] = x[i, :] . w[j][:] for i < MB, j < R */
 #define DEFINE_BLOCK(MB, R)                                                                        \
-  TARGET INLINE void block_##MB##_##R(const float *x, size_t ldx, const float *const *w, int K,      \
-                                      float *out) {                                                \
-    __m512 acc[MB][R];                                                                             \
+  INLINE void block_##MB(const float *x, size_t ldx, const float *const *w, int K, float *out) {   \
+    v16 acc[MB][R];                                                                                \
     for (int i = 0; i < MB; i++)                                                                   \
-      for (int j = 0; j < R; j++) acc[i][j] = _mm512_setzero_ps();                                 \
+      for (int j = 0; j < R; j++) acc[i][j] = v_zero();                                            \
     int kmain = K & ~15;                                                                           \
     for (int k = 0; k < kmain; k += 16) {                                                          \
-      __m512 wv[R];                                                                                \
+      v16 wv[R];                                                                                   \
       for (int j = 0; j < R; j++) {                                                                \
-        wv[j] = _mm512_loadu_ps(w[j] + k);                                                         \
-        _mm_prefetch((const char *)(w[j] + k + PREFETCH), _MM_HINT_T1);                            \
+        wv[j] = v_load(w[j] + k);                                                                  \
+        prefetch(w[j] + k + PREFETCH);                                                             \
       }                                                                                            \
       for (int i = 0; i < MB; i++) {                                                               \
-        __m512 xv = _mm512_loadu_ps(x + i * ldx + k);                                              \
-        for (int j = 0; j < R; j++) acc[i][j] = _mm512_fmadd_ps(wv[j], xv, acc[i][j]);             \
+        v16 xv = v_load(x + i * ldx + k);                                                          \
+        for (int j = 0; j < R; j++) acc[i][j] = v_fma(wv[j], xv, acc[i][j]);                       \
       }                                                                                            \
     }                                                                                              \
     if (K & 15) {                                                                                  \
-      __mmask16 t = (__mmask16)((1u << (K & 15)) - 1);                                             \
-      __m512 wv[R];                                                                                \
-      for (int j = 0; j < R; j++) wv[j] = _mm512_maskz_loadu_ps(t, w[j] + kmain);                  \
+      int t = K & 15;                                                                              \
+      v16 wv[R];                                                                                   \
+      for (int j = 0; j < R; j++) wv[j] = v_load_n(w[j] + kmain, t);                               \
       for (int i = 0; i < MB; i++) {                                                               \
-        __m512 xv = _mm512_maskz_loadu_ps(t, x + i * ldx + kmain);                                 \
-        for (int j = 0; j < R; j++) acc[i][j] = _mm512_fmadd_ps(wv[j], xv, acc[i][j]);             \
+        v16 xv = v_load_n(x + i * ldx + kmain, t);                                                 \
+        for (int j = 0; j < R; j++) acc[i][j] = v_fma(wv[j], xv, acc[i][j]);                       \
       }                                                                                            \
     }                                                                                              \
     for (int i = 0; i < MB; i++)                                                                   \
-      for (int j = 0; j < R; j++) out[i * R + j] = _mm512_reduce_add_ps(acc[i][j]);                \
+      for (int j = 0; j < R; j++) out[i * R + j] = v_sum(acc[i][j]);                               \
   }
 
-DEFINE_BLOCK(1, 8)
-DEFINE_BLOCK(2, 8)
-DEFINE_BLOCK(3, 6)
-DEFINE_BLOCK(4, 6)
-DEFINE_BLOCK(5, 4)
-DEFINE_BLOCK(6, 4)
+DEFINE_BLOCK(1, R1)
+DEFINE_BLOCK(2, R2)
+DEFINE_BLOCK(3, R3)
+DEFINE_BLOCK(4, R4)
+DEFINE_BLOCK(5, R5)
+DEFINE_BLOCK(6, R6)
+
+/* ---- quantized weights ----------------------------------------------------------------------------- */
 
 /* A weight as the kernels read it: float32 rows, or quantized rows (effx.quant's format). */
 typedef struct {
@@ -82,127 +338,93 @@ typedef struct {
   int ld;            /* row stride of data, in elements of its type (bytes for kind 4) */
 } effx_weight;
 
+INLINE float scalar_at(const void *p, int f16, size_t i) {
+  return f16 ? half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
 /* Quantized blocks: two 16-lane vectors hold a row's weights k0..k0+31 (k0 a multiple of 32), de-quantized
- * exactly as effx.quant.dequantize does (a product, then a sum: no contraction, see -ffp-contract=off), and
- * each is used as the float kernels use their 16-lane loads: every output is the float kernel's dot product
- * over the de-quantized weights, bit for bit (K a multiple of 16). */
-TARGET INLINE __m512 broadcast_at(const void *p, int f16, size_t i) {
-  return f16 ? _mm512_cvtph_ps(_mm256_set1_epi16((short)((const uint16_t *)p)[i]))
-             : _mm512_set1_ps(((const float *)p)[i]);
-}
-
-TARGET INLINE void scale_pair(const effx_weight *W, size_t row, int k0, __m512 *lo, __m512 *hi) {
-  size_t g = row * (size_t)W->ngroups;
-  size_t g0 = g + (size_t)(k0 >> W->gshift);
-  __m512 d0 = broadcast_at(W->scale, W->scale_f16, g0);
-  if (W->gshift >= 5) { /* one scale for the 32 values */
-    *lo = _mm512_mul_ps(*lo, d0);
-    *hi = _mm512_mul_ps(*hi, d0);
-    if (W->min) {
-      __m512 m0 = broadcast_at(W->min, W->scale_f16, g0);
-      *lo = _mm512_add_ps(*lo, m0);
-      *hi = _mm512_add_ps(*hi, m0);
-    }
-    return;
-  }
-  *lo = _mm512_mul_ps(*lo, d0);
-  *hi = _mm512_mul_ps(*hi, broadcast_at(W->scale, W->scale_f16, g0 + 1));
+ * exactly as effx.quant.dequantize does (q * scale, then + minimum: a product, then a sum, no contraction;
+ * see -ffp-contract=off), and each is used as the float kernels use their 16-lane loads: every output is the
+ * float kernel's dot product over the de-quantized weights, bit for bit (K a multiple of 16). */
+INLINE void dequant_pair(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi) {
+  size_t g0 = row * (size_t)W->ngroups + (size_t)(k0 >> W->gshift);
+  size_t g1 = W->gshift >= 5 ? g0 : g0 + 1; /* one scale for the 32 values, or one per 16 */
+  *lo = v_mul(*lo, v_set1(scalar_at(W->scale, W->scale_f16, g0)));
+  *hi = v_mul(*hi, v_set1(scalar_at(W->scale, W->scale_f16, g1)));
   if (W->min) {
-    *lo = _mm512_add_ps(*lo, broadcast_at(W->min, W->scale_f16, g0));
-    *hi = _mm512_add_ps(*hi, broadcast_at(W->min, W->scale_f16, g0 + 1));
+    *lo = v_add(*lo, v_set1(scalar_at(W->min, W->scale_f16, g0)));
+    *hi = v_add(*hi, v_set1(scalar_at(W->min, W->scale_f16, g1)));
   }
 }
 
-TARGET INLINE void load32_4(const effx_weight *W, size_t row, int k0, __m512 *lo, __m512 *hi) {
+INLINE void load32_4(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi) {
   const uint8_t *p = (const uint8_t *)W->data + row * (size_t)W->ld + k0 / 2;
-  _mm_prefetch((const char *)p + 4 * PREFETCH / 8, _MM_HINT_T1);
-  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-  if (W->gshift >= 5) {
-    /* one scale for the 32 values: de-quantize the 16 possible values once, then look each one up
-     * (vpermps reads the low 4 bits of each index) */
-    size_t g = row * (size_t)W->ngroups + (size_t)(k0 >> W->gshift);
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    __m512 d = broadcast_at(W->scale, W->scale_f16, g), table;
-    if (W->min)
-      table = _mm512_add_ps(_mm512_mul_ps(iota, d), broadcast_at(W->min, W->scale_f16, g));
-    else
-      table = _mm512_mul_ps(centred, d);
-    *lo = _mm512_permutexvar_ps(v, table);
-    *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
-    return;
+  prefetch(p + 4 * PREFETCH / 8);
+  v_nibbles(p, lo, hi); /* weight k0 + i is byte i's low nibble, k0 + 16 + i its high nibble */
+  if (!W->min) {        /* symmetric: q - 8 */
+    *lo = v_add(*lo, v_set1(-8.f));
+    *hi = v_add(*hi, v_set1(-8.f));
   }
-  __m512i a = _mm512_and_si512(v, _mm512_set1_epi32(15)), b = _mm512_srli_epi32(v, 4);
-  if (!W->min) {
-    a = _mm512_sub_epi32(a, _mm512_set1_epi32(8));
-    b = _mm512_sub_epi32(b, _mm512_set1_epi32(8));
-  }
-  *lo = _mm512_cvtepi32_ps(a);
-  *hi = _mm512_cvtepi32_ps(b);
-  scale_pair(W, row, k0, lo, hi);
+  dequant_pair(W, row, k0, lo, hi);
 }
 
-TARGET INLINE void load32_8(const effx_weight *W, size_t row, int k0, __m512 *lo, __m512 *hi) {
+INLINE void load32_8(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi) {
   const int8_t *p = (const int8_t *)W->data + row * (size_t)W->ld + k0;
-  _mm_prefetch((const char *)p + 4 * PREFETCH / 4, _MM_HINT_T1);
-  *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-  *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
-  scale_pair(W, row, k0, lo, hi);
+  prefetch(p + 4 * PREFETCH / 4);
+  *lo = v_from_i8(p);
+  *hi = v_from_i8(p + 16);
+  dequant_pair(W, row, k0, lo, hi);
 }
 
-TARGET INLINE void load32_16(const effx_weight *W, size_t row, int k0, __m512 *lo, __m512 *hi) {
+INLINE void load32_16(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi) {
   const uint16_t *p = (const uint16_t *)W->data + row * (size_t)W->ld + k0;
-  _mm_prefetch((const char *)p + 4 * PREFETCH / 2, _MM_HINT_T1);
-  __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-  __m512i b = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 16)));
-  *lo = _mm512_castsi512_ps(_mm512_slli_epi32(a, 16));
-  *hi = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
+  prefetch(p + 4 * PREFETCH / 2);
+  *lo = v_from_bf16(p);
+  *hi = v_from_bf16(p + 16);
 }
 
 /* out[i * R + j] = x[i, :] . w[rows[j]] for i < MB, j < R, w quantized (kind KIND) */
 #define DEFINE_QBLOCK(KIND, MB, R)                                                                  \
-  TARGET INLINE void qblock_##KIND##_##MB##_##R(const float *x, size_t ldx, const effx_weight *W,   \
-                                                const size_t *rows, int K, float *out) {            \
-    __m512 acc[MB][R];                                                                             \
+  INLINE void qblock_##KIND##_##MB(const float *x, size_t ldx, const effx_weight *W,               \
+                                   const size_t *rows, int K, float *out) {                         \
+    v16 acc[MB][R];                                                                                \
     for (int i = 0; i < MB; i++)                                                                   \
-      for (int j = 0; j < R; j++) acc[i][j] = _mm512_setzero_ps();                                 \
+      for (int j = 0; j < R; j++) acc[i][j] = v_zero();                                            \
     int kmain = K & ~31;                                                                           \
     for (int k0 = 0; k0 < kmain; k0 += 32) {                                                       \
       for (int j = 0; j < R; j++) {                                                                \
-        __m512 lo, hi;                                                                             \
+        v16 lo, hi;                                                                                \
         load32_##KIND(W, rows[j], k0, &lo, &hi);                                                   \
         for (int i = 0; i < MB; i++) {                                                             \
           const float *xi = x + i * ldx + k0;                                                      \
-          acc[i][j] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xi), acc[i][j]);                         \
-          acc[i][j] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xi + 16), acc[i][j]);                    \
+          acc[i][j] = v_fma(lo, v_load(xi), acc[i][j]);                                            \
+          acc[i][j] = v_fma(hi, v_load(xi + 16), acc[i][j]);                                       \
         }                                                                                          \
       }                                                                                            \
     }                                                                                              \
     if (K & 31) {                                                                                  \
       int k0 = kmain, t = K - kmain;                                                               \
-      __mmask16 ml = t >= 16 ? 0xFFFF : (__mmask16)((1u << t) - 1);                                \
-      __mmask16 mh = t > 16 ? (__mmask16)((1u << (t - 16)) - 1) : 0;                               \
       for (int j = 0; j < R; j++) {                                                                \
-        __m512 lo, hi;                                                                             \
+        v16 lo, hi;                                                                                \
         load32_##KIND(W, rows[j], k0, &lo, &hi);                                                   \
         for (int i = 0; i < MB; i++) {                                                             \
           const float *xi = x + i * ldx + k0;                                                      \
-          acc[i][j] = _mm512_fmadd_ps(lo, _mm512_maskz_loadu_ps(ml, xi), acc[i][j]);               \
-          if (mh) acc[i][j] = _mm512_fmadd_ps(hi, _mm512_maskz_loadu_ps(mh, xi + 16), acc[i][j]);  \
+          acc[i][j] = v_fma(lo, t >= 16 ? v_load(xi) : v_load_n(xi, t), acc[i][j]);                \
+          if (t > 16) acc[i][j] = v_fma(hi, v_load_n(xi + 16, t - 16), acc[i][j]);                 \
         }                                                                                          \
       }                                                                                            \
     }                                                                                              \
     for (int i = 0; i < MB; i++)                                                                   \
-      for (int j = 0; j < R; j++) out[i * R + j] = _mm512_reduce_add_ps(acc[i][j]);                \
+      for (int j = 0; j < R; j++) out[i * R + j] = v_sum(acc[i][j]);                               \
   }
 
 #define DEFINE_QBLOCKS(KIND)  \
-  DEFINE_QBLOCK(KIND, 1, 8)   \
-  DEFINE_QBLOCK(KIND, 2, 8)   \
-  DEFINE_QBLOCK(KIND, 3, 6)   \
-  DEFINE_QBLOCK(KIND, 4, 6)   \
-  DEFINE_QBLOCK(KIND, 5, 4)   \
-  DEFINE_QBLOCK(KIND, 6, 4)
+  DEFINE_QBLOCK(KIND, 1, R1)  \
+  DEFINE_QBLOCK(KIND, 2, R2)  \
+  DEFINE_QBLOCK(KIND, 3, R3)  \
+  DEFINE_QBLOCK(KIND, 4, R4)  \
+  DEFINE_QBLOCK(KIND, 5, R5)  \
+  DEFINE_QBLOCK(KIND, 6, R6)
 
 DEFINE_QBLOCKS(4)
 DEFINE_QBLOCKS(8)
@@ -211,22 +433,22 @@ DEFINE_QBLOCKS(16)
 #define QCASES(KIND)                                                                                \
   case KIND:                                                                                       \
     switch (mb) {                                                                                  \
-      case 1: qblock_##KIND##_1_8(xm, ldx, W, rr + h, K, tmp); break;                              \
-      case 2: qblock_##KIND##_2_8(xm, ldx, W, rr + h, K, tmp); break;                              \
-      case 3: qblock_##KIND##_3_6(xm, ldx, W, rr + h, K, tmp); break;                              \
-      case 4: qblock_##KIND##_4_6(xm, ldx, W, rr + h, K, tmp); break;                              \
-      case 5: qblock_##KIND##_5_4(xm, ldx, W, rr + h, K, tmp); break;                              \
-      default: qblock_##KIND##_6_4(xm, ldx, W, rr + h, K, tmp); break;                             \
+      case 1: qblock_##KIND##_1(xm, ldx, W, rr + h, K, tmp); break;                                \
+      case 2: qblock_##KIND##_2(xm, ldx, W, rr + h, K, tmp); break;                                \
+      case 3: qblock_##KIND##_3(xm, ldx, W, rr + h, K, tmp); break;                                \
+      case 4: qblock_##KIND##_4(xm, ldx, W, rr + h, K, tmp); break;                                \
+      case 5: qblock_##KIND##_5(xm, ldx, W, rr + h, K, tmp); break;                                \
+      default: qblock_##KIND##_6(xm, ldx, W, rr + h, K, tmp); break;                               \
     }                                                                                              \
     break;
 
-/* Rows of weight handled per work item: a multiple of every block's R (8, 6 and 4). */
+/* Rows of weight handled per work item: a multiple of every block's R on every target (8, 6, 4, 3, 2, 1). */
 #define ROWS 48
 
 /* The dot products of activation rows x[0..M) with weight rows rows[0..nr) of W (nr <= ROWS), into
  * out[m * ROWS + j]. Rows past nr repeat row 0 (computed, not stored). */
-TARGET static void dots(const float *x, size_t ldx, int M, int K, const effx_weight *W, const size_t *rows,
-                        int nr, float *out) {
+static void dots(const float *x, size_t ldx, int M, int K, const effx_weight *W, const size_t *rows,
+                 int nr, float *out) {
   const float *wr[ROWS];
   size_t rr[ROWS];
   for (int j = 0; j < ROWS; j++) {
@@ -238,17 +460,18 @@ TARGET static void dots(const float *x, size_t ldx, int M, int K, const effx_wei
     int left = M - m0;
     int mb = left <= 6 ? left : (left >= 10 ? 6 : 4); /* chunks of 1..6 rows */
     const float *xm = x + (size_t)m0 * ldx;
-    int R = mb <= 2 ? 8 : mb <= 4 ? 6 : 4;
+    const int shapes[7] = {0, R1, R2, R3, R4, R5, R6};
+    int R = shapes[mb];
     for (int h = 0; h < ROWS && h < nr; h += R) {
       switch (W->kind) {
         case 0:
           switch (mb) {
-            case 1: block_1_8(xm, ldx, wr + h, K, tmp); break;
-            case 2: block_2_8(xm, ldx, wr + h, K, tmp); break;
-            case 3: block_3_6(xm, ldx, wr + h, K, tmp); break;
-            case 4: block_4_6(xm, ldx, wr + h, K, tmp); break;
-            case 5: block_5_4(xm, ldx, wr + h, K, tmp); break;
-            default: block_6_4(xm, ldx, wr + h, K, tmp); break;
+            case 1: block_1(xm, ldx, wr + h, K, tmp); break;
+            case 2: block_2(xm, ldx, wr + h, K, tmp); break;
+            case 3: block_3(xm, ldx, wr + h, K, tmp); break;
+            case 4: block_4(xm, ldx, wr + h, K, tmp); break;
+            case 5: block_5(xm, ldx, wr + h, K, tmp); break;
+            default: block_6(xm, ldx, wr + h, K, tmp); break;
           }
           break;
         QCASES(4)
@@ -269,8 +492,8 @@ static effx_weight plain(const float *w, int K) {
 
 /* Up to 4 products of the same activations, as one parallel loop over all their row blocks:
  * ys[p][m, n] = x[m, :] . ws[p][n] (+ bs[p][n]), ys[p] with row stride ldys[p]. */
-TARGET void effx_linear_w(const float *x, int M, int K, int ldx, int np, const effx_weight *ws,
-                          const float *const *bs, const int *Ns, float *const *ys, const int *ldys,
+void effx_linear_w(const float *x, int M, int K, int ldx, int np, const effx_weight *ws,
+                   const float *const *bs, const int *Ns, float *const *ys, const int *ldys,
                           int nthreads) {
   int start[5] = {0};
   for (int p = 0; p < np; p++) start[p + 1] = start[p] + (Ns[p] + ROWS - 1) / ROWS;
@@ -299,8 +522,8 @@ TARGET void effx_linear_w(const float *x, int M, int K, int ldx, int np, const e
 }
 
 /* effx_linear_w on float32 weights ws[p] [Ns[p], K]. */
-TARGET void effx_linear(const float *x, int M, int K, int ldx, int np, const float *const *ws,
-                        const float *const *bs, const int *Ns, float *const *ys, const int *ldys,
+void effx_linear(const float *x, int M, int K, int ldx, int np, const float *const *ws,
+                 const float *const *bs, const int *Ns, float *const *ys, const int *ldys,
                         int nthreads) {
   effx_weight W[4];
   for (int p = 0; p < np && p < 4; p++) W[p] = plain(ws[p], K);
@@ -309,14 +532,14 @@ TARGET void effx_linear(const float *x, int M, int K, int ldx, int np, const flo
 
 /* One product: y[m, n] = x[m, :] . w[n, :] (+ b[n]), y with row stride ldy (scalar arguments: a cheaper
  * call from Python than effx_linear's arrays). */
-TARGET void effx_linear1(const float *x, int M, int K, const float *w, const float *b, int N, float *y,
-                         int ldy, int nthreads) {
+void effx_linear1(const float *x, int M, int K, const float *w, const float *b, int N, float *y,
+                  int ldy, int nthreads) {
   effx_linear(x, M, K, K, 1, &w, &b, &N, &y, &ldy, nthreads);
 }
 
 /* One product with a weight descriptor. */
-TARGET void effx_qlinear(const float *x, int M, int K, const effx_weight *w, const float *b, int N, float *y,
-                         int nthreads) {
+void effx_qlinear(const float *x, int M, int K, const effx_weight *w, const float *b, int N, float *y,
+                  int nthreads) {
   effx_linear_w(x, M, K, K, 1, w, &b, &N, &y, &N, nthreads);
 }
 
@@ -324,8 +547,8 @@ void effx_rope(float *t, int M, int H, int D, int ld, const float *cos, const fl
 
 /* A Llama attention's input side in one call: q, k and v of x as column ranges of y [M, nq + 2 nkv],
  * then the rotary embedding on q's and k's heads of d values. ws: the q, k and v weights. */
-TARGET void effx_qkv_rope_w(const float *x, int M, int K, const effx_weight *ws, const float *bq,
-                            const float *bk, const float *bv, int nq, int nkv, float *y, const float *cos,
+void effx_qkv_rope_w(const float *x, int M, int K, const effx_weight *ws, const float *bq,
+                     const float *bk, const float *bv, int nq, int nkv, float *y, const float *cos,
                             const float *sin, int d, int nthreads) {
   const float *bs[3] = {bq, bk, bv};
   int ns[3] = {nq, nkv, nkv}, width = nq + 2 * nkv;
@@ -336,16 +559,16 @@ TARGET void effx_qkv_rope_w(const float *x, int M, int K, const effx_weight *ws,
   effx_rope(y + nq, M, nkv / d, d, width, cos, sin);
 }
 
-TARGET void effx_qkv_rope(const float *x, int M, int K, const float *wq, const float *wk, const float *wv,
-                          const float *bq, const float *bk, const float *bv, int nq, int nkv, float *y,
+void effx_qkv_rope(const float *x, int M, int K, const float *wq, const float *wk, const float *wv,
+                   const float *bq, const float *bk, const float *bv, int nq, int nkv, float *y,
                           const float *cos, const float *sin, int d, int nthreads) {
   effx_weight ws[3] = {plain(wq, K), plain(wk, K), plain(wv, K)};
   effx_qkv_rope_w(x, M, K, ws, bq, bk, bv, nq, nkv, y, cos, sin, d, nthreads);
 }
 
 /* y[m, n] = x[m, :] . w[ids[n]]: a product with a gathered subset of weight rows (no copy). */
-TARGET void effx_linear_rows_w(const float *x, int M, int K, const effx_weight *W, const int64_t *ids, int N,
-                               float *y, int nthreads) {
+void effx_linear_rows_w(const float *x, int M, int K, const effx_weight *W, const int64_t *ids, int N,
+                        float *y, int nthreads) {
   int nblocks = (N + ROWS - 1) / ROWS;
 #pragma omp parallel num_threads(nthreads)
   {
@@ -365,15 +588,15 @@ TARGET void effx_linear_rows_w(const float *x, int M, int K, const effx_weight *
   }
 }
 
-TARGET void effx_linear_rows(const float *x, int M, int K, const float *w, const int64_t *ids, int N,
-                             float *y, int nthreads) {
+void effx_linear_rows(const float *x, int M, int K, const float *w, const int64_t *ids, int N,
+                      float *y, int nthreads) {
   effx_weight W = plain(w, K);
   effx_linear_rows_w(x, M, K, &W, ids, N, y, nthreads);
 }
 
 /* The gated MLP's input side: y[m, n] = silu(x . wg[n]) * (x . wu[n]). */
-TARGET void effx_gated_w(const float *x, int M, int K, const effx_weight *wg, const effx_weight *wu, int N,
-                         float *y, int nthreads) {
+void effx_gated_w(const float *x, int M, int K, const effx_weight *wg, const effx_weight *wu, int N,
+                  float *y, int nthreads) {
   int nblocks = (N + ROWS - 1) / ROWS;
 #pragma omp parallel num_threads(nthreads)
   {
@@ -397,14 +620,14 @@ TARGET void effx_gated_w(const float *x, int M, int K, const effx_weight *wg, co
   }
 }
 
-TARGET void effx_gated(const float *x, int M, int K, const float *wg, const float *wu, int N, float *y,
-                       int nthreads) {
+void effx_gated(const float *x, int M, int K, const float *wg, const float *wu, int N, float *y,
+                int nthreads) {
   effx_weight a = plain(wg, K), b = plain(wu, K);
   effx_gated_w(x, M, K, &a, &b, N, y, nthreads);
 }
 
 /* RMSNorm over the last axis: y[m, :] = w * (x[m, :] / sqrt(mean(x[m, :]^2) + eps)). */
-TARGET void effx_rms_norm(const float *x, const float *w, float *y, int M, int D, float eps) {
+void effx_rms_norm(const float *x, const float *w, float *y, int M, int D, float eps) {
   for (int m = 0; m < M; m++) {
     const float *xm = x + (size_t)m * D;
     float *ym = y + (size_t)m * D;
