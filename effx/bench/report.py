@@ -34,7 +34,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['model']['name']}: {s['prompts']} prompts x {s['new_tokens']} new tokens, {s['repeats']} "
         f"repeat(s), batch 1, greedy, interleaved; agreement and perplexity on {s['heldout_tokens']} "
         "held-out "
-        f"tokens; {result['machine']['cpu_count']} CPUs, {s['seconds']:.0f} s",
+        f"tokens; {result['machine']['cpu_count']} CPUs, {s['seconds']:.0f} s"
+        + (f"; {result['machine']['kernels']}" if result["machine"].get("kernels") else ""),
         "",
         "| config | tok/s | speed-up | TTFT ms | TTFT x | MFLOPs/token | weights MB | peak RSS MB (+in call) "
         "| agreement "

@@ -75,9 +75,11 @@ def _machine() -> dict[str, Any]:
     import torch
     import transformers
 
+    from .. import kernels
     from .._about import __version__
 
     return {
+        "kernels": kernels.describe(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),

@@ -42,7 +42,9 @@ class Lower(Pass):
 
         report = self.new_report()
         if self.kernels == "fast":
-            if not cpu.available():
+            if cpu.available():
+                report.notes.append(cpu.describe())
+            else:
                 report.notes.append(
                     f"effx's CPU kernels are not available here ({cpu.unavailable_reason()}); "
                     "the torch backend runs the reference ATen ops"

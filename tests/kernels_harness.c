@@ -1,0 +1,219 @@
+/* A torch-free check of effx's CPU kernels (effx/kernels/cpu.c), for any target the compiler builds: run
+ * natively for each x86 target this CPU runs, and for aarch64 under user-mode emulation (qemu-aarch64), by
+ * tests/test_kernels_harness.py.
+ *
+ * On tiny shapes (every tail of k, 1..7 activation rows, float and quantized weights of every kind), it
+ * checks the kernels' contract on the target it was built for and exits non-zero on the first failure:
+ *
+ *   - every output equals the defining order bitwise: 16 lanes, lane l a chain of fused multiply-adds over
+ *     k = l, l + 16, ... (zeros past k), then the tree (i, i+8), (i, i+4), (i, i+2), (0, 1);
+ *   - a quantized product equals the float product over the de-quantized weight (q * scale + minimum);
+ *   - a row computed alone equals the row computed with the others (batch invariance), on 1 or 2 threads;
+ *   - the fused kernels (gated MLP, q/k/v with rotary embedding, gathered rows) equal their parts.
+ *
+ * It prints every output's bits, so that the test can also check that all targets give the same bits.
+ *
+ *   cc -O2 -fopenmp -std=gnu11 -ffp-contract=off [-mavx2 -mfma -mf16c] tests/kernels_harness.c -lm
+ */
+#include "../effx/kernels/cpu.c"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+static uint32_t state = 12345u;
+static float rnd(void) { /* xorshift32, uniform in [-1, 1) */
+  state ^= state << 13;
+  state ^= state >> 17;
+  state ^= state << 5;
+  return (float)(state >> 8) / 8388608.f - 1.f;
+}
+
+static int failures = 0;
+#define CHECK(cond, ...)                    \
+  do {                                      \
+    if (!(cond)) {                          \
+      fprintf(stderr, "FAIL: " __VA_ARGS__); \
+      fprintf(stderr, "\n");                \
+      failures++;                           \
+    }                                       \
+  } while (0)
+
+static uint32_t bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+}
+
+/* the defining order of one output */
+static float reference_dot(const float *x, const float *w, int K) {
+  float lane[16] = {0};
+  for (int k = 0; k < K; k++) lane[k % 16] = fmaf(w[k], x[k], lane[k % 16]);
+  float s8[8], s4[4], s2[2];
+  for (int i = 0; i < 8; i++) s8[i] = lane[i] + lane[i + 8];
+  for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
+  for (int i = 0; i < 2; i++) s2[i] = s4[i] + s4[i + 2];
+  return s2[0] + s2[1];
+}
+
+static void emit(const char *name, const float *y, int n) {
+  printf("%s", name);
+  for (int i = 0; i < n; i++) printf(" %08x", bits(y[i]));
+  printf("\n");
+}
+
+static uint16_t to_half(float f) { /* truncating, the same on every target (test scales: exact not needed) */
+  uint32_t u = bits(f), sign = (u >> 16) & 0x8000u;
+  int exp = (int)((u >> 23) & 255) - 127 + 15;
+  if (exp <= 0) return (uint16_t)sign;
+  if (exp >= 31) return (uint16_t)(sign | 0x7c00u);
+  return (uint16_t)(sign | ((uint32_t)exp << 10) | ((u >> 13) & 1023));
+}
+
+enum { MAXM = 7, MAXN = 53, MAXK = 100 };
+
+/* checks a product of M rows against the reference, alone and together, on 1 and 2 threads */
+static void check_product(const char *name, const float *x, int M, int K, const effx_weight *W, const float *wd,
+                          int N) {
+  float y[MAXM * MAXN], one[MAXN], y1[MAXM * MAXN];
+  effx_qlinear(x, M, K, W, NULL, N, y, 2);
+  effx_qlinear(x, M, K, W, NULL, N, y1, 1);
+  for (int m = 0; m < M; m++) {
+    effx_qlinear(x + m * K, 1, K, W, NULL, N, one, 2);
+    for (int n = 0; n < N; n++) {
+      float want = reference_dot(x + m * K, wd + n * K, K);
+      CHECK(bits(y[m * N + n]) == bits(want), "%s M=%d K=%d: y[%d,%d] %a, the defining order gives %a", name, M, K,
+            m, n, y[m * N + n], want);
+      CHECK(bits(one[n]) == bits(y[m * N + n]), "%s M=%d K=%d: row %d alone differs", name, M, K, m);
+      CHECK(bits(y1[m * N + n]) == bits(y[m * N + n]), "%s M=%d K=%d: 1 thread differs", name, M, K);
+    }
+  }
+  emit(name, y, M * N);
+}
+
+static void float_products(void) {
+  static const int ks[] = {1, 15, 16, 17, 31, 32, 33, 64, 100};
+  float x[MAXM * MAXK], w[MAXN * MAXK];
+  char name[64];
+  for (size_t t = 0; t < sizeof ks / sizeof *ks; t++) {
+    int K = ks[t];
+    for (int M = 1; M <= MAXM; M++) {
+      int N = 3 + (M * 11 + K) % (MAXN - 3);
+      for (int i = 0; i < M * K; i++) x[i] = rnd();
+      for (int i = 0; i < N * K; i++) w[i] = rnd();
+      effx_weight W = plain(w, K);
+      snprintf(name, sizeof name, "f32:M%d:K%d:N%d", M, K, N);
+      check_product(name, x, M, K, &W, w, N);
+    }
+  }
+}
+
+/* quantized weights of one kind: values, scales (float16 or float32), optional minimum, group size */
+static void quantized_products(int kind, int with_min, int f16, int group) {
+  enum { K = 128, N = 29 };
+  uint8_t q4[N * K / 2];
+  int8_t q8[N * K];
+  uint16_t b16[N * K], s16[N * K / 16], m16[N * K / 16];
+  float s32[N * K / 16], m32[N * K / 16], wd[N * K], x[MAXM * K];
+  int ngroups = K / group, gshift = 0;
+  while ((1 << gshift) < group) gshift++;
+  for (int i = 0; i < N * ngroups; i++) {
+    float d = 0.05f + 0.1f * (rnd() + 1.f), m = -0.5f * (rnd() + 1.f);
+    s16[i] = to_half(d), m16[i] = to_half(m);
+    s32[i] = f16 ? half_to_float(s16[i]) : d;
+    m32[i] = f16 ? half_to_float(m16[i]) : m;
+  }
+  for (int n = 0; n < N; n++)
+    for (int k = 0; k < K; k++) {
+      int i = n * K + k, g = n * ngroups + k / group;
+      float v;
+      if (kind == 4) { /* byte j of a 32-block: value j (low nibble), value j + 16 (high nibble) */
+        int u = (int)((rnd() + 1.f) * 8.f) & 15;
+        int b = n * (K / 2) + (k / 32) * 16 + (k % 16);
+        q4[b] = (uint8_t)((k % 32) < 16 ? (q4[b] & 0xf0) | u : (q4[b] & 0x0f) | (u << 4));
+        v = (float)(with_min ? u : u - 8);
+      } else if (kind == 8) {
+        q8[i] = (int8_t)(int)(rnd() * 127.f);
+        v = (float)q8[i];
+      } else {
+        uint32_t u = bits(rnd()) & 0xffff0000u;
+        b16[i] = (uint16_t)(u >> 16);
+        memcpy(&v, &u, 4);
+      }
+      if (kind != 16) {
+        v = v * s32[g];
+        if (with_min) v = v + m32[g];
+      }
+      wd[i] = v;
+    }
+  effx_weight W = {kind, kind == 4 ? (const void *)q4 : kind == 8 ? (const void *)q8 : (const void *)b16,
+                   kind == 16 ? NULL : f16 ? (const void *)s16 : (const void *)s32,
+                   kind == 16 || !with_min ? NULL : f16 ? (const void *)m16 : (const void *)m32,
+                   f16, gshift, ngroups, kind == 4 ? K / 2 : K};
+  char name[64];
+  for (int M = 1; M <= MAXM; M += 3) {
+    for (int i = 0; i < M * K; i++) x[i] = rnd();
+    snprintf(name, sizeof name, "q%d:min%d:f16%d:g%d:M%d", kind, with_min, f16, group, M);
+    check_product(name, x, M, K, &W, wd, N); /* the defining order over the de-quantized weight */
+  }
+}
+
+static void fused(void) {
+  enum { M = 3, K = 48, N = 40, D = 16, NQ = 64, NKV = 32 };
+  float x[M * K], wg[N * K], wu[N * K], g[M * N], u[M * N], y[M * N], nw[K];
+  for (int i = 0; i < M * K; i++) x[i] = rnd();
+  for (int i = 0; i < N * K; i++) wg[i] = rnd(), wu[i] = rnd();
+  for (int i = 0; i < K; i++) nw[i] = rnd();
+  effx_linear1(x, M, K, wg, NULL, N, g, N, 2);
+  effx_linear1(x, M, K, wu, NULL, N, u, N, 2);
+  effx_gated(x, M, K, wg, wu, N, y, 2);
+  for (int i = 0; i < M * N; i++) {
+    float a = g[i], want = a / (1.f + expf(-a)) * u[i];
+    CHECK(bits(y[i]) == bits(want), "gated[%d] %a, its parts give %a", i, y[i], want);
+  }
+  emit("gated", y, M * N);
+
+  int64_t ids[5] = {7, 0, 39, 7, 31};
+  float r[M * 5];
+  effx_linear_rows(x, M, K, wg, ids, 5, r, 2);
+  for (int m = 0; m < M; m++)
+    for (int j = 0; j < 5; j++)
+      CHECK(bits(r[m * 5 + j]) == bits(g[m * N + ids[j]]), "linear_rows[%d,%d]", m, j);
+
+  float wq[NQ * K], wk[NKV * K], wv[NKV * K], qkv[M * (NQ + 2 * NKV)], cs[M * D], sn[M * D];
+  for (int i = 0; i < NQ * K; i++) wq[i] = rnd();
+  for (int i = 0; i < NKV * K; i++) wk[i] = rnd(), wv[i] = rnd();
+  for (int i = 0; i < M * D; i++) cs[i] = rnd(), sn[i] = rnd();
+  effx_qkv_rope(x, M, K, wq, wk, wv, NULL, NULL, NULL, NQ, NKV, qkv, cs, sn, D, 2);
+  float parts[M * NQ];
+  effx_linear1(x, M, K, wq, NULL, NQ, parts, NQ, 2);
+  for (int m = 0; m < M; m++)
+    for (int h = 0; h < NQ / D; h++)
+      for (int i = 0; i < D / 2; i++) {
+        float a = parts[m * NQ + h * D + i], b = parts[m * NQ + h * D + i + D / 2];
+        float want = a * cs[m * D + i] - b * sn[m * D + i];
+        CHECK(bits(qkv[m * (NQ + 2 * NKV) + h * D + i]) == bits(want), "qkv_rope q[%d,%d,%d]", m, h, i);
+      }
+  emit("qkv_rope", qkv, M * (NQ + 2 * NKV));
+
+  float nrm[M * K];
+  effx_rms_norm(x, nw, nrm, M, K, 1e-5f);
+  emit("rms_norm", nrm, M * K);
+}
+
+int main(void) {
+  printf("isa %s supported %d\n", effx_isa(), effx_supported());
+  if (!effx_supported()) return 2;
+  float_products();
+  for (int f16 = 0; f16 <= 1; f16++) {
+    for (int group = 16; group <= 64; group *= 2) {
+      quantized_products(4, 1, f16, group);
+      quantized_products(4, 0, f16, group);
+      quantized_products(8, 1, f16, group);
+      quantized_products(8, 0, f16, group);
+    }
+  }
+  quantized_products(16, 0, 0, 32);
+  fused();
+  if (failures) fprintf(stderr, "%d failures\n", failures);
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,112 @@
+"""effx's kernels on every target, including those this machine cannot run natively: the torch-free harness
+(tests/kernels_harness.c) built for each x86 target this CPU runs and for aarch64 (NEON and portable C)
+under user-mode emulation, each checked against the defining order bitwise, and all giving the same bits;
+and the run-time choice of target (which loads, what EFFX_KERNELS forces, where the library may come from)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from effx import kernels
+
+HARNESS = os.path.join(os.path.dirname(__file__), "kernels_harness.c")
+FLAGS = ("-O2", "-fopenmp", "-std=gnu11", "-ffp-contract=off")
+CROSS_CC, QEMU = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+SYSROOT = "/usr/aarch64-linux-gnu"
+
+
+def _harness(tmp_path, name: str, cc: str, flags=(), runner=()) -> list[str]:
+    """Build the harness with ``cc`` and ``flags``, run it (under ``runner``), and return its output lines
+    past the first (the target's name): one line of output bits per product."""
+    exe = tmp_path / name
+    build = subprocess.run(
+        [cc, *FLAGS, *flags, HARNESS, "-o", str(exe), "-lm"], capture_output=True, text=True
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    run = subprocess.run([*runner, str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"{name}: {run.stderr[-2000:]}"
+    lines = run.stdout.splitlines()
+    assert lines[0] == f"isa {name.split('-')[-1]} supported 1", lines[0]
+    assert len(lines) > 100
+    return lines[1:]
+
+
+def _native(tmp_path) -> dict[str, list[str]]:
+    cc = kernels._compiler()
+    assert cc is not None, "no C compiler: the kernels cannot be built here"
+    return {isa: _harness(tmp_path, f"native-{isa}", cc, kernels._ISA_FLAGS[isa]) for isa in kernels.isas()}
+
+
+def test_every_native_target_keeps_the_contract_and_gives_the_same_bits(tmp_path):
+    outputs = _native(tmp_path)
+    assert outputs, "this machine runs no kernel target"
+    first = next(iter(outputs.values()))
+    for isa, lines in outputs.items():
+        assert lines == first, f"{isa} gives other bits than {next(iter(outputs))}"
+
+
+def test_aarch64_targets_under_emulation_give_the_native_bits(tmp_path):
+    """NEON and portable C, compiled for aarch64 and run under qemu-aarch64 (CI installs both tools:
+    `make install-cross`); on an aarch64 machine the native test above runs NEON itself."""
+    if kernels._arch() == "aarch64":
+        pytest.skip("aarch64 runs its targets natively (the test above)")
+    if not (CROSS_CC and QEMU and os.path.isdir(SYSROOT)):
+        if os.environ.get("CI"):
+            pytest.fail(
+                "CI must build and run the aarch64 kernels: `make install-cross` (gcc-aarch64-linux-gnu, qemu-user)"
+            )
+        pytest.skip("no aarch64 cross compiler or qemu-aarch64 (`make install-cross`)")
+    runner = (QEMU, "-L", SYSROOT)
+    neon = _harness(tmp_path, "aarch64-neon", CROSS_CC, (), runner)
+    generic = _harness(tmp_path, "aarch64-generic", CROSS_CC, kernels._ISA_FLAGS["generic"], runner)
+    assert neon == generic
+    assert neon == _harness(tmp_path, "native-generic", kernels._compiler(), kernels._ISA_FLAGS["generic"])
+
+
+def test_kernels_load_on_every_cpu_that_has_a_vector_unit():
+    """x86-64 with AVX2 (or AVX-512) and aarch64: the kernels must load, not fall back."""
+    if not sys.platform.startswith("linux") or kernels._compiler() is None:
+        pytest.skip("the kernels are built on Linux with a C compiler")
+    arch, flags = kernels._arch(), kernels.cpu_features()
+    for isa in kernels.isas():
+        lib, why = kernels._load(isa)
+        assert lib is not None, f"{isa}: {why}"
+    if (arch == "x86_64" and {"avx2", "fma", "f16c"} <= flags) or arch == "aarch64":
+        assert kernels.available(), kernels.unavailable_reason()
+        assert kernels.isa() == kernels.isas()[0]
+        assert kernels.describe().startswith(f"effx kernels {kernels.isa()} (")
+
+
+def test_effx_kernels_chooses_a_target_or_none(monkeypatch):
+    for isa in kernels.isas():
+        monkeypatch.setenv("EFFX_KERNELS", isa)
+        assert kernels.isa() == isa
+    monkeypatch.setenv("EFFX_KERNELS", "off")
+    assert not kernels.available() and kernels.unavailable_reason() == "disabled by EFFX_KERNELS"
+    assert kernels.describe().startswith("effx kernels off: disabled by EFFX_KERNELS")
+    monkeypatch.setenv("EFFX_KERNELS", "sse9")
+    assert not kernels.available() and "not one of" in kernels.unavailable_reason()
+    other = "neon" if kernels._arch() == "x86_64" else "avx2"
+    monkeypatch.setenv("EFFX_KERNELS", other)
+    assert not kernels.available() and "cannot run" in kernels.unavailable_reason()
+    with pytest.raises(ValueError, match="cannot run"):
+        with kernels.use(other):
+            pass
+    with pytest.raises(ValueError, match="must be one of"):
+        with kernels.use("sse9"):
+            pass
+
+
+def test_kernels_are_never_loaded_from_a_folder_others_can_write(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    (shared / "kernels").mkdir(parents=True)
+    (shared / "kernels").chmod(0o777)
+    monkeypatch.setenv("EFFX_CACHE", str(shared))
+    with pytest.raises(OSError, match="writable by others"):
+        kernels._build("generic")
+    assert not list((shared / "kernels").iterdir())  # nothing built there, nothing loaded
