@@ -11,6 +11,11 @@ equal to the float32 Program's (per prompt), ``ppl`` the perplexity on held-out 
     python benchmarks/quantize.py --prompts 2 --new-tokens 32 --repeats 1     # quick look
     python benchmarks/quantize.py --no-llama-cpp            # without the llama.cpp row
     python benchmarks/quantize.py --no-onnx                 # without the ONNX artifact rows
+    python benchmarks/quantize.py --isas all                # effx torch rows on every kernel target too
+
+The first line printed names the kernel target and the CPU's instruction sets; ``--isas all`` adds the
+float32 and ``quantize{source=gguf}`` rows on each other target this CPU runs (an AVX-512 machine also
+runs the AVX2 kernels), labelled with the target.
 
 The ONNX rows are artifacts of the float32 Program, ``quantize{source=gguf}`` and
 ``quantize{bits=8 symmetric=true}`` (exported to a temporary directory) run by effx's ONNX Runtime backend,
@@ -32,6 +37,7 @@ import torch
 from common import peer_runners
 
 import effx
+from effx import kernels
 from effx.bench import first_outputs, interleave, total_seconds
 from effx.data import PROMPTS, encode_prompts, pydoc_texts, token_chunks
 from effx.models import gguf_file
@@ -78,6 +84,11 @@ def _perplexity(prog, chunks) -> float:
     return math.exp(nll / n)
 
 
+def _on(isa, runner, ids, mask):
+    with kernels.use(isa):
+        return runner(ids, mask)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=4, help="chat prompts of effx.data.PROMPTS (default 4)")
@@ -86,7 +97,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-llama-cpp", action="store_true", help="leave the llama.cpp row out")
     ap.add_argument("--no-onnx", action="store_true", help="leave the ONNX artifact rows out")
+    ap.add_argument(
+        "--isas",
+        default="best",
+        help="kernel targets for the effx torch rows: best, all, or a list such as avx2 (default: best)",
+    )
     args = ap.parse_args()
+    isas = () if args.isas == "best" else kernels.isas()[1:] if args.isas == "all" else args.isas.split(",")
+    isas = [i for i in isas if i != kernels.isa()]
+    if not set(isas) <= set(kernels.isas()):
+        ap.error(f"--isas: this machine runs {', '.join(kernels.isas())}, not {args.isas}")
     torch.set_num_threads(args.threads)
 
     model, tok = effx.models.load("smollm2-135m")
@@ -98,6 +118,9 @@ def main() -> None:
     n = args.new_tokens
 
     runners = peer_runners(model, progs, n)
+    for isa in isas:  # the same Programs on another kernel target
+        for label in ("effx float32", "effx quantize{source=gguf}"):
+            runners[f"{label} [{isa}]"] = lambda ids, mask, r=runners[label], i=isa: _on(i, r, ids, mask)
     quality = dict(progs)  # row -> what its agreement and perplexity are measured on
     tmp = tempfile.TemporaryDirectory(prefix="effx-quantize-")
     sizes = {}
@@ -148,7 +171,7 @@ def main() -> None:
     chunks = token_chunks(tok, pydoc_texts("heldout"), 256, 4096)
     hf_tps = tokens / seconds["HF generate float32"]
     print(f"\nSmolLM2-135M, {len(prompts)} chat prompts x {n} tokens, batch 1, {args.threads} threads, "
-          f"median of {args.repeats}")  # fmt: skip
+          f"median of {args.repeats}; {kernels.describe()}")  # fmt: skip
     print(f"{'row':<42} {'tok/s':>7} {'x HF':>6} {'x f32':>6} {'agree':>6} {'ppl':>6}  lead (of 32 or fewer)")
     dense_tps = tokens / seconds["effx float32"]
     for name in runners:
@@ -158,7 +181,7 @@ def main() -> None:
             a, b = out[0, s : s + 32], base[0, s : s + 32]
             diff = (a != b).nonzero()
             leads.append(int(diff[0]) if len(diff) else a.numel())
-        prog = quality.get(name)
+        prog = quality.get(name.split(" [")[0])
         agree = f"{_agreement(prog, ref, seqs, starts):.3f}" if prog is not None else "-"
         ppl = f"{_perplexity(prog, chunks):.2f}" if prog is not None else "-"
         print(

@@ -18,11 +18,16 @@ much larger than the last-level cache.
 
     python benchmarks/steps.py                                  # SmolLM2-135M, context 256
     python benchmarks/steps.py --backends torch --repeats 5     # no ONNX export
+    python benchmarks/steps.py --backends torch --isas all      # the torch backend on every kernel target
+    python benchmarks/steps.py --passes "quantize{source=gguf}" # the GGUF file's 4-bit weights
+
+The first line printed names the kernel target and the CPU's instruction sets.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -31,6 +36,7 @@ from pathlib import Path
 import torch
 
 import effx
+from effx import kernels
 from effx.runtime.forward import MaskCache, run_step
 from effx.runtime.torch_backend import torch_backend
 from effx.runtime.vocab import head_logits
@@ -112,42 +118,57 @@ def main() -> None:
     parser.add_argument(
         "--backends", default="torch,onnx", help="comma-separated: torch, onnx (default: %(default)s)"
     )
+    parser.add_argument(
+        "--isas",
+        default="best",
+        help="kernel targets the torch backend runs: best (this CPU's best), all (every one it runs), or a "
+        "comma-separated list such as avx512,avx2 (default: %(default)s)",
+    )
+    parser.add_argument("--passes", default="", help="the Program's pipeline (default: dense)")
     args = parser.parse_args()
+    isas = kernels.isas()[:1] if args.isas == "best" else kernels.isas() if args.isas == "all" else None
+    if isas is None:
+        isas = tuple(i.strip() for i in args.isas.split(",") if i.strip())
+        if not set(isas) <= set(kernels.isas()):
+            parser.error(f"--isas: this machine runs {', '.join(kernels.isas())}, not {args.isas}")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(backends) - {"torch", "onnx"})
     if unknown:
         parser.error(f"unknown backends {unknown}; choose from torch, onnx")
 
     model, _ = effx.models.load(args.model)
-    program = effx.transform(model)
+    program = effx.transform(model, args.passes)
     layer_bytes, head_bytes = step_bytes(program)
     bandwidth = read_bandwidth()
     print(
         f"{args.model}: torch {torch.__version__}, {torch.get_num_threads()} threads; read bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s; a step reads {layer_bytes / 1e6:.1f} MB of layer weights and "
-        f"{head_bytes / 1e6:.1f} MB of head weights; context {args.context} tokens"
+        f"{head_bytes / 1e6:.1f} MB of head weights; context {args.context} tokens; {args.passes or 'dense'}"
     )
+    print(kernels.describe())
     with tempfile.TemporaryDirectory() as tmp:
         runners = {}
         if "torch" in backends:
-            runners["torch"] = torch_backend(program)
+            for isa in isas:
+                runners[f"torch {isa}"] = (torch_backend(program), isa)
         if "onnx" in backends:
             from effx.exporters import onnx as exporter
             from effx.runtime import onnx as ort_runtime
 
-            runners["onnx"] = ort_runtime.load(exporter.export(program, Path(tmp) / "dense"))
+            runners["onnx"] = (ort_runtime.load(exporter.export(program, Path(tmp) / "dense")), None)
         print(
-            f"{'backend':8} {'tokens':>6} {'step ms':>9} {'layers ms':>10} {'head ms':>8} {'x 1 token':>10} "
+            f"{'backend':14} {'tokens':>6} {'step ms':>9} {'layers ms':>10} {'head ms':>8} {'x 1 token':>10} "
             f"{'floor ms':>9} {'of floor':>9}"
         )
-        for name, backend in runners.items():
-            times = time_steps(backend, args.context, args.repeats, program.info.vocab_size)
+        for name, (backend, isa) in runners.items():
+            with kernels.use(isa) if isa else contextlib.nullcontext():
+                times = time_steps(backend, args.context, args.repeats, program.info.vocab_size)
             one = sum(times[1])
             floor = (layer_bytes + head_bytes) / bandwidth
             for n, (layers, head) in times.items():
                 step = layers + head
                 print(
-                    f"{name:8} {n:>6} {step * 1e3:>9.2f} {layers * 1e3:>10.2f} {head * 1e3:>8.2f} "
+                    f"{name:14} {n:>6} {step * 1e3:>9.2f} {layers * 1e3:>10.2f} {head * 1e3:>8.2f} "
                     f"{step / one:>9.2f}x {floor * 1e3:>9.2f} {floor / step:>9.2f}"
                 )
 
