@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
 
 from .errors import EffxError
@@ -134,7 +136,15 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(e)
-    e.add_argument("out_dir", help="the artifact directory (replaced if it exists)")
+    e.add_argument(
+        "out_dir",
+        help="the artifact folder: a new path, an empty folder, or an earlier artifact (replaced once the new "
+        "one is complete); a folder holding other files is refused unless --force, the current directory or "
+        "a folder above it always",
+    )
+    e.add_argument(
+        "--force", action="store_true", help="replace OUT_DIR even if it holds files that are not an artifact"
+    )
 
     r = sub.add_parser(
         "run",
@@ -341,12 +351,14 @@ def _build_parser() -> argparse.ArgumentParser:
 def _cmd_export(args) -> int:
     import effx
     from effx.exporters import onnx as exporter
+    from effx.exporters.folder import check_target
 
+    check_target(args.out_dir, args.force)  # before the model is loaded
     passes = effx.parse_pipeline(args.passes)
     model, tokenizer = effx.models.load(args.model)
     program = effx.transform(model, passes=passes, kernels=args.kernels)
     start = time.perf_counter()
-    out = exporter.export(program, args.out_dir, tokenizer=tokenizer, progress=True)
+    out = exporter.export(program, args.out_dir, tokenizer=tokenizer, progress=True, overwrite=args.force)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"[effx] wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
@@ -844,11 +856,24 @@ def main(argv: list[str] | None = None) -> int:
         "eval": _cmd_eval,
         "train-heads": _cmd_train_heads,
     }[args.command]
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # a TERM signal unwinds like Ctrl-C: exports remove their half-written folder
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return handler(args)
     except EffxError as e:
         print(f"effx: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("effx: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

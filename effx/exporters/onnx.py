@@ -53,12 +53,9 @@ export leaves nothing half-written. Two runtime choices have no ONNX form yet an
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -77,6 +74,7 @@ from ..artifact import (
 from ..errors import ArtifactError
 from ..program import torch_dtype
 from . import onnx_attention, onnx_quant
+from .folder import check_target, replacing
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "export", "layer_runs"]
 
@@ -228,9 +226,16 @@ def _unsupported(program) -> list[str]:
     return problems + [describe(c) for c in needed_capabilities(program.plan)]
 
 
-def export(program, out_dir: str | os.PathLike, *, tokenizer=None, progress: bool = False) -> Path:
-    """Write ``program`` as ONNX stages + weight store + ``plan.json`` to ``out_dir`` (replaced if it
-    exists). ``progress=True`` shows a progress bar over the stages.
+def export(
+    program, out_dir: str | os.PathLike, *, tokenizer=None, progress: bool = False, overwrite: bool = False
+) -> Path:
+    """Write ``program`` as ONNX stages + weight store + ``plan.json`` to ``out_dir``. ``progress=True``
+    shows a progress bar over the stages.
+
+    ``out_dir`` may be a new path, an empty folder or an earlier artifact, which the new one replaces
+    atomically once complete; a folder holding anything else is refused unless ``overwrite=True``, and the
+    current directory, a folder above it or a file always (:mod:`effx.exporters.folder`). Nothing is
+    written where the export fails or is interrupted.
 
     ``program`` may also be an encoder-decoder :class:`effx.seq2seq.Seq2SeqProgram`
     (:mod:`effx.exporters.onnx_seq2seq`), or an ``effx.Cascade`` (calibrated, if it has a gate): each model is written as
@@ -242,7 +247,8 @@ def export(program, out_dir: str | os.PathLike, *, tokenizer=None, progress: boo
     if isinstance(program, Seq2SeqProgram):
         from .onnx_seq2seq import export_seq2seq
 
-        return export_seq2seq(program, out_dir, tokenizer=tokenizer, progress=progress)
+        return export_seq2seq(program, out_dir, tokenizer=tokenizer, progress=progress, overwrite=overwrite)
+    check_target(out_dir, overwrite)
     parts = (
         {"small": program.small, "large": program.large} if isinstance(program, Cascade) else {"": program}
     )
@@ -255,33 +261,13 @@ def export(program, out_dir: str | os.PathLike, *, tokenizer=None, progress: boo
         raise ArtifactError(
             "the cascade's gate has no threshold yet: calibrate the cascade before exporting it"
         )
-    with replacing(out_dir, tokenizer) as tmp:
+    with replacing(out_dir, tokenizer, overwrite=overwrite) as tmp:
         for role, prog in parts.items():
             (tmp / role).mkdir(exist_ok=True)
             _write_program(prog, tmp / role, progress=progress, label=role)
         if isinstance(program, Cascade):
             _write_cascade(program, tmp)
     return Path(out_dir)
-
-
-@contextlib.contextmanager
-def replacing(out_dir: str | os.PathLike, tokenizer=None):
-    """A temporary folder beside ``out_dir`` to write an artifact into; on success it replaces ``out_dir``
-    (with ``tokenizer`` saved under ``tokenizer/``), on any failure it is removed and ``out_dir`` is left as
-    it was."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        yield tmp
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / "tokenizer")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_program(program, out: Path, *, progress: bool, label: str) -> None:

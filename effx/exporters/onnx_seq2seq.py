@@ -72,16 +72,19 @@ def _example(program, name: str):
     raise KeyError(name)
 
 
-def export_seq2seq(program, out_dir: str | os.PathLike, *, tokenizer=None, progress: bool = False) -> Path:
-    """Write ``program`` to ``out_dir`` (replaced if it exists); returns the path. ``progress=True`` shows a
-    progress bar over the stages."""
+def export_seq2seq(
+    program, out_dir: str | os.PathLike, *, tokenizer=None, progress: bool = False, overwrite: bool = False
+) -> Path:
+    """Write ``program`` to ``out_dir`` (as :func:`effx.exporters.onnx.export` writes: an earlier artifact
+    replaced once the new one is complete, anything else refused unless ``overwrite``); returns the path.
+    ``progress=True`` shows a progress bar over the stages."""
     import onnx
     from tqdm.auto import tqdm
 
-    from .onnx import replacing
+    from .folder import replacing
 
     stages = program.stages()
-    with replacing(out_dir, tokenizer) as tmp:
+    with replacing(out_dir, tokenizer, overwrite=overwrite) as tmp:
         files = {}
         for name, gm in tqdm(stages.items(), desc="export stages", unit="stage", disable=not progress):
             args, axes = _example(program, name)
