@@ -38,6 +38,12 @@ PLAN_SCHEMA_VERSION = 1
 # (bitwise equal to ``model.generate`` on CPU); "fast" runs effx's CPU kernels (``effx.kernels``) where this
 # machine has them, the reference ops elsewhere. ONNX Runtime always uses its own kernels.
 KERNELS = ("reference", "fast")
+# What quantized products multiply their weights with (``Plan.activations``, set by
+# ``quantize{activations=...}``): "float", the float32 input (exact: the float product over the de-quantized
+# weights); "int8", the input rounded per block of 32 values to ``scale * int8`` (scale = the block's
+# largest magnitude / 127) and multiplied in integer arithmetic, as llama.cpp's Q8_1 activations and ONNX
+# Runtime's MatMulNBits accuracy level 4 do: faster, and lossy.
+ACTIVATIONS = ("float", "int8")
 
 STAGE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "embed": (("input_ids", "position_ids"), ("hidden", "cos", "sin")),
@@ -223,6 +229,7 @@ class Plan:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     kernels: str = "reference"
+    activations: str = "float"
     schema_version: int = PLAN_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -264,6 +271,7 @@ class Plan:
                 eos_token_ids=tuple(data.get("eos_token_ids", ())),
                 pad_token_id=data.get("pad_token_id"),
                 kernels=data.get("kernels", "reference"),  # plans written before kernels existed
+                activations=data.get("activations", "float"),
             )
         except (KeyError, TypeError) as e:
             raise PlanError(f"malformed plan: {e}") from e
@@ -360,6 +368,10 @@ class Plan:
                 raise PlanError(f"exit stage {s.name!r} has no numeric threshold")
         if self.kernels not in KERNELS:
             raise PlanError(f"plan kernels {self.kernels!r} is not one of {', '.join(KERNELS)}")
+        if self.activations not in ACTIVATIONS:
+            raise PlanError(
+                f"plan activations {self.activations!r} is not one of {', '.join(ACTIVATIONS)}"
+            )
         if not isinstance(self.policy, Policy):
             raise PlanError(f"a plan's policy is a Policy, got {type(self.policy).__name__}")
         if "token_score" in kinds and self.policy.token_drop is None:

@@ -297,7 +297,7 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
                 templates[key] = model
                 model = _copy(model)
             # quantized products and lookups: from the placeholders over this stage's own tensors
-            model = onnx_quant.lower(model)
+            model = onnx_quant.lower(model, program.plan.activations)
             fused = _fused_layer(program, model, check=key not in checked) if stage.kind == "layer" else None
             checked.add(key)
             store.externalize(model)

@@ -169,10 +169,11 @@ class _Weight:
 class _Lowering:
     """Rewrites one model's placeholders; new values are named after the placeholder's output."""
 
-    def __init__(self, model):
+    def __init__(self, model, int8: bool = False):
         import onnx
 
         self.onnx = onnx
+        self.int8 = int8  # int8 activations: accuracy level 4 on the plain input
         self.graph = model.graph
         self.inits = {t.name: t for t in self.graph.initializer}
         self.producers = {o: n for n in self.graph.node for o in n.output}
@@ -379,7 +380,9 @@ class _Lowering:
         # MatMulNBits takes ceil(K / block) blocks: pad x where effx padded a whole block more (group 16)
         a, K = (x, k) if -(-k // w.group) == w.blocks else (self.pad_k(x, k, w, out), w.kp)
         level, product = ACCURACY_LEVEL, f"{out}/nbits" if w.has_minimum else y
-        if w.bits == 8:  # int8 arithmetic, exact on int8-exact inputs: the product of each term, then the sum
+        if self.int8:  # int8 activations: the input as ONNX Runtime rounds it per block (lossy)
+            a, K, level = self.pad_k(x, k, w, out), w.kp, 4
+        elif w.bits == 8:  # int8 arithmetic, exact on int8-exact inputs: the product of each term, then the sum
             a, K = self.pad_k(x, k, w, out), w.kp  # (whole blocks)
             a, level, terms = self.int8_terms(a, K, w.group, rank), 4, f"{out}/terms"
             product, y_terms = terms, product
@@ -390,7 +393,7 @@ class _Lowering:
         attrs = dict(K=K, N=w.n, bits=w.bits, block_size=w.group, accuracy_level=level)
         self.node("MatMulNBits", inputs, product, domain=MS_DOMAIN, **attrs)
         self.used_ms = True
-        if w.bits == 8:
+        if w.bits == 8 and not self.int8:
             product = self.node(
                 "ReduceSum", [terms, self.const("axes.first", np.array([0]))], y_terms, keepdims=0
             )
@@ -502,14 +505,16 @@ class _Lowering:
         self.graph.initializer.extend(keep)
 
 
-def lower(model):
+def lower(model, activations: str = "float"):
     """``model`` (an exported stage with its own weights) with its ``effx`` placeholders rewritten into ONNX
-    and ``com.microsoft`` operators, in place; returns it. A model without placeholders is left as it is."""
+    and ``com.microsoft`` operators, in place; returns it. A model without placeholders is left as it is.
+    ``activations="int8"`` (:data:`effx.plan.ACTIVATIONS`) runs every MatMulNBits at accuracy level 4 on the
+    plain input (int8 activations, lossy), without the 8-bit products' exact terms."""
     import onnx
 
     if not any(n.domain == DOMAIN for n in model.graph.node):
         return model
-    lowering = _Lowering(model)
+    lowering = _Lowering(model, int8=activations == "int8")
     lowering.run()
     imports = [o for o in model.opset_import if o.domain not in (DOMAIN, MS_DOMAIN)]
     if lowering.used_ms:

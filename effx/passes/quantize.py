@@ -20,6 +20,12 @@ Sources of the quantized values:
   neuron-masked down projection, whose kept columns break the file's groups; a trained exit adapter) or
   whose type is not exact is re-quantized with ``bits``/``group``, and the report says which.
 
+Activations: ``activations=float`` (default) multiplies the float32 input, so the quantized Program is the
+float product over the de-quantized weights; ``activations=int8`` rounds the input of every quantized
+product per block of 32 values to ``scale * int8`` and multiplies in integer arithmetic (llama.cpp's Q8_1
+activations; MatMulNBits accuracy level 4 in ONNX artifacts): faster, and lossy (the plan records it,
+:data:`effx.plan.ACTIVATIONS`).
+
 Selection: ``layers=`` (default all), ``embed``, ``head`` (the LM head, the heads of exits and reduced
 heads) and ``exits`` (trained exit adapters). The pass runs after every pass that slices, shares or adds
 weights (NeuronMask's static slices, VocabReduce's subsets, EarlyExit's heads) and before ``lower``.
@@ -27,6 +33,7 @@ weights (NeuronMask's static slices, VocabReduce's subsets, EarlyExit's heads) a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
@@ -36,6 +43,7 @@ import torch
 
 from ..errors import PassConfigError, PassError, PassPreconditionError
 from ..fx import fetch
+from ..plan import ACTIVATIONS
 from ..quant import GGUF_EXACT, QWeight, quantize_rtn
 from .base import Pass, PassResult, register_pass
 
@@ -124,6 +132,7 @@ class Quantize(Pass):
     source: str = "weights"
     file: str = ""
     scale: str = "float16"
+    activations: str = "float"
     layers: tuple[int, ...] = ()
     embed: bool = True
     head: bool = True
@@ -147,6 +156,12 @@ class Quantize(Pass):
             raise PassConfigError("quantize: file= names a GGUF file, for source=gguf only")
         if self.scale not in SCALES:
             raise PassConfigError(f"quantize: scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
+        if self.activations not in ACTIVATIONS:
+            raise PassConfigError(
+                f"quantize: activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}"
+            )
+        if self.activations == "int8" and self.bits == 16:
+            raise PassConfigError("quantize: activations=int8 multiplies 4- or 8-bit weights, not bf16")
         if any(not isinstance(i, int) or i < 0 for i in self.layers):
             raise PassConfigError(f"quantize: layers are layer indices >= 0, got {self.layers!r}")
 
@@ -232,6 +247,10 @@ class Quantize(Pass):
             else:
                 report.change(f"{site} {role}", how)
         out = program.replace(stages) if stages else program
+        if stages and out.plan.activations != self.activations:
+            plan = dataclasses.replace(out.plan, activations=self.activations)
+            out = type(out)(list(out.stages), plan, generation_config=out.generation_config, reports=out.reports)
+            report.notes.append(f"quantized products multiply {self.activations} activations")
         before, after = weight_bytes(program), weight_bytes(out)
         report.notes.append(f"resident weights {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
         return PassResult(out, bool(stages), report)
