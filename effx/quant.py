@@ -20,10 +20,12 @@ A value ``u`` stands for the weight::
 computed in float32 in exactly this order (a product, then a sum): it is how ``gguf`` de-quantizes, so a
 weight imported from a GGUF file de-quantizes bitwise to the float32 weight transformers loads from it.
 
-Graphs hold quantized weights through two ops, registered with ``torch.library`` so that fx, ``torch.export``
+Graphs hold quantized weights through three ops, registered with ``torch.library`` so that fx, ``torch.export``
 and the ONNX exporter see them as ordinary operators:
 
 * ``torch.ops.effx.qlinear(x, q, scale, minimum, bias)``: ``F.linear(x, dequantize(...), bias)``;
+* ``torch.ops.effx.round_int8(x, group)``: the input of a product with int8 activations
+  (``quantize{activations=int8}``), rounded per block to ``scale * int8``;
 * ``torch.ops.effx.qembedding(ids, q, scale, minimum, k)``: the de-quantized rows ``ids`` of an embedding.
 
 Their reference implementations de-quantize and run the float op (exact, and slow: the whole weight every
@@ -110,6 +112,30 @@ def qlinear(
 @qlinear.register_fake
 def _(x, q, scale, minimum, bias):
     return x.new_empty(*x.shape[:-1], q.shape[0])
+
+
+def round_int8_reference(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x`` rounded per block of ``group`` values along its last axis to ``scale * int8``, scale the block's
+    largest magnitude / 127 (a block of zeros stays zero); the last axis is padded with zeros to whole
+    blocks for the rounding. The input that int8 activations multiply (:data:`effx.plan.ACTIVATIONS`)."""
+    k = x.shape[-1]
+    kp = -(-k // group) * group
+    blocks = F.pad(x.float(), (0, kp - k)).reshape(*x.shape[:-1], kp // group, group)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    out = torch.where(scale > 0, torch.round(blocks / safe) * scale, torch.zeros_like(blocks))
+    return out.reshape(*x.shape[:-1], kp)[..., :k].to(x.dtype)
+
+
+@torch.library.custom_op("effx::round_int8", mutates_args=())
+def round_int8(x: torch.Tensor, group: int) -> torch.Tensor:
+    """:func:`round_int8_reference` (the torch backend's kernels run it in C)."""
+    return round_int8_reference(x, group)
+
+
+@round_int8.register_fake
+def _(x, group):
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("effx::qembedding", mutates_args=())

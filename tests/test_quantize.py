@@ -388,3 +388,96 @@ def test_k_quant_blocks_dequantize_as_gguf_py(kind):
     assert got.bits == (4 if kind == "Q4_K" else 8) and got.group == (16 if kind == "Q6_K" else 32)
     assert (got.minimum is not None) == (kind in ("Q4_K", "Q5_1"))
     assert np.array_equal(got.dequantize().numpy(), t.dequantized())
+
+
+# -- int8 activations -------------------------------------------------------------------------------------
+
+
+def test_round_int8_rounds_each_block_to_its_int8_grid():
+    from effx.quant import round_int8_reference
+
+    x = torch.tensor([[0.5, -1.27, 0.0, 2.54, 0.0, 0.0, 1e-3]])
+    y = round_int8_reference(x, 4)  # blocks [0.5, -1.27, 0, 2.54] (scale 0.02) and [0, 0, 1e-3] (padded)
+    scale = 2.54 / 127
+    assert torch.allclose(y[0, :4], torch.round(x[0, :4] / scale) * scale)
+    assert torch.equal(y[0, 4:6], torch.zeros(2)) and torch.allclose(y[0, 6], torch.tensor(1e-3))
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 100, generator=g)
+    z[1, 2, :32] = 0  # a block of zeros stays zero
+    rz = round_int8_reference(z, 32)
+    blocks = torch.nn.functional.pad(z, (0, 28)).view(3, 5, 4, 32)
+    step = (blocks.abs().amax(-1, keepdim=True) / 127).expand(-1, -1, -1, 32).reshape(3, 5, 128)[..., :100]
+    assert ((rz - z).abs() <= step / 2 + 1e-7).all() and torch.equal(rz[1, 2, :32], torch.zeros(32))
+    for isa in kernels.isas():  # the C kernel is the reference, bitwise, on every target
+        with kernels.use(isa):
+            assert torch.equal(kernels.round_int8(z, 32), rz)
+
+
+@pytest.mark.parametrize("hidden", [64, 48])  # 48: inputs padded to whole blocks
+def test_int8_activations_round_every_quantized_input_once(hidden):
+    model = tiny_model("llama", layers=2, hidden=hidden)
+    prog = effx.transform(model, "quantize{activations=int8}")
+    assert prog.plan.activations == "int8"
+    assert effx.Plan.from_json(prog.plan.to_json()).activations == "int8"
+    graph = prog.layers[0].graph.graph
+    rounds = [n for n in graph.nodes if n.target == torch.ops.effx.round_int8.default]
+    products = [n for n in graph.nodes if n.target == QLINEAR]
+    assert len(rounds) == 4 and len(products) == 7  # q/k/v share one input, gate/up one; o and down
+    assert all(p.args[0] in rounds for p in products)
+    assert all(n.meta["effx_pass"] == "quantize" and n.args[1] == 32 for n in rounds)
+    assert "int8 activations" in prog.reports[-2].format()
+    head = [n for n in prog.head.graph.graph.nodes if n.target == QLINEAR]
+    assert head and all(p.args[0].target == torch.ops.effx.round_int8.default for p in head)  # LM head too
+    # numbers: within the rounding of the float-activation Program, not equal to it
+    exact = effx.transform(model, "quantize")
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    with torch.inference_mode():
+        a, b = prog(ids), exact(ids)
+        ref = effx.transform(model, "quantize{activations=int8}", kernels="reference")(ids)
+    assert not torch.equal(a, b)
+    assert (a - b).abs().max() <= 0.1 * b.abs().max()
+    torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-4)  # fast and reference kernels alike
+
+
+def test_int8_activations_run_alike_in_onnx(tmp_path):
+    """The artifact multiplies int8 activations in MatMulNBits (accuracy level 4) and rounds the minimum
+    term's input as torch does: its logits are torch's within float rounding."""
+    import onnx
+
+    from effx.exporters import onnx as exporter
+    from effx.runtime.forward import forward_logits
+    from effx.runtime.onnx import load
+
+    model = tiny_model("llama", layers=2, hidden=48, heads=3, kv_heads=1)  # inputs padded to whole blocks
+    for pipeline in ("quantize{activations=int8}", "quantize{bits=8 symmetric=true activations=int8}"):
+        prog = effx.transform(model, pipeline)
+        out = exporter.export(prog, tmp_path / pipeline.replace(" ", "_"))
+        gen = load(out)
+        levels = {
+            a.i
+            for f in out.glob("layer.*.onnx")
+            for n in onnx.load(str(f), load_external_data=False).graph.node
+            if n.op_type == "MatMulNBits"
+            for a in n.attribute
+            if a.name == "accuracy_level"
+        }
+        assert levels == {4}
+        ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+        with torch.inference_mode():
+            want = prog(ids)
+        got = torch.from_numpy(forward_logits(gen, ids.numpy()))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_activation_settings_are_refused():
+    with pytest.raises(PassConfigError, match="activations must be one of"):
+        effx.passes.parse_pipeline("quantize{activations=int4}")
+    with pytest.raises(PassConfigError, match="not bf16"):
+        effx.passes.parse_pipeline("quantize{dtype=bf16 activations=int8}")
+    data = effx.transform(tiny_model("llama")).plan.to_dict()
+    assert data["activations"] == "float"
+    del data["activations"]  # plans written before int8 activations read as float
+    assert effx.Plan.from_dict(data).activations == "float"
+    data["activations"] = "fp4"
+    with pytest.raises(effx.PlanError, match="activations"):
+        effx.Plan.from_dict(data)

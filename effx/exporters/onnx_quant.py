@@ -102,7 +102,20 @@ def _schemas():
         type_constraints=types,
         attributes=[k],
     )
-    return qlinear, qembedding
+    round_int8 = OpSchema(
+        "RoundInt8",
+        DOMAIN,
+        1,
+        inputs=[param("x", "T")],
+        outputs=[param("y", "T")],
+        type_constraints=types[:1],
+        attributes=[
+            OpSchema.Attribute("group", OpSchema.AttrType.INT, "values per block"),
+            k,
+            OpSchema.Attribute("rank", OpSchema.AttrType.INT, "the input's rank"),
+        ],
+    )
+    return qlinear, qembedding, round_int8
 
 
 def translations() -> dict:
@@ -113,9 +126,10 @@ def translations() -> dict:
     from .. import quant  # noqa: F401  (registers the two ops)
 
     opset = onnxscript.values.Opset(DOMAIN, 1)
-    qlinear_schema, qembedding_schema = _schemas()
+    qlinear_schema, qembedding_schema, round_schema = _schemas()
     qlinear_op = onnxscript.values.Op(opset, "QLinear", qlinear_schema)
     qembedding_op = onnxscript.values.Op(opset, "QEmbedding", qembedding_schema)
+    round_op = onnxscript.values.Op(opset, "RoundInt8", round_schema)
 
     def qlinear(x, q, scale, minimum, bias):
         return qlinear_op(x, q, scale, minimum, bias, k=int(x.shape[-1]), rank=len(x.shape))
@@ -123,7 +137,14 @@ def translations() -> dict:
     def qembedding(ids, q, scale, minimum, k: int):
         return qembedding_op(ids, q, scale, minimum, k=k)
 
-    return {torch.ops.effx.qlinear.default: qlinear, torch.ops.effx.qembedding.default: qembedding}
+    def round_int8(x, group: int):
+        return round_op(x, group=group, k=int(x.shape[-1]), rank=len(x.shape))
+
+    return {
+        torch.ops.effx.qlinear.default: qlinear,
+        torch.ops.effx.qembedding.default: qembedding,
+        torch.ops.effx.round_int8.default: round_int8,
+    }
 
 
 # -- lowering ---------------------------------------------------------------------------------------------
@@ -174,6 +195,7 @@ class _Lowering:
 
         self.onnx = onnx
         self.int8 = int8  # int8 activations: accuracy level 4 on the plain input
+        self.rounds: dict[str, object] = {}  # RoundInt8 placeholders by output: made where a reader needs it
         self.graph = model.graph
         self.inits = {t.name: t for t in self.graph.initializer}
         self.producers = {o: n for n in self.graph.node for o in n.output}
@@ -295,7 +317,8 @@ class _Lowering:
             return x
         pads = self.const(f"pads.{w.kp - k}", np.array([0, w.kp - k]))
         zero = self.const("f32.0", np.array(0, np.float32))
-        return self.node("Pad", [x, pads, zero, self.const("axes.last", np.array([-1]))], f"{out}/padded")
+        # named after the input: one padded copy per input and size, whichever product asks
+        return self.node("Pad", [x, pads, zero, self.const("axes.last", np.array([-1]))], f"{x}/padded.{w.kp}")
 
     # -- the placeholders
     def qlinear(self, node) -> None:
@@ -306,6 +329,7 @@ class _Lowering:
         y = f"{out}/product" if bias else out
         if w.bits not in NBITS or not direct:  # stored tensors: ONNX Runtime folds this to float32 at load
             rows = self.dequantize(values, w, k, out)
+            x = self.rounded(x)
             self.node("MatMul", [x, self.node("Transpose", [rows], f"{out}/wT", perm=[1, 0])], y)
         else:
             self.matmul_nbits(x, names, w, k, rank, out, y)
@@ -367,6 +391,9 @@ class _Lowering:
 
     def matmul_nbits(self, x: str, names, w: _Weight, k: int, rank, out: str, y: str) -> None:
         q, scale, minimum = names
+        # int8 activations: MatMulNBits at level 4 rounds the input itself (and the minimum term reads the
+        # input as it is); elsewhere a rounded input is made in the graph
+        given, x = x, self.rounds[x].input[0] if self.int8 and x in self.rounds else self.rounded(x)
         packed = (
             f"{q}.nbits"  # the stored bytes, shaped [n, blocks, bytes per block] as MatMulNBits takes them
         )
@@ -382,7 +409,9 @@ class _Lowering:
         level, product = ACCURACY_LEVEL, f"{out}/nbits" if w.has_minimum else y
         if self.int8:  # int8 activations: the input as ONNX Runtime rounds it per block (lossy)
             a, K, level = self.pad_k(x, k, w, out), w.kp, 4
-        elif w.bits == 8:  # int8 arithmetic, exact on int8-exact inputs: the product of each term, then the sum
+        elif (
+            w.bits == 8
+        ):  # int8 arithmetic, exact on int8-exact inputs: the product of each term, then the sum
             a, K = self.pad_k(x, k, w, out), w.kp  # (whole blocks)
             a, level, terms = self.int8_terms(a, K, w.group, rank), 4, f"{out}/terms"
             product, y_terms = terms, product
@@ -399,7 +428,7 @@ class _Lowering:
             )
         if w.has_minimum:
             # (x summed over each group of its values) @ minimum^T, of inner size blocks
-            padded = self.pad_k(x, k, w, out)
+            padded = self.pad_k(self.rounded(given), k, w, out)
             if rank is None:  # (placeholders of effx before the rank attribute)
                 lead = self.node("Shape", [padded], f"{out}/x_lead", end=-1)
                 groups = self.shape_with(lead, [w.blocks, w.group], f"{out}/x_groups_shape")
@@ -416,6 +445,52 @@ class _Lowering:
             minimum_t = self.node("Transpose", [minimum], f"{out}/minT", perm=[1, 0])
             term = self.node("MatMul", [sums, minimum_t], f"{out}/min_term")
             self.node("Add", [product, term], y)
+
+    def rounded(self, x: str) -> str:
+        """``x``, made as a rounding to ``scale * int8`` per block if a RoundInt8 placeholder outputs it."""
+        node = self.rounds.get(x)
+        if node is None or x in self.made:
+            return x
+        a, group, k, rank = node.input[0], _attr(node, "group"), _attr(node, "k"), _attr(node, "rank")
+        kp = -(-k // group) * group
+        if kp != k:
+            pads = self.const(f"pads.{kp - k}", np.array([0, kp - k]))
+            zero = self.const("f32.0", np.array(0, np.float32))
+            a = self.node("Pad", [a, pads, zero, self.const("axes.last", np.array([-1]))], f"{x}/padded")
+        dims = [0] * (rank - 1) + [kp // group, group]
+        blocks = self.node(
+            "Reshape", [a, self.const("groups." + "x".join(map(str, dims)), np.array(dims))], f"{x}/blocks"
+        )
+        amax = self.node(
+            "ReduceMax",
+            [self.node("Abs", [blocks], f"{x}/abs"), self.const("axes.last", np.array([-1]))],
+            f"{x}/amax",
+            keepdims=1,
+        )
+        scale = self.node("Div", [amax, self.const("f32.127", np.array(127, np.float32))], f"{x}/scale")
+        safe = self.node(
+            "Max",
+            [scale, self.const("f32.tiny", np.array(np.finfo(np.float32).tiny, np.float32))],
+            f"{x}/safe",
+        )
+        levels = self.node("Round", [self.node("Div", [blocks, safe], f"{x}/ratio")], f"{x}/levels")
+        flat = [0] * (rank - 1) + [kp]
+        y = self.node(
+            "Reshape",
+            [
+                self.node("Mul", [levels, scale], f"{x}/values"),
+                self.const("flat." + "x".join(map(str, flat)), np.array(flat)),
+            ],
+            x if kp == k else f"{x}/whole",
+        )
+        if kp != k:
+            self.node(
+                "Slice",
+                [y, self.const("i64.0", np.array([0])), self.const(f"i64.{k}", np.array([k])),
+                 self.const("axes.last", np.array([-1]))],
+                x,
+            )  # fmt: skip
+        return x
 
     def int8_terms(self, a: str, K: int, group: int, rank) -> str:
         """``a`` ``[..., K]`` as :data:`TERMS` stacked terms ``[TERMS, ..., K]`` that sum to it: each the
@@ -478,9 +553,16 @@ class _Lowering:
     def run(self) -> None:
         placeholders = {"QLinear": self.qlinear, "QEmbedding": self.qembedding}
         siblings = self.siblings()
+        self.rounds = {
+            n.output[0]: n for n in self.graph.node if n.domain == DOMAIN and n.op_type == "RoundInt8"
+        }
         for node in list(self.graph.node):
             if node.domain != DOMAIN:
+                for i in node.input:  # an ONNX node that reads a rounded input (none that effx writes)
+                    self.rounded(i)
                 self.nodes.append(node)
+            elif node.op_type == "RoundInt8":
+                continue  # made where a reader needs it (self.rounded)
             elif node.op_type == "QLinear" and node.output[0] in siblings:
                 group = siblings[node.output[0]]
                 if group[0][0] is node:  # the others are made with the first

@@ -66,6 +66,7 @@ __all__ = [
     "linear_rows",
     "qkv_rope",
     "rms_norm",
+    "round_int8",
     "unavailable_reason",
     "use",
 ]
@@ -210,13 +211,14 @@ def _load(isa: str) -> tuple[ctypes.CDLL | None, str]:
     lib.effx_gated.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I]
     lib.effx_rms_norm.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float]
     lib.effx_rope.argtypes = [_P, _I, _I, _I, _I, _P, _P]
+    lib.effx_round_int8.argtypes = [_P, _P, _I, _I, _I]
     lib.effx_linear_w.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I]
     lib.effx_qlinear.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I]
     lib.effx_qkv_rope_w.argtypes = [_P, _I, _I, _P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I]
     lib.effx_linear_rows_w.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I]
     lib.effx_gated_w.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I]
     for name in (
-        "linear", "linear1", "qkv_rope", "linear_rows", "gated", "rms_norm", "rope",
+        "linear", "linear1", "qkv_rope", "linear_rows", "gated", "rms_norm", "rope", "round_int8",
         "linear_w", "qlinear", "qkv_rope_w", "linear_rows_w", "gated_w",
     ):  # fmt: skip
         getattr(lib, f"effx_{name}").restype = None
@@ -588,6 +590,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(x)
     d = x.shape[-1]
     lib.effx_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // d, d, eps)
+    return out
+
+
+def round_int8(x: torch.Tensor, group: int) -> torch.Tensor:
+    """:func:`effx.quant.round_int8_reference` (``x`` rounded per block to ``scale * int8``), bitwise."""
+    lib = _library()[0]
+    if lib is None or not _plain(x, torch.is_grad_enabled()) or x.dim() < 1 or x.shape[-1] < 1 or group < 1:
+        from ..quant import round_int8_reference
+
+        return round_int8_reference(x, group)
+    out = torch.empty_like(x)
+    k = x.shape[-1]
+    lib.effx_round_int8(x.data_ptr(), out.data_ptr(), x.numel() // k, k, group)
     return out
 
 

@@ -638,6 +638,24 @@ void effx_rms_norm(const float *x, const float *w, float *y, int M, int D, float
   }
 }
 
+/* Int8 activations: y = x rounded per block of g values (along rows of K, the last block zero-padded) to
+ * scale * int8, scale = the block's largest magnitude / 127: y = scale * nearbyint(x / scale) (round half
+ * to even, as torch.round; a block of zeros stays zero). Scalar IEEE operations: the same bits everywhere,
+ * and the same as effx.quant.round_int8_reference. */
+void effx_round_int8(const float *x, float *y, int M, int K, int g) {
+  for (int m = 0; m < M; m++) {
+    const float *xm = x + (size_t)m * K;
+    float *ym = y + (size_t)m * K;
+    for (int k0 = 0; k0 < K; k0 += g) {
+      int n = K - k0 < g ? K - k0 : g;
+      float amax = 0.f;
+      for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(xm[k0 + i]));
+      float scale = amax / 127.f;
+      for (int i = 0; i < n; i++) ym[k0 + i] = scale > 0.f ? nearbyintf(xm[k0 + i] / scale) * scale : 0.f;
+    }
+  }
+}
+
 /* Rotary embedding in place, Llama's rotate-half form, on M rows of H heads of D values (row stride ld):
  * t[i] = t[i] cos[i] - t[i + D/2] sin[i];  t[i + D/2] = t[i + D/2] cos[i + D/2] + t[i] sin[i + D/2]. */
 void effx_rope(float *t, int M, int H, int D, int ld, const float *cos, const float *sin) {

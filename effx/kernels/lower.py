@@ -11,6 +11,7 @@ where its pattern matches exactly and skipped otherwise:
 * ``silu(linear(x, wg)) * linear(x, wu)`` -> :func:`effx.kernels.gated`;
 * ``linear(x, index_select(w, 0, ids))`` (a pruned exit's per-token rows) -> :func:`effx.kernels.linear_rows`;
 * every other ``aten.linear`` -> :func:`effx.kernels.linear`;
+* ``effx.round_int8`` (int8 activations) -> :func:`effx.kernels.round_int8`;
 * ``cat([past_k, k], 2)`` (and v) -> :func:`effx.kernels.append_kv`: the new keys and values are written into
   the cache's free slots after ``past`` instead of copying the whole past every layer and step.
 
@@ -28,7 +29,7 @@ from collections import Counter
 
 import torch
 
-from . import append_kv, gated, linear, linear_rows, qkv_rope, rms_norm
+from . import append_kv, gated, linear, linear_rows, qkv_rope, rms_norm, round_int8
 
 __all__ = ["lower_graph", "lowered", "lowered_ops"]
 
@@ -37,6 +38,7 @@ from .. import quant as _quant  # noqa: F401  (registers effx.qlinear)
 aten = torch.ops.aten
 _LINEAR = aten.linear.default
 _QLINEAR = torch.ops.effx.qlinear.default
+_ROUND_INT8 = torch.ops.effx.round_int8.default
 _KERNELS = {
     linear: "linear",
     gated: "gated",
@@ -44,6 +46,7 @@ _KERNELS = {
     qkv_rope: "qkv_rope",
     linear_rows: "linear_rows",
     append_kv: "append_kv",
+    round_int8: "round_int8",
 }
 
 
@@ -246,6 +249,15 @@ def _linears(graph) -> None:
         n.replace_all_uses_with(node)
 
 
+def _rounds(graph) -> None:
+    """``effx.round_int8`` (int8 activations) -> :func:`effx.kernels.round_int8`."""
+    for n in list(graph.nodes):
+        if _is(n, _ROUND_INT8) and not n.kwargs:
+            with graph.inserting_before(n):
+                node = _new(graph, n, round_int8, n.args)
+            n.replace_all_uses_with(node)
+
+
 def _kv_appends(graph) -> None:
     """``cat([past_k, k], 2)`` of a layer's cache input -> :func:`effx.kernels.append_kv` (no copy of the past)."""
     for n in list(graph.nodes):
@@ -271,6 +283,7 @@ def lower_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     _gated(graph)
     _linears(graph)
     _kv_appends(graph)
+    _rounds(graph)
     # stage graphs have no side effects (fx counts SDPA as impure because of its dropout argument)
     graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
     graph.lint()

@@ -22,9 +22,14 @@ Sources of the quantized values:
 
 Activations: ``activations=float`` (default) multiplies the float32 input, so the quantized Program is the
 float product over the de-quantized weights; ``activations=int8`` rounds the input of every quantized
-product per block of 32 values to ``scale * int8`` and multiplies in integer arithmetic (llama.cpp's Q8_1
-activations; MatMulNBits accuracy level 4 in ONNX artifacts): faster, and lossy (the plan records it,
-:data:`effx.plan.ACTIVATIONS`).
+product per block (the weight's group) to ``scale * int8`` (llama.cpp's Q8_1 activations), lossy, and
+ONNX artifacts multiply it in integer arithmetic (MatMulNBits accuracy level 4: faster). The rounding is
+an ``effx.round_int8`` node before the products of each input (the graph shows it; the torch backend runs
+it, then the float product: the same numbers, no integer speed-up); the plan records the mode
+(:data:`effx.plan.ACTIVATIONS`)::
+
+    before:  y = qlinear(x, q, scale, minimum)
+    after:   y = qlinear(round_int8(x, 32), q, scale, minimum)
 
 Selection: ``layers=`` (default all), ``embed``, ``head`` (the LM head, the heads of exits and reduced
 heads) and ``exits`` (trained exit adapters). The pass runs after every pass that slices, shares or adds
@@ -53,6 +58,7 @@ aten = torch.ops.aten
 _LINEAR = aten.linear.default
 _QLINEAR = torch.ops.effx.qlinear.default
 _QEMBEDDING = torch.ops.effx.qembedding.default
+_ROUND_INT8 = torch.ops.effx.round_int8.default
 SOURCES = ("weights", "gguf")
 SCALES = {"float16": torch.float16, "float32": torch.float32}
 _HEADS = ("lm_head",)
@@ -260,6 +266,7 @@ class Quantize(Pass):
         g = gm.graph
         changes = []
         count = 0
+        rounded: dict[tuple, torch.fx.Node] = {}  # (input, block size) -> its int8 rounding
 
         def store(qw: QWeight, base: str, like) -> list:
             nodes = []
@@ -290,6 +297,16 @@ class Quantize(Pass):
                 base = f"quant_{count}"
                 with g.inserting_before(node):
                     parts = store(qw, base, node)
+                    if self.activations == "int8":  # one rounding per input and block size
+                        key = (x, qw.group)
+                        if key not in rounded:
+                            rounded[key] = g.call_function(_ROUND_INT8, (x, qw.group))
+                            rounded[key].meta.update(
+                                {k: v for k, v in node.meta.items() if k.startswith("effx_")},
+                                effx_role="act.int8",
+                                effx_pass=self.name,
+                            )
+                        x = rounded[key]
                     if gather is not None:
                         parts = [
                             None if p is None else g.call_function(aten.index_select.default, (p, 0, gather))
