@@ -45,10 +45,20 @@ from effx.runtime.forward import forward_logits
 
 CONFIGS = {
     "effx quantize{source=gguf}": "quantize{source=gguf}",
+    "effx quantize{source=gguf activations=int8}": "quantize{source=gguf activations=int8}",
     "effx quantize{bits=8 symmetric=true}": "quantize{bits=8 symmetric=true}",
     "effx quantize{bits=4}": "quantize{bits=4}",
     "effx quantize{dtype=bf16}": "quantize{dtype=bf16}",
 }
+
+
+# the ONNX artifact rows: the float32 Program and these pipelines
+ONNX = (
+    "float32",
+    "quantize{source=gguf}",
+    "quantize{source=gguf activations=int8}",
+    "quantize{bits=8 symmetric=true}",
+)
 
 
 def _llama_cpp(path, threads: int):
@@ -98,6 +108,11 @@ def main() -> None:
     ap.add_argument("--no-llama-cpp", action="store_true", help="leave the llama.cpp row out")
     ap.add_argument("--no-onnx", action="store_true", help="leave the ONNX artifact rows out")
     ap.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help="comma-separated effx torch rows to time, from: " + ", ".join(CONFIGS) + " (default: all)",
+    )
+    ap.add_argument(
         "--isas",
         default="best",
         help="kernel targets for the effx torch rows: best, all, or a list such as avx2 (default: best)",
@@ -113,8 +128,12 @@ def main() -> None:
     prompts = [encode_prompts(tok, [p]) for p in PROMPTS[: args.prompts]]
     dense = effx.transform(model, passes=[])
     progs = {"effx float32": dense}
+    wanted = {c.strip() for c in args.configs.split(",")} | {"effx quantize{source=gguf}"}
+    if not wanted <= set(CONFIGS):
+        ap.error(f"--configs: unknown {sorted(wanted - set(CONFIGS))}")
     for label, pipeline in CONFIGS.items():
-        progs[label] = effx.transform(model, passes=pipeline)
+        if label in wanted:
+            progs[label] = effx.transform(model, passes=pipeline)
     n = args.new_tokens
 
     runners = peer_runners(model, progs, n)
@@ -128,11 +147,8 @@ def main() -> None:
         from effx.exporters.onnx import export
         from effx.runtime.onnx import load
 
-        for label, prog in (
-            ("float32", dense),
-            ("quantize{source=gguf}", progs["effx quantize{source=gguf}"]),
-            ("quantize{bits=8 symmetric=true}", progs["effx quantize{bits=8 symmetric=true}"]),
-        ):
+        for label in ONNX:
+            prog = progs.get(f"effx {label}") or (dense if label == "float32" else effx.transform(model, label))
             name = label.replace("{", "_").replace("}", "").replace("=", "_").replace(" ", "_")
             out = export(prog, Path(tmp.name) / name)
             sizes[label] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
