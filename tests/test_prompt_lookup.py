@@ -191,3 +191,20 @@ def test_lookup_then_exit_drafts(model4, dense4):
     assert torch.equal(prog.generate(ids, max_new_tokens=20, eos_token_id=[], stats=stats), ref)
     assert stats["sources"]["exit"]["rounds"] > 0
     assert stats["sources"]["lookup"]["rounds"] + stats["sources"]["exit"]["rounds"] <= stats["rounds"]
+
+
+def test_a_huge_draft_setting_does_not_size_the_cache(dense4, monkeypatch):
+    """draft=10**7 drafts at most the tokens left, and the cache is sized by them (issue 37: it asked for
+    gigabytes before), with the dense tokens."""
+    sizes = []
+    real = effx.runtime.torch_backend.TorchBackend.new_cache
+
+    def recording(self, batch, slots, **kw):
+        sizes.append(slots)
+        return real(self, batch, slots, **kw)
+
+    monkeypatch.setattr(effx.runtime.torch_backend.TorchBackend, "new_cache", recording)
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
+    out = PromptLookup(draft=10**7).apply(dense4).program.generate(ids, max_new_tokens=6)
+    assert torch.equal(out, dense4.generate(ids, max_new_tokens=6))
+    assert max(sizes) <= ids.shape[1] + 2 * 6 + 1

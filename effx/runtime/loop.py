@@ -173,7 +173,9 @@ def decode(
             "only; call it with do_sample=False"
         )
     batch, prompt_len = input_ids.shape
-    draft = longest_draft(plan, sources) if speculative else 0
+    # a round never drafts past the tokens left, so neither does the cache's room for drafts (a setting such
+    # as draft=10**7 must not size it)
+    draft = min(longest_draft(plan, sources), max_new) if speculative else 0
     # slots: the prompt, then one per new token (+ room for drafts that may be rejected)
     slots = capacity(batch, prompt_len, max_new, draft) if speculative else prompt_len + max_new
     if streamer is not None:
