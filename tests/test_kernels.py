@@ -206,7 +206,6 @@ def test_fast_program_logits_within_bound_of_reference(kind):
     assert torch.equal(out_fast, out_ref)  # tiny random models have peaked logits: no greedy near-ties
 
 
-@on_every_isa
 @settings(max_examples=6, deadline=None)
 @given(
     layers=st.integers(2, 4),
@@ -214,19 +213,17 @@ def test_fast_program_logits_within_bound_of_reference(kind):
     heads=st.sampled_from([2, 4]),
     seed=st.integers(0, 100),
 )
-def test_fast_self_speculative_equals_fast_dense(isa, layers, hidden, heads, seed):
-    """Lossless on the fast kernels: drafts verified in one multi-token step give the dense greedy tokens."""
-    with kernels.use(isa):
-        model = tiny_model("llama", seed=seed, layers=layers, hidden=hidden, heads=heads, kv_heads=heads // 2)
-        dense = effx.transform(model)
-        spec = effx.transform(
-            model, [EarlyExit(layers=(0,), thresholds=(0.2,), mode="self-speculative", draft=3)]
-        )
-        assert spec.plan.kernels == "fast"
-        ids, mask = left_padded_batch([5, 8], model.config.vocab_size, seed=seed)
-        a = dense.generate(ids, attention_mask=mask, max_new_tokens=16)
-        b = spec.generate(ids, attention_mask=mask, max_new_tokens=16)
-        assert torch.equal(a, b)
+def test_fast_self_speculative_equals_fast_dense(layers, hidden, heads, seed):
+    """Lossless on the fast kernels: drafts verified in one multi-token step give the dense greedy tokens
+    (on this CPU's default target: every target computes the same bits, tests/test_kernels_harness.py)."""
+    model = tiny_model("llama", seed=seed, layers=layers, hidden=hidden, heads=heads, kv_heads=heads // 2)
+    dense = effx.transform(model)
+    spec = effx.transform(model, [EarlyExit(layers=(0,), thresholds=(0.2,), mode="self-speculative", draft=3)])
+    assert spec.plan.kernels == "fast"
+    ids, mask = left_padded_batch([5, 8], model.config.vocab_size, seed=seed)
+    a = dense.generate(ids, attention_mask=mask, max_new_tokens=16)
+    b = spec.generate(ids, attention_mask=mask, max_new_tokens=16)
+    assert torch.equal(a, b)
 
 
 def test_lower_step_is_recorded_and_round_trips():
