@@ -391,8 +391,8 @@ class _Lowering:
 
     def matmul_nbits(self, x: str, names, w: _Weight, k: int, rank, out: str, y: str) -> None:
         q, scale, minimum = names
-        # int8 activations: MatMulNBits at level 4 rounds the input itself (and the minimum term reads the
-        # input as it is); elsewhere a rounded input is made in the graph
+        # int8 activations: MatMulNBits at level 4 rounds the input itself, and the minimum term reads the
+        # input as it is; elsewhere a rounded input is made in the graph
         given, x = x, self.rounds[x].input[0] if self.int8 and x in self.rounds else self.rounded(x)
         packed = (
             f"{q}.nbits"  # the stored bytes, shaped [n, blocks, bytes per block] as MatMulNBits takes them
@@ -428,7 +428,8 @@ class _Lowering:
             )
         if w.has_minimum:
             # (x summed over each group of its values) @ minimum^T, of inner size blocks
-            padded = self.pad_k(self.rounded(given), k, w, out)
+            # (int8 activations: the float input, as it is: rounding it in the graph cost what level 4 saved)
+            padded = self.pad_k(x if self.int8 else self.rounded(given), k, w, out)
             if rank is None:  # (placeholders of effx before the rank attribute)
                 lead = self.node("Shape", [padded], f"{out}/x_lead", end=-1)
                 groups = self.shape_with(lead, [w.blocks, w.group], f"{out}/x_groups_shape")

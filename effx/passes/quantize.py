@@ -25,8 +25,8 @@ float product over the de-quantized weights; ``activations=int8`` rounds the inp
 product per block (the weight's group) to ``scale * int8`` (llama.cpp's Q8_1 activations), lossy, and
 ONNX artifacts multiply it in integer arithmetic (MatMulNBits accuracy level 4: faster). The rounding is
 an ``effx.round_int8`` node before the products of each input (the graph shows it; the torch backend runs
-it, then the float product: the same numbers, no integer speed-up); the plan records the mode
-(:data:`effx.plan.ACTIVATIONS`)::
+it, then the float product: an emulation, no integer speed-up; ONNX artifacts' minimum terms read the
+float input, docs/onnx.md); the plan records the mode (:data:`effx.plan.ACTIVATIONS`)::
 
     before:  y = qlinear(x, q, scale, minimum)
     after:   y = qlinear(round_int8(x, 32), q, scale, minimum)
