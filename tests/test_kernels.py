@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import effx
 from effx import kernels
+from effx.kernels.layer import FusedLayer
 from effx.kernels.lower import lower_graph, lowered_ops
 from effx.passes import EarlyExit, Lower, NeuronMask
 from effx.runtime.torch_backend import torch_backend
@@ -218,7 +219,9 @@ def test_fast_self_speculative_equals_fast_dense(layers, hidden, heads, seed):
     (on this CPU's default target: every target computes the same bits, tests/test_kernels_harness.py)."""
     model = tiny_model("llama", seed=seed, layers=layers, hidden=hidden, heads=heads, kv_heads=heads // 2)
     dense = effx.transform(model)
-    spec = effx.transform(model, [EarlyExit(layers=(0,), thresholds=(0.2,), mode="self-speculative", draft=3)])
+    spec = effx.transform(
+        model, [EarlyExit(layers=(0,), thresholds=(0.2,), mode="self-speculative", draft=3)]
+    )
     assert spec.plan.kernels == "fast"
     ids, mask = left_padded_batch([5, 8], model.config.vocab_size, seed=seed)
     a = dense.generate(ids, attention_mask=mask, max_new_tokens=16)
@@ -267,3 +270,96 @@ def test_backend_runs_reference_ops_where_kernels_are_missing(monkeypatch):
     ids = torch.tensor([[3, 4, 5]])
     with torch.inference_mode():
         assert torch.equal(program(ids), model(ids).logits)
+
+
+# -- a whole layer in one call (effx.kernels.layer) -------------------------------------------------------
+
+
+def _layer_inputs(program, batch, seq, past, seed=0):
+    """Inputs of layer 0 for ``seq`` new tokens on a cache buffer filled to ``past`` (room for 8 more)."""
+    info = program.info
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, seq, info.hidden_size, generator=g)
+    cos, sin = (torch.randn(batch, seq, info.head_dim, generator=g) for _ in range(2))
+    buffers = [
+        torch.randn(batch, info.num_kv_heads, past + seq + 8, info.head_dim, generator=g) for _ in range(2)
+    ]
+    valid = torch.ones(batch, past + seq, dtype=torch.bool)
+    valid[0, :2] = False  # a left-padded row
+    from effx.runtime.forward import attention_masks
+
+    mask = attention_masks(valid, past, seq, [None], torch.float32)[None]
+    return hidden, cos, sin, mask, *(b[:, :, :past] for b in buffers)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_layer_runs_as_one_call_within_bound_of_the_lowered_graph(kind, quantized):
+    model = tiny_model(kind, layers=1, hidden=64, heads=4, kv_heads=2)
+    program = effx.transform(model, "quantize" if quantized else "")
+    layer = torch_backend(program)._graphs["layer.0"]
+    assert isinstance(layer, FusedLayer)
+    with torch.inference_mode():
+        for batch, seq, past in ((1, 1, 7), (2, 4, 5), (3, 1, 0)):
+            inputs = _layer_inputs(program, batch, seq, past)
+            got = layer(*inputs)
+            want = layer.graph_module(*inputs)
+            assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])  # the same kernels for k, v
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)  # attention: float rounding
+            # the new keys and values are in the cache buffer after the filled slots
+            pk = inputs[4]
+            filled = pk.as_strided((*pk.shape[:2], past + seq, pk.shape[3]), pk.stride(), pk.storage_offset())
+            assert torch.equal(filled[:, :, past:], got[1])
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    def forward(self, *args):
+        self.calls.append(1)
+        return self.inner(*args)
+
+
+def test_the_fused_layer_is_batch_invariant_and_falls_back_where_it_must():
+    model = tiny_model("llama", layers=1, hidden=64, heads=4, kv_heads=2)
+    program = effx.transform(model)
+    layer = torch_backend(program)._graphs["layer.0"]
+    real = layer.graph_module
+    layer.graph_module = counting = _Counting(real)
+    calls = counting.calls
+    try:
+        with torch.inference_mode():
+            hidden, cos, sin, mask, pk, pv = _layer_inputs(program, 3, 2, 6)
+            together = layer(hidden, cos, sin, mask, pk, pv)[0]
+            for b in range(3):
+                alone = layer(
+                    hidden[b : b + 1],
+                    cos[b : b + 1],
+                    sin[b : b + 1],
+                    mask[b : b + 1],
+                    pk[b : b + 1],
+                    pv[b : b + 1],
+                )
+                assert torch.equal(alone[0], together[b : b + 1])
+            assert not calls
+            big = _layer_inputs(program, 1, kernels.MAX_ROWS + 1, 0)  # a prefill: the lowered graph
+            layer(*big)
+            full = [
+                t.contiguous() if t.dim() == 4 and t.shape[2] == 6 else t
+                for t in (hidden, cos, sin, mask, pk, pv)
+            ]
+            layer(*full)  # a cache that is no buffer with room: the lowered graph
+        assert len(calls) == 2
+    finally:
+        layer.graph_module = real
+
+
+def test_layers_of_another_form_are_not_fused():
+    program = effx.transform(tiny_model("gemma3", layers=2))  # extra norms around attention and MLP
+    assert not any(isinstance(g, FusedLayer) for g in torch_backend(program)._graphs.values())
+    ref = effx.transform(tiny_model("llama", layers=1), kernels="reference")
+    assert not any(isinstance(g, FusedLayer) for g in torch_backend(ref)._graphs.values())
+    int8 = effx.transform(tiny_model("llama", layers=1), "quantize{activations=int8}")
+    assert not any(isinstance(g, FusedLayer) for g in torch_backend(int8)._graphs.values())

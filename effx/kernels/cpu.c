@@ -26,6 +26,7 @@
  */
 #include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -636,6 +637,91 @@ void effx_rms_norm(const float *x, const float *w, float *y, int M, int D, float
     float r = 1.f / sqrtf(ss / (float)D + eps);
     for (int i = 0; i < D; i++) ym[i] = w[i] * (xm[i] * r);
   }
+}
+
+/* ---- a whole decoder layer in one call ------------------------------------------------------------- */
+
+/* A Llama-family decoder layer (RMSNorm, q/k/v with rotary embedding, grouped-query attention over a KV
+ * cache, output projection, residual, RMSNorm, gated MLP, residual): its weights and sizes. */
+typedef struct {
+  int D, nq, nkv, hd, F; /* hidden size, q and kv widths (heads x hd), head size, MLP width */
+  float eps1, eps2, scale;
+  const float *norm1, *norm2;
+  effx_weight wq, wk, wv, wo, wg, wu, wd;
+  const float *bq, *bk, *bv, *bo; /* or NULL */
+} effx_layer_params;
+
+/* Floats of work space effx_layer needs for M rows. */
+long effx_layer_work(const effx_layer_params *L, int M) {
+  return (long)M * (2L * L->D + L->nq + L->F) + 0L;
+}
+
+/* One decoder layer on M = B * S new tokens x [M, D] (cos, sin [M, hd]): the new keys and values go into
+ * the caches kc, vc ([B, nkv/hd, cap, hd], filled to `past`) after the filled slots and stay in qkv
+ * [M, nq + 2 nkv] (q, k, v by row); mask [B, S, past + S] (element strides mb, ms, 1) is added to the
+ * scores; out [M, D]. Each step is the kernel the unfused layer runs (the same bits), except the attention,
+ * which runs here: per query row and head, scores in key order, softmax (largest score subtracted, expf),
+ * then the weighted sum of values in key order. */
+void effx_layer(const effx_layer_params *L, const float *x, int B, int S, const float *cos, const float *sin,
+                float *kc, float *vc, int cap, int past, const float *mask, long mb, long ms, float *qkv,
+                float *work, float *out, int nthreads) {
+  const int M = B * S, D = L->D, nq = L->nq, nkv = L->nkv, hd = L->hd, F = L->F, W = nq + 2 * nkv;
+  const int hq = nq / hd, hk = nkv / hd, group = hq / hk, T = past + S;
+  float *h = work, *att = h + (size_t)M * D, *x2 = att + (size_t)M * nq, *g = x2 + (size_t)M * D;
+  effx_rms_norm(x, L->norm1, h, M, D, L->eps1);
+  effx_weight ws[3] = {L->wq, L->wk, L->wv};
+  effx_qkv_rope_w(h, M, D, ws, L->bq, L->bk, L->bv, nq, nkv, qkv, cos, sin, hd, nthreads);
+  for (int m = 0; m < M; m++) { /* the new keys and values into the cache, after the filled slots */
+    int b = m / S, s = m % S;
+    for (int j = 0; j < hk; j++) {
+      size_t slot = (((size_t)b * hk + j) * cap + past + s) * hd;
+      memcpy(kc + slot, qkv + (size_t)m * W + nq + (size_t)j * hd, (size_t)hd * sizeof(float));
+      memcpy(vc + slot, qkv + (size_t)m * W + nq + nkv + (size_t)j * hd, (size_t)hd * sizeof(float));
+    }
+  }
+#pragma omp parallel num_threads(nthreads)
+  {
+    float *p = (float *)malloc((size_t)T * sizeof(float));
+#pragma omp for schedule(static)
+    for (int task = 0; task < M * hq; task++) {
+      int m = task / hq, head = task % hq, b = m / S, s = m % S, j = head / group;
+      const float *q = qkv + (size_t)m * W + (size_t)head * hd;
+      const float *keys = kc + ((size_t)b * hk + j) * cap * hd, *vals = vc + ((size_t)b * hk + j) * cap * hd;
+      const float *mrow = mask + (size_t)b * mb + (size_t)s * ms;
+      float top = -INFINITY;
+      for (int t = 0; t < T; t++) {
+        v16 acc = v_zero();
+        int d = 0;
+        for (; d + 16 <= hd; d += 16) acc = v_fma(v_load(q + d), v_load(keys + (size_t)t * hd + d), acc);
+        if (d < hd) acc = v_fma(v_load_n(q + d, hd - d), v_load_n(keys + (size_t)t * hd + d, hd - d), acc);
+        p[t] = v_sum(acc) * L->scale + mrow[t];
+        top = p[t] > top ? p[t] : top;
+      }
+      float sum = 0.f;
+      for (int t = 0; t < T; t++) {
+        p[t] = expf(p[t] - top);
+        sum += p[t];
+      }
+      float *o = att + (size_t)m * nq + (size_t)head * hd;
+      for (int d = 0; d < hd; d++) o[d] = 0.f;
+      for (int t = 0; t < T; t++) {
+        float w = p[t] / sum;
+        const float *v = vals + (size_t)t * hd;
+        for (int d = 0; d < hd; d++) o[d] += w * v[d];
+      }
+    }
+    free(p);
+  }
+  /* x2 = x + att . wo (+ bo); out = x2 + down(silu(gate) * up) of rms_norm(x2) */
+  int n_o = D;
+  float *ys[1] = {out};
+  const float *bos[1] = {L->bo};
+  effx_linear_w(att, M, nq, nq, 1, &L->wo, bos, &n_o, ys, &n_o, nthreads);
+  for (size_t i = 0; i < (size_t)M * D; i++) x2[i] = x[i] + out[i];
+  effx_rms_norm(x2, L->norm2, h, M, D, L->eps2);
+  effx_gated_w(h, M, D, &L->wg, &L->wu, F, g, nthreads);
+  effx_qlinear(g, M, F, &L->wd, NULL, D, out, nthreads);
+  for (size_t i = 0; i < (size_t)M * D; i++) out[i] = x2[i] + out[i];
 }
 
 /* Int8 activations: y = x rounded per block of g values (along rows of K, the last block zero-padded) to

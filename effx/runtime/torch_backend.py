@@ -43,6 +43,12 @@ class TorchBackend(Backend):
 
         lower = lowered if self.kernels == "fast" else (lambda g: g)
         self._graphs = {s.name: lower(s.graph) for s in program.stages}
+        if self.kernels == "fast":  # a decoder layer of the common form: one kernel call (effx.kernels.layer)
+            from ..kernels.layer import fuse_layer
+
+            for s in program.stages:
+                if s.kind == "layer":
+                    self._graphs[s.name] = fuse_layer(self._graphs[s.name]) or self._graphs[s.name]
         self._kv_only: dict[str, torch.fx.GraphModule] = {}
 
     def run(self, stage, *inputs) -> tuple:
@@ -60,7 +66,8 @@ class TorchBackend(Backend):
     def project_kv(self, layer, hidden, cos, sin):
         gm = self._kv_only.get(layer.name)
         if gm is None:
-            gm = self._kv_only[layer.name] = kv_projection(self._graphs[layer.name])
+            graph = self._graphs[layer.name]
+            gm = self._kv_only[layer.name] = kv_projection(getattr(graph, "graph_module", graph))
         return gm(hidden, cos, sin, None, None, None)
 
 

@@ -1,0 +1,245 @@
+"""A whole decoder layer in one kernel call: the torch backend's decode step without per-op dispatch.
+
+A lowered Llama-family layer graph (:func:`effx.kernels.lower.lower_graph`) still makes about 15 calls
+(norms, products, two cache appends, attention, reshapes, residual adds) and 27 attribute lookups per layer
+and step; with 30 layers that Python and dispatch work cost about as much as the quantized products
+themselves. :func:`fuse_layer` recognizes exactly that lowered graph::
+
+    h = rms_norm(hidden); q, k, v = qkv_rope(h, wq, wk, wv, ...); append_kv(past_k, k); append_kv(past_v, v)
+    a = sdpa(q, k_all, v_all, mask, scale, gqa); x2 = hidden + linear(a, wo)
+    out = x2 + linear(gated(rms_norm(x2), wg, wu), wd)                -> (out, k, v)
+
+and returns a :class:`FusedLayer` that runs it as one call of ``effx_layer`` (``cpu.c``): the same kernels
+in the same order (so the same bits) for every product, norm and residual add, and its own attention (scores
+in key order, softmax with the largest score subtracted, the weighted sum of values in key order: float32,
+batch invariant, within float rounding of torch's SDPA). Anything else (another graph, inputs the kernels do
+not take: a prefill of more than :data:`effx.kernels.MAX_ROWS` tokens, a cache that is not a buffer with
+room after the filled slots) runs the lowered graph itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import operator
+
+import torch
+
+from . import (
+    MAX_ROWS,
+    _library,
+    _plain,
+    _Weight,
+    _weight,
+    append_kv,
+    gated,
+    linear,
+    qkv_rope,
+    rms_norm,
+    rows_of,
+)
+
+__all__ = ["FusedLayer", "fuse_layer"]
+
+aten = torch.ops.aten
+_P = ctypes.c_void_p
+
+
+class _Params(ctypes.Structure):
+    """``effx_layer_params`` of cpu.c."""
+
+    _fields_ = [
+        ("D", ctypes.c_int), ("nq", ctypes.c_int), ("nkv", ctypes.c_int), ("hd", ctypes.c_int),
+        ("F", ctypes.c_int), ("eps1", ctypes.c_float), ("eps2", ctypes.c_float), ("scale", ctypes.c_float),
+        ("norm1", _P), ("norm2", _P),
+        ("wq", _Weight), ("wk", _Weight), ("wv", _Weight), ("wo", _Weight), ("wg", _Weight), ("wu", _Weight),
+        ("wd", _Weight),
+        ("bq", _P), ("bk", _P), ("bv", _P), ("bo", _P),
+    ]  # fmt: skip
+
+
+def _is(node, target) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
+
+
+def _value(gm, arg):
+    """A graph argument as a value: a ``get_attr`` node's tensor, a tuple of them, or a constant."""
+    if isinstance(arg, torch.fx.Node):
+        if arg.op != "get_attr":
+            raise _NoMatch(f"{arg} is not a stored tensor")
+        obj = gm
+        for part in arg.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    if isinstance(arg, tuple):
+        return tuple(_value(gm, a) for a in arg)
+    return arg
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def _match(gm: torch.fx.GraphModule) -> dict:
+    """The weights and sizes of a lowered layer graph of exactly the fused form, else :class:`_NoMatch`."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is not aten.sym_size.int]
+    holders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    if list(holders) != ["hidden", "cos", "sin", "mask", "past_k", "past_v"]:
+        raise _NoMatch("not a layer stage's inputs")
+    expected = [
+        rms_norm, qkv_rope, operator.getitem, operator.getitem, operator.getitem, append_kv, append_kv,
+        aten.scaled_dot_product_attention.default, aten.transpose.int, aten.reshape.default, linear,
+        aten.add.Tensor, rms_norm, gated, linear, aten.add.Tensor,
+    ]  # fmt: skip
+    if [n.target for n in nodes] != expected:
+        raise _NoMatch("another sequence of calls")
+    norm1, qkv, q, k, v, ak, av, sdpa, tr, rs, lo, add1, norm2, gt, ld, add2 = nodes
+    hidden = holders["hidden"]
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    checks = [
+        norm1.args[0] is hidden,
+        qkv.args[0] is norm1 and qkv.args[7] is holders["cos"] and qkv.args[8] is holders["sin"],
+        [a.args for a in (q, k, v)] == [(qkv, 0), (qkv, 1), (qkv, 2)],
+        ak.args == (holders["past_k"], k) and av.args == (holders["past_v"], v),
+        sdpa.args == (q, ak, av, holders["mask"]),
+        set(sdpa.kwargs) <= {"scale", "enable_gqa"} and sdpa.kwargs.get("scale") is not None,
+        tr.args == (sdpa, 1, 2) and rs.args[0] is tr,
+        lo.args[0] is rs and add1.args == (hidden, lo),
+        norm2.args[0] is add1 and gt.args[0] is norm2 and ld.args[0] is gt and add2.args == (add1, ld),
+        len(ld.args) < 3 or ld.args[2] is None,
+        tuple(out) == (add2, k, v),
+    ]
+    if not all(checks):
+        raise _NoMatch("the calls are not wired as a decoder layer")
+    wq, wk, wv, bq, bk, bv = (_value(gm, a) for a in qkv.args[1:7])
+    head_dim = qkv.args[9]
+    values = {
+        "norm1": _value(gm, norm1.args[1]), "eps1": norm1.args[2],
+        "norm2": _value(gm, norm2.args[1]), "eps2": norm2.args[2],
+        "wq": wq, "wk": wk, "wv": wv, "bq": bq, "bk": bk, "bv": bv,
+        "wo": _value(gm, lo.args[1]), "bo": _value(gm, lo.args[2]) if len(lo.args) > 2 else None,
+        "wg": _value(gm, gt.args[1]), "wu": _value(gm, gt.args[2]), "wd": _value(gm, ld.args[1]),
+        "hd": head_dim, "scale": float(sdpa.kwargs["scale"]),
+    }  # fmt: skip
+    return values
+
+
+class FusedLayer(torch.nn.Module):
+    """A layer stage as one ``effx_layer`` call; :attr:`graph_module` (the lowered graph) runs what the
+    kernel does not take."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, values: dict):
+        super().__init__()
+        self.graph_module = graph_module
+        self.values = values  # keeps every tensor the descriptors point into alive
+        norm1 = values["norm1"]
+        self.D = norm1.shape[0]
+        self.nq, self.nkv = rows_of(values["wq"]), rows_of(values["wk"])
+        self.F = rows_of(values["wg"])
+        self.hd = values["hd"]
+        ok = (
+            all(_plain(values[n], False) and values[n].shape == (self.D,) for n in ("norm1", "norm2"))
+            and rows_of(values["wv"]) == self.nkv
+            and rows_of(values["wu"]) == self.F
+            and rows_of(values["wo"]) == self.D
+            and rows_of(values["wd"]) == self.D
+            and self.hd % 2 == 0
+            and self.nq % self.hd == 0
+            and self.nkv % self.hd == 0
+            and (self.nq // self.hd) % (self.nkv // self.hd) == 0
+            and all(
+                values[b] is None or (_plain(values[b], False) and values[b].shape == (rows,))
+                for b, rows in (("bq", self.nq), ("bk", self.nkv), ("bv", self.nkv), ("bo", self.D))
+            )
+        )
+        descs = {}
+        for name, k in (("wq", self.D), ("wk", self.D), ("wv", self.D), ("wo", self.nq), ("wg", self.D),
+                        ("wu", self.D), ("wd", self.F)):  # fmt: skip
+            descs[name] = _weight(values[name], k, False) if ok else None
+        self.params = None
+        if ok and all(d is not None for d in descs.values()):
+            ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+            self.params = _Params(
+                self.D, self.nq, self.nkv, self.hd, self.F, values["eps1"], values["eps2"], values["scale"],
+                ptr(values["norm1"]), ptr(values["norm2"]), *(descs[n] for n in ("wq", "wk", "wv", "wo", "wg", "wu", "wd")),
+                ptr(values["bq"]), ptr(values["bk"]), ptr(values["bv"]), ptr(values["bo"]),
+            )  # fmt: skip
+        self._work: torch.Tensor | None = None
+
+    def forward(self, hidden, cos, sin, mask, past_k, past_v):
+        lib = _library()[0]
+        if self.params is None or lib is None or not self._fits(hidden, cos, sin, mask, past_k, past_v):
+            return self.graph_module(hidden, cos, sin, mask, past_k, past_v)
+        batch, seq, _ = hidden.shape
+        m = batch * seq
+        past = past_k.shape[2]
+        need = lib.effx_layer_work(ctypes.byref(self.params), m)
+        if self._work is None or self._work.numel() < need:
+            self._work = torch.empty(need)
+        qkv = torch.empty(batch, seq, self.nq + 2 * self.nkv)
+        out = torch.empty_like(hidden)
+        cap = past_k.stride(1) // self.hd
+        lib.effx_layer(
+            ctypes.byref(self.params), hidden.data_ptr(), batch, seq, cos.data_ptr(), sin.data_ptr(),
+            _base(past_k), _base(past_v), cap, past, mask.data_ptr(),
+            mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2), qkv.data_ptr(), self._work.data_ptr(),
+            out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        _, k, v = qkv.split((self.nq, self.nkv, self.nkv), dim=-1)
+        heads = self.nkv // self.hd
+        return (
+            out,
+            k.view(batch, seq, heads, self.hd).transpose(1, 2),
+            v.view(batch, seq, heads, self.hd).transpose(1, 2),
+        )
+
+    def _fits(self, hidden, cos, sin, mask, past_k, past_v) -> bool:
+        if torch.is_grad_enabled() or hidden.dim() != 3 or not _plain(hidden, False):
+            return False
+        batch, seq, d = hidden.shape
+        if d != self.D or batch * seq > MAX_ROWS or batch * seq == 0:
+            return False
+        if not all(_plain(t, False) and tuple(t.shape) == (batch, seq, self.hd) for t in (cos, sin)):
+            return False
+        heads = self.nkv // self.hd
+        past = past_k.shape[2] if past_k.dim() == 4 else -1
+        for c in (past_k, past_v):  # a view of the filled front of a [batch, heads, capacity, hd] buffer
+            if (
+                c.dtype != torch.float32
+                or c.device.type != "cpu"
+                or tuple(c.shape) != (batch, heads, past, self.hd)
+            ):
+                return False
+            cap = c.stride(1) // self.hd
+            if c.stride() != (heads * cap * self.hd, cap * self.hd, self.hd, 1) or past + seq > cap:
+                return False
+            room = c.untyped_storage().nbytes() // 4 - c.storage_offset()
+            if room < batch * heads * cap * self.hd:
+                return False
+        if past_k.stride() != past_v.stride():
+            return False
+        if (
+            mask.dtype != torch.float32
+            or mask.dim() != 4
+            or mask.shape[1] != 1
+            or mask.shape[0] not in (1, batch)
+            or tuple(mask.shape[2:]) != (seq, past + seq)
+            or mask.stride(3) != 1
+        ):
+            return False
+        return True
+
+
+def _base(t: torch.Tensor) -> int:
+    """The address of ``t``'s first element, also for an empty view (whose ``data_ptr`` may be 0)."""
+    return t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+
+
+def fuse_layer(gm: torch.fx.GraphModule):
+    """A :class:`FusedLayer` for the lowered layer graph ``gm``, or None where it is not of the fused form
+    (or the kernels cannot read its weights)."""
+    try:
+        values = _match(gm)
+    except (_NoMatch, AttributeError, IndexError, TypeError):
+        return None
+    layer = FusedLayer(gm, values)
+    return layer if layer.params is not None else None
