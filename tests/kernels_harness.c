@@ -9,7 +9,8 @@
  *     k = l, l + 16, ... (zeros past k), then the tree (i, i+8), (i, i+4), (i, i+2), (0, 1);
  *   - a quantized product equals the float product over the de-quantized weight (q * scale + minimum);
  *   - a row computed alone equals the row computed with the others (batch invariance), on 1 or 2 threads;
- *   - the fused kernels (gated MLP, q/k/v with rotary embedding, gathered rows) equal their parts.
+ *   - the fused kernels (gated MLP, q/k/v with rotary embedding, gathered rows) equal their parts;
+ *   - a whole decoder layer (effx_layer) runs (its bits are compared across targets by the test).
  *
  * It prints every output's bits, so that the test can also check that all targets give the same bits.
  *
@@ -200,6 +201,29 @@ static void fused(void) {
   emit("rms_norm", nrm, M * K);
 }
 
+/* a whole decoder layer (effx_layer): 2 rows of 2 new tokens on caches filled to 5 of 9 slots */
+static void layer(void) {
+  enum { B = 2, S = 2, M = B * S, D = 32, HD = 16, NQ = 32, NKV = 16, F = 48, CAP = 9, PAST = 5, T = PAST + S };
+  static float x[M * D], n1[D], n2[D], wq[NQ * D], wk[NKV * D], wv[NKV * D], wo[D * NQ], wg[F * D], wu[F * D],
+      wd[D * F], cs[M * HD], sn[M * HD], kc[B * (NKV / HD) * CAP * HD], vc[B * (NKV / HD) * CAP * HD],
+      mask[B * S * T], qkv[M * (NQ + 2 * NKV)], out[M * D];
+  float *all[] = {x, n1, n2, wq, wk, wv, wo, wg, wu, wd, cs, sn, kc, vc};
+  int sizes[] = {M * D, D, D, NQ * D, NKV * D, NKV * D, D * NQ, F * D, F * D, D * F, M * HD, M * HD,
+                 B * (NKV / HD) * CAP * HD, B * (NKV / HD) * CAP * HD};
+  for (int a = 0; a < 14; a++)
+    for (int i = 0; i < sizes[a]; i++) all[a][i] = rnd() * 0.5f;
+  for (int b = 0; b < B; b++)
+    for (int s = 0; s < S; s++)
+      for (int t = 0; t < T; t++) mask[(b * S + s) * T + t] = (t <= PAST + s && !(b == 0 && t < 2)) ? 0.f : -3.0e38f;
+  effx_layer_params L = {D, NQ, NKV, HD, F, 1e-5f, 1e-5f, 0.25f, n1, n2, plain(wq, D), plain(wk, D), plain(wv, D),
+                         plain(wo, NQ), plain(wg, D), plain(wu, D), plain(wd, F), NULL, NULL, NULL, NULL};
+  float *work = (float *)malloc((size_t)effx_layer_work(&L, M) * sizeof(float));
+  effx_layer(&L, x, B, S, cs, sn, kc, vc, CAP, PAST, mask, (long)S * T, T, qkv, work, out, 2);
+  free(work);
+  emit("layer", out, M * D);
+  emit("layer.kv", kc, B * (NKV / HD) * CAP * HD);
+}
+
 int main(void) {
   printf("isa %s supported %d\n", effx_isa(), effx_supported());
   if (!effx_supported()) return 2;
@@ -214,6 +238,7 @@ int main(void) {
   }
   quantized_products(16, 0, 0, 32);
   fused();
+  layer();
   if (failures) fprintf(stderr, "%d failures\n", failures);
   return failures ? 1 : 0;
 }

@@ -358,9 +358,27 @@ INLINE void dequant_pair(const effx_weight *W, size_t row, int k0, v16 *lo, v16 
   }
 }
 
-INLINE void load32_4(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi) {
+/* `few`: the block multiplies at most 2 activation rows (a constant where inlined): AVX-512 then looks the
+ * de-quantized values up in a table of 16, the same bits (more rows: the table's registers cost more). */
+INLINE void load32_4(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi, int few) {
   const uint8_t *p = (const uint8_t *)W->data + row * (size_t)W->ld + k0 / 2;
+  (void)few;
   prefetch(p + 4 * PREFETCH / 8);
+#if defined(EFFX_ISA_AVX512)
+  if (few && W->gshift >= 5) { /* few activation rows, one scale for the 32 values: de-quantize the 16 possible values once (the same
+                           products and sums, lane by lane), then look each one up (vpermps reads the low 4
+                           bits of each index) */
+    size_t g = row * (size_t)W->ngroups + (size_t)(k0 >> W->gshift);
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    __m512 table = _mm512_mul_ps(W->min ? iota : centred, _mm512_set1_ps(scalar_at(W->scale, W->scale_f16, g)));
+    if (W->min) table = _mm512_add_ps(table, _mm512_set1_ps(scalar_at(W->min, W->scale_f16, g)));
+    lo->v = _mm512_permutexvar_ps(v, table);
+    hi->v = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+    return;
+  }
+#endif
   v_nibbles(p, lo, hi); /* weight k0 + i is byte i's low nibble, k0 + 16 + i its high nibble */
   if (!W->min) {        /* symmetric: q - 8 */
     *lo = v_add(*lo, v_set1(-8.f));
@@ -369,7 +387,8 @@ INLINE void load32_4(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi)
   dequant_pair(W, row, k0, lo, hi);
 }
 
-INLINE void load32_8(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi) {
+INLINE void load32_8(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi, int few) {
+  (void)few;
   const int8_t *p = (const int8_t *)W->data + row * (size_t)W->ld + k0;
   prefetch(p + 4 * PREFETCH / 4);
   *lo = v_from_i8(p);
@@ -377,7 +396,8 @@ INLINE void load32_8(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi)
   dequant_pair(W, row, k0, lo, hi);
 }
 
-INLINE void load32_16(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi) {
+INLINE void load32_16(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi, int few) {
+  (void)few;
   const uint16_t *p = (const uint16_t *)W->data + row * (size_t)W->ld + k0;
   prefetch(p + 4 * PREFETCH / 2);
   *lo = v_from_bf16(p);
@@ -395,7 +415,7 @@ INLINE void load32_16(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi
     for (int k0 = 0; k0 < kmain; k0 += 32) {                                                       \
       for (int j = 0; j < R; j++) {                                                                \
         v16 lo, hi;                                                                                \
-        load32_##KIND(W, rows[j], k0, &lo, &hi);                                                   \
+        load32_##KIND(W, rows[j], k0, &lo, &hi, MB <= 2);                                          \
         for (int i = 0; i < MB; i++) {                                                             \
           const float *xi = x + i * ldx + k0;                                                      \
           acc[i][j] = v_fma(lo, v_load(xi), acc[i][j]);                                            \
@@ -407,7 +427,7 @@ INLINE void load32_16(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi
       int k0 = kmain, t = K - kmain;                                                               \
       for (int j = 0; j < R; j++) {                                                                \
         v16 lo, hi;                                                                                \
-        load32_##KIND(W, rows[j], k0, &lo, &hi);                                                   \
+        load32_##KIND(W, rows[j], k0, &lo, &hi, MB <= 2);                                          \
         for (int i = 0; i < MB; i++) {                                                             \
           const float *xi = x + i * ldx + k0;                                                      \
           acc[i][j] = v_fma(lo, t >= 16 ? v_load(xi) : v_load_n(xi, t), acc[i][j]);                \

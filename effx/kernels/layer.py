@@ -163,7 +163,6 @@ class FusedLayer(torch.nn.Module):
                 ptr(values["norm1"]), ptr(values["norm2"]), *(descs[n] for n in ("wq", "wk", "wv", "wo", "wg", "wu", "wd")),
                 ptr(values["bq"]), ptr(values["bk"]), ptr(values["bv"]), ptr(values["bo"]),
             )  # fmt: skip
-        self._work: torch.Tensor | None = None
 
     def forward(self, hidden, cos, sin, mask, past_k, past_v):
         lib = _library()[0]
@@ -172,16 +171,14 @@ class FusedLayer(torch.nn.Module):
         batch, seq, _ = hidden.shape
         m = batch * seq
         past = past_k.shape[2]
-        need = lib.effx_layer_work(ctypes.byref(self.params), m)
-        if self._work is None or self._work.numel() < need:
-            self._work = torch.empty(need)
+        work = torch.empty(lib.effx_layer_work(ctypes.byref(self.params), m))  # per call: threads may share
         qkv = torch.empty(batch, seq, self.nq + 2 * self.nkv)
         out = torch.empty_like(hidden)
         cap = past_k.stride(1) // self.hd
         lib.effx_layer(
             ctypes.byref(self.params), hidden.data_ptr(), batch, seq, cos.data_ptr(), sin.data_ptr(),
             _base(past_k), _base(past_v), cap, past, mask.data_ptr(),
-            mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2), qkv.data_ptr(), self._work.data_ptr(),
+            mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2), qkv.data_ptr(), work.data_ptr(),
             out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         _, k, v = qkv.split((self.nq, self.nkv, self.nkv), dim=-1)

@@ -55,6 +55,13 @@ class Lower(Pass):
             for stage in program.stages:
                 ops = lowered_ops(lowered(stage.graph))
                 by_ops.setdefault(tuple(sorted(ops.items())), []).append(stage.name)
+            if cpu.available():
+                from ..kernels.layer import fuse_layer
+
+                layers = [s for s in program.stages if s.kind == "layer"]
+                fused = sum(fuse_layer(lowered(s.graph)) is not None for s in layers)
+                if layers:
+                    report.notes.append(f"decoder layers run as one kernel call each: {fused} of {len(layers)}")
             for ops, names in by_ops.items():
                 site = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)} stages)"
                 if ops:
