@@ -199,7 +199,9 @@ def test_the_plan_the_loop_and_the_gates_import_no_torch():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("passes", ["", "prompt-lookup{ngram=2 min_ngram=1 draft=3}", "early-exit{layers=1 thresholds=0.5}"])
+@pytest.mark.parametrize(
+    "passes", ["", "prompt-lookup{ngram=2 min_ngram=1 draft=3}", "early-exit{layers=1 thresholds=0.5}"]
+)
 def test_a_stop_rule_ends_its_rows_where_it_says(passes):
     """generate(stop=...) ends a row after the token that triggered the rule, as a stop token would, in
     every decode mode (dense, speculative rounds, lossy exits); the other rows go on unchanged."""
@@ -212,9 +214,31 @@ def test_a_stop_rule_ends_its_rows_where_it_says(passes):
         seen.append(tokens.shape[1])
         return [tokens.shape[1] >= ids.shape[1] + 4, False]
 
-    out = prog.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], pad_token_id=0, stop=stop)
+    out = prog.generate(
+        ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], pad_token_id=0, stop=stop
+    )
     new = ids.shape[1]
     assert torch.equal(out[1], ref[1])
     assert torch.equal(out[0, : new + 4], ref[0, : new + 4])
     assert bool((out[0, new + 4 :] == 0).all())
     assert seen == list(range(new + 1, new + 11))  # called after every emitted column
+
+
+def test_generation_arguments_effx_does_not_implement_are_refused_by_name():
+    """num_beams, repetition_penalty, stop_strings... are refused, not silently ignored (greedy tokens)."""
+    import effx
+    from effx.errors import GenerationInputError
+
+    program = effx.transform(tiny_model("llama", layers=1))
+    ids = torch.tensor([[3, 4, 5]])
+    for bad in (
+        dict(num_beams=4),
+        dict(repetition_penalty=2.0),
+        dict(stop_strings=["x"]),
+        dict(output_scores=True),
+    ):
+        with pytest.raises(GenerationInputError, match=next(iter(bad))):
+            program.generate(ids, max_new_tokens=2, **bad)
+    # the same arguments at their defaults change nothing, and are accepted
+    out = program.generate(ids, max_new_tokens=2, num_beams=1, repetition_penalty=1.0, use_cache=True)
+    assert torch.equal(out, program.generate(ids, max_new_tokens=2))

@@ -21,6 +21,19 @@ __all__ = ["generate"]
 
 # model.generate keywords that effx accepts and that change nothing here (effx always uses its KV cache).
 _ACCEPTED_NOOPS = {"use_cache"}
+# the GenerationConfig fields effx's decoding implements; any other passed with a value other than its
+# default (num_beams=4, repetition_penalty=2.0, stop_strings=...) is refused, not ignored
+_IMPLEMENTED = {
+    "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
+    "pad_token_id", "bos_token_id",
+}  # fmt: skip
+# values of other fields that ask for nothing (transformers 5's GenerationConfig defaults them to None)
+_NEUTRAL = {
+    "num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
+    "length_penalty": 1.0, "no_repeat_ngram_size": 0, "early_stopping": False, "output_scores": False,
+    "output_logits": False, "output_attentions": False, "output_hidden_states": False,
+    "return_dict_in_generate": False,
+}  # fmt: skip
 
 
 def _resolve_config(program, generation_config, kwargs: dict[str, Any]):
@@ -33,6 +46,21 @@ def _resolve_config(program, generation_config, kwargs: dict[str, Any]):
         raise GenerationInputError(
             f"unknown generation argument(s) {sorted(unknown)}; effx takes the GenerationConfig fields "
             "(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, ...)"
+        )
+    defaults = GenerationConfig()
+    unsupported = sorted(
+        k
+        for k, v in kwargs.items()
+        if k not in _IMPLEMENTED
+        and k not in _ACCEPTED_NOOPS
+        and v is not None
+        and v != getattr(defaults, k, None)
+        and (k not in _NEUTRAL or v != _NEUTRAL[k])
+    )
+    if unsupported:
+        raise GenerationInputError(
+            f"effx does not implement the generation argument(s) {unsupported} (it decodes greedily or by "
+            "sampling with temperature, top_k and top_p); leave them at their defaults"
         )
     for k, v in kwargs.items():
         if k not in _ACCEPTED_NOOPS:
