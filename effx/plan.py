@@ -40,9 +40,9 @@ PLAN_SCHEMA_VERSION = 1
 KERNELS = ("reference", "fast")
 # What quantized products multiply their weights with (``Plan.activations``, set by
 # ``quantize{activations=...}``): "float", the float32 input (exact: the float product over the de-quantized
-# weights); "int8", the input rounded per block of 32 values to ``scale * int8`` (scale = the block's
-# largest magnitude / 127) and multiplied in integer arithmetic, as llama.cpp's Q8_1 activations and ONNX
-# Runtime's MatMulNBits accuracy level 4 do: faster, and lossy.
+# weights); "int8", the input rounded per block (the weight's group) to ``scale * int8`` (scale = the
+# block's largest magnitude / 127), as llama.cpp's Q8_1 activations and ONNX Runtime's MatMulNBits accuracy
+# level 4 do: lossy; ONNX artifacts multiply it in integer arithmetic (faster), the torch backend emulates.
 ACTIVATIONS = ("float", "int8")
 
 STAGE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

@@ -100,11 +100,23 @@ def test_effx_kernels_chooses_a_target_or_none(monkeypatch):
             pass
 
 
-def test_kernels_are_never_loaded_from_a_folder_others_can_write(tmp_path, monkeypatch):
+def test_kernels_are_never_loaded_from_a_folder_or_file_others_can_write(tmp_path, monkeypatch):
     shared = tmp_path / "shared"
-    (shared / "kernels").mkdir(parents=True)
-    (shared / "kernels").chmod(0o777)
+    folder = shared / "kernels"
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)
     monkeypatch.setenv("EFFX_CACHE", str(shared))
-    with pytest.raises(OSError, match="writable by others"):
-        kernels._build("generic")
-    assert not list((shared / "kernels").iterdir())  # nothing built there, nothing loaded
+    source = tmp_path / "tiny.c"  # the same build path over a one-line source: seconds, not a full build
+    source.write_text("int effx_tiny(void) { return 1; }\n")
+    monkeypatch.setattr(kernels, "_SOURCE", source)
+    first = kernels._build("generic")
+    assert not folder.stat().st_mode & 0o022  # our own folder: made private before anything is built
+    first.chmod(0o666)  # a library others could have rewritten: built again, not loaded
+    planted = first.read_bytes()
+    first.write_bytes(b"not a library")
+    again = kernels._build("generic")
+    assert again == first and again.read_bytes() == planted and not again.stat().st_mode & 0o022
+    if hasattr(os, "getuid") and os.getuid() == 0:  # a folder of another user: refused
+        os.chown(folder, 65534, 65534)
+        with pytest.raises(OSError, match="owned by another user"):
+            kernels._build("generic")

@@ -347,6 +347,8 @@ def _fused_layer(program, model, *, check: bool):
     info = program.info
     if info.dtype != "float32":
         return None  # the rewrite and its check are for float32 stages, as every effx Program is today
+    if info.head_dim % 8:
+        return None  # ONNX Runtime's GroupQueryAttention takes head sizes that are multiples of 8 only
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

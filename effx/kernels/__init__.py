@@ -28,7 +28,7 @@ activation rows (a prefill) go to torch's ``F.linear``, which is compute-bound t
 The library is compiled for the best target this CPU runs (:func:`isas`; ``EFFX_KERNELS=avx2`` or another
 target's name forces one, ``EFFX_KERNELS=off`` none) with the C compiler (``$CC``, else ``cc``/``gcc``) at
 first use into the effx cache directory (``<cache>/kernels``, which must be this user's and not writable by
-others; about a second). Where it cannot be (no compiler, an x86 CPU without AVX2/FMA, not Linux),
+others; a few seconds, once). Where it cannot be (no compiler, an x86 CPU without AVX2/FMA, not Linux),
 :func:`available` is False, :func:`unavailable_reason` says why, and the torch backend runs the reference
 ATen ops. :func:`describe` says which target runs, for reports and benchmarks.
 """
@@ -81,7 +81,7 @@ _ISA_FLAGS = {
     "avx512": ("-mavx512f", "-mavx512bw", "-mfma", "-mf16c"),
     "avx2": ("-mavx2", "-mfma", "-mf16c"),
     "neon": (),
-    "generic": ("-DEFFX_FORCE_GENERIC",),
+    "generic": ("-DEFFX_FORCE_GENERIC", "-O2"),  # (-O3 takes 20 s to compile the scalar lanes; tests only)
 }
 # what each x86 target needs of the CPU (/proc/cpuinfo's flag names)
 _X86_NEEDS = {"avx512": {"avx512f", "avx512bw", "fma", "f16c"}, "avx2": {"avx2", "fma", "f16c"}}
@@ -154,13 +154,19 @@ def _default_isa() -> tuple[str | None, str]:
 
 def _private_dir(path: Path) -> str:
     """'' if ``path`` is a folder owned by this user that no one else can write to (where a shared library
-    may be loaded from), else why not."""
+    may be loaded from; one of ours that others may write to is made private first), else why not."""
     st = path.stat()
     if hasattr(os, "getuid") and st.st_uid != os.getuid():
-        return f"{path} is owned by another user"
+        return f"{path} is owned by another user (set EFFX_CACHE to a folder of your own)"
     if st.st_mode & 0o022:
-        return f"{path} is writable by others (chmod go-w it, or set EFFX_CACHE)"
+        path.chmod(st.st_mode & 0o755)  # ours: no one else may write here (what is in it is checked below)
     return ""
+
+
+def _trusted(path: Path) -> bool:
+    """Whether a compiled library in the cache is this user's own and writable by no one else."""
+    st = path.stat()
+    return (not hasattr(os, "getuid") or st.st_uid == os.getuid()) and not st.st_mode & 0o022
 
 
 def _build(isa: str) -> Path:
@@ -178,7 +184,9 @@ def _build(isa: str) -> Path:
         raise OSError(f"refusing to load compiled kernels from {folder}: {unsafe}")
     target = folder / f"effx_cpu_{isa}_{key}.so"
     if target.exists():
-        return target
+        if _trusted(target):
+            return target
+        target.unlink()  # planted or loosened: never loaded, built again
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
