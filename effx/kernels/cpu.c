@@ -94,8 +94,7 @@ INLINE float v_sum(v16 a) { /* lanes (i, i+8), then (i, i+4), (i, i+2), (0, 1) *
   __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
-/* 16 integers as floats: unsigned bytes, signed bytes, and the low or high nibbles of 16 bytes */
-INLINE v16 v_from_u8(const uint8_t *p) { return (v16){_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)))}; }
+/* 16 integers as floats: signed bytes, and the low or high nibbles of 16 bytes */
 INLINE v16 v_from_i8(const int8_t *p) { return (v16){_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)))}; }
 INLINE void v_nibbles(const uint8_t *p, v16 *lo, v16 *hi) {
   __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -128,10 +127,6 @@ INLINE float v_sum(v16 x) {
   __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
   __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
-}
-INLINE v16 v_from_u8(const uint8_t *p) {
-  return (v16){_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p))),
-               _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))))};
 }
 INLINE v16 v_from_i8(const int8_t *p) {
   return (v16){_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))),
@@ -184,7 +179,6 @@ INLINE v16 v_from_u8x16(uint8x16_t b) {
   r.q[3] = u32_to_f(vmovl_u16(vget_high_u16(hi)));
   return r;
 }
-INLINE v16 v_from_u8(const uint8_t *p) { return v_from_u8x16(vld1q_u8(p)); }
 INLINE v16 v_from_i8(const int8_t *p) {
   int8x16_t b = vld1q_s8(p);
   int16x8_t lo = vmovl_s8(vget_low_s8(b)), hi = vmovl_s8(vget_high_s8(b));
@@ -233,7 +227,6 @@ INLINE float v_sum(v16 x) {
   for (int i = 0; i < 2; i++) s2[i] = s4[i] + s4[i + 2];
   return s2[0] + s2[1];
 }
-INLINE v16 v_from_u8(const uint8_t *p) { v16 r; for (int i = 0; i < 16; i++) r.f[i] = (float)p[i]; return r; }
 INLINE v16 v_from_i8(const int8_t *p) { v16 r; for (int i = 0; i < 16; i++) r.f[i] = (float)p[i]; return r; }
 INLINE void v_nibbles(const uint8_t *p, v16 *lo, v16 *hi) {
   for (int i = 0; i < 16; i++) {
