@@ -4,8 +4,8 @@ torch's default float32 ``F.linear`` (MKL) reaches about a third of this kind of
 for one token and doubles in cost from one token to two (it repacks the weight for every multi-row
 product). A decode step, a batch of decode steps and a verification of a few drafted tokens all multiply a
 few rows of activations by every weight once, so they should cost what reading the weights costs. The
-kernels here (``cpu.c``) do that on the weights' own row-major layout, on every CPU the machines users have
-run: AVX-512, AVX2 + FMA (x86-64), Advanced SIMD (aarch64), and portable C elsewhere (see :data:`ISAS`):
+kernels here (``cpu.c``) do that on the weights' own row-major layout, on the CPUs users have: AVX-512,
+AVX2 + FMA (x86-64), Advanced SIMD (aarch64), and portable C elsewhere (see :data:`ISAS`):
 
 * :func:`linear`: ``x @ w.T (+ b)``; :func:`linear_many`: several products of one input in one parallel
   loop (a layer's q, k and v); :func:`linear_rows`: a product with a gathered subset of weight rows (a pruned
