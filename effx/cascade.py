@@ -155,6 +155,7 @@ class Cascade:
         streamer=None,
         on_token=None,
         progress: bool = False,
+        **kwargs,
     ) -> torch.LongTensor:
         """Greedy generation with the cascade; inputs and output as :meth:`Program.generate`.
 
@@ -165,6 +166,7 @@ class Cascade:
         ``stats`` (a dict) receives what the cascade decided (see :func:`effx.runtime.cascade.decode`).
         """
         from .runtime.cascade import decode
+        from .runtime.inputs import check_arguments
         from .runtime.loop import check_inputs, stop_and_pad
         from .runtime.torch_backend import XP
 
@@ -172,21 +174,24 @@ class Cascade:
             raise GenerationInputError(
                 f"a cascade decodes greedily ({self.mode} mode compares greedy choices); call it with do_sample=False"
             )
+        given = check_arguments(
+            kwargs, implemented=("use_cache", "bos_token_id", "max_length"), front_end="Cascade.generate (greedy)"
+        )
         if self.gate is not None:
             self.gate.require_threshold()
-        if not isinstance(input_ids, torch.Tensor):
-            raise GenerationInputError("input_ids must be a 2-D LongTensor [batch, prompt_length]")
         config = self.large.generation_config
         max_new = max_new_tokens
-        if max_new is None:
+        if max_new is None and given.get("max_length") is None:
             max_new = getattr(config, "max_new_tokens", None)
-        if max_new is None and input_ids.ndim == 2:
-            max_new = (getattr(config, "max_length", None) or 20) - input_ids.shape[1]
+        if max_new is None and getattr(input_ids, "ndim", None) == 2:
+            max_length = given.get("max_length") or getattr(config, "max_length", None) or 20
+            max_new = max_length - input_ids.shape[1]
         limit = min(self.small.info.max_positions, self.large.info.max_positions)
+        vocab = self.large.info.vocab_size
         input_ids, attention_mask = check_inputs(
-            XP, input_ids, attention_mask, max_new, limit, what="the cascade's models"
+            XP, input_ids, attention_mask, max_new, limit, vocab_size=vocab, what="the cascade's models"
         )
-        eos, pad = stop_and_pad(self.large.plan, eos_token_id, pad_token_id)
+        eos, pad = stop_and_pad(self.large.plan, eos_token_id, pad_token_id, vocab)
         bar = None
         if progress:
             from tqdm.auto import tqdm

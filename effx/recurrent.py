@@ -136,10 +136,11 @@ class RecurrentProgram:
         input_ids,
         attention_mask=None,
         *,
-        max_new_tokens: int = 20,
+        max_new_tokens: int | None = None,
         eos_token_id=None,
         pad_token_id: int | None = None,
         stats: dict | None = None,
+        **kwargs,
     ):
         """Greedy decoding like ``model.generate``: ``[batch, prompt + new]`` (left-padded prompts; rows that
         stopped are padded). With exits, each row decodes on its own; ``stats`` gets ``exits`` (tokens per
@@ -148,31 +149,27 @@ class RecurrentProgram:
         may have run past the last token returned)."""
         import array_api_compat.torch as xp
 
-        from .runtime.loop import as_ids
+        from .runtime.inputs import check_arguments, check_ids, check_max_new, token_id, token_ids
         from .runtime.recurrent import decode_row, generate_dense, prefill
 
-        ids = torch.as_tensor(input_ids)
-        if ids.ndim != 2 or ids.numel() == 0:
-            raise GenerationInputError(
-                f"input_ids must be a non-empty 2-D tensor, got shape {tuple(ids.shape)}"
-            )
-        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
-        if mask.shape != ids.shape:
-            raise GenerationInputError(
-                f"attention_mask shape {tuple(mask.shape)} does not match {tuple(ids.shape)}"
-            )
+        given = check_arguments(
+            kwargs, implemented=("use_cache", "bos_token_id", "max_length"), front_end="Mamba generate (greedy)"
+        )
+        vocab = self.info.vocab_size
+        ids, mask = check_ids(xp, input_ids, attention_mask, vocab)
         if bool((mask.sum(1) == 0).any()):
             raise GenerationInputError("a row of attention_mask has no tokens")
         if bool((mask[:, 1:] < mask[:, :-1]).any()):
             raise GenerationInputError("recurrent models take left-padded batches: padding must come first")
-        if max_new_tokens is None or max_new_tokens < 1:
-            raise GenerationInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        eos = list(self.eos_token_ids) if eos_token_id is None else as_ids(eos_token_id)
-        pad = (
-            pad_token_id
-            if pad_token_id is not None
-            else (self.pad_token_id if self.pad_token_id is not None else 0)
-        )
+        if max_new_tokens is None:
+            max_length = given.get("max_length")
+            max_new_tokens = max_length - ids.shape[1] if max_length is not None else 20
+        max_new_tokens = check_max_new(max_new_tokens)
+        eos = list(self.eos_token_ids) if eos_token_id is None else token_ids("eos_token_id", eos_token_id, vocab)
+        if pad_token_id is not None:
+            pad = token_id("pad_token_id", pad_token_id, vocab)
+        else:
+            pad = self.pad_token_id if self.pad_token_id is not None else 0
         n, dt = self.info.num_layers, self.dtype
         with torch.inference_mode():
             if self.exits is None:

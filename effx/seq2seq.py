@@ -143,10 +143,11 @@ class Seq2SeqProgram:
         input_ids,
         attention_mask=None,
         *,
-        max_new_tokens: int = 20,
+        max_new_tokens: int | None = None,
         eos_token_id=None,
         pad_token_id: int | None = None,
         stats: dict | None = None,
+        **kwargs,
     ):
         """Greedy decoding like ``model.generate(input_ids, attention_mask=..., max_new_tokens=...)``: the
         decoder ids ``[batch, 1 + new]``, starting with the decoder start token. ``stats`` gets the kept
@@ -171,6 +172,7 @@ class Seq2SeqProgram:
                 eos_token_id=eos_token_id,
                 pad_token_id=pad_token_id,
                 stats=stats,
+                kwargs=kwargs,
             )
 
     def with_encoder(self, encoder: EncoderProgram) -> Seq2SeqProgram:

@@ -12,58 +12,30 @@ from typing import Any
 
 import torch
 
-from ..errors import GenerationInputError
+from .inputs import check_arguments
 from .loop import check_inputs, decode, stop_and_pad
 from .sampling import Sampler
 from .torch_backend import XP, torch_backend
 
 __all__ = ["generate"]
 
-# model.generate keywords that effx accepts and that change nothing here (effx always uses its KV cache).
-_ACCEPTED_NOOPS = {"use_cache"}
-# the GenerationConfig fields effx's decoding implements; any other passed with a value other than its
-# default (num_beams=4, repetition_penalty=2.0, stop_strings=...) is refused, not ignored
+# the GenerationConfig fields the torch front end implements (use_cache changes nothing: effx always uses
+# its KV cache); any other one passed with a value that asks for something (num_beams=4,
+# repetition_penalty=2.0, stop_strings=...) is refused by name, not ignored (effx.runtime.inputs)
 _IMPLEMENTED = {
     "max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
-    "pad_token_id", "bos_token_id",
-}  # fmt: skip
-# values of other fields that ask for nothing (transformers 5's GenerationConfig defaults them to None)
-_NEUTRAL = {
-    "num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
-    "length_penalty": 1.0, "no_repeat_ngram_size": 0, "early_stopping": False, "output_scores": False,
-    "output_logits": False, "output_attentions": False, "output_hidden_states": False,
-    "return_dict_in_generate": False,
+    "pad_token_id", "bos_token_id", "use_cache",
 }  # fmt: skip
 
 
 def _resolve_config(program, generation_config, kwargs: dict[str, Any]):
     from transformers import GenerationConfig
 
+    given = check_arguments(kwargs, implemented=_IMPLEMENTED, front_end="Program.generate")
     base = generation_config if generation_config is not None else program.generation_config
     config = copy.deepcopy(base) if base is not None else GenerationConfig()
-    unknown = [k for k in kwargs if not hasattr(config, k) and k not in _ACCEPTED_NOOPS]
-    if unknown:
-        raise GenerationInputError(
-            f"unknown generation argument(s) {sorted(unknown)}; effx takes the GenerationConfig fields "
-            "(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, ...)"
-        )
-    defaults = GenerationConfig()
-    unsupported = sorted(
-        k
-        for k, v in kwargs.items()
-        if k not in _IMPLEMENTED
-        and k not in _ACCEPTED_NOOPS
-        and v is not None
-        and v != getattr(defaults, k, None)
-        and (k not in _NEUTRAL or v != _NEUTRAL[k])
-    )
-    if unsupported:
-        raise GenerationInputError(
-            f"effx does not implement the generation argument(s) {unsupported} (it decodes greedily or by "
-            "sampling with temperature, top_k and top_p); leave them at their defaults"
-        )
-    for k, v in kwargs.items():
-        if k not in _ACCEPTED_NOOPS:
+    for k, v in given.items():
+        if k != "use_cache":
             setattr(config, k, v)
     return config
 
@@ -106,14 +78,13 @@ def generate(
     prompt and what was generated); a row it marks ends there, as at a stop token (e.g. stop strings:
     decode the row's new tokens and look for them).
     """
-    if not isinstance(input_ids, torch.Tensor):
-        raise GenerationInputError("input_ids must be a 2-D LongTensor [batch, prompt_length]")
     config = _resolve_config(program, generation_config, kwargs)
     max_new = config.max_new_tokens
-    if max_new is None and input_ids.ndim == 2:
+    if max_new is None and getattr(input_ids, "ndim", None) == 2:
         max_new = (config.max_length or 20) - input_ids.shape[1]
-    ids, mask = check_inputs(XP, input_ids, attention_mask, max_new, program.info.max_positions)
-    eos, pad = stop_and_pad(program.plan, config.eos_token_id, config.pad_token_id)
+    vocab = program.info.vocab_size
+    ids, mask = check_inputs(XP, input_ids, attention_mask, max_new, program.info.max_positions, vocab_size=vocab)
+    eos, pad = stop_and_pad(program.plan, config.eos_token_id, config.pad_token_id, vocab)
     sampler = Sampler(
         do_sample=bool(config.do_sample),
         temperature=float(config.temperature if config.temperature is not None else 1.0),

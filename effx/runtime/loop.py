@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..arrays import as_array, namespace
+from ..arrays import namespace
 from ..errors import GenerationInputError
 from .backend import CORE_NEURONS, Backend, needed_capabilities
 from .early_exit import ExitDecoder
 from .forward import KVCache, MaskCache, check_left_padded, positions_from_mask, run_step
+from .inputs import check_ids, check_max_new, check_stop, token_id, token_ids
 from .sampling import Sampler
 from .speculative import Speculation, capacity, longest_draft, sources_of
 from .token_drop import drop_prefill
@@ -25,26 +26,23 @@ from .token_drop import drop_prefill
 __all__ = ["Output", "as_ids", "check_inputs", "decode", "prefill", "stop_and_pad"]
 
 
-def check_inputs(xp, input_ids, attention_mask, max_new: int, max_positions: int, *, what: str = "the model"):
+def check_inputs(
+    xp,
+    input_ids,
+    attention_mask,
+    max_new: int,
+    max_positions: int,
+    *,
+    vocab_size: int | None,
+    what: str = "the model",
+):
     """``(input_ids, attention_mask)`` as int64 arrays of ``xp``, or a ``GenerationInputError`` that says what
-    is wrong with them (shape, left padding, length against ``max_positions``)."""
-    ids = as_array(xp, input_ids)
-    if ids.ndim != 2:
-        raise GenerationInputError(
-            f"input_ids must be a 2-D array of token ids [batch, prompt_length], got shape {tuple(ids.shape)}"
-        )
-    batch, prompt_len = ids.shape
-    if batch == 0 or prompt_len == 0:
-        raise GenerationInputError(f"empty prompt: input_ids has shape {tuple(ids.shape)}")
-    ids = xp.astype(ids, xp.int64)
-    mask = xp.ones_like(ids) if attention_mask is None else xp.astype(as_array(xp, attention_mask), xp.int64)
-    if mask.shape != ids.shape:
-        raise GenerationInputError(
-            f"attention_mask shape {tuple(mask.shape)} does not match input_ids shape {tuple(ids.shape)}"
-        )
+    is wrong with them (the contract of :mod:`effx.runtime.inputs`: integer ids in the vocabulary, a 0/1
+    mask; then left padding and the length against ``max_positions``)."""
+    ids, mask = check_ids(xp, input_ids, attention_mask, vocab_size)
+    prompt_len = ids.shape[1]
     check_left_padded(mask)
-    if max_new is None or max_new < 1:
-        raise GenerationInputError(f"max_new_tokens must be >= 1, got {max_new}")
+    max_new = check_max_new(max_new)
     total = prompt_len + max_new
     if total > max_positions:
         raise GenerationInputError(
@@ -63,11 +61,17 @@ def as_ids(value) -> list[int]:
     return [int(value)]
 
 
-def stop_and_pad(plan, eos_token_id, pad_token_id) -> tuple[list[int], int]:
+def stop_and_pad(plan, eos_token_id, pad_token_id, vocab_size: int | None = None) -> tuple[list[int], int]:
     """The stop token ids (``eos_token_id``, else the plan's; ``[]`` never stops) and the pad id
-    (``pad_token_id``, else the plan's, else the first stop token, else 0)."""
-    eos = as_ids(eos_token_id) if eos_token_id is not None else list(plan.eos_token_ids)
-    pad = pad_token_id if pad_token_id is not None else plan.pad_token_id
+    (``pad_token_id``, else the plan's, else the first stop token, else 0); the given ones checked as
+    :func:`effx.runtime.inputs.token_ids` (integers in the vocabulary)."""
+    if eos_token_id is not None:
+        eos = token_ids("eos_token_id", eos_token_id, vocab_size)
+    else:
+        eos = list(plan.eos_token_ids)
+    if pad_token_id is not None:
+        return eos, token_id("pad_token_id", pad_token_id, vocab_size)
+    pad = plan.pad_token_id
     if pad is None:
         pad = eos[0] if eos else 0
     return eos, int(pad)
@@ -109,7 +113,8 @@ class Output:
         if self.eos.shape[0]:
             self.finished = self.finished | xp.isin(token, self.eos)
         if self.stop is not None:  # the caller's own stopping rule (e.g. stop strings), after this token
-            stopped = xp.asarray([bool(v) for v in self.stop(self.tokens[:, : self.length])], dtype=xp.bool)
+            rows = check_stop(self.stop(self.tokens[:, : self.length]), self.tokens.shape[0])
+            stopped = xp.asarray(rows, dtype=xp.bool)
             self.finished = self.finished | stopped
         if self.streamer is not None:
             self.streamer.put(token)

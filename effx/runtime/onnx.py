@@ -44,6 +44,7 @@ from ..gates import GATES
 from ..plan import Plan
 from .backend import describe, needed_capabilities
 from .cascade import decode as cascade_decode
+from .inputs import check_arguments, resolve_max_new
 from .loop import check_inputs, decode, stop_and_pad
 from .onnx_backend import XP, OnnxBackend, default_providers
 from .sampling import Sampler
@@ -163,6 +164,11 @@ def _check_fused(fused, plan: Plan, segments: list[dict], plan_path: Path) -> di
     return fused
 
 
+# GenerationConfig fields Program.generate takes that are not parameters of OnnxGenerator.generate:
+# use_cache and bos_token_id change nothing, max_length sets max_new_tokens
+_ONNX_EXTRA = ("use_cache", "bos_token_id", "max_length")
+
+
 class OnnxGenerator(OnnxBackend):
     """An artifact's stages as onnxruntime sessions, and ``generate``: the decode loop over them."""
 
@@ -171,7 +177,7 @@ class OnnxGenerator(OnnxBackend):
         input_ids,
         attention_mask=None,
         *,
-        max_new_tokens: int = 32,
+        max_new_tokens: int | None = None,
         eos_token_id=None,
         pad_token_id=None,
         do_sample: bool = False,
@@ -183,15 +189,23 @@ class OnnxGenerator(OnnxBackend):
         on_token=None,
         stats: dict | None = None,
         stop=None,
+        **kwargs,
     ) -> np.ndarray:
         """``[batch, prompt + new]`` token ids, as the torch backend's ``Program.generate`` (the same loop).
         Sampling draws from numpy's generator seeded with ``seed``. Pass a dict as ``stats`` to get what
         the runtime decided (the torch backend's keys: ``exit_layers``, ``drafted`` / ``accepted``,
         ``head_positions`` / ``head_fallbacks``, ``kept_tokens``). ``stop`` is the caller's stopping rule,
-        as in ``Program.generate``."""
-        ids, mask = check_inputs(XP, input_ids, attention_mask, max_new_tokens, self.info.max_positions)
+        as in ``Program.generate``. ``max_new_tokens`` defaults to 32 (or ``max_length`` less the prompt);
+        other generation arguments are checked as :mod:`effx.runtime.inputs` says (refused by name unless
+        they ask for nothing)."""
+        given = check_arguments(kwargs, implemented=_ONNX_EXTRA, front_end="OnnxGenerator.generate")
+        max_new_tokens = resolve_max_new(max_new_tokens, given.get("max_length"), input_ids, default=32)
+        vocab = self.info.vocab_size
+        ids, mask = check_inputs(
+            XP, input_ids, attention_mask, max_new_tokens, self.info.max_positions, vocab_size=vocab
+        )
         sampler = Sampler(do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p)
-        eos, pad = stop_and_pad(self.plan, eos_token_id, pad_token_id)
+        eos, pad = stop_and_pad(self.plan, eos_token_id, pad_token_id, vocab)
         return decode(
             self,
             ids,
@@ -262,18 +276,23 @@ class OnnxCascade:
         input_ids,
         attention_mask=None,
         *,
-        max_new_tokens: int = 32,
+        max_new_tokens: int | None = None,
         eos_token_id=None,
         pad_token_id=None,
         stats: dict | None = None,
+        **kwargs,
     ) -> np.ndarray:
-        """``[batch, prompt + new]`` token ids, as ``effx.Cascade.generate``; ``stats`` receives what
+        """``[batch, prompt + new]`` token ids, as ``effx.Cascade.generate`` (greedy; other generation
+        arguments checked as :mod:`effx.runtime.inputs` says); ``stats`` receives what
         :func:`effx.runtime.cascade.decode` reports."""
+        given = check_arguments(kwargs, implemented=_ONNX_EXTRA, front_end="OnnxCascade.generate (greedy)")
+        max_new_tokens = resolve_max_new(max_new_tokens, given.get("max_length"), input_ids, default=32)
         limit = min(self.small.info.max_positions, self.large.info.max_positions)
+        vocab = self.large.info.vocab_size
         ids, mask = check_inputs(
-            XP, input_ids, attention_mask, max_new_tokens, limit, what="the cascade's models"
+            XP, input_ids, attention_mask, max_new_tokens, limit, vocab_size=vocab, what="the cascade's models"
         )
-        eos, pad = stop_and_pad(self.plan, eos_token_id, pad_token_id)
+        eos, pad = stop_and_pad(self.plan, eos_token_id, pad_token_id, vocab)
         tokens, _, _ = cascade_decode(
             self.small,
             self.large,

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import GenerationInputError
-from .loop import as_ids
+from .inputs import check_arguments, check_ids, check_max_new, token_id, token_ids
 from .token_drop import keep_quota, select_tokens
 
 __all__ = ["bidirectional_mask", "check_inputs", "encode", "generate", "generate_seq2seq"]
@@ -177,24 +177,20 @@ def generate_seq2seq(
     return xp.concat(out, axis=1)
 
 
-def check_inputs(xp, input_ids, attention_mask, max_new_tokens, max_positions):
+def check_inputs(xp, input_ids, attention_mask, max_new_tokens, max_positions, vocab_size=None):
     """``(input_ids int64, valid bool)`` as arrays of ``xp``, or a ``GenerationInputError`` that says what is
-    wrong with them."""
-    ids = xp.asarray(input_ids)
-    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise GenerationInputError(
-            f"input_ids must be a non-empty 2-D array [batch, source_length], got shape {tuple(ids.shape)}"
-        )
-    mask = xp.ones_like(ids) if attention_mask is None else xp.asarray(attention_mask)
-    if tuple(mask.shape) != tuple(ids.shape):
-        raise GenerationInputError(
-            f"attention_mask shape {tuple(mask.shape)} does not match input_ids shape {tuple(ids.shape)}"
-        )
+    wrong with them (the contract of :mod:`effx.runtime.inputs`, then the lengths)."""
+    ids, mask = check_ids(xp, input_ids, attention_mask, vocab_size)
     if ids.shape[1] > max_positions:
         raise GenerationInputError(f"the source has {ids.shape[1]} tokens; the encoder takes {max_positions}")
-    if max_new_tokens is None or max_new_tokens < 1 or max_new_tokens + 1 > max_positions:
+    max_new_tokens = check_max_new(max_new_tokens)
+    if max_new_tokens + 1 > max_positions:
         raise GenerationInputError(f"max_new_tokens must be in 1..{max_positions - 1}, got {max_new_tokens}")
-    return xp.astype(ids, xp.int64), mask != 0
+    return ids, mask != 0
+
+
+# GenerationConfig fields the seq2seq front ends take besides their parameters (greedy decoding)
+_SEQ2SEQ_EXTRA = ("use_cache", "max_length", "decoder_start_token_id")
 
 
 def generate(
@@ -208,15 +204,29 @@ def generate(
     generation: dict,
     drops,
     special,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     eos_token_id=None,
     pad_token_id=None,
     stats=None,
+    kwargs=None,
 ):
-    """The front ends' ``generate``: check the inputs, take the stop and pad ids (the given ones, else the
-    ``generation`` defaults) and run :func:`generate_seq2seq` with the program's ``info`` (as a dict)."""
-    ids, valid = check_inputs(xp, input_ids, attention_mask, max_new_tokens, info["max_positions"])
-    eos = list(generation["eos_token_id"]) if eos_token_id is None else as_ids(eos_token_id)
+    """The front ends' ``generate``: check the inputs and the other generation arguments (``kwargs``, as
+    :mod:`effx.runtime.inputs` says), take the stop and pad ids (the given ones, else the ``generation``
+    defaults) and run :func:`generate_seq2seq` with the program's ``info`` (as a dict). ``max_new_tokens``
+    None: ``max_length - 1``, else 20."""
+    given = check_arguments(kwargs or {}, implemented=_SEQ2SEQ_EXTRA, front_end="seq2seq generate (greedy)")
+    if max_new_tokens is None:
+        max_new_tokens = given["max_length"] - 1 if given.get("max_length") is not None else 20
+    vocab = info.get("vocab_size")
+    ids, valid = check_inputs(xp, input_ids, attention_mask, max_new_tokens, info["max_positions"], vocab)
+    if eos_token_id is None:
+        eos = list(generation["eos_token_id"])
+    else:
+        eos = token_ids("eos_token_id", eos_token_id, vocab)
+    if pad_token_id is not None:
+        pad_token_id = token_id("pad_token_id", pad_token_id, vocab)
+    start = given.get("decoder_start_token_id")
+    start = generation["decoder_start_token_id"] if start is None else token_id("decoder_start_token_id", start, vocab)
     return generate_seq2seq(
         run,
         xp,
@@ -227,9 +237,9 @@ def generate(
         num_decoder_layers=info["decoder_layers"],
         kv_shape=(info["num_heads"], info["head_dim"]),
         max_new_tokens=max_new_tokens,
-        decoder_start=generation["decoder_start_token_id"],
+        decoder_start=start,
         eos=eos,
-        pad=generation["pad_token_id"] if pad_token_id is None else int(pad_token_id),
+        pad=generation["pad_token_id"] if pad_token_id is None else pad_token_id,
         forced_bos=generation["forced_bos_token_id"],
         forced_eos=generation["forced_eos_token_id"],
         drops=drops,
