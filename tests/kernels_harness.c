@@ -9,6 +9,8 @@
  *     k = l, l + 16, ... (zeros past k), then the tree (i, i+8), (i, i+4), (i, i+2), (0, 1);
  *   - a quantized product equals the float product over the de-quantized weight (q * scale + minimum);
  *   - a row computed alone equals the row computed with the others (batch invariance), on 1 or 2 threads;
+ *   - int8 activations: the exact integer sums and the float steps of their definition, bitwise, and within
+ *     float rounding of the float product over the rounded input;
  *   - the fused kernels (gated MLP, q/k/v with rotary embedding, gathered rows) equal their parts;
  *   - a whole decoder layer (effx_layer) runs (its bits are compared across targets by the test).
  *
@@ -108,6 +110,16 @@ static void float_products(void) {
   }
 }
 
+/* n random scales and minimums, as float16 and as the floats the kernels read (f16: the float16 values) */
+static void random_scales(int n, int f16, uint16_t *s16, uint16_t *m16, float *s32, float *m32) {
+  for (int i = 0; i < n; i++) {
+    float d = 0.05f + 0.1f * (rnd() + 1.f), m = -0.5f * (rnd() + 1.f);
+    s16[i] = to_half(d), m16[i] = to_half(m);
+    s32[i] = f16 ? half_to_float(s16[i]) : d;
+    m32[i] = f16 ? half_to_float(m16[i]) : m;
+  }
+}
+
 /* quantized weights of one kind: values, scales (float16 or float32), optional minimum, group size */
 static void quantized_products(int kind, int with_min, int f16, int group) {
   enum { K = 128, N = 29 };
@@ -117,12 +129,7 @@ static void quantized_products(int kind, int with_min, int f16, int group) {
   float s32[N * K / 16], m32[N * K / 16], wd[N * K], x[MAXM * K];
   int ngroups = K / group, gshift = 0;
   while ((1 << gshift) < group) gshift++;
-  for (int i = 0; i < N * ngroups; i++) {
-    float d = 0.05f + 0.1f * (rnd() + 1.f), m = -0.5f * (rnd() + 1.f);
-    s16[i] = to_half(d), m16[i] = to_half(m);
-    s32[i] = f16 ? half_to_float(s16[i]) : d;
-    m32[i] = f16 ? half_to_float(m16[i]) : m;
-  }
+  random_scales(N * ngroups, f16, s16, m16, s32, m32);
   for (int n = 0; n < N; n++)
     for (int k = 0; k < K; k++) {
       int i = n * K + k, g = n * ngroups + k / group;
@@ -149,12 +156,99 @@ static void quantized_products(int kind, int with_min, int f16, int group) {
   effx_weight W = {kind, kind == 4 ? (const void *)q4 : kind == 8 ? (const void *)q8 : (const void *)b16,
                    kind == 16 ? NULL : f16 ? (const void *)s16 : (const void *)s32,
                    kind == 16 || !with_min ? NULL : f16 ? (const void *)m16 : (const void *)m32,
-                   f16, gshift, ngroups, kind == 4 ? K / 2 : K};
+                   f16, gshift, ngroups, kind == 4 ? K / 2 : K, 0};
   char name[64];
   for (int M = 1; M <= MAXM; M += 3) {
     for (int i = 0; i < M * K; i++) x[i] = rnd();
     snprintf(name, sizeof name, "q%d:min%d:f16%d:g%d:M%d", kind, with_min, f16, group, M);
     check_product(name, x, M, K, &W, wd, N); /* the defining order over the de-quantized weight */
+  }
+}
+
+/* int8 activations (effx_weight.act8), defined independently of cpu.c: x rounded per group to scale * q;
+ * per 64 values and lane l (values 4l..4l+3), the exact integer sum s of q_x q_w, acc = fma(s, sx sw, acc),
+ * then acc = fma(t, sx min, acc) with t the sum of the four q_x; then the tree. */
+static float reference_int8(const float *x, int K, const int *qw, const float *sw, const float *mw, int group) {
+  int K64 = (K + 63) / 64 * 64;
+  int q[128 + 64] = {0};
+  float sx[128 + 64] = {0};
+  for (int k0 = 0; k0 < K; k0 += group) {
+    int n = K - k0 < group ? K - k0 : group;
+    float amax = 0.f;
+    for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[k0 + i]));
+    float scale = amax / 127.f;
+    for (int i = 0; i < n; i++) {
+      q[k0 + i] = scale > 0.f ? (int)nearbyintf(x[k0 + i] / scale) : 0;
+      sx[k0 + i] = scale;
+    }
+  }
+  float lane[16] = {0};
+  for (int k0 = 0; k0 < K64; k0 += 64)
+    for (int l = 0; l < 16; l++) {
+      int k = k0 + 4 * l, s = 0, t = 0;
+      for (int i = 0; i < 4; i++) s += q[k + i] * qw[k + i], t += q[k + i];
+      lane[l] = fmaf((float)s, sx[k] * sw[k], lane[l]);
+      if (mw) lane[l] = fmaf((float)t, sx[k] * mw[k], lane[l]);
+    }
+  float s8[8], s4[4], s2[2];
+  for (int i = 0; i < 8; i++) s8[i] = lane[i] + lane[i + 8];
+  for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
+  for (int i = 0; i < 2; i++) s2[i] = s4[i] + s4[i + 2];
+  return s2[0] + s2[1];
+}
+
+/* int8-activation products: K values of x against rows of kp >= K values (kp a multiple of 32) */
+static void int8_products(int kind, int with_min, int f16, int group, int K, int kp) {
+  enum { N = 21, KP = 128 }; /* kp <= KP */
+  static uint8_t q4[N * KP / 2];
+  static int8_t q8[N * KP];
+  static uint16_t s16[N * KP / 32], m16[N * KP / 32];
+  static float s32[N * KP / 32], m32[N * KP / 32], x[MAXM * KP];
+  static int qw[N][KP + 64];
+  static float sw[N][KP + 64], mw[N][KP + 64], wd[N * KP];
+  int ngroups = kp / group, gshift = 0;
+  while ((1 << gshift) < group) gshift++;
+  memset(qw, 0, sizeof qw), memset(sw, 0, sizeof sw), memset(mw, 0, sizeof mw), memset(q4, 0, sizeof q4);
+  random_scales(N * ngroups, f16, s16, m16, s32, m32);
+  for (int n = 0; n < N; n++)
+    for (int k = 0; k < kp; k++) {
+      int g = n * ngroups + k / group, v;
+      if (kind == 4) {
+        int u = (int)((rnd() + 1.f) * 8.f) & 15, b = n * (kp / 2) + (k / 32) * 16 + (k % 16);
+        q4[b] = (uint8_t)((k % 32) < 16 ? (q4[b] & 0xf0) | u : (q4[b] & 0x0f) | (u << 4));
+        v = with_min ? u : u - 8;
+      } else {
+        q8[n * kp + k] = (int8_t)(k % 7 == 3 ? -128 : (int)(rnd() * 127.f)); /* -128 too: |w| <= 128 */
+        v = q8[n * kp + k];
+      }
+      qw[n][k] = v, sw[n][k] = s32[g], mw[n][k] = m32[g];
+      if (k < K) wd[n * K + k] = with_min ? v * s32[g] + m32[g] : v * s32[g];
+    }
+  effx_weight W = {kind, kind == 4 ? (const void *)q4 : (const void *)q8, f16 ? (const void *)s16 : (const void *)s32,
+                   !with_min ? NULL : f16 ? (const void *)m16 : (const void *)m32, f16, gshift, ngroups,
+                   kind == 4 ? kp / 2 : kp, 1};
+  char name[64];
+  for (int M = 1; M <= MAXM; M += 3) {
+    float y[MAXM * N], y1[MAXM * N], one[N], rx[KP];
+    for (int i = 0; i < M * K; i++) x[i] = rnd() * (i % 5 == 0 ? 4.f : 1.f);
+    effx_qlinear(x, M, K, &W, NULL, N, y, 2);
+    effx_qlinear(x, M, K, &W, NULL, N, y1, 1);
+    for (int m = 0; m < M; m++) {
+      effx_qlinear(x + m * K, 1, K, &W, NULL, N, one, 2);
+      effx_round_int8(x + m * K, rx, 1, K, group);
+      for (int n = 0; n < N; n++) {
+        float want = reference_int8(x + m * K, K, qw[n], sw[n], with_min ? mw[n] : NULL, group);
+        float got = y[m * N + n], emulated = reference_dot(rx, wd + n * K, K);
+        CHECK(bits(got) == bits(want), "int8 q%d min%d g%d K%d M%d: y[%d,%d] %a, the defining order gives %a", kind,
+              with_min, group, K, M, m, n, got, want);
+        CHECK(bits(one[n]) == bits(got) && bits(y1[m * N + n]) == bits(got), "int8 M=%d: batch or threads differ", M);
+        float mag = 0.f; /* the float product over round_int8(x): equal up to float rounding */
+        for (int k = 0; k < K; k++) mag += fabsf(rx[k] * wd[n * K + k]);
+        CHECK(fabsf(got - emulated) <= 1e-5f * mag + 1e-30f, "int8: %a is far from the emulated %a", got, emulated);
+      }
+    }
+    snprintf(name, sizeof name, "i8:q%d:min%d:f16%d:g%d:K%d:M%d", kind, with_min, f16, group, K, M);
+    emit(name, y, M * N);
   }
 }
 
@@ -237,6 +331,11 @@ int main(void) {
     }
   }
   quantized_products(16, 0, 0, 32);
+  static const int shapes[][3] = {{32, 128, 128}, {32, 96, 96}, {32, 80, 96}, {64, 128, 128}, {32, 20, 32}};
+  for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++)
+    for (int kind = 4; kind <= 8; kind += 4)
+      for (int with_min = 0; with_min <= 1; with_min++)
+        int8_products(kind, with_min, (int)(i % 2), shapes[i][0], shapes[i][1], shapes[i][2]);
   fused();
   layer();
   if (failures) fprintf(stderr, "%d failures\n", failures);

@@ -37,9 +37,16 @@ def _harness(tmp_path, name: str, cc: str, flags=(), runner=()) -> list[str]:
 
 
 def _native(tmp_path) -> dict[str, list[str]]:
+    """Each target as effx builds it on this CPU, and without its extras where it has some (AVX-512 without
+    VNNI's int8 dot products: the byte multiply-adds of older AVX-512 CPUs)."""
     cc = kernels._compiler()
     assert cc is not None, "no C compiler: the kernels cannot be built here"
-    return {isa: _harness(tmp_path, f"native-{isa}", cc, kernels._ISA_FLAGS[isa]) for isa in kernels.isas()}
+    out = {}
+    for isa in kernels.isas():
+        out[isa] = _harness(tmp_path, f"native-{isa}", cc, kernels._isa_flags(isa))
+        if kernels._isa_flags(isa) != kernels._ISA_FLAGS[isa]:
+            out[f"{isa} (plain)"] = _harness(tmp_path, f"plain-{isa}", cc, kernels._ISA_FLAGS[isa])
+    return out
 
 
 def test_every_native_target_keeps_the_contract_and_gives_the_same_bits(tmp_path):
@@ -62,8 +69,11 @@ def test_aarch64_targets_under_emulation_give_the_native_bits(tmp_path):
             )
         pytest.skip("no aarch64 cross compiler or qemu-aarch64 (`make install-cross`)")
     # (the portable C under emulation takes minutes of emulated fmaf calls: its bits are checked natively)
-    neon = _harness(tmp_path, "aarch64-neon", CROSS_CC, (), (QEMU, "-L", SYSROOT))
+    runner = (QEMU, "-L", SYSROOT)
+    neon = _harness(tmp_path, "aarch64-neon", CROSS_CC, (), runner)
     assert neon == _harness(tmp_path, "native-generic", kernels._compiler(), kernels._ISA_FLAGS["generic"])
+    # with the dot-product instructions (sdot) of ARMv8.2 CPUs
+    assert neon == _harness(tmp_path, "dotprod-neon", CROSS_CC, ("-march=armv8.2-a+dotprod",), runner)
 
 
 def test_kernels_load_on_every_cpu_that_has_a_vector_unit():

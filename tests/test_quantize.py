@@ -439,6 +439,67 @@ def test_int8_activations_round_every_quantized_input_once(hidden):
     torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-4)  # fast and reference kernels alike
 
 
+@on_every_isa
+@settings(max_examples=30, deadline=None)
+@given(
+    kind=st.sampled_from(KINDS[:4]),
+    group=st.sampled_from([16, 32, 64]),
+    k=st.integers(1, 200),
+    rows=st.integers(1, kernels.MAX_ROWS),
+    seed=st.integers(0, 2**16),
+)
+def test_int8_activation_kernels_multiply_integers_within_float_rounding(isa, kind, group, k, rows, seed):
+    """``int8=group``: the kernels round x themselves (round_int8's integers and scales) and sum the integer
+    products exactly; the result is the float product over round_int8(x) up to float rounding (groups below
+    32 take that float path itself, bitwise). Batch invariant: each row alone gives its bits."""
+    with kernels.use(isa):
+        g = torch.Generator().manual_seed(seed)
+        n = 40
+        w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g) * 3
+        qw = _rtn(w, kind["bits"], group, kind.get("symmetric", False), torch.float16)
+        tensors, wd = qw.tensors(), qw.dequantize()[:, :k]
+        rx = kernels.round_int8(x, group)
+        emulated = (rx.double() @ wd.double().T).float()
+        bound = 2e-6 * (rx.abs().double() @ wd.abs().double().T).float() + 1e-30
+        ids = torch.randint(0, n, (9,), generator=g)
+        for got, want, rows_ in (
+            (kernels.linear(x, tensors, None, group), emulated, slice(None)),
+            (kernels.linear_rows(x, tensors, ids, group), emulated[:, ids], ids),
+            (kernels.linear_many(x, (tensors, tensors), None, group)[1], emulated, slice(None)),
+        ):
+            assert ((got - want).abs() <= bound[:, rows_]).all()
+            if group < 32:  # the float kernels over the rounded input
+                assert torch.equal(got, kernels.linear(rx, wd)[:, rows_])
+        assert torch.equal(
+            kernels.linear(x[-1:], tensors, None, group), kernels.linear(x, tensors, None, group)[-1:]
+        )
+        silu = torch.nn.functional.silu
+        gated = kernels.gated(x, tensors, tensors, group)
+        assert ((gated - silu(emulated) * emulated).abs() <= 4 * bound * (1 + emulated.abs())).all()
+
+
+def test_int8_activations_run_as_integer_products_in_fused_layers():
+    """Lowering hands each rounded input's product to the kernels with ``int8=group`` (no rounding node
+    left); the layer runs as one fused call with integer products; tokens match the reference emulation."""
+    from effx.kernels.layer import FusedLayer
+    from effx.kernels.lower import lowered
+    from effx.runtime.torch_backend import torch_backend
+
+    model = tiny_model("llama", layers=2, hidden=64)
+    prog = effx.transform(model, "quantize{activations=int8}")
+    graph = lowered(prog.layers[0].graph).graph
+    takers = [n for n in graph.nodes if n.kwargs.get("int8") == 32]
+    assert [n.target.__name__ for n in takers] == ["qkv_rope", "linear", "gated", "linear"]
+    assert not [n for n in graph.nodes if n.target is kernels.round_int8]
+    layers = [g for g in torch_backend(prog)._graphs.values() if isinstance(g, FusedLayer)]
+    assert len(layers) == 2 and all(layer.params.wq.act8 and layer.params.wd.act8 for layer in layers)
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    with torch.inference_mode():
+        ref = effx.transform(model, "quantize{activations=int8}", kernels="reference")
+        torch.testing.assert_close(prog(ids), ref(ids), rtol=1e-4, atol=1e-4)
+        assert torch.equal(prog.generate(ids, max_new_tokens=8), ref.generate(ids, max_new_tokens=8))
+
+
 def test_int8_activations_run_alike_in_onnx(tmp_path):
     """The artifact multiplies int8 activations in MatMulNBits (accuracy level 4): without a minimum its
     logits are torch's within float rounding; with one (Q4_1), whose minimum term reads the float input in

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 __all__ = [
     "ISAS",
     "MAX_ROWS",
+    "act8",
     "append_kv",
     "available",
     "cpu_features",
@@ -83,6 +84,19 @@ _ISA_FLAGS = {
     "neon": (),
     "generic": ("-DEFFX_FORCE_GENERIC", "-O2"),  # (-O3 takes 20 s to compile the scalar lanes; tests only)
 }
+# instructions a target uses where the CPU has them (int8 dot products): /proc/cpuinfo's flag -> compiler flag
+_ISA_EXTRAS = {
+    "avx512": (("avx512_vnni", "-mavx512vnni"),),
+    "neon": (("asimddp", "-march=armv8.2-a+dotprod"),),
+}
+
+
+def _isa_flags(isa: str) -> tuple[str, ...]:
+    """The compiler flags of ``isa``'s build on this CPU: the target's own, and its extras this CPU has."""
+    have = cpu_features()
+    return (*_ISA_FLAGS[isa], *(flag for need, flag in _ISA_EXTRAS.get(isa, ()) if need in have))
+
+
 # what each x86 target needs of the CPU (/proc/cpuinfo's flag names)
 _X86_NEEDS = {"avx512": {"avx512f", "avx512bw", "fma", "f16c"}, "avx2": {"avx2", "fma", "f16c"}}
 
@@ -174,7 +188,7 @@ def _build(isa: str) -> Path:
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler found (set $CC, or install gcc)")
-    flags = (*_FLAGS, *_ISA_FLAGS[isa])
+    flags = (*_FLAGS, *_isa_flags(isa))
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join((cc, *flags)).encode()).hexdigest()[:16]
     folder = _cache_dir()
@@ -313,7 +327,7 @@ class _Weight(ctypes.Structure):
 
     _fields_ = [
         ("kind", _I), ("data", _P), ("scale", _P), ("min", _P),
-        ("scale_f16", _I), ("gshift", _I), ("ngroups", _I), ("ld", _I),
+        ("scale_f16", _I), ("gshift", _I), ("ngroups", _I), ("ld", _I), ("act8", _I),
     ]  # fmt: skip
 
 
@@ -468,6 +482,31 @@ def _fits(x: torch.Tensor, weights, biases=()) -> bool:
     return _descs(x, weights, biases) is not None
 
 
+def act8(desc: _Weight, group: int) -> _Weight | None:
+    """``desc`` multiplying int8 activations rounded per ``group`` values in integer arithmetic (see
+    ``cpu.c``), or None where the kernels cannot: a float or bf16 weight, or a group other than the weight's
+    own or below 32. Made once per descriptor."""
+    if desc.kind not in (4, 8) or group < 32 or 1 << desc.gshift != group:
+        return None
+    twin = getattr(desc, "twin", None)
+    if twin is None:
+        twin = desc.twin = _Weight.from_buffer_copy(desc)
+        twin.act8 = 1
+    return twin
+
+
+def _int8_input(x: torch.Tensor, weights, biases, group: int):
+    """How a product with int8 activations (``effx.round_int8(x, group)`` as its input) runs: ``(x, descs)``
+    with the weights' integer-path descriptors where the kernels take them all, else ``(round_int8(x,
+    group), None)``, the rounded input for the float path (what the unlowered graph computes)."""
+    descs = _descs(x, weights, biases) if _library()[0] is not None else None
+    if descs is not None:
+        twins = [act8(d, group) for d in descs]
+        if all(t is not None for t in twins):
+            return x, twins
+    return round_int8(x, group), None
+
+
 def _plain(t: torch.Tensor, grad: bool) -> bool:
     return (
         t.dtype == torch.float32
@@ -481,11 +520,17 @@ def _ptrs(tensors) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[0 if t is None else t.data_ptr() for t in tensors])
 
 
-def linear_many(x: torch.Tensor, weights, biases=None) -> tuple[torch.Tensor, ...]:
-    """``F.linear(x, w, b)`` for each weight operand (and bias), computed in one parallel loop."""
+def linear_many(x: torch.Tensor, weights, biases=None, int8: int | None = None) -> tuple[torch.Tensor, ...]:
+    """``F.linear(x, w, b)`` for each weight operand (and bias), computed in one parallel loop; ``int8``: the
+    products take ``effx.round_int8(x, int8)`` (int8 activations: integer dot products where the kernels
+    can, see :func:`act8`)."""
     biases = list(biases) if biases is not None else [None] * len(weights)
     lib = _library()[0]
-    descs = None if lib is None or len(weights) > 4 else _descs(x, weights, biases)
+    descs = None
+    if int8 is not None:
+        x, descs = _int8_input(x, weights, biases, int8) if len(weights) <= 4 else (round_int8(x, int8), None)
+    if descs is None:
+        descs = None if lib is None or len(weights) > 4 else _descs(x, weights, biases)
     if descs is None:
         if _chunked(x, weights):
             return _by_rows(linear_many, x, weights, biases)
@@ -516,12 +561,19 @@ def linear_many(x: torch.Tensor, weights, biases=None) -> tuple[torch.Tensor, ..
     return tuple(views)
 
 
-def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; ``weight`` a float tensor or a quantized ``(q, scale, minimum)``."""
+def linear(
+    x: torch.Tensor, weight, bias: torch.Tensor | None = None, int8: int | None = None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; ``weight`` a float tensor or a quantized ``(q, scale, minimum)``;
+    ``int8``: the product takes ``effx.round_int8(x, int8)`` (see :func:`linear_many`)."""
     lib = _library()[0]
     k = x.shape[-1]
+    descs = None
+    if int8 is not None:
+        x, descs = _int8_input(x, (weight,), (bias,), int8)
     if isinstance(weight, tuple):
-        descs = None if lib is None else _descs(x, (weight,), (bias,))
+        if descs is None:
+            descs = None if lib is None else _descs(x, (weight,), (bias,))
         if descs is None:
             if _chunked(x, (weight,)):
                 return _by_rows(linear, x, weight, bias)
@@ -552,12 +604,19 @@ def _take(w, ids):
     )
 
 
-def linear_rows(x: torch.Tensor, weight, ids: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight[ids])`` without gathering the rows: ``ids`` is a 1-D int64 tensor."""
+def linear_rows(x: torch.Tensor, weight, ids: torch.Tensor, int8: int | None = None) -> torch.Tensor:
+    """``F.linear(x, weight[ids])`` without gathering the rows: ``ids`` is a 1-D int64 tensor; ``int8``: the
+    product takes ``effx.round_int8(x, int8)`` (see :func:`linear_many`)."""
     lib = _library()[0]
-    descs = None if lib is None else _descs(x, (weight,))
+    descs = None
+    if int8 is not None:
+        x, descs = _int8_input(x, (weight,), (), int8)
+    if descs is None:
+        descs = None if lib is None else _descs(x, (weight,))
     fits = descs is not None and ids.dtype == torch.int64 and ids.ndim == 1
     if not fits or (ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < rows_of(weight))):
+        if descs is not None and descs[0].act8:  # the rounding the integer path would have done
+            x = round_int8(x, int8)
         if _chunked(x, (weight,)) and ids.dtype == torch.int64 and ids.ndim == 1:
             return _by_rows(linear, x, _take(weight, ids))
         return F.linear(x, dense(_take(weight, ids), x.shape[-1]))
@@ -571,10 +630,19 @@ def linear_rows(x: torch.Tensor, weight, ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gated(x: torch.Tensor, w_gate, w_up) -> torch.Tensor:
-    """``silu(F.linear(x, w_gate)) * F.linear(x, w_up)``."""
+def gated(x: torch.Tensor, w_gate, w_up, int8: int | None = None) -> torch.Tensor:
+    """``silu(F.linear(x, w_gate)) * F.linear(x, w_up)``; ``int8``: the products take
+    ``effx.round_int8(x, int8)`` (see :func:`linear_many`)."""
     lib = _library()[0]
-    descs = None if lib is None or rows_of(w_gate) != rows_of(w_up) else _descs(x, (w_gate, w_up))
+    descs = None
+    if int8 is not None:
+        x, descs = (
+            _int8_input(x, (w_gate, w_up), (), int8)
+            if rows_of(w_gate) == rows_of(w_up)
+            else (round_int8(x, int8), None)
+        )
+    if descs is None:
+        descs = None if lib is None or rows_of(w_gate) != rows_of(w_up) else _descs(x, (w_gate, w_up))
     if descs is None:
         if _chunked(x, (w_gate, w_up)) and rows_of(w_gate) == rows_of(w_up):
             return _by_rows(gated, x, w_gate, w_up)
@@ -653,13 +721,19 @@ def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return t * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
-def qkv_rope(x, wq, wk, wv, bq, bk, bv, cos, sin, head_dim: int):
+def qkv_rope(x, wq, wk, wv, bq, bk, bv, cos, sin, head_dim: int, int8: int | None = None):
     """A Llama attention's input side: the q, k and v projections of ``x [batch, seq, hidden]`` as
     ``[batch, heads, seq, head_dim]`` views, with the rotary embedding (``cos``/``sin`` ``[batch, seq,
-    head_dim]``) applied to q and k; the three products run as one parallel loop, the rope in place."""
+    head_dim]``) applied to q and k; the three products run as one parallel loop, the rope in place.
+    ``int8``: the products take ``effx.round_int8(x, int8)`` (see :func:`linear_many`)."""
     batch, seq = x.shape[0], x.shape[1]
     lib = _library()[0]
-    descs = None if lib is None or x.dim() != 3 else _descs(x, (wq, wk, wv), (bq, bk, bv))
+    descs = pending = None  # pending: int8 rounding the products still owe x (integer path descriptors)
+    if int8 is not None:
+        x, descs = _int8_input(x, (wq, wk, wv), (bq, bk, bv), int8)
+        pending = int8 if descs is not None else None
+    if descs is None:
+        descs = None if lib is None or x.dim() != 3 else _descs(x, (wq, wk, wv), (bq, bk, bv))
     nq, nkv = rows_of(wq), rows_of(wk)
     fused = (
         descs is not None
@@ -670,7 +744,7 @@ def qkv_rope(x, wq, wk, wv, bq, bk, bv, cos, sin, head_dim: int):
         and all(_plain(t, False) and tuple(t.shape) == (batch, seq, head_dim) for t in (cos, sin))
     )
     if not fused:
-        q, k, v = linear_many(x, (wq, wk, wv), (bq, bk, bv))
+        q, k, v = linear_many(x, (wq, wk, wv), (bq, bk, bv), pending)
         q, k, v = (t.view(batch, seq, -1, head_dim).transpose(1, 2) for t in (q, k, v))
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
     out = torch.empty(batch, seq, nq + 2 * nkv, dtype=x.dtype)

@@ -11,9 +11,10 @@
  * One source for every target. The kernels are written against a 16-lane float vector (v16 below) whose
  * operations each target implements with its own instructions:
  *
- *   EFFX_ISA_AVX512   x86-64 AVX-512F/BW + FMA + F16C: one 512-bit register per v16
+ *   EFFX_ISA_AVX512   x86-64 AVX-512F/BW + FMA + F16C: one 512-bit register per v16 (int8 dot products
+ *                     with VNNI where the build has -mavx512vnni, else AVX-512BW's byte multiply-adds)
  *   EFFX_ISA_AVX2     x86-64 AVX2 + FMA + F16C: two 256-bit registers
- *   EFFX_ISA_NEON     aarch64 Advanced SIMD: four 128-bit registers
+ *   EFFX_ISA_NEON     aarch64 Advanced SIMD: four 128-bit registers (sdot where built with +dotprod)
  *   EFFX_ISA_GENERIC  portable C (fmaf per lane): the reference the others are checked against
  *
  * chosen by the compiler flags of the build (effx.kernels builds the one this CPU runs best, at first use;
@@ -61,12 +62,16 @@ int effx_supported(void) {
   __builtin_cpu_init();
 #if defined(EFFX_ISA_AVX512)
   if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw")) return 0;
+#if defined(__AVX512VNNI__)
+  if (!__builtin_cpu_supports("avx512vnni")) return 0;
+#endif
 #else
   if (!__builtin_cpu_supports("avx2")) return 0;
 #endif
   return __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
-  return 1; /* Advanced SIMD is part of every aarch64 CPU; the generic build needs nothing */
+  return 1; /* Advanced SIMD is part of every aarch64 CPU (dot products: built only where the CPU has them);
+               the generic build needs nothing */
 #endif
 }
 
@@ -270,6 +275,137 @@ INLINE float half_to_float(uint16_t h) { /* IEEE binary16 -> binary32, exact (su
 #define R6 2
 #endif
 
+/* ---- 64 bytes for integer dot products (int8 activations), per target ------------------------------ */
+
+/* b64 holds 64 byte-sized integers; v_dot_u / v_dot_s give, as a v16, lane l = the exact integer sum of
+ * w[4l + i] * x[4l + i] over i < 4 (w unsigned 0..255 or signed, x signed -127..127). Integer sums are exact
+ * on every target, so each lane is the same number everywhere; only the float steps after it round, and
+ * those are the v16 operations above. */
+#if defined(EFFX_ISA_AVX512)
+typedef struct { __m512i v; } b64;
+INLINE b64 b_load(const void *p) { return (b64){_mm512_loadu_si512(p)}; }
+INLINE b64 b_nibbles(const uint8_t *p) { /* 32 bytes -> lo(p[0..16)), hi(p[0..16)), lo(p[16..32)), hi(...) */
+  __m512i z = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+  z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(1, 1, 0, 0));
+  z = _mm512_srlv_epi64(z, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4));
+  return (b64){_mm512_and_si512(z, _mm512_set1_epi8(15))};
+}
+INLINE b64 b_sub8(b64 a) { return (b64){_mm512_sub_epi8(a.v, _mm512_set1_epi8(8))}; }
+INLINE __m512i dot_us(__m512i w, __m512i x) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
+#else
+  return _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1));
+#endif
+}
+INLINE v16 v_dot_u(b64 w, b64 x) { return (v16){_mm512_cvtepi32_ps(dot_us(w.v, x.v))}; }
+INLINE v16 v_dot_s(b64 w, b64 x) { /* |w| * (x with w's sign): u8 x s8 */
+  __m512i sx = _mm512_mask_sub_epi8(x.v, _mm512_movepi8_mask(w.v), _mm512_setzero_si512(), x.v);
+  return (v16){_mm512_cvtepi32_ps(dot_us(_mm512_abs_epi8(w.v), sx))};
+}
+INLINE v16 v_halves(float a, float b) {
+  return (v16){_mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a), _mm512_set1_ps(b))};
+}
+
+#elif defined(EFFX_ISA_AVX2)
+typedef struct { __m256i a, b; } b64;
+INLINE b64 b_load(const void *p) {
+  return (b64){_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)((const char *)p + 32))};
+}
+INLINE b64 b_nibbles(const uint8_t *p) {
+  const __m256i f = _mm256_set1_epi8(15);
+  __m128i x = _mm_loadu_si128((const __m128i *)p), y = _mm_loadu_si128((const __m128i *)(p + 16));
+  return (b64){_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(x, 4), x), f),
+               _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(y, 4), y), f)};
+}
+INLINE b64 b_sub8(b64 x) {
+  const __m256i e = _mm256_set1_epi8(8);
+  return (b64){_mm256_sub_epi8(x.a, e), _mm256_sub_epi8(x.b, e)};
+}
+INLINE __m256 dot_us(__m256i w, __m256i x) { /* maddubs's pairs fit int16: |w| <= 128, |x| <= 127 */
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+INLINE v16 v_dot_u(b64 w, b64 x) { return (v16){dot_us(w.a, x.a), dot_us(w.b, x.b)}; }
+INLINE v16 v_dot_s(b64 w, b64 x) {
+  return (v16){dot_us(_mm256_abs_epi8(w.a), _mm256_sign_epi8(x.a, w.a)),
+               dot_us(_mm256_abs_epi8(w.b), _mm256_sign_epi8(x.b, w.b))};
+}
+INLINE v16 v_halves(float a, float b) { return (v16){_mm256_set1_ps(a), _mm256_set1_ps(b)}; }
+
+#elif defined(EFFX_ISA_NEON)
+typedef struct { int8x16_t q[4]; } b64;
+INLINE b64 b_load(const void *p) {
+  b64 r;
+  for (int i = 0; i < 4; i++) r.q[i] = vld1q_s8((const int8_t *)p + 16 * i);
+  return r;
+}
+INLINE b64 b_nibbles(const uint8_t *p) {
+  uint8x16_t a = vld1q_u8(p), b = vld1q_u8(p + 16), f = vdupq_n_u8(15);
+  b64 r = {{vreinterpretq_s8_u8(vandq_u8(a, f)), vreinterpretq_s8_u8(vshrq_n_u8(a, 4)),
+            vreinterpretq_s8_u8(vandq_u8(b, f)), vreinterpretq_s8_u8(vshrq_n_u8(b, 4))}};
+  return r;
+}
+INLINE b64 b_sub8(b64 x) {
+  for (int i = 0; i < 4; i++) x.q[i] = vsubq_s8(x.q[i], vdupq_n_s8(8));
+  return x;
+}
+INLINE int32x4_t dot4(int8x16_t w, int8x16_t x) {
+#if defined(__ARM_FEATURE_DOTPROD)
+  return vdotq_s32(vdupq_n_s32(0), w, x);
+#else
+  int16x8_t lo = vmull_s8(vget_low_s8(w), vget_low_s8(x)), hi = vmull_high_s8(w, x);
+  return vpaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi));
+#endif
+}
+/* signed x signed: effx's 4-bit values (0..15) are also signed bytes */
+INLINE v16 v_dot_s(b64 w, b64 x) {
+  v16 r;
+  for (int i = 0; i < 4; i++) r.q[i] = vcvtq_f32_s32(dot4(w.q[i], x.q[i]));
+  return r;
+}
+INLINE v16 v_dot_u(b64 w, b64 x) { return v_dot_s(w, x); }
+INLINE v16 v_halves(float a, float b) {
+  v16 r = {{vdupq_n_f32(a), vdupq_n_f32(a), vdupq_n_f32(b), vdupq_n_f32(b)}};
+  return r;
+}
+
+#else /* portable C */
+typedef struct { int16_t v[64]; } b64;
+INLINE b64 b_load(const void *p) {
+  b64 r;
+  for (int i = 0; i < 64; i++) r.v[i] = ((const int8_t *)p)[i];
+  return r;
+}
+INLINE b64 b_nibbles(const uint8_t *p) {
+  b64 r;
+  for (int h = 0; h < 2; h++)
+    for (int i = 0; i < 16; i++) {
+      r.v[32 * h + i] = p[16 * h + i] & 15;
+      r.v[32 * h + 16 + i] = p[16 * h + i] >> 4;
+    }
+  return r;
+}
+INLINE b64 b_sub8(b64 x) {
+  for (int i = 0; i < 64; i++) x.v[i] -= 8;
+  return x;
+}
+INLINE v16 v_dot_s(b64 w, b64 x) {
+  v16 r;
+  for (int l = 0; l < 16; l++) {
+    int32_t s = 0;
+    for (int i = 0; i < 4; i++) s += (int32_t)w.v[4 * l + i] * x.v[4 * l + i];
+    r.f[l] = (float)s;
+  }
+  return r;
+}
+INLINE v16 v_dot_u(b64 w, b64 x) { return v_dot_s(w, x); }
+INLINE v16 v_halves(float a, float b) {
+  v16 r;
+  for (int i = 0; i < 16; i++) r.f[i] = i < 8 ? a : b;
+  return r;
+}
+#endif
+
 /* Up to 16 floats from p (n < 16 of them; the rest zero): the tail of a row whose length is not a
  * multiple of 16. */
 INLINE v16 v_load_n(const float *p, int n) {
@@ -330,6 +466,7 @@ typedef struct {
   int gshift;        /* log2 of the values per scale */
   int ngroups;
   int ld;            /* row stride of data, in elements of its type (bytes for kind 4) */
+  int act8;          /* kinds 4 and 8 with groups of 32 or more: multiply int8 activations (see act8 below) */
 } effx_weight;
 
 INLINE float scalar_at(const void *p, int f16, size_t i) {
@@ -444,6 +581,136 @@ DEFINE_QBLOCKS(4)
 DEFINE_QBLOCKS(8)
 DEFINE_QBLOCKS(16)
 
+/* ---- int8 activations ------------------------------------------------------------------------------ */
+
+/* A product with int8 activations (effx_weight.act8; quantize{activations=int8}) multiplies the input
+ * rounded per block of the weight's group g to scale * int8, scale = the block's largest magnitude / 127,
+ * q = nearbyint(x / scale) (effx_round_int8's rounding: the same integers and scales), by the weight's
+ * integers, in integer arithmetic: per 64 values k0..k0+63 and lane l < 16 (values k0+4l..k0+4l+3, in one
+ * block of x and one group of the weight, g >= 32), the exact integer sum s_l of q_x q_w (q_w - 8 for the
+ * symmetric 4-bit form), then acc_l = fma(s_l, sx_l * sw_l, acc_l), and for weights with a minimum
+ * acc_l = fma(t_l, sx_l * min_l, acc_l) where t_l is the sum of the four q_x; y = the v16 reduction of acc.
+ * That is the product of round_int8(x) with the de-quantized weight up to float rounding (the integer part
+ * exact), and the same bits on every target. */
+typedef struct {
+  int8_t *q;  /* [M, K64]: K rounded up to 64, zero past K */
+  float *s;   /* [M, K64 / 4]: the scale of each lane's block (0 past K) */
+  float *t;   /* [M, K64 / 4]: each lane's sum of four q */
+  int K64;
+} act8;
+
+static int act8_make(act8 *a, const float *x, int M, int K, int ldx, int gshift) {
+  int K64 = (K + 63) & ~63, L = K64 / 4, g = 1 << gshift;
+  a->K64 = K64;
+  a->q = (int8_t *)calloc((size_t)M * K64, 1);
+  a->s = (float *)calloc((size_t)M * L, sizeof(float));
+  a->t = (float *)calloc((size_t)M * L, sizeof(float));
+  if (!a->q || !a->s || !a->t) return 0;
+  for (int m = 0; m < M; m++) {
+    const float *xm = x + (size_t)m * ldx;
+    int8_t *qm = a->q + (size_t)m * K64;
+    float *sm = a->s + (size_t)m * L, *tm = a->t + (size_t)m * L;
+    for (int k0 = 0; k0 < K; k0 += g) {
+      int n = K - k0 < g ? K - k0 : g;
+      float amax = 0.f;
+      for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(xm[k0 + i]));
+      float scale = amax / 127.f;
+      for (int i = 0; i < n; i++) qm[k0 + i] = scale > 0.f ? (int8_t)nearbyintf(xm[k0 + i] / scale) : 0;
+      for (int l = k0 / 4; l < (k0 + n + 3) / 4; l++) sm[l] = scale;
+    }
+    for (int l = 0; l < L; l++) tm[l] = (float)(qm[4 * l] + qm[4 * l + 1] + qm[4 * l + 2] + qm[4 * l + 3]);
+  }
+  return 1;
+}
+
+static void act8_free(act8 *a) {
+  free(a->q);
+  free(a->s);
+  free(a->t);
+}
+
+/* 64 weights of row `row` from k0 (of kind 4 or 8) as bytes; `half`: only k0..k0+31 exist (zeros after) */
+INLINE b64 iload_4(const effx_weight *W, size_t row, int k0, int half) {
+  const uint8_t *p = (const uint8_t *)W->data + row * (size_t)W->ld + k0 / 2;
+  prefetch(p + 4 * PREFETCH / 8);
+  b64 v;
+  if (half) {
+    uint8_t buf[32] = {0};
+    memcpy(buf, p, 16);
+    v = b_nibbles(buf);
+  } else {
+    v = b_nibbles(p);
+  }
+  return W->min ? v : b_sub8(v);
+}
+
+INLINE b64 iload_8(const effx_weight *W, size_t row, int k0, int half) {
+  const int8_t *p = (const int8_t *)W->data + row * (size_t)W->ld + k0;
+  prefetch(p + 4 * PREFETCH / 4);
+  if (half) {
+    int8_t buf[64] = {0};
+    memcpy(buf, p, 32);
+    return b_load(buf);
+  }
+  return b_load(p);
+}
+
+/* out[i * R + j] = the int8-activation product of activation row m + i with weight row rows[j] */
+#define DEFINE_IBLOCK(KIND, MB, R)                                                                  \
+  INLINE void iblock_##KIND##_##MB(const act8 *a, int m, const effx_weight *W, const size_t *rows,  \
+                                   int kw, float *out) {                                            \
+    v16 acc[MB][R];                                                                                \
+    for (int i = 0; i < MB; i++)                                                                   \
+      for (int j = 0; j < R; j++) acc[i][j] = v_zero();                                            \
+    const int K64 = a->K64, L = K64 / 4;                                                           \
+    for (int k0 = 0; k0 < K64; k0 += 64) {                                                         \
+      int half = k0 + 64 > kw;                                                                     \
+      for (int j = 0; j < R; j++) {                                                                \
+        b64 wv = iload_##KIND(W, rows[j], k0, half);                                               \
+        size_t g0 = rows[j] * (size_t)W->ngroups + (size_t)(k0 >> W->gshift);                      \
+        size_t g1 = rows[j] * (size_t)W->ngroups + (size_t)((k0 + 32) >> W->gshift);                \
+        v16 sw = v_halves(scalar_at(W->scale, W->scale_f16, g0),                                   \
+                          half ? 0.f : scalar_at(W->scale, W->scale_f16, g1));                     \
+        v16 mw = W->min ? v_halves(scalar_at(W->min, W->scale_f16, g0),                            \
+                                   half ? 0.f : scalar_at(W->min, W->scale_f16, g1))               \
+                        : v_zero();                                                                \
+        for (int i = 0; i < MB; i++) {                                                             \
+          size_t r = (size_t)(m + i);                                                              \
+          b64 xv = b_load(a->q + r * K64 + k0);                                                    \
+          v16 sx = v_load(a->s + r * L + k0 / 4);                                                  \
+          v16 d = (KIND == 4 && W->min) ? v_dot_u(wv, xv) : v_dot_s(wv, xv);                       \
+          acc[i][j] = v_fma(d, v_mul(sx, sw), acc[i][j]);                                          \
+          if (W->min) acc[i][j] = v_fma(v_load(a->t + r * L + k0 / 4), v_mul(sx, mw), acc[i][j]);  \
+        }                                                                                          \
+      }                                                                                            \
+    }                                                                                              \
+    for (int i = 0; i < MB; i++)                                                                   \
+      for (int j = 0; j < R; j++) out[i * R + j] = v_sum(acc[i][j]);                               \
+  }
+
+#define DEFINE_IBLOCKS(KIND)  \
+  DEFINE_IBLOCK(KIND, 1, R1)  \
+  DEFINE_IBLOCK(KIND, 2, R2)  \
+  DEFINE_IBLOCK(KIND, 3, R3)  \
+  DEFINE_IBLOCK(KIND, 4, R4)  \
+  DEFINE_IBLOCK(KIND, 5, R5)  \
+  DEFINE_IBLOCK(KIND, 6, R6)
+
+DEFINE_IBLOCKS(4)
+DEFINE_IBLOCKS(8)
+
+#define ICASES(KIND)                                                                                \
+  case KIND:                                                                                       \
+    switch (mb) {                                                                                  \
+      case 1: iblock_##KIND##_1(xa, am, W, rr + h, kw, tmp); break;                                \
+      case 2: iblock_##KIND##_2(xa, am, W, rr + h, kw, tmp); break;                                \
+      case 3: iblock_##KIND##_3(xa, am, W, rr + h, kw, tmp); break;                                \
+      case 4: iblock_##KIND##_4(xa, am, W, rr + h, kw, tmp); break;                                \
+      case 5: iblock_##KIND##_5(xa, am, W, rr + h, kw, tmp); break;                                \
+      default: iblock_##KIND##_6(xa, am, W, rr + h, kw, tmp); break;                               \
+    }                                                                                              \
+    break;
+
 #define QCASES(KIND)                                                                                \
   case KIND:                                                                                       \
     switch (mb) {                                                                                  \
@@ -456,13 +723,25 @@ DEFINE_QBLOCKS(16)
     }                                                                                              \
     break;
 
+/* The int8 activations of x for the weights ws[0..n) that take them (all of one group), or NULL if none
+ * does. A few kilobytes per call; without them there is no right answer to give, so the process aborts. */
+static act8 *act8_for(act8 *a, const float *x, int M, int K, int ldx, const effx_weight *ws, int n) {
+  for (int p = 0; p < n; p++)
+    if (ws[p].act8) {
+      if (!act8_make(a, x, M, K, ldx, ws[p].gshift)) abort();
+      return a;
+    }
+  return NULL;
+}
+
 /* Rows of weight handled per work item: a multiple of every block's R on every target (8, 6, 4, 3, 2, 1). */
 #define ROWS 48
 
 /* The dot products of activation rows x[0..M) with weight rows rows[0..nr) of W (nr <= ROWS), into
  * out[m * ROWS + j]. Rows past nr repeat row 0 (computed, not stored). */
 static void dots(const float *x, size_t ldx, int M, int K, const effx_weight *W, const size_t *rows,
-                 int nr, float *out) {
+                 int nr, float *out, const act8 *xa, int xa_row) {
+  const int kw = W->kind == 4 ? 2 * W->ld : W->ld; /* values per quantized row */
   const float *wr[ROWS];
   size_t rr[ROWS];
   for (int j = 0; j < ROWS; j++) {
@@ -474,10 +753,15 @@ static void dots(const float *x, size_t ldx, int M, int K, const effx_weight *W,
     int left = M - m0;
     int mb = left <= 6 ? left : (left >= 10 ? 6 : 4); /* chunks of 1..6 rows */
     const float *xm = x + (size_t)m0 * ldx;
-    const int shapes[7] = {0, R1, R2, R3, R4, R5, R6};
+    const int shapes[7] = {0, R1, R2, R3, R4, R5, R6}, am = xa_row + m0;
     int R = shapes[mb];
     for (int h = 0; h < ROWS && h < nr; h += R) {
-      switch (W->kind) {
+      if (xa && W->act8) {
+        switch (W->kind) {
+          ICASES(4)
+          ICASES(8)
+        }
+      } else switch (W->kind) {
         case 0:
           switch (mb) {
             case 1: block_1(xm, ldx, wr + h, K, tmp); break;
@@ -500,7 +784,7 @@ static void dots(const float *x, size_t ldx, int M, int K, const effx_weight *W,
 }
 
 static effx_weight plain(const float *w, int K) {
-  effx_weight W = {0, w, NULL, NULL, 0, 0, 0, K};
+  effx_weight W = {0, w, NULL, NULL, 0, 0, 0, K, 0};
   return W;
 }
 
@@ -512,6 +796,7 @@ void effx_linear_w(const float *x, int M, int K, int ldx, int np, const effx_wei
   int start[5] = {0};
   for (int p = 0; p < np; p++) start[p + 1] = start[p] + (Ns[p] + ROWS - 1) / ROWS;
   int nblocks = start[np];
+  act8 xa, *pa = act8_for(&xa, x, M, K, ldx, ws, np);
 #pragma omp parallel num_threads(nthreads)
   {
     float out[64 * ROWS];
@@ -524,7 +809,7 @@ void effx_linear_w(const float *x, int M, int K, int ldx, int np, const effx_wei
       for (int j = 0; j < nr; j++) rows[j] = (size_t)(n0 + j);
       for (int m0 = 0; m0 < M; m0 += 64) {
         int mc = M - m0 < 64 ? M - m0 : 64;
-        dots(x + (size_t)m0 * ldx, ldx, mc, K, &ws[p], rows, nr, out);
+        dots(x + (size_t)m0 * ldx, ldx, mc, K, &ws[p], rows, nr, out, pa, m0);
         const float *bias = bs[p];
         for (int m = 0; m < mc; m++) {
           float *y = ys[p] + (size_t)(m0 + m) * ldys[p] + n0;
@@ -533,6 +818,7 @@ void effx_linear_w(const float *x, int M, int K, int ldx, int np, const effx_wei
       }
     }
   }
+  if (pa) act8_free(pa);
 }
 
 /* effx_linear_w on float32 weights ws[p] [Ns[p], K]. */
@@ -584,6 +870,7 @@ void effx_qkv_rope(const float *x, int M, int K, const float *wq, const float *w
 void effx_linear_rows_w(const float *x, int M, int K, const effx_weight *W, const int64_t *ids, int N,
                         float *y, int nthreads) {
   int nblocks = (N + ROWS - 1) / ROWS;
+  act8 xa, *pa = act8_for(&xa, x, M, K, K, W, 1);
 #pragma omp parallel num_threads(nthreads)
   {
     float out[64 * ROWS];
@@ -594,12 +881,13 @@ void effx_linear_rows_w(const float *x, int M, int K, const effx_weight *W, cons
       for (int j = 0; j < nr; j++) rows[j] = (size_t)ids[n0 + j];
       for (int m0 = 0; m0 < M; m0 += 64) {
         int mc = M - m0 < 64 ? M - m0 : 64;
-        dots(x + (size_t)m0 * K, K, mc, K, W, rows, nr, out);
+        dots(x + (size_t)m0 * K, K, mc, K, W, rows, nr, out, pa, m0);
         for (int m = 0; m < mc; m++)
           for (int j = 0; j < nr; j++) y[(size_t)(m0 + m) * N + n0 + j] = out[m * ROWS + j];
       }
     }
   }
+  if (pa) act8_free(pa);
 }
 
 void effx_linear_rows(const float *x, int M, int K, const float *w, const int64_t *ids, int N,
@@ -612,6 +900,8 @@ void effx_linear_rows(const float *x, int M, int K, const float *w, const int64_
 void effx_gated_w(const float *x, int M, int K, const effx_weight *wg, const effx_weight *wu, int N,
                   float *y, int nthreads) {
   int nblocks = (N + ROWS - 1) / ROWS;
+  effx_weight both[2] = {*wg, *wu};
+  act8 xa, *pa = act8_for(&xa, x, M, K, K, both, 2);
 #pragma omp parallel num_threads(nthreads)
   {
     float g[64 * ROWS], u[64 * ROWS];
@@ -622,8 +912,8 @@ void effx_gated_w(const float *x, int M, int K, const effx_weight *wg, const eff
       for (int j = 0; j < nr; j++) rows[j] = (size_t)(n0 + j);
       for (int m0 = 0; m0 < M; m0 += 64) {
         int mc = M - m0 < 64 ? M - m0 : 64;
-        dots(x + (size_t)m0 * K, K, mc, K, wg, rows, nr, g);
-        dots(x + (size_t)m0 * K, K, mc, K, wu, rows, nr, u);
+        dots(x + (size_t)m0 * K, K, mc, K, wg, rows, nr, g, pa, m0);
+        dots(x + (size_t)m0 * K, K, mc, K, wu, rows, nr, u, pa, m0);
         for (int m = 0; m < mc; m++)
           for (int j = 0; j < nr; j++) {
             float a = g[m * ROWS + j];
@@ -632,6 +922,7 @@ void effx_gated_w(const float *x, int M, int K, const effx_weight *wg, const eff
       }
     }
   }
+  if (pa) act8_free(pa);
 }
 
 void effx_gated(const float *x, int M, int K, const float *wg, const float *wu, int N, float *y,

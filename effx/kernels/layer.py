@@ -30,6 +30,7 @@ from . import (
     _plain,
     _Weight,
     _weight,
+    act8,
     append_kv,
     gated,
     linear,
@@ -120,6 +121,14 @@ def _match(gm: torch.fx.GraphModule) -> dict:
         "wg": _value(gm, gt.args[1]), "wu": _value(gm, gt.args[2]), "wd": _value(gm, ld.args[1]),
         "hd": head_dim, "scale": float(sdpa.kwargs["scale"]),
     }  # fmt: skip
+    # int8 activations (lower.py's int8=group): the products whose kernels round their input themselves
+    values["int8"] = {
+        name: node.kwargs.get("int8")
+        for node, names in ((qkv, ("wq", "wk", "wv")), (lo, ("wo",)), (gt, ("wg", "wu")), (ld, ("wd",)))
+        for name in names
+    }
+    if any(set(node.kwargs) - {"int8"} for node in (qkv, lo, gt, ld)):
+        raise _NoMatch("products with other keyword arguments")
     return values
 
 
@@ -155,6 +164,9 @@ class FusedLayer(torch.nn.Module):
         for name, k in (("wq", self.D), ("wk", self.D), ("wv", self.D), ("wo", self.nq), ("wg", self.D),
                         ("wu", self.D), ("wd", self.F)):  # fmt: skip
             descs[name] = _weight(values[name], k, False) if ok else None
+            group = values["int8"][name]
+            if group is not None and descs[name] is not None:
+                descs[name] = act8(descs[name], group)  # None (not fused) where the kernels cannot
         self.params = None
         if ok and all(d is not None for d in descs.values()):
             ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731

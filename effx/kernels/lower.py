@@ -11,7 +11,9 @@ where its pattern matches exactly and skipped otherwise:
 * ``silu(linear(x, wg)) * linear(x, wu)`` -> :func:`effx.kernels.gated`;
 * ``linear(x, index_select(w, 0, ids))`` (a pruned exit's per-token rows) -> :func:`effx.kernels.linear_rows`;
 * every other ``aten.linear`` -> :func:`effx.kernels.linear`;
-* ``effx.round_int8`` (int8 activations) -> :func:`effx.kernels.round_int8`;
+* ``effx.round_int8`` (int8 activations) -> :func:`effx.kernels.round_int8`, and where its result is the
+  input of a product above, the product takes the unrounded input and ``int8=group`` instead: the kernels
+  round it themselves and multiply in integer arithmetic (:func:`effx.kernels.act8`);
 * ``cat([past_k, k], 2)`` (and v) -> :func:`effx.kernels.append_kv`: the new keys and values are written into
   the cache's free slots after ``past`` instead of copying the whole past every layer and step.
 
@@ -258,6 +260,21 @@ def _rounds(graph) -> None:
             n.replace_all_uses_with(node)
 
 
+_INT8_TAKERS = (linear, gated, qkv_rope, linear_rows)
+
+
+def _int8_products(graph) -> None:
+    """A product of :data:`_INT8_TAKERS` whose input is :func:`effx.kernels.round_int8` ``(x, group)`` takes
+    ``x`` and ``int8=group`` (the rounding node goes once no one reads it)."""
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target not in _INT8_TAKERS or n.kwargs or not n.args:
+            continue
+        r = n.args[0]
+        if _is(r, round_int8) and not r.kwargs and len(r.args) == 2 and isinstance(r.args[1], int):
+            n.args = (r.args[0], *n.args[1:])
+            n.kwargs = {"int8": r.args[1]}
+
+
 def _kv_appends(graph) -> None:
     """``cat([past_k, k], 2)`` of a layer's cache input -> :func:`effx.kernels.append_kv` (no copy of the past)."""
     for n in list(graph.nodes):
@@ -284,6 +301,7 @@ def lower_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     _linears(graph)
     _kv_appends(graph)
     _rounds(graph)
+    _int8_products(graph)
     # stage graphs have no side effects (fx counts SDPA as impure because of its dropout argument)
     graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
     graph.lint()
