@@ -145,5 +145,14 @@ def transform(
     if not own:
         steps.append(Lower("fast" if kernels is None else kernels))
     manager = PassManager(steps)
+    # every refusal that needs no weights comes before capture (layer ranges, files, sizes, pass pairs)
+    from .capture import info_from_config
+
+    try:
+        info = info_from_config(model.config)
+    except (AttributeError, TypeError, ZeroDivisionError):  # not a config capture reads: capture says why
+        info = None
+    if info is not None:
+        manager.check_model(info)
     program = capture(model, progress=progress)
     return manager.run(program)

@@ -338,10 +338,17 @@ def tag_roles(gm: torch.fx.GraphModule, stage_kind: str, layer: int | None) -> N
 
 
 def _model_info(model) -> ModelInfo:
-    c = model.config
+    return info_from_config(
+        model.config, architecture=type(model).__name__, dtype=str(model.dtype).replace("torch.", "")
+    )
+
+
+def info_from_config(c, *, architecture: str = "", dtype: str = "float32") -> ModelInfo:
+    """The model's shapes from its transformers config alone (no weights loaded): what passes check their
+    settings against before capture (:meth:`effx.passes.Pass.check_model`)."""
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return ModelInfo(
-        architecture=type(model).__name__,
+        architecture=architecture or (getattr(c, "architectures", None) or [""])[0],
         model_type=c.model_type,
         num_layers=c.num_hidden_layers,
         hidden_size=c.hidden_size,
@@ -351,7 +358,7 @@ def _model_info(model) -> ModelInfo:
         head_dim=head_dim,
         vocab_size=c.vocab_size,
         max_positions=getattr(c, "max_position_embeddings", 8192),
-        dtype=str(model.dtype).replace("torch.", ""),
+        dtype=dtype,
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         source=str(getattr(c, "_name_or_path", "") or ""),
         rope_tables=max(1, len(_rope_types(c))),

@@ -36,6 +36,30 @@ a tuple field takes one tuple per value with '/': --sweep "token-drop.keep=0.75/
 """
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (a usage error, exit 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _load_checked(name: str, passes):
+    """Refuse what the model's config alone refutes (layer ranges, files, sizes, pass pairs: the passes'
+    ``check_model``), then load the model: a bad pipeline fails in a config parse, not after the load."""
+    import effx
+    from effx.capture import info_from_config
+    from effx.passes import PassManager
+
+    config = effx.models.config(name)
+    if config is not None and passes:
+        PassManager(passes).check_model(info_from_config(config))
+    return effx.models.load(name)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -88,7 +112,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("prompt", help="the prompt text")
     g.add_argument(
-        "--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)"
+        "--max-new-tokens", type=_positive, default=128, help="tokens to generate at most (default: %(default)s)"
     )
     g.add_argument(
         "--no-chat-template", action="store_true", help="use the prompt as raw text even for chat models"
@@ -118,7 +142,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_args(i)
     i.add_argument(
         "--context",
-        type=int,
+        type=_positive,
         default=512,
         help="cached tokens assumed for FLOPs/token (default: %(default)s)",
     )
@@ -154,7 +178,7 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("out_dir", help="an artifact directory written by 'effx export'")
     r.add_argument("prompt", help="the prompt text (the chat template is applied when the tokenizer has one)")
     r.add_argument(
-        "--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)"
+        "--max-new-tokens", type=_positive, default=128, help="tokens to generate at most (default: %(default)s)"
     )
     r.add_argument(
         "--no-chat-template", action="store_true", help="use the prompt as raw text even for chat models"
@@ -182,9 +206,10 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(c)
+    c.set_defaults(model=None)  # so that --artifact with --model is refused, not ignored
     c.add_argument("--artifact", default=None, help="chat with an artifact written by 'effx export' instead")
     c.add_argument(
-        "--max-new-tokens", type=int, default=256, help="tokens per reply at most (default: %(default)s)"
+        "--max-new-tokens", type=_positive, default=256, help="tokens per reply at most (default: %(default)s)"
     )
     c.add_argument(
         "--prompts",
@@ -256,9 +281,9 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train on the prompts' text itself, read teacher-forced, instead of the model's generations",
     )
-    t.add_argument("--tokens", type=int, default=32768, help="training tokens (default: %(default)s)")
+    t.add_argument("--tokens", type=_positive, default=32768, help="training tokens (default: %(default)s)")
     t.add_argument(
-        "--new-tokens", type=int, default=128, help="tokens generated per prompt (default: %(default)s)"
+        "--new-tokens", type=_positive, default=128, help="tokens generated per prompt (default: %(default)s)"
     )
     t.add_argument(
         "--rank", type=int, default=None, help="adapter rank (default: the hidden size, a full linear map)"
@@ -307,7 +332,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "and optional 'reference' fields, or a .txt file, one prompt a line (default: %(default)s)",
     )
     b.add_argument("--prompts", type=int, default=4, help="prompts to generate from (default: %(default)s)")
-    b.add_argument("--new-tokens", type=int, default=32, help="tokens per generation (default: %(default)s)")
+    b.add_argument("--new-tokens", type=_positive, default=32, help="tokens per generation (default: %(default)s)")
     b.add_argument(
         "--repeats", type=int, default=1, help="timed repeats of every prompt (default: %(default)s)"
     )
@@ -355,7 +380,7 @@ def _cmd_export(args) -> int:
 
     check_target(args.out_dir, args.force)  # before the model is loaded
     passes = effx.parse_pipeline(args.passes)
-    model, tokenizer = effx.models.load(args.model)
+    model, tokenizer = _load_checked(args.model, passes)
     program = effx.transform(model, passes=passes, kernels=args.kernels)
     start = time.perf_counter()
     out = exporter.export(program, args.out_dir, tokenizer=tokenizer, progress=True, overwrite=args.force)
@@ -441,6 +466,16 @@ def _cmd_chat(args) -> int:
     if args.max_new_tokens < 1:
         print(f"effx: error: --max-new-tokens must be >= 1, got {args.max_new_tokens}", file=sys.stderr)
         return 1
+    if args.artifact and (args.passes or args.model is not None or args.kernels is not None):
+        # the artifact holds its own model and pipeline: --model/--passes/--kernels would be ignored
+        print(
+            "effx: error: --artifact runs the artifact's own model and passes; leave out --model, --passes "
+            "and --kernels (or drop --artifact)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.model is None:
+        args.model = "smollm2-135m"
     session = _onnx_chat(args) if args.artifact else _torch_chat(args)
     if session is None:
         return 1
@@ -462,7 +497,7 @@ def _torch_chat(args):
     from .passes.base import pipeline_string
 
     passes = effx.parse_pipeline(args.passes)  # a bad pipeline fails before the model loads
-    model, tokenizer = effx.models.load(args.model)
+    model, tokenizer = _load_checked(args.model, passes)
     program = effx.transform(model, passes=passes, kernels=args.kernels)
 
     def render(messages):
@@ -592,7 +627,7 @@ def _cmd_generate(args) -> int:
     import effx
 
     passes = effx.parse_pipeline(args.passes)  # a bad pipeline fails before the model loads
-    model, tokenizer = effx.models.load(args.model)
+    model, tokenizer = _load_checked(args.model, passes)
     program = effx.transform(model, passes=passes, kernels=args.kernels)
     from .data import encode_prompts
 
@@ -649,7 +684,7 @@ def _cmd_inspect(args) -> int:
     import effx
 
     passes = effx.parse_pipeline(args.passes)
-    model, _ = effx.models.load(args.model)
+    model, _ = _load_checked(args.model, passes)
     program = effx.transform(model, passes=passes, kernels=args.kernels)
     program.report(sys.stdout, context=args.context)
     if args.plan:
@@ -677,8 +712,9 @@ def _cmd_train_heads(args) -> int:
             return 1
     else:
         prompts = training_prompts()
-    model, tokenizer = effx.models.load(args.model)
-    program = effx.transform(model, passes=effx.parse_pipeline(args.passes), kernels=args.kernels)
+    passes = effx.parse_pipeline(args.passes)
+    model, tokenizer = _load_checked(args.model, passes)
+    program = effx.transform(model, passes=passes, kernels=args.kernels)
     rank = args.rank if args.rank is not None else program.info.hidden_size
     try:
         result = train_exit_heads(

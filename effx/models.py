@@ -326,6 +326,28 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     )
 
 
+def config(name_or_path: str | os.PathLike):
+    """The model's transformers config, read without loading (or converting) the weights: from the converted
+    cache when it is in place, else from the GGUF's metadata, else from a local model directory. None when
+    it cannot be read here (then :func:`load` says why)."""
+    from transformers import AutoConfig
+
+    key = str(name_or_path)
+    try:
+        if key in KNOWN_MODELS:
+            target = cache_dir() / "models" / key
+            if (target / "config.json").is_file():
+                return AutoConfig.from_pretrained(target)
+            gguf = KNOWN_MODELS[key].locate()
+            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        path = Path(name_or_path).expanduser()
+        if (path / "config.json").is_file():
+            return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, ModelLoadError):
+        return None
+    return None
+
+
 def gguf_file(source: str | os.PathLike) -> Path:
     """The GGUF file a model was converted from: ``source`` is a known name, the model directory effx
     converted it into (``ModelInfo.source`` of a Program captured from :func:`load`), or a ``.gguf`` path.

@@ -104,6 +104,18 @@ class Pass:
     def ensures(self, program) -> None:
         """Check the pass's postcondition on its output; raise PassError if it does not hold."""
 
+    def check_model(self, info) -> None:
+        """Check the settings against the model's own shapes (a :class:`~effx.plan.ModelInfo`, which
+        :func:`effx.capture.info_from_config` reads from the config without the weights), before capture
+        and before anything is allocated: layer ranges, the files the pass reads, and every size a setting
+        derives (``draft``, ``group``, ``queries``) against ``max_positions``, the hidden sizes and the
+        vocabulary. Raises :class:`PassConfigError` naming the setting and the limit."""
+
+    def check_after(self, earlier: Sequence[Pass]) -> None:
+        """Refuse, with :class:`PassPreconditionError`, a combination with passes that run before this one
+        (``earlier``, in pipeline order) that :meth:`requires` would refuse on the Program; checked before
+        capture."""
+
     def config(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
@@ -119,6 +131,20 @@ class Pass:
 
     def new_report(self) -> PassReport:
         return PassReport(self.name, self.config())
+
+
+def check_file(setting: str, path: str) -> None:
+    """A file a pass reads (``setting=<path>``) exists, or a :class:`PassConfigError` naming it."""
+    from pathlib import Path
+
+    if path and not Path(path).expanduser().is_file():
+        raise PassConfigError(f"{setting}={path}: no such file")
+
+
+def check_size(setting: str, value: int, limit: int, what: str) -> None:
+    """A size a setting asks for is at most the model's ``limit`` (``what`` names the limit)."""
+    if value > limit:
+        raise PassConfigError(f"{setting}={value} exceeds the model's {what} ({limit})")
 
 
 def _jsonable(value):
@@ -364,12 +390,29 @@ class PassManager:
                 )
         self.moves = moves
 
+    def check_model(self, info) -> None:
+        """Every refusal that needs no weights, before capture: each pass's settings against ``info`` (the
+        model's shapes, from its config) and each pass against those that run before it. The errors name the
+        pass and those before it."""
+        for i, p in enumerate(self.passes):
+            try:
+                p.check_after(self.passes[:i])
+            except PassError as e:
+                raise PassPreconditionError(f"{self._context(i)} cannot apply: {e}") from e
+            try:
+                p.check_model(info)
+            except PassError as e:
+                raise type(e)(f"{self._context(i)}: {e}") from e
+
     def run(self, program):
         from ..flops import decode_flops
 
         for i, p in enumerate(self.passes):
             try:
+                p.check_model(program.info)
                 p.requires(program)
+            except PassConfigError as e:
+                raise PassConfigError(f"{self._context(i)}: {e}") from e
             except PassError as e:
                 raise PassPreconditionError(f"{self._context(i)} cannot apply: {e}") from e
             before = decode_flops(program)

@@ -32,11 +32,11 @@ import math
 
 import torch
 
-from ..errors import PassConfigError, PassError
+from ..errors import PassConfigError, PassError, PassPreconditionError
 from ..fx import export_function
 from ..plan import EarlyExitPolicy
 from ..program import Stage, torch_dtype
-from .base import Pass, PassResult, register_pass
+from .base import Pass, PassResult, check_file, check_size, register_pass
 
 __all__ = ["MEASURES", "EarlyExit"]
 
@@ -102,8 +102,10 @@ class EarlyExit(Pass):
             raise PassConfigError(
                 f"unknown early-exit measure {self.measure!r}; measures: {', '.join(MEASURES)}"
             )
-        if not self.thresholds or any(not isinstance(t, (int, float)) for t in self.thresholds):
-            raise PassConfigError(f"early-exit thresholds must be numbers, got {self.thresholds!r}")
+        if not self.thresholds or any(
+            not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) for t in self.thresholds
+        ):
+            raise PassConfigError(f"early-exit thresholds must be finite numbers, got {self.thresholds!r}")
         if self.layers and len(self.thresholds) not in (1, len(self.layers)):
             raise PassConfigError(
                 f"early-exit has {len(self.layers)} exits but {len(self.thresholds)} thresholds: give one, or one per exit"
@@ -130,6 +132,22 @@ class EarlyExit(Pass):
             )
         if self.head == "shared" and self.heads:
             raise PassConfigError("early-exit heads=<file> is only used with head='trained'")
+
+    def check_model(self, info) -> None:
+        self.exit_layers(info.num_layers)
+        if self.mode == "self-speculative":
+            check_size("early-exit draft", self.draft, info.max_positions - 1, "max_positions - 1")
+        if self.head == "trained":
+            check_file("early-exit heads", self.heads)
+
+    def check_after(self, earlier) -> None:
+        if any(p.name == self.name for p in earlier):
+            raise PassPreconditionError("an earlier early-exit already placed exits")
+        if any(p.name == "vocab-reduce" and getattr(p, "where", "") == "head" for p in earlier):
+            raise PassPreconditionError(
+                "an earlier vocab-reduce where='head' reduces the head, and every exit would copy it without "
+                "its fallback: run early-exit before vocab-reduce"
+            )
 
     def exit_layers(self, num_layers: int) -> list[int]:
         layers = (

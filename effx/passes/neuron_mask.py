@@ -37,10 +37,10 @@ import dataclasses
 
 import torch
 
-from ..errors import PassConfigError, PassError
+from ..errors import PassConfigError, PassError, PassPreconditionError
 from ..fx import fetch, mlp_nodes, slice_mlp, tag_nodes
 from ..plan import NeuronMaskPolicy
-from .base import Pass, PassResult, register_pass
+from .base import Pass, PassResult, check_file, register_pass
 
 __all__ = ["NeuronMask"]
 
@@ -104,6 +104,17 @@ class NeuronMask(Pass):
                 f"neuron-mask layers=({start}, {end}) is out of range: the model has layers 0..{num_layers - 1}"
             )
         return list(range(start, end + 1))
+
+    def check_model(self, info) -> None:
+        self.layer_range(info.num_layers)
+        check_file("neuron-mask profile", self.profile)
+        check_file("neuron-mask base", self.base)
+
+    def check_after(self, earlier) -> None:
+        if self.mode == "core" and any(p.name == "token-drop" for p in earlier):
+            raise PassPreconditionError(
+                "neuron-mask mode='core' and an earlier token-drop both own the prefill; use one of them"
+            )
 
     def requires(self, program) -> None:
         """Layers in range that carry no neuron mask yet; for ``mode="core"``, a Program that drops no

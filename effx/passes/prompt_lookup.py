@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..errors import PassConfigError, PassError, PlanError
+from ..errors import PassConfigError, PassError, PassPreconditionError, PlanError
 from ..plan import PromptLookupPolicy
-from .base import Pass, PassResult, register_pass
+from .base import Pass, PassResult, check_size, register_pass
 
 __all__ = ["PromptLookup"]
 
@@ -51,6 +51,19 @@ class PromptLookup(Pass):
     def policy(self) -> PromptLookupPolicy:
         """The run-time policy this pass sets."""
         return PromptLookupPolicy(ngram=self.ngram, min_ngram=self.min_ngram, draft=self.draft)
+
+    def check_model(self, info) -> None:
+        check_size("prompt-lookup draft", self.draft, info.max_positions - 1, "max_positions - 1")
+        check_size("prompt-lookup ngram", self.ngram, info.max_positions - 1, "max_positions - 1")
+
+    def check_after(self, earlier) -> None:
+        if any(p.name == self.name for p in earlier):
+            raise PassPreconditionError("the program already drafts with prompt lookup")
+        if any(p.name == "early-exit" and getattr(p, "mode", "") == "lossy" for p in earlier):
+            raise PassPreconditionError(
+                "lossy early exits (an earlier early-exit) emit tokens the full model never checks, so lookup "
+                "drafts cannot be verified: use EarlyExit(mode='self-speculative') or no early exit"
+            )
 
     def requires(self, program) -> None:
         """A Program that verifies with its full model: not lossy exits, and one lookup per Program."""

@@ -50,7 +50,7 @@ from ..errors import PassConfigError, PassError, PassPreconditionError
 from ..fx import fetch
 from ..plan import ACTIVATIONS
 from ..quant import GGUF_EXACT, QWeight, quantize_rtn
-from .base import Pass, PassResult, register_pass
+from .base import Pass, PassResult, check_size, register_pass
 
 __all__ = ["Quantize"]
 
@@ -170,6 +170,20 @@ class Quantize(Pass):
             raise PassConfigError("quantize: activations=int8 multiplies 4- or 8-bit weights, not bf16")
         if any(not isinstance(i, int) or i < 0 for i in self.layers):
             raise PassConfigError(f"quantize: layers are layer indices >= 0, got {self.layers!r}")
+
+    def check_model(self, info) -> None:
+        # a group is a block of one weight row; every layer's products read rows of hidden_size values
+        check_size("quantize group", self.group, info.hidden_size, "hidden_size")
+        bad = [i for i in self.layers if i >= info.num_layers]
+        if bad:
+            raise PassConfigError(f"quantize: layers {bad} out of range (the model has {info.num_layers} layers)")
+
+    def check_after(self, earlier) -> None:
+        if any(p.name == "neuron-mask" and getattr(p, "mode", "") == "core" for p in earlier):
+            raise PassPreconditionError(
+                "quantize cannot follow neuron-mask mode='core': it slices float MLP weights per prompt at "
+                "run time; use mode='static', whose sliced weights quantize"
+            )
 
     def requires(self, program) -> None:
         if program.plan.policy.core_neurons:

@@ -31,11 +31,11 @@ import math
 
 import torch
 
-from ..errors import PassConfigError, PassError
+from ..errors import PassConfigError, PassError, PassPreconditionError
 from ..fx import export_function
 from ..plan import TokenDropPolicy
 from ..program import Stage, torch_dtype
-from .base import Pass, PassResult, register_pass
+from .base import Pass, PassResult, check_size, register_pass
 
 __all__ = ["TokenDrop"]
 
@@ -96,6 +96,22 @@ class TokenDrop(Pass):
             if len(self.keep) == 1
             else [float(k) for k in self.keep]
         )
+
+    def check_model(self, info) -> None:
+        bad = [x for x in self.at_layers if x >= info.num_layers]
+        if bad:
+            raise PassConfigError(
+                f"token-drop layers {bad} are out of range: the model has layers 0..{info.num_layers - 1}"
+            )
+        check_size("token-drop queries", self.queries, info.max_positions, "max_positions")
+
+    def check_after(self, earlier) -> None:
+        if any(p.name == self.name for p in earlier):
+            raise PassPreconditionError("an earlier token-drop already drops tokens")
+        if any(p.name == "neuron-mask" and getattr(p, "mode", "") == "core" for p in earlier):
+            raise PassPreconditionError(
+                "token-drop and an earlier neuron-mask mode='core' both own the prefill; use one of them"
+            )
 
     def requires(self, program) -> None:
         """Layers in range, no earlier TokenDrop, and no per-prompt core neurons (both choose what the

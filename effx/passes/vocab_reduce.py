@@ -40,10 +40,10 @@ import time
 
 import torch
 
-from ..errors import PassConfigError, PassError
+from ..errors import PassConfigError, PassError, PassPreconditionError
 from ..fx import export_function, fetch
 from ..program import Stage, torch_dtype
-from .base import Pass, PassResult, register_pass
+from .base import Pass, PassResult, check_file, check_size, register_pass
 
 __all__ = ["VocabReduce"]
 
@@ -96,6 +96,23 @@ class VocabReduce(Pass):
             )
         if not 0 <= self.fallback <= 1:
             raise PassConfigError(f"vocab-reduce fallback must be in [0, 1], got {self.fallback!r}")
+
+    def check_model(self, info) -> None:
+        check_size("vocab-reduce k", self.k, info.vocab_size, "vocab_size")
+        if self.where != "exits":
+            check_file("vocab-reduce vocab", self.vocab)
+
+    def check_after(self, earlier) -> None:
+        exits = [p for p in earlier if p.name == "early-exit"]
+        if self.where == "draft" and not any(getattr(p, "mode", "") == "self-speculative" for p in exits):
+            raise PassPreconditionError(
+                "where='draft' reduces the drafting exit of an earlier early-exit mode=self-speculative, and "
+                "the pipeline has none"
+            )
+        if self.where == "exits" and not any(getattr(p, "mode", "") == "lossy" for p in exits):
+            raise PassPreconditionError(
+                "where='exits' prunes the exits of an earlier lossy early-exit, and the pipeline has none"
+            )
 
     def requires(self, program) -> None:
         """``k`` within the vocabulary; ``where="exits"``: lossy EarlyExit with two exits or more;
