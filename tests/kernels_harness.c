@@ -167,7 +167,7 @@ static void quantized_products(int kind, int with_min, int f16, int group) {
 
 /* int8 activations (effx_weight.act8), defined independently of cpu.c: x rounded per group to scale * q;
  * per 64 values and lane l (values 4l..4l+3), the exact integer sum s of q_x q_w, acc = fma(s, sx sw, acc),
- * then acc = fma(t, sx min, acc) with t the sum of the four q_x; then the tree. */
+ * then acc = fma(sx t, min, acc) with t the sum of the four q_x; then the tree. */
 static float reference_int8(const float *x, int K, const int *qw, const float *sw, const float *mw, int group) {
   int K64 = (K + 63) / 64 * 64;
   int q[128 + 64] = {0};
@@ -188,7 +188,7 @@ static float reference_int8(const float *x, int K, const int *qw, const float *s
       int k = k0 + 4 * l, s = 0, t = 0;
       for (int i = 0; i < 4; i++) s += q[k + i] * qw[k + i], t += q[k + i];
       lane[l] = fmaf((float)s, sx[k] * sw[k], lane[l]);
-      if (mw) lane[l] = fmaf((float)t, sx[k] * mw[k], lane[l]);
+      if (mw) lane[l] = fmaf(sx[k] * (float)t, mw[k], lane[l]);
     }
   float s8[8], s4[4], s2[2];
   for (int i = 0; i < 8; i++) s8[i] = lane[i] + lane[i + 8];

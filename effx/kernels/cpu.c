@@ -306,6 +306,14 @@ INLINE v16 v_dot_s(b64 w, b64 x) { /* |w| * (x with w's sign): u8 x s8 */
 INLINE v16 v_halves(float a, float b) {
   return (v16){_mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a), _mm512_set1_ps(b))};
 }
+#define HAVE_PAIR16 1
+INLINE v16 v_pair16(const uint16_t *p) { /* float16 p[0] in lanes 0..7, p[1] in 8..15 */
+  int32_t u;
+  memcpy(&u, p, 4);
+  __m128 two = _mm_cvtph_ps(_mm_cvtsi32_si128(u));
+  return (v16){_mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                     _mm512_castps128_ps512(two))};
+}
 
 #elif defined(EFFX_ISA_AVX2)
 typedef struct { __m256i a, b; } b64;
@@ -331,6 +339,13 @@ INLINE v16 v_dot_s(b64 w, b64 x) {
                dot_us(_mm256_abs_epi8(w.b), _mm256_sign_epi8(x.b, w.b))};
 }
 INLINE v16 v_halves(float a, float b) { return (v16){_mm256_set1_ps(a), _mm256_set1_ps(b)}; }
+#define HAVE_PAIR16 1
+INLINE v16 v_pair16(const uint16_t *p) {
+  int32_t u;
+  memcpy(&u, p, 4);
+  __m128 two = _mm_cvtph_ps(_mm_cvtsi32_si128(u));
+  return (v16){_mm256_broadcastss_ps(two), _mm256_broadcastss_ps(_mm_movehdup_ps(two))};
+}
 
 #elif defined(EFFX_ISA_NEON)
 typedef struct { int8x16_t q[4]; } b64;
@@ -404,6 +419,9 @@ INLINE v16 v_halves(float a, float b) {
   for (int i = 0; i < 16; i++) r.f[i] = i < 8 ? a : b;
   return r;
 }
+#endif
+#if !defined(HAVE_PAIR16)
+INLINE v16 v_pair16(const uint16_t *p) { return v_halves(half_to_float(p[0]), half_to_float(p[1])); }
 #endif
 
 /* Up to 16 floats from p (n < 16 of them; the rest zero): the tail of a row whose length is not a
@@ -589,13 +607,13 @@ DEFINE_QBLOCKS(16)
  * integers, in integer arithmetic: per 64 values k0..k0+63 and lane l < 16 (values k0+4l..k0+4l+3, in one
  * block of x and one group of the weight, g >= 32), the exact integer sum s_l of q_x q_w (q_w - 8 for the
  * symmetric 4-bit form), then acc_l = fma(s_l, sx_l * sw_l, acc_l), and for weights with a minimum
- * acc_l = fma(t_l, sx_l * min_l, acc_l) where t_l is the sum of the four q_x; y = the v16 reduction of acc.
+ * acc_l = fma(sx_l * t_l, min_l, acc_l) where t_l is the sum of the four q_x; y = the v16 reduction of acc.
  * That is the product of round_int8(x) with the de-quantized weight up to float rounding (the integer part
  * exact), and the same bits on every target. */
 typedef struct {
   int8_t *q;  /* [M, K64]: K rounded up to 64, zero past K */
   float *s;   /* [M, K64 / 4]: the scale of each lane's block (0 past K) */
-  float *t;   /* [M, K64 / 4]: each lane's sum of four q */
+  float *u;   /* [M, K64 / 4]: each lane's scale times its sum of four q (the minimum's factor) */
   int K64;
 } act8;
 
@@ -604,12 +622,12 @@ static int act8_make(act8 *a, const float *x, int M, int K, int ldx, int gshift)
   a->K64 = K64;
   a->q = (int8_t *)calloc((size_t)M * K64, 1);
   a->s = (float *)calloc((size_t)M * L, sizeof(float));
-  a->t = (float *)calloc((size_t)M * L, sizeof(float));
-  if (!a->q || !a->s || !a->t) return 0;
+  a->u = (float *)calloc((size_t)M * L, sizeof(float));
+  if (!a->q || !a->s || !a->u) return 0;
   for (int m = 0; m < M; m++) {
     const float *xm = x + (size_t)m * ldx;
     int8_t *qm = a->q + (size_t)m * K64;
-    float *sm = a->s + (size_t)m * L, *tm = a->t + (size_t)m * L;
+    float *sm = a->s + (size_t)m * L, *um = a->u + (size_t)m * L;
     for (int k0 = 0; k0 < K; k0 += g) {
       int n = K - k0 < g ? K - k0 : g;
       float amax = 0.f;
@@ -618,7 +636,7 @@ static int act8_make(act8 *a, const float *x, int M, int K, int ldx, int gshift)
       for (int i = 0; i < n; i++) qm[k0 + i] = scale > 0.f ? (int8_t)nearbyintf(xm[k0 + i] / scale) : 0;
       for (int l = k0 / 4; l < (k0 + n + 3) / 4; l++) sm[l] = scale;
     }
-    for (int l = 0; l < L; l++) tm[l] = (float)(qm[4 * l] + qm[4 * l + 1] + qm[4 * l + 2] + qm[4 * l + 3]);
+    for (int l = 0; l < L; l++) um[l] = sm[l] * (float)(qm[4 * l] + qm[4 * l + 1] + qm[4 * l + 2] + qm[4 * l + 3]);
   }
   return 1;
 }
@@ -626,7 +644,7 @@ static int act8_make(act8 *a, const float *x, int M, int K, int ldx, int gshift)
 static void act8_free(act8 *a) {
   free(a->q);
   free(a->s);
-  free(a->t);
+  free(a->u);
 }
 
 /* 64 weights of row `row` from k0 (of kind 4 or 8) as bytes; `half`: only k0..k0+31 exist (zeros after) */
@@ -655,6 +673,12 @@ INLINE b64 iload_8(const effx_weight *W, size_t row, int k0, int half) {
   return b_load(p);
 }
 
+/* The scales (or minimums) of groups g0 (lanes 0..7) and g1 (lanes 8..15; 0 if `half`) */
+INLINE v16 scales64(const void *p, int f16, size_t g0, size_t g1, int half) {
+  if (f16 && !half && g1 == g0 + 1) return v_pair16((const uint16_t *)p + g0);
+  return v_halves(scalar_at(p, f16, g0), half ? 0.f : scalar_at(p, f16, g1));
+}
+
 /* out[i * R + j] = the int8-activation product of activation row m + i with weight row rows[j] */
 #define DEFINE_IBLOCK(KIND, MB, R)                                                                  \
   INLINE void iblock_##KIND##_##MB(const act8 *a, int m, const effx_weight *W, const size_t *rows,  \
@@ -669,18 +693,15 @@ INLINE b64 iload_8(const effx_weight *W, size_t row, int k0, int half) {
         b64 wv = iload_##KIND(W, rows[j], k0, half);                                               \
         size_t g0 = rows[j] * (size_t)W->ngroups + (size_t)(k0 >> W->gshift);                      \
         size_t g1 = rows[j] * (size_t)W->ngroups + (size_t)((k0 + 32) >> W->gshift);                \
-        v16 sw = v_halves(scalar_at(W->scale, W->scale_f16, g0),                                   \
-                          half ? 0.f : scalar_at(W->scale, W->scale_f16, g1));                     \
-        v16 mw = W->min ? v_halves(scalar_at(W->min, W->scale_f16, g0),                            \
-                                   half ? 0.f : scalar_at(W->min, W->scale_f16, g1))               \
-                        : v_zero();                                                                \
+        v16 sw = scales64(W->scale, W->scale_f16, g0, g1, half);                                   \
+        v16 mw = W->min ? scales64(W->min, W->scale_f16, g0, g1, half) : v_zero();                 \
         for (int i = 0; i < MB; i++) {                                                             \
           size_t r = (size_t)(m + i);                                                              \
           b64 xv = b_load(a->q + r * K64 + k0);                                                    \
           v16 sx = v_load(a->s + r * L + k0 / 4);                                                  \
           v16 d = (KIND == 4 && W->min) ? v_dot_u(wv, xv) : v_dot_s(wv, xv);                       \
           acc[i][j] = v_fma(d, v_mul(sx, sw), acc[i][j]);                                          \
-          if (W->min) acc[i][j] = v_fma(v_load(a->t + r * L + k0 / 4), v_mul(sx, mw), acc[i][j]);  \
+          if (W->min) acc[i][j] = v_fma(v_load(a->u + r * L + k0 / 4), mw, acc[i][j]);             \
         }                                                                                          \
       }                                                                                            \
     }                                                                                              \
