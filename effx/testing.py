@@ -12,7 +12,15 @@ import torch
 
 from .passes import EarlyExit, NeuronMask, PromptLookup, TokenDrop, VocabReduce
 
-__all__ = ["PARITY_PASSES", "TINY_VOCAB", "left_padded_batch", "related_models", "tiny_config", "tiny_model"]
+__all__ = [
+    "PARITY_PASSES",
+    "TINY_VOCAB",
+    "left_padded_batch",
+    "related_models",
+    "tiny_config",
+    "tiny_model",
+    "tiny_tokenizer",
+]
 
 TINY_VOCAB = 96
 
@@ -77,6 +85,20 @@ def tiny_model(kind: str = "llama", seed: int = 0, **kw):
                 if "norm" in name:
                     p.normal_(0, 0.3)
     return model.eval()
+
+
+def tiny_tokenizer(vocab: int = TINY_VOCAB, *, chat_template: bool = True):
+    """A word-level tokenizer for the tiny models: ``w0 .. w{vocab-1}`` are token ids 0.., split on spaces
+    (``w2`` ends a sequence, ``w0`` pads); with a small chat template, as instruction-tuned models carry."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w1"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    out = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="w2", pad_token="w0")
+    if chat_template:
+        out.chat_template = "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}w5"
+    return out
 
 
 def related_models(kind: str, mix: float):

@@ -10,6 +10,7 @@ import torch
 from conftest import left_padded_batch, opened, related_models, tiny_model
 
 import effx
+from effx.artifact import write_manifest
 from effx.errors import ArtifactError
 from effx.exporters import onnx as exporter
 from effx.passes import EarlyExit, NeuronMask
@@ -34,7 +35,7 @@ def test_artifact_layout_and_checker(artifact):
     import onnx
 
     manifest = json.loads((artifact / "plan.json").read_text())
-    assert manifest["format"] == "effx-onnx" and manifest["schema_version"] == 2 and manifest["opset"] >= 18
+    assert manifest["format"] == "effx-onnx" and manifest["schema_version"] == 3 and manifest["opset"] >= 18
     assert set(manifest["files"]) == {"embed", "layer.0", "layer.1", "layer.2", "head"}
     assert set(manifest["data"]) == {"weights.bin"}
     # the layers also as one segment graph, on the same weights, which the runtime opens instead of them
@@ -162,9 +163,10 @@ def _copy(artifact, tmp_path):
 
 
 def _edit_manifest(path, fn):
+    """Edit ``plan.json`` on purpose: sealed again, so that load checks what the edit changed."""
     manifest = json.loads((path / "plan.json").read_text())
     fn(manifest)
-    (path / "plan.json").write_text(json.dumps(manifest))
+    write_manifest(path / "plan.json", manifest)
 
 
 def test_bad_artifacts(artifact, tmp_path):
@@ -453,7 +455,7 @@ def test_bad_cascade_artifacts(cascade_pair, tmp_path):
     a = _copy(artifact, tmp_path / "c2")
     manifest = json.loads((a / "cascade.json").read_text())
     manifest["gate"] = {"kind": "coin-flip", "threshold": 0.5}
-    (a / "cascade.json").write_text(json.dumps(manifest))
+    write_manifest(a / "cascade.json", manifest)
     with pytest.raises(ArtifactError, match="gate this runtime does not know"):
         ort_runtime.load(a)
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import left_padded_batch, tiny_model
 
 import effx
-from effx.artifact import fused_inputs
+from effx.artifact import fused_inputs, write_manifest
 from effx.errors import ArtifactError
 from effx.exporters import onnx as exporter
 from effx.exporters.onnx_attention import fuse_layer, reference_check
@@ -129,7 +129,7 @@ def _edit(artifact, edit):
     path = artifact / "plan.json"
     manifest = json.loads(path.read_text())
     edit(manifest)
-    path.write_text(json.dumps(manifest))
+    write_manifest(path, manifest)
 
 
 def test_plain_and_fused_artifacts_decode_alike(exported, tmp_path):

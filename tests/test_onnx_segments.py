@@ -12,6 +12,7 @@ import pytest
 from conftest import left_padded_batch, opened, tiny_model
 
 import effx
+from effx.artifact import write_manifest
 from effx.errors import ArtifactError
 from effx.exporters import onnx as exporter
 from effx.passes import EarlyExit, TokenDrop
@@ -48,7 +49,7 @@ def _layer_by_layer(artifact, tmp_path):
         fused = manifest["fused"].pop(seg["name"], None)
         if fused:
             (dst / fused["onnx"]).unlink()
-    (dst / "plan.json").write_text(json.dumps(manifest))
+    write_manifest(dst / "plan.json", manifest)
     return dst
 
 
@@ -253,7 +254,7 @@ def _tampered(artifact, tmp_path, edit):
     shutil.copytree(artifact, dst)
     manifest = _manifest(dst)
     edit(dst, manifest)
-    (dst / "plan.json").write_text(json.dumps(manifest))
+    write_manifest(dst / "plan.json", manifest)
     return dst
 
 

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..artifact import CASCADE_FILE, PLAN_FILE, SEQ2SEQ_FILE
+from ..artifact import CASCADE_FILE, PLAN_FILE, SEQ2SEQ_FILE, TOKENIZER_DIR
 from ..errors import ArtifactError
 
 __all__ = ["check_target", "is_artifact", "replacing"]
@@ -152,9 +152,10 @@ def _swap_in(new: Path, out: Path) -> None:
 
 @contextlib.contextmanager
 def replacing(out_dir: str | os.PathLike, tokenizer=None, *, overwrite: bool = False):
-    """A new folder beside ``out_dir`` to write an artifact into; on success it takes ``out_dir``'s place
-    (with ``tokenizer`` saved under ``tokenizer/``), on any failure it is removed and ``out_dir`` is left as
-    it was. ``out_dir`` is checked first (:func:`check_target`)."""
+    """A new folder beside ``out_dir`` to write an artifact into, ``tokenizer`` already saved under
+    ``tokenizer/`` (so that the manifest written into it lists the tokenizer's checksums); on success it
+    takes ``out_dir``'s place, on any failure it is removed and ``out_dir`` is left as it was. ``out_dir`` is
+    checked first (:func:`check_target`)."""
     out = check_target(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     _recover(out)
@@ -163,9 +164,9 @@ def replacing(out_dir: str | os.PathLike, tokenizer=None, *, overwrite: bool = F
         mask = os.umask(0)
         os.umask(mask)
         tmp.chmod(0o777 & ~mask)  # an artifact folder as any other folder the user makes (mkdtemp: 0700)
-        yield tmp
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / "tokenizer")
+            tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        yield tmp
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,17 +3,19 @@
 ``export(program, out_dir, tokenizer=None)`` writes::
 
     out_dir/
-      plan.json            {"format": "effx-onnx", "schema_version": 2, "effx_version", "opset",
+      plan.json            {"format": "effx-onnx", "schema_version": 3, "effx_version", "opset",
                             "plan": <Program.plan as JSON>,
                             "files": {stage: {"onnx", "sha256"}},
                             "segments": [{"name": "layers" | "layers.0-3", "stages": [layer names],
                                           "onnx", "sha256"}],
-                            "data": {"weights.bin": sha256}}
+                            "data": {"weights.bin": sha256},
+                            "tokenizer": {file under tokenizer/: sha256},
+                            "manifest_sha256": <the SHA-256 of the rest (effx.artifact.seal)>}
       embed.onnx, layer.0.onnx, ..., exit.9.onnx, ..., head.onnx    (graphs; weights are external)
       layers.onnx          every layer in one graph, on the same weights (only when ``segments`` lists it)
       layers.0-3.onnx      a run of layers between decision points in one graph (also under ``segments``)
       weights.bin          every weight tensor once, at 64-byte (>= 1 MB: 64 KiB) aligned offsets
-      tokenizer/           (when a tokenizer is given)
+      tokenizer/           (when a tokenizer is given; every file under the manifest's checksums)
 
 Every stage kind a pass creates is exported with its plan signature (``effx.program.STAGE_SIGNATURES``) and
 dynamic batch, sequence and past axes: layers (neuron-masked ones with their sliced weights), exits (full,
@@ -68,8 +70,11 @@ from ..artifact import (
     KINDS,
     SCHEMA_VERSION,
     SEGMENT_FILE,
+    TOKENIZER_DIR,
     WEIGHTS,
+    folder_checksums,
     sha256,
+    write_manifest,
 )
 from ..errors import ArtifactError
 from ..program import torch_dtype
@@ -336,8 +341,10 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
         "segments": segments,
         "fused": fused_files,
         "data": {WEIGHTS: sha256(out / WEIGHTS)},
+        # a cascade's parts have none: its tokenizer is the cascade's, under cascade.json
+        "tokenizer": folder_checksums(out / TOKENIZER_DIR),
     }
-    (out / "plan.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(out / "plan.json", manifest)
 
 
 def _fused_layer(program, model, *, check: bool):
@@ -534,8 +541,9 @@ def _write_cascade(casc, out: Path) -> None:
             role: {"dir": role, "plan_sha256": sha256(out / role / "plan.json")}
             for role in ("small", "large")
         },
+        "tokenizer": folder_checksums(out / TOKENIZER_DIR),
     }
-    (out / CASCADE_FILE).write_text(json.dumps(manifest, indent=2))
+    write_manifest(out / CASCADE_FILE, manifest)
 
 
 def _copy(model):

@@ -10,14 +10,21 @@ decoder-only artifacts have, is left for when a real seq2seq model ships).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from .._about import __version__
-from ..artifact import SEQ2SEQ_FILE, SEQ2SEQ_FORMAT, SEQ2SEQ_SCHEMA_VERSION, sha256
+from ..artifact import (
+    SEQ2SEQ_FILE,
+    SEQ2SEQ_FORMAT,
+    SEQ2SEQ_SCHEMA_VERSION,
+    TOKENIZER_DIR,
+    folder_checksums,
+    sha256,
+    write_manifest,
+)
 from ..capture import export_onnx
 
 __all__ = ["export_seq2seq"]
@@ -102,6 +109,7 @@ def export_seq2seq(
             "drops": {str(i): d.keep for i, d in enc.drops.items()},
             "special": list(enc.special),
             "files": files,
+            "tokenizer": folder_checksums(tmp / TOKENIZER_DIR),
         }
-        (tmp / SEQ2SEQ_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp / SEQ2SEQ_FILE, manifest)
     return Path(out_dir)

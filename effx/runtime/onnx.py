@@ -22,6 +22,7 @@ pass's tokens and decisions on each provider.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -36,6 +37,12 @@ from ..artifact import (
     PLAN_FILE,
     SCHEMA_VERSION,
     SEQ2SEQ_FILE,
+    TOKENIZER_DIR,
+    WEIGHTS,
+    check_folder,
+    check_model,
+    check_plan,
+    check_tokenizer,
     read_manifest,
     sha256,
 )
@@ -67,27 +74,46 @@ def load(out_dir: str | os.PathLike, *, providers=None) -> OnnxGenerator | OnnxC
 
 
 def _load_program(out_dir: Path, providers) -> OnnxGenerator:
+    """The artifact at ``out_dir``, checked whole before any session opens: the manifest (format, schema,
+    its own checksum, every field's type and range), every file it names against its checksum, the
+    tokenizer's files and that they load; each graph's shapes are checked against the plan as it opens."""
     plan_path = out_dir / PLAN_FILE
     if not plan_path.is_file():
         raise ArtifactError(f"{out_dir} has no plan.json: not an effx ONNX artifact")
     manifest = read_manifest(plan_path, FORMAT, SCHEMA_VERSION)
+    try:
+        plan, files, segments, fused = _checked_files(out_dir, plan_path, manifest)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as e:
+        # a field of a type the checks did not expect (the manifest is sealed, so someone wrote it so)
+        raise ArtifactError(f"{plan_path} is malformed ({type(e).__name__}: {e})") from None
+    check_folder(out_dir / TOKENIZER_DIR, manifest.get("tokenizer"), plan_path)
+    check_tokenizer(out_dir / TOKENIZER_DIR)
+    return OnnxGenerator(out_dir, plan, files, providers=providers, segments=segments, fused=fused)
+
+
+def _checked_files(out_dir: Path, plan_path: Path, manifest: dict):
     raw, files = manifest.get("plan"), manifest.get("files")
-    if not isinstance(raw, dict) or not isinstance(files, dict):
-        raise ArtifactError(f"{plan_path} lacks 'plan' or 'files'")
-    kinds = [s.get("kind") if isinstance(s, dict) else None for s in raw.get("stages", [])]
+    if not isinstance(raw, dict) or not isinstance(files, dict) or not isinstance(raw.get("stages"), list):
+        raise ArtifactError(f"{plan_path} lacks 'plan' (with its 'stages') or 'files'")
+    kinds = [s.get("kind") if isinstance(s, dict) else None for s in raw["stages"]]
     unknown = sorted({str(k) for k in kinds if k not in KINDS})
     if unknown:
         raise ArtifactError(f"{out_dir} has stages of kinds {unknown}, which this runtime does not run yet")
+    check_model(raw.get("model"), raw["stages"], plan_path)
     try:
         plan = Plan.from_dict(raw)
     except PlanError as e:
         raise ArtifactError(f"{plan_path}: {e}") from e
+    check_plan(plan, plan_path)
     missing = [describe(c) for c in needed_capabilities(plan) if c not in OnnxGenerator.capabilities]
     if missing:
         raise ArtifactError(f"{out_dir}: the ONNX runtime cannot run {'; '.join(missing)}")
-    data = manifest.get("data", {})
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{plan_path}: 'data' must map weight files to checksums")
+    data = manifest.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get(WEIGHTS), str):
+        raise ArtifactError(
+            f"{plan_path} has no checksum of {WEIGHTS} under 'data': the weights cannot be checked; "
+            "export the program again"
+        )
     checks = [(name, digest, "weight store") for name, digest in data.items()]
     for s in plan.stages:
         entry = files.get(s.name)
@@ -101,7 +127,7 @@ def _load_program(out_dir: Path, providers) -> OnnxGenerator:
         (entry.get("onnx"), entry.get("sha256"), f"fused graph of {name}") for name, entry in fused.items()
     ]
     for name, digest, what in checks:
-        if not isinstance(name, str) or Path(name).name != name:
+        if not isinstance(name, str) or "\0" in name or name in ("", ".", "..") or Path(name).name != name:
             raise ArtifactError(
                 f"{plan_path} names file {name!r} ({what}): files must lie in the artifact itself"
             )
@@ -110,7 +136,7 @@ def _load_program(out_dir: Path, providers) -> OnnxGenerator:
             raise ArtifactError(f"{path} is missing ({what})")
         if sha256(path) != digest:
             raise ArtifactError(f"{path} does not match its checksum in plan.json: the artifact is corrupt")
-    return OnnxGenerator(out_dir, plan, files, providers=providers, segments=segments, fused=fused)
+    return plan, files, segments, fused
 
 
 def _check_segments(segments, plan: Plan, files: dict, plan_path: Path) -> list[dict]:
@@ -226,17 +252,19 @@ class OnnxGenerator(OnnxBackend):
 
 
 def _load_cascade(out_dir: Path, providers) -> OnnxCascade:
-    manifest = read_manifest(out_dir / CASCADE_FILE, CASCADE_FORMAT, CASCADE_SCHEMA_VERSION)
-    parts = manifest.get("parts", {})
+    path = out_dir / CASCADE_FILE
+    manifest = read_manifest(path, CASCADE_FORMAT, CASCADE_SCHEMA_VERSION)
+    parts = manifest.get("parts")
     gens = {}
     for role in ("small", "large"):
-        name = parts.get(role, {}).get("dir")
-        if not isinstance(name, str) or Path(name).name != name:
-            raise ArtifactError(f"{out_dir / CASCADE_FILE} names no valid directory for the {role} model")
+        part = parts.get(role) if isinstance(parts, dict) else None
+        name = part.get("dir") if isinstance(part, dict) else None
+        if not isinstance(name, str) or name in ("", ".", "..") or "\0" in name or Path(name).name != name:
+            raise ArtifactError(f"{path} names no valid directory for the {role} model")
         plan = out_dir / name / PLAN_FILE
         if not plan.is_file():
             raise ArtifactError(f"{plan} is missing (the cascade's {role} model)")
-        if sha256(plan) != parts[role].get("plan_sha256"):
+        if sha256(plan) != part.get("plan_sha256"):
             raise ArtifactError(
                 f"{plan} does not match its checksum in {CASCADE_FILE}: the artifact is corrupt"
             )
@@ -244,14 +272,27 @@ def _load_cascade(out_dir: Path, providers) -> OnnxCascade:
     gate = manifest.get("gate")
     if gate is not None:
         if not isinstance(gate, dict) or gate.get("kind") not in GATES:
-            raise ArtifactError(f"{out_dir / CASCADE_FILE} has a gate this runtime does not know: {gate!r}")
+            raise ArtifactError(f"{path} has a gate this runtime does not know: {gate!r}")
+        threshold = gate.get("threshold")
+        finite = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+        if not finite or not math.isfinite(threshold):
+            raise ArtifactError(f"{path}: the gate's threshold must be a finite number, got {threshold!r}")
         try:
-            gate = GATES[gate["kind"]](threshold=gate.get("threshold"))
+            gate = GATES[gate["kind"]](threshold=threshold)
             gate.require_threshold()
         except CascadeError as e:
-            raise ArtifactError(f"{out_dir / CASCADE_FILE} has a gate this runtime does not know: {e}") from e
+            raise ArtifactError(f"{path} has a gate this runtime does not know: {e}") from e
     if manifest.get("mode") not in ("gated", "verified"):
-        raise ArtifactError(f"{out_dir / CASCADE_FILE} has an unknown cascade mode {manifest.get('mode')!r}")
+        raise ArtifactError(f"{path} has an unknown cascade mode {manifest.get('mode')!r}")
+    # the longest draft: at least one token, at most what both models' context holds
+    limit = min(gens["small"].info.max_positions, gens["large"].info.max_positions)
+    draft = manifest.get("draft")
+    if isinstance(draft, bool) or not isinstance(draft, int) or not 1 <= draft <= limit:
+        raise ArtifactError(f"{path}: draft must be an integer in [1, {limit}], got {draft!r}")
+    if not isinstance(manifest.get("adaptive"), bool):
+        raise ArtifactError(f"{path}: adaptive must be true or false, got {manifest.get('adaptive')!r}")
+    check_folder(out_dir / TOKENIZER_DIR, manifest.get("tokenizer"), path)
+    check_tokenizer(out_dir / TOKENIZER_DIR)
     return OnnxCascade(gens["small"], gens["large"], manifest, gate)
 
 
@@ -264,8 +305,8 @@ class OnnxCascade:
             raise ArtifactError("the cascade's models have different vocabularies")
         self.small, self.large = small, large
         self.mode = manifest["mode"]
-        self.draft = int(manifest.get("draft", 4))
-        self.adaptive = bool(manifest.get("adaptive", True))
+        self.draft = manifest["draft"]  # checked by load
+        self.adaptive = manifest["adaptive"]
         self.gate = gate
         self.plan = large.plan  # stop and pad tokens come from the large model, as in the torch backend
         if self.mode == "gated" and gate is None:

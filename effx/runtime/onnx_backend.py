@@ -27,6 +27,7 @@ import array_api_compat.numpy as XP
 import numpy as np
 
 from ..artifact import fused_inputs
+from ..errors import ArtifactError
 from ..plan import Plan
 from .backend import Backend
 from .forward import KVCache, layer_mask, run_layer_stages
@@ -175,9 +176,15 @@ class OnnxBackend(Backend):
         layer's whole cache out of the session at every step."""
         import onnxruntime as ort
 
-        sess = ort.InferenceSession(
-            str(self._out_dir / self._paths[name]), sess_options=self._opts, providers=self._providers
-        )
+        path = self._out_dir / self._paths[name]
+        try:
+            sess = ort.InferenceSession(str(path), sess_options=self._opts, providers=self._providers)
+        except (ValueError, TypeError):  # the Python wrapper's own checks of the arguments (providers)
+            raise
+        except Exception as e:  # ONNX Runtime's Fail, InvalidProtobuf, InvalidGraph, NoSuchFile...
+            text = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: {text})") from None
+        check_shapes(self.plan, name.removeprefix(_FUSED), sess, path)
         self.sessions[name] = sess
         self._calls[name] = call = (
             [i.name for i in sess.get_inputs()],
@@ -304,6 +311,44 @@ class OnnxBackend(Backend):
             cache.k[i], cache.v[i] = out[1 + 2 * j], out[2 + 2 * j]
             cache.lengths[i] += hidden.shape[1]
         return out[0].numpy()
+
+
+_ELEMENT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)"}
+
+
+def check_shapes(plan: Plan, name: str, sess, path: Path) -> None:
+    """The sizes that the graph ``name`` (a stage, a segment or their fused form) fixes in its inputs and
+    outputs, checked against the plan's: the hidden size, the rotary width, the KV heads and head size of
+    every past, the vocabulary of every head's logits, the float type. A plan that disagrees with its own
+    graphs (an edited ``num_kv_heads=10**9`` would size the cache at hundreds of GiB) is an
+    ``ArtifactError`` before anything is allocated. Dynamic axes are not checked."""
+    info = plan.model
+    stage = next((s for s in plan.stages if s.name == name), None)
+    kind = stage.kind if stage is not None else "layer"  # segments are runs of layers
+    wanted = []  # (what, dims, axis, size)
+    for i in sess.get_inputs():
+        if i.name == "hidden":
+            wanted.append((f"input {i.name}", i.shape, -1, info.hidden_size))
+            if i.type != _ELEMENT_TYPES.get(info.dtype):
+                raise ArtifactError(f"{path} takes {i.type} hidden states; the plan says {info.dtype}")
+        elif i.name in ("cos", "sin"):
+            wanted.append((f"input {i.name}", i.shape, -1, info.rope_width))
+        elif i.name.startswith(("past_k", "past_v")):
+            wanted += [
+                (f"input {i.name}", i.shape, 1, info.num_kv_heads),
+                (f"input {i.name}", i.shape, 3, info.head_dim),
+            ]
+    outputs = sess.get_outputs()
+    if kind == "embed":
+        wanted.append(("output hidden", outputs[0].shape, -1, info.hidden_size))
+        wanted += [(f"output {o.name}", o.shape, -1, info.rope_width) for o in outputs[1:3]]
+    elif kind in ("layer", "head", "full_head", "exit"):
+        size = info.hidden_size if kind == "layer" else info.vocab_size
+        wanted.append((f"output {outputs[0].name}", outputs[0].shape, -1, size))
+    for what, dims, axis, size in wanted:
+        found = dims[axis] if isinstance(dims, list) and len(dims) > max(axis, -axis - 1) else None
+        if isinstance(found, int) and found != size:
+            raise ArtifactError(f"{path}: its {what} has size {found} on axis {axis}; the plan says {size}")
 
 
 def _one_mask(cache, seg: dict, run) -> bool:

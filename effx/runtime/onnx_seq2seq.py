@@ -9,7 +9,16 @@ from pathlib import Path
 import array_api_compat.numpy as XP
 import numpy as np
 
-from ..artifact import SEQ2SEQ_FILE, SEQ2SEQ_FORMAT, SEQ2SEQ_SCHEMA_VERSION, read_manifest, sha256
+from ..artifact import (
+    SEQ2SEQ_FILE,
+    SEQ2SEQ_FORMAT,
+    SEQ2SEQ_SCHEMA_VERSION,
+    TOKENIZER_DIR,
+    check_folder,
+    check_tokenizer,
+    read_manifest,
+    sha256,
+)
 from ..errors import ArtifactError
 from .seq2seq import generate
 
@@ -23,6 +32,7 @@ def load_seq2seq(out_dir: Path, providers=None) -> OnnxSeq2Seq:
         if key not in manifest:
             raise ArtifactError(f"{path} lacks {key!r}")
     info, files = manifest["info"], manifest["files"]
+    _check_fields(manifest, path)
     needed = ["encoder.embed", "decoder.embed", "head"]
     needed += [f"encoder.layer.{i}" for i in range(info["encoder_layers"])]
     needed += [f"decoder.{k}.{i}" for i in range(info["decoder_layers"]) for k in ("cross", "layer")]
@@ -40,7 +50,46 @@ def load_seq2seq(out_dir: Path, providers=None) -> OnnxSeq2Seq:
             raise ArtifactError(
                 f"{file} does not match its checksum in {SEQ2SEQ_FILE}: the artifact is corrupt"
             )
+    check_folder(out_dir / TOKENIZER_DIR, manifest.get("tokenizer"), path)
+    check_tokenizer(out_dir / TOKENIZER_DIR)
     return OnnxSeq2Seq(out_dir, manifest, providers=providers)
+
+
+def _check_fields(manifest: dict, path: Path) -> None:
+    """The manifest's fields that the loop sizes arrays or loops by, checked for type and range."""
+
+    def whole(value, what, low=1, high=2**31 - 1):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ArtifactError(f"{path}: {what} must be an integer in [{low}, {high}], got {value!r}")
+        return value
+
+    info, files, drops = manifest["info"], manifest["files"], manifest["drops"]
+    if (
+        not isinstance(info, dict)
+        or not isinstance(files, dict)
+        or not isinstance(manifest["generation"], dict)
+    ):
+        raise ArtifactError(f"{path}: 'info', 'generation' and 'files' must be JSON objects")
+    for key in ("encoder_layers", "decoder_layers"):
+        whole(info.get(key), f"info {key}", 1, 4096)
+    for key in ("hidden_size", "num_heads", "head_dim", "vocab_size", "max_positions"):
+        whole(info.get(key), f"info {key}")
+    if info.get("dtype") not in ("float32", "float16", "bfloat16"):
+        raise ArtifactError(f"{path}: info dtype {info.get('dtype')!r} is not a float type")
+    if not isinstance(drops, dict) or not all(
+        isinstance(i, str) and i.isdigit() and int(i) < info["encoder_layers"] for i in drops
+    ):
+        raise ArtifactError(
+            f"{path}: 'drops' must map encoder layer numbers to the share kept, got {drops!r}"
+        )
+    for keep in drops.values():
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+            raise ArtifactError(f"{path}: a token drop keeps a share in (0, 1], got {keep!r}")
+    special = manifest["special"]
+    if not isinstance(special, list):
+        raise ArtifactError(f"{path}: 'special' must be a list of token ids")
+    for t in special:
+        whole(t, "a special token id", 0, info["vocab_size"] - 1)
 
 
 class OnnxSeq2Seq:
@@ -70,9 +119,16 @@ class OnnxSeq2Seq:
         import onnxruntime as ort
 
         if name not in self._sessions:
-            sess = ort.InferenceSession(
-                str(self.out_dir / self._files[name]), sess_options=self._opts, providers=self._providers
-            )
+            file = self.out_dir / self._files[name]
+            try:
+                sess = ort.InferenceSession(str(file), sess_options=self._opts, providers=self._providers)
+            except (ValueError, TypeError):  # the Python wrapper's own checks of the arguments
+                raise
+            except Exception as e:  # ONNX Runtime's Fail, InvalidProtobuf, InvalidGraph...
+                text = (str(e).strip().splitlines() or [""])[0][:300]
+                raise ArtifactError(
+                    f"{file}: ONNX Runtime cannot load it ({type(e).__name__}: {text})"
+                ) from None
             self._sessions[name] = (sess, [i.name for i in sess.get_inputs()])
         sess, inputs = self._sessions[name]
         feeds = {n: np.ascontiguousarray(a) for n, a in zip(inputs, args, strict=True)}
