@@ -77,7 +77,7 @@ def _check_fields(manifest: dict, path: Path) -> None:
     if info.get("dtype") not in ("float32", "float16", "bfloat16"):
         raise ArtifactError(f"{path}: info dtype {info.get('dtype')!r} is not a float type")
     if not isinstance(drops, dict) or not all(
-        isinstance(i, str) and i.isdigit() and int(i) < info["encoder_layers"] for i in drops
+        isinstance(i, str) and i.isascii() and i.isdigit() and int(i) < info["encoder_layers"] for i in drops
     ):
         raise ArtifactError(
             f"{path}: 'drops' must map encoder layer numbers to the share kept, got {drops!r}"
