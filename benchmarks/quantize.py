@@ -5,7 +5,9 @@ Every row decodes the same chat prompts (batch 1, greedy, a fixed number of new 
 interleaved by :func:`effx.bench.interleave` so machine noise hits all rows alike. Quality against the
 float32 Program: ``agree`` is teacher-forced agreement (the share of positions of the float32 Program's own
 continuation where the row's model predicts the same next token), ``lead`` the leading generated tokens
-equal to the float32 Program's (per prompt), ``ppl`` the perplexity on held-out pydoc text.
+equal to the float32 Program's (per prompt), ``ppl`` the perplexity on held-out pydoc text; llama.cpp's
+agreement and perplexity are measured the same way, on its own logits (a second context that keeps them
+for every position).
 
     python benchmarks/quantize.py                          # 4 prompts x 128 tokens, 3 repeats
     python benchmarks/quantize.py --prompts 2 --new-tokens 32 --repeats 1     # quick look
@@ -33,6 +35,7 @@ import math
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import peer_runners
 
@@ -69,9 +72,26 @@ def _llama_cpp(path, threads: int):
     return Llama(model_path=str(path), n_threads=threads, n_ctx=1024, verbose=False, logits_all=False)
 
 
+class _LlamaCppLogits:
+    """llama.cpp's logits at every position of a sequence (a second context that keeps them all), for its
+    agreement and perplexity beside effx's rows."""
+
+    def __init__(self, path, threads: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(path), n_threads=threads, n_ctx=1024, verbose=False, logits_all=True)
+
+    def __call__(self, seq):
+        self.llm.reset()
+        self.llm.eval(seq[0].tolist())
+        return torch.from_numpy(np.array(self.llm.scores[: self.llm.n_tokens], dtype=np.float32))[None]
+
+
 def _logits(model, seq):
-    """A torch Program's logits, or an ONNX artifact's (its generator) as a torch tensor."""
+    """A torch Program's logits, an ONNX artifact's (its generator) or llama.cpp's, as a torch tensor."""
     if isinstance(model, effx.Program):
+        return model(seq)
+    if isinstance(model, _LlamaCppLogits):
         return model(seq)
     return torch.from_numpy(forward_logits(model, seq.numpy()))
 
@@ -150,7 +170,9 @@ def main() -> None:
         from effx.runtime.onnx import load
 
         for label in ONNX:
-            prog = progs.get(f"effx {label}") or (dense if label == "float32" else effx.transform(model, label))
+            prog = progs.get(f"effx {label}") or (
+                dense if label == "float32" else effx.transform(model, label)
+            )
             name = label.replace("{", "_").replace("}", "").replace("=", "_").replace(" ", "_")
             out = export(prog, Path(tmp.name) / name)
             sizes[label] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -172,6 +194,7 @@ def main() -> None:
             return torch.cat([ids, torch.tensor([out])], dim=1)
 
         runners["llama.cpp Q4_1 (the GGUF file)"] = llama_cpp
+        quality["llama.cpp Q4_1 (the GGUF file)"] = _LlamaCppLogits(gguf_file("smollm2-135m"), args.threads)
     elif not args.no_llama_cpp:
         print("llama-cpp-python is not installed (pip install -e .[llama]): no llama.cpp row")
 
@@ -216,6 +239,9 @@ def main() -> None:
             f"  ONNX artifact {label}: {size / 1e6:.1f} MB ({size / gguf_size:.2f}x the GGUF file's {gguf_size / 1e6:.1f} MB)"
         )
     tmp.cleanup()
+    for peer in (llm, quality.get("llama.cpp Q4_1 (the GGUF file)")):  # before interpreter shutdown tears
+        if peer is not None:  # down what llama-cpp-python's finalizer needs
+            (peer.llm if isinstance(peer, _LlamaCppLogits) else peer).close()
 
 
 if __name__ == "__main__":
