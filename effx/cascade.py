@@ -131,6 +131,11 @@ class Cascade:
             )
         if isinstance(draft, bool) or not isinstance(draft, int) or draft < 1:
             raise CascadeConfigError(f"draft must be an integer >= 1 (the longest draft), got {draft!r}")
+        limit = min(small.info.max_positions, large.info.max_positions) - 1
+        if draft > limit:  # a draft longer than the context sizes caches for nothing
+            raise CascadeConfigError(
+                f"draft={draft} exceeds the models' max_positions - 1 ({limit}): a draft fits in the context"
+            )
         if not isinstance(adaptive, bool):
             raise CascadeConfigError(f"adaptive must be True or False, got {adaptive!r}")
         self.small, self.large, self.gate = small, large, gate
@@ -175,7 +180,9 @@ class Cascade:
                 f"a cascade decodes greedily ({self.mode} mode compares greedy choices); call it with do_sample=False"
             )
         given = check_arguments(
-            kwargs, implemented=("use_cache", "bos_token_id", "max_length"), front_end="Cascade.generate (greedy)"
+            kwargs,
+            implemented=("use_cache", "bos_token_id", "max_length"),
+            front_end="Cascade.generate (greedy)",
         )
         if self.gate is not None:
             self.gate.require_threshold()

@@ -16,7 +16,10 @@ prompt set non-interactively, each prompt a conversation of its own, as PartInfe
 
 from __future__ import annotations
 
+import functools
+import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,9 +27,150 @@ from typing import TextIO
 
 from . import show
 
-__all__ = ["ChatSession", "Reply", "format_stats", "load_prompts"]
+__all__ = [
+    "TEMPLATE_CHARS",
+    "TEMPLATE_SECONDS",
+    "ChatSession",
+    "Reply",
+    "format_stats",
+    "load_prompts",
+    "render_template",
+]
 
 HELP = "commands: /reset (forget the conversation), /passes, /stats (last reply), /help, /quit"
+
+
+# A chat template renders a prompt: a few kilobytes in milliseconds. These bound what a hostile or broken one
+# may ask for ({{ 'x' * 10**9 }}, nested loops): characters (at least, and 4x the messages' own) and seconds.
+TEMPLATE_CHARS = 1 << 20
+TEMPLATE_SECONDS = 5.0
+_WIDTH = re.compile(r"%[-#0 +]*(\d+)")  # a printf-style width
+
+
+@functools.cache
+def _bounded_environment():
+    """An immutable Jinja sandbox that refuses, before computing it, any value over the render's character
+    limit (``*``, ``**``, ``+`` and ``%`` on strings and sequences, a call or filter given a count or a string
+    over it, an attribute or item that holds one), and gives up at its deadline; its ``range`` checks the
+    deadline as it counts."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+        def __init__(self):
+            super().__init__(trim_blocks=True, lstrip_blocks=True)
+            self.globals["range"] = self._range
+            for name in ("center", "indent", "wordwrap", "truncate", "format", "batch", "slice", "join"):
+                self.filters[name] = self._checked(name, self.filters[name])
+
+        # the limits of the render on this thread, set by render_template
+        def _limits(self):
+            return getattr(_LIMITS, "chars", TEMPLATE_CHARS), getattr(_LIMITS, "deadline", float("inf"))
+
+        def _check(self, value, what: str, count: bool = False):
+            """``value`` unless it is over the limit: a string or sequence longer than it, or with ``count``
+            (an argument: a width, a repeat) an integer above it."""
+            chars, deadline = self._limits()
+            if time.monotonic() > deadline:
+                raise TemplateLimitError(f"it ran for more than {TEMPLATE_SECONDS:g} s")
+            if count and isinstance(value, int) and not isinstance(value, bool) and abs(value) > chars:
+                raise TemplateLimitError(f"{what} asks for {value}, over the limit of {chars} characters")
+            if isinstance(value, (str, list, tuple)) and len(value) > chars:
+                raise TemplateLimitError(f"{what} is {len(value)} long, over the limit of {chars} characters")
+            return value
+
+        def _checked(self, name, f):
+            @functools.wraps(f)
+            def checked(*args, **kwargs):
+                for a in (*args, *kwargs.values()):
+                    self._check(a, f"the filter {name}", count=True)
+                return self._check(f(*args, **kwargs), f"the filter {name}'s result")
+
+            return checked
+
+        def _range(self, *args):
+            from jinja2.sandbox import safe_range
+
+            for i, x in enumerate(safe_range(*args)):
+                if i % 1024 == 0:
+                    self._check(None, "range")
+                yield x
+
+        def call_binop(self, context, operator, left, right):
+            chars, _ = self._limits()
+            self._check(None, operator)
+            seq = (str, list, tuple)
+            if operator == "*":
+                n, item = (right, left) if isinstance(left, seq) else (left, right)
+                if isinstance(item, seq) and isinstance(n, int) and len(item) * n > chars:
+                    raise TemplateLimitError(
+                        f"'*' asks for {len(item)} x {n} items, over the limit of {chars}"
+                    )
+            elif operator == "**" and isinstance(left, int) and isinstance(right, int):
+                if right > 0 and abs(left) > 1 and right * abs(left).bit_length() > 8 * chars:
+                    raise TemplateLimitError(
+                        f"'**' asks for {left}**{right}, over the limit of {chars} characters"
+                    )
+            elif operator == "+" and isinstance(left, seq) and isinstance(right, seq):
+                if len(left) + len(right) > chars:
+                    raise TemplateLimitError(
+                        f"'+' makes {len(left) + len(right)} items, over the limit of {chars}"
+                    )
+            elif operator == "%" and isinstance(left, str):
+                widths = [int(w) for w in _WIDTH.findall(left)]
+                if widths and max(widths) > chars:
+                    raise TemplateLimitError(
+                        f"'%' asks for a width of {max(widths)}, over the limit of {chars}"
+                    )
+            return self._check(super().call_binop(context, operator, left, right), f"'{operator}''s result")
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+            for a in (*args, *kwargs.values()):
+                __self._check(a, "a call's argument", count=True)
+            return __self._check(super().call(__context, __obj, *args, **kwargs), "a call's result")
+
+        def getattr(self, obj, attribute):
+            return self._check(super().getattr(obj, attribute), f"the attribute {attribute!r}")
+
+        def getitem(self, obj, argument):
+            return self._check(super().getitem(obj, argument), "an item")
+
+    return Bounded()
+
+
+class TemplateLimitError(ValueError):
+    """A chat template asked for more characters or time than a prompt needs."""
+
+
+_LIMITS = threading.local()  # the limits of the render running on this thread
+
+
+def render_template(template: str, where: str, **context) -> str:
+    """``template`` (a chat template, from ``where``) rendered in an immutable Jinja sandbox with ``context``,
+    within :data:`TEMPLATE_CHARS` characters (or 4x the messages' own, if more) and :data:`TEMPLATE_SECONDS`
+    seconds: a template that asks for more is refused with one line naming ``where`` and what it asked for,
+    before the memory or the time is spent. Needs jinja2."""
+    env = _bounded_environment()
+    own = sum(len(str(m.get("content", ""))) for m in context.get("messages", ()) if isinstance(m, dict))
+    chars = max(TEMPLATE_CHARS, 4 * own)
+    _LIMITS.chars, _LIMITS.deadline = chars, time.monotonic() + TEMPLATE_SECONDS
+    out: list[str] = []
+    total = 0
+    try:
+        for piece in env.from_string(template).generate(**context):
+            total += len(piece)
+            if total > chars:
+                raise TemplateLimitError(f"its output passed the limit of {chars} characters")
+            env._check(None, "the output")
+            out.append(piece)
+    except TemplateLimitError as e:
+        raise TemplateLimitError(f"the chat template in {where} was stopped: {e}") from None
+    except RecursionError:
+        raise TemplateLimitError(f"the chat template in {where} was stopped: it recursed too deep") from None
+    finally:
+        del _LIMITS.chars, _LIMITS.deadline
+    return "".join(out)
 
 
 @dataclass
@@ -126,7 +270,9 @@ class ChatSession:
             self.out.write(reply.text[len(shown) :])
         self.out.write("\n[interrupted]\n" if reply.interrupted else "\n")
         if tracer is not None:
-            self.out.write(show.legend(tracer.marks, self.show, num_layers=self.num_layers, colour=colour) + "\n")
+            self.out.write(
+                show.legend(tracer.marks, self.show, num_layers=self.num_layers, colour=colour) + "\n"
+            )
         self.out.flush()
         self.messages.append({"role": "assistant", "content": reply.text})
         self.last = reply

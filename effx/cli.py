@@ -112,7 +112,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("prompt", help="the prompt text")
     g.add_argument(
-        "--max-new-tokens", type=_positive, default=128, help="tokens to generate at most (default: %(default)s)"
+        "--max-new-tokens",
+        type=_positive,
+        default=128,
+        help="tokens to generate at most (default: %(default)s)",
     )
     g.add_argument(
         "--no-chat-template", action="store_true", help="use the prompt as raw text even for chat models"
@@ -178,7 +181,10 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("out_dir", help="an artifact directory written by 'effx export'")
     r.add_argument("prompt", help="the prompt text (the chat template is applied when the tokenizer has one)")
     r.add_argument(
-        "--max-new-tokens", type=_positive, default=128, help="tokens to generate at most (default: %(default)s)"
+        "--max-new-tokens",
+        type=_positive,
+        default=128,
+        help="tokens to generate at most (default: %(default)s)",
     )
     r.add_argument(
         "--no-chat-template", action="store_true", help="use the prompt as raw text even for chat models"
@@ -209,7 +215,10 @@ def _build_parser() -> argparse.ArgumentParser:
     c.set_defaults(model=None)  # so that --artifact with --model is refused, not ignored
     c.add_argument("--artifact", default=None, help="chat with an artifact written by 'effx export' instead")
     c.add_argument(
-        "--max-new-tokens", type=_positive, default=256, help="tokens per reply at most (default: %(default)s)"
+        "--max-new-tokens",
+        type=_positive,
+        default=256,
+        help="tokens per reply at most (default: %(default)s)",
     )
     c.add_argument(
         "--prompts",
@@ -241,10 +250,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(ev)
     ev.add_argument("--artifact", default=None, help="evaluate an artifact written by 'effx export' instead")
+    ev.add_argument("--tasks", required=True, help="comma-separated task names, tags or task YAML files")
     ev.add_argument(
-        "--tasks", required=True, help="comma-separated task names, tags or task YAML files"
+        "--limit", type=float, default=None, help="documents per task (a count, or a fraction < 1)"
     )
-    ev.add_argument("--limit", type=float, default=None, help="documents per task (a count, or a fraction < 1)")
     ev.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
     ev.add_argument("--batch-size", type=int, default=1, help="requests per batch (default: %(default)s)")
     ev.add_argument(
@@ -332,7 +341,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "and optional 'reference' fields, or a .txt file, one prompt a line (default: %(default)s)",
     )
     b.add_argument("--prompts", type=int, default=4, help="prompts to generate from (default: %(default)s)")
-    b.add_argument("--new-tokens", type=_positive, default=32, help="tokens per generation (default: %(default)s)")
+    b.add_argument(
+        "--new-tokens", type=_positive, default=32, help="tokens per generation (default: %(default)s)"
+    )
     b.add_argument(
         "--repeats", type=int, default=1, help="timed repeats of every prompt (default: %(default)s)"
     )
@@ -424,17 +435,23 @@ def chat_template(tokenizer_dir, config: dict | None = None) -> str | None:
 def render_chat(tokenizer_dir, messages: list[dict]) -> str:
     """``messages`` in the exported tokenizer's chat template, with the generation prompt (see
     :func:`chat_prompt`); without a template, the messages' contents one a line."""
+    from pathlib import Path
+
+    from .chat import render_template
+
     config = _tokenizer_config(tokenizer_dir)
     template = chat_template(tokenizer_dir, config)
     if not template:
         return "\n".join(m["content"] for m in messages)
-    try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("jinja2") is None:
         raise ValueError(
             "the tokenizer has a chat template, which needs jinja2 (pip install jinja2); "
             "or pass --no-chat-template"
-        ) from None
+        )
+    jinja_file = Path(tokenizer_dir) / "chat_template.jinja"
+    where = jinja_file if jinja_file.is_file() else Path(tokenizer_dir) / "tokenizer_config.json"
 
     def special(name: str) -> str:
         value = config.get(name) or ""
@@ -443,13 +460,15 @@ def render_chat(tokenizer_dir, messages: list[dict]) -> str:
     def raise_exception(message):
         raise ValueError(f"the chat template refused the prompt: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(
+    # bounded in characters and seconds: a template cannot hang the run or exhaust memory
+    return render_template(
+        template,
+        str(where),
         messages=messages,
         add_generation_prompt=True,
         bos_token=special("bos_token"),
         eos_token=special("eos_token"),
+        raise_exception=raise_exception,
     )
 
 
@@ -677,7 +696,10 @@ def _print_marked(tokenizer, new: list[int], tracer, mode: str, num_layers: int)
     text = show.pieces(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), new[:n])
     colour = show.use_colour(sys.stdout)
     print(show.render(text, tracer.marks[:n], mode, num_layers=num_layers, colour=colour))
-    print(show.legend(tracer.marks[:n], mode, num_layers=num_layers, colour=show.use_colour(sys.stderr)), file=sys.stderr)
+    print(
+        show.legend(tracer.marks[:n], mode, num_layers=num_layers, colour=show.use_colour(sys.stderr)),
+        file=sys.stderr,
+    )
 
 
 def _cmd_inspect(args) -> int:
@@ -830,7 +852,10 @@ def _cmd_eval(args) -> int:
     # task files become their configs, as lm-eval's own command line does it
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    tasks = [load_yaml(str(Path(t).absolute()), resolve_func=True) if t.endswith((".yaml", ".yml")) else t for t in tasks]
+    tasks = [
+        load_yaml(str(Path(t).absolute()), resolve_func=True) if t.endswith((".yaml", ".yml")) else t
+        for t in tasks
+    ]
     if missing:
         print(
             f"effx: error: unknown task(s) {', '.join(missing)}; effx's local tasks: "
@@ -851,8 +876,10 @@ def _cmd_eval(args) -> int:
         model=lm, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot, task_manager=manager
     )
     print(make_table(results))
-    print(f"[effx] {lm.description['passes'] or 'dense'} ({lm.description['backend']}): "
-          f"{harness.format_stats(lm.stats())}")
+    print(
+        f"[effx] {lm.description['passes'] or 'dense'} ({lm.description['backend']}): "
+        f"{harness.format_stats(lm.stats())}"
+    )
     if args.output:
         results.pop("samples", None)
         Path(args.output).write_text(json.dumps(results, indent=2, default=str))

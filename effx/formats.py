@@ -53,18 +53,66 @@ def _read(path, info, kind: str, what: str, writer: str, keys, mismatch: str) ->
     return meta, tensors
 
 
+# Widening these to float32 is exact; anything else would change the trained values or is not a weight.
+_WIDENED_EXACTLY = (torch.float16, torch.bfloat16)
+
+
+def _float32(path, what: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32: float32 as is, float16/bfloat16 widened (exact); float64 (narrowing would change
+    the values silently), integers and bools refused; NaN and inf refused."""
+    if t.dtype in _WIDENED_EXACTLY:
+        t = t.float()
+    elif t.dtype != torch.float32:
+        raise ArtifactError(
+            f"{path}: {what} is {str(t.dtype).removeprefix('torch.')}; exit heads are float32 "
+            "(float16/bfloat16 are widened exactly; convert others with tensor.float() and save again)"
+        )
+    if not torch.isfinite(t).all():
+        raise ArtifactError(f"{path}: {what} holds NaN or infinite values")
+    return t
+
+
 def load_exit_heads(path: str | os.PathLike, info) -> dict[int, dict[str, torch.Tensor]]:
-    """Adapters from a file written by :func:`train_exit_heads`, checked against the model (``ModelInfo``)."""
+    """Adapters from a file written by :func:`train_exit_heads`, checked against the model (``ModelInfo``):
+    exit layers in ``0..num_layers-2``, per layer ``down [rank, hidden_size]`` and ``up [hidden_size, rank]``
+    with ``1 <= rank <= hidden_size``, float32 (float16 and bfloat16 are widened exactly; float64, integer
+    and bool tensors are refused), every value finite. Each problem is a one-line ``ArtifactError`` naming
+    the file."""
     meta, tensors = _read(
-        path, info, EXIT_HEADS_KIND, "exit heads file", "effx.train_exit_heads",
-        ("hidden_size", "num_layers", "vocab_size"), "was trained for a model with",
+        path,
+        info,
+        EXIT_HEADS_KIND,
+        "exit heads file",
+        "effx.train_exit_heads",
+        ("hidden_size", "num_layers", "vocab_size"),
+        "was trained for a model with",
     )
+    layers = meta.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise ArtifactError(f"{path}: its metadata lists no exit layers")
+    d = info.hidden_size
     heads: dict[int, dict[str, torch.Tensor]] = {}
-    for e in meta["layers"]:
+    for e in layers:
+        if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e < info.num_layers - 1:
+            raise ArtifactError(
+                f"{path}: exit layer {e!r} is not in 0..{info.num_layers - 2} (the model has {info.num_layers})"
+            )
         try:
-            heads[int(e)] = {"down": tensors[f"exit.{e}.down"], "up": tensors[f"exit.{e}.up"]}
+            down, up = tensors[f"exit.{e}.down"], tensors[f"exit.{e}.up"]
         except KeyError as err:
             raise ArtifactError(f"{path} lacks tensor {err} for exit layer {e}") from None
+        rank = down.shape[0] if down.dim() == 2 else -1
+        if down.dim() != 2 or up.dim() != 2 or down.shape[1] != d or tuple(up.shape) != (d, rank):
+            raise ArtifactError(
+                f"{path}: exit layer {e} has down {list(down.shape)} and up {list(up.shape)}; expected "
+                f"[rank, {d}] and [{d}, rank] (hidden_size {d})"
+            )
+        if not 1 <= rank <= d:
+            raise ArtifactError(f"{path}: exit layer {e} has rank {rank}; expected 1..{d} (the hidden size)")
+        heads[e] = {
+            "down": _float32(path, f"exit.{e}.down", down),
+            "up": _float32(path, f"exit.{e}.up", up),
+        }
     return heads
 
 
@@ -109,8 +157,13 @@ def _interp(x, xp, fp):
 def load_neuron_profile(path: str | os.PathLike, info) -> NeuronProfile:
     """A profile written by :func:`profile_neurons`, checked against the model (``ModelInfo``)."""
     meta, tensors = _read(
-        path, info, NEURONS_KIND, "neuron profile", "effx.profile_neurons",
-        ("num_layers", "hidden_size", "intermediate_size"), "profiles a model with",
+        path,
+        info,
+        NEURONS_KIND,
+        "neuron profile",
+        "effx.profile_neurons",
+        ("num_layers", "hidden_size", "intermediate_size"),
+        "profiles a model with",
     )
     out = NeuronProfile({}, {}, {}, meta)
     width = info.intermediate_size
@@ -123,7 +176,13 @@ def load_neuron_profile(path: str | os.PathLike, info) -> NeuronProfile:
             raise ArtifactError(
                 f"{path}: layer {i} tensors have the wrong shape for intermediate size {width}"
             )
+        if not all(t.is_floating_point() for t in (mean, freq, q)):
+            raise ArtifactError(f"{path}: layer {i} tensors must be floating point (they are statistics)")
         if not (torch.isfinite(mean).all() and torch.isfinite(freq).all() and torch.isfinite(q).all()):
             raise ArtifactError(f"{path}: layer {i} holds non-finite values")
+        if (mean < 0).any() or (freq < 0).any() or (freq > 1).any() or (q < 0).any():
+            raise ArtifactError(f"{path}: layer {i} holds a negative magnitude or a frequency outside [0, 1]")
+        if (q[1:] < q[:-1]).any():
+            raise ArtifactError(f"{path}: layer {i}'s gate quantiles are not in increasing order")
         out.mean_abs[i], out.freq[i], out.gate_quantiles[i] = mean, freq, q
     return out

@@ -223,7 +223,12 @@ KNOWN_MODELS: dict[str, GGUFSource | SplitGGUFSource] = {
 }
 
 # Bump when the cached layout changes, so stale caches are rebuilt instead of misread.
-_CACHE_FORMAT = 1
+# 2: the source recorded by package and file name (not a path), and every file's size, mtime and sha256.
+_CACHE_FORMAT = 2
+_RECORD = "effx_source.json"
+# Files up to this size are hashed on every load; larger ones when their size or mtime changed since the
+# conversion recorded them (a write), and their safetensors header (what a load parses first) every load.
+_HASH_EVERY_LOAD = 64 << 20
 
 
 def cache_dir() -> Path:
@@ -242,24 +247,16 @@ def _require(*modules: str) -> None:
         )
 
 
-def _convert_gguf(name: str, source: GGUFSource | SplitGGUFSource, target: Path) -> None:
-    """De-quantize the GGUF file once and write a float32 safetensors model directory atomically.
-
-    A split source is joined first (see :meth:`SplitGGUFSource.locate`); its joined GGUF is deleted once the
-    safetensors directory is in place, since the cache is keyed on the GGUF's sha256 and never needs it again.
-    """
+def _dequantize(name: str, gguf: Path, out: Path) -> None:
+    """De-quantize the GGUF file with transformers and write a float32 safetensors model directory to
+    ``out``."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _require("gguf", "accelerate")
-    gguf = source.locate()
-    log.info("converting %s from %s (first use only; cached under %s)", name, gguf, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     # transformers reports no progress while it de-quantizes: a step bar says what the first load is doing
-    steps = tqdm(total=2, desc=f"convert {name} (first use only)", unit="step")
-    try:
+    with tqdm(total=2, desc=f"convert {name} (first use only)", unit="step") as steps:
         steps.set_postfix_str("de-quantize GGUF")
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -269,49 +266,167 @@ def _convert_gguf(name: str, source: GGUFSource | SplitGGUFSource, target: Path)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         steps.set_postfix_str("write safetensors")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
         steps.update()
-        meta = {"format": _CACHE_FORMAT, "gguf": str(gguf), "size": gguf.stat().st_size}
-        if isinstance(source, SplitGGUFSource):
-            meta["sha256"] = source.sha256
-        (tmp / "effx_source.json").write_text(json.dumps(meta))
+
+
+def _source_record(source: GGUFSource | SplitGGUFSource) -> dict:
+    """What the cache records of its GGUF: package and file names, never a path (another venv that shares
+    the cache finds its own installed copy)."""
+    if isinstance(source, SplitGGUFSource):
+        return {"packages": list(source.packages), "filename": source.filename, "sha256": source.sha256}
+    return {"package": source.package, "module": source.module, "filename": source.filename}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _safetensors_header(path: Path) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file (empty if the length is not plausible)."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return head
+        n = int.from_bytes(head, "little")
+        return head + f.read(n) if n <= 100 << 20 else head
+
+
+def _file_record(path: Path) -> dict:
+    st = path.stat()
+    record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+    if path.suffix == ".safetensors":
+        record["header_sha256"] = hashlib.sha256(_safetensors_header(path)).hexdigest()
+    return record
+
+
+def _seal(folder: Path, model: str, source: GGUFSource | SplitGGUFSource, gguf_size: int) -> None:
+    """Write the cache's record: its source and the size, mtime and sha256 of every file in ``folder``."""
+    files = {str(f.relative_to(folder)): _file_record(f) for f in sorted(folder.rglob("*")) if f.is_file()}
+    record = {
+        "format": _CACHE_FORMAT,
+        "model": model,
+        "source": _source_record(source),
+        "size": gguf_size,
+        "files": files,
+    }
+    (folder / _RECORD).write_text(json.dumps(record, indent=1))
+
+
+def _convert_gguf(name: str, source: GGUFSource | SplitGGUFSource, target: Path) -> None:
+    """De-quantize the GGUF file once and write a float32 safetensors model directory atomically, sealed
+    with a record of its source and files (:func:`_cache_problem` checks it on every load).
+
+    A split source is joined first (see :meth:`SplitGGUFSource.locate`); its joined GGUF is deleted once the
+    safetensors directory is in place, since the cache is keyed on the GGUF's sha256 and never needs it again.
+    """
+    gguf = source.locate()
+    log.info("converting %s from %s (first use only; cached under %s)", name, gguf, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        _dequantize(name, gguf, tmp)
+        _seal(tmp, name, source, gguf.stat().st_size)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        steps.close()
     if isinstance(source, SplitGGUFSource):
         gguf.unlink(missing_ok=True)
 
 
-def _cache_is_fresh(target: Path, source: GGUFSource | SplitGGUFSource) -> bool:
-    meta = target / "effx_source.json"
-    if not meta.is_file():
-        return False
+def _cache_problem(target: Path, source: GGUFSource | SplitGGUFSource) -> str | None:
+    """Why the cached conversion at ``target`` cannot be used as it is (None when it can): missing, of
+    another format or source, or a file missing, of another size, or whose bytes changed since conversion.
+
+    Cheap on every load: a stat per file, the sha256 of small files and of each safetensors header; a large
+    file is hashed whole only when its size or mtime differs from the record (so truncation, an edited
+    header and any write that changed bytes are caught, and a copied cache is hashed once, then trusted)."""
+    path = target / _RECORD
+    if not path.is_file():
+        return "it was not converted yet" if not target.exists() else f"{_RECORD} is missing"
     try:
-        info = json.loads(meta.read_text())
-    except ValueError:
-        return False
-    if info.get("format") != _CACHE_FORMAT:
-        return False
-    if isinstance(source, SplitGGUFSource):
-        # keyed on the checksum: a converted split model needs neither its parts nor the joined GGUF again
-        return info.get("sha256") == source.sha256
-    return info.get("size") == source.locate().stat().st_size
+        record = json.loads(path.read_text())
+    except (ValueError, OSError):
+        return f"{_RECORD} is not readable JSON"
+    if not isinstance(record, dict) or record.get("format") != _CACHE_FORMAT:
+        return "it was written by another version of effx"
+    if record.get("source") != _source_record(source):
+        return "it was converted from another GGUF file"
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        return f"{_RECORD} lists no files"
+    changed = False
+    for name, want in files.items():
+        f = target / name
+        try:
+            st = f.stat()
+        except OSError:
+            return f"{name} is missing"
+        if st.st_size != want.get("size"):
+            return f"{name} has {st.st_size} bytes, {want.get('size')} when converted (truncated or replaced)"
+        if "header_sha256" in want:
+            if hashlib.sha256(_safetensors_header(f)).hexdigest() != want["header_sha256"]:
+                return f"{name}'s safetensors header changed since conversion"
+        if st.st_size <= _HASH_EVERY_LOAD or st.st_mtime_ns != want.get("mtime_ns"):
+            if _sha256(f) != want.get("sha256"):
+                return f"{name}'s bytes changed since conversion (sha256 differs)"
+            if st.st_mtime_ns != want.get("mtime_ns"):
+                want["mtime_ns"], changed = st.st_mtime_ns, True
+    if not isinstance(source, SplitGGUFSource):
+        # keyed on the GGUF's size (a split model on its sha256, and needs neither its parts nor the join);
+        # an intact cache whose package was uninstalled since stays usable
+        try:
+            size = source.locate().stat().st_size
+        except ModelLoadError:
+            size = record.get("size")
+        if record.get("size") != size:
+            return "the installed GGUF file has another size than the one converted"
+    if changed:  # the same bytes, touched or copied: record the new mtime, so they are not hashed again
+        try:
+            tmp = path.with_name(f".{path.name}-{os.getpid()}")
+            tmp.write_text(json.dumps(record, indent=1))
+            tmp.replace(path)  # readers see the old record or the new one
+        except OSError:
+            pass  # a read-only cache: hashed again next time
+    return None
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
-    """The local directory that holds the model: a cached conversion of a known model, or the path itself."""
+    """The local directory that holds the model: a cached conversion of a known model, or the path itself.
+
+    A known model's cache is checked on every use (:func:`_cache_problem`) and converted again when it is
+    missing, stale or corrupt; when it cannot be (its GGUF package is gone), the error says what to
+    install."""
     key = str(name_or_path)
     if key in KNOWN_MODELS:
         source = KNOWN_MODELS[key]
         target = cache_dir() / "models" / key
-        if not _cache_is_fresh(target, source):
-            _convert_gguf(key, source, target)
+        problem = _cache_problem(target, source)
+        if problem is not None:
+            if target.exists():
+                log.warning(
+                    "the cached conversion of %s at %s is unusable (%s): converting again",
+                    key,
+                    target,
+                    problem,
+                )
+            try:
+                _convert_gguf(key, source, target)
+            except ModelLoadError as e:
+                if not target.exists():
+                    raise
+                raise ModelLoadError(
+                    f"the cached conversion of {key} at {target} is unusable ({problem}) and cannot be "
+                    f"rebuilt: {e}"
+                ) from e
         return target
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -351,19 +466,23 @@ def config(name_or_path: str | os.PathLike):
 def gguf_file(source: str | os.PathLike) -> Path:
     """The GGUF file a model was converted from: ``source`` is a known name, the model directory effx
     converted it into (``ModelInfo.source`` of a Program captured from :func:`load`), or a ``.gguf`` path.
-    A split model's parts are joined again if the joined file was deleted after its conversion."""
+
+    The cache records its GGUF by package and file name, so the file found is the one installed in this
+    Python environment, whichever environment converted the cache. A split model's parts are joined again if
+    the joined file was deleted after its conversion."""
     path = Path(source).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return path
     key = str(source) if str(source) in KNOWN_MODELS else path.name
-    meta = path / "effx_source.json"
-    if meta.is_file():
+    record = path / _RECORD
+    if record.is_file():
         try:
-            recorded = Path(json.loads(meta.read_text()).get("gguf", ""))
-        except ValueError:
-            recorded = Path()
-        if recorded.suffix == ".gguf" and recorded.is_file():
-            return recorded
+            recorded = json.loads(record.read_text())
+        except (ValueError, OSError):
+            recorded = {}
+        model = recorded.get("model") if isinstance(recorded, dict) else None
+        if model in KNOWN_MODELS:
+            return KNOWN_MODELS[model].locate()
     if key in KNOWN_MODELS:
         return KNOWN_MODELS[key].locate()
     raise ModelLoadError(
@@ -380,14 +499,18 @@ def load(name_or_path: str | os.PathLike = "smollm2-135m", *, dtype=None):
     ``dtype`` defaults to float32.
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load a causal LM from {path}: {e}") from e
+    except (OSError, ValueError, SafetensorError) as e:
+        hint = ""
+        if str(name_or_path) in KNOWN_MODELS:
+            hint = f" (effx's cached conversion: delete {path} and effx converts it again)"
+        raise ModelLoadError(f"could not load a causal LM from {path}{hint}: {e}") from e
     model.eval()
     # decoder-only batches are left-padded (the runtime and model.generate both expect it)
     tokenizer.padding_side = "left"

@@ -154,6 +154,14 @@ def load_vocab(path: str | os.PathLike, vocab_size: int) -> torch.Tensor:
             raise ArtifactError(f"{path} is not a readable vocabulary file: {e}") from e
         if meta.get("kind") != _KIND or counts is None:
             raise ArtifactError(f"{path} was not written by effx.calibrate_vocab (no '{_KIND}' metadata)")
+        if counts.dtype.is_floating_point or counts.dtype.is_complex or counts.dtype == torch.bool:
+            raise ArtifactError(
+                f"{path}: counts are {str(counts.dtype).removeprefix('torch.')}; token counts are integers (int64)"
+            )
+        if counts.dim() != 1:
+            raise ArtifactError(f"{path}: counts have shape {list(counts.shape)}; expected [{vocab_size}]")
+        if (counts < 0).any():
+            raise ArtifactError(f"{path}: some token counts are negative")
         if counts.numel() != vocab_size:
             raise ArtifactError(
                 f"{path} counts {counts.numel()} token ids; this model's vocabulary has {vocab_size}"

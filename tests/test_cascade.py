@@ -297,7 +297,10 @@ def test_verified_rollback_leaves_dense_caches():
     assert 0 < stats["accepted"] < stats["drafted"]  # some drafts were rejected and rolled back
     assert torch.equal(tokens, large.generate(ids, attention_mask=mask, max_new_tokens=14, eos_token_id=[]))
     spec = draft.spec
-    for model, cache, n in ((small, draft.cache, min(draft.seen, spec.length)), (large, spec.cache, spec.length)):
+    for model, cache, n in (
+        (small, draft.cache, min(draft.seen, spec.length)),
+        (large, spec.cache, spec.length),
+    ):
         for row in range(2):
             valid = spec.key_valid[row, :n].nonzero()[:, 0]
             own = tokens[row, ids.shape[1] - int(mask[row].sum()) :][: len(valid)]  # prompt, then new tokens
@@ -400,6 +403,9 @@ def test_bad_gate_arguments(make, match):
         (dict(mode="fast"), "unknown cascade mode 'fast'"),
         (dict(mode="verified", draft=0), "draft must be an integer >= 1"),
         (dict(mode="verified", draft=2.5), "draft must be an integer >= 1"),
+        (dict(mode="verified", draft=-1), "draft must be an integer >= 1"),
+        (dict(mode="verified", draft="abc"), "draft must be an integer >= 1"),
+        (dict(mode="verified", draft=10**7), r"draft=10000000 exceeds the models' max_positions - 1"),
         (dict(mode="verified", adaptive="yes"), "adaptive must be True or False"),
         (dict(gate="entropy"), "gate must be an EntropyGate or a MaxProbGate"),
         (dict(), "gated mode needs a gate"),

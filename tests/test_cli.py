@@ -102,7 +102,12 @@ def test_run_applies_the_tokenizers_own_chat_template(tmp_path):
     assert chat_prompt(tmp_path, "hi") == "hi"  # no template: the raw prompt
     assert chat_template(tmp_path) is None  # (tokenized with the tokenizer's own special tokens)
     (tmp_path / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": {"content": "<s>"}, "chat_template": "{{ bos_token }}[{{ messages[0]['content'] }}]"})
+        json.dumps(
+            {
+                "bos_token": {"content": "<s>"},
+                "chat_template": "{{ bos_token }}[{{ messages[0]['content'] }}]",
+            }
+        )
     )
     assert chat_prompt(tmp_path, "hi") == "<s>[hi]"
     assert chat_template(tmp_path).startswith("{{ bos_token }}")
@@ -113,6 +118,50 @@ def test_run_applies_the_tokenizers_own_chat_template(tmp_path):
     (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no user turns') }}")
     with pytest.raises(ValueError, match="refused the prompt: no user turns"):
         chat_prompt(tmp_path, "hi")
+
+
+@pytest.mark.parametrize(
+    ("template", "words"),
+    [
+        ("{{ 'x' * 10**9 }}", r"'\*' asks for 1 x 1000000000 items"),
+        ("{{ [1, 2] * 10**8 }}", r"'\*' asks for 2 x 100000000"),
+        ("{{ 10**(10**8) }}", r"'\*\*' asks for 10\*\*100000000"),
+        ("{{ '%1000000000s' % 'x' }}", "a width of 1000000000"),
+        ("{{ 'x'|center(10**9) }}", "the filter center asks for 1000000000"),
+        ("{{ 'x'.ljust(10**9) }}", "a call's argument asks for 1000000000"),
+        (
+            "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+            "the attribute 's' is 2097152 long",
+        ),
+        ("{% for i in range(100000) %}{{ 'y' * 100 }}{% endfor %}", "its output passed the limit of 1048576"),
+        ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursed too deep"),
+    ],
+)
+def test_chat_templates_are_bounded(tmp_path, template, words):
+    """A chat template that asks for more than a prompt needs (memory or time) is stopped with one line naming
+    its file, before the memory is spent; an ordinary template as long as its messages still renders."""
+    from effx.cli import chat_prompt
+
+    (tmp_path / "chat_template.jinja").write_text(template)
+    with pytest.raises(ValueError, match=words) as err:
+        chat_prompt(tmp_path, "hi")
+    assert str(tmp_path / "chat_template.jinja") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_slow_chat_template_is_stopped_at_its_deadline(tmp_path, monkeypatch):
+    import effx.chat
+    from effx.cli import chat_prompt
+
+    monkeypatch.setattr(effx.chat, "TEMPLATE_SECONDS", 0.2)
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    )
+    with pytest.raises(ValueError, match="ran for more than 0.2 s"):
+        chat_prompt(tmp_path, "hi")
+    # long messages are not refused: the limit grows with them
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    long = "z" * (2 << 20)
+    assert chat_prompt(tmp_path, long) == f"[{long}]"
 
 
 # -- effx chat ------------------------------------------------------------------------------------------------
@@ -140,7 +189,9 @@ def _session(replies, seen=None):
             on_token(token)
         stats["drafted"], stats["accepted"] = 4, 3
 
-    return ChatSession(render, generate, lambda ids: "".join(f"<{i}>" for i in ids), passes="p{x=1}", out=out), out
+    return ChatSession(
+        render, generate, lambda ids: "".join(f"<{i}>" for i in ids), passes="p{x=1}", out=out
+    ), out
 
 
 def test_chat_keeps_the_history_and_resets_it():
@@ -222,7 +273,9 @@ def test_train_heads_writes_heads_the_exit_pass_loads(model_dir, tmp_path, capsy
     out = capsys.readouterr().out
     assert "agreement before" in out and f"heads={heads}" in out and "own generations" in out
     passes = f"early-exit{{layers=0 mode=self-speculative head=trained heads={heads}}}"
-    assert main(["generate", "--model", str(model_dir), "--passes", passes, "--max-new-tokens", "4", "w5"]) == 0
+    assert (
+        main(["generate", "--model", str(model_dir), "--passes", passes, "--max-new-tokens", "4", "w5"]) == 0
+    )
     # bad arguments: a clean error, no file
     bad = tmp_path / "bad.safetensors"
     assert main([*args[:3], "--layers", "ten", "--out", str(bad)]) == 2

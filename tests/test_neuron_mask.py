@@ -234,3 +234,33 @@ def test_perplexity_is_dense_for_identity_and_worse_for_heavy_masks(model3, dens
         effx.transform(model3, [NeuronMask(mode="core", keep=0.1)]), texts, Tok(), seq_len=32, max_tokens=128
     )
     assert core != pytest.approx(dense, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda t: t.update({"layer.1.freq": t["layer.1.freq"] + 2}), "frequency outside"),
+        (
+            lambda t: t.update({"layer.0.gate_quantiles": t["layer.0.gate_quantiles"].flip(0) + 1}),
+            "increasing order",
+        ),
+        (lambda t: t.update({"layer.2.mean_abs": t["layer.2.mean_abs"].long()}), "must be floating point"),
+        (lambda t: t.update({"layer.2.mean_abs": t["layer.2.mean_abs"] * float("nan")}), "non-finite"),
+    ],
+)
+def test_a_bad_profile_is_refused_before_capture(model3, profile_path, tmp_path, monkeypatch, edit, words):
+    import importlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(profile_path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    edit(tensors)
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    monkeypatch.setattr(
+        importlib.import_module("effx.capture"), "capture", lambda *a, **k: pytest.fail("captured")
+    )
+    with pytest.raises(PassConfigError, match=words):
+        effx.transform(model3, [NeuronMask(keep=0.5, profile=str(path))])

@@ -369,3 +369,27 @@ def test_early_exit_after_a_reduced_head_is_refused(model4, dense4, tmp_path):
         EarlyExit(layers=(1,)).apply(reduced)
     both = effx.transform(model4, [VocabReduce(k=30, where="head", vocab=str(path)), EarlyExit(layers=(1,))])
     assert [p["name"] for p in both.plan.passes] == ["early-exit", "vocab-reduce", "lower"]
+
+
+@pytest.mark.parametrize(
+    ("counts", "words"),
+    [
+        (torch.ones(V, dtype=torch.float32), "counts are float32; token counts are integers"),
+        (torch.full((V,), -1, dtype=torch.int64), "some token counts are negative"),
+        (torch.ones(2, V, dtype=torch.int64), r"counts have shape \[2, 96\]"),
+        (torch.ones(V + 1, dtype=torch.int64), "counts 97 token ids; this model's vocabulary has 96"),
+    ],
+)
+def test_a_bad_vocabulary_file_is_refused_before_capture(model4, tmp_path, monkeypatch, counts, words):
+    import importlib
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "vocab.safetensors"
+    save_file({"counts": counts}, str(path), metadata={"effx": json.dumps({"kind": "effx-vocab"})})
+    monkeypatch.setattr(
+        importlib.import_module("effx.capture"), "capture", lambda *a, **k: pytest.fail("captured")
+    )
+    pipeline = f"early-exit{{layers=1 mode=self-speculative}}, vocab-reduce{{k=8 where=draft vocab={path}}}"
+    with pytest.raises(PassConfigError, match=words):
+        effx.transform(model4, pipeline)

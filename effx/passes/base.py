@@ -141,6 +141,20 @@ def check_file(setting: str, path: str) -> None:
         raise PassConfigError(f"{setting}={path}: no such file")
 
 
+def check_read(setting: str, path: str, read) -> None:
+    """A file a pass reads (``setting=<path>``) exists and ``read(path)`` accepts it (its shapes, dtypes and
+    values against the model), or a :class:`PassConfigError` naming the setting and saying what is wrong:
+    a bad file fails before capture, not after it."""
+    from ..errors import ArtifactError
+
+    check_file(setting, path)
+    if path:
+        try:
+            read(path)
+        except ArtifactError as e:
+            raise PassConfigError(f"{setting}: {e}") from e
+
+
 def check_size(setting: str, value: int, limit: int, what: str) -> None:
     """A size a setting asks for is at most the model's ``limit`` (``what`` names the limit)."""
     if value > limit:

@@ -36,7 +36,7 @@ from ..errors import PassConfigError, PassError, PassPreconditionError
 from ..fx import export_function
 from ..plan import EarlyExitPolicy
 from ..program import Stage, torch_dtype
-from .base import Pass, PassResult, check_file, check_size, register_pass
+from .base import Pass, PassResult, check_read, check_size, register_pass
 
 __all__ = ["MEASURES", "EarlyExit"]
 
@@ -103,7 +103,8 @@ class EarlyExit(Pass):
                 f"unknown early-exit measure {self.measure!r}; measures: {', '.join(MEASURES)}"
             )
         if not self.thresholds or any(
-            not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) for t in self.thresholds
+            not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t)
+            for t in self.thresholds
         ):
             raise PassConfigError(f"early-exit thresholds must be finite numbers, got {self.thresholds!r}")
         if self.layers and len(self.thresholds) not in (1, len(self.layers)):
@@ -138,7 +139,20 @@ class EarlyExit(Pass):
         if self.mode == "self-speculative":
             check_size("early-exit draft", self.draft, info.max_positions - 1, "max_positions - 1")
         if self.head == "trained":
-            check_file("early-exit heads", self.heads)
+            check_read("early-exit heads", self.heads, lambda path: self._adapters(path, info))
+
+    def _adapters(self, path, info) -> dict:
+        """The trained heads of ``path`` (checked by :func:`effx.formats.load_exit_heads`), one for every
+        exit layer."""
+        from ..formats import load_exit_heads
+
+        adapters = load_exit_heads(path, info)
+        missing = [x for x in self.exit_layers(info.num_layers) if x not in adapters]
+        if missing:
+            raise PassError(
+                f"{path} has no trained head for exit layers {missing} (it has {sorted(adapters)})"
+            )
+        return adapters
 
     def check_after(self, earlier) -> None:
         if any(p.name == self.name for p in earlier):
@@ -186,14 +200,7 @@ class EarlyExit(Pass):
         measure = _measure_graph(self.measure, info)
         adapters = {}
         if self.head == "trained":
-            from ..formats import load_exit_heads
-
-            adapters = load_exit_heads(self.heads, info)
-            missing = [x for x in layers if x not in adapters]
-            if missing:
-                raise PassError(
-                    f"{self.heads} has no trained head for exit layers {missing} (it has {sorted(adapters)})"
-                )
+            adapters = self._adapters(self.heads, info)
         report = self.new_report()
         stages: list[Stage] = []
         for stage in program.stages:

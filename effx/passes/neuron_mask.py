@@ -40,7 +40,7 @@ import torch
 from ..errors import PassConfigError, PassError, PassPreconditionError
 from ..fx import fetch, mlp_nodes, slice_mlp, tag_nodes
 from ..plan import NeuronMaskPolicy
-from .base import Pass, PassResult, check_file, register_pass
+from .base import Pass, PassResult, check_read, register_pass
 
 __all__ = ["NeuronMask"]
 
@@ -107,8 +107,10 @@ class NeuronMask(Pass):
 
     def check_model(self, info) -> None:
         self.layer_range(info.num_layers)
-        check_file("neuron-mask profile", self.profile)
-        check_file("neuron-mask base", self.base)
+        from ..formats import load_neuron_profile
+
+        check_read("neuron-mask profile", self.profile, lambda path: load_neuron_profile(path, info))
+        check_read("neuron-mask base", self.base, lambda path: load_neuron_profile(path, info))
 
     def check_after(self, earlier) -> None:
         if self.mode == "core" and any(p.name == "token-drop" for p in earlier):
@@ -180,7 +182,9 @@ class NeuronMask(Pass):
         stages = [replace.get(s.name, s) for s in program.stages]
         policy = program.plan.policy
         if self.mode == "core":
-            policy = dataclasses.replace(policy, neuron_mask=NeuronMaskPolicy(mode="core", top_share=self.top_share))
+            policy = dataclasses.replace(
+                policy, neuron_mask=NeuronMaskPolicy(mode="core", top_share=self.top_share)
+            )
             report.notes.append(
                 "core: FLOPs/token here count the full MLP, which the prefill runs; decoding "
                 f"runs {k}/{width} of the MLP in layers {chosen[0]}..{chosen[-1]}"

@@ -43,7 +43,7 @@ import torch
 from ..errors import PassConfigError, PassError, PassPreconditionError
 from ..fx import export_function, fetch
 from ..program import Stage, torch_dtype
-from .base import Pass, PassResult, check_file, check_size, register_pass
+from .base import Pass, PassResult, check_read, check_size, register_pass
 
 __all__ = ["VocabReduce"]
 
@@ -100,7 +100,9 @@ class VocabReduce(Pass):
     def check_model(self, info) -> None:
         check_size("vocab-reduce k", self.k, info.vocab_size, "vocab_size")
         if self.where != "exits":
-            check_file("vocab-reduce vocab", self.vocab)
+            from ..vocab import load_vocab
+
+            check_read("vocab-reduce vocab", self.vocab, lambda path: load_vocab(path, info.vocab_size))
 
     def check_after(self, earlier) -> None:
         exits = [p for p in earlier if p.name == "early-exit"]
@@ -144,7 +146,9 @@ class VocabReduce(Pass):
             targets = [program.head]
         reduced = [s.name for s in targets if s.attrs.get("vocab")]
         if reduced:
-            raise PassError(f"{', '.join(reduced)} already has a reduced vocabulary (from an earlier vocab-reduce)")
+            raise PassError(
+                f"{', '.join(reduced)} already has a reduced vocabulary (from an earlier vocab-reduce)"
+            )
 
     def apply(self, program) -> PassResult:
         self.requires(program)
