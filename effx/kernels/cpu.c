@@ -647,8 +647,9 @@ static void act8_free(act8 *a) {
   free(a->u);
 }
 
-/* 64 weights of row `row` from k0 (of kind 4 or 8) as bytes; `half`: only k0..k0+31 exist (zeros after) */
-INLINE b64 iload_4(const effx_weight *W, size_t row, int k0, int half) {
+/* 64 weights of row `row` from k0 (of kind 4 or 8) as bytes; `half`: only k0..k0+31 exist (zeros after);
+ * `sym`: symmetric 4-bit (no minimum: q - 8). */
+INLINE b64 iload_4(const effx_weight *W, size_t row, int k0, int half, int sym) {
   const uint8_t *p = (const uint8_t *)W->data + row * (size_t)W->ld + k0 / 2;
   prefetch(p + 4 * PREFETCH / 8);
   b64 v;
@@ -659,10 +660,11 @@ INLINE b64 iload_4(const effx_weight *W, size_t row, int k0, int half) {
   } else {
     v = b_nibbles(p);
   }
-  return W->min ? v : b_sub8(v);
+  return sym ? b_sub8(v) : v;
 }
 
-INLINE b64 iload_8(const effx_weight *W, size_t row, int k0, int half) {
+INLINE b64 iload_8(const effx_weight *W, size_t row, int k0, int half, int sym) {
+  (void)sym;
   const int8_t *p = (const int8_t *)W->data + row * (size_t)W->ld + k0;
   prefetch(p + 4 * PREFETCH / 4);
   if (half) {
@@ -673,40 +675,61 @@ INLINE b64 iload_8(const effx_weight *W, size_t row, int k0, int half) {
   return b_load(p);
 }
 
-/* The scales (or minimums) of groups g0 (lanes 0..7) and g1 (lanes 8..15; 0 if `half`) */
-INLINE v16 scales64(const void *p, int f16, size_t g0, size_t g1, int half) {
-  if (f16 && !half && g1 == g0 + 1) return v_pair16((const uint16_t *)p + g0);
+/* The scales (or minimums) of groups g0 (lanes 0..7) and g1 (lanes 8..15; 0 if `half`); `pair`: float16
+ * with g1 = g0 + 1 (groups of 32, a whole 64 values) */
+INLINE v16 scales64(const void *p, int f16, size_t g0, size_t g1, int half, int pair) {
+  if (pair) return v_pair16((const uint16_t *)p + g0);
   return v_halves(scalar_at(p, f16, g0), half ? 0.f : scalar_at(p, f16, g1));
 }
 
-/* out[i * R + j] = the int8-activation product of activation row m + i with weight row rows[j] */
-#define DEFINE_IBLOCK(KIND, MB, R)                                                                  \
-  INLINE void iblock_##KIND##_##MB(const act8 *a, int m, const effx_weight *W, const size_t *rows,  \
-                                   int kw, float *out) {                                            \
+/* One 64-value step of an int8-activation block (MB activation rows from m, R weight rows), every choice
+ * a constant where inlined: `half` (the last 32 values of a row), `min` (the weight has minimums), `pair`
+ * (float16 scales of 32-value groups). */
+#define DEFINE_ISTEP(KIND, MB, R)                                                                   \
+  INLINE void istep_##KIND##_##MB(v16 acc[MB][R], const act8 *a, int m, const effx_weight *W,       \
+                                  const size_t *rows, int k0, int half, int min, int pair) {        \
+    const int K64 = a->K64, L = K64 / 4;                                                           \
+    _Pragma("GCC unroll 8") for (int j = 0; j < R; j++) {                                          \
+      b64 wv = iload_##KIND(W, rows[j], k0, half, KIND == 4 && !min);                              \
+      size_t g0 = rows[j] * (size_t)W->ngroups + (size_t)(k0 >> W->gshift);                        \
+      size_t g1 = rows[j] * (size_t)W->ngroups + (size_t)((k0 + 32) >> W->gshift);                  \
+      v16 sw = scales64(W->scale, W->scale_f16, g0, g1, half, pair && !half);                      \
+      v16 mw = min ? scales64(W->min, W->scale_f16, g0, g1, half, pair && !half) : v_zero();       \
+      _Pragma("GCC unroll 8") for (int i = 0; i < MB; i++) {                                       \
+        size_t r = (size_t)(m + i);                                                                \
+        b64 xv = b_load(a->q + r * K64 + k0);                                                      \
+        v16 d = (KIND == 4 && min) ? v_dot_u(wv, xv) : v_dot_s(wv, xv);                            \
+        acc[i][j] = v_fma(d, v_mul(v_load(a->s + r * L + k0 / 4), sw), acc[i][j]);                 \
+        if (min) acc[i][j] = v_fma(v_load(a->u + r * L + k0 / 4), mw, acc[i][j]);                  \
+      }                                                                                            \
+    }                                                                                              \
+  }                                                                                                \
+  INLINE void icore_##KIND##_##MB(const act8 *a, int m, const effx_weight *W, const size_t *rows,   \
+                                  int kw, float *out, int min, int pair) {                          \
     v16 acc[MB][R];                                                                                \
     for (int i = 0; i < MB; i++)                                                                   \
       for (int j = 0; j < R; j++) acc[i][j] = v_zero();                                            \
-    const int K64 = a->K64, L = K64 / 4;                                                           \
-    for (int k0 = 0; k0 < K64; k0 += 64) {                                                         \
-      int half = k0 + 64 > kw;                                                                     \
-      for (int j = 0; j < R; j++) {                                                                \
-        b64 wv = iload_##KIND(W, rows[j], k0, half);                                               \
-        size_t g0 = rows[j] * (size_t)W->ngroups + (size_t)(k0 >> W->gshift);                      \
-        size_t g1 = rows[j] * (size_t)W->ngroups + (size_t)((k0 + 32) >> W->gshift);                \
-        v16 sw = scales64(W->scale, W->scale_f16, g0, g1, half);                                   \
-        v16 mw = W->min ? scales64(W->min, W->scale_f16, g0, g1, half) : v_zero();                 \
-        for (int i = 0; i < MB; i++) {                                                             \
-          size_t r = (size_t)(m + i);                                                              \
-          b64 xv = b_load(a->q + r * K64 + k0);                                                    \
-          v16 sx = v_load(a->s + r * L + k0 / 4);                                                  \
-          v16 d = (KIND == 4 && W->min) ? v_dot_u(wv, xv) : v_dot_s(wv, xv);                       \
-          acc[i][j] = v_fma(d, v_mul(sx, sw), acc[i][j]);                                          \
-          if (W->min) acc[i][j] = v_fma(v_load(a->u + r * L + k0 / 4), mw, acc[i][j]);             \
-        }                                                                                          \
-      }                                                                                            \
-    }                                                                                              \
+    int kfull = kw & ~63;                                                                          \
+    if (kfull > a->K64) kfull = a->K64;                                                            \
+    for (int k0 = 0; k0 < kfull; k0 += 64) istep_##KIND##_##MB(acc, a, m, W, rows, k0, 0, min, pair); \
+    if (kfull < a->K64) istep_##KIND##_##MB(acc, a, m, W, rows, kfull, 1, min, pair);             \
     for (int i = 0; i < MB; i++)                                                                   \
       for (int j = 0; j < R; j++) out[i * R + j] = v_sum(acc[i][j]);                               \
+  }
+
+/* out[i * R + j] = the int8-activation product of activation row m + i with weight row rows[j] */
+#define DEFINE_IBLOCK(KIND, MB, R)                                                                  \
+  DEFINE_ISTEP(KIND, MB, R)                                                                        \
+  INLINE void iblock_##KIND##_##MB(const act8 *a, int m, const effx_weight *W, const size_t *rows,  \
+                                   int kw, float *out) {                                            \
+    int pair = W->scale_f16 && W->gshift == 5;                                                     \
+    if (W->min) {                                                                                  \
+      if (pair) icore_##KIND##_##MB(a, m, W, rows, kw, out, 1, 1);                                 \
+      else icore_##KIND##_##MB(a, m, W, rows, kw, out, 1, 0);                                      \
+    } else {                                                                                       \
+      if (pair) icore_##KIND##_##MB(a, m, W, rows, kw, out, 0, 1);                                 \
+      else icore_##KIND##_##MB(a, m, W, rows, kw, out, 0, 0);                                      \
+    }                                                                                              \
   }
 
 #define DEFINE_IBLOCKS(KIND)  \
