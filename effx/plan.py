@@ -42,7 +42,8 @@ KERNELS = ("reference", "fast")
 # ``quantize{activations=...}``): "float", the float32 input (exact: the float product over the de-quantized
 # weights); "int8", the input rounded per block (the weight's group) to ``scale * int8`` (scale = the
 # block's largest magnitude / 127), as llama.cpp's Q8_1 activations and ONNX Runtime's MatMulNBits accuracy
-# level 4 do: lossy; ONNX artifacts multiply it in integer arithmetic (faster), the torch backend emulates.
+# level 4 do: lossy; both backends multiply it in integer arithmetic (the torch backend's kernels: exact
+# integer sums per 4 values, then float steps per lane, see effx/kernels/cpu.c).
 ACTIVATIONS = ("float", "int8")
 
 STAGE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

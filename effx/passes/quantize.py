@@ -23,10 +23,12 @@ Sources of the quantized values:
 Activations: ``activations=float`` (default) multiplies the float32 input, so the quantized Program is the
 float product over the de-quantized weights; ``activations=int8`` rounds the input of every quantized
 product per block (the weight's group) to ``scale * int8`` (llama.cpp's Q8_1 activations), lossy, and
-ONNX artifacts multiply it in integer arithmetic (MatMulNBits accuracy level 4: faster). The rounding is
-an ``effx.round_int8`` node before the products of each input (the graph shows it; the torch backend runs
-it, then the float product: an emulation, no integer speed-up; ONNX artifacts' minimum terms read the
-float input, docs/onnx.md); the plan records the mode (:data:`effx.plan.ACTIVATIONS`)::
+both backends multiply it in integer arithmetic (ONNX: MatMulNBits accuracy level 4, whose minimum terms
+read the float input, docs/onnx.md; torch: effx's kernels, which round the input themselves and sum the
+integer products exactly, within float rounding of the float product over the rounded input; groups below
+32 take the rounding and then the float product). The rounding
+is an ``effx.round_int8`` node before the products of each input (the graph shows it); the plan records
+the mode (:data:`effx.plan.ACTIVATIONS`)::
 
     before:  y = qlinear(x, q, scale, minimum)
     after:   y = qlinear(round_int8(x, 32), q, scale, minimum)
