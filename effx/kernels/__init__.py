@@ -203,6 +203,10 @@ def _build(isa: str) -> Path:
         target.unlink()  # planted or loosened: never loaded, built again
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
+    if sys.stderr is not None and sys.stderr.isatty():  # a pause of tens of seconds deserves a word
+        sys.stderr.write(
+            f"effx: compiling its {isa} CPU kernels (once per version and CPU, under a minute)\n"
+        )
     try:
         run = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
         if run.returncode != 0:

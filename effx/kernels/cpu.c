@@ -494,77 +494,83 @@ INLINE float scalar_at(const void *p, int f16, size_t i) {
 /* Quantized blocks: two 16-lane vectors hold a row's weights k0..k0+31 (k0 a multiple of 32), de-quantized
  * exactly as effx.quant.dequantize does (q * scale, then + minimum: a product, then a sum, no contraction;
  * see -ffp-contract=off), and each is used as the float kernels use their 16-lane loads: every output is the
- * float kernel's dot product over the de-quantized weights, bit for bit (K a multiple of 16). */
-INLINE void dequant_pair(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi) {
+ * float kernel's dot product over the de-quantized weights, bit for bit (K a multiple of 16).
+ * `min`: the weight has minimums; `fast`: float16 scales, one per 32 values (GGUF's form). Both are
+ * constants where the blocks below inline these loads, so each form gets its own straight-line code. */
+INLINE void dequant_pair(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi, int min, int fast) {
+  const int f16 = fast ? 1 : W->scale_f16, wide = fast ? 1 : W->gshift >= 5;
   size_t g0 = row * (size_t)W->ngroups + (size_t)(k0 >> W->gshift);
-  size_t g1 = W->gshift >= 5 ? g0 : g0 + 1; /* one scale for the 32 values, or one per 16 */
-  *lo = v_mul(*lo, v_set1(scalar_at(W->scale, W->scale_f16, g0)));
-  *hi = v_mul(*hi, v_set1(scalar_at(W->scale, W->scale_f16, g1)));
-  if (W->min) {
-    *lo = v_add(*lo, v_set1(scalar_at(W->min, W->scale_f16, g0)));
-    *hi = v_add(*hi, v_set1(scalar_at(W->min, W->scale_f16, g1)));
+  size_t g1 = wide ? g0 : g0 + 1; /* one scale for the 32 values, or one per 16 */
+  *lo = v_mul(*lo, v_set1(scalar_at(W->scale, f16, g0)));
+  *hi = v_mul(*hi, v_set1(scalar_at(W->scale, f16, g1)));
+  if (min) {
+    *lo = v_add(*lo, v_set1(scalar_at(W->min, f16, g0)));
+    *hi = v_add(*hi, v_set1(scalar_at(W->min, f16, g1)));
   }
 }
 
 /* `few`: the block multiplies at most 2 activation rows (a constant where inlined): AVX-512 then looks the
  * de-quantized values up in a table of 16, the same bits (more rows: the table's registers cost more). */
-INLINE void load32_4(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi, int few) {
+INLINE void load32_4(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi, int few, int min, int fast) {
   const uint8_t *p = (const uint8_t *)W->data + row * (size_t)W->ld + k0 / 2;
   (void)few;
   prefetch(p + 4 * PREFETCH / 8);
 #if defined(EFFX_ISA_AVX512)
-  if (few && W->gshift >= 5) { /* few activation rows, one scale for the 32 values: de-quantize the 16 possible values once (the same
-                           products and sums, lane by lane), then look each one up (vpermps reads the low 4
-                           bits of each index) */
+  if (few && (fast || W->gshift >= 5)) { /* few activation rows, one scale for the 32 values: de-quantize
+                           the 16 possible values once (the same products and sums, lane by lane), then look
+                           each one up (vpermps reads the low 4 bits of each index) */
+    const int f16 = fast ? 1 : W->scale_f16;
     size_t g = row * (size_t)W->ngroups + (size_t)(k0 >> W->gshift);
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-    __m512 table = _mm512_mul_ps(W->min ? iota : centred, _mm512_set1_ps(scalar_at(W->scale, W->scale_f16, g)));
-    if (W->min) table = _mm512_add_ps(table, _mm512_set1_ps(scalar_at(W->min, W->scale_f16, g)));
+    __m512 table = _mm512_mul_ps(min ? iota : centred, _mm512_set1_ps(scalar_at(W->scale, f16, g)));
+    if (min) table = _mm512_add_ps(table, _mm512_set1_ps(scalar_at(W->min, f16, g)));
     lo->v = _mm512_permutexvar_ps(v, table);
     hi->v = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
     return;
   }
 #endif
   v_nibbles(p, lo, hi); /* weight k0 + i is byte i's low nibble, k0 + 16 + i its high nibble */
-  if (!W->min) {        /* symmetric: q - 8 */
+  if (!min) {           /* symmetric: q - 8 */
     *lo = v_add(*lo, v_set1(-8.f));
     *hi = v_add(*hi, v_set1(-8.f));
   }
-  dequant_pair(W, row, k0, lo, hi);
+  dequant_pair(W, row, k0, lo, hi, min, fast);
 }
 
-INLINE void load32_8(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi, int few) {
+INLINE void load32_8(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi, int few, int min, int fast) {
   (void)few;
   const int8_t *p = (const int8_t *)W->data + row * (size_t)W->ld + k0;
   prefetch(p + 4 * PREFETCH / 4);
   *lo = v_from_i8(p);
   *hi = v_from_i8(p + 16);
-  dequant_pair(W, row, k0, lo, hi);
+  dequant_pair(W, row, k0, lo, hi, min, fast);
 }
 
-INLINE void load32_16(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi, int few) {
-  (void)few;
+INLINE void load32_16(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi, int few, int min, int fast) {
+  (void)few, (void)min, (void)fast;
   const uint16_t *p = (const uint16_t *)W->data + row * (size_t)W->ld + k0;
   prefetch(p + 4 * PREFETCH / 2);
   *lo = v_from_bf16(p);
   *hi = v_from_bf16(p + 16);
 }
 
-/* out[i * R + j] = x[i, :] . w[rows[j]] for i < MB, j < R, w quantized (kind KIND) */
+/* out[i * R + j] = x[i, :] . w[rows[j]] for i < MB, j < R, w quantized (kind KIND); qcore's `min` and
+ * `fast` are constants in each of qblock's calls (see dequant_pair), its loops unrolled: the accumulators
+ * stay in registers */
 #define DEFINE_QBLOCK(KIND, MB, R)                                                                  \
-  INLINE void qblock_##KIND##_##MB(const float *x, size_t ldx, const effx_weight *W,               \
-                                   const size_t *rows, int K, float *out) {                         \
+  INLINE void qcore_##KIND##_##MB(const float *x, size_t ldx, const effx_weight *W,                \
+                                  const size_t *rows, int K, float *out, int min, int fast) {       \
     v16 acc[MB][R];                                                                                \
     for (int i = 0; i < MB; i++)                                                                   \
       for (int j = 0; j < R; j++) acc[i][j] = v_zero();                                            \
     int kmain = K & ~31;                                                                           \
     for (int k0 = 0; k0 < kmain; k0 += 32) {                                                       \
-      for (int j = 0; j < R; j++) {                                                                \
+      _Pragma("GCC unroll 8") for (int j = 0; j < R; j++) {                                        \
         v16 lo, hi;                                                                                \
-        load32_##KIND(W, rows[j], k0, &lo, &hi, MB <= 2);                                          \
-        for (int i = 0; i < MB; i++) {                                                             \
+        load32_##KIND(W, rows[j], k0, &lo, &hi, MB <= 2, min, fast);                               \
+        _Pragma("GCC unroll 8") for (int i = 0; i < MB; i++) {                                     \
           const float *xi = x + i * ldx + k0;                                                      \
           acc[i][j] = v_fma(lo, v_load(xi), acc[i][j]);                                            \
           acc[i][j] = v_fma(hi, v_load(xi + 16), acc[i][j]);                                       \
@@ -575,7 +581,7 @@ INLINE void load32_16(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi
       int k0 = kmain, t = K - kmain;                                                               \
       for (int j = 0; j < R; j++) {                                                                \
         v16 lo, hi;                                                                                \
-        load32_##KIND(W, rows[j], k0, &lo, &hi, MB <= 2);                                          \
+        load32_##KIND(W, rows[j], k0, &lo, &hi, MB <= 2, min, fast);                               \
         for (int i = 0; i < MB; i++) {                                                             \
           const float *xi = x + i * ldx + k0;                                                      \
           acc[i][j] = v_fma(lo, t >= 16 ? v_load(xi) : v_load_n(xi, t), acc[i][j]);                \
@@ -585,6 +591,17 @@ INLINE void load32_16(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi
     }                                                                                              \
     for (int i = 0; i < MB; i++)                                                                   \
       for (int j = 0; j < R; j++) out[i * R + j] = v_sum(acc[i][j]);                               \
+  }                                                                                                \
+  INLINE void qblock_##KIND##_##MB(const float *x, size_t ldx, const effx_weight *W,               \
+                                   const size_t *rows, int K, float *out) {                         \
+    int fast = W->scale_f16 && W->gshift == 5;                                                     \
+    if (KIND == 16) qcore_##KIND##_##MB(x, ldx, W, rows, K, out, 0, 0);                            \
+    else if (KIND == 4 && fast && W->min) /* as iblock: GGUF's 4-bit forms get their own code */   \
+      qcore_##KIND##_##MB(x, ldx, W, rows, K, out, 1, 1);                                          \
+    else if (KIND == 4 && fast)                                                                    \
+      qcore_##KIND##_##MB(x, ldx, W, rows, K, out, 0, 1);                                          \
+    else                                                                                           \
+      qcore_##KIND##_##MB(x, ldx, W, rows, K, out, W->min != NULL, fast);                          \
   }
 
 #define DEFINE_QBLOCKS(KIND)  \
@@ -723,13 +740,12 @@ INLINE v16 scales64(const void *p, int f16, size_t g0, size_t g1, int half, int 
   INLINE void iblock_##KIND##_##MB(const act8 *a, int m, const effx_weight *W, const size_t *rows,  \
                                    int kw, float *out) {                                            \
     int pair = W->scale_f16 && W->gshift == 5;                                                     \
-    if (W->min) {                                                                                  \
-      if (pair) icore_##KIND##_##MB(a, m, W, rows, kw, out, 1, 1);                                 \
-      else icore_##KIND##_##MB(a, m, W, rows, kw, out, 1, 0);                                      \
-    } else {                                                                                       \
-      if (pair) icore_##KIND##_##MB(a, m, W, rows, kw, out, 0, 1);                                 \
-      else icore_##KIND##_##MB(a, m, W, rows, kw, out, 0, 0);                                      \
-    }                                                                                              \
+    if (KIND == 4 && pair && W->min) /* GGUF's 4-bit forms get their own code; the rarer forms share */ \
+      icore_##KIND##_##MB(a, m, W, rows, kw, out, 1, 1); /* one body (the same bits, less to compile) */ \
+    else if (KIND == 4 && pair)                                                                    \
+      icore_##KIND##_##MB(a, m, W, rows, kw, out, 0, 1);                                           \
+    else                                                                                           \
+      icore_##KIND##_##MB(a, m, W, rows, kw, out, W->min != NULL, pair);                           \
   }
 
 #define DEFINE_IBLOCKS(KIND)  \
