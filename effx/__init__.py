@@ -68,6 +68,10 @@ def __getattr__(name: str):
     except ModuleNotFoundError as e:
         if e.name != f"{__name__}.{name}":
             raise
+        if name in __all__ and not torch_available():  # the torch API, in an artifact-only install
+            raise ModuleNotFoundError(
+                f'effx.{name} needs torch, which this install lacks: pip install "effx[torch]"', name="torch"
+            ) from None
         raise AttributeError(f"module 'effx' has no attribute {name!r}") from None
 
 

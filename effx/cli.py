@@ -927,12 +927,29 @@ def main(argv: list[str] | None = None) -> int:
     except EffxError as e:
         print(f"effx: error: {e}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in _TORCH_EXTRA:
+            raise
+        # an install without the torch extra runs artifacts only (`effx run`, `effx chat --artifact`)
+        print(
+            f"effx: error: `effx {args.command}` needs {e.name}, which this install lacks: "
+            'pip install "effx[torch]" (an install without it runs exported artifacts only: effx run)',
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("effx: interrupted", file=sys.stderr)
         return 130
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+# top-level modules of the torch extra (pyproject.toml): missing, they mean an artifact-only install
+_TORCH_EXTRA = frozenset(
+    {"torch", "transformers", "gguf", "accelerate", "safetensors", "onnx", "onnxscript", "onnx_ir", "datasets",
+     "evaluate", "rouge_score", "sacrebleu", "fvcore", "matplotlib", "tqdm"}
+)  # fmt: skip
 
 
 def _interrupt(signum, frame):

@@ -90,3 +90,12 @@ def test_an_artifact_runs_where_torch_is_not_installed(tmp_path, capsys):
         cwd=tmp_path,
     )
     assert run.stdout == text_here and "tokens/s (ONNX Runtime, CPUExecutionProvider)" in run.stderr
+    # a command that needs the torch extra says so, in one line
+    needs = subprocess.run(
+        [env_dir / "bin" / "effx", "inspect", "--model", "smollm2-135m"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert needs.returncode == 1 and "Traceback" not in needs.stderr, needs.stderr
+    assert 'pip install "effx[torch]"' in needs.stderr
