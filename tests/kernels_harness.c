@@ -16,7 +16,7 @@
  *
  * It prints every output's bits, so that the test can also check that all targets give the same bits.
  *
- *   cc -O2 -fopenmp -std=gnu11 -ffp-contract=off [-mavx2 -mfma -mf16c] tests/kernels_harness.c -lm
+ *   cc -O1 -fopenmp -std=gnu11 -ffp-contract=off [-mavx2 -mfma -mf16c] tests/kernels_harness.c -lm
  */
 #include "../effx/kernels/cpu.c"
 

@@ -52,6 +52,15 @@
 #endif
 
 #define INLINE static inline __attribute__((always_inline))
+/* A block's loops over its rows, unrolled so that its accumulators stay in registers (vector targets; the
+ * portable C's lanes are loops already, and unrolled they take minutes to compile) */
+#if defined(EFFX_ISA_GENERIC)
+#define UNROLL
+#define SPECIALIZE 0 /* nor does it get a copy of each block per weight form (see qblock) */
+#else
+#define UNROLL _Pragma("GCC unroll 8")
+#define SPECIALIZE 1
+#endif
 
 /* The instruction set this build was compiled for. */
 const char *effx_isa(void) { return EFFX_ISA_NAME; }
@@ -567,10 +576,10 @@ INLINE void load32_16(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi
       for (int j = 0; j < R; j++) acc[i][j] = v_zero();                                            \
     int kmain = K & ~31;                                                                           \
     for (int k0 = 0; k0 < kmain; k0 += 32) {                                                       \
-      _Pragma("GCC unroll 8") for (int j = 0; j < R; j++) {                                        \
+      UNROLL for (int j = 0; j < R; j++) {                                        \
         v16 lo, hi;                                                                                \
         load32_##KIND(W, rows[j], k0, &lo, &hi, MB <= 2, min, fast);                               \
-        _Pragma("GCC unroll 8") for (int i = 0; i < MB; i++) {                                     \
+        UNROLL for (int i = 0; i < MB; i++) {                                     \
           const float *xi = x + i * ldx + k0;                                                      \
           acc[i][j] = v_fma(lo, v_load(xi), acc[i][j]);                                            \
           acc[i][j] = v_fma(hi, v_load(xi + 16), acc[i][j]);                                       \
@@ -596,9 +605,10 @@ INLINE void load32_16(const effx_weight *W, size_t row, int k0, v16 *lo, v16 *hi
                                    const size_t *rows, int K, float *out) {                         \
     int fast = W->scale_f16 && W->gshift == 5;                                                     \
     if (KIND == 16) qcore_##KIND##_##MB(x, ldx, W, rows, K, out, 0, 0);                            \
-    else if (KIND == 4 && fast && W->min) /* as iblock: GGUF's 4-bit forms get their own code */   \
+    /* GGUF's 4-bit forms get their own code, the rarer ones share one body (the same bits) */     \
+    else if (SPECIALIZE && KIND == 4 && fast && W->min)                                            \
       qcore_##KIND##_##MB(x, ldx, W, rows, K, out, 1, 1);                                          \
-    else if (KIND == 4 && fast)                                                                    \
+    else if (SPECIALIZE && KIND == 4 && fast)                                                      \
       qcore_##KIND##_##MB(x, ldx, W, rows, K, out, 0, 1);                                          \
     else                                                                                           \
       qcore_##KIND##_##MB(x, ldx, W, rows, K, out, W->min != NULL, fast);                          \
@@ -706,13 +716,13 @@ INLINE v16 scales64(const void *p, int f16, size_t g0, size_t g1, int half, int 
   INLINE void istep_##KIND##_##MB(v16 acc[MB][R], const act8 *a, int m, const effx_weight *W,       \
                                   const size_t *rows, int k0, int half, int min, int pair) {        \
     const int K64 = a->K64, L = K64 / 4;                                                           \
-    _Pragma("GCC unroll 8") for (int j = 0; j < R; j++) {                                          \
+    UNROLL for (int j = 0; j < R; j++) {                                          \
       b64 wv = iload_##KIND(W, rows[j], k0, half, KIND == 4 && !min);                              \
       size_t g0 = rows[j] * (size_t)W->ngroups + (size_t)(k0 >> W->gshift);                        \
       size_t g1 = rows[j] * (size_t)W->ngroups + (size_t)((k0 + 32) >> W->gshift);                  \
       v16 sw = scales64(W->scale, W->scale_f16, g0, g1, half, pair && !half);                      \
       v16 mw = min ? scales64(W->min, W->scale_f16, g0, g1, half, pair && !half) : v_zero();       \
-      _Pragma("GCC unroll 8") for (int i = 0; i < MB; i++) {                                       \
+      UNROLL for (int i = 0; i < MB; i++) {                                       \
         size_t r = (size_t)(m + i);                                                                \
         b64 xv = b_load(a->q + r * K64 + k0);                                                      \
         v16 d = (KIND == 4 && min) ? v_dot_u(wv, xv) : v_dot_s(wv, xv);                            \
@@ -740,9 +750,10 @@ INLINE v16 scales64(const void *p, int f16, size_t g0, size_t g1, int half, int 
   INLINE void iblock_##KIND##_##MB(const act8 *a, int m, const effx_weight *W, const size_t *rows,  \
                                    int kw, float *out) {                                            \
     int pair = W->scale_f16 && W->gshift == 5;                                                     \
-    if (KIND == 4 && pair && W->min) /* GGUF's 4-bit forms get their own code; the rarer forms share */ \
-      icore_##KIND##_##MB(a, m, W, rows, kw, out, 1, 1); /* one body (the same bits, less to compile) */ \
-    else if (KIND == 4 && pair)                                                                    \
+    /* as qblock: GGUF's 4-bit forms get their own code, the rarer ones share one body */          \
+    if (SPECIALIZE && KIND == 4 && pair && W->min)                                                 \
+      icore_##KIND##_##MB(a, m, W, rows, kw, out, 1, 1);                                           \
+    else if (SPECIALIZE && KIND == 4 && pair)                                                      \
       icore_##KIND##_##MB(a, m, W, rows, kw, out, 0, 1);                                           \
     else                                                                                           \
       icore_##KIND##_##MB(a, m, W, rows, kw, out, W->min != NULL, pair);                           \
