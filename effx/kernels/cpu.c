@@ -750,9 +750,12 @@ INLINE v16 scales64(const void *p, int f16, size_t g0, size_t g1, int half, int 
   INLINE void iblock_##KIND##_##MB(const act8 *a, int m, const effx_weight *W, const size_t *rows,  \
                                    int kw, float *out) {                                            \
     int pair = W->scale_f16 && W->gshift == 5;                                                     \
-    /* as qblock: GGUF's 4-bit forms get their own code, the rarer ones share one body */          \
+    /* as qblock: GGUF's 4-bit forms and Q8_0 (its usual head) get their own code, the rarer forms */\
+    /* share one body */                                                                           \
     if (SPECIALIZE && KIND == 4 && pair && W->min)                                                 \
       icore_##KIND##_##MB(a, m, W, rows, kw, out, 1, 1);                                           \
+    else if (SPECIALIZE && KIND == 8 && pair && !W->min)                                           \
+      icore_##KIND##_##MB(a, m, W, rows, kw, out, 0, 1);                                           \
     else if (SPECIALIZE && KIND == 4 && pair)                                                      \
       icore_##KIND##_##MB(a, m, W, rows, kw, out, 0, 1);                                           \
     else                                                                                           \
