@@ -226,7 +226,7 @@ def test_layers_out_of_range_including_the_last(model4, layer):
 
 
 def test_exits_twice_is_an_error(model4):
-    with pytest.raises(PassError, match="already has exits"):
+    with pytest.raises(PassError, match="already placed exits"):
         effx.transform(model4, passes="early-exit{layers=1}, early-exit{layers=2}")
 
 

@@ -217,7 +217,7 @@ def test_layers_head_and_embed_are_selectable(model):
     q = effx.transform(model, passes="quantize{layers=1 head=false embed=false}")
     assert {s for s, _ in _float_products(q)} == {"embed", "layer.0", "head"}
     assert _qlinears(q) == 7
-    with pytest.raises(PassPreconditionError, match="out of range"):
+    with pytest.raises(PassConfigError, match="out of range"):  # from the config, before capture
         effx.transform(model, passes="quantize{layers=5}")
 
 
