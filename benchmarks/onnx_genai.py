@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 import effx
+from effx import kernels
 from effx.bench import first_outputs, interleave
 from effx.data import PROMPTS, encode_prompts
 from effx.exporters.onnx import export
@@ -139,7 +140,7 @@ def main() -> None:
     ref = outs["effx ONNX"]
     starts = [ids.shape[1] for ids, _ in prompts]
     print(f"\nSmolLM2-135M float32, {len(prompts)} chat prompts x {n} tokens, batch 1, {args.threads} threads, "
-          f"median of {args.repeats} (spread: lowest-highest)")  # fmt: skip
+          f"median of {args.repeats} (spread: lowest-highest); {kernels.describe()}")  # fmt: skip
     print(f"{'row':<24} {'tok/s':>7} {'spread':>13} {'x ' + base_name:>14} {'x GenAI':>8}  lead (of 32)")
     for name, values in rates.items():
         tps = statistics.median(values)
