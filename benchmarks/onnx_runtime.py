@@ -84,7 +84,7 @@ def single_graph(model, info, path: Path):
     import onnx
     import onnxruntime as ort
 
-    from effx.capture import export_onnx
+    from effx.exporters.onnx_stage import export_onnx
 
     n, kv, hd = info.num_layers, info.num_kv_heads, info.head_dim
     args = (

@@ -57,7 +57,6 @@ __all__ = [
     "capture_encoder",
     "capture_mamba",
     "capture_seq2seq",
-    "export_onnx",
     "transform_encoder",
     "transform_mamba",
     "transform_seq2seq",
@@ -591,51 +590,6 @@ def _tag_encoder(gm: torch.fx.GraphModule, layer: int | None) -> None:
         elif node.target == torch.ops.aten.scaled_dot_product_attention.default:
             role = "attn.sdpa"
         node.meta.update(effx_role=role or "other", effx_layer=layer, effx_module=path)
-
-
-def export_onnx(
-    gm: torch.nn.Module,
-    args: tuple,
-    axes: tuple[dict[int, str | None], ...],
-    opset: int = 18,
-    *,
-    optimize: bool = False,
-    translations: dict | None = None,
-):
-    """Export one stage graph to an ``onnx.ModelProto`` with named dynamic axes (``None``: let export infer
-    the dimension, e.g. a mask's key axis that is ``past + seq``). ``"past"`` may be 0, other axes >= 1.
-    ``optimize=False`` (stages) keeps initializers under their state-dict names, so that one layer's export
-    can take another layer's weights; ONNX Runtime folds what the optimizer would have at load time.
-    ``translations``: ``torch.onnx.export``'s ``custom_translation_table`` (ops effx registers itself, such as
-    the quantized ones: ``effx.exporters.onnx_quant``)."""
-    dims: dict[str, Dim] = {}
-    spec = tuple(
-        {
-            axis: (
-                Dim.AUTO if name is None else dims.setdefault(name, Dim(name, min=0 if name == "past" else 1))
-            )
-            for axis, name in a.items()
-        }
-        for a in axes
-    )
-    import logging
-    import warnings
-
-    # the exporter logs a warning per torchvision op it cannot register when torchvision is absent
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's notes on renamed axes
-        program = torch.onnx.export(
-            gm,
-            args,
-            dynamic_shapes=spec,
-            dynamo=True,
-            opset_version=opset,
-            verbose=False,
-            optimize=optimize,
-            custom_translation_table=translations,
-        )
-    return program.model_proto
 
 
 def _apply_allowed(model, passes, allowed, what: str, capture_fn, apply_fn, *, verify: bool):

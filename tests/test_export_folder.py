@@ -93,8 +93,8 @@ def test_a_failed_export_leaves_the_old_artifact_as_it_was(program, tmp_path, mo
     target = tmp_path / "art"
     _fake_export(target, 1)
     before = _tree(target)
-    capture_module = importlib.import_module("effx.capture")
-    real, seen = capture_module.export_onnx, []
+    stage_export = importlib.import_module("effx.exporters.onnx_stage")
+    real, seen = stage_export.export_onnx, []
 
     def failing(gm, *args, **kw):
         seen.append(gm)
@@ -102,7 +102,7 @@ def test_a_failed_export_leaves_the_old_artifact_as_it_was(program, tmp_path, mo
             raise KeyboardInterrupt
         return real(gm, *args, **kw)
 
-    monkeypatch.setattr(capture_module, "export_onnx", failing)
+    monkeypatch.setattr(stage_export, "export_onnx", failing)
     with pytest.raises(KeyboardInterrupt):
         exporter.export(program, target)
     assert _tree(target) == before

@@ -124,22 +124,22 @@ def test_stop_tokens_and_padding_match(program, artifact):
 
 
 def test_one_export_serves_every_layer(program, tmp_path, monkeypatch):
-    capture_module = importlib.import_module("effx.capture")  # effx.capture is also the function's name
+    stage_export = importlib.import_module("effx.exporters.onnx_stage")
     calls = []
-    real = capture_module.export_onnx
+    real = stage_export.export_onnx
 
     def counting(gm, *args, **kw):
         calls.append(gm)
         return real(gm, *args, **kw)
 
-    monkeypatch.setattr(capture_module, "export_onnx", counting)
+    monkeypatch.setattr(stage_export, "export_onnx", counting)
     exporter.export(program, tmp_path / "x")
     assert len(calls) == 3  # embed, one layer, head
 
 
 def test_interrupted_export_leaves_nothing(program, tmp_path, monkeypatch):
-    capture_module = importlib.import_module("effx.capture")
-    real = capture_module.export_onnx
+    stage_export = importlib.import_module("effx.exporters.onnx_stage")
+    real = stage_export.export_onnx
     seen = []
 
     def failing(gm, *args, **kw):
@@ -148,7 +148,7 @@ def test_interrupted_export_leaves_nothing(program, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(gm, *args, **kw)
 
-    monkeypatch.setattr(capture_module, "export_onnx", failing)
+    monkeypatch.setattr(stage_export, "export_onnx", failing)
     with pytest.raises(KeyboardInterrupt):
         exporter.export(program, tmp_path / "half")
     assert list(tmp_path.iterdir()) == []
@@ -367,15 +367,15 @@ def test_pass_decisions_are_exercised(pass_artifacts):
 
 
 def test_stages_of_one_structure_are_exported_once(pass_artifacts, model4, vocab_file, tmp_path, monkeypatch):
-    capture_module = importlib.import_module("effx.capture")
+    stage_export = importlib.import_module("effx.exporters.onnx_stage")
     calls = []
-    real = capture_module.export_onnx
+    real = stage_export.export_onnx
 
     def counting(gm, *args, **kw):
         calls.append(gm)
         return real(gm, *args, **kw)
 
-    monkeypatch.setattr(capture_module, "export_onnx", counting)
+    monkeypatch.setattr(stage_export, "export_onnx", counting)
     program = pass_artifacts["pruned-exits"][0]
     exporter.export(program, tmp_path / "x")
     assert len(calls) == 5  # embed, one layer, one full exit, one pruned exit, head

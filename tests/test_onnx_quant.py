@@ -83,11 +83,11 @@ def _check_parity(program, artifact, batches=([7, 3], [5], [4, 9, 6, 2])):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_quantized_artifacts_match_the_torch_program(model, kind, tmp_path, monkeypatch):
-    capture_module = importlib.import_module("effx.capture")  # effx.capture is also the function's name
+    stage_export = importlib.import_module("effx.exporters.onnx_stage")
     calls = []
-    real = capture_module.export_onnx
+    real = stage_export.export_onnx
     monkeypatch.setattr(
-        capture_module, "export_onnx", lambda gm, *a, **kw: calls.append(gm) or real(gm, *a, **kw)
+        stage_export, "export_onnx", lambda gm, *a, **kw: calls.append(gm) or real(gm, *a, **kw)
     )
     program = effx.transform(model, passes=KINDS[kind], kernels="reference")
     artifact = exporter.export(program, tmp_path / kind)
@@ -200,7 +200,7 @@ def _lowered_ops(monkeypatch, nbits=onnx_quant.NBITS, terms=onnx_quant.TERMS):
     """The graph of every form, lowered, checked, run: ``(model, the torch outputs, ONNX Runtime's)``."""
     import onnxruntime as ort
 
-    from effx.capture import export_onnx
+    from effx.exporters.onnx_stage import export_onnx
 
     monkeypatch.setattr(onnx_quant, "NBITS", nbits)
     monkeypatch.setattr(onnx_quant, "TERMS", terms)

@@ -78,7 +78,7 @@ from ..artifact import (
 )
 from ..errors import ArtifactError
 from ..program import torch_dtype
-from . import onnx_attention, onnx_quant
+from . import onnx_attention, onnx_quant, onnx_stage
 from .folder import check_target, replacing
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "export", "layer_runs"]
@@ -281,7 +281,6 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
     from tqdm.auto import tqdm
 
     from .._about import __version__
-    from ..capture import export_onnx
 
     files = {}
     translations = onnx_quant.translations()
@@ -298,7 +297,9 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
             if model is None:
                 args, axes = _example_args(program, stage)
                 with torch.no_grad():
-                    exported = export_onnx(stage.graph, args, axes, OPSET, translations=translations)
+                    exported = onnx_stage.export_onnx(
+                        stage.graph, args, axes, OPSET, translations=translations
+                    )
                     model = _optimize(exported)
                 templates[key] = model
                 model = _copy(model)

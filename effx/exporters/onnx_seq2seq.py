@@ -25,7 +25,7 @@ from ..artifact import (
     sha256,
     write_manifest,
 )
-from ..capture import export_onnx
+from . import onnx_stage
 
 __all__ = ["export_seq2seq"]
 
@@ -95,7 +95,7 @@ def export_seq2seq(
         files = {}
         for name, gm in tqdm(stages.items(), desc="export stages", unit="stage", disable=not progress):
             args, axes = _example(program, name)
-            proto = export_onnx(gm, args, axes)
+            proto = onnx_stage.export_onnx(gm, args, axes)
             path = tmp / f"{name}.onnx"
             onnx.save(proto, path)
             files[name] = {"onnx": path.name, "sha256": sha256(path)}
