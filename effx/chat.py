@@ -26,12 +26,15 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from . import show
+from .errors import EffxError
 
 __all__ = [
     "TEMPLATE_CHARS",
     "TEMPLATE_SECONDS",
     "ChatSession",
     "Reply",
+    "TemplateError",
+    "TemplateLimitError",
     "format_stats",
     "load_prompts",
     "render_template",
@@ -52,16 +55,42 @@ def _bounded_environment():
     """An immutable Jinja sandbox that refuses, before computing it, any value over the render's character
     limit (``*``, ``**``, ``+`` and ``%`` on strings and sequences, a call or filter given a count or a string
     over it, an attribute or item that holds one), and gives up at its deadline; its ``range`` checks the
-    deadline as it counts."""
+    deadline as it counts. Templates see what transformers gives them (``raise_exception``, ``strftime_now``,
+    a ``tojson`` that keeps non-ASCII text, ``break`` and ``continue``), so they render as
+    ``apply_chat_template`` renders them."""
+    import json
+    from datetime import datetime
+
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(f"the chat template refused the prompt: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
     class Bounded(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"*", "**", "+", "%"})
 
         def __init__(self):
-            super().__init__(trim_blocks=True, lstrip_blocks=True)
+            super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
             self.globals["range"] = self._range
-            for name in ("center", "indent", "wordwrap", "truncate", "format", "batch", "slice", "join"):
+            self.globals["raise_exception"] = raise_exception
+            self.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+            self.filters["tojson"] = tojson
+            for name in (
+                "center",
+                "indent",
+                "wordwrap",
+                "truncate",
+                "format",
+                "batch",
+                "slice",
+                "join",
+                "tojson",
+            ):
                 self.filters[name] = self._checked(name, self.filters[name])
 
         # the limits of the render on this thread, set by render_template
@@ -139,7 +168,12 @@ def _bounded_environment():
     return Bounded()
 
 
-class TemplateLimitError(ValueError):
+class TemplateError(EffxError, ValueError):
+    """A chat template did not render: it refused the prompt (``raise_exception``), is not valid Jinja, or
+    asked for more than a prompt needs (:class:`TemplateLimitError`)."""
+
+
+class TemplateLimitError(TemplateError):
     """A chat template asked for more characters or time than a prompt needs."""
 
 
@@ -150,7 +184,10 @@ def render_template(template: str, where: str, **context) -> str:
     """``template`` (a chat template, from ``where``) rendered in an immutable Jinja sandbox with ``context``,
     within :data:`TEMPLATE_CHARS` characters (or 4x the messages' own, if more) and :data:`TEMPLATE_SECONDS`
     seconds: a template that asks for more is refused with one line naming ``where`` and what it asked for,
-    before the memory or the time is spent. Needs jinja2."""
+    before the memory or the time is spent; a template that is not valid Jinja or fails is a
+    :class:`TemplateError` naming ``where``. Needs jinja2."""
+    from jinja2 import TemplateError as JinjaError
+
     env = _bounded_environment()
     own = sum(len(str(m.get("content", ""))) for m in context.get("messages", ()) if isinstance(m, dict))
     chars = max(TEMPLATE_CHARS, 4 * own)
@@ -168,6 +205,9 @@ def render_template(template: str, where: str, **context) -> str:
         raise TemplateLimitError(f"the chat template in {where} was stopped: {e}") from None
     except RecursionError:
         raise TemplateLimitError(f"the chat template in {where} was stopped: it recursed too deep") from None
+    except JinjaError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TemplateError(f"the chat template in {where} failed: {first}") from None
     finally:
         del _LIMITS.chars, _LIMITS.deadline
     return "".join(out)
