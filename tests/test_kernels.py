@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import effx
 from effx import kernels
-from effx.kernels.layer import FusedLayer
+from effx.kernels.layer import PREFILL_ROWS, FusedLayer, FusedStack
 from effx.kernels.lower import lower_graph, lowered_ops
 from effx.passes import EarlyExit, Lower, NeuronMask
 from effx.runtime.torch_backend import torch_backend
@@ -354,6 +354,81 @@ def test_the_fused_layer_is_batch_invariant_and_falls_back_where_it_must():
         assert len(calls) == 2
     finally:
         layer.graph_module = real
+
+
+def test_a_quantized_layer_takes_a_prefill_in_one_call():
+    """Quantized weights would run as kernel calls of MAX_ROWS rows in the lowered graph anyway: a fused
+    layer of them takes a prefill of up to PREFILL_ROWS tokens itself (float32 ones leave it to F.linear)."""
+    program = effx.transform(tiny_model("llama", layers=1, hidden=64, heads=4, kv_heads=2), "quantize")
+    layer = torch_backend(program)._graphs["layer.0"]
+    assert isinstance(layer, FusedLayer) and layer.max_rows == PREFILL_ROWS > kernels.MAX_ROWS
+    real = layer.graph_module
+    layer.graph_module = counting = _Counting(real)
+    try:
+        with torch.inference_mode():
+            inputs = _layer_inputs(program, 2, kernels.MAX_ROWS, 3)
+            got, want = layer(*inputs), real(*inputs)
+            assert not counting.calls
+            # over MAX_ROWS rows the lowered graph rotates q and k with torch's ops (float rounding there
+            # too, carried through attention and the MLP)
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            layer(*_layer_inputs(program, 1, PREFILL_ROWS + 1, 0))  # longer: the lowered graph
+            assert len(counting.calls) == 1
+    finally:
+        layer.graph_module = real
+
+
+@pytest.mark.parametrize("passes", ["", "quantize{activations=int8}"])
+def test_consecutive_fused_layers_run_as_one_call_with_the_same_bits(passes, monkeypatch):
+    """A step runs every fused layer in one kernel call: the same logits and cache, bit for bit, as one call
+    per layer; layers filled to different lengths (an early exit's skipped tokens) run one at a time."""
+    from effx.runtime import torch_backend as tb
+    from effx.runtime.forward import KVCache, MaskCache, positions_from_mask, run_step
+
+    program = effx.transform(tiny_model("llama", layers=3, hidden=64, heads=4, kv_heads=2), passes)
+    backend = torch_backend(program)
+    layers = program.plan.layers
+    assert isinstance(backend._stack(layers), FusedStack)
+    ids, mask = left_padded_batch([3, 5], program.info.vocab_size, seed=1)
+
+    def decode(per_layer: bool):
+        if per_layer:
+            monkeypatch.setattr(tb.TorchBackend, "_stack", lambda self, layers: None)
+        cache = KVCache.for_program(program, 2, 12)
+        valid = mask.bool()
+        pos = positions_from_mask(mask)
+        with torch.inference_mode():
+            outs = [run_step(backend, cache, ids, pos, valid)]
+            for step in range(3):
+                valid = torch.cat([valid, torch.ones(2, 1, dtype=torch.bool)], dim=1)
+                new = outs[-1].argmax(-1, keepdim=True)
+                outs.append(run_step(backend, cache, new, pos[:, -1:] + step + 1, valid))
+        monkeypatch.undo()
+        return outs, cache
+
+    fused, fused_cache = decode(False)
+    alone, alone_cache = decode(True)
+    assert all(torch.equal(a, b) for a, b in zip(fused, alone, strict=True))
+    assert fused_cache.lengths == alone_cache.lengths == [8, 8, 8]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(fused_cache.k + fused_cache.v, alone_cache.k + alone_cache.v, strict=True)
+    )
+
+    # layers filled to different lengths: one at a time (the stack is not called)
+    from effx.runtime import forward
+
+    calls = []
+    stack = backend._stack(layers)
+    monkeypatch.setattr(type(stack), "__call__", lambda self, *a: calls.append("stack"))
+    monkeypatch.setattr(forward, "run_layer_stages", lambda *a: calls.append("one at a time"))
+    cache = KVCache.for_program(program, 1, 8)
+    cache.lengths = [2, 1, 1]
+    hidden, cos, sin = backend.run(program.plan.embed, ids[:1, :1], torch.tensor([[2]]))
+    masks = MaskCache(backend, torch.ones(1, 3, dtype=torch.bool), torch.float32)
+    backend.run_layers(cache, layers, hidden, cos, sin, masks)
+    assert calls == ["one at a time"]
 
 
 def test_layers_of_another_form_are_not_fused():

@@ -243,6 +243,9 @@ def _load(isa: str) -> tuple[ctypes.CDLL | None, str]:
     lib.effx_layer.argtypes = [
         _P, _P, _I, _I, _P, _P, _P, _P, _I, _I, _P, ctypes.c_long, ctypes.c_long, _P, _P, _P, _I,
     ]  # fmt: skip
+    lib.effx_layers.argtypes = [
+        _P, _I, _P, _I, _I, _P, _P, _P, _P, _I, _I, _P, ctypes.c_long, ctypes.c_long, _P, _P, _P, _P, _I,
+    ]  # fmt: skip
     lib.effx_linear_w.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I]
     lib.effx_qlinear.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I]
     lib.effx_qkv_rope_w.argtypes = [_P, _I, _I, _P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I]
@@ -250,7 +253,7 @@ def _load(isa: str) -> tuple[ctypes.CDLL | None, str]:
     lib.effx_gated_w.argtypes = [_P, _I, _I, _P, _P, _I, _P, _I]
     for name in (
         "linear", "linear1", "qkv_rope", "linear_rows", "gated", "rms_norm", "rope", "round_int8", "layer",
-        "linear_w", "qlinear", "qkv_rope_w", "linear_rows_w", "gated_w",
+        "layers", "linear_w", "qlinear", "qkv_rope_w", "linear_rows_w", "gated_w",
     ):  # fmt: skip
         getattr(lib, f"effx_{name}").restype = None
     return lib, ""

@@ -1102,6 +1102,22 @@ void effx_layer(const effx_layer_params *L, const float *x, int B, int S, const 
   for (size_t i = 0; i < (size_t)M * D; i++) out[i] = x2[i] + out[i];
 }
 
+/* nl decoder layers of one shape, one after another, on the same M = B * S new tokens x [M, D]: layer l
+ * reads layer l - 1's output and writes its new keys and values into its own caches kcs[l], vcs[l] (every
+ * one filled to `past`, of capacity cap); one mask for all. The output of the last layer goes to out
+ * [M, D]; tmp [M, D] holds the ones between; qkv and work as effx_layer's. The same bits as nl calls of
+ * effx_layer, without a return to the caller between layers. */
+void effx_layers(const effx_layer_params *const *Ls, int nl, const float *x, int B, int S, const float *cos,
+                 const float *sin, float *const *kcs, float *const *vcs, int cap, int past, const float *mask,
+                 long mb, long ms, float *qkv, float *work, float *tmp, float *out, int nthreads) {
+  const float *in = x;
+  for (int l = 0; l < nl; l++) {
+    float *dst = ((nl - 1 - l) % 2 == 0) ? out : tmp; /* the last layer writes out */
+    effx_layer(Ls[l], in, B, S, cos, sin, kcs[l], vcs[l], cap, past, mask, mb, ms, qkv, work, dst, nthreads);
+    in = dst;
+  }
+}
+
 /* Int8 activations: y = x rounded per block of g values (along rows of K, the last block zero-padded) to
  * scale * int8, scale = the block's largest magnitude / 127: y = scale * nearbyint(x / scale) (round half
  * to even, as torch.round; a block of zeros stays zero). Scalar IEEE operations: the same bits everywhere,

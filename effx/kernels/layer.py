@@ -39,7 +39,11 @@ from . import (
     rows_of,
 )
 
-__all__ = ["FusedLayer", "fuse_layer"]
+__all__ = ["PREFILL_ROWS", "FusedLayer", "FusedStack", "fuse_layer", "fuse_stack"]
+
+#: The most new tokens a fused layer of quantized weights takes in one call (a longer prefill runs the
+#: lowered graph).
+PREFILL_ROWS = 512
 
 aten = torch.ops.aten
 _P = ctypes.c_void_p
@@ -168,6 +172,10 @@ class FusedLayer(torch.nn.Module):
             if group is not None and descs[name] is not None:
                 descs[name] = act8(descs[name], group)  # None (not fused) where the kernels cannot
         self.params = None
+        # a prefill of more rows than MAX_ROWS: float32 weights go to F.linear (the lowered graph), faster
+        # there; quantized ones would run as kernel calls of MAX_ROWS rows anyway, so they stay fused
+        quantized = ok and all(d is not None and d.kind != 0 for d in descs.values())
+        self.max_rows = PREFILL_ROWS if quantized else MAX_ROWS
         if ok and all(d is not None for d in descs.values()):
             ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
             self.params = _Params(
@@ -205,7 +213,7 @@ class FusedLayer(torch.nn.Module):
         if torch.is_grad_enabled() or hidden.dim() != 3 or not _plain(hidden, False):
             return False
         batch, seq, d = hidden.shape
-        if d != self.D or batch * seq > MAX_ROWS or batch * seq == 0:
+        if d != self.D or batch * seq > self.max_rows or batch * seq == 0:
             return False
         if not all(_plain(t, False) and tuple(t.shape) == (batch, seq, self.hd) for t in (cos, sin)):
             return False
@@ -236,6 +244,64 @@ class FusedLayer(torch.nn.Module):
         ):
             return False
         return True
+
+
+class FusedStack:
+    """Consecutive :class:`FusedLayer` s of one shape as one ``effx_layers`` call: a decode step returns to
+    Python once for all of them, not once per layer (see :func:`fuse_stack`)."""
+
+    def __init__(self, layers: list[FusedLayer]):
+        self.layers = layers
+        self.params = (ctypes.c_void_p * len(layers))(*(ctypes.addressof(f.params) for f in layers))
+
+    def __call__(self, hidden, cos, sin, mask, ks, vs, past: int) -> torch.Tensor | None:
+        """The last layer's output for new tokens ``hidden`` after ``past`` filled slots of the caches ``ks``
+        and ``vs`` (per layer, a whole ``[batch, heads, capacity, head_dim]`` buffer; each layer's new keys and
+        values are written after its filled slots), every layer with ``mask``; None where the kernels do not
+        take these inputs (nothing is written then: the caller runs the layers one at a time)."""
+        lib = _library()[0]
+        first = self.layers[0]
+        if lib is None or len(ks) != len(self.layers) or len(vs) != len(self.layers):
+            return None
+        buffer = ks[0]
+        if (
+            not all(
+                t.dtype == torch.float32
+                and t.device.type == "cpu"
+                and t.shape == buffer.shape
+                and t.is_contiguous()
+                for t in (*ks, *vs)
+            )
+            or buffer.dim() != 4
+        ):
+            return None
+        if not first._fits(hidden, cos, sin, mask, buffer[:, :, :past], vs[0][:, :, :past]):
+            return None
+        batch, seq, _ = hidden.shape
+        m = batch * seq
+        work = torch.empty(lib.effx_layer_work(ctypes.byref(first.params), m))
+        qkv = torch.empty(m, first.nq + 2 * first.nkv)
+        tmp, out = torch.empty_like(hidden), torch.empty_like(hidden)
+        n = len(self.layers)
+        lib.effx_layers(
+            self.params, n, hidden.data_ptr(), batch, seq, cos.data_ptr(), sin.data_ptr(),
+            (ctypes.c_void_p * n)(*(t.data_ptr() for t in ks)), (ctypes.c_void_p * n)(*(t.data_ptr() for t in vs)),
+            buffer.shape[2], past, mask.data_ptr(), mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2),
+            qkv.data_ptr(), work.data_ptr(), tmp.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+
+def fuse_stack(layers) -> FusedStack | None:
+    """A :class:`FusedStack` of ``layers`` (the torch backend's modules of consecutive layer stages), or None
+    unless there are two or more, every one a :class:`FusedLayer` the kernels run, all of one shape."""
+    layers = list(layers)
+    if len(layers) < 2 or not all(isinstance(f, FusedLayer) and f.params is not None for f in layers):
+        return None
+    shape = lambda f: (f.D, f.nq, f.nkv, f.hd, f.F)  # noqa: E731
+    if any(shape(f) != shape(layers[0]) for f in layers):
+        return None
+    return FusedStack(layers)
 
 
 def _base(t: torch.Tensor) -> int:

@@ -50,9 +50,45 @@ class TorchBackend(Backend):
                 if s.kind == "layer":
                     self._graphs[s.name] = fuse_layer(self._graphs[s.name]) or self._graphs[s.name]
         self._kv_only: dict[str, torch.fx.GraphModule] = {}
+        self._stacks: dict[tuple[str, ...], object] = {}
 
     def run(self, stage, *inputs) -> tuple:
         return self._graphs[stage.name](*inputs)
+
+    def run_layers(self, cache, layers, hidden, cos, sin, masks):
+        """Consecutive fused layers that attend alike (one fill length, one window, no dropped slots) run as
+        one kernel call (:class:`effx.kernels.layer.FusedStack`); anything else one stage at a time."""
+        from .forward import layer_mask, run_layer_stages
+
+        stack = self._stack(layers)
+        if stack is not None:
+            first = layers[0]
+            past, window = cache.lengths[first.layer], first.attrs.get("sliding_window")
+            if all(
+                cache.lengths[s.layer] == past
+                and s.layer not in cache.dropped
+                and s.attrs.get("sliding_window") == window
+                for s in layers
+            ):
+                seq = hidden.shape[1]
+                out = stack(
+                    hidden, cos, sin, layer_mask(masks, cache, first, seq),
+                    [cache.k[s.layer] for s in layers], [cache.v[s.layer] for s in layers], past,
+                )  # fmt: skip
+                if out is not None:
+                    for s in layers:
+                        cache.lengths[s.layer] = past + seq
+                    return out
+        return run_layer_stages(self, cache, layers, hidden, cos, sin, masks)
+
+    def _stack(self, layers):
+        key = tuple(s.name for s in layers)
+        if key not in self._stacks:
+            from ..kernels.layer import fuse_stack
+
+            graphs = [self._graphs[s.name] for s in layers]
+            self._stacks[key] = fuse_stack(graphs) if all(s.kind == "layer" for s in layers) else None
+        return self._stacks[key]
 
     def compute(self):
         return torch.inference_mode()
