@@ -45,6 +45,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
+from . import frontend
 from .errors import EffxError
 
 __all__ = ["TASKS_DIR", "EffxLM", "format_stats"]
@@ -64,43 +65,6 @@ def _cli() -> bool:
     return Path(sys.argv[0]).name in ("lm_eval", "lm-eval") or sys.argv[0].endswith(
         os.path.join("lm_eval", "__main__.py")
     )
-
-
-class _Tokenizer:
-    """The few things lm-eval needs of a tokenizer, over an HF tokenizer or a ``tokenizers`` file."""
-
-    def __init__(self, hf=None, *, directory: Path | None = None):
-        self.hf = hf
-        if hf is not None:
-            self.eos, self.bos = hf.eos_token_id, hf.bos_token_id
-            self.name = getattr(hf, "name_or_path", "") or ""
-            return
-        from tokenizers import Tokenizer
-
-        file = directory / "tokenizer.json"
-        if not file.is_file():
-            raise HarnessError(f"{file} is missing: export the artifact with its tokenizer")
-        self.tok = Tokenizer.from_file(str(file))
-        config_file = directory / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-
-        def special(name):
-            value = config.get(name)
-            value = value.get("content") if isinstance(value, dict) else value
-            return self.tok.token_to_id(value) if value else None
-
-        self.eos, self.bos = special("eos_token"), special("bos_token")
-        self.name = str(directory)
-
-    def encode(self, text: str, special: bool = False) -> list[int]:
-        if self.hf is not None:
-            return self.hf(text, add_special_tokens=special).input_ids
-        return self.tok.encode(text, add_special_tokens=special).ids
-
-    def decode(self, ids, skip_special: bool = True) -> str:
-        if self.hf is not None:
-            return self.hf.decode(ids, skip_special_tokens=skip_special)
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
 
 def format_stats(totals: dict) -> str:
@@ -151,13 +115,13 @@ class EffxLM(TemplateLM):
     ):
         super().__init__()
         try:
-            self._setup(model, passes, backend, artifact, kernels, batch_size, device, max_length, max_gen_toks, chunk, kwargs)
+            self._setup(model, passes, backend, artifact, kernels, batch_size, device, max_length, max_gen_toks, chunk, kwargs)  # fmt: skip
         except (EffxError, OSError) as e:
             if _cli():
                 raise SystemExit(f"effx: error: {e}") from None
             raise
 
-    def _setup(self, model, passes, backend, artifact, kernels, batch_size, device, max_length, max_gen_toks, chunk, kwargs):
+    def _setup(self, model, passes, backend, artifact, kernels, batch_size, device, max_length, max_gen_toks, chunk, kwargs):  # fmt: skip
         unknown = sorted(set(kwargs) - _IGNORED)
         if unknown:
             raise HarnessError(
@@ -176,10 +140,9 @@ class EffxLM(TemplateLM):
             if not isinstance(value, int) or value < 1:
                 raise HarnessError(f"{name} must be a positive integer, got {value!r}")
         self.max_gen_toks, self.chunk = max_gen_toks, chunk
-        if artifact is not None or backend == "onnx":
-            self._load_artifact(artifact)
-        else:
-            self._load_torch(model, str(passes or ""), kernels)
+        if backend == "onnx" and artifact is None:
+            raise HarnessError("backend=onnx needs artifact=DIR (a directory written by 'effx export')")
+        self._load(model, str(passes or ""), kernels, artifact)
         positions = self.backend.plan.model.max_positions
         self._max_length = min(positions, 4096) if max_length is None else int(max_length)
         if not 2 <= self._max_length <= positions:
@@ -187,44 +150,31 @@ class EffxLM(TemplateLM):
         self.totals: dict = {"layers": self.backend.plan.model.num_layers, "exit_depths": Counter()}
         self.seconds = 0.0
 
-    def _load_torch(self, model, passes, kernels):
-        import effx
-
-        from .runtime.torch_backend import torch_backend
-
-        pipeline = effx.parse_pipeline(passes)  # a bad pipeline fails before the model loads
-        hf, tokenizer = effx.models.load(model)
-        self.program = effx.transform(hf, passes=pipeline, kernels=kernels)
-        self.backend = torch_backend(self.program)
-        self._generate = self.program.generate
-        self.tokenizer = tokenizer
-        self.tok = _Tokenizer(tokenizer)
-        from .passes.base import pipeline_string
-
-        self.description = {
-            "model": str(model),
-            "passes": pipeline_string(pipeline),
-            "backend": "torch",
-            "kernels": self.backend.kernels,
-        }
-
-    def _load_artifact(self, artifact):
-        from .runtime import onnx as rt
+    def _load(self, model, passes, kernels, artifact) -> None:
+        """Open the source through effx's front end (as ``effx eval`` does): the model and ``passes``, or
+        the artifact (whose own model and passes are used; ``model`` and ``passes`` are then ignored)."""
+        from .runtime.onnx import OnnxGenerator
 
         if artifact is None:
-            raise HarnessError("backend=onnx needs artifact=DIR (a directory written by 'effx export')")
-        directory = Path(artifact)
-        if not directory.is_dir():
-            raise HarnessError(f"artifact={artifact}: no such directory (export one with 'effx export')")
-        gen = rt.load(directory)
-        if not isinstance(gen, rt.OnnxGenerator):
+            source = frontend.resolve(model, passes, kernels=kernels)
+        else:
+            try:
+                source = frontend.resolve(artifact=artifact)
+            except frontend.UsageError as e:
+                raise HarnessError(str(e)) from None
+        run = frontend.load(source)
+        if run.program is None and not isinstance(run.generator, OnnxGenerator):
             raise HarnessError(f"artifact={artifact} is a cascade; the lm-eval model runs single Programs")
-        self.program = None
-        self.backend = gen
-        self._generate = gen.generate
-        self.tok = _Tokenizer(directory=directory / "tokenizer")
-        passes = ", ".join(p["name"] for p in gen.plan.passes)
-        self.description = {"model": str(directory), "passes": passes, "backend": "onnx"}
+        self.program = run.program
+        self.backend = run.backend()
+        self._generate = run.generate
+        self.tok = run.tokenizer
+        self.tokenizer = run.tokenizer.hf  # the Hugging Face tokenizer (None for an artifact)
+        self.description = {"model": source.path, "passes": run.passes}
+        if run.program is None:
+            self.description["backend"] = "onnx"
+        else:
+            self.description |= {"backend": "torch", "kernels": self.backend.kernels}
 
     # -- what lm-eval asks of a model ----------------------------------------------------------------
 
@@ -254,16 +204,15 @@ class EffxLM(TemplateLM):
         return self.tok.decode(tokens, skip_special_tokens)
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
-        if self.tok.hf is None or not getattr(self.tok.hf, "chat_template", None):
-            raise HarnessError("this model has no chat template (artifacts: run without --apply_chat_template)")
-        return self.tok.hf.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        # the template effx chat and effx run render, in the same bounded sandbox (effx.frontend)
+        if self.tok.template is None:
+            raise HarnessError("this model has no chat template: run without --apply_chat_template")
+        return self.tok.template.render(chat_history, add_generation_prompt=add_generation_prompt)
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        if self.tok.hf is None or not chat_template:
+        if self.tok.template is None or not chat_template:
             return None
-        return getattr(self.tok.hf, "chat_template", None)
+        return self.tok.template.text
 
     def get_model_info(self) -> dict:
         return {f"effx_{k}": v for k, v in self.description.items()} | {"effx_stats": self.stats()}
