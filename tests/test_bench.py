@@ -423,11 +423,11 @@ def test_bench_help(capsys):
 
 def test_bench_bad_sweep_is_a_one_line_error_before_loading(capsys):
     # the model does not exist: the sweep must fail first, without a traceback
-    assert main(["bench", "--model", "/no/such/model", "--sweep", "neuron-mask.keep=0.9:0.5:0.1"]) == 1
+    assert main(["bench", "--model", "/no/such/model", "--sweep", "neuron-mask.keep=0.9:0.5:0.1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("effx: error: sweep 'neuron-mask.keep=0.9:0.5:0.1': the range is empty")
     assert "Traceback" not in err
-    assert main(["bench", "--model", "/no/such/model", "--sweep", "neuron-mask.kep=1"]) == 1
+    assert main(["bench", "--model", "/no/such/model", "--sweep", "neuron-mask.kep=1"]) == 2
     assert "has no field 'kep'" in capsys.readouterr().err
 
 
@@ -467,7 +467,7 @@ def test_default_quantize_step_follows_the_model_source():
 
 
 def test_bench_quantize_flag_is_for_the_defaults(capsys):
-    assert main(["bench", "--model", "/no/such/model", "--passes", "quantize{bits=8}", "--quantize"]) == 1
+    assert main(["bench", "--model", "/no/such/model", "--passes", "quantize{bits=8}", "--quantize"]) == 2
     assert "--quantize adds to the default configurations" in capsys.readouterr().err
 
 

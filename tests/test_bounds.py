@@ -87,9 +87,9 @@ def test_cli_refuses_from_the_config_before_loading(model_dir, monkeypatch, caps
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(effx.models, "load", refuse)
-    assert main(["inspect", "--model", str(model_dir), "--passes", "early-exit{layers=40}"]) == 1
+    assert main(["inspect", "--model", str(model_dir), "--passes", "early-exit{layers=40}"]) == 2
     assert "out of range" in capsys.readouterr().err
-    assert main(["inspect", "--model", str(model_dir), "--passes", "prompt-lookup{draft=1000000}"]) == 1
+    assert main(["inspect", "--model", str(model_dir), "--passes", "prompt-lookup{draft=1000000}"]) == 2
     assert "exceeds the model's max_positions" in capsys.readouterr().err
 
 

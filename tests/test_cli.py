@@ -53,12 +53,12 @@ def test_inspect_prints_stages_and_plan(model_dir, capsys):
 
 
 def test_errors_are_one_line_not_tracebacks(model_dir, capsys):
-    assert main(["inspect", "--model", str(model_dir), "--passes", "no-such-pass"]) == 1
+    assert main(["inspect", "--model", str(model_dir), "--passes", "no-such-pass"]) == 2
     err = capsys.readouterr().err
     assert (
         err.startswith("effx: error: unknown pass 'no-such-pass'") and "Traceback" not in err
     )  # before loading
-    assert main(["generate", "--model", "/no/such/dir", "x"]) == 1
+    assert main(["generate", "--model", "/no/such/dir", "x"]) == 2
     assert "unknown model" in capsys.readouterr().err
 
 
@@ -83,7 +83,7 @@ def test_export_then_run(model_dir, tmp_path, capsys):
         assert main(["run", str(out), "w5", "--provider", "cuda"]) == 1
         err = capsys.readouterr().err
         assert err.startswith("effx: error: --provider cuda") and "onnxruntime-gpu" in err
-    assert main(["run", str(tmp_path / "nothing"), "w5"]) == 1
+    assert main(["run", str(tmp_path / "nothing"), "w5"]) == 2
     assert "no plan.json" in capsys.readouterr().err
 
 
@@ -255,11 +255,11 @@ def test_chat_cli_interactive_and_predefined_prompts(model_dir, tmp_path, monkey
 
 
 def test_chat_bad_input_is_one_line(model_dir, tmp_path, capsys):
-    assert main(["chat", "--model", str(model_dir), "--prompts", str(tmp_path / "none.txt")]) == 1
+    assert main(["chat", "--model", str(model_dir), "--prompts", str(tmp_path / "none.txt")]) == 2
     assert capsys.readouterr().err.startswith("effx: error: --prompts")
-    assert main(["chat", "--model", str(model_dir), "--passes", "nope{"]) == 1
+    assert main(["chat", "--model", str(model_dir), "--passes", "nope{"]) == 2
     assert capsys.readouterr().err.startswith("effx: error:")
-    assert main(["chat", "--artifact", str(tmp_path / "missing")]) == 1
+    assert main(["chat", "--artifact", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("effx: error:") and "no plan.json" in err and "Traceback" not in err
 

@@ -273,7 +273,7 @@ def test_effx_eval_bad_input_is_one_line(argv, message, capsys):
 
     rc = main(["eval", *argv])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1
+    assert rc == 2
     assert err and err[-1].startswith("effx: error:") and message in err[-1]
 
 

@@ -109,7 +109,7 @@ def test_generate_show_on_the_command_line(capsys):
         out, err = capsys.readouterr()
         assert "‹L1›" in out and "\033[" not in out
         assert "‹L1› exit at layer 1" in err
-        assert main([*argv, "--show", "exits"]) == 1
+        assert main([*argv, "--show", "exits"]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith("effx: error: --show exits")
         assert main([*argv, "--show", "paths"]) == 0
         assert "every one from the dense path" in capsys.readouterr().err
