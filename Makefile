@@ -53,9 +53,10 @@ test-fast: install   ## tiny random models only
 bench: install   ## HF generate vs effx dense runtime, same run
 	$(PY) benchmarks/decode.py
 
-lint: install   ## ruff, and the layers contract of pyproject.toml (import-linter)
+lint: install   ## ruff, the layers contract of pyproject.toml (import-linter), and types (mypy)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

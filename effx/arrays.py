@@ -7,19 +7,39 @@ composition, are here, chosen by namespace: top-k, in-place scatter along an axi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
 import array_api_compat
 
-__all__ = ["as_array", "copy", "multinomial", "namespace", "new_rng", "put_along_axis", "softmax", "take_along_axis", "topk"]
+__all__ = [
+    "Array",
+    "Namespace",
+    "as_array",
+    "copy",
+    "multinomial",
+    "namespace",
+    "new_rng",
+    "put_along_axis",
+    "softmax",
+    "take_along_axis",
+    "topk",
+]
+
+# The loop is duck-typed over torch tensors and numpy arrays through the array API standard, which has no
+# static types, and neither library's types describe the other's: to the type checker both are Any. These
+# names say which is meant where an annotation would otherwise be a bare Any.
+Array: TypeAlias = Any
+"""A torch tensor or a numpy array (the decode loop's arrays)."""
+Namespace: TypeAlias = Any
+"""An array API namespace (``array_api_compat``'s torch or numpy namespace)."""
 
 
-def namespace(*arrays) -> Any:
+def namespace(*arrays: Array) -> Namespace:
     """The array API namespace of ``arrays`` (torch or numpy, through ``array_api_compat``)."""
     return array_api_compat.array_namespace(*arrays)
 
 
-def as_array(xp, x):
+def as_array(xp: Namespace, x: Any) -> Array:
     """``x`` as an array of ``xp``: unchanged when it already is one, else converted (lists, other libraries'
     arrays)."""
     if array_api_compat.is_array_api_obj(x) and array_api_compat.array_namespace(x) is xp:
@@ -27,16 +47,16 @@ def as_array(xp, x):
     return xp.asarray(x)
 
 
-def _is_torch(xp) -> bool:
+def _is_torch(xp: Namespace) -> bool:
     return array_api_compat.is_torch_namespace(xp)
 
 
-def copy(xp, x):
+def copy(xp: Namespace, x: Array) -> Array:
     """A copy of ``x`` that may be written to."""
     return x.clone() if _is_torch(xp) else x.copy()
 
 
-def softmax(xp, x, axis: int = -1):
+def softmax(xp: Namespace, x: Array, axis: int = -1) -> Array:
     """Softmax in float32 along ``axis`` (``-inf`` entries get probability 0)."""
     x = xp.astype(x, xp.float32)
     if _is_torch(xp):
@@ -45,7 +65,7 @@ def softmax(xp, x, axis: int = -1):
     return e / xp.sum(e, axis=axis, keepdims=True)
 
 
-def topk(xp, x, k: int):
+def topk(xp: Namespace, x: Array, k: int) -> tuple[Array, Array]:
     """``(values, indices)`` of the ``k`` largest entries along the last axis, largest first (``k`` is
     capped at the axis length)."""
     k = min(k, x.shape[-1])
@@ -60,7 +80,7 @@ def topk(xp, x, k: int):
     return np.take_along_axis(x, idx, -1), idx
 
 
-def put_along_axis(xp, arr, indices, values, axis: int) -> None:
+def put_along_axis(xp: Namespace, arr: Array, indices: Array, values: Array, axis: int) -> None:
     """``arr[..., indices[...], ...] = values`` along ``axis``, in place; ``indices`` broadcasts against
     ``values``."""
     indices = xp.broadcast_to(indices, values.shape)
@@ -72,7 +92,7 @@ def put_along_axis(xp, arr, indices, values, axis: int) -> None:
         np.put_along_axis(arr, indices, values, axis)
 
 
-def take_along_axis(xp, arr, indices, axis: int):
+def take_along_axis(xp: Namespace, arr: Array, indices: Array, axis: int) -> Array:
     """``arr`` gathered along ``axis`` at ``indices`` (which broadcasts against ``arr`` on the other axes)."""
     shape = list(arr.shape)
     shape[axis] = indices.shape[axis]
@@ -84,7 +104,7 @@ def take_along_axis(xp, arr, indices, axis: int):
     return np.take_along_axis(arr, indices, axis)
 
 
-def new_rng(xp, seed: int | None):
+def new_rng(xp: Namespace, seed: int | None) -> Any:
     """A random source for :func:`multinomial`: a numpy ``Generator``, or a seeded ``torch.Generator``
     (None without a seed: torch's global generator, which ``torch.manual_seed`` sets)."""
     if _is_torch(xp):
@@ -96,7 +116,7 @@ def new_rng(xp, seed: int | None):
     return np.random.default_rng(seed)
 
 
-def multinomial(xp, probs, rng):
+def multinomial(xp: Namespace, probs: Array, rng: Any) -> Array:
     """One draw per row of ``probs [batch, vocab]``: token ids ``[batch]``."""
     if _is_torch(xp):
         import torch

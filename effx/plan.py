@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 from .errors import PlanError
 
@@ -27,6 +27,7 @@ __all__ = [
     "Plan",
     "PromptLookupPolicy",
     "Policy",
+    "StageLike",
     "StageSpec",
     "TokenDropPolicy",
     "stage_signature",
@@ -61,7 +62,7 @@ STAGE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 PRUNED_EXIT_SIGNATURE = (("hidden", "prev_hidden", "vocab_ids"), ("logits", "confidence"))
 
 
-def stage_signature(kind: str, attrs: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def stage_signature(kind: str, attrs: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The inputs and outputs of a stage of ``kind`` with ``attrs``."""
     if kind == "exit" and attrs.get("vocab") == "pruned":
         return PRUNED_EXIT_SIGNATURE
@@ -111,6 +112,20 @@ class StageSpec:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+class StageLike(Protocol):
+    """What the runtime reads of a stage: a plan's :class:`StageSpec`, or a Program's ``Stage`` (which the
+    torch backend runs directly)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def layer(self) -> int | None: ...
+    @property
+    def attrs(self) -> dict[str, Any]: ...
+
+
 # -- run-time policies: what a pass asks of the decode loop ---------------------------------------------
 
 
@@ -124,7 +139,7 @@ class EarlyExitPolicy:
     measure: str = "softmax-max"
     kv: str = "deferred"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.mode not in ("lossy", "self-speculative"):
             raise PlanError(f"early-exit policy has unknown mode {self.mode!r}")
         if self.kv not in ("deferred", "copy"):
@@ -149,7 +164,7 @@ class NeuronMaskPolicy:
     mode: str
     top_share: float = 0.2
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.mode != "core":
             raise PlanError(f"neuron-mask policy has unknown mode {self.mode!r} (only 'core' needs one)")
 
@@ -163,7 +178,7 @@ class PromptLookupPolicy:
     min_ngram: int = 2
     draft: int = 4
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("ngram", "min_ngram", "draft"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -303,13 +318,15 @@ class Plan:
     @functools.cached_property
     def exits(self) -> dict[int, StageSpec]:
         """Exit stages by the layer they follow."""
-        return {s.layer: s for s in self.stages if s.kind == "exit"}
+        # validate(): an exit follows its layer, and layers are 0..n-1, so an exit's layer is an int
+        return {cast(int, s.layer): s for s in self.stages if s.kind == "exit"}
 
     @functools.cached_property
     def drops(self) -> dict[int, tuple[StageSpec, StageSpec]]:
         """TokenDrop: layer -> (score stage, drop stage) of the drop before that layer."""
+        # validate(): a token_score stage precedes its token_drop and layer, so its layer is an int
         return {
-            s.layer: (s, n)
+            cast(int, s.layer): (s, n)
             for s, n in zip(self.stages[:-1], self.stages[1:], strict=True)
             if s.kind == "token_score"
         }
@@ -370,9 +387,7 @@ class Plan:
         if self.kernels not in KERNELS:
             raise PlanError(f"plan kernels {self.kernels!r} is not one of {', '.join(KERNELS)}")
         if self.activations not in ACTIVATIONS:
-            raise PlanError(
-                f"plan activations {self.activations!r} is not one of {', '.join(ACTIVATIONS)}"
-            )
+            raise PlanError(f"plan activations {self.activations!r} is not one of {', '.join(ACTIVATIONS)}")
         if not isinstance(self.policy, Policy):
             raise PlanError(f"a plan's policy is a Policy, got {type(self.policy).__name__}")
         if "token_score" in kinds and self.policy.token_drop is None:
