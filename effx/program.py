@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -163,7 +163,7 @@ class Program:
         plan = dataclasses.replace(self.plan, stages=tuple(s.spec for s in new_stages))
         return Program(new_stages, plan, generation_config=self.generation_config, reports=self.reports)
 
-    def with_stages(self, stages: list[Stage], *, policy: Policy | None = None) -> Program:
+    def with_stages(self, stages: Sequence[Stage], *, policy: Policy | None = None) -> Program:
         """A new Program with this stage list (stages may be added, e.g. exits) and, if given, a new policy."""
         plan = dataclasses.replace(
             self.plan,

@@ -18,11 +18,15 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import PassConfigError, PassError, PassPreconditionError
+
+if TYPE_CHECKING:
+    from ..plan import ModelInfo
+    from ..program import Program
 
 __all__ = [
     "Pass",
@@ -75,7 +79,7 @@ class PassReport:
 
 @dataclass
 class PassResult:
-    program: Any  # effx.program.Program
+    program: Program
     modified: bool
     report: PassReport
 
@@ -94,17 +98,17 @@ class Pass:
     before: ClassVar[tuple[str, ...]] = ()
     order_reason: ClassVar[str] = ""
 
-    def apply(self, program) -> PassResult:
+    def apply(self, program: Program) -> PassResult:
         raise NotImplementedError(f"{type(self).__name__} does not implement apply()")
 
-    def requires(self, program) -> None:
+    def requires(self, program: Program) -> None:
         """Check the pass's precondition on its input; raise :class:`PassPreconditionError` (saying which
         earlier pass or state conflicts) if this pass cannot apply to ``program``."""
 
-    def ensures(self, program) -> None:
+    def ensures(self, program: Program) -> None:
         """Check the pass's postcondition on its output; raise PassError if it does not hold."""
 
-    def check_model(self, info) -> None:
+    def check_model(self, info: ModelInfo) -> None:
         """Check the settings against the model's own shapes (a :class:`~effx.plan.ModelInfo`, which
         :func:`effx.capture.info_from_config` reads from the config without the weights), before capture
         and before anything is allocated: layer ranges, the files the pass reads, and every size a setting
@@ -141,7 +145,7 @@ def check_file(setting: str, path: str) -> None:
         raise PassConfigError(f"{setting}={path}: no such file")
 
 
-def check_read(setting: str, path: str, read) -> None:
+def check_read(setting: str, path: str, read: Callable[[str], object]) -> None:
     """A file a pass reads (``setting=<path>``) exists and ``read(path)`` accepts it (its shapes, dtypes and
     values against the model), or a :class:`PassConfigError` naming the setting and saying what is wrong:
     a bad file fails before capture, not after it."""
@@ -161,7 +165,7 @@ def check_size(setting: str, value: int, limit: int, what: str) -> None:
         raise PassConfigError(f"{setting}={value} exceeds the model's {what} ({limit})")
 
 
-def _jsonable(value):
+def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
     return value
@@ -205,7 +209,7 @@ def _construct(klass: type[Pass], kwargs: dict[str, Any]) -> Pass:
         raise PassConfigError(f"pass {klass.name!r}: {e}") from e
 
 
-def _coerce(value, hint):
+def _coerce(value: Any, hint: Any) -> Any:
     """Make JSON/pipeline values fit the field's type: lists become tuples, a lone item a 1-tuple."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -223,7 +227,7 @@ def _coerce(value, hint):
 _NAME = re.compile(r"\s*([A-Za-z][\w-]*)\s*")
 
 
-def _parse_scalar(text: str):
+def _parse_scalar(text: str) -> bool | int | float | str | None:
     t = text.strip()
     if not t:
         raise ValueError("empty value")
@@ -309,7 +313,7 @@ def parse_pipeline(text: str) -> list[Pass]:
     return passes
 
 
-def format_value(value) -> str:
+def format_value(value: Any) -> str:
     """A field value as a pipeline string writes it."""
     if isinstance(value, (tuple, list)):
         return ",".join(format_value(v) for v in value)
@@ -320,7 +324,7 @@ def format_value(value) -> str:
     return str(value)
 
 
-def pipeline_string(passes: Sequence) -> str:
+def pipeline_string(passes: Sequence[Pass]) -> str:
     """The pipeline string of ``passes`` (fields at their default left out); :func:`effx.parse_pipeline`
     reads it back to equal passes."""
     parts = []
@@ -365,7 +369,7 @@ class PassManager:
     each other are an error. Any error names the failing pass and the passes that ran before it.
     """
 
-    def __init__(self, passes: str | Pass | Sequence[Pass | str] | None):
+    def __init__(self, passes: str | Pass | Sequence[Pass | str] | None) -> None:
         self.passes = as_passes(passes)
         self.moves: dict[int, str] = {}  # index in self.passes -> why it was moved
         self.check_order()
@@ -404,7 +408,7 @@ class PassManager:
                 )
         self.moves = moves
 
-    def check_model(self, info) -> None:
+    def check_model(self, info: ModelInfo) -> None:
         """Every refusal that needs no weights, before capture: each pass's settings against ``info`` (the
         model's shapes, from its config) and each pass against those that run before it. The errors name the
         pass and those before it."""
@@ -418,7 +422,7 @@ class PassManager:
             except PassError as e:
                 raise type(e)(f"{self._context(i)}: {e}") from e
 
-    def run(self, program):
+    def run(self, program: Program) -> Program:
         from ..flops import decode_flops
 
         for i, p in enumerate(self.passes):

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -38,30 +40,34 @@ from ..plan import EarlyExitPolicy
 from ..program import Stage, torch_dtype
 from .base import Pass, PassResult, check_read, check_size, register_pass
 
+if TYPE_CHECKING:
+    from ..plan import ModelInfo
+    from ..program import Program
+
 __all__ = ["MEASURES", "EarlyExit"]
 
 
-def _softmax_max(logits, hidden, prev):
+def _softmax_max(logits: torch.Tensor, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(-1).amax(-1)
 
 
-def _top2_gap(logits, hidden, prev):
+def _top2_gap(logits: torch.Tensor, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     top = logits.float().softmax(-1).topk(2, dim=-1).values
     return top[..., 0] - top[..., 1]
 
 
-def _entropy(logits, hidden, prev):
+def _entropy(logits: torch.Tensor, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     logp = logits.float().log_softmax(-1)
     # 0 * log 0 = 0: a reduced head's logits are -inf outside its subset
     h = -torch.where(logp > float("-inf"), logp.exp() * logp, 0.0).sum(-1)
     return 1.0 - h / math.log(logits.shape[-1])
 
 
-def _saturation(logits, hidden, prev):
+def _saturation(logits: torch.Tensor, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(hidden.float(), prev.float(), dim=-1)
 
 
-MEASURES = {
+MEASURES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "softmax-max": _softmax_max,
     "top2-gap": _top2_gap,
     "entropy": _entropy,
@@ -87,7 +93,7 @@ class EarlyExit(Pass):
     heads: str = ""
     kv: str = "deferred"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if bool(self.layers) == (self.every is not None):
             raise PassConfigError("early-exit needs exactly one of layers=[...] or every=k")
         if any(not isinstance(x, int) or isinstance(x, bool) for x in self.layers):
@@ -134,14 +140,14 @@ class EarlyExit(Pass):
         if self.head == "shared" and self.heads:
             raise PassConfigError("early-exit heads=<file> is only used with head='trained'")
 
-    def check_model(self, info) -> None:
+    def check_model(self, info: ModelInfo) -> None:
         self.exit_layers(info.num_layers)
         if self.mode == "self-speculative":
             check_size("early-exit draft", self.draft, info.max_positions - 1, "max_positions - 1")
         if self.head == "trained":
             check_read("early-exit heads", self.heads, lambda path: self._adapters(path, info))
 
-    def _adapters(self, path, info) -> dict:
+    def _adapters(self, path: str, info: ModelInfo) -> dict[int, dict[str, torch.Tensor]]:
         """The trained heads of ``path`` (checked by :func:`effx.formats.load_exit_heads`), one for every
         exit layer."""
         from ..formats import load_exit_heads
@@ -154,7 +160,7 @@ class EarlyExit(Pass):
             )
         return adapters
 
-    def check_after(self, earlier) -> None:
+    def check_after(self, earlier: Sequence[Pass]) -> None:
         if any(p.name == self.name for p in earlier):
             raise PassPreconditionError("an earlier early-exit already placed exits")
         if any(p.name == "vocab-reduce" and getattr(p, "where", "") == "head" for p in earlier):
@@ -165,7 +171,10 @@ class EarlyExit(Pass):
 
     def exit_layers(self, num_layers: int) -> list[int]:
         layers = (
-            sorted(self.layers) if self.layers else list(range(self.every - 1, num_layers - 1, self.every))
+            sorted(self.layers)
+            if self.layers
+            # __post_init__: every is set when layers is empty
+            else list(range(cast(int, self.every) - 1, num_layers - 1, cast(int, self.every)))
         )
         bad = [x for x in layers if x >= num_layers - 1]
         if bad:
@@ -177,7 +186,7 @@ class EarlyExit(Pass):
             raise PassError(f"every={self.every} places no exit before the last of {num_layers} layers")
         return layers
 
-    def requires(self, program) -> None:
+    def requires(self, program: Program) -> None:
         """A Program without exits (one EarlyExit per Program), with the layers the exits follow, and a
         full-vocabulary head (exits copy the head)."""
         if program.exits:
@@ -189,7 +198,7 @@ class EarlyExit(Pass):
             )
         self.exit_layers(program.info.num_layers)
 
-    def apply(self, program) -> PassResult:
+    def apply(self, program: Program) -> PassResult:
         self.requires(program)
         info = program.info
         layers = self.exit_layers(info.num_layers)
@@ -198,7 +207,7 @@ class EarlyExit(Pass):
         else:  # one per listed layer, in the order given (checked in __post_init__)
             by_layer = {x: float(t) for x, t in zip(self.layers, self.thresholds, strict=True)}
         measure = _measure_graph(self.measure, info)
-        adapters = {}
+        adapters: dict[int, dict[str, torch.Tensor]] = {}
         if self.head == "trained":
             adapters = self._adapters(self.heads, info)
         report = self.new_report()
@@ -230,7 +239,7 @@ class EarlyExit(Pass):
         )
         return PassResult(program.with_stages(stages, policy=policy), bool(report.changed), report)
 
-    def ensures(self, program) -> None:
+    def ensures(self, program: Program) -> None:
         expected = self.exit_layers(program.info.num_layers)
         if sorted(program.exits) != expected:
             raise PassError(f"exits after layers {sorted(program.exits)}, expected {expected}")
@@ -239,7 +248,7 @@ class EarlyExit(Pass):
                 raise PassError(f"{stage.name} has no nodes tagged by {self.name}")
 
 
-def _measure_graph(measure: str, info) -> torch.fx.GraphModule:
+def _measure_graph(measure: str, info: ModelInfo) -> torch.fx.GraphModule:
     dt = torch_dtype(info)
     logits = torch.randn(2, 3, info.vocab_size, dtype=dt)
     hidden = torch.randn(2, 3, info.hidden_size, dtype=dt)
@@ -251,7 +260,10 @@ def _measure_graph(measure: str, info) -> torch.fx.GraphModule:
 
 
 def _exit_graph(
-    head: torch.fx.GraphModule, measure: torch.fx.GraphModule, pass_name: str, adapter: dict | None = None
+    head: torch.fx.GraphModule,
+    measure: torch.fx.GraphModule,
+    pass_name: str,
+    adapter: dict[str, torch.Tensor] | None = None,
 ) -> torch.fx.GraphModule:
     """The head's graph (sharing its weights) with a ``prev_hidden`` input and the measure spliced in; with a
     trained ``adapter``, ``hidden -> hidden + up(down(hidden))`` goes before the norm::
@@ -283,10 +295,14 @@ def _exit_graph(
         for n in ours:
             n.meta.update(effx_role="exit.adapter", effx_layer=None, effx_module="", effx_pass=pass_name)
     output = next(n for n in g.nodes if n.op == "output")
-    logits = output.args[0][0]
+    logits = cast("tuple[torch.fx.Node, ...]", output.args[0])[0]  # the head returns (logits,)
     inputs = [n for n in measure.graph.nodes if n.op == "placeholder"]
     with g.inserting_before(output):
-        conf = g.graph_copy(measure.graph, dict(zip(inputs, [logits, hidden, prev], strict=True)))
+        # the measure graph returns (confidence,)
+        conf = cast(
+            "tuple[torch.fx.Node, ...]",
+            g.graph_copy(measure.graph, dict(zip(inputs, [logits, hidden, prev], strict=True))),
+        )
     for node in g.nodes:
         if node not in before and "effx_role" not in node.meta:  # the spliced measure
             node.meta.update(effx_role="exit.confidence", effx_layer=None, effx_module="")

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import PassConfigError
 from ..plan import KERNELS
 from .base import Pass, PassResult, register_pass
+
+if TYPE_CHECKING:
+    from ..program import Program
 
 __all__ = ["Lower"]
 
@@ -33,11 +36,11 @@ class Lower(Pass):
 
     kernels: str = "fast"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.kernels not in KERNELS:
             raise PassConfigError(f"lower: kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
 
-    def apply(self, program) -> PassResult:
+    def apply(self, program: Program) -> PassResult:
         from .. import kernels as cpu
 
         report = self.new_report()
@@ -51,7 +54,7 @@ class Lower(Pass):
                 )
             from ..kernels.lower import lowered, lowered_ops
 
-            by_ops: dict[tuple, list[str]] = {}
+            by_ops: dict[tuple[tuple[str, int], ...], list[str]] = {}
             for stage in program.stages:
                 ops = lowered_ops(lowered(stage.graph))
                 by_ops.setdefault(tuple(sorted(ops.items())), []).append(stage.name)
@@ -61,11 +64,13 @@ class Lower(Pass):
                 layers = [s for s in program.stages if s.kind == "layer"]
                 fused = sum(fuse_layer(lowered(s.graph)) is not None for s in layers)
                 if layers:
-                    report.notes.append(f"decoder layers run as one kernel call each: {fused} of {len(layers)}")
-            for ops, names in by_ops.items():
+                    report.notes.append(
+                        f"decoder layers run as one kernel call each: {fused} of {len(layers)}"
+                    )
+            for counts, names in by_ops.items():
                 site = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)} stages)"
-                if ops:
-                    report.change(site, ", ".join(f"{n} x{c}" for n, c in ops))
+                if counts:
+                    report.change(site, ", ".join(f"{n} x{c}" for n, c in counts))
                 else:
                     report.skip(site, "no product, norm or rotary embedding to lower")
         if program.plan.kernels == self.kernels:
@@ -77,7 +82,7 @@ class Lower(Pass):
         )
         return PassResult(out, True, report)
 
-    def ensures(self, program) -> None:
+    def ensures(self, program: Program) -> None:
         from ..errors import PassError
 
         if program.plan.kernels != self.kernels:

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -41,6 +43,11 @@ from ..errors import PassConfigError, PassError, PassPreconditionError
 from ..fx import fetch, mlp_nodes, slice_mlp, tag_nodes
 from ..plan import NeuronMaskPolicy
 from .base import Pass, PassResult, check_read, register_pass
+
+if TYPE_CHECKING:
+    from ..formats import NeuronProfile
+    from ..plan import ModelInfo
+    from ..program import Program, Stage
 
 __all__ = ["NeuronMask"]
 
@@ -66,7 +73,7 @@ class NeuronMask(Pass):
     top_share: float = 0.2
     sparsity: float = 0.5
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise PassConfigError(f"unknown neuron-mask mode {self.mode!r}; modes: {', '.join(MODES)}")
         if not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
@@ -105,20 +112,20 @@ class NeuronMask(Pass):
             )
         return list(range(start, end + 1))
 
-    def check_model(self, info) -> None:
+    def check_model(self, info: ModelInfo) -> None:
         self.layer_range(info.num_layers)
         from ..formats import load_neuron_profile
 
         check_read("neuron-mask profile", self.profile, lambda path: load_neuron_profile(path, info))
         check_read("neuron-mask base", self.base, lambda path: load_neuron_profile(path, info))
 
-    def check_after(self, earlier) -> None:
+    def check_after(self, earlier: Sequence[Pass]) -> None:
         if self.mode == "core" and any(p.name == "token-drop" for p in earlier):
             raise PassPreconditionError(
                 "neuron-mask mode='core' and an earlier token-drop both own the prefill; use one of them"
             )
 
-    def requires(self, program) -> None:
+    def requires(self, program: Program) -> None:
         """Layers in range that carry no neuron mask yet; for ``mode="core"``, a Program that drops no
         tokens (TokenDrop and core neurons both choose what the prefill computes)."""
         chosen = self.layer_range(program.info.num_layers)
@@ -135,7 +142,7 @@ class NeuronMask(Pass):
                 f"tokens before layers {sorted(program.drops)}); use one of them"
             )
 
-    def apply(self, program) -> PassResult:
+    def apply(self, program: Program) -> PassResult:
         self.requires(program)
         from ..flops import _param_bytes
 
@@ -170,7 +177,8 @@ class NeuronMask(Pass):
                 replace[stage.name] = stage.with_graph(gm).with_attrs(neurons=k)
                 report.change(stage.name, f"MLP sliced to {k} of {width} neurons ({self.score})")
             elif self.mode == "threshold":
-                t = profile.gate_threshold(i, self.sparsity)
+                # __post_init__: mode="threshold" needs a profile
+                t = cast("NeuronProfile", profile).gate_threshold(i, self.sparsity)
                 gm = threshold_mlp(stage.graph, t, self.name)
                 replace[stage.name] = stage.with_graph(gm).with_attrs(neurons="threshold", gate_threshold=t)
                 report.change(stage.name, f"|act(gate)| < {t:.4g} zeroed (target sparsity {self.sparsity:g})")
@@ -200,13 +208,16 @@ class NeuronMask(Pass):
             )
         return PassResult(program.with_stages(stages, policy=policy), bool(report.changed), report)
 
-    def _choose(self, stage, profile, base, k: int) -> torch.Tensor:
+    def _choose(
+        self, stage: Stage, profile: NeuronProfile | None, base: NeuronProfile | None, k: int
+    ) -> torch.Tensor:
         """The kept neuron ids of one layer, sorted."""
-        i = stage.layer
+        i = cast(int, stage.layer)  # a layer stage's layer
         if self.score == "random":
             g = torch.Generator().manual_seed(self.seed * 100_003 + i)
             return torch.sort(torch.randperm(_mlp_width(stage.graph), generator=g)[:k]).values
-        order = _ranking(profile, i, self.score, stage.graph)
+        # __post_init__: every score but "random" needs a profile
+        order = _ranking(cast("NeuronProfile", profile), i, self.score, stage.graph)
         if base is None:
             return torch.sort(order[:k]).values
         from_base = round(self.base_share * k)
@@ -214,7 +225,7 @@ class NeuronMask(Pass):
         rest = order[~torch.isin(order, first)][: k - from_base]
         return torch.sort(torch.cat([first, rest])).values
 
-    def ensures(self, program) -> None:
+    def ensures(self, program: Program) -> None:
         chosen = self.layer_range(program.info.num_layers)
         key = "core_neurons" if self.mode == "core" else "neurons"
         changed = [s for s in program.layers if s.layer in chosen and s.attrs.get(key)]
@@ -228,7 +239,7 @@ def _mlp_width(gm: torch.fx.GraphModule) -> int:
     return int(fetch(gm, gate.args[1]).shape[0])
 
 
-def _ranking(profile, layer: int, score: str, gm: torch.fx.GraphModule) -> torch.Tensor:
+def _ranking(profile: NeuronProfile, layer: int, score: str, gm: torch.fx.GraphModule) -> torch.Tensor:
     """Neuron ids of ``layer``, most important first."""
     mean = profile.mean_abs[layer].double()
     if score == "freq":  # ties (common: counts) broken by magnitude

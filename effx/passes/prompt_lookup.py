@@ -20,10 +20,16 @@ pipeline both are draft sources: lookup drafts where the text repeats, the shall
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..errors import PassConfigError, PassError, PassPreconditionError, PlanError
 from ..plan import PromptLookupPolicy
 from .base import Pass, PassResult, check_size, register_pass
+
+if TYPE_CHECKING:
+    from ..plan import ModelInfo
+    from ..program import Program
 
 __all__ = ["PromptLookup"]
 
@@ -42,7 +48,7 @@ class PromptLookup(Pass):
     min_ngram: int = 2
     draft: int = 4
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         try:
             self.policy()
         except PlanError as e:
@@ -52,11 +58,11 @@ class PromptLookup(Pass):
         """The run-time policy this pass sets."""
         return PromptLookupPolicy(ngram=self.ngram, min_ngram=self.min_ngram, draft=self.draft)
 
-    def check_model(self, info) -> None:
+    def check_model(self, info: ModelInfo) -> None:
         check_size("prompt-lookup draft", self.draft, info.max_positions - 1, "max_positions - 1")
         check_size("prompt-lookup ngram", self.ngram, info.max_positions - 1, "max_positions - 1")
 
-    def check_after(self, earlier) -> None:
+    def check_after(self, earlier: Sequence[Pass]) -> None:
         if any(p.name == self.name for p in earlier):
             raise PassPreconditionError("the program already drafts with prompt lookup")
         if any(p.name == "early-exit" and getattr(p, "mode", "") == "lossy" for p in earlier):
@@ -65,7 +71,7 @@ class PromptLookup(Pass):
                 "drafts cannot be verified: use EarlyExit(mode='self-speculative') or no early exit"
             )
 
-    def requires(self, program) -> None:
+    def requires(self, program: Program) -> None:
         """A Program that verifies with its full model: not lossy exits, and one lookup per Program."""
         plan = program.plan
         if plan.policy.prompt_lookup is not None:
@@ -76,7 +82,7 @@ class PromptLookup(Pass):
                 "verified: use EarlyExit(mode='self-speculative') or no early exit"
             )
 
-    def apply(self, program) -> PassResult:
+    def apply(self, program: Program) -> PassResult:
         self.requires(program)
         policy = dataclasses.replace(program.plan.policy, prompt_lookup=self.policy())
         report = self.new_report()
@@ -88,6 +94,6 @@ class PromptLookup(Pass):
         report.notes.append("FLOPs/token are those of the Program; what a round saves depends on acceptance")
         return PassResult(program.with_stages(program.stages, policy=policy), True, report)
 
-    def ensures(self, program) -> None:
+    def ensures(self, program: Program) -> None:
         if program.plan.policy.prompt_lookup is None:
             raise PassError("the program has no prompt-lookup policy")

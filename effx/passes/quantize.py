@@ -42,9 +42,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeGuard, cast
 
 import torch
 
@@ -53,6 +55,10 @@ from ..fx import fetch
 from ..plan import ACTIVATIONS
 from ..quant import GGUF_EXACT, QWeight, quantize_rtn
 from .base import Pass, PassResult, check_size, register_pass
+
+if TYPE_CHECKING:
+    from ..plan import ModelInfo
+    from ..program import Program, Stage
 
 __all__ = ["Quantize"]
 
@@ -66,11 +72,11 @@ SCALES = {"float16": torch.float16, "float32": torch.float32}
 _HEADS = ("lm_head",)
 
 
-def _is(node, target) -> bool:
+def _is(node: object, target: object) -> TypeGuard[torch.fx.Node]:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
 
 
-def _attr(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
+def _attr(gm: torch.fx.GraphModule, node: object) -> torch.Tensor | None:
     """The tensor a ``get_attr`` node reads, or None for any other argument."""
     if not (isinstance(node, torch.fx.Node) and node.op == "get_attr"):
         return None
@@ -81,7 +87,7 @@ def _attr(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
 class _GGUFIndex:
     """Rows of a GGUF file's exactly-importable tensors, by the hash of their de-quantized float32 bytes."""
 
-    def __init__(self, path):
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         from tqdm.auto import tqdm
 
         from ..quant import gguf_weights
@@ -103,14 +109,15 @@ class _GGUFIndex:
         if any(f is None for f in found):
             missing = sum(f is None for f in found)
             return None, f"{missing} of its {len(found)} rows are not in the GGUF file"
-        sources = {i for i, _ in found}
+        located = cast("list[tuple[int, int]]", found)  # no None (returned above)
+        sources = {i for i, _ in located}
         if len(sources) != 1:
             return None, "its rows come from several GGUF tensors"
         (i,) = sources
         if i not in self._weights:
             self._weights[i] = self.tensors[i].weight()
         whole = self._weights[i]
-        ids = torch.tensor([r for _, r in found])
+        ids = torch.tensor([r for _, r in located])
         qw = whole if torch.equal(ids, torch.arange(whole.q.shape[0])) else whole.rows(ids)
         if not torch.equal(qw.dequantize(), w.detach()):
             return None, "its GGUF rows do not de-quantize to it exactly"
@@ -146,7 +153,7 @@ class Quantize(Pass):
     head: bool = True
     exits: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.dtype not in ("", "bf16", "bfloat16"):
             raise PassConfigError(f"quantize: dtype is bf16 (bfloat16 storage) or unset, got {self.dtype!r}")
         if self.dtype:
@@ -173,21 +180,23 @@ class Quantize(Pass):
         if any(not isinstance(i, int) or i < 0 for i in self.layers):
             raise PassConfigError(f"quantize: layers are layer indices >= 0, got {self.layers!r}")
 
-    def check_model(self, info) -> None:
+    def check_model(self, info: ModelInfo) -> None:
         # a group is a block of one weight row; every layer's products read rows of hidden_size values
         check_size("quantize group", self.group, info.hidden_size, "hidden_size")
         bad = [i for i in self.layers if i >= info.num_layers]
         if bad:
-            raise PassConfigError(f"quantize: layers {bad} out of range (the model has {info.num_layers} layers)")
+            raise PassConfigError(
+                f"quantize: layers {bad} out of range (the model has {info.num_layers} layers)"
+            )
 
-    def check_after(self, earlier) -> None:
+    def check_after(self, earlier: Sequence[Pass]) -> None:
         if any(p.name == "neuron-mask" and getattr(p, "mode", "") == "core" for p in earlier):
             raise PassPreconditionError(
                 "quantize cannot follow neuron-mask mode='core': it slices float MLP weights per prompt at "
                 "run time; use mode='static', whose sliced weights quantize"
             )
 
-    def requires(self, program) -> None:
+    def requires(self, program: Program) -> None:
         if program.plan.policy.core_neurons:
             raise PassPreconditionError(
                 "quantize cannot follow neuron-mask mode='core': it slices float MLP weights per prompt at "
@@ -202,7 +211,7 @@ class Quantize(Pass):
             )
 
     # -- choosing -------------------------------------------------------------------------------------
-    def _wanted(self, stage, role: str) -> bool:
+    def _wanted(self, stage: Stage, role: str) -> bool:
         if role in _HEADS:
             return self.head
         if role == "exit.adapter":
@@ -217,7 +226,7 @@ class Quantize(Pass):
         )
 
     # -- applying -------------------------------------------------------------------------------------
-    def apply(self, program) -> PassResult:
+    def apply(self, program: Program) -> PassResult:
         from ..flops import weight_bytes
 
         report = self.new_report()
@@ -236,7 +245,8 @@ class Quantize(Pass):
                 report.notes.append(
                     f"GGUF types not imported exactly (their weights are re-quantized): {kinds}"
                 )
-        done: dict[tuple, tuple[QWeight, str]] = {}  # shared float weights quantize once, stay shared
+        # shared float weights quantize once, stay shared
+        done: dict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[QWeight, str]] = {}
 
         def quantized(w: torch.Tensor) -> tuple[QWeight, str]:
             key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()))
@@ -252,7 +262,7 @@ class Quantize(Pass):
                 done[key] = (qw, how)
             return done[key]
 
-        stages = {}
+        stages: dict[str, Stage] = {}
         summary: dict[tuple[str, str], list[str]] = {}
         for stage in program.stages:
             gm, changes = self._rewrite(stage, quantized)
@@ -271,21 +281,26 @@ class Quantize(Pass):
         out = program.replace(stages) if stages else program
         if stages and out.plan.activations != self.activations:
             plan = dataclasses.replace(out.plan, activations=self.activations)
-            out = type(out)(list(out.stages), plan, generation_config=out.generation_config, reports=out.reports)
+            out = type(out)(
+                list(out.stages), plan, generation_config=out.generation_config, reports=out.reports
+            )
             report.notes.append(f"quantized products multiply {self.activations} activations")
         before, after = weight_bytes(program), weight_bytes(out)
         report.notes.append(f"resident weights {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
         return PassResult(out, bool(stages), report)
 
-    def _rewrite(self, stage, quantized):
+    def _rewrite(
+        self, stage: Stage, quantized: Callable[[torch.Tensor], tuple[QWeight, str]]
+    ) -> tuple[torch.fx.GraphModule | None, list[tuple[str, str]]]:
         gm = stage.copy_graph()
         g = gm.graph
-        changes = []
+        changes: list[tuple[str, str]] = []
         count = 0
-        rounded: dict[tuple, torch.fx.Node] = {}  # (input, block size) -> its int8 rounding
+        # (input, block size) -> its int8 rounding
+        rounded: dict[tuple[torch.fx.node.Argument, int | None], torch.fx.Node] = {}
 
-        def store(qw: QWeight, base: str, like) -> list:
-            nodes = []
+        def store(qw: QWeight, base: str, like: torch.fx.Node) -> list[torch.fx.Node | None]:
+            nodes: list[torch.fx.Node | None] = []
             for part, t in zip(("q", "scale", "min"), qw.tensors(), strict=True):
                 if t is None:
                     nodes.append(None)
@@ -358,7 +373,7 @@ class Quantize(Pass):
         # a new GraphModule keeps only the attributes its graph reads: the float weights are gone
         return torch.fx.GraphModule(gm, g), changes
 
-    def ensures(self, program) -> None:
+    def ensures(self, program: Program) -> None:
         for stage in program.stages:
             for node in stage.graph.graph.nodes:
                 role = node.meta.get("effx_role", "?")

@@ -28,6 +28,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -36,6 +38,10 @@ from ..fx import export_function
 from ..plan import TokenDropPolicy
 from ..program import Stage, torch_dtype
 from .base import Pass, PassResult, check_size, register_pass
+
+if TYPE_CHECKING:
+    from ..plan import ModelInfo
+    from ..program import Program
 
 __all__ = ["TokenDrop"]
 
@@ -56,7 +62,7 @@ class TokenDrop(Pass):
     queries: int = 8
     special: tuple[int, ...] = ()
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.at_layers:
             raise PassConfigError(
                 "token-drop needs at_layers=[...]: the layers before which tokens are dropped"
@@ -97,7 +103,7 @@ class TokenDrop(Pass):
             else [float(k) for k in self.keep]
         )
 
-    def check_model(self, info) -> None:
+    def check_model(self, info: ModelInfo) -> None:
         bad = [x for x in self.at_layers if x >= info.num_layers]
         if bad:
             raise PassConfigError(
@@ -105,7 +111,7 @@ class TokenDrop(Pass):
             )
         check_size("token-drop queries", self.queries, info.max_positions, "max_positions")
 
-    def check_after(self, earlier) -> None:
+    def check_after(self, earlier: Sequence[Pass]) -> None:
         if any(p.name == self.name for p in earlier):
             raise PassPreconditionError("an earlier token-drop already drops tokens")
         if any(p.name == "neuron-mask" and getattr(p, "mode", "") == "core" for p in earlier):
@@ -113,7 +119,7 @@ class TokenDrop(Pass):
                 "token-drop and an earlier neuron-mask mode='core' both own the prefill; use one of them"
             )
 
-    def requires(self, program) -> None:
+    def requires(self, program: Program) -> None:
         """Layers in range, no earlier TokenDrop, and no per-prompt core neurons (both choose what the
         prefill computes)."""
         info = program.info
@@ -130,16 +136,17 @@ class TokenDrop(Pass):
                 "core neurons); use one of them"
             )
 
-    def apply(self, program) -> PassResult:
+    def apply(self, program: Program) -> PassResult:
         self.requires(program)
         info = program.info
         report = self.new_report()
-        ratios = dict(zip(self.at_layers, self.keeps(), strict=True))
+        # looked up by a stage's layer (None for the embed and head stages)
+        ratios: dict[int | None, float] = dict(zip(self.at_layers, self.keeps(), strict=True))
         if all(r >= 1 for r in ratios.values()):
             report.skip("all", "keep=1.0 everywhere: no token is dropped, the program is unchanged")
             return PassResult(program, False, report)
         gather = _gather_graph(info)
-        stages = []
+        stages: list[Stage] = []
         for stage in program.stages:
             if stage.kind == "layer" and ratios.get(stage.layer, 1.0) < 1:
                 j = stage.layer
@@ -175,7 +182,7 @@ class TokenDrop(Pass):
         )
         return PassResult(program.with_stages(stages, policy=policy), bool(report.changed), report)
 
-    def ensures(self, program) -> None:
+    def ensures(self, program: Program) -> None:
         expected = [j for j, r in zip(self.at_layers, self.keeps(), strict=True) if r < 1]
         if sorted(program.drops) != expected:
             raise PassError(f"drops before layers {sorted(program.drops)}, expected {expected}")
@@ -188,9 +195,11 @@ def _tag(gm: torch.fx.GraphModule, pass_name: str) -> None:
             n.meta["effx_pass"] = pass_name
 
 
-def _gather_graph(info) -> torch.fx.GraphModule:
-    def gather(hidden, cos, sin, ids):
-        def take(x):
+def _gather_graph(info: ModelInfo) -> torch.fx.GraphModule:
+    def gather(
+        hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def take(x: torch.Tensor) -> torch.Tensor:
             return x.gather(1, ids[:, :, None].expand(-1, -1, x.shape[-1]))
 
         return take(hidden), take(cos), take(sin)
@@ -210,7 +219,7 @@ def _gather_graph(info) -> torch.fx.GraphModule:
     return gm
 
 
-def norm_score_graph(info, *, encoder: bool = False) -> torch.fx.GraphModule:
+def norm_score_graph(info: ModelInfo, *, encoder: bool = False) -> torch.fx.GraphModule:
     b, s = 2, 5
     if encoder:  # (hidden, mask) -> scores
         return export_function(
@@ -239,12 +248,15 @@ def _attention_score_graph(layer_graph: torch.fx.GraphModule, queries: int) -> t
     return _finish_score_graph(gm, pattern, (q, k, mask))
 
 
-def _cut_to_attention_inputs(layer_graph: torch.fx.GraphModule):
+def _cut_to_attention_inputs(
+    layer_graph: torch.fx.GraphModule,
+) -> tuple[torch.fx.GraphModule, tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node], float]:
     """A copy of a layer graph, its attention's query, key and mask nodes, and the attention's scale."""
     gm = torch.fx.GraphModule(layer_graph, copy.deepcopy(layer_graph.graph))
     sdpa = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default)
-    q, k = sdpa.args[0], sdpa.args[1]
-    mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+    # the attention's query, key and mask are nodes of the graph
+    q, k = cast(torch.fx.Node, sdpa.args[0]), cast(torch.fx.Node, sdpa.args[1])
+    mask = cast("torch.fx.Node | None", sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask"))
     if mask is None:
         raise PassError("the layer's attention has no explicit mask to score tokens with")
     scale = sdpa.kwargs.get("scale")
@@ -257,7 +269,7 @@ def _cut_to_attention_inputs(layer_graph: torch.fx.GraphModule):
 
 
 def _finish_score_graph(
-    gm: torch.fx.GraphModule, pattern: torch.fx.GraphModule, inputs
+    gm: torch.fx.GraphModule, pattern: torch.fx.GraphModule, inputs: Sequence[torch.fx.Node]
 ) -> torch.fx.GraphModule:
     """``gm`` with ``pattern`` applied to ``inputs`` as its only output; everything else removed."""
     g = gm.graph
@@ -272,8 +284,14 @@ def _finish_score_graph(
     return result
 
 
-def _attention_pattern(queries: int, scale: float, q_val, k_val, mask_val) -> torch.fx.GraphModule:
-    def score(q, k, mask):  # q [b, h, s, d], k [b, kv, s, d], mask [b, 1, s, s]
+def _attention_pattern(
+    queries: int, scale: float, q_val: Any, k_val: Any, mask_val: Any
+) -> torch.fx.GraphModule:
+    """The score of :func:`_attention_score_graph`, exported for inputs like ``q_val``, ``k_val`` and
+    ``mask_val`` (the fake tensors capture recorded in ``node.meta["val"]``; None where it recorded none)."""
+
+    # q [b, h, s, d], k [b, kv, s, d], mask [b, 1, s, s]
+    def score(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor]:
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         # the last ``queries`` rows, by an index (not a slice, so that the graph holds for any length); rows
@@ -317,7 +335,7 @@ def encoder_score_graph(layer_graph: torch.fx.GraphModule) -> torch.fx.GraphModu
     all real tokens (mean over heads and queries): PoWER-BERT's significance score."""
     gm, (q, k, mask), scale = _cut_to_attention_inputs(layer_graph)
 
-    def score(q, k, mask):
+    def score(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor]:
         att = q.float() @ k.float().transpose(-1, -2) * scale + mask.float()
         # [b, 1, s]: real queries. The mask hides invalid keys in every row, so token i is real exactly where
         # it may attend to itself (the diagonal); a row's max would count padding queries too. The mask may

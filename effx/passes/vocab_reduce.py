@@ -37,13 +37,19 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from ..errors import PassConfigError, PassError, PassPreconditionError
 from ..fx import export_function, fetch
 from ..program import Stage, torch_dtype
-from .base import Pass, PassResult, check_read, check_size, register_pass
+from .base import Pass, PassReport, PassResult, check_read, check_size, register_pass
+
+if TYPE_CHECKING:
+    from ..plan import ModelInfo
+    from ..program import Program
 
 __all__ = ["VocabReduce"]
 
@@ -69,7 +75,7 @@ class VocabReduce(Pass):
     vocab: str = ""
     fallback: float = 0.9
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise PassConfigError(f"vocab-reduce k must be an integer >= 1, got {self.k!r}")
         if self.where not in WHERE:
@@ -97,14 +103,14 @@ class VocabReduce(Pass):
         if not 0 <= self.fallback <= 1:
             raise PassConfigError(f"vocab-reduce fallback must be in [0, 1], got {self.fallback!r}")
 
-    def check_model(self, info) -> None:
+    def check_model(self, info: ModelInfo) -> None:
         check_size("vocab-reduce k", self.k, info.vocab_size, "vocab_size")
         if self.where != "exits":
             from ..vocab import load_vocab
 
             check_read("vocab-reduce vocab", self.vocab, lambda path: load_vocab(path, info.vocab_size))
 
-    def check_after(self, earlier) -> None:
+    def check_after(self, earlier: Sequence[Pass]) -> None:
         exits = [p for p in earlier if p.name == "early-exit"]
         if self.where == "draft" and not any(getattr(p, "mode", "") == "self-speculative" for p in exits):
             raise PassPreconditionError(
@@ -116,7 +122,7 @@ class VocabReduce(Pass):
                 "where='exits' prunes the exits of an earlier lossy early-exit, and the pipeline has none"
             )
 
-    def requires(self, program) -> None:
+    def requires(self, program: Program) -> None:
         """``k`` within the vocabulary; ``where="exits"``: lossy EarlyExit with two exits or more;
         ``where="draft"``: self-speculative EarlyExit; the stage to reduce not reduced yet."""
         vocab_size = program.info.vocab_size
@@ -150,7 +156,7 @@ class VocabReduce(Pass):
                 f"{', '.join(reduced)} already has a reduced vocabulary (from an earlier vocab-reduce)"
             )
 
-    def apply(self, program) -> PassResult:
+    def apply(self, program: Program) -> PassResult:
         self.requires(program)
         vocab_size = program.info.vocab_size
         report = self.new_report()
@@ -178,11 +184,11 @@ class VocabReduce(Pass):
         floor = min(self.min_k, self.k)
         return [max(floor, round(self.k * self.decay**j)) for j in range(n_exits - 1)]
 
-    def _exits(self, program, report) -> PassResult:
+    def _exits(self, program: Program, report: PassReport) -> PassResult:
         exits = sorted(program.exits)
-        ks = dict(zip(exits[1:], self.exit_ks(len(exits)), strict=True))
+        ks: dict[int | None, int] = dict(zip(exits[1:], self.exit_ks(len(exits)), strict=True))
         pattern = _pruned_pattern(program.info)
-        stages = []
+        stages: list[Stage] = []
         for stage in program.stages:
             if stage.kind == "exit" and stage.layer in ks:
                 attrs = {"vocab": "pruned", "vocab_k": ks[stage.layer]}
@@ -206,9 +212,9 @@ class VocabReduce(Pass):
         return PassResult(program.with_stages(stages), bool(report.changed), report)
 
     # -- where="draft" / "head" --------------------------------------------------------------------------
-    def _draft(self, program, ids, report) -> PassResult:
+    def _draft(self, program: Program, ids: torch.Tensor, report: PassReport) -> PassResult:
         first = min(program.exits)
-        stages = []
+        stages: list[Stage] = []
         for stage in program.stages:
             if stage.kind == "exit" and stage.layer == first:
                 gm = _static_subset_graph(stage.graph, ids, program.info, self.name)
@@ -227,7 +233,7 @@ class VocabReduce(Pass):
         report.notes.append(_timing_note(program, stages, {first: self.k}))
         return PassResult(program.with_stages(stages), bool(report.changed), report)
 
-    def _head(self, program, ids, report) -> PassResult:
+    def _head(self, program: Program, ids: torch.Tensor, report: PassReport) -> PassResult:
         gm = _static_subset_graph(program.head.graph, ids, program.info, self.name)
         head = Stage(
             "head",
@@ -249,7 +255,7 @@ class VocabReduce(Pass):
         report.notes.append(_timing_note(program, stages, {None: self.k}))
         return PassResult(program.with_stages(stages), bool(report.changed), report)
 
-    def ensures(self, program) -> None:
+    def ensures(self, program: Program) -> None:
         reduced = [s for s in program.stages if s.attrs.get("vocab")]
         if self.k < program.info.vocab_size and not reduced:
             raise PassError("no stage has a reduced vocabulary")
@@ -261,12 +267,12 @@ class VocabReduce(Pass):
 # -- graphs ------------------------------------------------------------------------------------------------
 
 
-def _pruned_pattern(info) -> torch.fx.GraphModule:
+def _pruned_pattern(info: ModelInfo) -> torch.fx.GraphModule:
     """``(x, weight, ids) -> logits``: ``x [b, s, d]`` scored against the ``ids [b, k]`` rows of ``weight``,
     scattered into a ``[b, s, V]`` tensor of ``-inf``."""
     vocab_size = info.vocab_size
 
-    def pruned(x, weight, ids):
+    def pruned(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor]:
         rows = torch.nn.functional.embedding(ids, weight)  # [b, k, d]
         scores = torch.matmul(x, rows.transpose(1, 2))  # [b, s, k]
         out = scores.new_full((x.shape[0], x.shape[1], vocab_size), float("-inf"))
@@ -279,11 +285,11 @@ def _pruned_pattern(info) -> torch.fx.GraphModule:
     return export_function(pruned, (x, weight, ids), ({0: "batch", 1: "seq"}, {}, {0: "batch", 1: "k"}))
 
 
-def _subset_pattern(info, k: int) -> torch.fx.GraphModule:
+def _subset_pattern(info: ModelInfo, k: int) -> torch.fx.GraphModule:
     """``(x, weight_k, ids) -> logits``: ``x`` scored against ``weight_k [k, d]``, the rows of ``ids [k]``."""
     vocab_size = info.vocab_size
 
-    def subset(x, weight, ids):
+    def subset(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor]:
         scores = torch.nn.functional.linear(x, weight)  # [b, s, k]
         out = scores.new_full((x.shape[0], x.shape[1], vocab_size), float("-inf"))
         return (out.scatter(2, ids[None, None, :].expand(x.shape[0], x.shape[1], -1), scores),)
@@ -296,7 +302,7 @@ def _subset_pattern(info, k: int) -> torch.fx.GraphModule:
 
 
 def _lm_head_node(graph: torch.fx.Graph) -> torch.fx.Node:
-    nodes = [
+    nodes: list[torch.fx.Node] = [
         n
         for n in graph.nodes
         if n.op == "call_function"
@@ -308,15 +314,23 @@ def _lm_head_node(graph: torch.fx.Graph) -> torch.fx.Node:
     return nodes[0]
 
 
-def _splice(gm: torch.fx.GraphModule, pattern: torch.fx.GraphModule, inputs, pass_name: str) -> None:
+def _splice(
+    gm: torch.fx.GraphModule,
+    pattern: torch.fx.GraphModule,
+    inputs: Sequence[torch.fx.node.Argument],
+    pass_name: str,
+) -> None:
     """Replace the LM head matmul of ``gm`` by ``pattern`` applied to ``inputs`` (nodes of ``gm``)."""
     g = gm.graph
     linear = _lm_head_node(g)
     before = set(g.nodes)
     placeholders = [n for n in pattern.graph.nodes if n.op == "placeholder"]
     with g.inserting_before(linear):
-        out = g.graph_copy(pattern.graph, dict(zip(placeholders, inputs, strict=True)))
-    new = out[0] if isinstance(out, (tuple, list)) else out
+        # ``inputs`` are nodes of gm (the head's input and weight, and the ids)
+        val_map = dict(zip(placeholders, cast("Sequence[torch.fx.Node]", inputs), strict=True))
+        out = g.graph_copy(pattern.graph, val_map)
+    # the patterns return (logits,)
+    new = cast(torch.fx.Node, out[0] if isinstance(out, (tuple, list)) else out)
     for node in g.nodes:
         if node not in before:
             node.meta.update(effx_role="lm_head", effx_layer=None, effx_module="", effx_pass=pass_name)
@@ -326,7 +340,7 @@ def _splice(gm: torch.fx.GraphModule, pattern: torch.fx.GraphModule, inputs, pas
 
 
 def _replace_lm_head(
-    graph: torch.fx.GraphModule, pattern, pass_name: str, *, ids_input: bool
+    graph: torch.fx.GraphModule, pattern: torch.fx.GraphModule, pass_name: str, *, ids_input: bool
 ) -> torch.fx.GraphModule:
     import copy
 
@@ -344,7 +358,7 @@ def _replace_lm_head(
 
 
 def _static_subset_graph(
-    graph: torch.fx.GraphModule, ids: torch.Tensor, info, pass_name: str
+    graph: torch.fx.GraphModule, ids: torch.Tensor, info: ModelInfo, pass_name: str
 ) -> torch.fx.GraphModule:
     """``graph`` with its LM head sliced to the rows ``ids``: a new ``k x d`` weight, the full one dropped."""
     import copy
@@ -352,7 +366,7 @@ def _static_subset_graph(
     gm = torch.fx.GraphModule(graph, copy.deepcopy(graph.graph))
     g = gm.graph
     linear = _lm_head_node(g)
-    full = fetch(gm, linear.args[1])
+    full = fetch(gm, cast(torch.fx.Node, linear.args[1]))  # the head's weight, a get_attr node
     gm.register_buffer("vocab_weight", full.detach()[ids].clone())
     gm.register_buffer("vocab_ids", ids.clone())
     with g.inserting_before(linear):
@@ -367,13 +381,13 @@ def _static_subset_graph(
     return out
 
 
-def _timing_note(program, stages, ks: dict) -> str:
+def _timing_note(program: Program, stages: Sequence[Stage], ks: dict[int | None, int]) -> str:
     """The head time per token, full vs reduced, measured now (batch 1, median of a few runs)."""
     info = program.info
     hidden = torch.randn(1, 1, info.hidden_size, dtype=torch_dtype(info))
 
-    def median_ms(graph, *args) -> float:
-        times = []
+    def median_ms(graph: Callable[..., object], *args: torch.Tensor) -> float:
+        times: list[float] = []
         with torch.inference_mode():
             graph(*args)
             for _ in range(5):
