@@ -59,4 +59,4 @@ lint: install   ## ruff, the layers contract of pyproject.toml (import-linter), 
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

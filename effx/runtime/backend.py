@@ -18,10 +18,15 @@ Torch-free: backends import their engines; this module and the loop import none.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendCapabilityError
-from ..plan import Plan, StageSpec
+from ..plan import Plan, StageLike, StageSpec
+
+if TYPE_CHECKING:
+    from ..arrays import Array
+    from .forward import KVCache, MaskCache
 
 __all__ = ["CORE_NEURONS", "KV_COPY", "Backend", "describe", "needed_capabilities"]
 
@@ -61,11 +66,11 @@ class Backend:
     capabilities: frozenset[str] = frozenset()
 
     # -- what every backend implements ----------------------------------------------------------------
-    def run(self, stage: StageSpec, *inputs) -> tuple:
+    def run(self, stage: StageLike, *inputs: Array) -> Sequence[Array]:
         """Run ``stage`` on ``inputs`` (its plan signature); returns its outputs in signature order."""
         raise NotImplementedError(f"{type(self).__name__} does not implement run()")
 
-    def new_cache(self, batch: int, capacity: int, *, rollback: bool = True):
+    def new_cache(self, batch: int, capacity: int, *, rollback: bool = True) -> KVCache:
         """An empty KV cache for ``batch`` rows of ``capacity`` slots; ``rollback=False`` promises that no
         slot is ever truncated or dropped."""
         from .forward import KVCache
@@ -75,13 +80,21 @@ class Backend:
             info.num_layers, batch, info.num_kv_heads, capacity, info.head_dim, self.dtype, xp=self.xp
         )
 
-    def run_layers(self, cache, layers, hidden, cos, sin, masks):
+    def run_layers(
+        self,
+        cache: KVCache,
+        layers: Sequence[StageLike],
+        hidden: Array,
+        cos: Array,
+        sin: Array,
+        masks: MaskCache,
+    ) -> Array:
         """Run ``layers`` (specs, consecutive) on new tokens that start at each layer's filled length."""
         from .forward import run_layer_stages
 
         return run_layer_stages(self, cache, layers, hidden, cos, sin, masks)
 
-    def compute(self):
+    def compute(self) -> contextlib.AbstractContextManager[object]:
         """The context a generation runs in."""
         return contextlib.nullcontext()
 
@@ -89,17 +102,22 @@ class Backend:
     def require(self, capability: str) -> None:
         """Raise :class:`BackendCapabilityError` unless this backend has ``capability``."""
         if capability not in self.capabilities:
-            raise BackendCapabilityError(
-                f"the {self.name} backend cannot run {describe(capability)}"
-            )
+            raise BackendCapabilityError(f"the {self.name} backend cannot run {describe(capability)}")
 
-    def core_prefill(self, cache, input_ids, positions, key_valid, stats):
+    def core_prefill(
+        self,
+        cache: KVCache,
+        input_ids: Array,
+        positions: Array,
+        key_valid: Array,
+        stats: dict[str, Any] | None,
+    ) -> tuple[Array, Backend]:
         """``CORE_NEURONS``: the prefill that chooses core neurons; returns ``(logits, backend)``, the backend
         to decode with (its MLPs sliced to the chosen neurons)."""
         self.require(CORE_NEURONS)
         raise NotImplementedError
 
-    def project_kv(self, layer: StageSpec, hidden, cos, sin):
+    def project_kv(self, layer: StageSpec, hidden: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
         """``KV_COPY``: the keys and values ``layer`` would compute from ``hidden``."""
         self.require(KV_COPY)
         raise NotImplementedError

@@ -33,18 +33,22 @@ before it, so the output is the large model's greedy output.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
-from ..arrays import namespace
-from .backend import needed_capabilities
+from ..arrays import Array, namespace
+from .backend import Backend, needed_capabilities
 from .forward import as_backend, positions_from_mask, run_step
 from .loop import Output, prefill
 from .loop import decode as loop_decode
 from .sampling import Sampler
-from .speculative import Draft, DraftSource
+from .speculative import Draft, DraftSource, Speculation
+
+if TYPE_CHECKING:
+    from .forward import BackendLike
 
 __all__ = ["ModelDraft", "ModelState", "decode", "gated_decode", "next_draft_length"]
 
-Gate = Callable  # logits [batch, vocab] -> fires [batch] (bool); effx.gates
+Gate: TypeAlias = Callable[[Array], Array]  # logits [batch, vocab] -> fires [batch] (bool); effx.gates
 
 
 class ModelState:
@@ -56,18 +60,20 @@ class ModelState:
     fallbacks, kept prompt tokens, core neurons).
     """
 
-    def __init__(self, backend, positions, key_valid, stats: dict | None = None):
+    def __init__(
+        self, backend: BackendLike, positions: Array, key_valid: Array, stats: dict[str, Any] | None = None
+    ) -> None:
         self.backend = as_backend(backend)
         self.positions = positions
         self.key_valid = key_valid
         self.cache = self.backend.new_cache(key_valid.shape[0], key_valid.shape[1])
         self.seen = 0
-        self.logits = None  # [batch, vocab], predicts slot ``seen``
+        self.logits: Array | None = None  # [batch, vocab], predicts slot ``seen``
         self.stats = stats
         self.passes = 0  # forward passes after the prefill
         self.positions_run = 0  # token positions those passes ran over (per row)
 
-    def prefill(self, input_ids):
+    def prefill(self, input_ids: Array) -> Array:
         """Run the prompt with the plan's own prefill (``effx.runtime.loop.prefill``: TokenDrop, per-prompt
         core neurons, whose sliced backend decodes from then on, or dense)."""
         n = input_ids.shape[1]
@@ -76,7 +82,7 @@ class ModelState:
         self.seen, self.logits = n, logits
         return logits
 
-    def feed(self, tokens, *, every: bool = False):
+    def feed(self, tokens: Array, *, every: bool = False) -> Array:
         """Run ``tokens [batch, q]`` (the tokens of slots ``seen .. seen+q-1``) in one step on the cache.
 
         Returns the logits that predict slot ``seen + q`` (``[batch, vocab]``), or with ``every`` those of
@@ -98,7 +104,7 @@ class ModelState:
         self.positions_run += end - start
         return logits
 
-    def logits_for(self, tokens, slot: int):
+    def logits_for(self, tokens: Array, slot: int) -> Array | None:
         """The logits predicting ``slot``: first catching up on ``tokens[:, seen:slot]`` (the output so far)
         in one step if this model has not seen them."""
         if self.seen > slot:
@@ -117,19 +123,21 @@ class ModelState:
             self.logits = None
 
 
-def _shares(stats: dict) -> None:
+def _shares(stats: dict[str, Any]) -> None:
     produced = stats["small_tokens"] + stats["large_tokens"]
     stats["small_share"] = stats["small_tokens"] / produced if produced else 0.0
     stats["large_share"] = stats["large_tokens"] / produced if produced else 0.0
 
 
-def _count(stats: dict | None, key: str, rows) -> None:
+def _count(stats: dict[str, Any] | None, key: str, rows: Array) -> None:
     if stats is not None:
         xp = namespace(rows)
         stats[key] += int(xp.sum(xp.astype(rows, xp.int64)))
 
 
-def gated_decode(small: ModelState, large: ModelState, out, fires: Gate, stats: dict | None) -> None:
+def gated_decode(
+    small: ModelState, large: ModelState, out: Output, fires: Gate, stats: dict[str, Any] | None
+) -> None:
     """Emit tokens into ``out`` (an ``effx.runtime.generate`` output buffer) until it is done: the small
     model's greedy token, or, for the rows where ``fires`` says so, the large model's. Both models must have
     run their prefill."""
@@ -170,13 +178,21 @@ class ModelDraft(DraftSource):
 
     name = "model"
 
-    def __init__(self, backend, draft: int, *, adaptive: bool, fires: Gate | None, stats: dict | None):
+    def __init__(
+        self,
+        backend: BackendLike,
+        draft: int,
+        *,
+        adaptive: bool,
+        fires: Gate | None,
+        stats: dict[str, Any] | None,
+    ) -> None:
         self.backend = as_backend(backend)
         self.draft, self.length, self.adaptive, self.fires, self.stats = draft, draft, adaptive, fires, stats
         self.passes = 0  # forward passes after the prefill
         self.positions_run = 0  # token positions those passes ran over (per row)
 
-    def start(self, spec):
+    def start(self, spec: Speculation) -> None:
         self.spec = spec
         p = spec.prompt_len
         self.cache = self.backend.new_cache(spec.batch, spec.cache.capacity)
@@ -184,7 +200,7 @@ class ModelDraft(DraftSource):
         _, self.backend = prefill(self.backend, self.cache, ids, positions, valid, self.stats)
         self.seen = p
 
-    def _feed(self, spec, end: int):
+    def _feed(self, spec: Speculation, end: int) -> Array:
         """Run the slots ``seen .. end-1`` (the verifier's tokens there) in one step; the logits of the last."""
         logits = run_step(
             self.backend,
@@ -200,12 +216,12 @@ class ModelDraft(DraftSource):
         self.seen = end
         return logits
 
-    def _rewind(self, spec) -> None:
+    def _rewind(self, spec: Speculation) -> None:
         if self.seen > spec.length:  # slots the verifier rejected
             self.cache.truncate(spec.length)
             self.seen = spec.length
 
-    def propose(self, spec, n):
+    def propose(self, spec: Speculation, n: int) -> Draft | None:
         xp = spec.xp
         self._rewind(spec)
         start, n = spec.length, min(n, self.length)
@@ -213,7 +229,7 @@ class ModelDraft(DraftSource):
         rows = xp.asarray(active)
         spec.place(start, spec.last[:, None], spec.pos[:, None])
         logits = self._feed(spec, start + 1)  # catching up on what it has not seen, then the last token
-        drafts = []
+        drafts: list[Array] = []
         for j in range(n):
             if j:
                 spec.place(start + j, drafts[-1][:, None], spec.pos[:, None] + j)
@@ -224,27 +240,27 @@ class ModelDraft(DraftSource):
         m = len(drafts)
         return Draft(xp.stack(drafts, axis=1), [m if a else 0 for a in active])
 
-    def verified(self, spec, counts, accepted):
+    def verified(self, spec: Speculation, counts: list[int], accepted: list[int]) -> None:
         if self.adaptive:
             drafted = [(c, a) for c, a in zip(counts, accepted, strict=True) if c]
             m, k = max(c for c, _ in drafted), min(a for _, a in drafted)
             self.length = next_draft_length(self.length, m, k, self.draft)
 
-    def sync(self, spec):
+    def sync(self, spec: Speculation) -> None:
         self._rewind(spec)
         if self.seen < spec.length:
             self._feed(spec, spec.length)
 
-    def compacted(self, spec, start, index):
+    def compacted(self, spec: Speculation, start: int, index: Array) -> None:
         self.cache.compact(start, index)
         self.seen = spec.length
 
 
 def decode(
-    small,
-    large,
-    input_ids,
-    attention_mask,
+    small: BackendLike,
+    large: BackendLike,
+    input_ids: Array,
+    attention_mask: Array,
     *,
     mode: str,
     max_new: int,
@@ -253,11 +269,11 @@ def decode(
     fires: Gate | None,
     draft: int = 4,
     adaptive: bool = True,
-    stats: dict | None = None,
-    streamer=None,
-    on_token: Callable | None = None,
-    bar=None,
-) -> tuple:
+    stats: dict[str, Any] | None = None,
+    streamer: Any = None,
+    on_token: Callable[[Array], object] | None = None,
+    bar: Any = None,
+) -> tuple[Array, ModelState | ModelDraft, ModelState | Backend]:
     """Run the cascade of ``small`` and ``large`` (backends, or torch Programs) on checked inputs
     (``input_ids [batch, prompt]`` int64, left-padded ``attention_mask``); ``mode`` is ``"gated"`` or
     ``"verified"``.
@@ -288,12 +304,13 @@ def decode(
         source = ModelDraft(
             small, draft, adaptive=adaptive, fires=fires, stats=None if stats is None else stats["small"]
         )
-        inner: dict | None = None if stats is None else {}
+        inner: dict[str, Any] | None = None if stats is None else {}
         tokens = loop_decode(
             large, input_ids, attention_mask, max_new=max_new, eos=eos, pad=pad, sampler=Sampler(),
             streamer=streamer, on_token=on_token, bar=bar, stats=inner, sources=[source],
         )  # fmt: skip
         if stats is not None:
+            inner = cast("dict[str, Any]", inner)  # a dict where stats is one
             speculation = ("drafted", "accepted", "rounds", "steps", "draft_lengths", "compactions")
             stats["large_positions"] = inner.pop("verified_positions")
             stats.update({k: inner.pop(k) for k in speculation})
@@ -321,7 +338,7 @@ def decode(
         lg = ModelState(large, positions, key_valid, None if stats is None else stats["large"])
         s.prefill(input_ids)
         lg.prefill(input_ids)
-        gated_decode(s, lg, out, fires, stats)
+        gated_decode(s, lg, out, cast(Gate, fires), stats)  # gated mode needs its gate
     if stats is not None:
         stats.update(
             small_passes=s.passes,

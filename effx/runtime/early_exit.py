@@ -15,8 +15,14 @@ Self-speculative decoding (LayerSkip) is a draft source of the shared verifier: 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, cast
+
+from ..arrays import Array
 from .backend import KV_COPY
 from .forward import KVCache, MaskCache, as_backend
+
+if TYPE_CHECKING:
+    from .forward import BackendLike
 from .vocab import exit_logits, head_logits, select_vocab
 
 __all__ = ["ExitDecoder"]
@@ -26,7 +32,9 @@ class ExitDecoder:
     """Lossy early exit over a plan with exit stages. By default the skipped layers' KV are computed later
     and exactly (deferred); with ``copy=True`` they are projected from the exit hidden state at once (CALM)."""
 
-    def __init__(self, backend, cache: KVCache, *, copy: bool = False, stats: dict | None = None):
+    def __init__(
+        self, backend: BackendLike, cache: KVCache, *, copy: bool = False, stats: dict[str, Any] | None = None
+    ) -> None:
         self.backend = as_backend(backend)
         self.cache = cache
         self.stats = stats
@@ -34,9 +42,9 @@ class ExitDecoder:
         if copy:
             self.backend.require(KV_COPY)
         # slot -> (depth, hidden, cos, sin): tokens whose deeper layers are still to be computed
-        self.pending: dict[int, tuple] = {}
+        self.pending: dict[int, tuple[int, Array, Array, Array]] = {}
 
-    def step(self, token, position, masks: MaskCache):
+    def step(self, token: Array, position: Array, masks: MaskCache) -> tuple[Array, Array]:
         """One new token per row. Returns the logits each row exits with ``[batch, vocab]`` and the number
         of layers each row's token went through ``[batch]``."""
         backend, cache = self.backend, self.cache
@@ -54,8 +62,9 @@ class ExitDecoder:
         ids = None  # the token ids a pruned exit scores (VocabReduce where="exits")
         prev_logits = None
         n = 0
+        # plan.layers are layer stages: each has its layer (the casts below)
         while n < len(layers):
-            i = layers[n].layer
+            i = cast(int, layers[n].layer)
             first = cache.lengths[i]
             if first < start:  # tokens that stopped at this depth join the step here
                 hs, cs, ss = [], [], []
@@ -76,12 +85,12 @@ class ExitDecoder:
             # pending tokens join), run as one call: a backend may run them as one fused segment
             end = n + 1
             while end < len(layers) and layers[end - 1].layer not in exits:
-                if cache.lengths[layers[end].layer] != first:
+                if cache.lengths[cast(int, layers[end].layer)] != first:
                     break
                 end += 1
             hidden = backend.run_layers(cache, layers[n:end], hidden, cos, sin, masks)
             n = end
-            i = layers[n - 1].layer
+            i = cast(int, layers[n - 1].layer)
             ex = exits.get(i)
             if ex is None:
                 continue
@@ -98,7 +107,7 @@ class ExitDecoder:
                 if self.copy:  # CALM state copying: no pending tokens, approximate entries
                     for deeper in layers[n:]:
                         k, v = backend.project_kv(deeper, hidden, cos, sin)
-                        cache.write(deeper.layer, k, v)
+                        cache.write(cast(int, deeper.layer), k, v)
                     return chosen, depth
                 for j in range(hidden.shape[1]):
                     self.pending[start + j] = (
@@ -112,4 +121,3 @@ class ExitDecoder:
         if chosen is None:
             return logits, depth
         return xp.where(decided[:, None], chosen, logits), depth
-

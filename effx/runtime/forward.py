@@ -7,9 +7,19 @@ function that takes a ``backend`` also takes a torch Program, which it runs on t
 
 from __future__ import annotations
 
-from ..arrays import namespace, put_along_axis, take_along_axis
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
+
+from ..arrays import Array, Namespace, namespace, put_along_axis, take_along_axis
 from ..errors import GenerationInputError
+from ..plan import StageLike
 from .backend import Backend
+
+if TYPE_CHECKING:
+    from ..program import Program
+
+    # what the runtime's functions run on: a Backend, or a torch Program (run on the torch backend)
+    BackendLike: TypeAlias = Backend | Program
 
 __all__ = [
     "KVCache",
@@ -26,7 +36,7 @@ __all__ = [
 ]
 
 
-def as_backend(obj) -> Backend:
+def as_backend(obj: BackendLike) -> Backend:
     """``obj`` if it is a Backend, else the torch backend of a Program."""
     if isinstance(obj, Backend):
         return obj
@@ -45,8 +55,16 @@ class KVCache:
     """
 
     def __init__(
-        self, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, *, xp=None
-    ):
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        dtype: Any,
+        *,
+        xp: Namespace | None = None,
+    ) -> None:
         if xp is None:
             import torch
 
@@ -58,18 +76,18 @@ class KVCache:
         self.capacity = capacity
         self.lengths = [0] * num_layers
         # TokenDrop: layer -> [batch, prompt] True for the prompt slots whose tokens never reached that layer
-        self.dropped: dict = {}
+        self.dropped: dict[int, Array] = {}
 
     @classmethod
-    def for_program(cls, program, batch: int, capacity: int) -> KVCache:
+    def for_program(cls, program: BackendLike, batch: int, capacity: int) -> KVCache:
         """The cache of a Program (or a backend) for ``batch`` rows and ``capacity`` slots."""
         return as_backend(program).new_cache(batch, capacity)
 
-    def past(self, layer: int):
+    def past(self, layer: int) -> tuple[Array, Array]:
         n = self.lengths[layer]
         return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
 
-    def write(self, layer: int, k, v) -> None:
+    def write(self, layer: int, k: Array, v: Array) -> None:
         start = self.lengths[layer]
         end = start + k.shape[2]
         if end > self.capacity:
@@ -78,7 +96,7 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         self.lengths[layer] = end
 
-    def write_slots(self, layer: int, k, v, slots, counts, length: int) -> None:
+    def write_slots(self, layer: int, k: Array, v: Array, slots: Array, counts: Array, length: int) -> None:
         """Prefill of a layer that saw only some prompt tokens: their keys and values go to their own slots
         ``slots [batch, n]`` of ``0..length-1`` where ``counts [batch, n]`` is True; every other slot is zero
         (and masked, see ``dropped``)."""
@@ -94,7 +112,7 @@ class KVCache:
         """Forget every slot from ``length`` on, in every layer (rejected draft tokens)."""
         self.lengths = [min(n, length) for n in self.lengths]
 
-    def compact(self, start: int, index) -> None:
+    def compact(self, start: int, index: Array) -> None:
         """Close holes: in every layer, the slots ``start + index[b, j]`` of each row ``b`` move, in order, to
         slots ``start + j``, and the cache is filled to ``start + index.shape[1]``. Every layer must be filled
         to one length (speculative decoding between rounds; its rows leave holes where they rejected drafts
@@ -104,11 +122,13 @@ class KVCache:
         end, count = self.lengths[0], index.shape[1]
         index = index[:, None, :, None]
         for store in (*self.k, *self.v):
-            store[:, :, start : start + count] = take_along_axis(self.xp, store[:, :, start:end], index, axis=2)
+            store[:, :, start : start + count] = take_along_axis(
+                self.xp, store[:, :, start:end], index, axis=2
+            )
         self.lengths = [start + count] * len(self.lengths)
 
 
-def check_left_padded(attention_mask) -> None:
+def check_left_padded(attention_mask: Array) -> None:
     """Decoder-only generation needs left padding: each row is 0...0 1...1 with at least one 1."""
     xp = namespace(attention_mask)
     m = xp.astype(attention_mask, xp.int8) != 0
@@ -120,13 +140,20 @@ def check_left_padded(attention_mask) -> None:
         )
 
 
-def positions_from_mask(attention_mask):
+def positions_from_mask(attention_mask: Array) -> Array:
     """Position ids that count real tokens only (pads get 0; they are masked anyway)."""
     xp = namespace(attention_mask)
     return xp.clip(xp.cumulative_sum(xp.astype(attention_mask, xp.int64), axis=-1) - 1, min=0)
 
 
-def attention_masks(key_valid, q_start: int, q_len: int, windows, dtype, key_pos=None) -> dict:
+def attention_masks(
+    key_valid: Array,
+    q_start: int,
+    q_len: int,
+    windows: Iterable[int | None],
+    dtype: Any,
+    key_pos: Array | None = None,
+) -> dict[int | None, Array]:
     """Additive masks ``[batch, 1, q_len, keys]`` by sliding window (None: full causal attention).
 
     ``key_valid[b, j]`` is False for padding slots; query ``i`` (slot ``q_start + i``) sees slot ``j`` when
@@ -143,7 +170,7 @@ def attention_masks(key_valid, q_start: int, q_len: int, windows, dtype, key_pos
     valid = key_valid[:, None, None, :]
     zero = xp.zeros((), dtype=dtype)
     neg = xp.full((), xp.finfo(dtype).min, dtype=dtype)
-    out = {}
+    out: dict[int | None, Array] = {}
     for w in windows:
         if w is None:
             allowed = causal[None, None]
@@ -161,14 +188,16 @@ class MaskCache:
     """Masks for one step, built once per query start and shared by every layer that needs them;
     ``key_pos``: each slot's position, where slots are not positions (see :func:`attention_masks`)."""
 
-    def __init__(self, program, key_valid, dtype, key_pos=None):
+    def __init__(
+        self, program: BackendLike, key_valid: Array, dtype: Any, key_pos: Array | None = None
+    ) -> None:
         self.windows = program.plan.windows
         self.key_valid = key_valid
         self.key_pos = key_pos
         self.dtype = dtype
-        self._masks: dict[tuple, dict] = {}
+        self._masks: dict[tuple[int, int, int | None], dict[int | None, Array]] = {}
 
-    def get(self, q_start: int, q_len: int, window, dropped=None):
+    def get(self, q_start: int, q_len: int, window: int | None, dropped: Array | None = None) -> Array:
         """The mask for ``q_len`` queries from slot ``q_start``; ``dropped [batch, n]`` marks the first ``n``
         slots that this layer never saw (TokenDrop) as invalid keys."""
         key = (q_start, q_len, None if dropped is None else id(dropped))
@@ -182,39 +211,55 @@ class MaskCache:
         return self._masks[key][window]
 
 
-def layer_mask(masks: MaskCache, cache: KVCache, stage, q_len: int):
+def layer_mask(masks: MaskCache, cache: KVCache, stage: StageLike, q_len: int) -> Array:
     """The attention mask of ``q_len`` new tokens at the layer ``stage``: its fill length, attention window
     and dropped slots."""
-    i = stage.layer
+    i = cast(int, stage.layer)  # a layer stage's layer
     return masks.get(cache.lengths[i], q_len, stage.attrs.get("sliding_window"), cache.dropped.get(i))
 
 
-def run_layer_stages(backend, cache: KVCache, layers, hidden, cos, sin, masks: MaskCache):
+def run_layer_stages(
+    backend: Backend,
+    cache: KVCache,
+    layers: Sequence[StageLike],
+    hidden: Array,
+    cos: Array,
+    sin: Array,
+    masks: MaskCache,
+) -> Array:
     """Run ``layers`` one stage at a time (the default of :meth:`Backend.run_layers`)."""
     for stage in layers:
-        i = stage.layer
+        i = cast(int, stage.layer)  # a layer stage's layer
         mask = layer_mask(masks, cache, stage, hidden.shape[1])
         hidden, k, v = backend.run(stage, hidden, cos, sin, mask, *cache.past(i))
         cache.write(i, k, v)
     return hidden
 
 
-def run_layers(backend, cache: KVCache, layers, hidden, cos, sin, masks: MaskCache):
+def run_layers(
+    backend: BackendLike,
+    cache: KVCache,
+    layers: Sequence[StageLike],
+    hidden: Array,
+    cos: Array,
+    sin: Array,
+    masks: MaskCache,
+) -> Array:
     """Run ``layers`` (stages) on new tokens that start at each layer's filled length; fill the cache."""
     return as_backend(backend).run_layers(cache, layers, hidden, cos, sin, masks)
 
 
 def run_step(
-    backend,
+    backend: BackendLike,
     cache: KVCache,
-    input_ids,
-    position_ids,
-    key_valid,
+    input_ids: Array,
+    position_ids: Array,
+    key_valid: Array,
     *,
     last_only: bool = True,
-    stats: dict | None = None,
-    key_pos=None,
-):
+    stats: dict[str, Any] | None = None,
+    key_pos: Array | None = None,
+) -> Array:
     """Run embed, every layer (reading and filling ``cache``) and the head on ``input_ids``.
 
     ``key_valid`` covers every slot up to and including the new tokens (``key_pos``, where given, their
@@ -233,7 +278,7 @@ def run_step(
     return head_logits(backend, hidden, stats)
 
 
-def forward_logits(backend, input_ids, attention_mask=None):
+def forward_logits(backend: BackendLike, input_ids: Array, attention_mask: Array | None = None) -> Array:
     """Logits ``[batch, seq, vocab]`` for every position: a full forward of the Program, no cache kept."""
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise GenerationInputError(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -16,6 +16,11 @@ from .inputs import check_arguments
 from .loop import check_inputs, decode, stop_and_pad
 from .sampling import Sampler
 from .torch_backend import XP, torch_backend
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
+
+    from ..program import Program
 
 __all__ = ["generate"]
 
@@ -28,7 +33,9 @@ _IMPLEMENTED = {
 }  # fmt: skip
 
 
-def _resolve_config(program, generation_config, kwargs: dict[str, Any]):
+def _resolve_config(
+    program: Program, generation_config: GenerationConfig | None, kwargs: dict[str, Any]
+) -> GenerationConfig:
     from transformers import GenerationConfig
 
     given = check_arguments(kwargs, implemented=_IMPLEMENTED, front_end="Program.generate")
@@ -41,19 +48,19 @@ def _resolve_config(program, generation_config, kwargs: dict[str, Any]):
 
 
 def generate(
-    program,
+    program: Program,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
-    generation_config=None,
+    generation_config: GenerationConfig | None = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
-    streamer=None,
+    streamer: Any = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     progress: bool = False,
-    stats: dict | None = None,
-    stop: Callable | None = None,
-    **kwargs,
+    stats: dict[str, Any] | None = None,
+    stop: Callable[[torch.Tensor], Any] | None = None,
+    **kwargs: Any,
 ) -> torch.LongTensor:
     """Generate with the same inputs and output as ``model.generate``.
 
@@ -83,7 +90,9 @@ def generate(
     if max_new is None and getattr(input_ids, "ndim", None) == 2:
         max_new = (config.max_length or 20) - input_ids.shape[1]
     vocab = program.info.vocab_size
-    ids, mask = check_inputs(XP, input_ids, attention_mask, max_new, program.info.max_positions, vocab_size=vocab)
+    ids, mask = check_inputs(
+        XP, input_ids, attention_mask, max_new, program.info.max_positions, vocab_size=vocab
+    )
     eos, pad = stop_and_pad(program.plan, config.eos_token_id, config.pad_token_id, vocab)
     sampler = Sampler(
         do_sample=bool(config.do_sample),
@@ -99,20 +108,24 @@ def generate(
 
         bar = tqdm(total=max_new, desc="generate", unit="tok")
     try:
-        return decode(
-            torch_backend(program),
-            ids,
-            mask,
-            max_new=max_new,
-            eos=eos,
-            pad=pad,
-            sampler=sampler,
-            generator=generator,
-            streamer=streamer,
-            on_token=on_token,
-            bar=bar,
-            stats=stats,
-            stop=stop,
+        # the torch backend's arrays are torch tensors, and the loop's tokens int64
+        return cast(
+            torch.LongTensor,
+            decode(
+                torch_backend(program),
+                ids,
+                mask,
+                max_new=max_new,
+                eos=eos,
+                pad=pad,
+                sampler=sampler,
+                generator=generator,
+                streamer=streamer,
+                on_token=on_token,
+                bar=bar,
+                stats=stats,
+                stop=stop,
+            ),
         )
     finally:
         if bar is not None:

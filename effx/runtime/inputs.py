@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import array_api_compat
 
-from ..arrays import as_array
+from ..arrays import Array, Namespace, as_array
 from ..errors import GenerationInputError
 
 __all__ = [
@@ -65,7 +66,7 @@ _NEUTRAL = {
 }  # fmt: skip
 
 
-def _neutral(name: str, value) -> bool:
+def _neutral(name: str, value: Any) -> bool:
     if value is None:
         return True
     if name not in _NEUTRAL or isinstance(value, (list, tuple, dict)):
@@ -76,7 +77,9 @@ def _neutral(name: str, value) -> bool:
         return False
 
 
-def check_arguments(kwargs: Mapping, *, implemented: Iterable[str] = (), front_end: str) -> dict:
+def check_arguments(
+    kwargs: Mapping[str, Any], *, implemented: Iterable[str] = (), front_end: str
+) -> dict[str, Any]:
     """The keywords of ``kwargs`` that ``front_end`` implements (those of ``implemented``); every other one must
     be a generation field at a value that asks for nothing, else it is refused by name."""
     implemented = set(implemented)
@@ -95,11 +98,11 @@ def check_arguments(kwargs: Mapping, *, implemented: Iterable[str] = (), front_e
     return {k: v for k, v in kwargs.items() if k in implemented}
 
 
-def _is_integer(x) -> bool:
+def _is_integer(x: object) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def token_id(name: str, value, vocab_size: int | None) -> int:
+def token_id(name: str, value: Any, vocab_size: int | None) -> int:
     """One token id (a Python, numpy or 0-d tensor integer) as an ``int`` in ``0..vocab_size-1``."""
     if array_api_compat.is_array_api_obj(value) and getattr(value, "ndim", None) == 0:
         xp = array_api_compat.array_namespace(value)
@@ -108,13 +111,15 @@ def token_id(name: str, value, vocab_size: int | None) -> int:
         value = int(value)
     if not _is_integer(value):
         raise GenerationInputError(f"{name} must be an integer token id, got {value!r}")
-    value = int(value)
-    if value < 0 or (vocab_size is not None and value >= vocab_size):
-        raise GenerationInputError(f"{name}={value} is outside the vocabulary (0..{vocab_size - 1})")
-    return value
+    tid = int(value)
+    if tid < 0 or (vocab_size is not None and tid >= vocab_size):
+        # a known defect, kept as it is (no behaviour change in this commit): a negative id with no
+        # vocab_size raises TypeError here instead of GenerationInputError
+        raise GenerationInputError(f"{name}={tid} is outside the vocabulary (0..{vocab_size - 1})")  # type: ignore[operator]
+    return tid
 
 
-def token_ids(name: str, value, vocab_size: int | None) -> list[int]:
+def token_ids(name: str, value: Any, vocab_size: int | None) -> list[int]:
     """Stop ids: None -> ``[]``, one id -> ``[id]``, a list or tuple -> its ids, each checked as
     :func:`token_id`."""
     if value is None:
@@ -124,13 +129,15 @@ def token_ids(name: str, value, vocab_size: int | None) -> list[int]:
     return [token_id(name, value, vocab_size)]
 
 
-def check_max_new(max_new_tokens) -> int:
+def check_max_new(max_new_tokens: Any) -> int:
     if not _is_integer(max_new_tokens) or max_new_tokens < 1:
         raise GenerationInputError(f"max_new_tokens must be >= 1 (an integer), got {max_new_tokens!r}")
     return int(max_new_tokens)
 
 
-def check_ids(xp, input_ids, attention_mask, vocab_size: int | None):
+def check_ids(
+    xp: Namespace, input_ids: Any, attention_mask: Any, vocab_size: int | None
+) -> tuple[Array, Array]:
     """``(input_ids int64, attention_mask int64)`` as arrays of ``xp``: ids a non-empty 2-D integer array
     in ``0..vocab_size-1``, the mask of the same shape with values 0 and 1 (all ones when None). Padding
     positions are checked too: every id reaches the embedding."""
@@ -154,8 +161,10 @@ def check_ids(xp, input_ids, attention_mask, vocab_size: int | None):
     low, high = int(xp.min(ids)), int(xp.max(ids))
     if low < 0 or (vocab_size is not None and high >= vocab_size):
         bad = low if low < 0 else high
+        # a known defect, kept as it is (no behaviour change in this commit): a negative id with no
+        # vocab_size raises TypeError here instead of GenerationInputError
         raise GenerationInputError(
-            f"input_ids holds the token id {bad}, outside the vocabulary (0..{vocab_size - 1})"
+            f"input_ids holds the token id {bad}, outside the vocabulary (0..{vocab_size - 1})"  # type: ignore[operator]
         )
     if attention_mask is None:
         return ids, xp.ones_like(ids)
@@ -172,7 +181,7 @@ def check_ids(xp, input_ids, attention_mask, vocab_size: int | None):
     return ids, xp.astype(mask, xp.int64)
 
 
-def check_stop(result, batch: int) -> list[bool]:
+def check_stop(result: Any, batch: int) -> list[bool]:
     """What a ``stop(tokens)`` callback returned, as one bool per row, or a ``GenerationInputError``."""
     try:
         values = [bool(v) for v in result]
@@ -185,7 +194,7 @@ def check_stop(result, batch: int) -> list[bool]:
     return values
 
 
-def resolve_max_new(max_new_tokens, max_length, input_ids, *, default: int):
+def resolve_max_new(max_new_tokens: Any, max_length: Any, input_ids: Any, *, default: int) -> Any:
     """``max_new_tokens`` if given, else ``max_length`` less the prompt's length, else ``default``."""
     if max_new_tokens is not None:
         return max_new_tokens

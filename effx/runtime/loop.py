@@ -12,30 +12,32 @@ loop makes each of these decisions once, on the backend's arrays; ``Program.gene
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
-from ..arrays import namespace
+from ..arrays import Array, Namespace, namespace
 from ..errors import GenerationInputError
+from ..plan import EarlyExitPolicy, Plan
 from .backend import CORE_NEURONS, Backend, needed_capabilities
 from .early_exit import ExitDecoder
 from .forward import KVCache, MaskCache, check_left_padded, positions_from_mask, run_step
 from .inputs import check_ids, check_max_new, check_stop, token_id, token_ids
-from .sampling import Sampler
-from .speculative import Speculation, capacity, longest_draft, sources_of
+from .sampling import TokenSampler
+from .speculative import DraftSource, Speculation, capacity, longest_draft, sources_of
 from .token_drop import drop_prefill
 
 __all__ = ["Output", "as_ids", "check_inputs", "decode", "prefill", "stop_and_pad"]
 
 
 def check_inputs(
-    xp,
-    input_ids,
-    attention_mask,
+    xp: Namespace,
+    input_ids: Any,
+    attention_mask: Any,
     max_new: int,
     max_positions: int,
     *,
     vocab_size: int | None,
     what: str = "the model",
-):
+) -> tuple[Array, Array]:
     """``(input_ids, attention_mask)`` as int64 arrays of ``xp``, or a ``GenerationInputError`` that says what
     is wrong with them (the contract of :mod:`effx.runtime.inputs`: integer ids in the vocabulary, a 0/1
     mask; then left padding and the length against ``max_positions``)."""
@@ -52,7 +54,7 @@ def check_inputs(
     return ids, mask
 
 
-def as_ids(value) -> list[int]:
+def as_ids(value: Any) -> list[int]:
     """Token ids as a list: None -> ``[]``, one id -> ``[id]``, a list or tuple -> its ints."""
     if value is None:
         return []
@@ -61,7 +63,9 @@ def as_ids(value) -> list[int]:
     return [int(value)]
 
 
-def stop_and_pad(plan, eos_token_id, pad_token_id, vocab_size: int | None = None) -> tuple[list[int], int]:
+def stop_and_pad(
+    plan: Plan, eos_token_id: Any, pad_token_id: Any, vocab_size: int | None = None
+) -> tuple[list[int], int]:
     """The stop token ids (``eos_token_id``, else the plan's; ``[]`` never stops) and the pad id
     (``pad_token_id``, else the plan's, else the first stop token, else 0); the given ones checked as
     :func:`effx.runtime.inputs.token_ids` (integers in the vocabulary)."""
@@ -81,15 +85,23 @@ class Output:
     """The output buffer and everything that happens when a token is emitted (stop tokens, callbacks)."""
 
     def __init__(
-        self, input_ids, max_new: int, eos: list[int], pad: int, streamer=None, on_token=None, bar=None, stop=None
-    ):
+        self,
+        input_ids: Array,
+        max_new: int,
+        eos: list[int],
+        pad: int,
+        streamer: Any = None,
+        on_token: Callable[[Array], object] | None = None,
+        bar: Any = None,
+        stop: Callable[[Array], Any] | None = None,
+    ) -> None:
         xp = namespace(input_ids)
         self.xp = xp
         batch, prompt_len = input_ids.shape
         self.tokens = xp.full((batch, prompt_len + max_new), pad, dtype=xp.int64)
         self.tokens[:, :prompt_len] = input_ids
-        self.length = prompt_len
-        self.end = prompt_len + max_new
+        self.length: int = prompt_len
+        self.end: int = prompt_len + max_new
         self.finished = xp.zeros(batch, dtype=xp.bool)
         self.eos = xp.asarray(eos, dtype=xp.int64)
         self.pad = pad
@@ -104,7 +116,7 @@ class Output:
     def remaining(self) -> int:
         return self.end - self.length
 
-    def emit(self, token):
+    def emit(self, token: Array) -> Array:
         """Append one token per row (pad for finished rows); returns what was appended."""
         xp = self.xp
         token = xp.where(self.finished, xp.asarray(self.pad, dtype=xp.int64), xp.astype(token, xp.int64))
@@ -124,14 +136,21 @@ class Output:
             self.bar.update(1)
         return token
 
-    def finish(self):
+    def finish(self) -> Array:
         """End the streamer and return the prompt and the tokens emitted, ``[batch, prompt + new]``."""
         if self.streamer is not None:
             self.streamer.end()
         return self.tokens[:, : self.length]
 
 
-def prefill(backend: Backend, cache: KVCache, input_ids, positions, key_valid, stats):
+def prefill(
+    backend: Backend,
+    cache: KVCache,
+    input_ids: Array,
+    positions: Array,
+    key_valid: Array,
+    stats: dict[str, Any] | None,
+) -> tuple[Array, Backend]:
     """Run the prompt with the plan's own prefill: TokenDrop's, per-prompt core neurons' (which returns the
     backend to decode with, its MLPs sliced to the prompt's neurons), or a plain step. Returns
     ``(logits of the last position, backend)``."""
@@ -146,21 +165,21 @@ def prefill(backend: Backend, cache: KVCache, input_ids, positions, key_valid, s
 
 def decode(
     backend: Backend,
-    input_ids,
-    attention_mask,
+    input_ids: Array,
+    attention_mask: Array,
     *,
     max_new: int,
     eos: list[int],
     pad: int,
-    sampler: Sampler,
-    generator=None,
-    streamer=None,
-    on_token: Callable | None = None,
-    bar=None,
-    stats: dict | None = None,
-    sources: list | None = None,
-    stop: Callable | None = None,
-):
+    sampler: TokenSampler,
+    generator: Any = None,
+    streamer: Any = None,
+    on_token: Callable[[Array], object] | None = None,
+    bar: Any = None,
+    stats: dict[str, Any] | None = None,
+    sources: list[DraftSource] | None = None,
+    stop: Callable[[Array], Any] | None = None,
+) -> Array:
     """Generate ``max_new`` tokens (fewer when every row stops) after checked inputs (``input_ids [batch,
     prompt]`` int64, left-padded ``attention_mask``), as the plan's policy says. Returns ``[batch, prompt +
     new]``; finished rows are padded with ``pad``. ``stats`` receives what the loop decided (see
@@ -204,7 +223,8 @@ def decode(
             return out.finish()
         decoder = None
         if mode == "lossy":
-            decoder = ExitDecoder(backend, cache, copy=plan.policy.early_exit.kv == "copy", stats=stats)
+            early_exit = cast(EarlyExitPolicy, plan.policy.early_exit)  # decode_mode "lossy" needs it
+            decoder = ExitDecoder(backend, cache, copy=early_exit.kv == "copy", stats=stats)
             if stats is not None:
                 stats["exit_layers"] = []
         while not out.done:
@@ -212,7 +232,9 @@ def decode(
             if decoder is None:
                 logits = run_step(backend, cache, token[:, None], next_pos, valid, stats=stats)
             else:
-                logits, depth = decoder.step(token[:, None], next_pos, MaskCache(backend, valid, backend.dtype))
+                logits, depth = decoder.step(
+                    token[:, None], next_pos, MaskCache(backend, valid, backend.dtype)
+                )
                 if stats is not None:
                     stats["exit_layers"].append([int(d) for d in depth])
             next_pos = next_pos + 1

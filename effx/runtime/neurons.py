@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import copy
 import weakref
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from ..fx import fetch, mlp_nodes, mlp_probe, slice_mlp
 from .forward import KVCache, MaskCache, run_layers
+
+if TYPE_CHECKING:
+    from ..plan import NeuronMaskPolicy
+    from ..program import Program
 
 __all__ = ["batched_mlp", "choose_core", "core_prefill"]
 
@@ -35,12 +40,20 @@ def choose_core(inter: torch.Tensor, valid: torch.Tensor, k: int, top_share: flo
     return torch.sort(score.topk(k, dim=-1).indices, dim=-1).values
 
 
-def core_prefill(program, cache: KVCache, input_ids, positions, key_valid, stats=None):
+def core_prefill(
+    program: Program,
+    cache: KVCache,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    key_valid: torch.Tensor,
+    stats: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, Program]:
     """The prefill of a core-neuron Program: returns the last position's logits and the Program to decode
     with (the marked layers sliced to each prompt's core neurons)."""
     from .vocab import head_logits
 
-    top_share = program.plan.policy.neuron_mask.top_share
+    # a core-neuron Program has a neuron_mask policy (the loop calls this for policy.core_neurons only)
+    top_share = cast("NeuronMaskPolicy", program.plan.policy.neuron_mask).top_share
     hidden, cos, sin = program.embed.graph(input_ids, positions)
     masks = MaskCache(program, key_valid, hidden.dtype)
     chosen: dict[str, torch.Tensor] = {}
@@ -49,9 +62,10 @@ def core_prefill(program, cache: KVCache, input_ids, positions, key_valid, stats
         if not k:
             hidden = run_layers(program, cache, (stage,), hidden, cos, sin, masks)
             continue
-        mask = masks.get(cache.lengths[stage.layer], hidden.shape[1], stage.attrs.get("sliding_window"))
-        hidden, kk, vv, inter, _ = _probe(stage.graph)(hidden, cos, sin, mask, *cache.past(stage.layer))
-        cache.write(stage.layer, kk, vv)
+        i = cast(int, stage.layer)  # a layer stage's layer
+        mask = masks.get(cache.lengths[i], hidden.shape[1], stage.attrs.get("sliding_window"))
+        hidden, kk, vv, inter, _ = _probe(stage.graph)(hidden, cos, sin, mask, *cache.past(i))
+        cache.write(i, kk, vv)
         chosen[stage.name] = choose_core(inter, key_valid[:, -inter.shape[1] :], k, top_share)
     logits = head_logits(program, hidden[:, -1:], stats)[:, -1]
     replace = {}
@@ -65,8 +79,10 @@ def core_prefill(program, cache: KVCache, input_ids, positions, key_valid, stats
 
 
 # per layer graph: its probe, and graphs sliced to placeholder neurons whose weights are swapped per prompt
-_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROBES: weakref.WeakKeyDictionary[torch.fx.GraphModule, torch.fx.GraphModule] = weakref.WeakKeyDictionary()
+_TEMPLATES: weakref.WeakKeyDictionary[torch.fx.GraphModule, dict[tuple[bool, int], torch.fx.GraphModule]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _probe(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..arrays import Array
 from ..artifact import (
     CASCADE_FILE,
     CASCADE_FORMAT,
@@ -47,19 +50,24 @@ from ..artifact import (
     sha256,
 )
 from ..errors import ArtifactError, CascadeError, PlanError
-from ..gates import GATES
+from ..gates import GATES, Gate
 from ..plan import Plan
 from .backend import describe, needed_capabilities
 from .cascade import decode as cascade_decode
 from .inputs import check_arguments, resolve_max_new
 from .loop import check_inputs, decode, stop_and_pad
-from .onnx_backend import XP, OnnxBackend, default_providers
+from .onnx_backend import XP, OnnxBackend, Providers, Segment, default_providers
 from .sampling import Sampler
+
+if TYPE_CHECKING:
+    from .onnx_seq2seq import OnnxSeq2Seq
 
 __all__ = ["OnnxCascade", "OnnxGenerator", "default_providers", "load"]
 
 
-def load(out_dir: str | os.PathLike, *, providers=None) -> OnnxGenerator | OnnxCascade:
+def load(
+    out_dir: str | os.PathLike[str], *, providers: Providers | None = None
+) -> OnnxGenerator | OnnxCascade | OnnxSeq2Seq:
     """Open an artifact written by ``effx.exporters.onnx.export``: an :class:`OnnxGenerator` for a Program,
     an :class:`OnnxCascade` for a cascade (``cascade.json``), an
     :class:`effx.runtime.onnx_seq2seq.OnnxSeq2Seq` for an encoder-decoder program (``seq2seq.json``). Every problem is an ``ArtifactError``."""
@@ -73,7 +81,7 @@ def load(out_dir: str | os.PathLike, *, providers=None) -> OnnxGenerator | OnnxC
     return _load_program(out_dir, providers)
 
 
-def _load_program(out_dir: Path, providers) -> OnnxGenerator:
+def _load_program(out_dir: Path, providers: Providers | None) -> OnnxGenerator:
     """The artifact at ``out_dir``, checked whole before any session opens: the manifest (format, schema,
     its own checksum, every field's type and range), every file it names against its checksum, the
     tokenizer's files and that they load; each graph's shapes are checked against the plan as it opens."""
@@ -91,7 +99,9 @@ def _load_program(out_dir: Path, providers) -> OnnxGenerator:
     return OnnxGenerator(out_dir, plan, files, providers=providers, segments=segments, fused=fused)
 
 
-def _checked_files(out_dir: Path, plan_path: Path, manifest: dict):
+def _checked_files(
+    out_dir: Path, plan_path: Path, manifest: dict[str, Any]
+) -> tuple[Plan, dict[str, Any], list[Segment], dict[str, Any]]:
     raw, files = manifest.get("plan"), manifest.get("files")
     if not isinstance(raw, dict) or not isinstance(files, dict) or not isinstance(raw.get("stages"), list):
         raise ArtifactError(f"{plan_path} lacks 'plan' (with its 'stages') or 'files'")
@@ -139,7 +149,7 @@ def _checked_files(out_dir: Path, plan_path: Path, manifest: dict):
     return plan, files, segments, fused
 
 
-def _check_segments(segments, plan: Plan, files: dict, plan_path: Path) -> list[dict]:
+def _check_segments(segments: Any, plan: Plan, files: dict[str, Any], plan_path: Path) -> list[Segment]:
     """The manifest's ``segments``, checked: each a dict with a new name over two or more consecutive layers
     of the plan with one attention window (the whole-model segment ``layers``, or a run of layers between
     decision points, ``layers.a-b``), no two covering the same layer. Their files are checked with the
@@ -150,8 +160,9 @@ def _check_segments(segments, plan: Plan, files: dict, plan_path: Path) -> list[
     names = set(files)
     covered: set[str] = set()
     for seg in segments:
-        stages = seg.get("stages") if isinstance(seg, dict) else None
-        where = (
+        # the manifest's JSON, checked here: a list of layer names once ``consecutive`` holds
+        stages: Any = seg.get("stages") if isinstance(seg, dict) else None
+        where: list[Any] = (
             [order.get(s) if isinstance(s, str) else None for s in stages] if isinstance(stages, list) else []
         )
         consecutive = (
@@ -177,7 +188,7 @@ def _check_segments(segments, plan: Plan, files: dict, plan_path: Path) -> list[
     return segments
 
 
-def _check_fused(fused, plan: Plan, segments: list[dict], plan_path: Path) -> dict:
+def _check_fused(fused: Any, plan: Plan, segments: list[Segment], plan_path: Path) -> dict[str, Any]:
     """The manifest's ``fused`` graphs (``effx.exporters.onnx_attention``), checked: a dict from the name of
     a layer stage or a segment to its fused graph's ``{"onnx", "sha256"}`` (the files are checked with the
     others). An artifact without the key (older ones) runs its plain graphs only."""
@@ -200,23 +211,23 @@ class OnnxGenerator(OnnxBackend):
 
     def generate(
         self,
-        input_ids,
-        attention_mask=None,
+        input_ids: Any,
+        attention_mask: Any = None,
         *,
         max_new_tokens: int | None = None,
-        eos_token_id=None,
-        pad_token_id=None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float = 1.0,
         seed: int | None = None,
-        streamer=None,
-        on_token=None,
-        stats: dict | None = None,
-        stop=None,
-        **kwargs,
-    ) -> np.ndarray:
+        streamer: Any = None,
+        on_token: Callable[[Array], object] | None = None,
+        stats: dict[str, Any] | None = None,
+        stop: Callable[[Array], Any] | None = None,
+        **kwargs: Any,
+    ) -> np.ndarray[Any, Any]:
         """``[batch, prompt + new]`` token ids, as the torch backend's ``Program.generate`` (the same loop).
         Sampling draws from numpy's generator seeded with ``seed``. Pass a dict as ``stats`` to get what
         the runtime decided (the torch backend's keys: ``exit_layers``, ``drafted`` / ``accepted``,
@@ -232,7 +243,7 @@ class OnnxGenerator(OnnxBackend):
         )
         sampler = Sampler(do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p)
         eos, pad = stop_and_pad(self.plan, eos_token_id, pad_token_id, vocab)
-        return decode(
+        tokens: np.ndarray[Any, Any] = decode(
             self,
             ids,
             mask,
@@ -246,18 +257,19 @@ class OnnxGenerator(OnnxBackend):
             stats=stats,
             stop=stop,
         )
+        return tokens
 
 
 # -- cascades ----------------------------------------------------------------------------------------------
 
 
-def _load_cascade(out_dir: Path, providers) -> OnnxCascade:
+def _load_cascade(out_dir: Path, providers: Providers | None) -> OnnxCascade:
     path = out_dir / CASCADE_FILE
     manifest = read_manifest(path, CASCADE_FORMAT, CASCADE_SCHEMA_VERSION)
     parts = manifest.get("parts")
-    gens = {}
+    gens: dict[str, OnnxGenerator] = {}
     for role in ("small", "large"):
-        part = parts.get(role) if isinstance(parts, dict) else None
+        part: Any = parts.get(role) if isinstance(parts, dict) else None  # JSON, checked here
         name = part.get("dir") if isinstance(part, dict) else None
         if not isinstance(name, str) or name in ("", ".", "..") or "\0" in name or Path(name).name != name:
             raise ArtifactError(f"{path} names no valid directory for the {role} model")
@@ -269,11 +281,11 @@ def _load_cascade(out_dir: Path, providers) -> OnnxCascade:
                 f"{plan} does not match its checksum in {CASCADE_FILE}: the artifact is corrupt"
             )
         gens[role] = _load_program(out_dir / name, providers)
-    gate = manifest.get("gate")
+    gate: Any = manifest.get("gate")  # JSON, checked here, then the Gate it describes
     if gate is not None:
         if not isinstance(gate, dict) or gate.get("kind") not in GATES:
             raise ArtifactError(f"{path} has a gate this runtime does not know: {gate!r}")
-        threshold = gate.get("threshold")
+        threshold: Any = gate.get("threshold")
         finite = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
         if not finite or not math.isfinite(threshold):
             raise ArtifactError(f"{path}: the gate's threshold must be a finite number, got {threshold!r}")
@@ -300,7 +312,9 @@ class OnnxCascade:
     """A cascade artifact: the small and the large model's generators and the cascade's settings; decodes
     with ``effx.Cascade.generate``'s loops (greedy; gated or verified mode)."""
 
-    def __init__(self, small: OnnxGenerator, large: OnnxGenerator, manifest: dict, gate=None):
+    def __init__(
+        self, small: OnnxGenerator, large: OnnxGenerator, manifest: dict[str, Any], gate: Gate | None = None
+    ) -> None:
         if small.info.vocab_size != large.info.vocab_size:
             raise ArtifactError("the cascade's models have different vocabularies")
         self.small, self.large = small, large
@@ -314,15 +328,15 @@ class OnnxCascade:
 
     def generate(
         self,
-        input_ids,
-        attention_mask=None,
+        input_ids: Any,
+        attention_mask: Any = None,
         *,
         max_new_tokens: int | None = None,
-        eos_token_id=None,
-        pad_token_id=None,
-        stats: dict | None = None,
-        **kwargs,
-    ) -> np.ndarray:
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        stats: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> np.ndarray[Any, Any]:
         """``[batch, prompt + new]`` token ids, as ``effx.Cascade.generate`` (greedy; other generation
         arguments checked as :mod:`effx.runtime.inputs` says); ``stats`` receives what
         :func:`effx.runtime.cascade.decode` reports."""
@@ -331,9 +345,16 @@ class OnnxCascade:
         limit = min(self.small.info.max_positions, self.large.info.max_positions)
         vocab = self.large.info.vocab_size
         ids, mask = check_inputs(
-            XP, input_ids, attention_mask, max_new_tokens, limit, vocab_size=vocab, what="the cascade's models"
+            XP,
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            limit,
+            vocab_size=vocab,
+            what="the cascade's models",
         )
         eos, pad = stop_and_pad(self.plan, eos_token_id, pad_token_id, vocab)
+        tokens: np.ndarray[Any, Any]
         tokens, _, _ = cascade_decode(
             self.small,
             self.large,

@@ -21,24 +21,35 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import array_api_compat.numpy as XP
 import numpy as np
 
 from ..artifact import fused_inputs
 from ..errors import ArtifactError
-from ..plan import Plan
+from ..plan import Plan, StageLike
 from .backend import Backend
-from .forward import KVCache, layer_mask, run_layer_stages
+from .forward import KVCache, MaskCache, layer_mask, run_layer_stages
 
-__all__ = ["OnnxBackend", "default_providers"]
+__all__ = ["XP", "OnnxBackend", "default_providers"]
+
+# ONNX Runtime ships no type information: its sessions, values and bindings are Any to the type checker
+Session = Any
+# what a session's run returns: its outputs, numpy arrays
+Outputs = list[np.ndarray[Any, Any]]
+# a manifest's segment: name, stages (layer names) and onnx (its file)
+Segment = dict[str, Any]
+# execution providers as onnxruntime takes them: names, or (name, options) pairs
+Providers = Sequence[str | tuple[str, dict[str, Any]]]
 
 _CUDA_LIBRARIES_LOADED = False
 _FUSED = "fused:"  # the prefix of a fused graph's session name
 
 
-def _providers(providers):
+def _providers(providers: Providers | None) -> Providers:
     """``providers``, or the default (CUDA first when onnxruntime-gpu sees a GPU, then CPU); for CUDA, the
     CUDA and cuDNN libraries of the ``nvidia-*`` wheels are loaded first (``onnxruntime.preload_dlls``),
     which torch would otherwise have done, and this runtime never imports torch."""
@@ -56,7 +67,7 @@ def _providers(providers):
 _SHARED_ARENA = False
 
 
-def _share_cpu_arena(ort, opts) -> None:
+def _share_cpu_arena(ort: Any, opts: Any) -> None:
     """Have the sessions made with ``opts`` take CPU memory from one arena registered with ONNX Runtime's
     environment, instead of one arena each: stages run one after another, so one arena serves them all,
     and a 1024-token prefill through 30 layer sessions took 6.3 s until each layer's arena had grown and
@@ -72,12 +83,12 @@ def _share_cpu_arena(ort, opts) -> None:
     opts.add_session_config_entry("session.use_env_allocators", "1")
 
 
-def default_providers() -> list:
+def default_providers() -> list[str | tuple[str, dict[str, Any]]]:
     """The execution providers ``load`` uses unless told otherwise: CUDA (full float32 products) first when
     onnxruntime-gpu sees a GPU, then CPU."""
     import onnxruntime as ort
 
-    providers: list = ["CPUExecutionProvider"]
+    providers: list[str | tuple[str, dict[str, Any]]] = ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in ort.get_available_providers():
         # full float32 matrix products, as torch computes them by default: ONNX Runtime's CUDA provider
         # uses TF32 unless told not to, which changes logits enough to change greedy tokens
@@ -90,12 +101,14 @@ class _BoundCache:
     Runtime values where the session runs (on the GPU under CUDA) and bound as the next step's past, so
     no cache crosses between host and device. Only for plain decoding (no rollback, no dropped slots)."""
 
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype, device: str):
+    def __init__(
+        self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype: np.dtype[Any], device: str
+    ) -> None:
         self.empty = np.zeros((batch, kv_heads, 0, head_dim), dtype)
-        self.k = [None] * num_layers
-        self.v = [None] * num_layers
+        self.k: list[Any] = [None] * num_layers  # OrtValues once a step has run
+        self.v: list[Any] = [None] * num_layers
         self.lengths = [0] * num_layers
-        self.dropped: dict = {}
+        self.dropped: dict[int, Any] = {}
         self.device = device
 
 
@@ -108,7 +121,16 @@ class OnnxBackend(Backend):
     name = "ONNX Runtime"
     xp = XP
 
-    def __init__(self, out_dir: Path, plan: Plan, files: dict, *, providers=None, segments=(), fused=None):
+    def __init__(
+        self,
+        out_dir: Path,
+        plan: Plan,
+        files: dict[str, Any],
+        *,
+        providers: Providers | None = None,
+        segments: Sequence[Segment] = (),
+        fused: dict[str, Any] | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         self.plan = plan
@@ -120,7 +142,7 @@ class OnnxBackend(Backend):
         # segment, one session, instead of a session per layer (which then are not opened)
         segments = list(segments)
         every = [s.name for s in layers]
-        self._segment = None
+        self._segment: Segment | None = None
         if not plan.exits and not plan.drops and len(plan.windows) == 1:
             self._segment = next((seg for seg in segments if list(seg["stages"]) == every), None)
         # otherwise each segment is a run of layers between decision points
@@ -140,12 +162,13 @@ class OnnxBackend(Backend):
         # the session runs on the CPU, whose memory the cache's arrays are; their plain graphs then open
         # only when a step needs them (a multi-token step over a past at batch > 1)
         first = self._providers[0]
-        self._fused = {}
+        self._fused: dict[str, str] = {}
         if (first[0] if isinstance(first, tuple) else first) == "CPUExecutionProvider":
             self._fused = {name: _FUSED + name for name in (fused or {})}
             self._paths.update((_FUSED + name, entry["onnx"]) for name, entry in (fused or {}).items())
             opened = [_FUSED + n if n in self._fused else n for n in opened]
-        self._bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> {name: binding}
+        # cache -> {name: binding}
+        self._bindings: weakref.WeakKeyDictionary[KVCache, dict[str, Any]] = weakref.WeakKeyDictionary()
         self._hidden_out: dict[str, str] = {}  # fused session name -> its hidden-state output
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only: its notes on nodes it cannot constant-fold are noise
@@ -153,24 +176,24 @@ class OnnxBackend(Backend):
         opts.add_session_config_entry("session.force_spinning_stop", "1")
         _share_cpu_arena(ort, opts)
         self._opts = opts
-        self.sessions = {}
+        self.sessions: dict[str, Session] = {}
         # each session's input and output names once, and its own run: the Python wrapper's checks on every
         # call were 2% of a SmolLM2 decode step (ONNX Runtime copies non-contiguous arrays, such as a
         # cache's past, itself)
-        self._calls = {}
+        self._calls: dict[str, tuple[list[str], list[str], Callable[..., Outputs]]] = {}
         for name in opened:
             self._open(name)
         # where the segment returns each layer's past-and-new cache, plain decoding keeps the cache in the
         # segment session's memory (the GPU's under CUDA) instead of host arrays
         self.bind_cache = True  # False: host arrays even where the segment could keep the cache
-        self._bound_device = None
+        self._bound_device: str | None = None
         if self._segment is not None and self._segment["name"] not in self._fused:
             seg = self.sessions[self._segment["name"]]
             if any(o.name.startswith("present_") for o in seg.get_outputs()):
                 self._bound_device = "cuda" if seg.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        self._layer_ids = [s.layer for s in layers]
+        self._layer_ids = [cast(int, s.layer) for s in layers]  # layer stages: each has its layer
 
-    def _open(self, name: str):
+    def _open(self, name: str) -> tuple[list[str], list[str], Callable[..., Outputs]]:
         """Open the session ``name`` and note how to call it. Host-array runs never ask for a segment's
         past-and-new cache outputs (``present_*``, the bound cache's): fetching them would copy every
         layer's whole cache out of the session at every step."""
@@ -193,22 +216,31 @@ class OnnxBackend(Backend):
         )
         return call
 
-    def _run(self, name: str, *args):
+    def _run(self, name: str, *args: np.ndarray[Any, Any]) -> Outputs:
         # a layer inside a segment has no session until a step runs it alone (see run_layers)
         inputs, outputs, run = self._calls.get(name) or self._open(name)
         return run(outputs, dict(zip(inputs, args, strict=True)), None)
 
-    def run(self, stage, *inputs):
+    def run(self, stage: StageLike, *inputs: np.ndarray[Any, Any]) -> Outputs:
         return self._run(stage.name, *inputs)
 
-    def new_cache(self, batch: int, capacity: int, *, rollback: bool = True):
+    def new_cache(self, batch: int, capacity: int, *, rollback: bool = True) -> KVCache:
         if not rollback and self._bound_device is not None and self.bind_cache:
             info = self.info
             shape = (batch, info.num_kv_heads, info.head_dim)
-            return _BoundCache(info.num_layers, *shape, self.dtype, self._bound_device)
+            # duck-typed: plain decoding reads only lengths and dropped of a cache, and run_layers binds it
+            return cast(KVCache, _BoundCache(info.num_layers, *shape, self.dtype, self._bound_device))
         return super().new_cache(batch, capacity, rollback=rollback)
 
-    def run_layers(self, cache, layers, hidden, cos, sin, masks):
+    def run_layers(
+        self,
+        cache: KVCache,
+        layers: Sequence[StageLike],
+        hidden: np.ndarray[Any, Any],
+        cos: np.ndarray[Any, Any],
+        sin: np.ndarray[Any, Any],
+        masks: MaskCache,
+    ) -> np.ndarray[Any, Any]:
         """Run ``layers``: each part that is exactly a segment's layers, filled to one length and with one
         dropped set (so one mask serves them all), as that segment's one session; every other layer as its
         own session."""
@@ -225,23 +257,34 @@ class OnnxBackend(Backend):
             if seg is not None and _one_mask(cache, seg, run):
                 hidden = self._run_segment(seg, cache, run, hidden, cos, sin, masks)
                 p += len(run)
-            elif self._fusable(layers[p].name, cache, layers[p].layer, hidden):
+            elif self._fusable(layers[p].name, cache, cast(int, layers[p].layer), hidden):
                 mask = layer_mask(masks, cache, layers[p], hidden.shape[1])
-                hidden = self._run_fused(layers[p].name, cache, [layers[p].layer], hidden, cos, sin, mask)
+                hidden = self._run_fused(
+                    layers[p].name, cache, [cast(int, layers[p].layer)], hidden, cos, sin, mask
+                )
                 p += 1
             else:
                 hidden = run_layer_stages(self, cache, layers[p : p + 1], hidden, cos, sin, masks)
                 p += 1
         return hidden
 
-    def _fusable(self, name: str, cache, first: int, hidden) -> bool:
+    def _fusable(self, name: str, cache: KVCache, first: int, hidden: np.ndarray[Any, Any]) -> bool:
         """Whether the graph ``name`` has a fused form that this step can run: the cache is host arrays, and
         the step is not several tokens over a past at batch > 1 (which ONNX Runtime's CPU attention refuses)."""
         if name not in self._fused or not isinstance(cache, KVCache):
             return False
         return hidden.shape[0] == 1 or hidden.shape[1] == 1 or cache.lengths[first] == 0
 
-    def _run_fused(self, name: str, cache: KVCache, ids, hidden, cos, sin, mask):
+    def _run_fused(
+        self,
+        name: str,
+        cache: KVCache,
+        ids: list[int],
+        hidden: np.ndarray[Any, Any],
+        cos: np.ndarray[Any, Any],
+        sin: np.ndarray[Any, Any],
+        mask: np.ndarray[Any, Any],
+    ) -> np.ndarray[Any, Any]:
         """The layers ``ids`` as the fused graph of ``name``: each layer's cache arrays are bound as both its
         past and its present, so the attention node writes the step's keys and values into their slots."""
         start = cache.lengths[ids[0]]
@@ -259,7 +302,9 @@ class OnnxBackend(Backend):
             sess = self.sessions[key]
             binding = bindings[key] = sess.io_binding()
             self._hidden_out[key] = sess.get_outputs()[0].name
-            suffix = (lambda j: f".{j}") if name in self._segment_names else (lambda j: "")
+            suffix: Callable[[int], str] = (
+                (lambda j: f".{j}") if name in self._segment_names else (lambda j: "")
+            )
             for j, i in enumerate(ids):
                 for kv, store in (("k", cache.k), ("v", cache.v)):
                     value = ort.OrtValue.ortvalue_from_numpy(store[i])
@@ -278,9 +323,18 @@ class OnnxBackend(Backend):
             cache.lengths[i] = total
         return out
 
-    def _run_segment(self, seg: dict, cache, run, hidden, cos, sin, masks):
+    def _run_segment(
+        self,
+        seg: Segment,
+        cache: KVCache,
+        run: Sequence[StageLike],
+        hidden: np.ndarray[Any, Any],
+        cos: np.ndarray[Any, Any],
+        sin: np.ndarray[Any, Any],
+        masks: MaskCache,
+    ) -> np.ndarray[Any, Any]:
         """The layers ``run`` as the one session of ``seg`` (see ``effx.exporters.onnx._fuse_layers``)."""
-        ids = [s.layer for s in run]
+        ids = [cast(int, s.layer) for s in run]  # layer stages: each has its layer
         first = ids[0]
         mask = layer_mask(masks, cache, run[0], hidden.shape[1])
         if self._fusable(seg["name"], cache, first, hidden):
@@ -290,8 +344,17 @@ class OnnxBackend(Backend):
             cache.write(i, out[1 + 2 * j], out[2 + 2 * j])
         return out[0]
 
-    def _run_bound(self, cache: _BoundCache, ids, hidden, cos, sin, mask):
-        sess = self.sessions[self._segment["name"]]
+    def _run_bound(
+        self,
+        cache: _BoundCache,
+        ids: list[int],
+        hidden: np.ndarray[Any, Any],
+        cos: np.ndarray[Any, Any],
+        sin: np.ndarray[Any, Any],
+        mask: np.ndarray[Any, Any],
+    ) -> np.ndarray[Any, Any]:
+        # a bound cache is made only where the whole-model segment runs (new_cache)
+        sess = self.sessions[cast(Segment, self._segment)["name"]]
         binding = sess.io_binding()
         for name, value in (("hidden", hidden), ("cos", cos), ("sin", sin), ("mask", mask)):
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -310,13 +373,13 @@ class OnnxBackend(Backend):
         for j, i in enumerate(ids):
             cache.k[i], cache.v[i] = out[1 + 2 * j], out[2 + 2 * j]
             cache.lengths[i] += hidden.shape[1]
-        return out[0].numpy()
+        return cast("np.ndarray[Any, Any]", out[0].numpy())
 
 
 _ELEMENT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)"}
 
 
-def check_shapes(plan: Plan, name: str, sess, path: Path) -> None:
+def check_shapes(plan: Plan, name: str, sess: Session, path: Path) -> None:
     """The sizes that the graph ``name`` (a stage, a segment or their fused form) fixes in its inputs and
     outputs, checked against the plan's: the hidden size, the rotary width, the KV heads and head size of
     every past, the vocabulary of every head's logits, the float type. A plan that disagrees with its own
@@ -325,7 +388,7 @@ def check_shapes(plan: Plan, name: str, sess, path: Path) -> None:
     info = plan.model
     stage = next((s for s in plan.stages if s.name == name), None)
     kind = stage.kind if stage is not None else "layer"  # segments are runs of layers
-    wanted = []  # (what, dims, axis, size)
+    wanted: list[tuple[str, Any, int, int]] = []  # (what, dims, axis, size)
     for i in sess.get_inputs():
         if i.name == "hidden":
             wanted.append((f"input {i.name}", i.shape, -1, info.hidden_size))
@@ -351,12 +414,12 @@ def check_shapes(plan: Plan, name: str, sess, path: Path) -> None:
             raise ArtifactError(f"{path}: its {what} has size {found} on axis {axis}; the plan says {size}")
 
 
-def _one_mask(cache, seg: dict, run) -> bool:
+def _one_mask(cache: KVCache, seg: Segment, run: Sequence[StageLike]) -> bool:
     """Whether the layers ``run`` are exactly ``seg``'s and one mask serves them: the same filled length
     and the same TokenDrop dropped set (the same array, as ``drop_prefill`` stores it) in each. A deferred
     token joining inside the run, or a drop inside it, sends the run layer by layer instead."""
     if tuple(s.name for s in run) != tuple(seg["stages"]):
         return False
-    first = run[0].layer
-    length, dropped = cache.lengths[first], cache.dropped.get(first)
-    return all(cache.lengths[s.layer] == length and cache.dropped.get(s.layer) is dropped for s in run)
+    ids = [cast(int, s.layer) for s in run]  # layer stages: each has its layer
+    length, dropped = cache.lengths[ids[0]], cache.dropped.get(ids[0])
+    return all(cache.lengths[i] == length and cache.dropped.get(i) is dropped for i in ids)

@@ -5,6 +5,7 @@ TokenDrop included."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import array_api_compat.numpy as XP
 import numpy as np
@@ -22,10 +23,13 @@ from ..artifact import (
 from ..errors import ArtifactError
 from .seq2seq import generate
 
+if TYPE_CHECKING:
+    from .onnx_backend import Providers, Session
+
 __all__ = ["OnnxSeq2Seq", "load_seq2seq"]
 
 
-def load_seq2seq(out_dir: Path, providers=None) -> OnnxSeq2Seq:
+def load_seq2seq(out_dir: Path, providers: Providers | None = None) -> OnnxSeq2Seq:
     path = out_dir / SEQ2SEQ_FILE
     manifest = read_manifest(path, SEQ2SEQ_FORMAT, SEQ2SEQ_SCHEMA_VERSION)
     for key in ("info", "generation", "files", "drops", "special"):
@@ -55,10 +59,10 @@ def load_seq2seq(out_dir: Path, providers=None) -> OnnxSeq2Seq:
     return OnnxSeq2Seq(out_dir, manifest, providers=providers)
 
 
-def _check_fields(manifest: dict, path: Path) -> None:
+def _check_fields(manifest: dict[str, Any], path: Path) -> None:
     """The manifest's fields that the loop sizes arrays or loops by, checked for type and range."""
 
-    def whole(value, what, low=1, high=2**31 - 1):
+    def whole(value: Any, what: str, low: int = 1, high: int = 2**31 - 1) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ArtifactError(f"{path}: {what} must be an integer in [{low}, {high}], got {value!r}")
         return value
@@ -95,7 +99,9 @@ def _check_fields(manifest: dict, path: Path) -> None:
 class OnnxSeq2Seq:
     """An encoder-decoder artifact's sessions (opened on first use) and ``generate``."""
 
-    def __init__(self, out_dir: Path, manifest: dict, *, providers=None):
+    def __init__(
+        self, out_dir: Path, manifest: dict[str, Any], *, providers: Providers | None = None
+    ) -> None:
         import onnxruntime as ort
 
         from .onnx_backend import _providers
@@ -110,12 +116,12 @@ class OnnxSeq2Seq:
         self._providers = _providers(providers)
         self._opts = ort.SessionOptions()
         self._opts.log_severity_level = 3
-        self._sessions: dict = {}
+        self._sessions: dict[str, tuple[Session, list[str]]] = {}  # name -> (session, input names)
 
     def __repr__(self) -> str:
         return f"OnnxSeq2Seq({self.out_dir}, encoder drops={sorted(self.drops)})"
 
-    def run(self, name: str, *args) -> tuple:
+    def run(self, name: str, *args: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], ...]:
         import onnxruntime as ort
 
         if name not in self._sessions:
@@ -136,17 +142,17 @@ class OnnxSeq2Seq:
 
     def generate(
         self,
-        input_ids,
-        attention_mask=None,
+        input_ids: Any,
+        attention_mask: Any = None,
         *,
         max_new_tokens: int | None = None,
-        eos_token_id=None,
-        pad_token_id=None,
-        stats=None,
-        **kwargs,
-    ):
+        eos_token_id: Any = None,
+        pad_token_id: Any = None,
+        stats: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> np.ndarray[Any, Any]:
         """Greedy decoding, as ``Seq2SeqProgram.generate``: numpy int64 ``[batch, 1 + new]``."""
-        return generate(
+        tokens: np.ndarray[Any, Any] = generate(
             self.run,
             XP,
             self.dtype,
@@ -162,3 +168,4 @@ class OnnxSeq2Seq:
             stats=stats,
             kwargs=kwargs,
         )
+        return tokens

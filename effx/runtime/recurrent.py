@@ -25,10 +25,15 @@ Exit modes decode each row on its own (a row's tokens exit at their own layers),
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
+
+from ..arrays import Array, Namespace
 
 __all__ = ["CHUNK", "States", "decode_row", "generate_dense", "prefill"]
 
-Run = Callable[..., tuple]
+Run = Callable[..., tuple[Array, ...]]
+# a token waiting for the next one that goes deeper: (depth, hidden [1, m, d])
+Waiting = list[tuple[int, Array]]
 
 # prompt tokens per layer call: a layer holds [batch, run, I, N] tensors (decays, updates, states)
 CHUNK = 256
@@ -37,11 +42,13 @@ CHUNK = 256
 class States:
     """Per layer: the conv state and the SSM state (lists, replaced, never written in place)."""
 
-    def __init__(self, conv: list, ssm: list):
+    def __init__(self, conv: list[Array], ssm: list[Array]) -> None:
         self.conv, self.ssm = conv, ssm
 
     @classmethod
-    def zeros(cls, xp, batch: int, layers: int, width: int, kernel: int, state: int, dtype) -> States:
+    def zeros(
+        cls, xp: Namespace, batch: int, layers: int, width: int, kernel: int, state: int, dtype: Any
+    ) -> States:
         return cls(
             [xp.zeros((batch, width, kernel - 1), dtype=dtype) for _ in range(layers)],
             [xp.zeros((batch, width, state), dtype=dtype) for _ in range(layers)],
@@ -51,7 +58,9 @@ class States:
         return States(list(self.conv), list(self.ssm))
 
 
-def run_layer(run: Run, states: States, i: int, hidden, valid, keep: int | None = None):
+def run_layer(
+    run: Run, states: States, i: int, hidden: Array, valid: Array, keep: int | None = None
+) -> tuple[Array, tuple[Array, Array]]:
     """Layer ``i`` over ``hidden [batch, s, d]``; its state becomes that after token ``keep`` of the run (the
     last by default). Returns the hidden states and the per-token ``(conv_in, states)``."""
     hidden, conv_in, ssm_all = run(f"layer.{i}", hidden, valid, states.conv[i], states.ssm[i])
@@ -62,7 +71,7 @@ def run_layer(run: Run, states: States, i: int, hidden, valid, keep: int | None 
     return hidden, (conv_in, ssm_all)
 
 
-def keep_prefix(states: States, i: int, per_token, t: int) -> None:
+def keep_prefix(states: States, i: int, per_token: tuple[Array, Array], t: int) -> None:
     """Layer ``i``'s state after token ``t`` of a run whose ``per_token`` outputs were kept."""
     conv_in, ssm_all = per_token
     k = states.conv[i].shape[2]
@@ -70,11 +79,13 @@ def keep_prefix(states: States, i: int, per_token, t: int) -> None:
     states.ssm[i] = ssm_all[:, t]
 
 
-def prefill(run: Run, xp, states: States, input_ids, valid, num_layers: int, dtype):
+def prefill(
+    run: Run, xp: Namespace, states: States, input_ids: Array, valid: Array, num_layers: int, dtype: Any
+) -> Array:
     """Every layer over ``input_ids`` in chunks of :data:`CHUNK`; returns the last token's hidden state
     ``[batch, 1, d]`` after the last layer."""
     n = input_ids.shape[1]
-    hidden = None
+    hidden: Array = None
     for start in range(0, n, CHUNK):
         ids = input_ids[:, start : start + CHUNK]
         v = xp.astype(valid[:, start : start + CHUNK], dtype)
@@ -84,14 +95,26 @@ def prefill(run: Run, xp, states: States, input_ids, valid, num_layers: int, dty
     return hidden[:, -1:]
 
 
-def generate_dense(run: Run, xp, states: States, input_ids, valid, *, num_layers, max_new, eos, pad, dtype):
+def generate_dense(
+    run: Run,
+    xp: Namespace,
+    states: States,
+    input_ids: Array,
+    valid: Array,
+    *,
+    num_layers: int,
+    max_new: int,
+    eos: list[int],
+    pad: int,
+    dtype: Any,
+) -> Array:
     """Greedy decoding of a (left-padded) batch through every layer: the new tokens ``[batch, new]``."""
     batch = input_ids.shape[0]
     hidden = prefill(run, xp, states, input_ids, valid, num_layers, dtype)
     done = xp.zeros((batch,), dtype=xp.bool)
     stop = xp.asarray(list(eos) or [-1], dtype=xp.int64)
     ones = xp.ones((batch, 1), dtype=dtype)
-    out = []
+    out: list[Array] = []
     while True:
         token = xp.astype(xp.argmax(run("head", hidden)[0][:, -1], axis=-1), xp.int64)
         token = xp.where(done, xp.asarray(pad, dtype=xp.int64), token)
@@ -106,7 +129,7 @@ def generate_dense(run: Run, xp, states: States, input_ids, valid, *, num_layers
 
 def decode_row(
     run: Run,
-    xp,
+    xp: Namespace,
     states: States,
     first: int,
     *,
@@ -115,9 +138,9 @@ def decode_row(
     mode: str,
     draft: int,
     max_new: int,
-    eos,
-    dtype,
-    stats: dict,
+    eos: list[int],
+    dtype: Any,
+    stats: dict[str, Any],
 ) -> list[int]:
     """The new tokens of one row after its prefill gave ``first`` (a round may emit past a stop token: the
     caller cuts them; all but the last are in the states): ``mode`` ``"lossy"`` or
@@ -126,7 +149,7 @@ def decode_row(
     In lossy mode the waiting tokens are flushed at the end, so the states are complete."""
     tokens = [first]
     if mode == "lossy":
-        waiting: list = []  # (depth, hidden [1, m, d]), oldest (deepest) first
+        waiting: Waiting = []  # (depth, hidden [1, m, d]), oldest (deepest) first
         while len(tokens) < max_new and tokens[-1] not in eos:
             token, depth, hidden = _lossy_step(run, xp, states, tokens[-1], waiting, num_layers, exits, dtype)
             exits_at = stats.setdefault("exits", {})
@@ -156,11 +179,21 @@ def decode_row(
     return tokens
 
 
-def _ids(xp, token: int):
+def _ids(xp: Namespace, token: int) -> Array:
     return xp.asarray([[token]], dtype=xp.int64)
 
 
-def _advance(run, xp, states, hidden, start: int, waiting: list, num_layers: int, exits, dtype):
+def _advance(
+    run: Run,
+    xp: Namespace,
+    states: States,
+    hidden: Array,
+    start: int,
+    waiting: Waiting,
+    num_layers: int,
+    exits: dict[int, float],
+    dtype: Any,
+) -> tuple[Array, int, Array | None]:
     """Run ``hidden`` from layer ``start``, taking waiting tokens along as it reaches their depth, until an
     exit whose confidence (for the newest token) passes its threshold or the last layer. Returns
     ``(hidden, depth, logits)``: ``depth`` the layers run (``num_layers`` when it reached the end; logits
@@ -176,7 +209,16 @@ def _advance(run, xp, states, hidden, start: int, waiting: list, num_layers: int
     return hidden, num_layers, None
 
 
-def _lossy_step(run, xp, states, token: int, waiting, num_layers, exits, dtype):
+def _lossy_step(
+    run: Run,
+    xp: Namespace,
+    states: States,
+    token: int,
+    waiting: Waiting,
+    num_layers: int,
+    exits: dict[int, float],
+    dtype: Any,
+) -> tuple[int, int, Array]:
     hidden = run("embed", _ids(xp, token))[0]
     hidden, depth, logits = _advance(run, xp, states, hidden, 0, waiting, num_layers, exits, dtype)
     if logits is None:
@@ -184,17 +226,30 @@ def _lossy_step(run, xp, states, token: int, waiting, num_layers, exits, dtype):
     return int(xp.argmax(logits[0, -1])), depth, hidden
 
 
-def flush(run, xp, states: States, waiting: list, num_layers: int, dtype) -> None:
+def flush(run: Run, xp: Namespace, states: States, waiting: Waiting, num_layers: int, dtype: Any) -> None:
     """Run the waiting tokens through the layers they skipped (oldest last to be taken along)."""
     while waiting:
         depth, hidden = waiting.pop()
         _advance(run, xp, states, hidden, depth, waiting, num_layers, {}, dtype)
 
 
-def _speculate(run, xp, states, token, shallow, threshold, k, num_layers, dtype, stats) -> list[int]:
+def _speculate(
+    run: Run,
+    xp: Namespace,
+    states: States,
+    token: int,
+    shallow: int,
+    threshold: float,
+    k: int,
+    num_layers: int,
+    dtype: Any,
+    stats: dict[str, Any],
+) -> list[int]:
     """One draft-and-verify round from ``token`` (fed, not yet run); returns the tokens it emits."""
     before = states.copy()
-    drafts, hiddens, shallow_states = [], [], []
+    drafts: list[int] = []
+    hiddens: list[Array] = []
+    shallow_states: list[States] = []
     one = xp.ones((1, 1), dtype=dtype)
     current = token
     for _ in range(k):
@@ -210,7 +265,7 @@ def _speculate(run, xp, states, token, shallow, threshold, k, num_layers, dtype,
             break
     m = len(drafts)
     block = xp.concat(hiddens, axis=1)
-    per_layer = {}
+    per_layer: dict[int, tuple[Array, Array]] = {}
     ones = xp.ones((1, m), dtype=dtype)
     for i in range(shallow + 1, num_layers):
         states.conv[i], states.ssm[i] = before.conv[i], before.ssm[i]

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from ..arrays import multinomial, namespace, softmax, topk
+from ..arrays import Array, multinomial, namespace, softmax, topk
 from ..errors import GenerationInputError
 
-__all__ = ["Sampler"]
+__all__ = ["Sampler", "TokenSampler"]
+
+
+class TokenSampler(Protocol):
+    """What the decode loop chooses tokens with: a :class:`Sampler`, or a scorer that answers with given
+    tokens (``effx.runtime.score``). Speculative decoding needs ``do_sample`` False."""
+
+    @property
+    def do_sample(self) -> bool: ...
+
+    def __call__(self, logits: Array, generator: Any = None) -> Array: ...
 
 
 @dataclass(frozen=True)
@@ -24,7 +35,7 @@ class Sampler:
     top_k: int | None = None
     top_p: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.do_sample:
             t = self.temperature
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
@@ -34,7 +45,7 @@ class Sampler:
             if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
                 raise GenerationInputError(f"top_p must be in (0, 1], got {self.top_p}")
 
-    def __call__(self, logits, generator=None):
+    def __call__(self, logits: Array, generator: Any = None) -> Array:
         """``logits [batch, vocab]`` -> token ids ``[batch]``; ``generator`` is the random source of the
         logits' namespace (``effx.runtime.arrays.new_rng``; None: torch's global generator)."""
         xp = namespace(logits)

@@ -18,7 +18,9 @@ so it cannot change them).
 
 from __future__ import annotations
 
-from ..arrays import take_along_axis
+from typing import Any
+
+from ..arrays import Array, Namespace, take_along_axis
 from ..errors import GenerationInputError
 from .backend import Backend
 from .forward import positions_from_mask, run_step
@@ -27,14 +29,14 @@ from .loop import decode, prefill
 __all__ = ["log_softmax", "score"]
 
 
-def log_softmax(xp, logits):
+def log_softmax(xp: Namespace, logits: Array) -> Array:
     """``log_softmax`` over the last axis in float32 (``-inf`` logits stay ``-inf``)."""
     logits = xp.astype(logits, xp.float32)
     top = xp.max(logits, axis=-1, keepdims=True)
     return logits - (top + xp.log(xp.sum(xp.exp(logits - top), axis=-1, keepdims=True)))
 
 
-def _pick(xp, logits, targets):
+def _pick(xp: Namespace, logits: Array, targets: Array) -> tuple[Array, Array]:
     """``(log-probability of targets, targets == argmax)``, both ``[batch, n]``, from logits ``[batch, n, V]``."""
     logp = log_softmax(xp, logits)
     picked = take_along_axis(xp, logp, targets[..., None], axis=-1)[..., 0]
@@ -46,11 +48,12 @@ class _Forced:
 
     do_sample = False
 
-    def __init__(self, xp, tokens):
+    def __init__(self, xp: Namespace, tokens: Array) -> None:
         self.xp, self.tokens = xp, tokens
-        self.logp, self.greedy = [], []
+        self.logp: list[Array] = []
+        self.greedy: list[Array] = []
 
-    def __call__(self, logits, generator=None):
+    def __call__(self, logits: Array, generator: Any = None) -> Array:
         step = len(self.logp)
         target = self.tokens[:, step]
         logp, greedy = _pick(self.xp, logits[:, None], target[:, None])
@@ -61,13 +64,13 @@ class _Forced:
 
 def score(
     backend: Backend,
-    context,
-    context_mask,
-    continuation,
+    context: Array,
+    context_mask: Array,
+    continuation: Array,
     *,
     chunk: int = 256,
-    stats: dict | None = None,
-):
+    stats: dict[str, Any] | None = None,
+) -> tuple[Array, Array]:
     """``(logp, greedy)``, both ``[batch, n]``: for every token of ``continuation [batch, n]`` (int64) after
     the left-padded ``context [batch, c]`` (``context_mask`` marks its real tokens), its log-probability
     under the Program as it decodes and whether it is the Program's greedy token there. ``stats`` receives
@@ -92,13 +95,9 @@ def score(
         )
     if plan.decode_mode == "lossy":
         forced = _Forced(xp, continuation)
-        decode(
-            backend, context, context_mask, max_new=n, eos=[], pad=0, sampler=forced, stats=stats
-        )
+        decode(backend, context, context_mask, max_new=n, eos=[], pad=0, sampler=forced, stats=stats)
         return xp.stack(forced.logp, axis=1), xp.stack(forced.greedy, axis=1)
-    key_valid = xp.concat(
-        [xp.astype(context_mask, xp.bool), xp.ones((batch, n), dtype=xp.bool)], axis=1
-    )
+    key_valid = xp.concat([xp.astype(context_mask, xp.bool), xp.ones((batch, n), dtype=xp.bool)], axis=1)
     with backend.compute():
         rollback = bool(plan.drops) or plan.policy.core_neurons
         cache = backend.new_cache(batch, c + n, rollback=rollback)

@@ -20,18 +20,20 @@ rows that reached a stop token are padded with ``pad``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
+from ..arrays import Array, Namespace
 from ..errors import GenerationInputError
 from .inputs import check_arguments, check_ids, check_max_new, token_id, token_ids
 from .token_drop import keep_quota, select_tokens
 
 __all__ = ["bidirectional_mask", "check_inputs", "encode", "generate", "generate_seq2seq"]
 
-Run = Callable[..., tuple]
+Run = Callable[..., tuple[Array, ...]]
 
 
-def bidirectional_mask(xp, valid, dtype, queries: int | None = None):
+def bidirectional_mask(xp: Namespace, valid: Array, dtype: Any, queries: int | None = None) -> Array:
     """Additive mask ``[batch, 1, queries, keys]`` (``queries`` None: as many as keys) that hides the keys
     where ``valid [batch, keys]`` is False (padding, dropped passengers)."""
     neg = xp.full((), xp.finfo(dtype).min, dtype=dtype)
@@ -42,17 +44,17 @@ def bidirectional_mask(xp, valid, dtype, queries: int | None = None):
 
 def encode(
     run: Run,
-    xp,
-    dtype,
-    input_ids,
-    valid,
+    xp: Namespace,
+    dtype: Any,
+    input_ids: Array,
+    valid: Array,
     *,
-    drops=None,
-    special=(),
+    drops: Mapping[int, float] | None = None,
+    special: Iterable[int] = (),
     num_layers: int,
-    relative_bias=False,
-    stats=None,
-):
+    relative_bias: bool = False,
+    stats: dict[str, Any] | None = None,
+) -> tuple[Array, Array]:
     """The encoder's last hidden states ``[batch, kept, hidden]`` and which of them are real tokens
     ``[batch, kept]``.
 
@@ -72,9 +74,9 @@ def encode(
     protected = protected | first
     batch, n = input_ids.shape
     positions = xp.broadcast_to(xp.arange(n, dtype=xp.int64)[None, :], (batch, n))
-    kept = {}
+    kept: dict[int, list[int]] = {}
 
-    def layer_mask():
+    def layer_mask() -> Array:
         mask = bidirectional_mask(xp, valid, dtype)
         return mask + run("encoder.bias", positions)[0] if relative_bias else mask
 
@@ -98,10 +100,10 @@ def encode(
 
 def generate_seq2seq(
     run: Run,
-    xp,
-    dtype,
-    input_ids,
-    valid,
+    xp: Namespace,
+    dtype: Any,
+    input_ids: Array,
+    valid: Array,
     *,
     num_encoder_layers: int,
     num_decoder_layers: int,
@@ -112,11 +114,11 @@ def generate_seq2seq(
     pad: int,
     forced_bos: int | None = None,
     forced_eos: int | None = None,
-    drops=None,
-    special=(),
+    drops: Mapping[int, float] | None = None,
+    special: Iterable[int] = (),
     relative_bias: bool = False,
-    stats=None,
-):
+    stats: dict[str, Any] | None = None,
+) -> Array:
     """Encode ``input_ids`` (``valid`` marks real tokens: right padding, as the tokenizers of seq2seq models
     give it), then decode greedily: ``[batch, 1 + new]`` decoder ids that start with ``decoder_start``, as
     ``model.generate`` returns them. ``kv_shape`` is ``(heads, head_dim)`` of the decoder's self-attention.
@@ -177,7 +179,14 @@ def generate_seq2seq(
     return xp.concat(out, axis=1)
 
 
-def check_inputs(xp, input_ids, attention_mask, max_new_tokens, max_positions, vocab_size=None):
+def check_inputs(
+    xp: Namespace,
+    input_ids: Any,
+    attention_mask: Any,
+    max_new_tokens: Any,
+    max_positions: int,
+    vocab_size: int | None = None,
+) -> tuple[Array, Array]:
     """``(input_ids int64, valid bool)`` as arrays of ``xp``, or a ``GenerationInputError`` that says what is
     wrong with them (the contract of :mod:`effx.runtime.inputs`, then the lengths)."""
     ids, mask = check_ids(xp, input_ids, attention_mask, vocab_size)
@@ -195,21 +204,21 @@ _SEQ2SEQ_EXTRA = ("use_cache", "max_length", "decoder_start_token_id")
 
 def generate(
     run: Run,
-    xp,
-    dtype,
-    input_ids,
-    attention_mask,
+    xp: Namespace,
+    dtype: Any,
+    input_ids: Any,
+    attention_mask: Any,
     *,
-    info: dict,
-    generation: dict,
-    drops,
-    special,
+    info: dict[str, Any],
+    generation: dict[str, Any],
+    drops: Mapping[int, float] | None,
+    special: Iterable[int],
     max_new_tokens: int | None,
-    eos_token_id=None,
-    pad_token_id=None,
-    stats=None,
-    kwargs=None,
-):
+    eos_token_id: Any = None,
+    pad_token_id: Any = None,
+    stats: dict[str, Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> Array:
     """The front ends' ``generate``: check the inputs and the other generation arguments (``kwargs``, as
     :mod:`effx.runtime.inputs` says), take the stop and pad ids (the given ones, else the ``generation``
     defaults) and run :func:`generate_seq2seq` with the program's ``info`` (as a dict). ``max_new_tokens``
@@ -226,7 +235,11 @@ def generate(
     if pad_token_id is not None:
         pad_token_id = token_id("pad_token_id", pad_token_id, vocab)
     start = given.get("decoder_start_token_id")
-    start = generation["decoder_start_token_id"] if start is None else token_id("decoder_start_token_id", start, vocab)
+    start = (
+        generation["decoder_start_token_id"]
+        if start is None
+        else token_id("decoder_start_token_id", start, vocab)
+    )
     return generate_seq2seq(
         run,
         xp,

@@ -35,12 +35,18 @@ compacted (each row's valid slots moved to the front of the generated region, in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from ..arrays import take_along_axis
+from ..arrays import Array, take_along_axis
+from ..plan import EarlyExitPolicy, Plan, StageSpec
 from .forward import KVCache, MaskCache, as_backend, positions_from_mask
 from .vocab import exit_logits, head_logits
+
+if TYPE_CHECKING:
+    from .forward import BackendLike
+    from .loop import Output
 
 __all__ = [
     "Draft",
@@ -64,9 +70,9 @@ class Draft:
     entries the source has already written; then ``bonus`` is False (the last draft is not an input).
     """
 
-    tokens: Any
+    tokens: Array
     counts: list[int]
-    hidden: tuple | None = None
+    hidden: tuple[Array, Array, Array] | None = None
     through: int = -1
     bonus: bool = True
 
@@ -94,7 +100,7 @@ class DraftSource:
     def sync(self, spec: Speculation) -> None:
         """Before a compaction: bring any cache of the source's own to ``spec.length`` slots."""
 
-    def compacted(self, spec: Speculation, start: int, index) -> None:
+    def compacted(self, spec: Speculation, start: int, index: Array) -> None:
         """The verifier compacted its cache (``KVCache.compact(start, index)``): do the same to any of the
         source's own."""
 
@@ -105,20 +111,20 @@ class LookupDraft(DraftSource):
 
     name = "lookup"
 
-    def __init__(self, ngram: int, min_ngram: int, draft: int):
+    def __init__(self, ngram: int, min_ngram: int, draft: int) -> None:
         self.draft = draft
         self.sizes = list(range(ngram, min_ngram - 1, -1))
         self.history: list[list[int]] = []
         # per row, per n-gram size: n-gram -> where the tokens that followed its latest occurrence start
-        self.index: list[dict[int, dict[tuple, int]]] = []
+        self.index: list[dict[int, dict[tuple[int, ...], int]]] = []
 
-    def start(self, spec):
+    def start(self, spec: Speculation) -> None:
         self.history = [[] for _ in range(spec.batch)]
         self.index = [{s: {} for s in self.sizes} for _ in range(spec.batch)]
         for b in range(spec.batch):
             self.appended(spec, b, spec.row_tokens(b))
 
-    def appended(self, spec, row, tokens):
+    def appended(self, spec: Speculation, row: int, tokens: list[int]) -> None:
         hist, index = self.history[row], self.index[row]
         for t in tokens:
             n = len(hist)
@@ -127,7 +133,7 @@ class LookupDraft(DraftSource):
                     index[s][tuple(hist[n - s :])] = n
             hist.append(int(t))
 
-    def propose(self, spec, n):
+    def propose(self, spec: Speculation, n: int) -> Draft | None:
         rows = []
         for b in range(spec.batch):
             found: list[int] = []
@@ -155,19 +161,22 @@ class ExitDraft(DraftSource):
 
     name = "exit"
 
-    def __init__(self, draft: int):
+    def __init__(self, draft: int) -> None:
         self.draft = draft
 
-    def propose(self, spec, n):
+    def propose(self, spec: Speculation, n: int) -> Draft | None:
         backend, plan, xp = spec.backend, spec.backend.plan, spec.xp
         layer = min(plan.exits)
         ex = plan.exits[layer]
-        shallow = [s for s in plan.layers if s.layer <= layer]
+        shallow = [s for s in plan.layers if cast(int, s.layer) <= layer]  # layer stages: each has its layer
         threshold = ex.attrs["threshold"]
         token, pos = spec.last, spec.pos
         confident = list(spec.active)
         counts = [0] * spec.batch
-        drafts, hs, cs, ss = [], [], [], []
+        drafts: list[Array] = []
+        hs: list[Array] = []
+        cs: list[Array] = []
+        ss: list[Array] = []
         for j in range(n):
             slot = spec.length + j
             spec.place(slot, token[:, None], pos[:, None])
@@ -190,21 +199,28 @@ class ExitDraft(DraftSource):
             if not any(confident):
                 break
         hidden = tuple(xp.concat(parts, axis=1) for parts in (hs, cs, ss))
-        return Draft(xp.stack(drafts, axis=1), counts, hidden=hidden, through=layer, bonus=False)
+        return Draft(
+            xp.stack(drafts, axis=1),
+            counts,
+            hidden=cast("tuple[Array, Array, Array]", hidden),  # (hidden, cos, sin)
+            through=layer,
+            bonus=False,
+        )
 
 
-def sources_of(plan) -> list[DraftSource]:
+def sources_of(plan: Plan) -> list[DraftSource]:
     """The draft sources ``plan`` decodes with, in the order they are tried ([] for no speculation)."""
     sources: list[DraftSource] = []
     lookup = plan.policy.prompt_lookup
     if lookup is not None:
         sources.append(LookupDraft(lookup.ngram, lookup.min_ngram, lookup.draft))
     if plan.decode_mode == "self-speculative":
-        sources.append(ExitDraft(plan.policy.early_exit.draft))
+        # decode_mode "self-speculative" comes from the early_exit policy
+        sources.append(ExitDraft(cast(EarlyExitPolicy, plan.policy.early_exit).draft))
     return sources
 
 
-def longest_draft(plan, sources=None) -> int:
+def longest_draft(plan: Plan, sources: Sequence[DraftSource] | None = None) -> int:
     """The most tokens one round drafts with ``sources`` (default: the plan's)."""
     return max((s.draft for s in (sources_of(plan) if sources is None else sources)), default=0)
 
@@ -224,7 +240,18 @@ class Speculation:
     loop's output buffer, whose first token has been emitted.
     """
 
-    def __init__(self, backend, cache: KVCache, out, key_valid, pos, sources, *, draft: int, stats):
+    def __init__(
+        self,
+        backend: BackendLike,
+        cache: KVCache,
+        out: Output,
+        key_valid: Array,
+        pos: Array,
+        sources: Sequence[DraftSource],
+        *,
+        draft: int,
+        stats: dict[str, Any] | None,
+    ) -> None:
         self.backend = as_backend(backend)
         self.xp = self.backend.xp
         self.cache, self.out, self.key_valid = cache, out, key_valid
@@ -248,7 +275,16 @@ class Speculation:
         self.pos = pos[:, 0]
         self.length = cache.lengths[0]
         if stats is not None:
-            stats.update(drafted=0, accepted=0, rounds=0, steps=0, verified_positions=0, emitted=0, draft_lengths=[], compactions=0)
+            stats.update(
+                drafted=0,
+                accepted=0,
+                rounds=0,
+                steps=0,
+                verified_positions=0,
+                emitted=0,
+                draft_lengths=[],
+                compactions=0,
+            )
             stats["sources"] = {s.name: {"rounds": 0, "drafted": 0, "accepted": 0} for s in sources}
         for source in sources:
             source.start(self)
@@ -263,7 +299,7 @@ class Speculation:
         """Row ``b``'s tokens so far, prompt (without padding) included."""
         return [int(t) for t in self.tokens[b, self.first[b] : self.n[b]]]
 
-    def place(self, slot: int, tokens, positions) -> None:
+    def place(self, slot: int, tokens: Array, positions: Array) -> None:
         """Slots from ``slot`` on get ``tokens [batch, q]`` at ``positions [batch, q]``: valid in every row
         until a round rejects them."""
         q = tokens.shape[1]
@@ -283,7 +319,8 @@ class Speculation:
         n = min(self.draft, max(self.end - m for m, a in zip(self.n, active, strict=True) if a) - 1)
         if self.length + n + 1 > self.cache.capacity:
             self.compact()
-        draft, source = None, None
+        draft: Draft | None = None
+        source: DraftSource | None = None
         if n > 0:
             for source in self.sources:
                 draft = source.propose(self, n)
@@ -303,7 +340,8 @@ class Speculation:
         masks = MaskCache(backend, self.key_valid[:, : start + width], backend.dtype, self.slot_pos)
         if draft is not None and draft.hidden is not None:
             hidden, cos, sin = draft.hidden
-            deep = [s for s in plan.layers if s.layer > draft.through]
+            # layer stages: each has its layer
+            deep: Sequence[StageSpec] = [s for s in plan.layers if cast(int, s.layer) > draft.through]
         else:
             hidden, cos, sin = backend.run(plan.embed, inputs, positions)
             deep = plan.layers
@@ -325,7 +363,7 @@ class Speculation:
             taken[b] = min(k, self.append(b, new))  # drafts emitted (the end or a stop token may cut them)
             accepted += taken[b]
         if draft is not None:
-            source.verified(self, counts, taken)
+            cast(DraftSource, source).verified(self, counts, taken)  # the source that proposed the draft
         self.stats_round(source if draft is not None else None, counts, active, accepted, width)
         # keep the slots up to the longest accepted prefix; shorter rows leave holes
         length = start + max(kept)
@@ -385,7 +423,9 @@ class Speculation:
         if self.stats is not None:
             self.stats["compactions"] += 1
 
-    def stats_round(self, source, counts, active, accepted, width) -> None:
+    def stats_round(
+        self, source: DraftSource | None, counts: list[int], active: list[bool], accepted: int, width: int
+    ) -> None:
         stats = self.stats
         if stats is None:
             return

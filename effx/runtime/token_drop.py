@@ -9,20 +9,26 @@ own slots; ``cache.dropped[layer]`` marks the other prompt slots so that decodin
 
 from __future__ import annotations
 
-from ..arrays import namespace, put_along_axis
+from typing import TYPE_CHECKING, Any, cast
+
+from ..arrays import Array, namespace, put_along_axis
+from ..plan import TokenDropPolicy
 from .forward import KVCache, as_backend, attention_masks
+
+if TYPE_CHECKING:
+    from .forward import BackendLike
 
 __all__ = ["drop_prefill", "keep_quota", "select_tokens"]
 
 
-def keep_quota(real, keep: float):
+def keep_quota(real: Array, keep: float) -> Array:
     """How many of its ``real [batch]`` tokens each row keeps: ``ceil(real * keep)``, at least 1. In float64:
     in float32, 100 * 0.6 rounds to 60.000002 and would keep 61."""
     xp = namespace(real)
     return xp.clip(xp.astype(xp.ceil(xp.astype(real, xp.float64) * keep - 1e-9), xp.int64), min=1)
 
 
-def select_tokens(scores, valid, protected, quota):
+def select_tokens(scores: Array, valid: Array, protected: Array, quota: Array) -> tuple[Array, Array]:
     """Indices ``[batch, n]`` (ascending) of the tokens to keep, and whether each kept token counts
     (``valid``): per row, the protected tokens and the ``quota[row]`` best-scoring real tokens. Rows that
     keep fewer than ``n`` carry their lowest-ranked extra tokens as invalid (masked) passengers."""
@@ -40,14 +46,21 @@ def select_tokens(scores, valid, protected, quota):
     return xp.take_along_axis(indices, perm, axis=1), xp.take_along_axis(keep_valid, perm, axis=1)
 
 
-def drop_prefill(backend, cache: KVCache, input_ids, positions, key_valid, stats=None):
+def drop_prefill(
+    backend: BackendLike,
+    cache: KVCache,
+    input_ids: Array,
+    positions: Array,
+    key_valid: Array,
+    stats: dict[str, Any] | None = None,
+) -> Array:
     """Prefill ``input_ids [batch, prompt]`` through a TokenDrop Program; returns the last position's
     logits. ``key_valid [batch, prompt]`` marks real tokens (left padding)."""
     from .vocab import head_logits
 
     backend = as_backend(backend)
     plan, xp = backend.plan, backend.xp
-    policy = plan.policy.token_drop
+    policy = cast(TokenDropPolicy, plan.policy.token_drop)  # Plan.validate: drops need the policy
     drops = plan.drops
     batch, n = input_ids.shape
     hidden, cos, sin = backend.run(plan.embed, input_ids, positions)
@@ -58,9 +71,9 @@ def drop_prefill(backend, cache: KVCache, input_ids, positions, key_valid, stats
     special = xp.isin(input_ids, xp.asarray(policy.special, dtype=input_ids.dtype))
     protect = policy.protect_last
     dropped = None
-    kept_counts = {}
+    kept_counts: dict[int, list[int]] = {}
     for stage in plan.layers:
-        i = stage.layer
+        i = cast(int, stage.layer)  # a layer stage's layer
         window = stage.attrs.get("sliding_window")
         mask = full[window] if slots.shape[1] == n else _restrict(full[window], slots, valid)
         if i in drops:
@@ -87,7 +100,7 @@ def drop_prefill(backend, cache: KVCache, input_ids, positions, key_valid, stats
     return head_logits(backend, hidden[:, -1:], stats)[:, -1]
 
 
-def _restrict(mask, slots, valid):
+def _restrict(mask: Array, slots: Array, valid: Array) -> Array:
     """The prompt mask ``[batch, 1, n, n]`` for the tokens at ``slots [batch, m]`` only (queries and keys).
     Tokens that do not count (``valid`` False: padding, passengers) are masked as keys and see nothing as
     queries, like padding."""
@@ -96,4 +109,3 @@ def _restrict(mask, slots, valid):
     out = xp.take_along_axis(rows, slots[:, None, None, :], axis=3)
     hidden = ~valid[:, None, None, :] | ~valid[:, None, :, None]
     return xp.where(hidden, xp.full((), xp.finfo(mask.dtype).min, dtype=mask.dtype), out)
-

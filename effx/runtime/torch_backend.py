@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import array_api_compat.torch as XP
 import torch
@@ -17,10 +19,17 @@ import torch
 from ..program import torch_dtype
 from .backend import CORE_NEURONS, KV_COPY, Backend
 
+if TYPE_CHECKING:
+    from ..arrays import Array
+    from ..kernels.layer import FusedStack
+    from ..plan import Plan, StageLike, StageSpec
+    from ..program import Program
+    from .forward import KVCache, MaskCache
+
 __all__ = ["XP", "TorchBackend", "kv_projection", "running_kernels", "torch_backend"]
 
 
-def running_kernels(plan) -> str:
+def running_kernels(plan: Plan) -> str:
     """The kernels the torch backend runs ``plan`` with here: "fast" only where effx's kernels load."""
     from .. import kernels
 
@@ -34,7 +43,7 @@ class TorchBackend(Backend):
     xp = XP
     capabilities = frozenset({CORE_NEURONS, KV_COPY})
 
-    def __init__(self, program):
+    def __init__(self, program: Program) -> None:
         self.program = program
         self.plan = program.plan
         self.dtype = torch_dtype(program.info)
@@ -50,12 +59,21 @@ class TorchBackend(Backend):
                 if s.kind == "layer":
                     self._graphs[s.name] = fuse_layer(self._graphs[s.name]) or self._graphs[s.name]
         self._kv_only: dict[str, torch.fx.GraphModule] = {}
-        self._stacks: dict[tuple[str, ...], object] = {}
+        self._stacks: dict[tuple[str, ...], FusedStack | None] = {}
 
-    def run(self, stage, *inputs) -> tuple:
-        return self._graphs[stage.name](*inputs)
+    def run(self, stage: StageLike, *inputs: torch.Tensor) -> Sequence[torch.Tensor]:
+        # stage graphs return tuples of tensors
+        return cast("tuple[torch.Tensor, ...]", self._graphs[stage.name](*inputs))
 
-    def run_layers(self, cache, layers, hidden, cos, sin, masks):
+    def run_layers(
+        self,
+        cache: KVCache,
+        layers: Sequence[StageLike],
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        masks: MaskCache,
+    ) -> Array:
         """Consecutive fused layers that attend alike (one fill length, one window, no dropped slots) run as
         one kernel call (:class:`effx.kernels.layer.FusedStack`); anything else one stage at a time."""
         from .forward import layer_mask, run_layer_stages
@@ -63,25 +81,26 @@ class TorchBackend(Backend):
         stack = self._stack(layers)
         if stack is not None:
             first = layers[0]
-            past, window = cache.lengths[first.layer], first.attrs.get("sliding_window")
+            index = [cast(int, s.layer) for s in layers]  # layer stages: each has its layer
+            past, window = cache.lengths[index[0]], first.attrs.get("sliding_window")
             if all(
-                cache.lengths[s.layer] == past
-                and s.layer not in cache.dropped
+                cache.lengths[i] == past
+                and i not in cache.dropped
                 and s.attrs.get("sliding_window") == window
-                for s in layers
+                for i, s in zip(index, layers, strict=True)
             ):
                 seq = hidden.shape[1]
                 out = stack(
                     hidden, cos, sin, layer_mask(masks, cache, first, seq),
-                    [cache.k[s.layer] for s in layers], [cache.v[s.layer] for s in layers], past,
+                    [cache.k[i] for i in index], [cache.v[i] for i in index], past,
                 )  # fmt: skip
                 if out is not None:
-                    for s in layers:
-                        cache.lengths[s.layer] = past + seq
+                    for i in index:
+                        cache.lengths[i] = past + seq
                     return out
         return run_layer_stages(self, cache, layers, hidden, cos, sin, masks)
 
-    def _stack(self, layers):
+    def _stack(self, layers: Sequence[StageLike]) -> FusedStack | None:
         key = tuple(s.name for s in layers)
         if key not in self._stacks:
             from ..kernels.layer import fuse_stack
@@ -90,27 +109,36 @@ class TorchBackend(Backend):
             self._stacks[key] = fuse_stack(graphs) if all(s.kind == "layer" for s in layers) else None
         return self._stacks[key]
 
-    def compute(self):
+    def compute(self) -> torch.inference_mode:
         return torch.inference_mode()
 
-    def core_prefill(self, cache, input_ids, positions, key_valid, stats):
+    def core_prefill(
+        self,
+        cache: KVCache,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        key_valid: torch.Tensor,
+        stats: dict[str, Any] | None,
+    ) -> tuple[torch.Tensor, Backend]:
         from .neurons import core_prefill
 
         logits, program = core_prefill(self.program, cache, input_ids, positions, key_valid, stats)
         return logits, torch_backend(program)
 
-    def project_kv(self, layer, hidden, cos, sin):
+    def project_kv(
+        self, layer: StageSpec, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         gm = self._kv_only.get(layer.name)
         if gm is None:
             graph = self._graphs[layer.name]
             gm = self._kv_only[layer.name] = kv_projection(getattr(graph, "graph_module", graph))
-        return gm(hidden, cos, sin, None, None, None)
+        return cast("tuple[torch.Tensor, torch.Tensor]", gm(hidden, cos, sin, None, None, None))  # (k, v)
 
 
-_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BACKENDS: weakref.WeakKeyDictionary[Program, TorchBackend] = weakref.WeakKeyDictionary()
 
 
-def torch_backend(program) -> TorchBackend:
+def torch_backend(program: Program) -> TorchBackend:
     """The torch backend of ``program`` (made once per Program; Programs are immutable)."""
     backend = _BACKENDS.get(program)
     if backend is None:

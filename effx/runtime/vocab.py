@@ -8,13 +8,19 @@
 
 from __future__ import annotations
 
-from ..arrays import copy, namespace, softmax, topk
+from typing import TYPE_CHECKING, Any
+
+from ..arrays import Array, copy, namespace, softmax, topk
+from ..plan import StageSpec
 from .forward import as_backend
+
+if TYPE_CHECKING:
+    from .forward import BackendLike
 
 __all__ = ["exit_logits", "head_logits", "select_vocab"]
 
 
-def head_logits(backend, hidden, stats: dict | None = None):
+def head_logits(backend: BackendLike, hidden: Array, stats: dict[str, Any] | None = None) -> Array:
     """The head on ``hidden [b, s, d]``. A reduced head with a fallback threshold re-scores, with the full
     head, every position whose top probability within the subset is below the threshold."""
     backend = as_backend(backend)
@@ -34,7 +40,7 @@ def head_logits(backend, hidden, stats: dict | None = None):
     return logits
 
 
-def select_vocab(logits, stage, ids):
+def select_vocab(logits: Array, stage: StageSpec, ids: Array | None) -> Array:
     """The ids ``[..., k]`` that the pruned exit ``stage`` scores, given the previous exit's logits
     ``[..., V]`` (``-inf`` outside its own subset) and the ids that exit scored (``None`` for a full exit).
     Leading dimensions are rows (decoding: ``[b]``) or rows and positions (teacher-forced: ``[b, s]``)."""
@@ -52,7 +58,9 @@ def select_vocab(logits, stage, ids):
     return indices[..., :n]
 
 
-def exit_logits(backend, stage, hidden, prev, ids, *, chunk: int = 16):
+def exit_logits(
+    backend: BackendLike, stage: StageSpec, hidden: Array, prev: Array, ids: Array | None, *, chunk: int = 16
+) -> tuple[Array, ...]:
     """``(logits, confidence)`` of an exit stage on ``hidden [b, s, d]``. Pruned exits need ``ids``: ``[b, k]``
     (one subset for all positions, as in decoding) or ``[b, s, k]`` (one per position, teacher-forced; run
     ``chunk`` positions at a time, each as a row of its own)."""
