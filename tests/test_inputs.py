@@ -138,3 +138,8 @@ def test_helpers():
         token_id("pad_token_id", True, 5)
     with pytest.raises(GenerationInputError, match="integer"):
         token_id("pad_token_id", torch.tensor(1.0), 5)
+    # no vocabulary size known: a negative id is still a clear input error, not a TypeError
+    with pytest.raises(GenerationInputError, match=r"pad_token_id=-2 is outside the vocabulary \(ids >= 0\)"):
+        token_id("pad_token_id", -2, None)
+    with pytest.raises(GenerationInputError, match="token id -1"):
+        check_ids(xp, [[1, -1]], None, None)

@@ -102,6 +102,10 @@ def _is_integer(x: object) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def _vocab_range(vocab_size: int | None) -> str:
+    return "ids >= 0" if vocab_size is None else f"0..{vocab_size - 1}"
+
+
 def token_id(name: str, value: Any, vocab_size: int | None) -> int:
     """One token id (a Python, numpy or 0-d tensor integer) as an ``int`` in ``0..vocab_size-1``."""
     if array_api_compat.is_array_api_obj(value) and getattr(value, "ndim", None) == 0:
@@ -113,9 +117,7 @@ def token_id(name: str, value: Any, vocab_size: int | None) -> int:
         raise GenerationInputError(f"{name} must be an integer token id, got {value!r}")
     tid = int(value)
     if tid < 0 or (vocab_size is not None and tid >= vocab_size):
-        # a known defect, kept as it is (no behaviour change in this commit): a negative id with no
-        # vocab_size raises TypeError here instead of GenerationInputError
-        raise GenerationInputError(f"{name}={tid} is outside the vocabulary (0..{vocab_size - 1})")  # type: ignore[operator]
+        raise GenerationInputError(f"{name}={tid} is outside the vocabulary ({_vocab_range(vocab_size)})")
     return tid
 
 
@@ -161,10 +163,8 @@ def check_ids(
     low, high = int(xp.min(ids)), int(xp.max(ids))
     if low < 0 or (vocab_size is not None and high >= vocab_size):
         bad = low if low < 0 else high
-        # a known defect, kept as it is (no behaviour change in this commit): a negative id with no
-        # vocab_size raises TypeError here instead of GenerationInputError
         raise GenerationInputError(
-            f"input_ids holds the token id {bad}, outside the vocabulary (0..{vocab_size - 1})"  # type: ignore[operator]
+            f"input_ids holds the token id {bad}, outside the vocabulary ({_vocab_range(vocab_size)})"
         )
     if attention_mask is None:
         return ids, xp.ones_like(ids)
