@@ -379,7 +379,16 @@ def test_a_quantized_layer_takes_a_prefill_in_one_call():
         layer.graph_module = real
 
 
-@pytest.mark.parametrize("passes", ["", "quantize{activations=int8}"])
+@pytest.mark.parametrize(
+    "passes",
+    [
+        "",
+        "quantize{activations=int8}",
+        # MLPs of different widths in one stack; float32 and quantized layers in one stack
+        "neuron-mask{keep=0.5 score=random layers=1,1}, quantize",
+        "quantize{layers=0,1}",
+    ],
+)
 def test_consecutive_fused_layers_run_as_one_call_with_the_same_bits(passes, monkeypatch):
     """A step runs every fused layer in one kernel call: the same logits and cache, bit for bit, as one call
     per layer; layers filled to different lengths (an early exit's skipped tokens) run one at a time."""
@@ -389,7 +398,11 @@ def test_consecutive_fused_layers_run_as_one_call_with_the_same_bits(passes, mon
     program = effx.transform(tiny_model("llama", layers=3, hidden=64, heads=4, kv_heads=2), passes)
     backend = torch_backend(program)
     layers = program.plan.layers
-    assert isinstance(backend._stack(layers), FusedStack)
+    stack = backend._stack(layers)
+    assert isinstance(stack, FusedStack)
+    widths = [f.F for f in stack.layers]
+    assert (widths[1] < widths[0]) == ("neuron-mask" in passes)
+    assert stack.max_rows == (kernels.MAX_ROWS if passes in ("", "quantize{layers=0,1}") else PREFILL_ROWS)
     ids, mask = left_padded_batch([3, 5], program.info.vocab_size, seed=1)
 
     def decode(per_layer: bool):

@@ -1102,11 +1102,12 @@ void effx_layer(const effx_layer_params *L, const float *x, int B, int S, const 
   for (size_t i = 0; i < (size_t)M * D; i++) out[i] = x2[i] + out[i];
 }
 
-/* nl decoder layers of one shape, one after another, on the same M = B * S new tokens x [M, D]: layer l
- * reads layer l - 1's output and writes its new keys and values into its own caches kcs[l], vcs[l] (every
- * one filled to `past`, of capacity cap); one mask for all. The output of the last layer goes to out
- * [M, D]; tmp [M, D] holds the ones between; qkv and work as effx_layer's. The same bits as nl calls of
- * effx_layer, without a return to the caller between layers. */
+/* nl decoder layers of one attention shape (their MLP widths F may differ), one after another, on the same
+ * M = B * S new tokens x [M, D]: layer l reads layer l - 1's output and writes its new keys and values into
+ * its own caches kcs[l], vcs[l] (every one filled to `past`, of capacity cap); one mask for all. The output
+ * of the last layer goes to out [M, D]; tmp [M, D] holds the ones between; qkv and work as effx_layer's for
+ * the widest layer. The same bits as nl calls of effx_layer, without a return to the caller between
+ * layers. */
 void effx_layers(const effx_layer_params *const *Ls, int nl, const float *x, int B, int S, const float *cos,
                  const float *sin, float *const *kcs, float *const *vcs, int cap, int past, const float *mask,
                  long mb, long ms, float *qkv, float *work, float *tmp, float *out, int nthreads) {

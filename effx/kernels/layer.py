@@ -247,11 +247,13 @@ class FusedLayer(torch.nn.Module):
 
 
 class FusedStack:
-    """Consecutive :class:`FusedLayer` s of one shape as one ``effx_layers`` call: a decode step returns to
-    Python once for all of them, not once per layer (see :func:`fuse_stack`)."""
+    """Consecutive :class:`FusedLayer` s as one ``effx_layers`` call: a decode step returns to Python once
+    for all of them, not once per layer (see :func:`fuse_stack`)."""
 
     def __init__(self, layers: list[FusedLayer]):
         self.layers = layers
+        self.max_rows = min(f.max_rows for f in layers)
+        self.widest = max(layers, key=lambda f: f.F)  # the most work space (effx_layer_work grows with F)
         self.params = (ctypes.c_void_p * len(layers))(*(ctypes.addressof(f.params) for f in layers))
 
     def __call__(self, hidden, cos, sin, mask, ks, vs, past: int) -> torch.Tensor | None:
@@ -279,7 +281,9 @@ class FusedStack:
             return None
         batch, seq, _ = hidden.shape
         m = batch * seq
-        work = torch.empty(lib.effx_layer_work(ctypes.byref(first.params), m))
+        if m > self.max_rows:
+            return None
+        work = torch.empty(lib.effx_layer_work(ctypes.byref(self.widest.params), m))
         qkv = torch.empty(m, first.nq + 2 * first.nkv)
         tmp, out = torch.empty_like(hidden), torch.empty_like(hidden)
         n = len(self.layers)
@@ -294,11 +298,12 @@ class FusedStack:
 
 def fuse_stack(layers) -> FusedStack | None:
     """A :class:`FusedStack` of ``layers`` (the torch backend's modules of consecutive layer stages), or None
-    unless there are two or more, every one a :class:`FusedLayer` the kernels run, all of one shape."""
+    unless there are two or more, every one a :class:`FusedLayer` the kernels run, all of one attention shape
+    (their MLP widths may differ: a neuron-masked layer's is narrower)."""
     layers = list(layers)
     if len(layers) < 2 or not all(isinstance(f, FusedLayer) and f.params is not None for f in layers):
         return None
-    shape = lambda f: (f.D, f.nq, f.nkv, f.hd, f.F)  # noqa: E731
+    shape = lambda f: (f.D, f.nq, f.nkv, f.hd)  # noqa: E731
     if any(shape(f) != shape(layers[0]) for f in layers):
         return None
     return FusedStack(layers)
