@@ -429,19 +429,37 @@ def test_consecutive_fused_layers_run_as_one_call_with_the_same_bits(passes, mon
         for a, b in zip(fused_cache.k + fused_cache.v, alone_cache.k + alone_cache.v, strict=True)
     )
 
-    # layers filled to different lengths: one at a time (the stack is not called)
+    # layers filled to different lengths: each run of one length as a stack, a run of one layer alone
     from effx.runtime import forward
 
     calls = []
     stack = backend._stack(layers)
     monkeypatch.setattr(type(stack), "__call__", lambda self, *a: calls.append("stack"))
-    monkeypatch.setattr(forward, "run_layer_stages", lambda *a: calls.append("one at a time"))
+    monkeypatch.setattr(forward, "run_layer_stages", lambda *a: calls.append("one at a time") or a[3])
     cache = KVCache.for_program(program, 1, 8)
     cache.lengths = [2, 1, 1]
     hidden, cos, sin = backend.run(program.plan.embed, ids[:1, :1], torch.tensor([[2]]))
     masks = MaskCache(backend, torch.ones(1, 3, dtype=torch.bool), torch.float32)
     backend.run_layers(cache, layers, hidden, cos, sin, masks)
-    assert calls == ["one at a time"]
+    assert calls == ["one at a time", "stack", "one at a time"]  # the stub stack declines: one at a time
+
+
+def test_token_drop_decodes_its_runs_of_layers_as_stacks(monkeypatch):
+    """Token drop leaves later layers with dropped prompt slots (their own masks): each run of layers with
+    one mask is one kernel call, and the tokens are those of one call per layer."""
+    from effx.runtime import torch_backend as tb
+
+    program = effx.transform(
+        tiny_model("llama", layers=4, hidden=64, heads=4, kv_heads=2), "token-drop{at_layers=2 keep=0.5}"
+    )
+    ids, mask = left_padded_batch([9, 12], program.info.vocab_size, seed=2)
+    with torch.inference_mode():
+        stacked = program.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+        backend = torch_backend(program)
+        assert {len(k) for k, v in backend._stacks.items() if v is not None} == {2}  # layers 0-1 and 2-3
+        monkeypatch.setattr(tb.TorchBackend, "_stack", lambda self, layers: None)
+        alone = program.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(stacked, alone)
 
 
 def test_layers_of_another_form_are_not_fused():

@@ -74,31 +74,42 @@ class TorchBackend(Backend):
         sin: torch.Tensor,
         masks: MaskCache,
     ) -> Array:
-        """Consecutive fused layers that attend alike (one fill length, one window, no dropped slots) run as
-        one kernel call (:class:`effx.kernels.layer.FusedStack`); anything else one stage at a time."""
+        """Each run of consecutive fused layers that attend alike (one fill length, one window, the same
+        dropped slots: one mask) runs as one kernel call (:class:`effx.kernels.layer.FusedStack`); anything
+        else one stage at a time."""
+        from ..kernels.layer import FusedLayer
         from .forward import layer_mask, run_layer_stages
 
-        stack = self._stack(layers)
-        if stack is not None:
-            first = layers[0]
-            index = [cast(int, s.layer) for s in layers]  # layer stages: each has its layer
-            past, window = cache.lengths[index[0]], first.attrs.get("sliding_window")
-            if all(
-                cache.lengths[i] == past
-                and i not in cache.dropped
-                and s.attrs.get("sliding_window") == window
-                for i, s in zip(index, layers, strict=True)
-            ):
-                seq = hidden.shape[1]
+        def attends(stage: StageLike) -> tuple[object, ...]:
+            i = cast(int, stage.layer)  # layer stages: each has its layer
+            fused = stage.kind == "layer" and isinstance(self._graphs[stage.name], FusedLayer)
+            if not fused:
+                return (stage.name,)  # a run of its own
+            window = stage.attrs.get("sliding_window")
+            return (cache.lengths[i], window, id(cache.dropped.get(i)))
+
+        layers = list(layers)
+        start = 0
+        while start < len(layers):
+            key, end = attends(layers[start]), start + 1
+            while end < len(layers) and attends(layers[end]) == key:
+                end += 1
+            run = layers[start:end]
+            stack = self._stack(run) if len(run) > 1 else None
+            out = None
+            if stack is not None:
+                index = [cast(int, s.layer) for s in run]
+                past, seq = cache.lengths[index[0]], hidden.shape[1]
                 out = stack(
-                    hidden, cos, sin, layer_mask(masks, cache, first, seq),
+                    hidden, cos, sin, layer_mask(masks, cache, run[0], seq),
                     [cache.k[i] for i in index], [cache.v[i] for i in index], past,
                 )  # fmt: skip
                 if out is not None:
                     for i in index:
                         cache.lengths[i] = past + seq
-                    return out
-        return run_layer_stages(self, cache, layers, hidden, cos, sin, masks)
+            hidden = out if out is not None else run_layer_stages(self, cache, run, hidden, cos, sin, masks)
+            start = end
+        return hidden
 
     def _stack(self, layers: Sequence[StageLike]) -> FusedStack | None:
         key = tuple(s.name for s in layers)
