@@ -149,6 +149,7 @@ def transform(
     if not own:
         steps.append(Lower("fast" if kernels is None else kernels))
     manager = PassManager(steps)
+    manager.check_family("decoder", type(model).__name__)
     # every refusal that needs no weights comes before capture (layer ranges, files, sizes, pass pairs)
     from .capture import info_from_config
 

@@ -13,16 +13,21 @@ and the ``special`` ids (e.g. SEP), and the later layers run on the kept tokens 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from .errors import PassError
+from .passes import TokenDrop
+from .passes.base import PassReport, register_family_apply
 
 __all__ = ["EncoderInfo", "EncoderProgram", "apply_token_drop"]
 
 
 @dataclass(frozen=True)
 class EncoderInfo:
+    family: ClassVar[str] = "encoder"
+
     architecture: str
     model_type: str
     num_layers: int
@@ -52,6 +57,7 @@ class EncoderProgram:
         *,
         token_types=True,
         bias=None,
+        passes=(),
     ):
         self.embed = embed
         self.layers = list(layers)
@@ -59,6 +65,7 @@ class EncoderProgram:
         self.drops: dict[int, EncoderDrop] = dict(drops or {})
         self.special = tuple(special)
         self.reports = tuple(reports)
+        self.passes = tuple(passes)  # the passes applied, as JSON records (Pass.to_json)
         self.token_types = token_types  # BERT's embed takes token type ids (zeros); BART's does not
         self.bias = bias  # T5: (positions) -> relative position bias, added to every layer's mask
 
@@ -123,28 +130,35 @@ class EncoderProgram:
             out = (hidden * w).sum(1) / w.sum(1).clamp(min=1)
         return torch.nn.functional.normalize(out, dim=-1) if normalize else out
 
-    def with_drops(self, drops, special, report) -> EncoderProgram:
-        return EncoderProgram(
-            self.embed,
-            self.layers,
-            self.info,
-            drops,
-            special,
-            self.reports + (report,),
+    def _replace(self, **changes) -> EncoderProgram:
+        fields = dict(
+            drops=self.drops,
+            special=self.special,
+            reports=self.reports,
             token_types=self.token_types,
             bias=self.bias,
+            passes=self.passes,
         )
+        fields.update(changes)
+        return EncoderProgram(self.embed, self.layers, self.info, **fields)
+
+    def with_drops(self, drops, special) -> EncoderProgram:
+        return self._replace(drops=drops, special=special)
+
+    def with_pass(self, record: dict[str, Any], report: PassReport) -> EncoderProgram:
+        """The same program with a pass recorded and its report kept (the PassManager's job)."""
+        return self._replace(passes=self.passes + (record,), reports=self.reports + (report,))
 
 
-def apply_token_drop(p, program: EncoderProgram, *, extra_special: tuple[int, ...] = ()) -> EncoderProgram:
-    """TokenDrop ``p`` on an encoder; ``extra_special``: ids kept besides ``p.special`` (a decoder's stop
-    token)."""
+@register_family_apply(TokenDrop, "encoder")
+def apply_token_drop(
+    p: TokenDrop, program: EncoderProgram, *, extra_special: tuple[int, ...] = ()
+) -> tuple[EncoderProgram, PassReport]:
+    """TokenDrop ``p`` on an encoder, and its report; ``extra_special``: ids kept besides ``p.special`` (a
+    decoder's stop token). The input program comes back when every keep ratio is 1."""
     from .passes.token_drop import encoder_score_graph, hidden_gather_graph, norm_score_graph
 
-    n = program.info.num_layers
-    bad = [x for x in p.at_layers if x >= n]
-    if bad:
-        raise PassError(f"token-drop layers {bad} are out of range: the encoder has layers 0..{n - 1}")
+    p.check_layers(program.info.num_layers)
     if program.drops:
         raise PassError(f"the encoder already drops tokens before layers {sorted(program.drops)}")
     report = p.new_report()
@@ -160,6 +174,8 @@ def apply_token_drop(p, program: EncoderProgram, *, extra_special: tuple[int, ..
             score = norm_score_graph(program.info, encoder=True)
         drops[j] = EncoderDrop(keep, score, gather)
         report.change(f"layer.{j}", f"from here on {keep:.0%} of each input ({p.score} score)")
+    if not drops:
+        return program, report
     special = tuple(p.special) + tuple(extra_special)
     report.notes.append(f"always kept: the first token and token ids {list(special)}")
-    return program.with_drops(drops, special, report)
+    return program.with_drops(drops, special), report

@@ -18,6 +18,7 @@ from .errors import PlanError
 
 __all__ = [
     "KERNELS",
+    "FAMILIES",
     "PLAN_SCHEMA_VERSION",
     "PRUNED_EXIT_SIGNATURE",
     "STAGE_SIGNATURES",
@@ -33,7 +34,14 @@ __all__ = [
     "stage_signature",
 ]
 
+# A field added with a default (``kernels``, ``activations``, ``model.family``) keeps the version: a plan
+# written before it loads with the default. A change an older plan cannot be read under bumps it.
 PLAN_SCHEMA_VERSION = 1
+
+# The model families effx captures, each its own kind of program: decoder-only LMs (a Program with a Plan),
+# encoders (BERT), encoder-decoder LMs (BART, T5) and recurrent LMs (Mamba). A pass declares the ones it
+# applies to (``Pass.families``); the PassManager refuses it on any other.
+FAMILIES = ("decoder", "encoder", "encoder-decoder", "recurrent")
 
 # How the torch backend runs a plan's products (``Plan.kernels``): "reference" runs the captured ATen ops
 # (bitwise equal to ``model.generate`` on CPU); "fast" runs effx's CPU kernels (``effx.kernels``) where this
@@ -89,6 +97,8 @@ class ModelInfo:
     # rotary tables the embed stage computes (Gemma 3: one for local layers, one for global ones), concatenated
     # along the last axis of its cos/sin; each layer slices its own
     rope_tables: int = 1
+    # the model family (one of FAMILIES); a Plan is a decoder's, and plans written before the field say none
+    family: str = "decoder"
 
     @property
     def rope_width(self) -> int:
@@ -355,6 +365,11 @@ class Plan:
     def validate(self) -> None:
         """Check that the stages form a runnable model: embed, each layer once and in order (each optionally
         followed by an exit stage), head; and that the policies fit the stages."""
+        if self.model.family != "decoder":
+            raise PlanError(
+                f"a plan describes a decoder-only LM; model.family is {self.model.family!r} "
+                f"(families: {', '.join(FAMILIES)})"
+            )
         kinds = [s.kind for s in self.stages]
         if not kinds or kinds[0] != "embed" or kinds[-1] != "head":
             raise PlanError(f"a plan starts with an embed stage and ends with a head stage; got {kinds}")

@@ -13,16 +13,21 @@ rolls the states back to the last kept token: the output is the dense greedy out
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from .errors import GenerationInputError, PassError
+from .passes import EarlyExit
+from .passes.base import PassReport, register_family_apply
 
 __all__ = ["RecurrentInfo", "RecurrentProgram", "apply_early_exit"]
 
 
 @dataclass(frozen=True)
 class RecurrentInfo:
+    family: ClassVar[str] = "recurrent"
+
     architecture: str
     model_type: str
     num_layers: int
@@ -59,6 +64,7 @@ class RecurrentProgram:
         pad_token_id=None,
         exits: RecurrentExits | None = None,
         reports=(),
+        passes=(),
     ):
         self.embed = embed
         self.layers = list(layers)
@@ -68,6 +74,25 @@ class RecurrentProgram:
         self.pad_token_id = pad_token_id
         self.exits = exits
         self.reports = tuple(reports)
+        self.passes = tuple(passes)  # the passes applied, as JSON records (Pass.to_json)
+
+    def _replace(self, **changes) -> RecurrentProgram:
+        fields = dict(
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            exits=self.exits,
+            reports=self.reports,
+            passes=self.passes,
+        )
+        fields.update(changes)
+        return RecurrentProgram(self.embed, self.layers, self.head, self.info, **fields)
+
+    def with_exits(self, exits: RecurrentExits) -> RecurrentProgram:
+        return self._replace(exits=exits)
+
+    def with_pass(self, record: dict[str, Any], report: PassReport) -> RecurrentProgram:
+        """The same program with a pass recorded and its report kept (the PassManager's job)."""
+        return self._replace(passes=self.passes + (record,), reports=self.reports + (report,))
 
     def __repr__(self) -> str:
         exits = "" if self.exits is None else f", exits={sorted(self.exits.thresholds)} ({self.exits.mode})"
@@ -153,7 +178,9 @@ class RecurrentProgram:
         from .runtime.recurrent import decode_row, generate_dense, prefill
 
         given = check_arguments(
-            kwargs, implemented=("use_cache", "bos_token_id", "max_length"), front_end="Mamba generate (greedy)"
+            kwargs,
+            implemented=("use_cache", "bos_token_id", "max_length"),
+            front_end="Mamba generate (greedy)",
         )
         vocab = self.info.vocab_size
         ids, mask = check_ids(xp, input_ids, attention_mask, vocab)
@@ -165,7 +192,11 @@ class RecurrentProgram:
             max_length = given.get("max_length")
             max_new_tokens = max_length - ids.shape[1] if max_length is not None else 20
         max_new_tokens = check_max_new(max_new_tokens)
-        eos = list(self.eos_token_ids) if eos_token_id is None else token_ids("eos_token_id", eos_token_id, vocab)
+        eos = (
+            list(self.eos_token_ids)
+            if eos_token_id is None
+            else token_ids("eos_token_id", eos_token_id, vocab)
+        )
         if pad_token_id is not None:
             pad = token_id("pad_token_id", pad_token_id, vocab)
         else:
@@ -233,9 +264,10 @@ def _cut(tokens: list[int], eos) -> list[int]:
     return tokens
 
 
-def apply_early_exit(p, program: RecurrentProgram) -> RecurrentProgram:
-    """EarlyExit ``p`` on a recurrent program: exits after ``p``'s layers (the shared head), with its
-    measure, thresholds, mode and draft length. What only attention programs have is refused."""
+@register_family_apply(EarlyExit, "recurrent")
+def apply_early_exit(p: EarlyExit, program: RecurrentProgram) -> tuple[RecurrentProgram, PassReport]:
+    """EarlyExit ``p`` on a recurrent program, and its report: exits after ``p``'s layers (the shared head),
+    with its measure, thresholds, mode and draft length. What only attention programs have is refused."""
     from .fx import export_function
     from .passes.early_exit import MEASURES
 
@@ -253,14 +285,10 @@ def apply_early_exit(p, program: RecurrentProgram) -> RecurrentProgram:
         raise PassError(
             f"early-exit kv={p.kv!r} {where}: there is no KV cache; skipped layers' states are deferred"
         )
-    n = program.info.num_layers
-    layers = list(p.layers) if p.layers else list(range(p.every - 1, n - 1, p.every))
-    bad = [x for x in layers if x >= n - 1]
-    if bad or not layers:
-        raise PassError(
-            f"early-exit layers {bad or layers} are out of range {where}: exits go after layers 0..{n - 2}"
-        )
-    thresholds = list(p.thresholds) * (len(layers) if len(p.thresholds) == 1 else 1)
+    try:
+        thresholds = p.thresholds_by_layer(program.info.num_layers)
+    except PassError as e:
+        raise type(e)(f"{e} {where}") from e
     measure = MEASURES[p.measure]
     head = program.head
 
@@ -272,23 +300,8 @@ def apply_early_exit(p, program: RecurrentProgram) -> RecurrentProgram:
     stage = export_function(
         exit_stage, (torch.randn(2, 3, d, dtype=program.dtype),), ({0: "batch", 1: "seq"},)
     )
-    exits = RecurrentExits(
-        thresholds={int(x): float(t) for x, t in zip(layers, thresholds, strict=True)},
-        mode=p.mode,
-        draft=p.draft,
-        measure=p.measure,
-        stage=stage,
-    )
+    exits = RecurrentExits(thresholds=thresholds, mode=p.mode, draft=p.draft, measure=p.measure, stage=stage)
     report = p.new_report()
     for x, t in exits.thresholds.items():
         report.change(f"layer.{x}", f"exit after it ({p.measure} >= {t:g}, {p.mode})")
-    return RecurrentProgram(
-        program.embed,
-        program.layers,
-        program.head,
-        program.info,
-        eos_token_ids=program.eos_token_ids,
-        pad_token_id=program.pad_token_id,
-        exits=exits,
-        reports=program.reports + (report,),
-    )
+    return program.with_exits(exits), report

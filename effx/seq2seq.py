@@ -16,16 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from .encoder import EncoderProgram, apply_token_drop
+from .passes import TokenDrop
+from .passes.base import PassReport, register_family_apply
 
 __all__ = ["Seq2SeqInfo", "Seq2SeqProgram", "apply_token_drop_seq2seq"]
 
 
 @dataclass(frozen=True)
 class Seq2SeqInfo:
+    family: ClassVar[str] = "encoder-decoder"
+
     architecture: str
     model_type: str
     encoder_layers: int
@@ -76,6 +81,15 @@ class Seq2SeqProgram:
     @property
     def reports(self) -> tuple:
         return self.encoder.reports
+
+    @property
+    def passes(self) -> tuple:
+        """The passes applied (JSON records): every pass an encoder-decoder takes rewrites its encoder."""
+        return self.encoder.passes
+
+    def with_pass(self, record: dict[str, Any], report: PassReport) -> Seq2SeqProgram:
+        """The same program with a pass recorded and its report kept (on the encoder, which it rewrote)."""
+        return self.with_encoder(self.encoder.with_pass(record, report))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -188,8 +202,12 @@ class Seq2SeqProgram:
         )
 
 
-def apply_token_drop_seq2seq(p, program: Seq2SeqProgram) -> Seq2SeqProgram:
-    """TokenDrop on the encoder of ``program``; the decoder's stop token is always kept (with ``p.special``)."""
+@register_family_apply(TokenDrop, "encoder-decoder")
+def apply_token_drop_seq2seq(p: TokenDrop, program: Seq2SeqProgram) -> tuple[Seq2SeqProgram, PassReport]:
+    """TokenDrop on the encoder of ``program``, and its report; the decoder's stop token is always kept
+    (with ``p.special``)."""
     eos = program.generation["eos_token_id"]
-    encoder = apply_token_drop(p, program.encoder, extra_special=tuple(e for e in eos if e not in p.special))
-    return program.with_encoder(encoder)
+    encoder, report = apply_token_drop(
+        p, program.encoder, extra_special=tuple(e for e in eos if e not in p.special)
+    )
+    return (program if encoder is program.encoder else program.with_encoder(encoder)), report

@@ -130,3 +130,31 @@ def test_minilm_capture_and_drop():
         model, [TokenDrop(at_layers=(3,), keep=(0.7,), special=(tok.sep_token_id,))]
     )
     assert bool(((dropped.encode(enc.input_ids, enc.attention_mask) * dense).sum(-1) > 0.8).all())
+
+
+def test_token_drop_goes_through_the_pass_manager(bert):
+    program = effx.transform_encoder(bert, "token-drop{at_layers=1 keep=0.5}")
+    (report,) = program.reports
+    assert report.name == "token-drop" and report.modified
+    assert [site for site, _ in report.changed] == ["layer.1"]
+    assert report.flops_before is None and any("FLOPs/token not counted" in n for n in report.notes)
+    assert program.passes == (TokenDrop(at_layers=(1,), keep=(0.5,)).to_json(),)
+    same = effx.transform_encoder(bert, [TokenDrop(at_layers=(1,), keep=(1.0,))])
+    assert same.reports[0].modified is False and same.reports[0].skipped
+
+
+def test_a_decoder_pass_is_refused_before_capture(bert, monkeypatch):
+    import importlib
+
+    capture_encoder = importlib.import_module("effx.capture.encoder")
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("captured before refusing the pass")
+
+    monkeypatch.setattr(capture_encoder, "capture_encoder", no_capture)
+    with pytest.raises(
+        PassError, match=r"pass 'vocab-reduce' does not apply to BertModel \(an encoder: .*token-drop only"
+    ):
+        effx.transform_encoder(bert, "vocab-reduce{k=16}")
+    with pytest.raises(PassError, match=r"pass 'early-exit' does not apply to BertModel"):
+        effx.transform_encoder(bert, [EarlyExit(layers=(1,))])

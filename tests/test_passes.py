@@ -244,3 +244,18 @@ def test_parentheses_are_braces_in_a_pipeline():
     ):
         with pytest.raises(PassConfigError, match=message):
             parse_pipeline(bad)
+
+
+def test_passes_declare_their_families():
+    from effx.passes import EarlyExit, PassManager, TokenDrop, VocabReduce
+
+    assert VocabReduce.families == ("decoder",)
+    assert "encoder" in TokenDrop.families and "recurrent" in EarlyExit.families
+    manager = PassManager([VocabReduce(k=16)])
+    manager.check_family("decoder", "LlamaForCausalLM")
+    with pytest.raises(
+        PassError, match=r"pass 'vocab-reduce' does not apply to MambaForCausalLM \(a recurrent"
+    ):
+        manager.check_family("recurrent", "MambaForCausalLM")
+    with pytest.raises(PassError, match="unknown model family 'rnn'"):
+        manager.check_family("rnn", "X")

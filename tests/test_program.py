@@ -53,3 +53,18 @@ def test_report_lists_stages_and_flops(llama_program):
     text = llama_program.report(file=None)
     assert "layer.0" in text and "head" in text and "passes: none (dense)" in text
     assert "decode FLOPs/token at context 512" in text
+
+
+def test_a_plan_without_family_loads_as_a_decoder(llama_program):
+    data = json.loads(llama_program.plan.to_json())
+    assert data["model"]["family"] == "decoder"
+    del data["model"]["family"]  # a plan written before the field
+    plan = Plan.from_dict(data)
+    assert plan.model.family == "decoder" and plan == llama_program.plan
+
+
+def test_a_plan_of_another_family_is_refused(llama_program):
+    data = json.loads(llama_program.plan.to_json())
+    data["model"]["family"] = "encoder"
+    with pytest.raises(PlanError, match="model.family is 'encoder'"):
+        Plan.from_dict(data)

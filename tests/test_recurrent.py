@@ -216,3 +216,13 @@ def test_self_speculative_property(mamba, dense, layer, threshold, draft, length
         prompt = ids[r : r + 1, mask[r].bool()]
         sequence = torch.cat([prompt, torch.tensor([stats["run_tokens"][r]], dtype=torch.long)], dim=1)
         assert _states_close(stats["states"][r], program.prefill_states(sequence))
+
+
+def test_early_exit_report_on_mamba(mamba):
+    program = effx.transform_mamba(mamba, "early-exit{layers=2,0 thresholds=0.5,0.7}")
+    (report,) = program.reports
+    assert report.name == "early-exit" and report.modified
+    assert sorted(site for site, _ in report.changed) == ["layer.0", "layer.2"]
+    assert program.exits.thresholds == {2: 0.5, 0: 0.7}
+    assert any("FLOPs/token not counted" in n for n in report.notes)
+    assert [p["name"] for p in program.passes] == ["early-exit"]

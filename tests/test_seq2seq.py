@@ -366,3 +366,12 @@ def test_t5_onnx_parity(tmp_path):
     got = gen.generate(ids.numpy(), mask.numpy(), max_new_tokens=10, stats=onnx_stats)
     np.testing.assert_array_equal(got, ref.numpy())
     assert onnx_stats["kept_tokens"] == torch_stats["kept_tokens"]
+
+
+def test_token_drop_report_on_the_encoder_decoder(bart):
+    program = effx.transform_seq2seq(bart, [TokenDrop(at_layers=(1,), keep=(0.5,))])
+    (report,) = program.reports
+    assert report.name == "token-drop" and report.modified
+    assert [site for site, _ in report.changed] == ["layer.1"]
+    assert any("FLOPs/token not counted" in n for n in report.notes)
+    assert [p["name"] for p in program.passes] == ["token-drop"]

@@ -1,6 +1,6 @@
 """What every family's capture shares: the model types each family takes, the attention function the
 stages are exported with, the cache a layer sees during export, parameter-sharing copies, structure keys,
-the one error shape for a failed step, the logit check and the gate for the passes a family takes."""
+the one error shape for a failed step, and the logit check."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from ..errors import PassError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 __all__ = [
     "ENCODER_MODEL_TYPES",
@@ -18,7 +18,6 @@ __all__ = [
     "SEQ2SEQ_MODEL_TYPES",
     "SUPPORTED_MODEL_TYPES",
     "StageCache",
-    "apply_allowed",
     "check_logits",
     "export_step",
     "fail",
@@ -148,19 +147,3 @@ def check_logits(model, ref: torch.Tensor, got: torch.Tensor, rel: float) -> Non
         raise fail(
             model, "verify", f"captured stages differ from the model's forward by {err:.3g} (max |logit|)"
         )
-
-
-def apply_allowed(model, passes, allowed, what: str, capture_fn, apply_fn, *, verify: bool):
-    """Capture ``model`` with ``capture_fn`` and apply ``passes`` (objects or a pipeline string) with
-    ``apply_fn``; a pass that is not an ``allowed`` one is refused before capture, naming the pass and the
-    architecture (``what``: its kind, and the pass it takes)."""
-    from ..passes import parse_pipeline
-
-    passes = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
-    for p in passes:
-        if not isinstance(p, allowed):
-            raise PassError(f"pass {p.name!r} does not apply to {type(model).__name__} ({what})")
-    program = capture_fn(model, verify=verify)
-    for p in passes:
-        program = apply_fn(p, program)
-    return program

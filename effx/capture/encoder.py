@@ -15,7 +15,6 @@ import torch
 from ..fx import Dim, export_module, rebind
 from .common import (
     ENCODER_MODEL_TYPES,
-    apply_allowed,
     export_step,
     fail,
     private_copy,
@@ -149,10 +148,11 @@ def tag_encoder(gm: torch.fx.GraphModule, layer: int | None) -> None:
 
 
 def transform_encoder(model, passes=(), *, verify: bool = True):
-    """Capture a BERT-style encoder and apply ``passes`` (TokenDrop only: the other passes rewrite decoder
-    LMs)."""
-    from ..encoder import apply_token_drop
-    from ..passes import TokenDrop
+    """Capture a BERT-style encoder and apply ``passes`` through the PassManager (TokenDrop only: the other
+    passes rewrite decoder LMs, and are refused before capture)."""
+    from ..encoder import EncoderInfo
+    from ..passes import PassManager
 
-    what = "an encoder: the other passes rewrite decoder LMs; encoders take token-drop only"
-    return apply_allowed(model, passes, TokenDrop, what, capture_encoder, apply_token_drop, verify=verify)
+    manager = PassManager(passes)
+    manager.check_family(EncoderInfo.family, type(model).__name__)
+    return manager.run(capture_encoder(model, verify=verify))

@@ -12,7 +12,6 @@ from ..fx import Dim, export_module, rebind, simplify
 from ..runtime.loop import as_ids
 from .common import (
     RECURRENT_MODEL_TYPES,
-    apply_allowed,
     check_logits,
     export_step,
     fail,
@@ -162,11 +161,9 @@ def transform_mamba(model, passes=(), *, verify: bool = True):
     """Capture a Mamba LM and apply ``passes``: EarlyExit (lossy with deferred state, or self-speculative
     with state rollback) is the one that applies; the others are refused with the pass and the architecture
     named."""
-    from ..passes import EarlyExit
-    from ..recurrent import apply_early_exit
+    from ..passes import PassManager
+    from ..recurrent import RecurrentInfo
 
-    what = (
-        "a recurrent state-space model: the other passes rewrite attention or FFN layers; recurrent programs "
-        "take early-exit only"
-    )
-    return apply_allowed(model, passes, EarlyExit, what, capture_mamba, apply_early_exit, verify=verify)
+    manager = PassManager(passes)
+    manager.check_family(RecurrentInfo.family, type(model).__name__)
+    return manager.run(capture_mamba(model, verify=verify))

@@ -18,7 +18,6 @@ from ..runtime.loop import as_ids
 from .common import (
     SEQ2SEQ_MODEL_TYPES,
     StageCache,
-    apply_allowed,
     check_logits,
     export_step,
     fail,
@@ -500,10 +499,9 @@ def transform_seq2seq(model, passes=(), *, verify: bool = True):
     """Capture an encoder-decoder LM (BART, T5) and apply ``passes``: TokenDrop, on the encoder (ELITE), is the
     one that applies; the decoder's cross-attention then reads the kept tokens only. The other passes are
     refused with the pass and the architecture named."""
-    from ..passes import TokenDrop
-    from ..seq2seq import apply_token_drop_seq2seq
+    from ..passes import PassManager
+    from ..seq2seq import Seq2SeqInfo
 
-    what = "an encoder-decoder model: encoder-decoder programs take token-drop, on the encoder, only"
-    return apply_allowed(
-        model, passes, TokenDrop, what, capture_seq2seq, apply_token_drop_seq2seq, verify=verify
-    )
+    manager = PassManager(passes)
+    manager.check_family(Seq2SeqInfo.family, type(model).__name__)
+    return manager.run(capture_seq2seq(model, verify=verify))

@@ -20,9 +20,10 @@ import re
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast
 
 from ..errors import PassConfigError, PassError, PassPreconditionError
+from ..plan import FAMILIES
 
 if TYPE_CHECKING:
     from ..plan import ModelInfo
@@ -32,6 +33,8 @@ __all__ = [
     "Pass",
     "PassManager",
     "as_passes",
+    "family_apply",
+    "register_family_apply",
     "PassPreconditionError",
     "PassReport",
     "PassResult",
@@ -90,10 +93,14 @@ class Pass:
 
     Class attributes: ``name`` (registry and pipeline name), ``after`` (names of passes that, when present
     in a pipeline, must run before this one), ``before`` (names that must run after it) and
-    ``order_reason`` (why, for the note the pass manager writes when it has to move a pass).
+    ``order_reason`` (why, for the note the pass manager writes when it has to move a pass) and
+    ``families`` (the model families it applies to, of :data:`effx.plan.FAMILIES`: ``apply`` rewrites a
+    decoder's Program; each other family's program is rewritten by the function that family's module
+    registers with :func:`register_family_apply`).
     """
 
     name: ClassVar[str] = ""
+    families: ClassVar[tuple[str, ...]] = ("decoder",)
     after: ClassVar[tuple[str, ...]] = ()
     before: ClassVar[tuple[str, ...]] = ()
     order_reason: ClassVar[str] = ""
@@ -339,6 +346,88 @@ def pipeline_string(passes: Sequence[Pass]) -> str:
     return ", ".join(parts)
 
 
+# -- other families' programs ---------------------------------------------------------------------------
+
+# (pass name, family) -> the function that applies the pass to that family's program
+_FAMILY_APPLY: dict[tuple[str, str], FamilyApply] = {}
+
+# what a refusal says of each family, after its name; ``{takes}``: the passes the family takes
+_FAMILY_REFUSAL = {
+    "decoder": "a decoder-only LM: the passes for decoders are {takes}",
+    "encoder": "an encoder: the other passes rewrite decoder LMs; encoders take {takes} only",
+    "encoder-decoder": (
+        "an encoder-decoder model: encoder-decoder programs take {takes}, on the encoder, only"
+    ),
+    "recurrent": (
+        "a recurrent state-space model: the other passes rewrite attention or FFN layers; recurrent programs "
+        "take {takes} only"
+    ),
+}
+
+
+class FamilyApply(Protocol):
+    """Applies a pass to a program of a family other than decoders: returns the new program (the input
+    one when nothing changed) and the pass's report. It checks what the pass needs of the program and
+    raises :class:`PassError` when the program cannot take it."""
+
+    def __call__(self, p: Any, program: Any, /) -> tuple[Any, PassReport]: ...
+
+
+_ApplyT = TypeVar("_ApplyT", bound=FamilyApply)
+
+
+def register_family_apply(pass_cls: type[Pass], family: str) -> Callable[[_ApplyT], _ApplyT]:
+    """Decorator: the function that applies ``pass_cls`` to a ``family`` program (``family`` must be one
+    of the pass's ``families``)."""
+    if family not in pass_cls.families or family == "decoder":
+        raise TypeError(
+            f"{pass_cls.__name__} declares families {pass_cls.families}: no {family!r} function to register"
+        )
+
+    def register(fn: _ApplyT) -> _ApplyT:
+        _FAMILY_APPLY[(pass_cls.name, family)] = fn
+        return fn
+
+    return register
+
+
+def family_apply(p: Pass, family: str) -> FamilyApply:
+    """The function registered to apply ``p`` to a ``family`` program."""
+    try:
+        return _FAMILY_APPLY[(p.name, family)]
+    except KeyError:
+        raise PassError(f"pass {p.name!r} declares family {family!r} but no function applies it") from None
+
+
+def refusal(p: Pass, family: str, architecture: str) -> str | None:
+    """Why ``p`` does not apply to a ``family`` model (``architecture``: its class name), or None if it
+    does."""
+    if family not in FAMILIES:
+        return f"unknown model family {family!r} of {architecture}; families: {', '.join(FAMILIES)}"
+    if family in p.families:
+        return None
+    takes = ", ".join(sorted(n for n, k in _REGISTRY.items() if family in k.families)) or "no pass"
+    return f"pass {p.name!r} does not apply to {architecture} ({_FAMILY_REFUSAL[family].format(takes=takes)})"
+
+
+class _Info(Protocol):
+    @property
+    def architecture(self) -> str: ...
+    @property
+    def family(self) -> str: ...
+
+
+class _AnyProgram(Protocol):
+    """What the manager reads of a program of any family."""
+
+    @property
+    def info(self) -> _Info: ...
+    def with_pass(self, record: dict[str, Any], report: PassReport) -> Any: ...
+
+
+_ProgramT = TypeVar("_ProgramT", bound=_AnyProgram)
+
+
 # -- the manager ----------------------------------------------------------------------------------------
 
 
@@ -422,7 +511,46 @@ class PassManager:
             except PassError as e:
                 raise type(e)(f"{self._context(i)}: {e}") from e
 
-    def run(self, program: Program) -> Program:
+    def check_family(self, family: str, architecture: str) -> None:
+        """Refuse, before capture, a pass that does not apply to the ``family`` of the model
+        (``architecture``: its class name): :class:`PassError` naming the pass and the architecture."""
+        for p in self.passes:
+            why = refusal(p, family, architecture)
+            if why is not None:
+                raise PassError(why)
+
+    def run(self, program: _ProgramT) -> _ProgramT:
+        """Apply the passes to ``program``, a decoder's :class:`~effx.program.Program` or another family's
+        program (``program.info.family``); each pass's report is kept on the program it returns."""
+        family = program.info.family
+        self.check_family(family, program.info.architecture)
+        if family == "decoder":
+            return cast("_ProgramT", self._run_decoder(cast("Program", program)))
+        for i, p in enumerate(self.passes):
+            program = self._run_family(i, p, program, family)
+        return program
+
+    def _run_family(self, i: int, p: Pass, program: _ProgramT, family: str) -> _ProgramT:
+        apply = family_apply(p, family)
+        try:
+            new, report = apply(p, program)
+        except PassError as e:
+            raise type(e)(f"{self._context(i)}: {e}") from e
+        except Exception as e:
+            raise PassError(f"{self._context(i)} failed: {type(e).__name__}: {e}") from e
+        modified = new is not program
+        if modified != bool(report.changed):
+            raise PassError(
+                f"{self._context(i)} reported {len(report.changed)} changes but "
+                f"{'returned a new' if modified else 'returned its input'} program"
+            )
+        report.modified = modified
+        if i in self.moves:
+            report.notes.append(self.moves[i])
+        report.notes.append(f"FLOPs/token not counted: effx.flops counts decoder programs, not {family} ones")
+        return cast("_ProgramT", new.with_pass(p.to_json(), report))
+
+    def _run_decoder(self, program: Program) -> Program:
         from ..flops import decode_flops
 
         for i, p in enumerate(self.passes):

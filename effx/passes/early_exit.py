@@ -82,6 +82,8 @@ class EarlyExit(Pass):
     """Exit branches (shared norm + LM head, with a confidence) after chosen layers."""
 
     name = "early-exit"
+    # a recurrent model takes exits too (effx.recurrent: its state stands in for the KV cache)
+    families = ("decoder", "recurrent")
 
     layers: tuple[int, ...] = ()
     every: int | None = None
@@ -186,6 +188,14 @@ class EarlyExit(Pass):
             raise PassError(f"every={self.every} places no exit before the last of {num_layers} layers")
         return layers
 
+    def thresholds_by_layer(self, num_layers: int) -> dict[int, float]:
+        """Each exit layer's threshold (layers checked by :meth:`exit_layers`)."""
+        layers = self.exit_layers(num_layers)
+        if len(self.thresholds) == 1:
+            return {x: float(self.thresholds[0]) for x in layers}
+        # one per listed layer, in the order given (checked in __post_init__)
+        return {x: float(t) for x, t in zip(self.layers, self.thresholds, strict=True)}
+
     def requires(self, program: Program) -> None:
         """A Program without exits (one EarlyExit per Program), with the layers the exits follow, and a
         full-vocabulary head (exits copy the head)."""
@@ -201,11 +211,7 @@ class EarlyExit(Pass):
     def apply(self, program: Program) -> PassResult:
         self.requires(program)
         info = program.info
-        layers = self.exit_layers(info.num_layers)
-        if len(self.thresholds) == 1:
-            by_layer = {x: float(self.thresholds[0]) for x in layers}
-        else:  # one per listed layer, in the order given (checked in __post_init__)
-            by_layer = {x: float(t) for x, t in zip(self.layers, self.thresholds, strict=True)}
+        by_layer = self.thresholds_by_layer(info.num_layers)
         measure = _measure_graph(self.measure, info)
         adapters: dict[int, dict[str, torch.Tensor]] = {}
         if self.head == "trained":

@@ -54,6 +54,8 @@ class TokenDrop(Pass):
     """Progressive prompt-token elimination in the prefill, with exact positions and KV."""
 
     name = "token-drop"
+    # encoders drop tokens between their layers; an encoder-decoder's encoder does (effx.encoder, effx.seq2seq)
+    families = ("decoder", "encoder", "encoder-decoder")
 
     at_layers: tuple[int, ...] = ()
     keep: tuple[float, ...] = (0.5,)
@@ -103,12 +105,16 @@ class TokenDrop(Pass):
             else [float(k) for k in self.keep]
         )
 
-    def check_model(self, info: ModelInfo) -> None:
-        bad = [x for x in self.at_layers if x >= info.num_layers]
+    def check_layers(self, num_layers: int) -> None:
+        """The drop layers are layers of a model (or an encoder) with ``num_layers`` layers."""
+        bad = [x for x in self.at_layers if x >= num_layers]
         if bad:
             raise PassConfigError(
-                f"token-drop layers {bad} are out of range: the model has layers 0..{info.num_layers - 1}"
+                f"token-drop layers {bad} are out of range: the model has layers 0..{num_layers - 1}"
             )
+
+    def check_model(self, info: ModelInfo) -> None:
+        self.check_layers(info.num_layers)
         check_size("token-drop queries", self.queries, info.max_positions, "max_positions")
 
     def check_after(self, earlier: Sequence[Pass]) -> None:
