@@ -27,6 +27,7 @@ from typing import TextIO
 
 from . import show
 from .errors import EffxError
+from .runtime.stats import DecodeStats
 
 __all__ = [
     "TEMPLATE_CHARS",
@@ -230,17 +231,9 @@ def format_stats(reply: Reply | None) -> str:
         return "no reply yet"
     rate = reply.tokens / reply.seconds if reply.seconds > 0 else 0.0
     parts = [f"{reply.tokens} tokens in {reply.seconds:.2f} s ({rate:.1f} tokens/s)"]
-    s = reply.stats
-    if s.get("exit_layers"):
-        depths = [d for step in s["exit_layers"] for d in step]
-        parts.append(f"mean exit depth {sum(depths) / len(depths):.1f} layers")
-    if s.get("drafted"):
-        parts.append(f"drafts accepted {s['accepted']}/{s['drafted']} ({s['accepted'] / s['drafted']:.0%})")
-    if s.get("head_positions"):
-        parts.append(f"reduced head fell back on {s['head_fallbacks']}/{s['head_positions']} positions")
-    if s.get("kept_tokens"):
-        kept = ", ".join(f"layer {layer}: {counts[0]}" for layer, counts in sorted(s["kept_tokens"].items()))
-        parts.append(f"prompt tokens kept ({kept})")
+    decisions = DecodeStats.from_dict(reply.stats).summary()
+    if decisions:
+        parts.append(decisions)
     if reply.interrupted:
         parts.append("interrupted")
     return "; ".join(parts)

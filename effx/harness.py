@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from . import frontend
 from .errors import EffxError
+from .runtime.stats import DecodeStats, drafts_part, fallbacks_part
 
 __all__ = ["TASKS_DIR", "EffxLM", "format_stats"]
 
@@ -81,13 +82,9 @@ def format_stats(totals: dict) -> str:
         )
         parts.append(f"exit depth {mean:.1f} of {layers} layers on average ({shares})")
     if totals.get("drafted"):
-        parts.append(
-            f"drafts accepted {totals['accepted']}/{totals['drafted']} ({totals['accepted'] / totals['drafted']:.0%})"
-        )
+        parts.append(drafts_part(totals["accepted"], totals["drafted"]))
     if totals.get("head_positions"):
-        parts.append(
-            f"reduced head fell back on {totals['head_fallbacks']}/{totals['head_positions']} positions"
-        )
+        parts.append(fallbacks_part(totals["head_fallbacks"], totals["head_positions"]))
     if totals.get("prompt_tokens") and totals.get("kept_tokens"):
         parts.append(
             f"prompt tokens kept at the last drop layer {totals['kept_tokens'] / totals['prompt_tokens']:.0%}"
@@ -227,20 +224,22 @@ class EffxLM(TemplateLM):
     def _report(self, what: str) -> None:
         sys.stderr.write(f"[effx] after {what}: {format_stats(self.stats())} ({self.seconds:.1f} s in effx)\n")
 
-    def _add(self, stats: dict, prompts: list[int], lengths: list[int], *, scoring: bool) -> None:
+    def _add(self, stats: DecodeStats | dict, prompts: list[int], lengths: list[int], *, scoring: bool) -> None:
         """Fold one batch's run-time stats into the totals; ``prompts`` are the rows' prompt (context)
         lengths, ``lengths`` the tokens each row really scored or generated (steps past a row's end, which
         padding forced, are not counted)."""
-        t = self.totals
-        for step, depths in enumerate(stats.get("exit_layers", [])):
+        t, typed = self.totals, stats if isinstance(stats, DecodeStats) else DecodeStats.from_dict(stats)
+        for step, depths in enumerate(typed.exit_layers or []):
             # scoring: decode step ``step`` gives continuation token ``step + 1``; generating: token ``step + 1``
             for b, d in enumerate(depths):
                 if step + 1 < lengths[b]:
                     t["exit_depths"][int(d)] += 1
-        for key in ("drafted", "accepted", "head_positions", "head_fallbacks"):
-            if stats.get(key):
-                t[key] = t.get(key, 0) + int(stats[key])
-        kept = stats.get("kept_tokens")
+        counters = {"drafted": typed.drafted, "accepted": typed.accepted}
+        counters.update(head_positions=typed.head_positions, head_fallbacks=typed.head_fallbacks)
+        for key, value in counters.items():
+            if value:
+                t[key] = t.get(key, 0) + int(value)
+        kept = typed.kept_tokens
         if kept:
             last = max(kept)
             t["kept_tokens"] = t.get("kept_tokens", 0) + int(sum(kept[last]))
@@ -303,7 +302,7 @@ class EffxLM(TemplateLM):
             lengths = [len(c) for c in continuations]
             ctx, mask = self._arrays(contexts, left=True)
             cont, _ = self._arrays(continuations, left=False)
-            stats: dict = {}
+            stats = DecodeStats()
             start = time.perf_counter()
             logp, greedy = score(self.backend, ctx, mask, cont, chunk=self.chunk, stats=stats)
             self.seconds += time.perf_counter() - start

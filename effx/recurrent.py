@@ -176,6 +176,7 @@ class RecurrentProgram:
 
         from .runtime.inputs import check_arguments, check_ids, check_max_new, token_id, token_ids
         from .runtime.recurrent import decode_row, generate_dense, prefill
+        from .runtime.stats import DecodeStats, collecting
 
         given = check_arguments(
             kwargs,
@@ -217,38 +218,39 @@ class RecurrentProgram:
                     pad=pad,
                     dtype=dt,
                 )
-                if stats is not None:
-                    stats["states"] = [states]
+                with collecting(stats) as typed:
+                    if typed is not None:
+                        typed.set(states=[states])
                 return torch.cat([ids, new], dim=1)
             rows, all_states = [], []
-            record = {} if stats is None else stats
-            for r in range(ids.shape[0]):
-                prompt = ids[r : r + 1, mask[r].bool()]
-                states = self.new_states(1)
-                hidden = prefill(self.run, xp, states, prompt, torch.ones_like(prompt), n, dt)
-                first = int(self.head(hidden)[0][0, -1].argmax())
-                e = self.exits
-                rows.append(
-                    decode_row(
-                        self.run,
-                        xp,
-                        states,
-                        first,
-                        num_layers=n,
-                        exits=e.thresholds,
-                        mode=e.mode,
-                        draft=e.draft,
-                        max_new=max_new_tokens,
-                        eos=eos,
-                        dtype=dt,
-                        stats=record,
+            with collecting(stats) as typed:
+                record = DecodeStats() if typed is None else typed
+                for r in range(ids.shape[0]):
+                    prompt = ids[r : r + 1, mask[r].bool()]
+                    states = self.new_states(1)
+                    hidden = prefill(self.run, xp, states, prompt, torch.ones_like(prompt), n, dt)
+                    first = int(self.head(hidden)[0][0, -1].argmax())
+                    e = self.exits
+                    rows.append(
+                        decode_row(
+                            self.run,
+                            xp,
+                            states,
+                            first,
+                            num_layers=n,
+                            exits=e.thresholds,
+                            mode=e.mode,
+                            draft=e.draft,
+                            max_new=max_new_tokens,
+                            eos=eos,
+                            dtype=dt,
+                            stats=record,
+                        )
                     )
-                )
-                all_states.append(states)
-                record.setdefault("run_tokens", []).append(rows[-1][:-1])
-                rows[-1] = _cut(rows[-1][:max_new_tokens], eos)
-            if stats is not None:
-                stats["states"] = all_states
+                    all_states.append(states)
+                    record.set(run_tokens=[*(record.run_tokens or []), rows[-1][:-1]])
+                    rows[-1] = _cut(rows[-1][:max_new_tokens], eos)
+                record.set(states=all_states)
             width = max(len(t) for t in rows)
             new = torch.full((ids.shape[0], width), pad, dtype=torch.long)
             for r, tokens in enumerate(rows):

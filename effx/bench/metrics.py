@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import statistics
 
+from ..runtime.stats import DecodeStats
+
 
 def _pass_stats(stats_list: list[dict], prompt_lengths: list[int]) -> dict[str, float]:
     out: dict[str, float] = {}
@@ -29,30 +31,9 @@ def _pass_stats(stats_list: list[dict], prompt_lengths: list[int]) -> dict[str, 
 
 
 def _paths(stats: dict, new_tokens: int, num_layers: int, reduced_head: bool = False) -> dict[str, float]:
-    """Share of one generation's tokens each path produced, the cascade seed's "share of tokens per path":
-    self-speculative decoding's accepted drafts against the tokens the full model gave; lossy exits' tokens
-    by the layer they left after (0-based; the first token, from the prefill, goes through all of them); a
-    reduced head's positions against those that fell back to the full head (``reduced_head`` without a
-    fallback: all of them). Each group sums to 1; a program without any of these has one path,
-    ``all N layers``."""
-    paths: dict[str, float] = {}
-    if "drafted" in stats:
-        accepted = min(stats.get("accepted", 0), new_tokens) / new_tokens
-        paths.update({"accepted draft": accepted, "full model": 1 - accepted})
-    elif stats.get("exit_layers"):
-        depths = [row[0] for row in stats["exit_layers"]]
-        depths += [num_layers] * max(0, new_tokens - len(depths))
-        for d in sorted(set(depths)):
-            key = f"all {num_layers} layers" if d == num_layers else f"exit at layer {d - 1}"
-            paths[key] = depths.count(d) / len(depths)
-    else:
-        paths[f"all {num_layers} layers"] = 1.0
-    if stats.get("head_positions"):
-        fallback = stats.get("head_fallbacks", 0) / stats["head_positions"]
-        paths.update({"reduced head": 1 - fallback, "full head (fallback)": fallback})
-    elif reduced_head:
-        paths["reduced head"] = 1.0
-    return paths
+    """Share of one generation's tokens each path produced, the cascade seed's "share of tokens per path"
+    (:meth:`effx.runtime.stats.DecodeStats.paths` of the run's stats)."""
+    return DecodeStats.from_dict(stats).paths(new_tokens, num_layers, reduced_head)
 
 
 def _path_order(key: str) -> tuple:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendCapabilityError
 from ..plan import Plan, StageLike, StageSpec
+from .stats import DecodeStats
 
 if TYPE_CHECKING:
     from ..arrays import Array
@@ -110,7 +111,7 @@ class Backend:
         input_ids: Array,
         positions: Array,
         key_valid: Array,
-        stats: dict[str, Any] | None,
+        stats: DecodeStats | None,
     ) -> tuple[Array, Backend]:
         """``CORE_NEURONS``: the prefill that chooses core neurons; returns ``(logits, backend)``, the backend
         to decode with (its MLPs sliced to the chosen neurons)."""

@@ -32,6 +32,7 @@ before it, so the output is the large model's greedy output.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
@@ -42,6 +43,7 @@ from .loop import Output, prefill
 from .loop import decode as loop_decode
 from .sampling import Sampler
 from .speculative import Draft, DraftSource, Speculation
+from .stats import DecodeStats, StatsArg, collecting
 
 if TYPE_CHECKING:
     from .forward import BackendLike
@@ -61,7 +63,7 @@ class ModelState:
     """
 
     def __init__(
-        self, backend: BackendLike, positions: Array, key_valid: Array, stats: dict[str, Any] | None = None
+        self, backend: BackendLike, positions: Array, key_valid: Array, stats: DecodeStats | None = None
     ) -> None:
         self.backend = as_backend(backend)
         self.positions = positions
@@ -123,20 +125,21 @@ class ModelState:
             self.logits = None
 
 
-def _shares(stats: dict[str, Any]) -> None:
-    produced = stats["small_tokens"] + stats["large_tokens"]
-    stats["small_share"] = stats["small_tokens"] / produced if produced else 0.0
-    stats["large_share"] = stats["large_tokens"] / produced if produced else 0.0
+def _shares(stats: DecodeStats) -> None:
+    small, large = stats.small_tokens or 0, stats.large_tokens or 0
+    produced = small + large
+    stats.set(
+        small_share=small / produced if produced else 0.0, large_share=large / produced if produced else 0.0
+    )
 
 
-def _count(stats: dict[str, Any] | None, key: str, rows: Array) -> None:
-    if stats is not None:
-        xp = namespace(rows)
-        stats[key] += int(xp.sum(xp.astype(rows, xp.int64)))
+def _rows(rows: Array) -> int:
+    xp = namespace(rows)
+    return int(xp.sum(xp.astype(rows, xp.int64)))
 
 
 def gated_decode(
-    small: ModelState, large: ModelState, out: Output, fires: Gate, stats: dict[str, Any] | None
+    small: ModelState, large: ModelState, out: Output, fires: Gate, stats: DecodeStats | None
 ) -> None:
     """Emit tokens into ``out`` (an ``effx.runtime.generate`` output buffer) until it is done: the small
     model's greedy token, or, for the rows where ``fires`` says so, the large model's. Both models must have
@@ -153,12 +156,12 @@ def gated_decode(
             l_logits = large.logits_for(out.tokens, cur)
             l_token = xp.argmax(xp.astype(l_logits, xp.float32), axis=-1)
             if stats is not None:
-                stats["large_steps"] += 1
-                stats["catch_up_tokens"] += caught_up
-            _count(stats, "overridden", fire & (l_token != token))
+                stats.count(
+                    large_steps=1, catch_up_tokens=caught_up, overridden=_rows(fire & (l_token != token))
+                )
             token = xp.where(fire, l_token, token)
-        _count(stats, "large_tokens", fire)
-        _count(stats, "small_tokens", active & ~fire)
+        if stats is not None:
+            stats.count(large_tokens=_rows(fire), small_tokens=_rows(active & ~fire))
         out.emit(token)
 
 
@@ -185,7 +188,7 @@ class ModelDraft(DraftSource):
         *,
         adaptive: bool,
         fires: Gate | None,
-        stats: dict[str, Any] | None,
+        stats: DecodeStats | None,
     ) -> None:
         self.backend = as_backend(backend)
         self.draft, self.length, self.adaptive, self.fires, self.stats = draft, draft, adaptive, fires, stats
@@ -269,7 +272,7 @@ def decode(
     fires: Gate | None,
     draft: int = 4,
     adaptive: bool = True,
-    stats: dict[str, Any] | None = None,
+    stats: StatsArg = None,
     streamer: Any = None,
     on_token: Callable[[Array], object] | None = None,
     bar: Any = None,
@@ -281,7 +284,7 @@ def decode(
     Returns the output ``[batch, prompt + new]`` (finished rows padded with ``pad``) and both models' states:
     in gated mode their :class:`ModelState`, whose caches hold the slots each model has seen; in verified mode
     the small model's :class:`ModelDraft` and the large backend (the rounds run on the shared verifier,
-    :mod:`effx.runtime.speculative`). ``stats`` (a dict, or None) receives ``small_tokens`` and
+    :mod:`effx.runtime.speculative`). ``stats`` (a DecodeStats, a dict to fill, or None) receives ``small_tokens`` and
     ``large_tokens`` (tokens each model decided, over unfinished rows) and their shares ``small_share`` /
     ``large_share``, ``small_passes``/``large_passes`` and ``small_positions``/``large_positions`` (forward
     passes after the prefill, and the token positions they ran over), in gated mode ``large_steps`` (steps
@@ -291,60 +294,76 @@ def decode(
     ``small``/``large`` hold what each model's own runtime reports.
     """
     small, large = as_backend(small), as_backend(large)
-    for backend in (small, large):  # before anything runs
-        for capability in needed_capabilities(backend.plan):
-            backend.require(capability)
-    xp = large.xp
-    batch, prompt_len = input_ids.shape
-    if stats is not None:
-        stats.update(small_tokens=0, large_tokens=0, small={}, large={})
-        if mode == "gated":
-            stats.update(large_steps=0, catch_up_tokens=0, overridden=0)
-    if mode == "verified":
-        source = ModelDraft(
-            small, draft, adaptive=adaptive, fires=fires, stats=None if stats is None else stats["small"]
-        )
-        inner: dict[str, Any] | None = None if stats is None else {}
-        tokens = loop_decode(
-            large, input_ids, attention_mask, max_new=max_new, eos=eos, pad=pad, sampler=Sampler(),
-            streamer=streamer, on_token=on_token, bar=bar, stats=inner, sources=[source],
-        )  # fmt: skip
-        if stats is not None:
-            inner = cast("dict[str, Any]", inner)  # a dict where stats is one
-            speculation = ("drafted", "accepted", "rounds", "steps", "draft_lengths", "compactions")
-            stats["large_positions"] = inner.pop("verified_positions")
-            stats.update({k: inner.pop(k) for k in speculation})
-            emitted = batch + inner.pop("emitted")  # the first token of every row, then the rounds'
-            inner.pop("sources")
-            stats["large"].update(inner)
-            stats.update(
-                small_tokens=stats["accepted"],
-                large_tokens=emitted - stats["accepted"],
-                small_passes=source.passes,
-                large_passes=stats["steps"],
-                small_positions=source.positions_run,
+    with collecting(stats) as typed:
+        for backend in (small, large):  # before anything runs
+            for capability in needed_capabilities(backend.plan):
+                backend.require(capability)
+        xp = large.xp
+        batch, prompt_len = input_ids.shape
+        if typed is not None:
+            typed.set(small_tokens=0, large_tokens=0, small=DecodeStats(), large=DecodeStats())
+            if mode == "gated":
+                typed.set(large_steps=0, catch_up_tokens=0, overridden=0)
+        if mode == "verified":
+            source = ModelDraft(
+                small, draft, adaptive=adaptive, fires=fires, stats=None if typed is None else typed.small
             )
-            _shares(stats)
-        return tokens, source, large
-    key_valid = xp.concat(
-        [xp.astype(attention_mask, xp.bool), xp.ones((batch, max_new), dtype=xp.bool)], axis=1
-    )
-    positions = positions_from_mask(key_valid)
-    if streamer is not None:
-        streamer.put(input_ids)
-    out = Output(input_ids, max_new, eos, pad, streamer, on_token, bar)
-    with large.compute():
-        s = ModelState(small, positions, key_valid, None if stats is None else stats["small"])
-        lg = ModelState(large, positions, key_valid, None if stats is None else stats["large"])
-        s.prefill(input_ids)
-        lg.prefill(input_ids)
-        gated_decode(s, lg, out, cast(Gate, fires), stats)  # gated mode needs its gate
-    if stats is not None:
-        stats.update(
-            small_passes=s.passes,
-            large_passes=lg.passes,
-            small_positions=s.positions_run,
-            large_positions=lg.positions_run,
+            inner = None if typed is None else DecodeStats()
+            tokens = loop_decode(
+                large, input_ids, attention_mask, max_new=max_new, eos=eos, pad=pad, sampler=Sampler(),
+                streamer=streamer, on_token=on_token, bar=bar, stats=inner, sources=[source],
+            )  # fmt: skip
+            if typed is not None and inner is not None:
+                # the verifier's rounds are the cascade's; the rest is what the large model's runtime reported
+                accepted, steps = inner.accepted or 0, inner.steps or 0
+                emitted = batch + (inner.emitted or 0)  # the first token of every row, then the rounds'
+                typed.set(
+                    large_positions=inner.verified_positions,
+                    drafted=inner.drafted,
+                    accepted=accepted,
+                    rounds=inner.rounds,
+                    steps=steps,
+                    draft_lengths=inner.draft_lengths,
+                    compactions=inner.compactions,
+                    large=dataclasses.replace(
+                        inner,
+                        drafted=None,
+                        accepted=None,
+                        rounds=None,
+                        steps=None,
+                        verified_positions=None,
+                        emitted=None,
+                        draft_lengths=None,
+                        sources=None,
+                        compactions=None,
+                    ),
+                    small_tokens=accepted,
+                    large_tokens=emitted - accepted,
+                    small_passes=source.passes,
+                    large_passes=steps,
+                    small_positions=source.positions_run,
+                )
+                _shares(typed)
+            return tokens, source, large
+        key_valid = xp.concat(
+            [xp.astype(attention_mask, xp.bool), xp.ones((batch, max_new), dtype=xp.bool)], axis=1
         )
-        _shares(stats)
-    return out.finish(), s, lg
+        positions = positions_from_mask(key_valid)
+        if streamer is not None:
+            streamer.put(input_ids)
+        out = Output(input_ids, max_new, eos, pad, streamer, on_token, bar)
+        with large.compute():
+            s = ModelState(small, positions, key_valid, None if typed is None else typed.small)
+            lg = ModelState(large, positions, key_valid, None if typed is None else typed.large)
+            s.prefill(input_ids)
+            lg.prefill(input_ids)
+            gated_decode(s, lg, out, cast(Gate, fires), typed)  # gated mode needs its gate
+        if typed is not None:
+            typed.set(
+                small_passes=s.passes,
+                large_passes=lg.passes,
+                small_positions=s.positions_run,
+                large_positions=lg.positions_run,
+            )
+            _shares(typed)
+        return out.finish(), s, lg

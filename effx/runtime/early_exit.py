@@ -15,11 +15,12 @@ Self-speculative decoding (LayerSkip) is a draft source of the shared verifier: 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from ..arrays import Array
 from .backend import KV_COPY
 from .forward import KVCache, MaskCache, as_backend
+from .stats import DecodeStats
 
 if TYPE_CHECKING:
     from .forward import BackendLike
@@ -33,7 +34,7 @@ class ExitDecoder:
     and exactly (deferred); with ``copy=True`` they are projected from the exit hidden state at once (CALM)."""
 
     def __init__(
-        self, backend: BackendLike, cache: KVCache, *, copy: bool = False, stats: dict[str, Any] | None = None
+        self, backend: BackendLike, cache: KVCache, *, copy: bool = False, stats: DecodeStats | None = None
     ) -> None:
         self.backend = as_backend(backend)
         self.cache = cache

@@ -14,6 +14,7 @@ from ..arrays import Array, Namespace, namespace, put_along_axis, take_along_axi
 from ..errors import GenerationInputError
 from ..plan import StageLike
 from .backend import Backend
+from .stats import DecodeStats
 
 if TYPE_CHECKING:
     from ..program import Program
@@ -257,7 +258,7 @@ def run_step(
     key_valid: Array,
     *,
     last_only: bool = True,
-    stats: dict[str, Any] | None = None,
+    stats: DecodeStats | None = None,
     key_pos: Array | None = None,
 ) -> Array:
     """Run embed, every layer (reading and filling ``cache``) and the head on ``input_ids``.

@@ -15,6 +15,7 @@ import torch
 from .inputs import check_arguments
 from .loop import check_inputs, decode, stop_and_pad
 from .sampling import Sampler
+from .stats import DecodeStats
 from .torch_backend import XP, torch_backend
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def generate(
     streamer: Any = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     progress: bool = False,
-    stats: dict[str, Any] | None = None,
+    stats: DecodeStats | dict[str, Any] | None = None,
     stop: Callable[[torch.Tensor], Any] | None = None,
     **kwargs: Any,
 ) -> torch.LongTensor:
@@ -72,7 +73,10 @@ def generate(
 
     Sampling is reproducible with ``seed`` (or your own ``generator``). ``streamer`` is a transformers
     streamer (``put``/``end``, e.g. ``TextStreamer``); ``on_token(ids [batch])`` is called for every token;
-    ``progress=True`` shows a progress bar. Pass a dict as ``stats`` to get what the runtime decided:
+    ``progress=True`` shows a progress bar. Pass a :class:`effx.runtime.stats.DecodeStats` as ``stats`` to
+    get what the runtime decided as typed fields (``stats.summary()`` is one line about it), or a dict, which
+    gets ``DecodeStats.as_dict()``: the names below, only those the plan's techniques report (refreshed
+    after every write, so ``on_token`` can read it, and when the call returns or raises):
     ``exit_layers`` (per step, per row: how many layers the token went through) with early exits,
     ``drafted``/``accepted`` (summed over rows), ``rounds`` (verification steps with drafts), ``steps``
     (all of them), ``draft_lengths``, per draft source ``sources`` and ``compactions`` of a batch's cache

@@ -23,6 +23,7 @@ from .forward import KVCache, MaskCache, check_left_padded, positions_from_mask,
 from .inputs import check_ids, check_max_new, check_stop, token_id, token_ids
 from .sampling import TokenSampler
 from .speculative import DraftSource, Speculation, capacity, longest_draft, sources_of
+from .stats import DecodeStats, StatsArg, collecting
 from .token_drop import drop_prefill
 
 __all__ = ["Output", "as_ids", "check_inputs", "decode", "prefill", "stop_and_pad"]
@@ -149,7 +150,7 @@ def prefill(
     input_ids: Array,
     positions: Array,
     key_valid: Array,
-    stats: dict[str, Any] | None,
+    stats: DecodeStats | None,
 ) -> tuple[Array, Backend]:
     """Run the prompt with the plan's own prefill: TokenDrop's, per-prompt core neurons' (which returns the
     backend to decode with, its MLPs sliced to the prompt's neurons), or a plain step. Returns
@@ -176,67 +177,68 @@ def decode(
     streamer: Any = None,
     on_token: Callable[[Array], object] | None = None,
     bar: Any = None,
-    stats: dict[str, Any] | None = None,
+    stats: StatsArg = None,
     sources: list[DraftSource] | None = None,
     stop: Callable[[Array], Any] | None = None,
 ) -> Array:
     """Generate ``max_new`` tokens (fewer when every row stops) after checked inputs (``input_ids [batch,
     prompt]`` int64, left-padded ``attention_mask``), as the plan's policy says. Returns ``[batch, prompt +
-    new]``; finished rows are padded with ``pad``. ``stats`` receives what the loop decided (see
-    ``Program.generate``). ``sources`` replaces the plan's draft sources (:mod:`effx.runtime.speculative`)
-    and makes the run speculative. ``stop(tokens [batch, length]) -> bools [batch]``, called after every
+    new]``; finished rows are padded with ``pad``. ``stats`` (a :class:`DecodeStats`, or a dict to fill
+    with its ``as_dict()``) receives what the loop decided (see ``Program.generate``). ``sources`` replaces
+    the plan's draft sources (:mod:`effx.runtime.speculative`) and makes the run speculative. ``stop(tokens [batch, length]) -> bools [batch]``, called after every
     emitted column, ends the rows it marks (as a stop token would, the token that triggered it kept)."""
-    plan, xp = backend.plan, backend.xp
-    speculative = plan.speculative or sources is not None
-    for capability in needed_capabilities(plan):  # before anything runs
-        backend.require(capability)
-    mode = plan.decode_mode
-    if speculative and sampler.do_sample:
-        raise GenerationInputError(
-            "speculative decoding (prompt lookup, self-speculative early exit) reproduces greedy decoding "
-            "only; call it with do_sample=False"
+    with collecting(stats) as typed:
+        plan, xp = backend.plan, backend.xp
+        speculative = plan.speculative or sources is not None
+        for capability in needed_capabilities(plan):  # before anything runs
+            backend.require(capability)
+        mode = plan.decode_mode
+        if speculative and sampler.do_sample:
+            raise GenerationInputError(
+                "speculative decoding (prompt lookup, self-speculative early exit) reproduces greedy decoding "
+                "only; call it with do_sample=False"
+            )
+        batch, prompt_len = input_ids.shape
+        # a round never drafts past the tokens left, so neither does the cache's room for drafts (a setting such
+        # as draft=10**7 must not size it)
+        draft = min(longest_draft(plan, sources), max_new) if speculative else 0
+        # slots: the prompt, then one per new token (+ room for drafts that may be rejected)
+        slots = capacity(batch, prompt_len, max_new, draft) if speculative else prompt_len + max_new
+        if streamer is not None:
+            streamer.put(input_ids)
+        out = Output(input_ids, max_new, eos, pad, streamer, on_token, bar, stop)
+        key_valid = xp.concat(
+            [xp.astype(attention_mask, xp.bool), xp.ones((batch, slots - prompt_len), dtype=xp.bool)], axis=1
         )
-    batch, prompt_len = input_ids.shape
-    # a round never drafts past the tokens left, so neither does the cache's room for drafts (a setting such
-    # as draft=10**7 must not size it)
-    draft = min(longest_draft(plan, sources), max_new) if speculative else 0
-    # slots: the prompt, then one per new token (+ room for drafts that may be rejected)
-    slots = capacity(batch, prompt_len, max_new, draft) if speculative else prompt_len + max_new
-    if streamer is not None:
-        streamer.put(input_ids)
-    out = Output(input_ids, max_new, eos, pad, streamer, on_token, bar, stop)
-    key_valid = xp.concat(
-        [xp.astype(attention_mask, xp.bool), xp.ones((batch, slots - prompt_len), dtype=xp.bool)], axis=1
-    )
-    with backend.compute():
-        rollback = mode != "dense" or speculative or bool(plan.drops) or plan.policy.core_neurons
-        cache = backend.new_cache(batch, slots, rollback=rollback)
-        if stats is not None and plan.full_head is not None:
-            stats.update(head_positions=0, head_fallbacks=0)
-        positions = positions_from_mask(attention_mask)
-        logits, backend = prefill(backend, cache, input_ids, positions, key_valid[:, :prompt_len], stats)
-        next_pos = positions[:, -1:] + 1
-        token = out.emit(sampler(logits, generator))
-        if speculative:
-            sources = sources_of(plan) if sources is None else sources
-            Speculation(backend, cache, out, key_valid, next_pos, sources, draft=draft, stats=stats).run()
-            return out.finish()
-        decoder = None
-        if mode == "lossy":
-            early_exit = cast(EarlyExitPolicy, plan.policy.early_exit)  # decode_mode "lossy" needs it
-            decoder = ExitDecoder(backend, cache, copy=early_exit.kv == "copy", stats=stats)
-            if stats is not None:
-                stats["exit_layers"] = []
-        while not out.done:
-            valid = key_valid[:, : out.length]
-            if decoder is None:
-                logits = run_step(backend, cache, token[:, None], next_pos, valid, stats=stats)
-            else:
-                logits, depth = decoder.step(
-                    token[:, None], next_pos, MaskCache(backend, valid, backend.dtype)
-                )
-                if stats is not None:
-                    stats["exit_layers"].append([int(d) for d in depth])
-            next_pos = next_pos + 1
+        with backend.compute():
+            rollback = mode != "dense" or speculative or bool(plan.drops) or plan.policy.core_neurons
+            cache = backend.new_cache(batch, slots, rollback=rollback)
+            if typed is not None and plan.full_head is not None:
+                typed.start_head()
+            positions = positions_from_mask(attention_mask)
+            logits, backend = prefill(backend, cache, input_ids, positions, key_valid[:, :prompt_len], typed)
+            next_pos = positions[:, -1:] + 1
             token = out.emit(sampler(logits, generator))
-    return out.finish()
+            if speculative:
+                sources = sources_of(plan) if sources is None else sources
+                Speculation(backend, cache, out, key_valid, next_pos, sources, draft=draft, stats=typed).run()
+                return out.finish()
+            decoder = None
+            if mode == "lossy":
+                early_exit = cast(EarlyExitPolicy, plan.policy.early_exit)  # decode_mode "lossy" needs it
+                decoder = ExitDecoder(backend, cache, copy=early_exit.kv == "copy", stats=typed)
+                if typed is not None:
+                    typed.start_exits()
+            while not out.done:
+                valid = key_valid[:, : out.length]
+                if decoder is None:
+                    logits = run_step(backend, cache, token[:, None], next_pos, valid, stats=typed)
+                else:
+                    logits, depth = decoder.step(
+                        token[:, None], next_pos, MaskCache(backend, valid, backend.dtype)
+                    )
+                    if typed is not None:
+                        typed.count_exit([int(d) for d in depth])
+                next_pos = next_pos + 1
+                token = out.emit(sampler(logits, generator))
+        return out.finish()

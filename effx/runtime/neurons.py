@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import copy
 import weakref
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from ..fx import fetch, mlp_nodes, mlp_probe, slice_mlp
 from .forward import KVCache, MaskCache, run_layers
+from .stats import DecodeStats
 
 if TYPE_CHECKING:
     from ..plan import NeuronMaskPolicy
@@ -46,7 +47,7 @@ def core_prefill(
     input_ids: torch.Tensor,
     positions: torch.Tensor,
     key_valid: torch.Tensor,
-    stats: dict[str, Any] | None = None,
+    stats: DecodeStats | None = None,
 ) -> tuple[torch.Tensor, Program]:
     """The prefill of a core-neuron Program: returns the last position's logits and the Program to decode
     with (the marked layers sliced to each prompt's core neurons)."""
@@ -74,7 +75,7 @@ def core_prefill(
             idx = chosen[stage.name]
             replace[stage.name] = stage.with_graph(sliced_mlp(stage.graph, idx))
     if stats is not None:
-        stats["core_neurons"] = {name: idx.tolist() for name, idx in chosen.items()}
+        stats.set(core_neurons={name: idx.tolist() for name, idx in chosen.items()})
     return logits, program.replace(replace)
 
 

@@ -58,6 +58,7 @@ from .inputs import check_arguments, resolve_max_new
 from .loop import check_inputs, decode, stop_and_pad
 from .onnx_backend import XP, OnnxBackend, Providers, Segment, default_providers
 from .sampling import Sampler
+from .stats import StatsArg
 
 if TYPE_CHECKING:
     from .onnx_seq2seq import OnnxSeq2Seq
@@ -224,13 +225,13 @@ class OnnxGenerator(OnnxBackend):
         seed: int | None = None,
         streamer: Any = None,
         on_token: Callable[[Array], object] | None = None,
-        stats: dict[str, Any] | None = None,
+        stats: StatsArg = None,
         stop: Callable[[Array], Any] | None = None,
         **kwargs: Any,
     ) -> np.ndarray[Any, Any]:
         """``[batch, prompt + new]`` token ids, as the torch backend's ``Program.generate`` (the same loop).
-        Sampling draws from numpy's generator seeded with ``seed``. Pass a dict as ``stats`` to get what
-        the runtime decided (the torch backend's keys: ``exit_layers``, ``drafted`` / ``accepted``,
+        Sampling draws from numpy's generator seeded with ``seed``. Pass a DecodeStats or a dict as ``stats`` to
+        get what the runtime decided (the torch backend's keys: ``exit_layers``, ``drafted`` / ``accepted``,
         ``head_positions`` / ``head_fallbacks``, ``kept_tokens``). ``stop`` is the caller's stopping rule,
         as in ``Program.generate``. ``max_new_tokens`` defaults to 32 (or ``max_length`` less the prompt);
         other generation arguments are checked as :mod:`effx.runtime.inputs` says (refused by name unless
@@ -334,7 +335,7 @@ class OnnxCascade:
         max_new_tokens: int | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
-        stats: dict[str, Any] | None = None,
+        stats: StatsArg = None,
         **kwargs: Any,
     ) -> np.ndarray[Any, Any]:
         """``[batch, prompt + new]`` token ids, as ``effx.Cascade.generate`` (greedy; other generation

@@ -22,6 +22,7 @@ from ..artifact import (
 )
 from ..errors import ArtifactError
 from .seq2seq import generate
+from .stats import StatsArg
 
 if TYPE_CHECKING:
     from .onnx_backend import Providers, Session
@@ -148,7 +149,7 @@ class OnnxSeq2Seq:
         max_new_tokens: int | None = None,
         eos_token_id: Any = None,
         pad_token_id: Any = None,
-        stats: dict[str, Any] | None = None,
+        stats: StatsArg = None,
         **kwargs: Any,
     ) -> np.ndarray[Any, Any]:
         """Greedy decoding, as ``Seq2SeqProgram.generate``: numpy int64 ``[batch, 1 + new]``."""

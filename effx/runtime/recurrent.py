@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..arrays import Array, Namespace
+from .stats import DecodeStats
 
 __all__ = ["CHUNK", "States", "decode_row", "generate_dense", "prefill"]
 
@@ -140,7 +141,7 @@ def decode_row(
     max_new: int,
     eos: list[int],
     dtype: Any,
-    stats: dict[str, Any],
+    stats: DecodeStats,
 ) -> list[int]:
     """The new tokens of one row after its prefill gave ``first`` (a round may emit past a stop token: the
     caller cuts them; all but the last are in the states): ``mode`` ``"lossy"`` or
@@ -152,8 +153,7 @@ def decode_row(
         waiting: Waiting = []  # (depth, hidden [1, m, d]), oldest (deepest) first
         while len(tokens) < max_new and tokens[-1] not in eos:
             token, depth, hidden = _lossy_step(run, xp, states, tokens[-1], waiting, num_layers, exits, dtype)
-            exits_at = stats.setdefault("exits", {})
-            exits_at[depth - 1] = exits_at.get(depth - 1, 0) + 1
+            stats.count_exit_layer(depth - 1)
             if depth < num_layers:
                 if waiting and waiting[-1][0] == depth:
                     hidden = xp.concat([waiting.pop()[1], hidden], axis=1)
@@ -243,7 +243,7 @@ def _speculate(
     k: int,
     num_layers: int,
     dtype: Any,
-    stats: dict[str, Any],
+    stats: DecodeStats,
 ) -> list[int]:
     """One draft-and-verify round from ``token`` (fed, not yet run); returns the tokens it emits."""
     before = states.copy()
@@ -280,7 +280,5 @@ def _speculate(
         states.conv[i], states.ssm[i] = shallow_states[kept - 1].conv[i], shallow_states[kept - 1].ssm[i]
     for i in range(shallow + 1, num_layers):
         keep_prefix(states, i, per_layer[i], kept - 1)
-    stats["drafted"] = stats.get("drafted", 0) + m
-    stats["accepted"] = stats.get("accepted", 0) + accepted
-    stats["rounds"] = stats.get("rounds", 0) + 1
+    stats.count(drafted=m, accepted=accepted, rounds=1)
     return emitted

@@ -25,6 +25,7 @@ from ..errors import GenerationInputError
 from .backend import Backend
 from .forward import positions_from_mask, run_step
 from .loop import decode, prefill
+from .stats import DecodeStats, StatsArg, collecting
 
 __all__ = ["log_softmax", "score"]
 
@@ -69,14 +70,13 @@ def score(
     continuation: Array,
     *,
     chunk: int = 256,
-    stats: dict[str, Any] | None = None,
+    stats: StatsArg = None,
 ) -> tuple[Array, Array]:
     """``(logp, greedy)``, both ``[batch, n]``: for every token of ``continuation [batch, n]`` (int64) after
     the left-padded ``context [batch, c]`` (``context_mask`` marks its real tokens), its log-probability
     under the Program as it decodes and whether it is the Program's greedy token there. ``stats`` receives
     the run-time decisions, as in ``generate`` (``exit_layers`` has one entry per decode step: the first
     continuation token comes from the prefill, which runs every layer)."""
-    xp = backend.xp
     if context.ndim != 2 or continuation.ndim != 2 or context.shape[0] != continuation.shape[0]:
         raise GenerationInputError(
             f"context [batch, c] and continuation [batch, n] must share their batch, got shapes "
@@ -86,13 +86,26 @@ def score(
         raise GenerationInputError("context and continuation must each hold at least one token")
     if chunk < 1:
         raise GenerationInputError(f"chunk must be >= 1, got {chunk}")
-    batch, c = context.shape
-    n = continuation.shape[1]
+    c, n = context.shape[1], continuation.shape[1]
     plan = backend.plan
     if c + n - 1 > plan.model.max_positions:  # the last continuation token is scored, never read
         raise GenerationInputError(
             f"{c} context + {n} continuation tokens exceed the model's {plan.model.max_positions} positions"
         )
+    with collecting(stats) as typed:
+        return _score(backend, context, context_mask, continuation, chunk, typed)
+
+
+def _score(
+    backend: Backend,
+    context: Array,
+    context_mask: Array,
+    continuation: Array,
+    chunk: int,
+    stats: DecodeStats | None,
+) -> tuple[Array, Array]:
+    xp, plan = backend.xp, backend.plan
+    (batch, c), n = context.shape, continuation.shape[1]
     if plan.decode_mode == "lossy":
         forced = _Forced(xp, continuation)
         decode(backend, context, context_mask, max_new=n, eos=[], pad=0, sampler=forced, stats=stats)
@@ -103,7 +116,7 @@ def score(
         cache = backend.new_cache(batch, c + n, rollback=rollback)
         positions = positions_from_mask(context_mask)
         if stats is not None and plan.full_head is not None:
-            stats.update(head_positions=0, head_fallbacks=0)
+            stats.start_head()
         last, step_backend = prefill(backend, cache, context, positions, key_valid[:, :c], stats)
         logp, greedy = _pick(xp, last[:, None], continuation[:, :1])
         parts, flags = [logp], [greedy]

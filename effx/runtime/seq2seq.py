@@ -26,6 +26,7 @@ from typing import Any
 from ..arrays import Array, Namespace
 from ..errors import GenerationInputError
 from .inputs import check_arguments, check_ids, check_max_new, token_id, token_ids
+from .stats import StatsArg, collecting
 from .token_drop import keep_quota, select_tokens
 
 __all__ = ["bidirectional_mask", "check_inputs", "encode", "generate", "generate_seq2seq"]
@@ -53,16 +54,16 @@ def encode(
     special: Iterable[int] = (),
     num_layers: int,
     relative_bias: bool = False,
-    stats: dict[str, Any] | None = None,
+    stats: StatsArg = None,
 ) -> tuple[Array, Array]:
     """The encoder's last hidden states ``[batch, kept, hidden]`` and which of them are real tokens
     ``[batch, kept]``.
 
     ``drops`` maps a layer to the share of each input's real tokens kept from that layer on (TokenDrop):
     ``encoder.score.i`` rates the tokens still in, each row keeps its quota of the best and always its first
-    token and the ``special`` ids, and ``encoder.gather`` takes them. ``stats['kept_tokens']`` gets the
-    kept count per row at each drop layer, ``stats['kept_ids']`` the input positions that reached the last
-    layer ``[batch, kept]`` (with ``stats['kept_valid']`` marking the real ones). ``relative_bias`` (T5):
+    token and the ``special`` ids, and ``encoder.gather`` takes them. ``stats`` (a DecodeStats, or a dict
+    to fill) gets ``kept_tokens``: the kept count per row at each drop layer, ``kept_ids`` the input
+    positions that reached the last layer ``[batch, kept]`` (with ``kept_valid`` marking the real ones). ``relative_bias`` (T5):
     ``encoder.bias (positions) -> [batch, heads, seq, seq]`` is added to every layer's mask, from the tokens'
     original positions, so that a layer after a drop sees the kept tokens where they were."""
     drops = dict(drops or {})
@@ -91,10 +92,9 @@ def encode(
             kept[i] = [int(c) for c in xp.sum(xp.astype(valid, xp.int64), axis=1)]
             mask = layer_mask()
         hidden = run(f"encoder.layer.{i}", hidden, mask)[0]
-    if stats is not None:
-        stats["kept_tokens"] = kept
-        stats["kept_ids"] = positions
-        stats["kept_valid"] = valid
+    with collecting(stats) as typed:
+        if typed is not None:
+            typed.set(kept_tokens=kept, kept_ids=positions, kept_valid=valid)
     return hidden, valid
 
 
@@ -117,7 +117,7 @@ def generate_seq2seq(
     drops: Mapping[int, float] | None = None,
     special: Iterable[int] = (),
     relative_bias: bool = False,
-    stats: dict[str, Any] | None = None,
+    stats: StatsArg = None,
 ) -> Array:
     """Encode ``input_ids`` (``valid`` marks real tokens: right padding, as the tokenizers of seq2seq models
     give it), then decode greedily: ``[batch, 1 + new]`` decoder ids that start with ``decoder_start``, as
@@ -173,9 +173,12 @@ def generate_seq2seq(
         out.append(current)
         if bool(xp.all(done)):
             break
-    if stats is not None:
-        stats["cross_keys"] = [int(c) for c in xp.sum(xp.astype(enc_valid, xp.int64), axis=1)]
-        stats["steps"] = len(out) - 1
+    with collecting(stats) as typed:
+        if typed is not None:
+            typed.set(
+                cross_keys=[int(c) for c in xp.sum(xp.astype(enc_valid, xp.int64), axis=1)],
+                steps=len(out) - 1,
+            )
     return xp.concat(out, axis=1)
 
 
@@ -216,7 +219,7 @@ def generate(
     max_new_tokens: int | None,
     eos_token_id: Any = None,
     pad_token_id: Any = None,
-    stats: dict[str, Any] | None = None,
+    stats: StatsArg = None,
     kwargs: dict[str, Any] | None = None,
 ) -> Array:
     """The front ends' ``generate``: check the inputs and the other generation arguments (``kwargs``, as

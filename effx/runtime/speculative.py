@@ -37,11 +37,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from ..arrays import Array, take_along_axis
 from ..plan import EarlyExitPolicy, Plan, StageSpec
 from .forward import KVCache, MaskCache, as_backend, positions_from_mask
+from .stats import DecodeStats
 from .vocab import exit_logits, head_logits
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ class Speculation:
         sources: Sequence[DraftSource],
         *,
         draft: int,
-        stats: dict[str, Any] | None,
+        stats: DecodeStats | None,
     ) -> None:
         self.backend = as_backend(backend)
         self.xp = self.backend.xp
@@ -275,17 +276,7 @@ class Speculation:
         self.pos = pos[:, 0]
         self.length = cache.lengths[0]
         if stats is not None:
-            stats.update(
-                drafted=0,
-                accepted=0,
-                rounds=0,
-                steps=0,
-                verified_positions=0,
-                emitted=0,
-                draft_lengths=[],
-                compactions=0,
-            )
-            stats["sources"] = {s.name: {"rounds": 0, "drafted": 0, "accepted": 0} for s in sources}
+            stats.start_speculation([s.name for s in sources])
         for source in sources:
             source.start(self)
 
@@ -391,7 +382,7 @@ class Speculation:
             for source in self.sources:
                 source.appended(self, b, new)
             if self.stats is not None:
-                self.stats["emitted"] += len(new)
+                self.stats.count(emitted=len(new))
         return len(new)
 
     def flush(self) -> None:
@@ -421,23 +412,13 @@ class Speculation:
         for source in self.sources:
             source.compacted(self, p, order)
         if self.stats is not None:
-            self.stats["compactions"] += 1
+            self.stats.count(compactions=1)
 
     def stats_round(
         self, source: DraftSource | None, counts: list[int], active: list[bool], accepted: int, width: int
     ) -> None:
-        stats = self.stats
-        if stats is None:
+        if self.stats is None:
             return
         drafted = sum(c for c, a in zip(counts, active, strict=True) if a)
-        stats["steps"] += 1
-        stats["verified_positions"] += width
-        stats["drafted"] += drafted
-        stats["accepted"] += accepted
-        if source is not None:
-            stats["rounds"] += 1
-            stats["draft_lengths"].append(max(counts))
-            s = stats["sources"][source.name]
-            s["rounds"] += 1
-            s["drafted"] += drafted
-            s["accepted"] += accepted
+        name = None if source is None else source.name
+        self.stats.count_round(name, drafted, accepted, width, max(counts))

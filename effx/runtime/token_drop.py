@@ -9,11 +9,12 @@ own slots; ``cache.dropped[layer]`` marks the other prompt slots so that decodin
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from ..arrays import Array, namespace, put_along_axis
 from ..plan import TokenDropPolicy
 from .forward import KVCache, as_backend, attention_masks
+from .stats import DecodeStats
 
 if TYPE_CHECKING:
     from .forward import BackendLike
@@ -52,7 +53,7 @@ def drop_prefill(
     input_ids: Array,
     positions: Array,
     key_valid: Array,
-    stats: dict[str, Any] | None = None,
+    stats: DecodeStats | None = None,
 ) -> Array:
     """Prefill ``input_ids [batch, prompt]`` through a TokenDrop Program; returns the last position's
     logits. ``key_valid [batch, prompt]`` marks real tokens (left padding)."""
@@ -96,7 +97,7 @@ def drop_prefill(
             cache.write_slots(i, k, v, slots, valid, n)
             cache.dropped[i] = dropped
     if stats is not None:
-        stats["kept_tokens"] = kept_counts
+        stats.set(kept_tokens=kept_counts)
     return head_logits(backend, hidden[:, -1:], stats)[:, -1]
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import copy
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import array_api_compat.torch as XP
 import torch
 
 from ..program import torch_dtype
 from .backend import CORE_NEURONS, KV_COPY, Backend
+from .stats import DecodeStats
 
 if TYPE_CHECKING:
     from ..arrays import Array
@@ -129,7 +130,7 @@ class TorchBackend(Backend):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         key_valid: torch.Tensor,
-        stats: dict[str, Any] | None,
+        stats: DecodeStats | None,
     ) -> tuple[torch.Tensor, Backend]:
         from .neurons import core_prefill
 

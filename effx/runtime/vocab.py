@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..arrays import Array, copy, namespace, softmax, topk
 from ..plan import StageSpec
 from .forward import as_backend
+from .stats import DecodeStats, StatsArg, collecting
 
 if TYPE_CHECKING:
     from .forward import BackendLike
@@ -20,9 +21,13 @@ if TYPE_CHECKING:
 __all__ = ["exit_logits", "head_logits", "select_vocab"]
 
 
-def head_logits(backend: BackendLike, hidden: Array, stats: dict[str, Any] | None = None) -> Array:
+def head_logits(backend: BackendLike, hidden: Array, stats: StatsArg = None) -> Array:
     """The head on ``hidden [b, s, d]``. A reduced head with a fallback threshold re-scores, with the full
-    head, every position whose top probability within the subset is below the threshold."""
+    head, every position whose top probability within the subset is below the threshold (counted in
+    ``stats``' ``head_positions``/``head_fallbacks``: a DecodeStats, or a dict to fill)."""
+    if stats is not None and not isinstance(stats, DecodeStats):
+        with collecting(stats) as typed:
+            return head_logits(backend, hidden, typed)
     backend = as_backend(backend)
     plan, xp = backend.plan, backend.xp
     logits = backend.run(plan.head, hidden)[0]
@@ -32,8 +37,7 @@ def head_logits(backend: BackendLike, hidden: Array, stats: dict[str, Any] | Non
         return logits
     need = xp.max(softmax(xp, logits), axis=-1) < threshold  # [b, s]
     if stats is not None:
-        stats["head_positions"] = stats.get("head_positions", 0) + need.shape[0] * need.shape[1]
-        stats["head_fallbacks"] = stats.get("head_fallbacks", 0) + int(xp.sum(xp.astype(need, xp.int64)))
+        stats.count_head(need.shape[0] * need.shape[1], int(xp.sum(xp.astype(need, xp.int64))))
     if bool(xp.any(need)):
         logits = copy(xp, logits)
         logits[need] = backend.run(full, hidden[need][:, None])[0][:, 0]
