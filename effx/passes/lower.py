@@ -65,7 +65,8 @@ class Lower(Pass):
                 fused = sum(fuse_layer(lowered(s.graph)) is not None for s in layers)
                 if layers:
                     report.notes.append(
-                        f"decoder layers run as one kernel call each: {fused} of {len(layers)}"
+                        f"decoder layers run as one kernel call each: {fused} of {len(layers)} "
+                        "(consecutive ones that share a mask: one call per step)"
                     )
             for counts, names in by_ops.items():
                 site = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)} stages)"
