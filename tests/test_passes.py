@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 import effx
 from effx.errors import PassConfigError, PassError
-from effx.passes import Pass, PassManager, PassResult, get_pass, parse_pipeline, register_pass
+from effx.passes import (
+    PHASES,
+    Lower,
+    Pass,
+    PassManager,
+    PassResult,
+    Quantize,
+    get_pass,
+    parse_pipeline,
+    register_pass,
+    registered_passes,
+)
 
 
 @register_pass
@@ -101,6 +113,29 @@ class Liar(Pass):
         raise PassError("the promised node is missing")
 
 
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class ToyRewrite(Pass):
+    """A new rewrite pass that names no other pass, and that no other pass names: changes nothing."""
+
+    name = "test-toy-rewrite"
+
+    def apply(self, program):
+        return PassResult(program, False, self.new_report())
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class AfterQuantize(Pass):
+    """A rewrite pass that asks to run after quantize: against the phases, so never placeable."""
+
+    name = "test-after-quantize"
+    after = ("quantize",)
+
+    def apply(self, program):
+        return PassResult(program, False, self.new_report())
+
+
 def test_pass_rewrites_graph_tags_provenance_and_reports(llama, llama_program):
     prog = effx.transform(llama, passes=[ScaleLogits(factor=2.0)])
     head = prog.head.graph
@@ -183,6 +218,58 @@ def test_contradicting_order_constraints_are_an_error():
         PassManager("test-cycle, test-scale-logits{factor=2}, test-needs-scale")
 
 
+def test_a_new_rewrite_pass_runs_before_quantize_and_lower_without_naming_them(llama):
+    assert ToyRewrite.phase == "rewrite" and not ToyRewrite.after and not ToyRewrite.before
+    assert "test-toy-rewrite" not in Quantize.after + Quantize.before + Lower.after + Lower.before
+    manager = PassManager("lower{kernels=reference}, quantize{bits=8}, test-toy-rewrite")
+    assert [p.name for p in manager.passes] == ["test-toy-rewrite", "quantize", "lower"]
+    assert manager.moves[1].startswith(
+        "listed before 'test-toy-rewrite' but run after it: quantize runs in the weights phase, after every rewrite"
+    )
+    assert manager.moves[2].startswith(
+        "listed before 'test-toy-rewrite', 'quantize' but run after them: lower runs in the lower phase, "
+        "after every rewrite and weights pass"
+    )
+    program = effx.transform(llama, "quantize{bits=8}, test-toy-rewrite", kernels="reference")
+    assert [p["name"] for p in program.plan.passes] == ["test-toy-rewrite", "quantize", "lower"]
+    notes = next(r for r in program.reports if r.name == "quantize").notes
+    assert any("quantize runs in the weights phase, after every rewrite" in n for n in notes), notes
+    # in phase order nothing moves
+    right = PassManager("test-toy-rewrite, quantize{bits=8}, lower")
+    assert [p.name for p in right.passes] == ["test-toy-rewrite", "quantize", "lower"] and not right.moves
+
+
+def test_a_pass_of_an_unknown_phase_is_an_error(monkeypatch):
+    with pytest.raises(
+        TypeError, match=r"declares phase 'optimize'; the phases are, in order: rewrite, weights, lower"
+    ):
+
+        @dataclasses.dataclass(frozen=True)
+        class Odd(Pass):
+            name = "test-odd-phase"
+            phase = "optimize"
+
+    # a phase changed after the class was defined is refused when a manager orders the pass
+    monkeypatch.setattr(ToyRewrite, "phase", "optimize")
+    with pytest.raises(PassError, match=r"pass 'test-toy-rewrite' declares phase 'optimize'; the phases are"):
+        PassManager("test-toy-rewrite")
+
+
+def test_an_after_against_the_phases_is_a_contradiction():
+    with pytest.raises(PassError, match="ordering constraints that contradict each other"):
+        PassManager("quantize{bits=8}, test-after-quantize")
+
+
+def test_the_phase_order_is_documented():
+    assert PHASES == ("rewrite", "weights", "lower")
+    assert Quantize.phase == "weights" and Lower.phase == "lower"
+    assert all(k.phase in PHASES for k in registered_passes().values())
+    assert "rewrite, then the weights, then lowering" in (PassManager.__doc__ or "")
+    assert "``phase`` (one of :data:`PHASES`" in (Pass.__doc__ or "")
+    architecture = " ".join((Path(__file__).parents[1] / "docs" / "architecture.md").read_text().split())
+    assert "`rewrite` -> `weights` -> `lower`" in architecture
+
+
 def test_failing_pass_error_names_it_and_those_before(llama):
     with pytest.raises(
         PassError,
@@ -225,7 +312,9 @@ def test_the_manager_records_modified(llama):
 def test_preconditions_are_checked_before_apply(llama):
     from effx.errors import PassPreconditionError
 
-    with pytest.raises(PassPreconditionError, match=r"'vocab-reduce' \(#1; after: none\) cannot apply: .*where='draft'"):
+    with pytest.raises(
+        PassPreconditionError, match=r"'vocab-reduce' \(#1; after: none\) cannot apply: .*where='draft'"
+    ):
         effx.transform(llama, passes="vocab-reduce{k=8 where=draft vocab=none.json}")
 
 
@@ -234,9 +323,9 @@ def test_parentheses_are_braces_in_a_pipeline():
     or nested delimiters are refused."""
     from effx.passes import parse_pipeline
 
-    assert parse_pipeline("early-exit(layers=1,2 thresholds=0.5), token-drop{at_layers=1 keep=0.5}") == parse_pipeline(
-        "early-exit{layers=1,2 thresholds=0.5}, token-drop(at_layers=1 keep=0.5)"
-    )
+    assert parse_pipeline(
+        "early-exit(layers=1,2 thresholds=0.5), token-drop{at_layers=1 keep=0.5}"
+    ) == parse_pipeline("early-exit{layers=1,2 thresholds=0.5}, token-drop(at_layers=1 keep=0.5)")
     for bad, message in (
         ("early-exit(layers=1", "never closed"),
         ("early-exit{layers=1)", "never closed"),

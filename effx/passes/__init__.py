@@ -1,6 +1,7 @@
 """Graph passes. Each pass is a registered, frozen dataclass; see :mod:`effx.passes.base`."""
 
 from .base import (
+    PHASES,
     Pass,
     PassManager,
     PassReport,
@@ -20,6 +21,7 @@ from .token_drop import TokenDrop
 from .vocab_reduce import VocabReduce
 
 __all__ = [
+    "PHASES",
     "EarlyExit",
     "Lower",
     "Quantize",

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ..program import Program
 
 __all__ = [
+    "PHASES",
     "Pass",
     "PassManager",
     "as_passes",
@@ -46,6 +47,14 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, type[Pass]] = {}
+
+# The phases of a pipeline, in the order they run (``Pass.phase``): the manager runs every pass of a phase
+# before any pass of a later one, keeping the order given within a phase.
+PHASES: tuple[str, ...] = (
+    "rewrite",  # graph rewrites (early-exit, vocab-reduce, neuron-mask, token-drop, prompt-lookup, ...)
+    "weights",  # storing the final weights (quantize), once every rewrite has sliced, shared or added them
+    "lower",  # kernel choice for the final graphs and weights (lower)
+)
 
 
 @dataclass
@@ -91,19 +100,28 @@ class PassResult:
 class Pass:
     """Base class of passes. Subclasses are frozen dataclasses registered with :func:`register_pass`.
 
-    Class attributes: ``name`` (registry and pipeline name), ``after`` (names of passes that, when present
-    in a pipeline, must run before this one), ``before`` (names that must run after it) and
-    ``order_reason`` (why, for the note the pass manager writes when it has to move a pass) and
+    Class attributes: ``name`` (registry and pipeline name), ``phase`` (one of :data:`PHASES`, "rewrite"
+    by default: the manager runs every pass of an earlier phase first), ``after`` (names of passes of the
+    same phase that, when present in a pipeline, must run before this one), ``before`` (names that must run
+    after it), ``order_reason`` (why, for the note the pass manager writes when it has to move a pass) and
     ``families`` (the model families it applies to, of :data:`effx.plan.FAMILIES`: ``apply`` rewrites a
     decoder's Program; each other family's program is rewritten by the function that family's module
     registers with :func:`register_family_apply`).
     """
 
     name: ClassVar[str] = ""
+    phase: ClassVar[str] = "rewrite"
     families: ClassVar[tuple[str, ...]] = ("decoder",)
     after: ClassVar[tuple[str, ...]] = ()
     before: ClassVar[tuple[str, ...]] = ()
     order_reason: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.phase not in PHASES:
+            raise TypeError(
+                f"{cls.__name__} declares phase {cls.phase!r}; the phases are, in order: {', '.join(PHASES)}"
+            )
 
     def apply(self, program: Program) -> PassResult:
         raise NotImplementedError(f"{type(self).__name__} does not implement apply()")
@@ -451,11 +469,13 @@ def as_passes(passes: str | Pass | Iterable[Pass | str] | None) -> list[Pass]:
 
 
 class PassManager:
-    """Runs passes in an order that meets their ordering constraints.
+    """Runs passes in an order that meets their phases and ordering constraints.
 
-    A pipeline that lists passes in an order their constraints forbid is reordered (stably: passes keep
-    the order given wherever they may), and the moved pass's report says why; constraints that contradict
-    each other are an error. Any error names the failing pass and the passes that ran before it.
+    Passes run by phase (:data:`PHASES`: every rewrite, then the weights, then lowering); within a phase
+    they keep the order given, except where a pass's ``after``/``before`` names another of the pipeline.
+    A pipeline listed in another order is reordered (stably: passes keep the order given wherever they
+    may), and the moved pass's report says why; constraints that contradict each other (or the phases)
+    are an error. Any error names the failing pass and the passes that ran before it.
     """
 
     def __init__(self, passes: str | Pass | Sequence[Pass | str] | None) -> None:
@@ -468,12 +488,37 @@ class PassManager:
         return f"pass {self.passes[index].name!r} (#{index + 1}; after: {', '.join(before) or 'none'})"
 
     @staticmethod
-    def _must_precede(a: Pass, b: Pass) -> bool:
+    def _phase(p: Pass) -> int:
+        try:
+            return PHASES.index(p.phase)
+        except ValueError:
+            raise PassError(
+                f"pass {p.name!r} declares phase {p.phase!r}; the phases are, in order: {', '.join(PHASES)}"
+            ) from None
+
+    @staticmethod
+    def _named(a: Pass, b: Pass) -> bool:
+        """``a`` must run before ``b`` because one of them names the other."""
         return a.name in b.after or b.name in a.before
 
+    @classmethod
+    def _must_precede(cls, a: Pass, b: Pass) -> bool:
+        return cls._phase(a) < cls._phase(b) or cls._named(a, b)
+
+    @staticmethod
+    def _phase_reason(p: Pass) -> str:
+        earlier = PHASES[: PHASES.index(p.phase)]
+        why = f"{p.name} runs in the {p.phase} phase, after every {' and '.join(earlier)}"
+        if len(earlier) > 1:
+            why += " pass"
+        return f"{why}: {p.order_reason}" if p.order_reason else why
+
     def check_order(self) -> None:
-        """Reorder ``self.passes`` to meet every ``after``/``before`` constraint, noting each move."""
+        """Reorder ``self.passes`` by phase and to meet every ``after``/``before`` constraint, noting each
+        move."""
         given = list(self.passes)
+        for p in given:
+            self._phase(p)
         placed: list[int] = []
         left = list(range(len(given)))
         while left:
@@ -488,12 +533,14 @@ class PassManager:
         self.passes = [given[i] for i in placed]
         moves = {}
         for new, i in enumerate(placed):
+            p = given[i]
             jumped = [given[j] for j in placed[:new] if j > i and self._must_precede(given[j], given[i])]
             if jumped:
-                p = given[i]
-                why = p.order_reason or f"{p.name} declares it"
+                by_phase = any(self._phase(q) < self._phase(p) for q in jumped)
+                why = self._phase_reason(p) if by_phase else p.order_reason or f"{p.name} declares it"
                 moves[new] = (
-                    f"listed before {', '.join(repr(q.name) for q in jumped)} but run after it: {why}"
+                    f"listed before {', '.join(repr(q.name) for q in jumped)} but run after "
+                    f"{'it' if len(jumped) == 1 else 'them'}: {why}"
                 )
         self.moves = moves
 

@@ -31,8 +31,8 @@ class Lower(Pass):
     """Record ``kernels`` ("fast" or "reference") in the plan; the report lists the kernel calls per stage."""
 
     name: ClassVar[str] = "lower"
-    after: ClassVar[tuple[str, ...]] = ("early-exit", "vocab-reduce", "neuron-mask", "token-drop")
-    order_reason: ClassVar[str] = "lower chooses kernels for the final graphs, after every graph rewrite"
+    phase: ClassVar[str] = "lower"
+    order_reason: ClassVar[str] = "it chooses kernels for the final graphs and weights"
 
     kernels: str = "fast"
 

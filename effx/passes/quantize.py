@@ -134,10 +134,9 @@ class Quantize(Pass):
     """Weight-only quantization (round-to-nearest, or a GGUF file's own values) of the selected products."""
 
     name: ClassVar[str] = "quantize"
-    after: ClassVar[tuple[str, ...]] = ("early-exit", "vocab-reduce", "neuron-mask", "token-drop")
-    before: ClassVar[tuple[str, ...]] = ("lower",)
+    phase: ClassVar[str] = "weights"
     order_reason: ClassVar[str] = (
-        "quantize stores the final weights, after every pass that slices, shares or adds weights"
+        "it stores the final weights, after every pass that slices, shares or adds weights"
     )
 
     bits: int = 4
