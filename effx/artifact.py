@@ -12,6 +12,7 @@ and range (:func:`check_plan`) and, by the runtime, against the graphs' own shap
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -28,7 +29,6 @@ __all__ = [
     "CASCADE_SCHEMA_VERSION",
     "FORMAT",
     "FUSED_INPUTS",
-    "KINDS",
     "MANIFEST_DIGEST",
     "PLAN_FILE",
     "SCHEMA_VERSION",
@@ -65,14 +65,12 @@ CASCADE_SCHEMA_VERSION = 2  # 2: its own checksum and the tokenizer's
 SEQ2SEQ_FILE = "seq2seq.json"
 SEQ2SEQ_FORMAT = "effx-onnx-seq2seq"
 SEQ2SEQ_SCHEMA_VERSION = 2  # 2: its own checksum and the tokenizer's
-# the stage kinds an artifact holds and the ONNX runtime runs (every kind of effx.plan.STAGE_SIGNATURES)
 TOKENIZER_DIR = "tokenizer"
 MANIFEST_DIGEST = "manifest_sha256"
 # the largest manifest read (SmolLM2's plan.json is 30 KB): a larger file is not one effx wrote
 _MAX_MANIFEST_BYTES = 16 << 20
 # every size and token id a plan holds fits ONNX Runtime's int32 lengths (the fused graphs' total_len)
 _INT32 = 2**31 - 1
-KINDS = ("embed", "layer", "exit", "head", "full_head", "token_score", "token_drop")
 # the inputs a fused layer graph (effx.exporters.onnx_attention) takes beyond a layer's: seqlens_k (int32
 # [batch], the filled length after the step minus one), total_len (int32, that length), and the step's
 # rotary angles as RotaryEmbedding takes them (fused_inputs)
@@ -338,24 +336,16 @@ def check_plan(plan: Plan, where: Path) -> None:
         window = s.attrs.get("sliding_window")
         if window is not None:
             _int(window, f"stage {s.name} sliding_window", where)
-        if s.kind == "exit":
-            threshold = s.attrs.get("threshold")
-            if isinstance(threshold, bool) or not math.isfinite(threshold):
-                raise ArtifactError(
-                    f"{where}: exit stage {s.name} has threshold {threshold!r}, not a finite number"
-                )
-    drop = plan.policy.token_drop
-    if drop is not None:
-        _int(drop.protect_last, "token_drop protect_last", where, 0)
-        for t in drop.special:
-            _token(t, "token_drop special", where, info.vocab_size)
-    ee, lookup = plan.policy.early_exit, plan.policy.prompt_lookup
-    for what, value in (
-        ("early_exit draft", ee and ee.draft),
-        ("prompt_lookup draft", lookup and lookup.draft),
-    ):
-        if value is not None:
-            _int(value, what, where)
-    if lookup is not None:
-        _int(lookup.ngram, "prompt_lookup ngram", where)
-        _int(lookup.min_ngram, "prompt_lookup min_ngram", where)
+        for key, value in s.attrs.items():  # thresholds, shares kept: a NaN or infinity is no setting
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ArtifactError(f"{where}: stage {s.name} has {key} {value!r}, not a finite number")
+    for key, policy in plan.policy.entries:  # counts in range; token ids inside the vocabulary
+        for name, value in dataclasses.asdict(policy).items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for v in values:
+                if isinstance(v, int) and not isinstance(v, bool):
+                    _int(v, f"{key} {name}", where, 0)
+                elif isinstance(v, float) and not math.isfinite(v):
+                    raise ArtifactError(f"{where}: {key} {name} is {v!r}, not a finite number")
+        for t in getattr(policy, "token_ids", tuple)():
+            _token(t, f"{key} token id", where, info.vocab_size)

@@ -10,9 +10,11 @@ count (tests/test_flops.py checks this).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
+from . import techniques
 from .program import torch_dtype
 
 __all__ = [
@@ -96,52 +98,62 @@ def count_graph_flops(gm: torch.fx.GraphModule, inputs: tuple) -> dict[str, int]
 
 def stage_inputs(program, stage, *, batch: int, seq: int, past: int) -> tuple:
     """Example inputs (meta tensors) for ``stage`` (a Stage, or a kind name) at the given batch, new tokens and
-    cached tokens."""
-    kind = stage if isinstance(stage, str) else stage.kind
+    cached tokens, shaped as its signature's tensors are in ``effx.techniques.TENSORS``."""
+    kind = techniques.stage_kind(stage if isinstance(stage, str) else stage.kind)
     attrs = {} if isinstance(stage, str) else stage.attrs
     info = program.info
-    dt = torch_dtype(info)
-    m = "meta"
-    if kind == "embed":
-        ids = torch.zeros(batch, seq, dtype=torch.long, device=m)
-        return ids, ids
-    if kind == "layer":
-        hidden = torch.empty(batch, seq, info.hidden_size, dtype=dt, device=m)
-        rope = torch.empty(batch, seq, info.rope_width, dtype=dt, device=m)
-        mask = torch.empty(batch, 1, seq, past + seq, dtype=dt, device=m)
-        kv = torch.empty(batch, info.num_kv_heads, past, info.head_dim, dtype=dt, device=m)
-        return hidden, rope, rope, mask, kv, kv
-    if kind in ("head", "full_head"):
-        return (torch.empty(batch, seq, info.hidden_size, dtype=dt, device=m),)
-    if kind == "exit":
-        hidden = torch.empty(batch, seq, info.hidden_size, dtype=dt, device=m)
-        if attrs.get("vocab") == "pruned":
-            return hidden, hidden, torch.zeros(batch, attrs["vocab_k"], dtype=torch.long, device=m)
-        return hidden, hidden
-    raise ValueError(f"unknown stage kind {kind!r}")
+    sizes = {
+        "batch": batch,
+        "seq": seq,
+        "past": past,
+        "total": past + seq,
+        "kept": seq,
+        "vocab_k": attrs.get("vocab_k", 1),
+        "hidden": info.hidden_size,
+        "rope": info.rope_width,
+        "kv_heads": info.num_kv_heads,
+        "head_dim": info.head_dim,
+        "vocab": info.vocab_size,
+    }
+    out = []
+    for name in kind.signature(attrs)[0]:
+        shape, dtype = techniques.TENSORS[name]
+        dims = [d if isinstance(d, int) else sizes[d] for d in shape]
+        out.append(
+            torch.zeros(*dims, dtype=torch.long if dtype == "int64" else torch_dtype(info), device="meta")
+        )
+    return tuple(out)
 
 
 def program_flops(
     program, *, context: int = 512, prompt: int | None = None, batch: int = 1
 ) -> dict[str, int]:
-    """FLOPs per stage: one decode token at ``context`` cached tokens, or (``prompt=N``) a prefill of N tokens
-    (the head then runs on the last position only, as in generation; after a TokenDrop stage, layers run on
-    the kept share of the prompt)."""
+    """FLOPs per stage: one decode token at ``context`` cached tokens, or (``prompt=N``) a prefill of N tokens,
+    as each stage's kind says it runs (``effx.techniques.StageKind``): a head runs on the last position only;
+    a prefill-only stage (TokenDrop's) costs nothing per decode step, and after a TokenDrop stage later
+    layers run on the kept share of the prompt."""
     seq, past = (1, context) if prompt is None else (prompt, 0)
     out: dict[str, int] = {}
     for stage in program:
-        if stage.kind in ("token_score", "token_drop"):  # prefill only; later layers see fewer tokens
+        kind = techniques.stage_kind(stage.kind)
+        if kind.runs == "prefill" and prompt is None:
             out[stage.name] = 0
-            if prompt is not None and stage.kind == "token_score":
-                inputs = stage_inputs(program, "layer", batch=batch, seq=seq, past=0)
-                out[stage.name] = sum(count_graph_flops(stage.graph, inputs).values())
-            if prompt is not None and stage.kind == "token_drop":
-                seq = max(1, math.ceil(prompt * stage.attrs["keep"]))
             continue
-        s = 1 if stage.kind in ("head", "full_head", "exit") else seq
-        inputs = stage_inputs(program, stage, batch=batch, seq=s, past=past)
-        out[stage.name] = sum(count_graph_flops(stage.graph, inputs).values())
+        s = 1 if kind.last_position else seq
+        counted = kind.counted_as or stage
+        if kind.prefill_tokens is not None:
+            out[stage.name] = (
+                0 if kind.counted_as is None else _flops_of(program, stage, counted, s, past, batch)
+            )
+            seq = kind.prefill_tokens(stage.attrs, cast(int, prompt))
+            continue
+        out[stage.name] = _flops_of(program, stage, counted, s, past, batch)
     return out
+
+
+def _flops_of(program, stage, like, seq: int, past: int, batch: int) -> int:
+    inputs = stage_inputs(program, like, batch=batch, seq=seq, past=past)
+    return sum(count_graph_flops(stage.graph, inputs).values())
 
 
 def decode_flops(program, *, context: int = 512) -> int:
@@ -155,7 +167,8 @@ def prefill_flops(program, prompt: int) -> int:
 
 
 def _always_run(program, per_stage: dict[str, int]) -> int:
-    return sum(per_stage[s.name] for s in program if s.kind != "full_head")
+    """The stages every step runs (a fallback head runs only for some tokens: ``StageKind.always``)."""
+    return sum(per_stage[s.name] for s in program if techniques.stage_kind(s.kind).always)
 
 
 def _param_bytes(gm: torch.fx.GraphModule, seen: set[int] | None = None) -> int:
@@ -181,7 +194,7 @@ def decode_weight_bytes(program) -> int:
     which a token reads one row, and a fallback full head."""
     total = 0
     for stage in program:
-        if stage.kind == "full_head":
+        if not techniques.stage_kind(stage.kind).always:
             continue
         if stage.kind == "embed":
             rows = {int(t.shape[0]) for t in stage.graph.buffers() if t.dim() == 2} | {

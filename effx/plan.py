@@ -11,10 +11,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
+from . import techniques
 from .errors import PlanError
+from .techniques.early_exit import PRUNED_EXIT_SIGNATURE, EarlyExitPolicy
+from .techniques.neuron_mask import NeuronMaskPolicy
+from .techniques.prompt_lookup import PromptLookupPolicy
+from .techniques.token_drop import TokenDropPolicy
 
 __all__ = [
     "KERNELS",
@@ -55,26 +61,27 @@ KERNELS = ("reference", "fast")
 # integer sums per 4 values, then float steps per lane, see effx/kernels/cpu.c).
 ACTIVATIONS = ("float", "int8")
 
-STAGE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "embed": (("input_ids", "position_ids"), ("hidden", "cos", "sin")),
-    "layer": (("hidden", "cos", "sin", "mask", "past_k", "past_v"), ("hidden", "k", "v")),
-    "head": (("hidden",), ("logits",)),
-    "exit": (("hidden", "prev_hidden"), ("logits", "confidence")),
-    # the full-vocabulary head that a vocabulary-reduced head falls back to (VocabReduce where="head")
-    "full_head": (("hidden",), ("logits",)),
-    # TokenDrop before layer j: importance of each prompt token (cut from layer j), then the gather
-    "token_score": (("hidden", "cos", "sin", "mask", "past_k", "past_v"), ("scores",)),
-    "token_drop": (("hidden", "cos", "sin", "keep_ids"), ("hidden", "cos", "sin")),
-}
-# an exit that scores only the token ids it is given (VocabReduce where="exits"; attrs vocab="pruned")
-PRUNED_EXIT_SIGNATURE = (("hidden", "prev_hidden", "vocab_ids"), ("logits", "confidence"))
-
 
 def stage_signature(kind: str, attrs: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The inputs and outputs of a stage of ``kind`` with ``attrs``."""
-    if kind == "exit" and attrs.get("vocab") == "pruned":
-        return PRUNED_EXIT_SIGNATURE
-    return STAGE_SIGNATURES[kind]
+    """The inputs and outputs of a stage of ``kind`` with ``attrs`` (as its technique declares them)."""
+    return techniques.stage_kind(kind).signature(attrs)
+
+
+class _Signatures(Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]]):
+    """Stage kind -> its plain signature, for every kind the registry holds now (``effx.techniques``)."""
+
+    def __getitem__(self, kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        k = techniques.stage_kinds()[kind]
+        return k.inputs, k.outputs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(techniques.stage_kinds())
+
+    def __len__(self) -> int:
+        return len(techniques.stage_kinds())
+
+
+STAGE_SIGNATURES: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = _Signatures()
 
 
 @dataclass(frozen=True)
@@ -138,88 +145,59 @@ class StageLike(Protocol):
 
 # -- run-time policies: what a pass asks of the decode loop ---------------------------------------------
 
-
-@dataclass(frozen=True)
-class EarlyExitPolicy:
-    """EarlyExit: ``mode`` "lossy" (exits with deferred KV, or ``kv="copy"``) or "self-speculative"
-    (the shallowest exit drafts up to ``draft`` tokens that the full model verifies)."""
-
-    mode: str
-    draft: int = 4
-    measure: str = "softmax-max"
-    kv: str = "deferred"
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("lossy", "self-speculative"):
-            raise PlanError(f"early-exit policy has unknown mode {self.mode!r}")
-        if self.kv not in ("deferred", "copy"):
-            raise PlanError(f"early-exit policy has unknown kv {self.kv!r}")
-        if not isinstance(self.draft, int) or self.draft < 1:
-            raise PlanError(f"early-exit policy draft must be an integer >= 1, got {self.draft!r}")
+P = TypeVar("P")
 
 
-@dataclass(frozen=True)
-class TokenDropPolicy:
-    """TokenDrop: the last ``protect_last`` prompt tokens and the ``special`` token ids are always kept."""
-
-    protect_last: int
-    special: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class NeuronMaskPolicy:
-    """NeuronMask ``mode="core"``: the prefill chooses each prompt's core neurons (the ``top_share`` of
-    neurons by magnitude per token, counted over the prompt); decoding runs the MLPs sliced to them."""
-
-    mode: str
-    top_share: float = 0.2
-
-    def __post_init__(self) -> None:
-        if self.mode != "core":
-            raise PlanError(f"neuron-mask policy has unknown mode {self.mode!r} (only 'core' needs one)")
-
-
-@dataclass(frozen=True)
-class PromptLookupPolicy:
-    """PromptLookup: draft up to ``draft`` tokens that followed the latest earlier occurrence of the last
-    ``ngram`` tokens (else of shorter n-grams, down to ``min_ngram``) in the prompt and the output so far."""
-
-    ngram: int = 3
-    min_ngram: int = 2
-    draft: int = 4
-
-    def __post_init__(self) -> None:
-        for name in ("ngram", "min_ngram", "draft"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise PlanError(f"prompt-lookup policy {name} must be an integer >= 1, got {value!r}")
-        if self.min_ngram > self.ngram:
-            raise PlanError(f"prompt-lookup policy min_ngram {self.min_ngram} exceeds ngram {self.ngram}")
-
-
-_POLICIES = {
-    "early_exit": EarlyExitPolicy,
-    "token_drop": TokenDropPolicy,
-    "neuron_mask": NeuronMaskPolicy,
-    "prompt_lookup": PromptLookupPolicy,
-}
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Policy:
-    """The run-time policies of a Program, one per pass that needs the decode loop's help (None: absent)."""
+    """The run-time policies of a Program: per technique that needs the decode loop's help, its settings
+    (``effx.techniques``: ``Technique.key`` -> ``Technique.policy``), absent when it is not used.
 
-    early_exit: EarlyExitPolicy | None = None
-    token_drop: TokenDropPolicy | None = None
-    neuron_mask: NeuronMaskPolicy | None = None
-    prompt_lookup: PromptLookupPolicy | None = None
+    ``Policy(early_exit=EarlyExitPolicy(...))``; read them with ``policy.of(EarlyExitPolicy)`` (typed) or
+    ``policy.get("early_exit")``; ``policy.early_exit`` works for every registered key (None: absent), and
+    ``dataclasses.replace(policy, prompt_lookup=...)`` adds or replaces one."""
+
+    entries: tuple[tuple[str, Any], ...] = ()
+
+    def __init__(self, entries: Iterable[tuple[str, Any]] = (), **policies: Any) -> None:
+        merged = {**dict(entries), **policies}
+        types = techniques.policy_types()
+        unknown = sorted(k for k in merged if k not in types)
+        if unknown:
+            raise PlanError(
+                f"policies {unknown} belong to no registered technique (known: {', '.join(types)})"
+            )
+        for key, value in merged.items():
+            if value is not None and not isinstance(value, types[key]):
+                raise PlanError(f"policy {key!r} is a {types[key].__name__}, got {type(value).__name__}")
+        order = list(types)
+        kept = sorted(((k, v) for k, v in merged.items() if v is not None), key=lambda kv: order.index(kv[0]))
+        object.__setattr__(self, "entries", tuple(kept))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in techniques.policy_types():
+            return self.get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def updated(self, **policies: Any) -> Policy:
+        """A copy with the settings ``policies`` (``key=settings``) added or replaced (None removes one)."""
+        return Policy(self.entries, **policies)
+
+    def get(self, key: str) -> Any:
+        """The settings recorded under ``key``, or None."""
+        return next((v for k, v in self.entries if k == key), None)
+
+    def of(self, kind: type[P]) -> P | None:
+        """The settings of type ``kind``, or None."""
+        return next((v for _, v in self.entries if isinstance(v, kind)), None)
 
     @property
     def core_neurons(self) -> bool:
-        return self.neuron_mask is not None and self.neuron_mask.mode == "core"
+        mask = self.get("neuron_mask")
+        return mask is not None and mask.mode == "core"
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: dataclasses.asdict(v) for k in _POLICIES if (v := getattr(self, k)) is not None}
+        return {k: dataclasses.asdict(v) for k, v in self.entries}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Policy:
@@ -227,19 +205,17 @@ class Policy:
             return cls()
         if not isinstance(data, dict):
             raise PlanError(f"a plan's policy is a JSON object, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(_POLICIES))
+        types = techniques.policy_types()
+        unknown = sorted(set(data) - set(types))
         if unknown:
             raise PlanError(f"the plan has policies {unknown} that this effx does not know")
         out = {}
         for key, value in data.items():
-            klass = _POLICIES[key]
             if not isinstance(value, dict):
                 raise PlanError(f"policy {key!r} is a JSON object, got {value!r}")
             try:
-                if key == "token_drop":
-                    value = {**value, "special": tuple(int(t) for t in value.get("special", ()))}
-                out[key] = klass(**value)
-            except TypeError as e:
+                out[key] = types[key](**value)
+            except (TypeError, ValueError) as e:
                 raise PlanError(f"malformed policy {key!r}: {e}") from e
         return cls(**out)
 
@@ -356,15 +332,39 @@ class Plan:
         ee = self.policy.early_exit
         return ee.mode if ee is not None and self.exits else "dense"
 
+    @functools.cached_property
+    def used_techniques(self) -> tuple[tuple[techniques.Technique, Any], ...]:
+        """The registered techniques this plan uses, each with its policy (None for one without a policy
+        whose stage kinds the plan holds), in registration order."""
+        kinds = {s.kind for s in self.stages}
+        used = []
+        for t in techniques.techniques():
+            policy = self.policy.get(t.key) if t.policy is not None else None
+            if policy is not None or any(k.name in kinds for k in t.stage_kinds):
+                used.append((t, policy))
+        return tuple(used)
+
     @property
     def speculative(self) -> bool:
-        """Whether the loop drafts and verifies (prompt lookup, self-speculative exits): greedy only, and
-        token-identical to the plan's dense greedy decoding."""
-        return self.policy.prompt_lookup is not None or self.decode_mode == "self-speculative"
+        """Whether the loop drafts and verifies (prompt lookup, self-speculative exits, any technique whose
+        ``speculative`` flag says so): greedy only, and token-identical to the plan's dense greedy decoding."""
+        return any(
+            t.speculative is not None and t.speculative(p, self)
+            for t, p in self.used_techniques
+            if p is not None
+        )
+
+    @property
+    def rollback(self) -> bool:
+        """Whether the KV cache must be able to roll back (a technique writes entries it may take back)."""
+        return any(
+            t.rollback is not None and t.rollback(p, self) for t, p in self.used_techniques if p is not None
+        )
 
     def validate(self) -> None:
-        """Check that the stages form a runnable model: embed, each layer once and in order (each optionally
-        followed by an exit stage), head; and that the policies fit the stages."""
+        """Check that the stages form a runnable model: embed, each layer once and in order, head, with each
+        technique's stages where it declares they stand (``StageKind.check``); and that the policies fit the
+        stages (``Technique.validate``)."""
         if self.model.family != "decoder":
             raise PlanError(
                 f"a plan describes a decoder-only LM; model.family is {self.model.family!r} "
@@ -379,39 +379,30 @@ class Plan:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise PlanError(f"stage names repeat: {names}")
-        for prev, s in zip(self.stages[:-1], self.stages[1:], strict=True):
-            if s.kind == "exit" and not (prev.kind == "layer" and prev.layer == s.layer):
-                raise PlanError(f"exit stage {s.name!r} must directly follow layer {s.layer}")
-            if prev.kind == "full_head" and s.kind != "head":
-                raise PlanError(f"full_head stage {prev.name!r} must directly precede the head")
-            if prev.kind == "token_score" and not (s.kind == "token_drop" and s.layer == prev.layer):
-                raise PlanError(f"token_score stage {prev.name!r} must be followed by its token_drop stage")
-            if prev.kind == "token_drop" and not (s.kind == "layer" and s.layer == prev.layer):
-                raise PlanError(f"token_drop stage {prev.name!r} must directly precede layer {prev.layer}")
-        if "full_head" in kinds and not self.stages[-1].attrs.get("fallback"):
-            raise PlanError("a full_head stage is only there for a head with a fallback threshold")
-        for s in self.stages:
-            if s.kind not in STAGE_SIGNATURES:
-                raise PlanError(f"stage {s.name!r} has unknown kind {s.kind!r}")
-            if (s.inputs, s.outputs) != stage_signature(s.kind, s.attrs):
-                raise PlanError(
-                    f"stage {s.name!r} signature {s.inputs} -> {s.outputs} is not that of a {s.kind}"
-                )
-            if s.kind == "exit" and not isinstance(s.attrs.get("threshold"), (int, float)):
-                raise PlanError(f"exit stage {s.name!r} has no numeric threshold")
+        self._validate_stages()
         if self.kernels not in KERNELS:
             raise PlanError(f"plan kernels {self.kernels!r} is not one of {', '.join(KERNELS)}")
         if self.activations not in ACTIVATIONS:
             raise PlanError(f"plan activations {self.activations!r} is not one of {', '.join(ACTIVATIONS)}")
         if not isinstance(self.policy, Policy):
             raise PlanError(f"a plan's policy is a Policy, got {type(self.policy).__name__}")
-        if "token_score" in kinds and self.policy.token_drop is None:
-            raise PlanError("the plan drops tokens but has no token_drop policy")
-        if "exit" in kinds and self.policy.early_exit is None:
-            raise PlanError("the plan has exit stages but no early_exit policy")
-        if self.policy.prompt_lookup is not None and self.decode_mode == "lossy":
-            raise PlanError("prompt lookup verifies its drafts; it cannot run with lossy early exits")
-        if self.policy.core_neurons and "token_score" in kinds:
-            raise PlanError(
-                "token-drop and neuron-mask mode='core' both choose what the prefill computes; a plan holds one"
-            )
+        for t in techniques.techniques():
+            problem = t.validate(self) if t.validate is not None else None
+            if problem:
+                raise PlanError(problem)
+
+    def _validate_stages(self) -> None:
+        known = techniques.stage_kinds()
+        for i, s in enumerate(self.stages):
+            kind = known.get(s.kind)
+            if kind is None:
+                raise PlanError(f"stage {s.name!r} has unknown kind {s.kind!r}")
+            if (s.inputs, s.outputs) != kind.signature(s.attrs):
+                raise PlanError(
+                    f"stage {s.name!r} signature {s.inputs} -> {s.outputs} is not that of a {s.kind}"
+                )
+            if kind.check is not None and 0 < i:
+                nxt = self.stages[i + 1] if i + 1 < len(self.stages) else None
+                problem = kind.check(self.stages[i - 1], s, nxt)
+                if problem:
+                    raise PlanError(problem)

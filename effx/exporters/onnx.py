@@ -17,7 +17,7 @@
       weights.bin          every weight tensor once, at 64-byte (>= 1 MB: 64 KiB) aligned offsets
       tokenizer/           (when a tokenizer is given; every file under the manifest's checksums)
 
-Every stage kind a pass creates is exported with its plan signature (``effx.program.STAGE_SIGNATURES``) and
+Every stage kind a pass creates is exported with its plan signature (``effx.techniques``: its kind's signature) and
 dynamic batch, sequence and past axes: layers (neuron-masked ones with their sliced weights), exits (full,
 or pruned with a ``vocab_ids`` input of dynamic length), reduced and full heads, TokenDrop's score and
 gather stages. Stages of one structure are exported once: the others are that model with their own weights
@@ -62,12 +62,12 @@ from pathlib import Path
 
 import torch
 
+from .. import techniques
 from ..artifact import (
     CASCADE_FILE,
     CASCADE_FORMAT,
     CASCADE_SCHEMA_VERSION,
     FORMAT,
-    KINDS,
     SCHEMA_VERSION,
     SEGMENT_FILE,
     TOKENIZER_DIR,
@@ -92,33 +92,39 @@ _INLINE_BYTES = 1024  # smaller tensors (scalars, shapes) stay inside the .onnx 
 
 
 def _example_args(program, stage):
-    """Example inputs of ``stage`` and the dynamic axes of each (``None``: inferred by export)."""
+    """Example inputs of ``stage`` and the dynamic axes of each (``None``: inferred by export), built from
+    the shapes its signature's tensors have in ``effx.techniques.TENSORS``: floats random (each input its
+    own), int64 inputs counting up along their last axis (token ids, positions, kept slots, vocabulary ids:
+    all in range), the mask zeros."""
     info = program.info
-    dt = torch_dtype(info)
-    b, s, p = 2, 3, 2
-    seq = {0: "batch", 1: "seq"}
-    hidden = torch.randn(b, s, info.hidden_size, dtype=dt)
-    kind = stage.kind
-    if kind == "embed":
-        return (torch.zeros(b, s, dtype=torch.long), torch.arange(s).expand(b, s).clone()), (seq, seq)
-    if kind in ("layer", "token_score", "token_drop"):
-        rope = torch.randn(b, s, info.rope_width, dtype=dt)
-        past = torch.randn(b, info.num_kv_heads, p, info.head_dim, dtype=dt)
-        if kind == "token_drop":
-            keep_ids = torch.tensor([[0, 2], [1, 2]])
-            return (hidden, rope, rope.clone() + 1, keep_ids), (seq, seq, seq, {0: "batch", 1: "kept"})
-        args = (hidden, rope, rope.clone() + 1, torch.zeros(b, 1, s, s + p, dtype=dt), past, past + 1)
-        mask = {0: "batch", 2: "seq", 3: None}
-        return args, (seq, seq, seq, mask, {0: "batch", 2: "past"}, {0: "batch", 2: "past"})
-    if kind in ("head", "full_head"):
-        return (hidden,), (seq,)
-    if kind == "exit":
-        args, axes = (hidden, hidden.clone() + 1), (seq, seq)
-        if stage.attrs.get("vocab") == "pruned":
-            ids = torch.arange(2 * 5).reshape(2, 5) % info.vocab_size
-            return args + (ids,), axes + ({0: "batch", 1: "vocab_k"},)
-        return args, axes
-    raise ArtifactError(f"stage kind {kind!r} has no ONNX export")
+    sizes = {**model_sizes(info), "batch": 2, "seq": 3, "past": 2, "total": 5, "kept": 2, "vocab_k": 5}
+    args, axes = [], []
+    for i, name in enumerate(techniques.stage_kind(stage.kind).signature(stage.attrs)[0]):
+        shape, dtype = techniques.TENSORS[name]
+        dims = [d if isinstance(d, int) else sizes[d] for d in shape]
+        if dtype == "int64":
+            bound = info.vocab_size if name in ("input_ids", "vocab_ids") else dims[-1]
+            value = (torch.arange(dims[-1]) % bound).expand(*dims).clone()
+        elif name == "mask":
+            value = torch.zeros(*dims, dtype=torch_dtype(info))
+        else:
+            value = torch.randn(*dims, dtype=torch_dtype(info)) + i
+        args.append(value)
+        axes.append(
+            {a: (None if d == "total" else d) for a, d in enumerate(shape) if d in techniques.DYNAMIC}
+        )
+    return tuple(args), tuple(axes)
+
+
+def model_sizes(info) -> dict[str, int]:
+    """The sizes the model fixes, by the symbols of ``effx.techniques.TENSORS``."""
+    return {
+        "hidden": info.hidden_size,
+        "rope": info.rope_width,
+        "kv_heads": info.num_kv_heads,
+        "head_dim": info.head_dim,
+        "vocab": info.vocab_size,
+    }
 
 
 def _structure_of_graph(gm: torch.fx.GraphModule) -> tuple:
@@ -228,7 +234,9 @@ class _WeightStore:
 def _unsupported(program) -> list[str]:
     from ..runtime.backend import describe, needed_capabilities
 
-    problems = [f"stage {s.name!r} of kind {s.kind!r}" for s in program if s.kind not in KINDS]
+    problems = [
+        f"stage {s.name!r} of kind {s.kind!r}" for s in program if s.kind not in techniques.stage_kinds()
+    ]
     return problems + [describe(c) for c in needed_capabilities(program.plan)]
 
 

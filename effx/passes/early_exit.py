@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from ..errors import PassConfigError, PassError, PassPreconditionError
+from ..errors import PassConfigError, PassError, PassPreconditionError, PlanError
 from ..fx import export_function
 from ..plan import EarlyExitPolicy
 from ..program import Stage, torch_dtype
@@ -73,7 +73,6 @@ MEASURES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.T
     "entropy": _entropy,
     "saturation": _saturation,
 }
-MODES = ("lossy", "self-speculative")
 
 
 @register_pass
@@ -123,16 +122,10 @@ class EarlyExit(Pass):
             raise PassConfigError(
                 "early-exit every=k places exits by rule: give one threshold for all of them"
             )
-        if self.mode not in MODES:
-            raise PassConfigError(f"unknown early-exit mode {self.mode!r}; modes: {', '.join(MODES)}")
-        if not isinstance(self.draft, int) or self.draft < 1:
-            raise PassConfigError(f"early-exit draft must be an integer >= 1, got {self.draft!r}")
-        if self.kv not in ("deferred", "copy"):
-            raise PassConfigError(
-                f"early-exit kv must be 'deferred' (exact) or 'copy' (CALM state copying), got {self.kv!r}"
-            )
-        if self.kv == "copy" and self.mode != "lossy":
-            raise PassConfigError("early-exit kv='copy' only applies to mode='lossy'")
+        try:  # mode, draft, kv: the run-time policy's own settings, checked there once
+            self.policy()
+        except PlanError as e:
+            raise PassConfigError(str(e)) from None
         if self.head not in ("shared", "trained"):
             raise PassConfigError(f"early-exit head must be 'shared' or 'trained', got {self.head!r}")
         if self.head == "trained" and not self.heads:
@@ -141,6 +134,10 @@ class EarlyExit(Pass):
             )
         if self.head == "shared" and self.heads:
             raise PassConfigError("early-exit heads=<file> is only used with head='trained'")
+
+    def policy(self) -> EarlyExitPolicy:
+        """The run-time policy this pass sets (its settings for the decode loop)."""
+        return EarlyExitPolicy(mode=self.mode, draft=self.draft, measure=self.measure, kv=self.kv)
 
     def check_model(self, info: ModelInfo) -> None:
         self.exit_layers(info.num_layers)
@@ -236,9 +233,8 @@ class EarlyExit(Pass):
                     f"exit.{stage.layer}",
                     f"exit after layer {stage.layer}: shared norm + LM head, {self.measure} >= {thr:g}",
                 )
-        policy = dataclasses.replace(
-            program.plan.policy,
-            early_exit=EarlyExitPolicy(mode=self.mode, draft=self.draft, measure=self.measure, kv=self.kv),
+        policy = program.plan.policy.updated(
+            early_exit=self.policy(),
         )
         report.notes.append(
             "FLOPs/token count every exit evaluated (the worst case); what a token saves depends on where it exits"

@@ -190,9 +190,7 @@ class NeuronMask(Pass):
         stages = [replace.get(s.name, s) for s in program.stages]
         policy = program.plan.policy
         if self.mode == "core":
-            policy = dataclasses.replace(
-                policy, neuron_mask=NeuronMaskPolicy(mode="core", top_share=self.top_share)
-            )
+            policy = policy.updated(neuron_mask=NeuronMaskPolicy(mode="core", top_share=self.top_share))
             report.notes.append(
                 "core: FLOPs/token here count the full MLP, which the prefill runs; decoding "
                 f"runs {k}/{width} of the MLP in layers {chosen[0]}..{chosen[-1]}"

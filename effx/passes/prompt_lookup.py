@@ -84,7 +84,7 @@ class PromptLookup(Pass):
 
     def apply(self, program: Program) -> PassResult:
         self.requires(program)
-        policy = dataclasses.replace(program.plan.policy, prompt_lookup=self.policy())
+        policy = program.plan.policy.updated(prompt_lookup=self.policy())
         report = self.new_report()
         report.change(
             "decode",

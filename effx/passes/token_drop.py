@@ -179,8 +179,7 @@ class TokenDrop(Pass):
                 report.skip(f"layer.{stage.layer}", "keep=1.0: nothing to drop")
             stages.append(stage)
         special = sorted({*program.plan.eos_token_ids, *self.special})
-        policy = dataclasses.replace(
-            program.plan.policy,
+        policy = program.plan.policy.updated(
             token_drop=TokenDropPolicy(protect_last=self.protect_last, special=tuple(special)),
         )
         report.notes.append(

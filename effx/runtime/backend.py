@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..arrays import Array
     from .forward import KVCache, MaskCache
 
-__all__ = ["CORE_NEURONS", "KV_COPY", "Backend", "describe", "needed_capabilities"]
+__all__ = ["CORE_NEURONS", "KV_COPY", "Backend", "core_neurons_prefill", "describe", "needed_capabilities"]
 
 # per-prompt core neurons (NeuronMask mode="core"): the prefill slices MLP weights per prompt
 CORE_NEURONS = "core-neurons"
@@ -43,13 +43,29 @@ _WHAT = {
 
 
 def needed_capabilities(plan: Plan) -> list[str]:
-    """The capabilities a backend needs to run ``plan`` beyond running its stages."""
-    needed = []
-    if plan.policy.early_exit is not None and plan.policy.early_exit.kv == "copy":
-        needed.append(KV_COPY)
-    if plan.policy.core_neurons:
-        needed.append(CORE_NEURONS)
+    """The capabilities a backend needs to run ``plan`` beyond running its stages (each technique's
+    ``capabilities``, see ``effx.techniques``)."""
+    needed: list[str] = []
+    for t, policy in plan.used_techniques:
+        if t.capabilities is not None and policy is not None:
+            needed += [c for c in t.capabilities(policy) if c not in needed]
     return needed
+
+
+def core_neurons_prefill(
+    backend: Backend,
+    cache: KVCache,
+    input_ids: Array,
+    positions: Array,
+    key_valid: Array,
+    stats: DecodeStats | None,
+) -> tuple[Array, Backend] | None:
+    """NeuronMask's prefill hook: per-prompt core neurons (mode "core") on a backend that can slice its MLPs;
+    None for a plan without them."""
+    if not backend.plan.policy.core_neurons:
+        return None
+    backend.require(CORE_NEURONS)
+    return backend.core_prefill(cache, input_ids, positions, key_valid, stats)
 
 
 def describe(capability: str) -> str:

@@ -21,12 +21,26 @@ from ..arrays import Array
 from .backend import KV_COPY
 from .forward import KVCache, MaskCache, as_backend
 from .stats import DecodeStats
-
-if TYPE_CHECKING:
-    from .forward import BackendLike
 from .vocab import exit_logits, head_logits, select_vocab
 
-__all__ = ["ExitDecoder"]
+if TYPE_CHECKING:
+    from ..plan import EarlyExitPolicy
+    from .forward import BackendLike
+
+__all__ = ["ExitDecoder", "lossy_decoder"]
+
+
+def lossy_decoder(
+    backend: BackendLike, cache: KVCache, policy: EarlyExitPolicy, stats: DecodeStats | None
+) -> ExitDecoder | None:
+    """EarlyExit's decoder hook (``effx.techniques.early_exit``): lossy exits for a plan that decodes
+    lossily, None for another."""
+    backend = as_backend(backend)
+    if backend.plan.decode_mode != "lossy":
+        return None
+    if stats is not None:
+        stats.start_exits()
+    return ExitDecoder(backend, cache, copy=policy.kv == "copy", stats=stats)
 
 
 class ExitDecoder:
@@ -44,6 +58,14 @@ class ExitDecoder:
             self.backend.require(KV_COPY)
         # slot -> (depth, hidden, cos, sin): tokens whose deeper layers are still to be computed
         self.pending: dict[int, tuple[int, Array, Array, Array]] = {}
+
+    def decode(self, token: Array, position: Array, masks: MaskCache) -> Array:
+        """One step of the decode loop: :meth:`step`, its exit depths counted in the statistics; returns the
+        logits."""
+        logits, depth = self.step(token, position, masks)
+        if self.stats is not None:
+            self.stats.count_exit([int(d) for d in depth])
+        return logits
 
     def step(self, token: Array, position: Array, masks: MaskCache) -> tuple[Array, Array]:
         """One new token per row. Returns the logits each row exits with ``[batch, vocab]`` and the number

@@ -3,8 +3,9 @@
 One loop serves every plan and both backends (:mod:`effx.runtime.torch_backend`, the ONNX Runtime backend
 of :mod:`effx.runtime.onnx`): a dense plan decodes a token per step through all layers; one with exit
 stages lets tokens leave early (``lossy``, :class:`effx.runtime.early_exit.ExitDecoder`) or drafts and
-verifies tokens (``self-speculative``, and prompt lookup: :mod:`effx.runtime.speculative`); TokenDrop and per-prompt core neurons choose the prefill; a reduced
-head falls back to the full one per position; sampling is greedy, or temperature / top-k / top-p. The
+verifies tokens (``self-speculative``, and prompt lookup: :mod:`effx.runtime.speculative`); TokenDrop and
+per-prompt core neurons choose the prefill. The loop names no technique: it asks each one the plan uses
+(``effx.techniques``) for its hooks (a draft source, a prefill, a per-step decoder). A reduced head falls back to the full one per position; sampling is greedy, or temperature / top-k / top-p. The
 loop makes each of these decisions once, on the backend's arrays; ``Program.generate`` and
 ``OnnxGenerator.generate`` are front ends that check their inputs into the arguments of :func:`decode`.
 """
@@ -14,19 +15,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, cast
 
+from .. import techniques
 from ..arrays import Array, Namespace, namespace
 from ..errors import GenerationInputError
-from ..plan import EarlyExitPolicy, Plan
-from .backend import CORE_NEURONS, Backend, needed_capabilities
-from .early_exit import ExitDecoder
+from ..plan import Plan
+from .backend import Backend, needed_capabilities
 from .forward import KVCache, MaskCache, check_left_padded, positions_from_mask, run_step
 from .inputs import check_ids, check_max_new, check_stop, token_id, token_ids
 from .sampling import TokenSampler
 from .speculative import DraftSource, Speculation, capacity, longest_draft, sources_of
 from .stats import DecodeStats, StatsArg, collecting
-from .token_drop import drop_prefill
 
-__all__ = ["Output", "as_ids", "check_inputs", "decode", "prefill", "stop_and_pad"]
+__all__ = ["Output", "as_ids", "check_inputs", "decode", "prefill", "step_decoder", "stop_and_pad"]
 
 
 def check_inputs(
@@ -152,16 +152,26 @@ def prefill(
     key_valid: Array,
     stats: DecodeStats | None,
 ) -> tuple[Array, Backend]:
-    """Run the prompt with the plan's own prefill: TokenDrop's, per-prompt core neurons' (which returns the
-    backend to decode with, its MLPs sliced to the prompt's neurons), or a plain step. Returns
-    ``(logits of the last position, backend)``."""
+    """Run the prompt with the plan's own prefill: the first technique's ``prefill`` hook that takes this
+    plan (TokenDrop's, per-prompt core neurons', which returns the backend to decode with, its MLPs sliced
+    to the prompt's neurons), or a plain step. Returns ``(logits of the last position, backend)``."""
     plan = backend.plan
-    if plan.drops:  # TokenDrop: later layers see only the kept prompt tokens
-        return drop_prefill(backend, cache, input_ids, positions, key_valid, stats), backend
-    if plan.policy.core_neurons:
-        backend.require(CORE_NEURONS)
-        return backend.core_prefill(cache, input_ids, positions, key_valid, stats)
+    for t, _policy in plan.used_techniques:
+        if t.prefill is not None:
+            done = techniques.hook(t.prefill)(backend, cache, input_ids, positions, key_valid, stats)
+            if done is not None:
+                return cast("tuple[Array, Backend]", done)
     return run_step(backend, cache, input_ids, positions, key_valid, stats=stats), backend
+
+
+def step_decoder(backend: Backend, cache: KVCache, stats: DecodeStats | None) -> Any:
+    """The per-step decoder a technique's ``decoder`` hook gives this plan (lossy exits), or None."""
+    for t, policy in backend.plan.used_techniques:
+        if t.decoder is not None and policy is not None:
+            decoder = techniques.hook(t.decoder)(backend, cache, policy, stats)
+            if decoder is not None:
+                return decoder
+    return None
 
 
 def decode(
@@ -192,11 +202,10 @@ def decode(
         speculative = plan.speculative or sources is not None
         for capability in needed_capabilities(plan):  # before anything runs
             backend.require(capability)
-        mode = plan.decode_mode
         if speculative and sampler.do_sample:
             raise GenerationInputError(
-                "speculative decoding (prompt lookup, self-speculative early exit) reproduces greedy decoding "
-                "only; call it with do_sample=False"
+                "speculative decoding (prompt lookup, self-speculative early exit, any verified draft) "
+                "reproduces greedy decoding only; call it with do_sample=False"
             )
         batch, prompt_len = input_ids.shape
         # a round never drafts past the tokens left, so neither does the cache's room for drafts (a setting such
@@ -211,8 +220,7 @@ def decode(
             [xp.astype(attention_mask, xp.bool), xp.ones((batch, slots - prompt_len), dtype=xp.bool)], axis=1
         )
         with backend.compute():
-            rollback = mode != "dense" or speculative or bool(plan.drops) or plan.policy.core_neurons
-            cache = backend.new_cache(batch, slots, rollback=rollback)
+            cache = backend.new_cache(batch, slots, rollback=speculative or plan.rollback)
             if typed is not None and plan.full_head is not None:
                 typed.start_head()
             positions = positions_from_mask(attention_mask)
@@ -223,22 +231,15 @@ def decode(
                 sources = sources_of(plan) if sources is None else sources
                 Speculation(backend, cache, out, key_valid, next_pos, sources, draft=draft, stats=typed).run()
                 return out.finish()
-            decoder = None
-            if mode == "lossy":
-                early_exit = cast(EarlyExitPolicy, plan.policy.early_exit)  # decode_mode "lossy" needs it
-                decoder = ExitDecoder(backend, cache, copy=early_exit.kv == "copy", stats=typed)
-                if typed is not None:
-                    typed.start_exits()
+            decoder = step_decoder(backend, cache, typed)
             while not out.done:
                 valid = key_valid[:, : out.length]
                 if decoder is None:
                     logits = run_step(backend, cache, token[:, None], next_pos, valid, stats=typed)
                 else:
-                    logits, depth = decoder.step(
+                    logits = decoder.decode(
                         token[:, None], next_pos, MaskCache(backend, valid, backend.dtype)
                     )
-                    if typed is not None:
-                        typed.count_exit([int(d) for d in depth])
                 next_pos = next_pos + 1
                 token = out.emit(sampler(logits, generator))
         return out.finish()

@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import techniques
 from ..arrays import Array
 from ..artifact import (
     CASCADE_FILE,
     CASCADE_FORMAT,
     CASCADE_SCHEMA_VERSION,
     FORMAT,
-    KINDS,
     PLAN_FILE,
     SCHEMA_VERSION,
     SEQ2SEQ_FILE,
@@ -107,7 +107,7 @@ def _checked_files(
     if not isinstance(raw, dict) or not isinstance(files, dict) or not isinstance(raw.get("stages"), list):
         raise ArtifactError(f"{plan_path} lacks 'plan' (with its 'stages') or 'files'")
     kinds = [s.get("kind") if isinstance(s, dict) else None for s in raw["stages"]]
-    unknown = sorted({str(k) for k in kinds if k not in KINDS})
+    unknown = sorted({str(k) for k in kinds if k not in techniques.stage_kinds()})
     if unknown:
         raise ArtifactError(f"{out_dir} has stages of kinds {unknown}, which this runtime does not run yet")
     check_model(raw.get("model"), raw["stages"], plan_path)

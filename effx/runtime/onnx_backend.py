@@ -28,6 +28,7 @@ from typing import Any, cast
 import array_api_compat.numpy as XP
 import numpy as np
 
+from .. import techniques
 from ..artifact import fused_inputs
 from ..errors import ArtifactError
 from ..plan import Plan, StageLike
@@ -401,13 +402,12 @@ def check_shapes(plan: Plan, name: str, sess: Session, path: Path) -> None:
                 (f"input {i.name}", i.shape, 1, info.num_kv_heads),
                 (f"input {i.name}", i.shape, 3, info.head_dim),
             ]
-    outputs = sess.get_outputs()
-    if kind == "embed":
-        wanted.append(("output hidden", outputs[0].shape, -1, info.hidden_size))
-        wanted += [(f"output {o.name}", o.shape, -1, info.rope_width) for o in outputs[1:3]]
-    elif kind in ("layer", "head", "full_head", "exit"):
-        size = info.hidden_size if kind == "layer" else info.vocab_size
-        wanted.append((f"output {outputs[0].name}", outputs[0].shape, -1, size))
+    sizes = {"hidden": info.hidden_size, "rope": info.rope_width, "vocab": info.vocab_size}
+    declared = techniques.stage_kind(kind).signature(stage.attrs if stage is not None else {})[1]
+    for o, name in zip(sess.get_outputs(), declared, strict=False):  # the last axis where the model fixes it
+        last = techniques.TENSORS[name][0][-1]
+        if last in sizes:
+            wanted.append((f"output {o.name}", o.shape, -1, sizes[last]))
     for what, dims, axis, size in wanted:
         found = dims[axis] if isinstance(dims, list) and len(dims) > max(axis, -axis - 1) else None
         if isinstance(found, int) and found != size:

@@ -112,8 +112,7 @@ def _score(
         return xp.stack(forced.logp, axis=1), xp.stack(forced.greedy, axis=1)
     key_valid = xp.concat([xp.astype(context_mask, xp.bool), xp.ones((batch, n), dtype=xp.bool)], axis=1)
     with backend.compute():
-        rollback = bool(plan.drops) or plan.policy.core_neurons
-        cache = backend.new_cache(batch, c + n, rollback=rollback)
+        cache = backend.new_cache(batch, c + n, rollback=plan.rollback)
         positions = positions_from_mask(context_mask)
         if stats is not None and plan.full_head is not None:
             stats.start_head()

@@ -7,7 +7,8 @@ the first disagreement, or the token after the last draft when every draft agree
 therefore the Program's greedy choice given the row's tokens before it: the output is the dense greedy
 output, whatever the source proposes.
 
-Draft sources (:class:`DraftSource`):
+Draft sources (:class:`DraftSource`; a technique declares its own with a ``draft`` hook, see
+:mod:`effx.techniques`):
 
 * :class:`LookupDraft` (``prompt-lookup``): the tokens that followed the most recent earlier occurrence of
   the row's last n-gram, in the prompt or in the text generated so far (prompt lookup decoding). No weights;
@@ -36,11 +37,13 @@ compacted (each row's valid slots moved to the front of the generated region, in
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
+from .. import techniques
 from ..arrays import Array, take_along_axis
 from ..plan import EarlyExitPolicy, Plan, StageSpec
+from ..techniques.draft import Draft, DraftSource
+from ..techniques.prompt_lookup import LookupDraft
 from .forward import KVCache, MaskCache, as_backend, positions_from_mask
 from .stats import DecodeStats
 from .vocab import exit_logits, head_logits
@@ -56,103 +59,10 @@ __all__ = [
     "LookupDraft",
     "Speculation",
     "capacity",
+    "exit_draft",
     "longest_draft",
     "sources_of",
 ]
-
-
-@dataclass
-class Draft:
-    """What a source proposes for one round.
-
-    ``tokens [batch, m]`` the drafts (any token id past a row's count), ``counts`` (per row, a list of ints)
-    how many of them the row really proposes. ``hidden`` (or None): ``(hidden, cos, sin)`` of the verifier's
-    inputs (the last token and the first ``m - 1`` drafts) after the layers up to ``through``, whose cache
-    entries the source has already written; then ``bonus`` is False (the last draft is not an input).
-    """
-
-    tokens: Array
-    counts: list[int]
-    hidden: tuple[Array, Array, Array] | None = None
-    through: int = -1
-    bonus: bool = True
-
-
-class DraftSource:
-    """Proposes tokens for the verifier. ``name`` keys its statistics; ``draft`` is the most tokens it
-    proposes in a round."""
-
-    name = "draft"
-    draft = 8
-
-    def start(self, spec: Speculation) -> None:
-        """Called once after the prefill and the first token."""
-
-    def propose(self, spec: Speculation, n: int) -> Draft | None:
-        """Up to ``n`` drafts per row for the rows of ``spec.active``, or None when nothing is proposed."""
-        raise NotImplementedError
-
-    def appended(self, spec: Speculation, row: int, tokens: list[int]) -> None:
-        """Row ``row`` has emitted ``tokens``."""
-
-    def verified(self, spec: Speculation, counts: list[int], accepted: list[int]) -> None:
-        """This source drafted the round just verified: per row, ``counts`` drafts, ``accepted`` kept."""
-
-    def sync(self, spec: Speculation) -> None:
-        """Before a compaction: bring any cache of the source's own to ``spec.length`` slots."""
-
-    def compacted(self, spec: Speculation, start: int, index: Array) -> None:
-        """The verifier compacted its cache (``KVCache.compact(start, index)``): do the same to any of the
-        source's own."""
-
-
-class LookupDraft(DraftSource):
-    """Prompt lookup: the continuation of the most recent earlier occurrence of the row's last n-gram
-    (``ngram`` tokens, else shorter down to ``min_ngram``) in the row's prompt and output."""
-
-    name = "lookup"
-
-    def __init__(self, ngram: int, min_ngram: int, draft: int) -> None:
-        self.draft = draft
-        self.sizes = list(range(ngram, min_ngram - 1, -1))
-        self.history: list[list[int]] = []
-        # per row, per n-gram size: n-gram -> where the tokens that followed its latest occurrence start
-        self.index: list[dict[int, dict[tuple[int, ...], int]]] = []
-
-    def start(self, spec: Speculation) -> None:
-        self.history = [[] for _ in range(spec.batch)]
-        self.index = [{s: {} for s in self.sizes} for _ in range(spec.batch)]
-        for b in range(spec.batch):
-            self.appended(spec, b, spec.row_tokens(b))
-
-    def appended(self, spec: Speculation, row: int, tokens: list[int]) -> None:
-        hist, index = self.history[row], self.index[row]
-        for t in tokens:
-            n = len(hist)
-            for s in self.sizes:  # the n-gram that ends just before the new token now has a continuation
-                if n >= s:
-                    index[s][tuple(hist[n - s :])] = n
-            hist.append(int(t))
-
-    def propose(self, spec: Speculation, n: int) -> Draft | None:
-        rows = []
-        for b in range(spec.batch):
-            found: list[int] = []
-            if spec.active[b]:
-                hist, index = self.history[b], self.index[b]
-                for s in self.sizes:
-                    if len(hist) >= s:
-                        at = index[s].get(tuple(hist[-s:]))
-                        if at is not None:
-                            found = hist[at : at + n]
-                            break
-            rows.append(found)
-        m = max(len(r) for r in rows)
-        if m == 0:
-            return None
-        xp = spec.xp
-        tokens = xp.asarray([r + [0] * (m - len(r)) for r in rows], dtype=xp.int64)
-        return Draft(tokens, [len(r) for r in rows])
 
 
 class ExitDraft(DraftSource):
@@ -209,15 +119,20 @@ class ExitDraft(DraftSource):
         )
 
 
+def exit_draft(policy: EarlyExitPolicy, plan: Plan) -> ExitDraft | None:
+    """EarlyExit's draft hook: the shallowest exit drafts when the plan decodes self-speculatively."""
+    return ExitDraft(policy.draft) if plan.decode_mode == "self-speculative" else None
+
+
 def sources_of(plan: Plan) -> list[DraftSource]:
-    """The draft sources ``plan`` decodes with, in the order they are tried ([] for no speculation)."""
+    """The draft sources ``plan`` decodes with, in the order they are tried ([] for no speculation): each
+    technique's ``draft`` hook (``effx.techniques``), in registration order."""
     sources: list[DraftSource] = []
-    lookup = plan.policy.prompt_lookup
-    if lookup is not None:
-        sources.append(LookupDraft(lookup.ngram, lookup.min_ngram, lookup.draft))
-    if plan.decode_mode == "self-speculative":
-        # decode_mode "self-speculative" comes from the early_exit policy
-        sources.append(ExitDraft(cast(EarlyExitPolicy, plan.policy.early_exit).draft))
+    for t, policy in plan.used_techniques:
+        if t.draft is not None and policy is not None:
+            source = techniques.hook(t.draft)(policy, plan)
+            if source is not None:
+                sources.append(source)
     return sources
 
 

@@ -47,6 +47,21 @@ def select_tokens(scores: Array, valid: Array, protected: Array, quota: Array) -
     return xp.take_along_axis(indices, perm, axis=1), xp.take_along_axis(keep_valid, perm, axis=1)
 
 
+def prefill(
+    backend: BackendLike,
+    cache: KVCache,
+    input_ids: Array,
+    positions: Array,
+    key_valid: Array,
+    stats: DecodeStats | None = None,
+) -> tuple[Array, BackendLike] | None:
+    """TokenDrop's prefill hook (``effx.techniques.token_drop``): :func:`drop_prefill` for a plan that drops
+    tokens, None for another."""
+    if not as_backend(backend).plan.drops:
+        return None
+    return drop_prefill(backend, cache, input_ids, positions, key_valid, stats), backend
+
+
 def drop_prefill(
     backend: BackendLike,
     cache: KVCache,
