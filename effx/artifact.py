@@ -24,6 +24,8 @@ from .errors import ArtifactError
 from .plan import Plan
 
 __all__ = [
+    "BLOCK_KINDS",
+    "one_block",
     "CASCADE_FILE",
     "CASCADE_FORMAT",
     "CASCADE_SCHEMA_VERSION",
@@ -75,6 +77,19 @@ _INT32 = 2**31 - 1
 # [batch], the filled length after the step minus one), total_len (int32, that length), and the step's
 # rotary angles as RotaryEmbedding takes them (fused_inputs)
 FUSED_INPUTS = ("seqlens_k", "total_len", "rope_ids", "rope_cos", "rope_sin")
+
+
+# the stage kinds of a program whose every decoding step runs all its layers back to back (no decision
+# between them): only then is the artifact's whole-model segment ("layers") the one a step runs
+BLOCK_KINDS = ("embed", "layer", "head", "full_head")
+
+
+def one_block(stages) -> bool:
+    """Whether every decoding step runs all of ``stages``'s layers back to back with one mask: only stages of
+    :data:`BLOCK_KINDS` (any other kind, an exit, TokenDrop's or a technique's own, may be a decision point)
+    and one attention window."""
+    windows = {s.attrs.get("sliding_window") for s in stages if s.kind == "layer"}
+    return all(s.kind in BLOCK_KINDS for s in stages) and len(windows) == 1
 
 
 def fused_inputs(cos, sin, start: int, length: int) -> dict:

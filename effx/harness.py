@@ -32,12 +32,15 @@ Importing this module registers it too (for the Python API, ``lm_eval.simple_eva
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -49,7 +52,7 @@ from . import frontend
 from .errors import EffxError
 from .runtime.stats import DecodeStats, drafts_part, fallbacks_part
 
-__all__ = ["TASKS_DIR", "EffxLM", "format_stats"]
+__all__ = ["TASKS_DIR", "EffxLM", "RunTotals", "format_stats"]
 
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
 """effx's local lm-eval tasks (``--include_path`` this directory); they read data that ships offline."""
@@ -92,6 +95,52 @@ def format_stats(totals: dict) -> str:
     return "; ".join(parts)
 
 
+@dataclass
+class RunTotals:
+    """What the runtime decided over a run's requests, summed from each batch's :class:`DecodeStats`. A
+    counter stays None until a batch reports it (:meth:`as_dict` leaves it out)."""
+
+    layers: int
+    exit_depths: Counter[int] = field(default_factory=Counter)  # layers run -> tokens
+    drafted: int | None = None
+    accepted: int | None = None
+    head_positions: int | None = None
+    head_fallbacks: int | None = None
+    kept_tokens: int | None = None  # prompt tokens kept at each batch's last drop layer
+    prompt_tokens: int | None = None  # the prompt tokens of those batches
+    scored: int | None = None
+    generated: int | None = None
+
+    def add(self, stats: DecodeStats, prompts: list[int], lengths: list[int], *, scoring: bool) -> None:
+        """Fold one batch's ``stats`` in; ``prompts`` are the rows' prompt (context) lengths, ``lengths`` the
+        tokens each row really scored or generated (steps past a row's end, which padding forced, are not
+        counted)."""
+        for step, depths in enumerate(stats.exit_layers or []):
+            # scoring: decode step ``step`` gives continuation token ``step + 1``; generating: token ``step + 1``
+            for b, d in enumerate(depths):
+                if step + 1 < lengths[b]:
+                    self.exit_depths[int(d)] += 1
+        for name in ("drafted", "accepted", "head_positions", "head_fallbacks"):
+            value = getattr(stats, name)
+            if value:
+                setattr(self, name, (getattr(self, name) or 0) + int(value))
+        kept = stats.kept_tokens
+        if kept:
+            last = max(kept)
+            self.kept_tokens = (self.kept_tokens or 0) + int(sum(kept[last]))
+            self.prompt_tokens = (self.prompt_tokens or 0) + sum(prompts)
+        if scoring:
+            self.scored = (self.scored or 0) + sum(lengths)
+        else:
+            self.generated = (self.generated or 0) + sum(lengths)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The totals as JSON (exit depths keyed by their string), counters never reported left out."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        out["exit_depths"] = {str(k): v for k, v in sorted(self.exit_depths.items())}
+        return out
+
+
 @register_model("effx")
 class EffxLM(TemplateLM):
     """An effx Program (torch) or artifact (ONNX Runtime) as an lm-eval model; see the module's doc."""
@@ -104,7 +153,8 @@ class EffxLM(TemplateLM):
         artifact: str | None = None,
         kernels: str | None = None,
         batch_size: int | str = 1,
-        device: str | None = None,  # lm-eval's --device (cuda:0 by default): the torch backend runs on the CPU
+        device: str
+        | None = None,  # lm-eval's --device (cuda:0 by default): the torch backend runs on the CPU
         max_length: int | None = None,
         max_gen_toks: int = 256,
         chunk: int = 256,
@@ -133,7 +183,11 @@ class EffxLM(TemplateLM):
             self.batch_size = int(batch_size)
         except ValueError:
             raise HarnessError(f"batch_size must be a positive integer, got {batch_size!r}") from None
-        for name, value in (("batch_size", self.batch_size), ("max_gen_toks", max_gen_toks), ("chunk", chunk)):
+        for name, value in (
+            ("batch_size", self.batch_size),
+            ("max_gen_toks", max_gen_toks),
+            ("chunk", chunk),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise HarnessError(f"{name} must be a positive integer, got {value!r}")
         self.max_gen_toks, self.chunk = max_gen_toks, chunk
@@ -144,7 +198,7 @@ class EffxLM(TemplateLM):
         self._max_length = min(positions, 4096) if max_length is None else int(max_length)
         if not 2 <= self._max_length <= positions:
             raise HarnessError(f"max_length must be in [2, {positions}], got {max_length}")
-        self.totals: dict = {"layers": self.backend.plan.model.num_layers, "exit_depths": Counter()}
+        self.totals = RunTotals(layers=self.backend.plan.model.num_layers)
         self.seconds = 0.0
 
     def _load(self, model, passes, kernels, artifact) -> None:
@@ -216,36 +270,19 @@ class EffxLM(TemplateLM):
 
     def stats(self) -> dict:
         """What the runtime decided over every request so far, and the time spent in it."""
-        out = dict(self.totals)
-        out["exit_depths"] = {str(k): v for k, v in sorted(out["exit_depths"].items())}
-        out["seconds"] = round(self.seconds, 2)
-        return out
+        return self.totals.as_dict() | {"seconds": round(self.seconds, 2)}
 
     def _report(self, what: str) -> None:
-        sys.stderr.write(f"[effx] after {what}: {format_stats(self.stats())} ({self.seconds:.1f} s in effx)\n")
+        sys.stderr.write(
+            f"[effx] after {what}: {format_stats(self.stats())} ({self.seconds:.1f} s in effx)\n"
+        )
 
-    def _add(self, stats: DecodeStats | dict, prompts: list[int], lengths: list[int], *, scoring: bool) -> None:
-        """Fold one batch's run-time stats into the totals; ``prompts`` are the rows' prompt (context)
-        lengths, ``lengths`` the tokens each row really scored or generated (steps past a row's end, which
-        padding forced, are not counted)."""
-        t, typed = self.totals, stats if isinstance(stats, DecodeStats) else DecodeStats.from_dict(stats)
-        for step, depths in enumerate(typed.exit_layers or []):
-            # scoring: decode step ``step`` gives continuation token ``step + 1``; generating: token ``step + 1``
-            for b, d in enumerate(depths):
-                if step + 1 < lengths[b]:
-                    t["exit_depths"][int(d)] += 1
-        counters = {"drafted": typed.drafted, "accepted": typed.accepted}
-        counters.update(head_positions=typed.head_positions, head_fallbacks=typed.head_fallbacks)
-        for key, value in counters.items():
-            if value:
-                t[key] = t.get(key, 0) + int(value)
-        kept = typed.kept_tokens
-        if kept:
-            last = max(kept)
-            t["kept_tokens"] = t.get("kept_tokens", 0) + int(sum(kept[last]))
-            t["prompt_tokens"] = t.get("prompt_tokens", 0) + sum(prompts)
-        key = "scored" if scoring else "generated"
-        t[key] = t.get(key, 0) + sum(lengths)
+    def _add(
+        self, stats: DecodeStats | dict, prompts: list[int], lengths: list[int], *, scoring: bool
+    ) -> None:
+        """Fold one batch's run-time stats into the totals (see :meth:`RunTotals.add`)."""
+        typed = stats if isinstance(stats, DecodeStats) else DecodeStats.from_dict(stats)
+        self.totals.add(typed, prompts, lengths, scoring=scoring)
 
     def _arrays(self, rows: list[list[int]], *, left: bool, pad: int = 0):
         """``rows`` padded to one length (on the left, or the right) as the backend's int64 arrays, with the
@@ -290,7 +327,9 @@ class EffxLM(TemplateLM):
         if batch:
             yield batch
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, *, what: str = "loglikelihood", **kwargs):
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, *, what: str = "loglikelihood", **kwargs
+    ):
         from .runtime.score import score
 
         pairs = [self._window(list(r[1]), list(r[2])) for r in requests]
@@ -376,12 +415,14 @@ class EffxLM(TemplateLM):
             kwargs.pop("temperature", None)
             if kwargs:
                 raise HarnessError(f"generation argument(s) {sorted(kwargs)} are not supported by effx")
-            encoded = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen) :] for i in members}
+            encoded = {
+                i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen) :] for i in members
+            }
             members = sorted(members, key=lambda i: -len(encoded[i]))
             for lo in range(0, len(members), self.batch_size):
                 idx = members[lo : lo + self.batch_size]
                 ids, mask = self._arrays([encoded[i] for i in idx], left=True, pad=self.eot_token_id)
-                stats: dict = {}
+                stats = DecodeStats()
                 start = time.perf_counter()
                 out = self._generate(
                     ids,

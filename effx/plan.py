@@ -355,6 +355,14 @@ class Plan:
         )
 
     @property
+    def decides(self) -> bool:
+        """Whether a technique's per-step decisions choose the tokens (lossy exits): the output is not the
+        dense one's, and a teacher-forced scorer must score what the loop decodes."""
+        return any(
+            t.decides is not None and t.decides(p, self) for t, p in self.used_techniques if p is not None
+        )
+
+    @property
     def rollback(self) -> bool:
         """Whether the KV cache must be able to roll back (a technique writes entries it may take back)."""
         return any(

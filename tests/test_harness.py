@@ -195,7 +195,7 @@ def test_a_pipeline_scores_as_its_agreement_says(model_dir, dense_lm):
 def test_run_time_decisions_are_summed_over_requests(dense_lm):
     """Stats of a batch fold into the run's totals; steps past a row's end (padding) are not counted."""
     lm = EffxLM.__new__(EffxLM)
-    lm.totals, lm.seconds = {"layers": 4, "exit_depths": __import__("collections").Counter()}, 0.0
+    lm.totals, lm.seconds = effx.harness.RunTotals(layers=4), 0.0
     lm._add({"exit_layers": [[2, 4], [2, 2], [4, 2]]}, [5, 5], [4, 2], scoring=True)
     lm._add({"drafted": 6, "accepted": 3, "head_positions": 4, "head_fallbacks": 1}, [5], [3], scoring=False)
     lm._add({"kept_tokens": {1: [3, 2], 3: [2, 1]}}, [4, 4], [1, 1], scoring=True)

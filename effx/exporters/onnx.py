@@ -73,6 +73,7 @@ from ..artifact import (
     TOKENIZER_DIR,
     WEIGHTS,
     folder_checksums,
+    one_block,
     sha256,
     write_manifest,
 )
@@ -427,8 +428,7 @@ def _runs_as_one_block(program) -> bool:
     """Whether every decoding step runs all of ``program``'s layers back to back with one mask: no exits
     or token-drop stages between them, one attention window. Only then is a segment the whole-model one
     (``layers``, with the bound cache's outputs)."""
-    kinds = {s.kind for s in program}
-    return not kinds & {"exit", "token_score", "token_drop"} and len(program.windows) == 1
+    return one_block(list(program))
 
 
 def _segment_name(run) -> str:

@@ -29,7 +29,7 @@ import array_api_compat.numpy as XP
 import numpy as np
 
 from .. import techniques
-from ..artifact import fused_inputs
+from ..artifact import fused_inputs, one_block
 from ..errors import ArtifactError
 from ..plan import Plan, StageLike
 from .backend import Backend
@@ -144,7 +144,7 @@ class OnnxBackend(Backend):
         segments = list(segments)
         every = [s.name for s in layers]
         self._segment: Segment | None = None
-        if not plan.exits and not plan.drops and len(plan.windows) == 1:
+        if one_block(plan.stages):
             self._segment = next((seg for seg in segments if list(seg["stages"]) == every), None)
         # otherwise each segment is a run of layers between decision points
         runs = [self._segment] if self._segment else segments
@@ -407,7 +407,7 @@ def check_shapes(plan: Plan, name: str, sess: Session, path: Path) -> None:
     for o, name in zip(sess.get_outputs(), declared, strict=False):  # the last axis where the model fixes it
         last = techniques.TENSORS[name][0][-1]
         if last in sizes:
-            wanted.append((f"output {o.name}", o.shape, -1, sizes[last]))
+            wanted.append((f"output {name}", o.shape, -1, sizes[last]))
     for what, dims, axis, size in wanted:
         found = dims[axis] if isinstance(dims, list) and len(dims) > max(axis, -axis - 1) else None
         if isinstance(found, int) and found != size:

@@ -106,7 +106,7 @@ def _score(
 ) -> tuple[Array, Array]:
     xp, plan = backend.xp, backend.plan
     (batch, c), n = context.shape, continuation.shape[1]
-    if plan.decode_mode == "lossy":
+    if plan.decides:  # lossy exits: score the tokens the way the loop decides them
         forced = _Forced(xp, continuation)
         decode(backend, context, context_mask, max_new=n, eos=[], pad=0, sampler=forced, stats=stats)
         return xp.stack(forced.logp, axis=1), xp.stack(forced.greedy, axis=1)

@@ -10,8 +10,9 @@ A technique (early exits, prompt lookup, token drop, ...) is one :class:`Techniq
   whose shapes :data:`TENSORS` gives once for every backend and exporter), where it may stand in a plan,
   and its FLOP rule (runs every step or in the prefill only, on the last position only, always or only
   sometimes);
-* its **flags**: whether its drafts are verified (``speculative``: greedy only, token-identical) and whether
-  the KV cache must be able to roll back;
+* its **flags**: whether its drafts are verified (``speculative``: greedy only, token-identical), whether
+  its decisions choose the tokens (``decides``: lossy exits; a scorer then scores what it decodes) and
+  whether the KV cache must be able to roll back;
 * its **run-time hooks**, as ``"module:attribute"`` references resolved when first used (the decode loop
   lives in a layer above this one): ``draft`` (a draft source for the verifier), ``prefill`` (a prefill of
   its own), ``decoder`` (a per-step decoder: lossy exits).
@@ -128,7 +129,8 @@ class Technique:
     """What one technique declares: see the module's docstring. ``name`` is its pass's name
     (``"prompt-lookup"``), ``key`` its policy's key in a plan (``"prompt_lookup"``), ``policy`` the type of
     its settings (None: it needs nothing of the decode loop). ``speculative(policy, plan)``: whether this
-    plan's decoding drafts and verifies because of it; ``rollback(policy, plan)``: whether its cache must
+    plan's decoding drafts and verifies because of it; ``decides(policy, plan)``: whether its per-step
+    decisions choose the tokens (lossy: the output is not the dense one's); ``rollback(policy, plan)``: whether its cache must
     roll back; ``capabilities(policy)``: what a backend needs beyond running stages; ``validate(plan)``: what
     is wrong with a plan's use of it (policy against stages). Hooks are ``"module:attribute"`` strings:
     ``draft`` -> ``factory(policy, plan) -> DraftSource | None``; ``prefill`` -> ``fn(backend, cache, ids,
@@ -141,6 +143,7 @@ class Technique:
     policy: type | None = None
     stage_kinds: tuple[StageKind, ...] = ()
     speculative: Callable[[Any, Plan], bool] | None = None
+    decides: Callable[[Any, Plan], bool] | None = None
     rollback: Callable[[Any, Plan], bool] | None = None
     capabilities: Callable[[Any], tuple[str, ...]] | None = None
     validate: Callable[[Plan], str | None] | None = None

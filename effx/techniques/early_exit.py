@@ -83,6 +83,7 @@ register(
             ),
         ),
         speculative=lambda policy, plan: policy.mode == "self-speculative" and bool(plan.exits),
+        decides=lambda policy, plan: policy.mode == "lossy" and bool(plan.exits),
         rollback=lambda policy, plan: bool(plan.exits),
         capabilities=lambda policy: ("kv-copy",) if policy.kv == "copy" else (),
         validate=_validate,
