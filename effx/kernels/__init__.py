@@ -31,6 +31,10 @@ first use into the effx cache directory (``<cache>/kernels``, which must be this
 others; a few seconds, once). Where it cannot be (no compiler, an x86 CPU without AVX2/FMA, not Linux),
 :func:`available` is False, :func:`unavailable_reason` says why, and the torch backend runs the reference
 ATen ops. :func:`describe` says which target runs, for reports and benchmarks.
+
+Modules: :mod:`effx.kernels.build` (building and loading the library, the functions above),
+:mod:`effx.kernels.weights` (how the kernels read a weight operand), :mod:`effx.kernels.lower` and
+:mod:`effx.kernels.layer` (the torch backend's graphs on these kernels).
 """
 
 from __future__ import annotations
