@@ -186,13 +186,7 @@ class Cascade:
         )
         if self.gate is not None:
             self.gate.require_threshold()
-        config = self.large.generation_config
-        max_new = max_new_tokens
-        if max_new is None and given.get("max_length") is None:
-            max_new = getattr(config, "max_new_tokens", None)
-        if max_new is None and getattr(input_ids, "ndim", None) == 2:
-            max_length = given.get("max_length") or getattr(config, "max_length", None) or 20
-            max_new = max_length - input_ids.shape[1]
+        max_new = self._max_new(input_ids, max_new_tokens, given.get("max_length"))
         limit = min(self.small.info.max_positions, self.large.info.max_positions)
         vocab = self.large.info.vocab_size
         input_ids, attention_mask = check_inputs(
@@ -224,6 +218,24 @@ class Cascade:
         )
         if bar is not None:
             bar.close()
+        self._tally(run)
+        return tokens
+
+    def _max_new(self, input_ids, max_new_tokens: int | None, max_length: int | None) -> int | None:
+        """The tokens to generate: ``max_new_tokens``, else the large model's generation config's (unless
+        ``max_length`` is given), else ``max_length`` (given, the config's, or 20) less the prompt."""
+        config = self.large.generation_config
+        max_new = max_new_tokens
+        if max_new is None and max_length is None:
+            max_new = getattr(config, "max_new_tokens", None)
+        if max_new is None and getattr(input_ids, "ndim", None) == 2:
+            max_length = max_length or getattr(config, "max_length", None) or 20
+            max_new = max_length - input_ids.shape[1]
+        return max_new
+
+    def _tally(self, run: dict) -> None:
+        """Add one call's decisions (``run``, the stats :func:`effx.runtime.cascade.decode` filled) to the
+        cascade's running totals, which its report shows."""
         t = self._totals
         t.small_tokens += run["small_tokens"]
         t.large_tokens += run["large_tokens"]
@@ -231,7 +243,6 @@ class Cascade:
         for key in ("large_steps", "catch_up_tokens", "overridden", "drafted", "accepted", "rounds"):
             if key in run:
                 t.extra[key] = t.extra.get(key, 0) + run[key]
-        return tokens
 
     # -- calibration -----------------------------------------------------------------------------------
     def calibrate(

@@ -17,6 +17,7 @@ prompt set non-interactively, each prompt a conversation of its own, as PartInfe
 from __future__ import annotations
 
 import functools
+import json
 import re
 import sys
 import threading
@@ -51,6 +52,40 @@ TEMPLATE_SECONDS = 5.0
 _WIDTH = re.compile(r"%[-#0 +]*(\d+)")  # a printf-style width
 
 
+# the filters whose arguments and results the sandbox checks against the render's limit
+_CHECKED_FILTERS = ("center", "indent", "wordwrap", "truncate", "format", "batch", "slice", "join", "tojson")
+
+
+def _raise_exception(message):
+    """The templates' ``raise_exception``, as transformers gives it to them."""
+    raise TemplateError(f"the chat template refused the prompt: {message}")
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """The templates' ``tojson``, as transformers gives it to them: non-ASCII text kept."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _check_binop(operator: str, left, right, chars: int) -> None:
+    """Refuse, before it is computed, a ``*``, ``**``, ``+`` or ``%`` whose result would be over ``chars``
+    characters or items (:class:`TemplateLimitError`)."""
+    seq = (str, list, tuple)
+    if operator == "*":
+        n, item = (right, left) if isinstance(left, seq) else (left, right)
+        if isinstance(item, seq) and isinstance(n, int) and len(item) * n > chars:
+            raise TemplateLimitError(f"'*' asks for {len(item)} x {n} items, over the limit of {chars}")
+    elif operator == "**" and isinstance(left, int) and isinstance(right, int):
+        if right > 0 and abs(left) > 1 and right * abs(left).bit_length() > 8 * chars:
+            raise TemplateLimitError(f"'**' asks for {left}**{right}, over the limit of {chars} characters")
+    elif operator == "+" and isinstance(left, seq) and isinstance(right, seq):
+        if len(left) + len(right) > chars:
+            raise TemplateLimitError(f"'+' makes {len(left) + len(right)} items, over the limit of {chars}")
+    elif operator == "%" and isinstance(left, str):
+        widths = [int(w) for w in _WIDTH.findall(left)]
+        if widths and max(widths) > chars:
+            raise TemplateLimitError(f"'%' asks for a width of {max(widths)}, over the limit of {chars}")
+
+
 @functools.cache
 def _bounded_environment():
     """An immutable Jinja sandbox that refuses, before computing it, any value over the render's character
@@ -59,18 +94,9 @@ def _bounded_environment():
     deadline as it counts. Templates see what transformers gives them (``raise_exception``, ``strftime_now``,
     a ``tojson`` that keeps non-ASCII text, ``break`` and ``continue``), so they render as
     ``apply_chat_template`` renders them."""
-    import json
     from datetime import datetime
 
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TemplateError(f"the chat template refused the prompt: {message}")
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
 
     class Bounded(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"*", "**", "+", "%"})
@@ -78,20 +104,10 @@ def _bounded_environment():
         def __init__(self):
             super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
             self.globals["range"] = self._range
-            self.globals["raise_exception"] = raise_exception
+            self.globals["raise_exception"] = _raise_exception
             self.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
-            self.filters["tojson"] = tojson
-            for name in (
-                "center",
-                "indent",
-                "wordwrap",
-                "truncate",
-                "format",
-                "batch",
-                "slice",
-                "join",
-                "tojson",
-            ):
+            self.filters["tojson"] = _tojson
+            for name in _CHECKED_FILTERS:
                 self.filters[name] = self._checked(name, self.filters[name])
 
         # the limits of the render on this thread, set by render_template
@@ -130,29 +146,7 @@ def _bounded_environment():
         def call_binop(self, context, operator, left, right):
             chars, _ = self._limits()
             self._check(None, operator)
-            seq = (str, list, tuple)
-            if operator == "*":
-                n, item = (right, left) if isinstance(left, seq) else (left, right)
-                if isinstance(item, seq) and isinstance(n, int) and len(item) * n > chars:
-                    raise TemplateLimitError(
-                        f"'*' asks for {len(item)} x {n} items, over the limit of {chars}"
-                    )
-            elif operator == "**" and isinstance(left, int) and isinstance(right, int):
-                if right > 0 and abs(left) > 1 and right * abs(left).bit_length() > 8 * chars:
-                    raise TemplateLimitError(
-                        f"'**' asks for {left}**{right}, over the limit of {chars} characters"
-                    )
-            elif operator == "+" and isinstance(left, seq) and isinstance(right, seq):
-                if len(left) + len(right) > chars:
-                    raise TemplateLimitError(
-                        f"'+' makes {len(left) + len(right)} items, over the limit of {chars}"
-                    )
-            elif operator == "%" and isinstance(left, str):
-                widths = [int(w) for w in _WIDTH.findall(left)]
-                if widths and max(widths) > chars:
-                    raise TemplateLimitError(
-                        f"'%' asks for a width of {max(widths)}, over the limit of {chars}"
-                    )
+            _check_binop(operator, left, right, chars)
             return self._check(super().call_binop(context, operator, left, right), f"'{operator}''s result")
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)

@@ -26,6 +26,7 @@ loaded by ``EarlyExit(head="trained", heads=path)``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -158,7 +159,9 @@ class ExitStates:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"effx": json.dumps({"kind": STATES_KIND, "source": self.source})})
+        save_file(
+            tensors, str(tmp), metadata={"effx": json.dumps({"kind": STATES_KIND, "source": self.source})}
+        )
         tmp.replace(path)
         return path
 
@@ -177,7 +180,9 @@ class ExitStates:
         if meta.get("kind") != STATES_KIND:
             raise ArtifactError(f"{path} was not written by ExitStates.save")
         hidden = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("hidden.")}
-        return cls(hidden, tensors["top_ids"], tensors["top_logprobs"], tensors["group"], meta.get("source", ""))
+        return cls(
+            hidden, tensors["top_ids"], tensors["top_logprobs"], tensors["group"], meta.get("source", "")
+        )
 
     def split(self, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Position indices ``(train, held_out)``: the last ``holdout`` share of the sequences is held out
@@ -278,14 +283,15 @@ class _Scorer:
     def __init__(self, program, states: ExitStates, loss: str, ids):
         self.head = program.head.graph
         if ids is not None:
-            from .passes.vocab_reduce import _static_subset_graph
+            from .passes.vocab_reduce import static_subset_graph
 
-            self.head = _static_subset_graph(self.head, ids, program.info, "exit-heads")
+            self.head = static_subset_graph(self.head, ids, program.info, "exit-heads")
         self.frozen = {
             n: t.detach() for n, t in list(self.head.named_parameters()) + list(self.head.named_buffers())
         }
         self.states, self.loss = states, loss
-        self.dtype = torch_dtype(program.info)  # adapters train in float32; the head runs in the model's dtype
+        # adapters train in float32; the head runs in the model's dtype
+        self.dtype = torch_dtype(program.info)
         self.greedy = states.top_ids[:, 0]
         self.teacher = states.top_logprobs.softmax(-1)
 
@@ -369,10 +375,7 @@ def fit_exit_heads(
     shared head (before) and with the adapter (after); ``seconds`` per layer of fitting."""
     info = program.info
     d = info.hidden_size
-    layers = sorted(layers if layers is not None else states.layers)
-    missing = [x for x in layers if x not in states.hidden]
-    if missing:
-        raise ValueError(f"the states hold layers {states.layers}, not {missing}")
+    layers = _fit_layers(states, layers)
     ids = _check_fit(
         program, rank=rank, loss=loss, epochs=epochs, batch_size=batch_size, vocab=vocab, vocab_k=vocab_k
     )
@@ -398,26 +401,11 @@ def fit_exit_heads(
         for e in layers:
             start = time.perf_counter()
             h = states.hidden[e]
-            down = torch.nn.Parameter(torch.randn(rank, d, generator=g) / d**0.5)
-            up = torch.nn.Parameter(torch.zeros(d, rank))
-
-            def adapt(x, down=down, up=up):
-                return _adapt(x, down, up)
-
             before[e], loss_before[e] = scorer.evaluate(h, test)
-            optim = torch.optim.Adam([down, up], lr=lr)
-            sched = torch.optim.lr_scheduler.OneCycleLR(optim, lr, total_steps=epochs * per_epoch)
-            for _ in range(epochs):
-                order = train[torch.randperm(len(train), generator=g)]
-                for i in range(0, len(order), batch_size):
-                    rows = order[i : i + batch_size]
-                    optim.zero_grad()
-                    scorer.objective(scorer.logprobs(adapt(h[rows])), rows).backward()
-                    optim.step()
-                    sched.step()
-                    if bar is not None:
-                        bar.update()
-            after[e], loss_after[e] = scorer.evaluate(h, test, adapt)
+            down, up = _train_adapter(
+                scorer, h, train, g, bar, d=d, rank=rank, lr=lr, epochs=epochs, batch_size=batch_size
+            )
+            after[e], loss_after[e] = scorer.evaluate(h, test, functools.partial(_adapt, down=down, up=up))
             state[f"exit.{e}.down"] = down.detach().clone().contiguous()
             state[f"exit.{e}.up"] = up.detach().clone().contiguous()
             seconds[e] = time.perf_counter() - start
@@ -439,6 +427,38 @@ def fit_exit_heads(
         "seconds": seconds,
         "state": state,
     }
+
+
+def _fit_layers(states: ExitStates, layers: list[int] | None) -> list[int]:
+    """The layers to fit, sorted: ``layers`` (ValueError naming those the states lack), else all of them."""
+    layers = sorted(layers if layers is not None else states.layers)
+    missing = [x for x in layers if x not in states.hidden]
+    if missing:
+        raise ValueError(f"the states hold layers {states.layers}, not {missing}")
+    return layers
+
+
+def _train_adapter(scorer, h, train, g, bar, *, d: int, rank: int, lr: float, epochs: int, batch_size: int):
+    """One layer's adapter ``(down, up)`` trained on the states ``h`` at the positions ``train``: ``down``
+    random (from ``g``) and ``up`` zero, so training starts from the shared head; Adam with a one-cycle
+    schedule peaking at ``lr``, ``epochs`` passes in shuffled minibatches of ``batch_size`` (``bar``, if
+    any, counts them); ``d``: the model's hidden size."""
+    per_epoch = max(1, math.ceil(len(train) / batch_size))
+    down = torch.nn.Parameter(torch.randn(rank, d, generator=g) / d**0.5)
+    up = torch.nn.Parameter(torch.zeros(d, rank))
+    optim = torch.optim.Adam([down, up], lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(optim, lr, total_steps=epochs * per_epoch)
+    for _ in range(epochs):
+        order = train[torch.randperm(len(train), generator=g)]
+        for i in range(0, len(order), batch_size):
+            rows = order[i : i + batch_size]
+            optim.zero_grad()
+            scorer.objective(scorer.logprobs(_adapt(h[rows], down, up)), rows).backward()
+            optim.step()
+            sched.step()
+            if bar is not None:
+                bar.update()
+    return down, up
 
 
 def save_exit_heads(program, result: dict, path: str | os.PathLike, *, source: str = "") -> Path:
@@ -506,7 +526,9 @@ def train_exit_heads(
         raise ValueError("no exit layers: pass layers=[...] or apply EarlyExit first")
     # every argument checked before the minutes of generating and collecting
     _check_layers(program.info, layers)
-    _check_fit(program, rank=rank, loss=loss, epochs=epochs, batch_size=batch_size, vocab=vocab, vocab_k=vocab_k)
+    _check_fit(
+        program, rank=rank, loss=loss, epochs=epochs, batch_size=batch_size, vocab=vocab, vocab_k=vocab_k
+    )
     start = time.perf_counter()
     if generate:
         sequences = own_generations(

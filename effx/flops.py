@@ -171,7 +171,9 @@ def _always_run(program, per_stage: dict[str, int]) -> int:
     return sum(per_stage[s.name] for s in program if techniques.stage_kind(s.kind).always)
 
 
-def _param_bytes(gm: torch.fx.GraphModule, seen: set[int] | None = None) -> int:
+def param_bytes(gm: torch.fx.GraphModule, seen: set[int] | None = None) -> int:
+    """The bytes of ``gm``'s parameters and buffers, each tensor counted once (``seen``: the ids of tensors
+    already counted, shared across calls to count weights shared between graphs once)."""
     seen = set() if seen is None else seen
     total = 0
     for t in list(gm.parameters()) + list(gm.buffers()):
@@ -185,7 +187,7 @@ def weight_bytes(program) -> int:
     """Bytes of the weights the Program's stages hold (each shared tensor once): what it keeps resident
     once the original model is gone."""
     seen: set[int] = set()
-    return sum(_param_bytes(stage.graph, seen) for stage in program)
+    return sum(param_bytes(stage.graph, seen) for stage in program)
 
 
 def decode_weight_bytes(program) -> int:
@@ -200,9 +202,9 @@ def decode_weight_bytes(program) -> int:
             rows = {int(t.shape[0]) for t in stage.graph.buffers() if t.dim() == 2} | {
                 int(t.shape[0]) for t in stage.graph.parameters() if t.dim() == 2
             }
-            total += _param_bytes(stage.graph) // max(rows, default=1)
+            total += param_bytes(stage.graph) // max(rows, default=1)
             continue
-        total += _param_bytes(stage.graph)
+        total += param_bytes(stage.graph)
     return total
 
 
@@ -220,7 +222,7 @@ def format_report(program, *, context: int = 512) -> str:
     for stage in program:
         roles = stage.role_counts()
         roles_text = " ".join(f"{r}:{c}" for r, c in sorted(roles.items()) if r != "shape")
-        row = (sum(roles.values()), _param_bytes(stage.graph) / 1e6, per_stage[stage.name] / 1e6, roles_text)
+        row = (sum(roles.values()), param_bytes(stage.graph) / 1e6, per_stage[stage.name] / 1e6, roles_text)
         if rows and stage.kind == "layer" and rows[-1][0] == "layer" and rows[-1][3] == row:
             rows[-1][2] = stage.layer
             rows[-1][4] += 1

@@ -174,15 +174,46 @@ class RecurrentProgram:
         may have run past the last token returned)."""
         import array_api_compat.torch as xp
 
-        from .runtime.inputs import check_arguments, check_ids, check_max_new, token_id, token_ids
-        from .runtime.recurrent import decode_row, generate_dense, prefill
-        from .runtime.stats import DecodeStats, collecting
+        from .runtime.inputs import check_arguments
+        from .runtime.recurrent import generate_dense
+        from .runtime.stats import collecting
 
         given = check_arguments(
             kwargs,
             implemented=("use_cache", "bos_token_id", "max_length"),
             front_end="Mamba generate (greedy)",
         )
+        ids, mask, max_new_tokens, eos, pad = self._generation_inputs(
+            xp, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, given.get("max_length")
+        )
+        with torch.inference_mode():
+            if self.exits is not None:
+                return self._generate_with_exits(xp, self.exits, ids, mask, max_new_tokens, eos, pad, stats)
+            states = self.new_states(ids.shape[0])
+            new = generate_dense(
+                self.run,
+                xp,
+                states,
+                ids,
+                mask.bool(),
+                num_layers=self.info.num_layers,
+                max_new=max_new_tokens,
+                eos=eos,
+                pad=pad,
+                dtype=self.dtype,
+            )
+            with collecting(stats) as typed:
+                if typed is not None:
+                    typed.set(states=[states])
+            return torch.cat([ids, new], dim=1)
+
+    def _generation_inputs(
+        self, xp, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, max_length
+    ):
+        """:meth:`generate`'s arguments checked and defaulted: ``(ids, mask, max_new, eos, pad)``; a row with
+        no tokens or padding after tokens (recurrent models take left-padded batches) is refused."""
+        from .runtime.inputs import check_ids, check_max_new, token_id, token_ids
+
         vocab = self.info.vocab_size
         ids, mask = check_ids(xp, input_ids, attention_mask, vocab)
         if bool((mask.sum(1) == 0).any()):
@@ -190,7 +221,6 @@ class RecurrentProgram:
         if bool((mask[:, 1:] < mask[:, :-1]).any()):
             raise GenerationInputError("recurrent models take left-padded batches: padding must come first")
         if max_new_tokens is None:
-            max_length = given.get("max_length")
             max_new_tokens = max_length - ids.shape[1] if max_length is not None else 20
         max_new_tokens = check_max_new(max_new_tokens)
         eos = (
@@ -202,60 +232,50 @@ class RecurrentProgram:
             pad = token_id("pad_token_id", pad_token_id, vocab)
         else:
             pad = self.pad_token_id if self.pad_token_id is not None else 0
+        return ids, mask, max_new_tokens, eos, pad
+
+    def _generate_with_exits(
+        self, xp, e: RecurrentExits, ids, mask, max_new_tokens: int, eos, pad: int, stats
+    ):
+        """:meth:`generate` with exits: each row prefilled and decoded on its own (:func:`decode_row`), the
+        rows' tokens cut at their first stop token and padded to one width."""
+        from .runtime.recurrent import decode_row, prefill
+        from .runtime.stats import DecodeStats, collecting
+
         n, dt = self.info.num_layers, self.dtype
-        with torch.inference_mode():
-            if self.exits is None:
-                states = self.new_states(ids.shape[0])
-                new = generate_dense(
-                    self.run,
-                    xp,
-                    states,
-                    ids,
-                    mask.bool(),
-                    num_layers=n,
-                    max_new=max_new_tokens,
-                    eos=eos,
-                    pad=pad,
-                    dtype=dt,
-                )
-                with collecting(stats) as typed:
-                    if typed is not None:
-                        typed.set(states=[states])
-                return torch.cat([ids, new], dim=1)
-            rows, all_states = [], []
-            with collecting(stats) as typed:
-                record = DecodeStats() if typed is None else typed
-                for r in range(ids.shape[0]):
-                    prompt = ids[r : r + 1, mask[r].bool()]
-                    states = self.new_states(1)
-                    hidden = prefill(self.run, xp, states, prompt, torch.ones_like(prompt), n, dt)
-                    first = int(self.head(hidden)[0][0, -1].argmax())
-                    e = self.exits
-                    rows.append(
-                        decode_row(
-                            self.run,
-                            xp,
-                            states,
-                            first,
-                            num_layers=n,
-                            exits=e.thresholds,
-                            mode=e.mode,
-                            draft=e.draft,
-                            max_new=max_new_tokens,
-                            eos=eos,
-                            dtype=dt,
-                            stats=record,
-                        )
+        rows, all_states = [], []
+        with collecting(stats) as typed:
+            record = DecodeStats() if typed is None else typed
+            for r in range(ids.shape[0]):
+                prompt = ids[r : r + 1, mask[r].bool()]
+                states = self.new_states(1)
+                hidden = prefill(self.run, xp, states, prompt, torch.ones_like(prompt), n, dt)
+                first = int(self.head(hidden)[0][0, -1].argmax())
+                rows.append(
+                    decode_row(
+                        self.run,
+                        xp,
+                        states,
+                        first,
+                        num_layers=n,
+                        exits=e.thresholds,
+                        mode=e.mode,
+                        draft=e.draft,
+                        max_new=max_new_tokens,
+                        eos=eos,
+                        dtype=dt,
+                        stats=record,
                     )
-                    all_states.append(states)
-                    record.set(run_tokens=[*(record.run_tokens or []), rows[-1][:-1]])
-                    rows[-1] = _cut(rows[-1][:max_new_tokens], eos)
-                record.set(states=all_states)
-            width = max(len(t) for t in rows)
-            new = torch.full((ids.shape[0], width), pad, dtype=torch.long)
-            for r, tokens in enumerate(rows):
-                new[r, : len(tokens)] = torch.tensor(tokens)
-            return torch.cat([ids, new], dim=1)
+                )
+                all_states.append(states)
+                record.set(run_tokens=[*(record.run_tokens or []), rows[-1][:-1]])
+                rows[-1] = _cut(rows[-1][:max_new_tokens], eos)
+            record.set(states=all_states)
+        width = max(len(t) for t in rows)
+        new = torch.full((ids.shape[0], width), pad, dtype=torch.long)
+        for r, tokens in enumerate(rows):
+            new[r, : len(tokens)] = torch.tensor(tokens)
+        return torch.cat([ids, new], dim=1)
 
 
 def _cut(tokens: list[int], eos) -> list[int]:

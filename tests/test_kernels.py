@@ -260,7 +260,7 @@ def test_plans_written_before_kernels_read_as_reference_and_bad_values_are_refus
 
 
 def test_backend_runs_reference_ops_where_kernels_are_missing(monkeypatch):
-    monkeypatch.setattr(kernels, "_library", lambda: (None, "no compiler here"))
+    monkeypatch.setattr(kernels.build, "library", lambda: (None, "no compiler here"))
     model = tiny_model("llama")
     program = effx.transform(model)
     assert program.plan.kernels == "fast"  # what was asked for is recorded ...

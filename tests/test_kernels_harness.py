@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from effx import kernels
+from effx.kernels import build
 
 HARNESS = os.path.join(os.path.dirname(__file__), "kernels_harness.c")
 # -O1: the bits do not depend on it (IEEE operations, no contraction), and the unrolled blocks compile in
@@ -41,13 +42,13 @@ def _harness(tmp_path, name: str, cc: str, flags=(), runner=()) -> list[str]:
 def _native(tmp_path) -> dict[str, list[str]]:
     """Each target as effx builds it on this CPU, and without its extras where it has some (AVX-512 without
     VNNI's int8 dot products: the byte multiply-adds of older AVX-512 CPUs)."""
-    cc = kernels._compiler()
+    cc = build._compiler()
     assert cc is not None, "no C compiler: the kernels cannot be built here"
     out = {}
     for isa in kernels.isas():
-        out[isa] = _harness(tmp_path, f"native-{isa}", cc, kernels._isa_flags(isa))
-        if kernels._isa_flags(isa) != kernels._ISA_FLAGS[isa]:
-            out[f"{isa} (plain)"] = _harness(tmp_path, f"plain-{isa}", cc, kernels._ISA_FLAGS[isa])
+        out[isa] = _harness(tmp_path, f"native-{isa}", cc, build._isa_flags(isa))
+        if build._isa_flags(isa) != build._ISA_FLAGS[isa]:
+            out[f"{isa} (plain)"] = _harness(tmp_path, f"plain-{isa}", cc, build._ISA_FLAGS[isa])
     return out
 
 
@@ -62,7 +63,7 @@ def test_every_native_target_keeps_the_contract_and_gives_the_same_bits(tmp_path
 def test_aarch64_targets_under_emulation_give_the_native_bits(tmp_path):
     """NEON, compiled for aarch64 and run under qemu-aarch64 (CI installs both tools:
     `make install-cross`); on an aarch64 machine the native test above runs NEON itself."""
-    if kernels._arch() == "aarch64":
+    if build._arch() == "aarch64":
         pytest.skip("aarch64 runs its targets natively (the test above)")
     if not (CROSS_CC and QEMU and os.path.isdir(SYSROOT)):
         if os.environ.get("CI"):
@@ -73,18 +74,18 @@ def test_aarch64_targets_under_emulation_give_the_native_bits(tmp_path):
     # (the portable C under emulation takes minutes of emulated fmaf calls: its bits are checked natively)
     runner = (QEMU, "-L", SYSROOT)
     neon = _harness(tmp_path, "aarch64-neon", CROSS_CC, (), runner)
-    assert neon == _harness(tmp_path, "native-generic", kernels._compiler(), kernels._ISA_FLAGS["generic"])
+    assert neon == _harness(tmp_path, "native-generic", build._compiler(), build._ISA_FLAGS["generic"])
     # with the dot-product instructions (sdot) of ARMv8.2 CPUs
     assert neon == _harness(tmp_path, "dotprod-neon", CROSS_CC, ("-march=armv8.2-a+dotprod",), runner)
 
 
 def test_kernels_load_on_every_cpu_that_has_a_vector_unit():
     """x86-64 with AVX2 (or AVX-512) and aarch64: the kernels must load, not fall back."""
-    if not sys.platform.startswith("linux") or kernels._compiler() is None:
+    if not sys.platform.startswith("linux") or build._compiler() is None:
         pytest.skip("the kernels are built on Linux with a C compiler")
-    arch, flags = kernels._arch(), kernels.cpu_features()
+    arch, flags = build._arch(), kernels.cpu_features()
     for isa in kernels.isas():
-        lib, why = kernels._load(isa)
+        lib, why = build._load(isa)
         assert lib is not None, f"{isa}: {why}"
     if (arch == "x86_64" and {"avx2", "fma", "f16c"} <= flags) or arch == "aarch64":
         assert kernels.available(), kernels.unavailable_reason()
@@ -101,7 +102,7 @@ def test_effx_kernels_chooses_a_target_or_none(monkeypatch):
     assert kernels.describe().startswith("effx kernels off: disabled by EFFX_KERNELS")
     monkeypatch.setenv("EFFX_KERNELS", "sse9")
     assert not kernels.available() and "not one of" in kernels.unavailable_reason()
-    other = "neon" if kernels._arch() == "x86_64" else "avx2"
+    other = "neon" if build._arch() == "x86_64" else "avx2"
     monkeypatch.setenv("EFFX_KERNELS", other)
     assert not kernels.available() and "cannot run" in kernels.unavailable_reason()
     with pytest.raises(ValueError, match="cannot run"):
@@ -120,15 +121,15 @@ def test_kernels_are_never_loaded_from_a_folder_or_file_others_can_write(tmp_pat
     monkeypatch.setenv("EFFX_CACHE", str(shared))
     source = tmp_path / "tiny.c"  # the same build path over a one-line source: seconds, not a full build
     source.write_text("int effx_tiny(void) { return 1; }\n")
-    monkeypatch.setattr(kernels, "_SOURCE", source)
-    first = kernels._build("generic")
+    monkeypatch.setattr(build, "_SOURCE", source)
+    first = build._build("generic")
     assert not folder.stat().st_mode & 0o022  # our own folder: made private before anything is built
     first.chmod(0o666)  # a library others could have rewritten: built again, not loaded
     planted = first.read_bytes()
     first.write_bytes(b"not a library")
-    again = kernels._build("generic")
+    again = build._build("generic")
     assert again == first and again.read_bytes() == planted and not again.stat().st_mode & 0o022
     if hasattr(os, "getuid") and os.getuid() == 0:  # a folder of another user: refused
         os.chown(folder, 65534, 65534)
         with pytest.raises(OSError, match="owned by another user"):
-            kernels._build("generic")
+            build._build("generic")

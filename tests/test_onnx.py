@@ -226,7 +226,7 @@ def test_default_providers(monkeypatch):
 
     monkeypatch.setattr(onnx_backend, "_CUDA_LIBRARIES_LOADED", False)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    assert onnx_backend._providers(None) == ["CPUExecutionProvider"]
+    assert onnx_backend.session_providers(None) == ["CPUExecutionProvider"]
     loads = []
     monkeypatch.setattr(ort, "preload_dlls", lambda: loads.append(1), raising=False)
     monkeypatch.setattr(
@@ -234,9 +234,9 @@ def test_default_providers(monkeypatch):
     )
     assert loads == []
     cuda = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
-    assert onnx_backend._providers(None) == cuda
-    assert onnx_backend._providers(["CUDAExecutionProvider"]) == ["CUDAExecutionProvider"]
-    assert onnx_backend._providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert onnx_backend.session_providers(None) == cuda
+    assert onnx_backend.session_providers(["CUDAExecutionProvider"]) == ["CUDAExecutionProvider"]
+    assert onnx_backend.session_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     assert loads == [1]
 
 

@@ -111,7 +111,7 @@ def _range_values(spec: str, sweep_text: str, max_values: int) -> tuple:
 
 
 def _list_value(item: str, sweep_text: str, is_tuple: bool):
-    from ..passes.base import _parse_scalar
+    from ..passes.pipeline import parse_scalar as _parse_scalar
 
     if not item.strip():
         raise BenchConfigError(f"sweep {sweep_text!r}: an empty value in the list")
@@ -171,7 +171,7 @@ def parse_sweep(text: str, *, max_configs: int = MAX_CONFIGS) -> Sweep:
 def _with_fields(passes: list, assigned: list[tuple[Sweep, Any]]) -> list:
     """``passes`` with the swept fields set: all fields of one pass at once, so a configuration is
     validated as a whole (``neuron-mask.keep`` with ``neuron-mask.score=random`` needs no profile)."""
-    from ..passes.base import _construct
+    from ..passes.pipeline import construct as _construct
 
     out = list(passes)
     by_pass: dict[str, list[tuple[Sweep, Any]]] = {}

@@ -265,7 +265,7 @@ def fuse_layer(model, *, num_heads: int, kv_heads: int, rotary: bool = True):
     ``hidden, k, v``) with fused attention and norms (see the module docstring), or None where its
     attention is not the decomposed form this rewrite knows."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     graph = model.graph
     ins = [x.name for x in graph.input]
@@ -281,31 +281,7 @@ def fuse_layer(model, *, num_heads: int, kv_heads: int, rotary: bool = True):
     if found is None:
         return None
     q_rot, scale, context = found
-    new_nodes: list = []
-    extra: list = []
-    sources = (_rotated(g, q_rot), _rotated(g, k_new), _heads(g, v_new)) if rotary else (None,)
-    if None not in sources:
-        # rotary embedding on the projections as they come ([batch, seq, heads * dim]): no transposes
-        q_proj, k_proj, v_proj = sources
-        for proj, heads, out in ((q_proj, num_heads, "gqa/q"), (k_proj, kv_heads, "gqa/k")):
-            new_nodes.append(
-                helper.make_node(
-                    "RotaryEmbedding",
-                    [proj, *FUSED_INPUTS[2:]],
-                    [out],
-                    domain=MS_DOMAIN,
-                    num_heads=heads,
-                    interleaved=0,
-                )
-            )
-        new_nodes.append(helper.make_node("Identity", [v_proj], ["gqa/v"]))
-    else:
-        # the graph's own rotary embedding, its heads back to [batch, seq, heads * dim]
-        extra = [
-            _bsh(new_nodes, q_rot, "gqa/q"),
-            _bsh(new_nodes, k_new, "gqa/k"),
-            _bsh(new_nodes, v_new, "gqa/v"),
-        ]
+    new_nodes, extra = _gqa_inputs(g, q_rot, k_new, v_new, num_heads, kv_heads, rotary)
     attn = helper.make_node(
         "GroupQueryAttention",
         ["gqa/q", "gqa/k", "gqa/v", past_k, past_v, FUSED_INPUTS[0], FUSED_INPUTS[1], "", "", "", mask],
@@ -324,8 +300,53 @@ def fuse_layer(model, *, num_heads: int, kv_heads: int, rotary: bool = True):
     nodes += new_nodes + [attn]
     known = [x.name for x in graph.input] + list(FUSED_INPUTS)
     nodes = fuse_norms(nodes, list(graph.initializer) + extra, known)
-    # keep what the outputs need, in that order
-    wanted = {hidden_out, "present_k", "present_v"}
+    nodes = _live(nodes, {hidden_out, "present_k", "present_v"})
+    used = {x for n in nodes for x in n.input}
+    inits = [t for t in graph.initializer if t.name in used] + [t for t in extra if t.name in used]
+    inputs, outputs = _fused_signature(graph, past_k)
+    fused = helper.make_graph(nodes, graph.name, inputs, outputs, inits)
+    opsets = list(model.opset_import)
+    if not any(o.domain == MS_DOMAIN for o in opsets):
+        opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return helper.make_model(fused, opset_imports=opsets, ir_version=model.ir_version)
+
+
+def _gqa_inputs(g, q_rot: str, k_new: str, v_new: str, num_heads: int, kv_heads: int, rotary: bool):
+    """The nodes that make GroupQueryAttention's ``gqa/q``, ``gqa/k`` and ``gqa/v`` (``[batch, seq, heads *
+    dim]``), and the initializers they add: ORT's rotary embedding on the projections as they come where
+    the graph's rope is the form :func:`_rotated` knows (and ``rotary``), else the graph's own rotary
+    embedding with its heads reshaped back."""
+    from onnx import helper
+
+    new_nodes: list = []
+    sources = (_rotated(g, q_rot), _rotated(g, k_new), _heads(g, v_new)) if rotary else (None,)
+    if None in sources:
+        # the graph's own rotary embedding, its heads back to [batch, seq, heads * dim]
+        extra = [
+            _bsh(new_nodes, q_rot, "gqa/q"),
+            _bsh(new_nodes, k_new, "gqa/k"),
+            _bsh(new_nodes, v_new, "gqa/v"),
+        ]
+        return new_nodes, extra
+    # rotary embedding on the projections as they come ([batch, seq, heads * dim]): no transposes
+    q_proj, k_proj, v_proj = sources
+    for proj, heads, out in ((q_proj, num_heads, "gqa/q"), (k_proj, kv_heads, "gqa/k")):
+        new_nodes.append(
+            helper.make_node(
+                "RotaryEmbedding",
+                [proj, *FUSED_INPUTS[2:]],
+                [out],
+                domain=MS_DOMAIN,
+                num_heads=heads,
+                interleaved=0,
+            )
+        )
+    new_nodes.append(helper.make_node("Identity", [v_proj], ["gqa/v"]))
+    return new_nodes, []
+
+
+def _live(nodes: list, wanted: set[str]) -> list:
+    """The nodes that the values ``wanted`` need, in their order in ``nodes``."""
     producer = {o: n for n in nodes for o in n.output if o}
     live, stack = set(), list(wanted)
     while stack:
@@ -334,9 +355,15 @@ def fuse_layer(model, *, num_heads: int, kv_heads: int, rotary: bool = True):
             continue
         live.add(id(n))
         stack.extend(x for x in n.input if x)
-    nodes = [n for n in nodes if id(n) in live]
-    used = {x for n in nodes for x in n.input}
-    inits = [t for t in graph.initializer if t.name in used] + [t for t in extra if t.name in used]
+    return [n for n in nodes if id(n) in live]
+
+
+def _fused_signature(graph, past_k: str) -> tuple[list, list]:
+    """A fused layer's inputs (the layer's own, then :data:`FUSED_INPUTS`) and outputs (the hidden state,
+    then the whole ``present_k``/``present_v`` caches, shaped as ``past_k`` with any length)."""
+    import onnx
+    from onnx import TensorProto, helper
+
     inputs = [x for x in graph.input]
     half = [d.dim_value // 2 for d in graph.input[1].type.tensor_type.shape.dim][-1]
     inputs += [
@@ -354,11 +381,7 @@ def fuse_layer(model, *, num_heads: int, kv_heads: int, rotary: bool = True):
         value.name = name
         value.type.tensor_type.shape.dim[2].Clear()
         outputs.append(value)
-    fused = helper.make_graph(nodes, graph.name, inputs, outputs, inits)
-    opsets = list(model.opset_import)
-    if not any(o.domain == MS_DOMAIN for o in opsets):
-        opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return helper.make_model(fused, opset_imports=opsets, ir_version=model.ir_version)
+    return inputs, outputs
 
 
 def reference_check(

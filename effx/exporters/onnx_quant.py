@@ -49,10 +49,10 @@ import copy
 import numpy as np
 
 from ..errors import ArtifactError
+from .onnx_quant_ops import DOMAIN, translations
 
 __all__ = ["DOMAIN", "lower", "repack4", "translations"]
 
-DOMAIN = "effx"  # the placeholders' domain: between export and lower only, never in an artifact
 MS_DOMAIN = "com.microsoft"
 ACCURACY_LEVEL = 1  # 4-bit products: float32 arithmetic
 # the widths whose products run as MatMulNBits (8 bits at accuracy level 4, on split inputs: see above)
@@ -61,90 +61,6 @@ NBITS = (4, 8)
 # that left, ...), each term's product exact in ONNX Runtime's int8 arithmetic
 TERMS = 3
 _BLOCK = 32  # effx's nibble blocks (effx.quant.BLOCK)
-
-
-# -- export: placeholders ---------------------------------------------------------------------------------
-
-
-def _schemas():
-    from onnx.defs import OpSchema
-
-    param = OpSchema.FormalParameter
-    optional = OpSchema.FormalParameterOption.Optional
-    types = [
-        ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
-        ("Q", ["tensor(uint8)", "tensor(int8)", "tensor(bfloat16)"], "quantized values"),
-        ("S", ["tensor(float)", "tensor(float16)"], "scales and minimums"),
-        ("I", ["tensor(int64)", "tensor(int32)"], "row ids"),
-    ]
-    k = OpSchema.Attribute("k", OpSchema.AttrType.INT, "the weight's input size")
-    rank = OpSchema.Attribute("rank", OpSchema.AttrType.INT, "the input's rank", required=False)
-    tensors = [
-        param("q", "Q"),
-        param("scale", "S", param_option=optional),
-        param("minimum", "S", param_option=optional),
-    ]
-    qlinear = OpSchema(
-        "QLinear",
-        DOMAIN,
-        1,
-        inputs=[param("x", "T"), *tensors, param("bias", "T", param_option=optional)],
-        outputs=[param("y", "T")],
-        type_constraints=types,
-        attributes=[k, rank],
-    )
-    qembedding = OpSchema(
-        "QEmbedding",
-        DOMAIN,
-        1,
-        inputs=[param("ids", "I"), *tensors],
-        outputs=[param("rows", "T")],
-        type_constraints=types,
-        attributes=[k],
-    )
-    round_int8 = OpSchema(
-        "RoundInt8",
-        DOMAIN,
-        1,
-        inputs=[param("x", "T")],
-        outputs=[param("y", "T")],
-        type_constraints=types[:1],
-        attributes=[
-            OpSchema.Attribute("group", OpSchema.AttrType.INT, "values per block"),
-            k,
-            OpSchema.Attribute("rank", OpSchema.AttrType.INT, "the input's rank"),
-        ],
-    )
-    return qlinear, qembedding, round_int8
-
-
-def translations() -> dict:
-    """``custom_translation_table`` for ``torch.onnx.export``: the two ops as ``effx`` placeholder nodes."""
-    import onnxscript
-    import torch
-
-    from .. import quant  # noqa: F401  (registers the two ops)
-
-    opset = onnxscript.values.Opset(DOMAIN, 1)
-    qlinear_schema, qembedding_schema, round_schema = _schemas()
-    qlinear_op = onnxscript.values.Op(opset, "QLinear", qlinear_schema)
-    qembedding_op = onnxscript.values.Op(opset, "QEmbedding", qembedding_schema)
-    round_op = onnxscript.values.Op(opset, "RoundInt8", round_schema)
-
-    def qlinear(x, q, scale, minimum, bias):
-        return qlinear_op(x, q, scale, minimum, bias, k=int(x.shape[-1]), rank=len(x.shape))
-
-    def qembedding(ids, q, scale, minimum, k: int):
-        return qembedding_op(ids, q, scale, minimum, k=k)
-
-    def round_int8(x, group: int):
-        return round_op(x, group=group, k=int(x.shape[-1]), rank=len(x.shape))
-
-    return {
-        torch.ops.effx.qlinear.default: qlinear,
-        torch.ops.effx.qembedding.default: qembedding,
-        torch.ops.effx.round_int8.default: round_int8,
-    }
 
 
 # -- lowering ---------------------------------------------------------------------------------------------
@@ -318,7 +234,9 @@ class _Lowering:
         pads = self.const(f"pads.{w.kp - k}", np.array([0, w.kp - k]))
         zero = self.const("f32.0", np.array(0, np.float32))
         # named after the input: one padded copy per input and size, whichever product asks
-        return self.node("Pad", [x, pads, zero, self.const("axes.last", np.array([-1]))], f"{x}/padded.{w.kp}")
+        return self.node(
+            "Pad", [x, pads, zero, self.const("axes.last", np.array([-1]))], f"{x}/padded.{w.kp}"
+        )
 
     # -- the placeholders
     def qlinear(self, node) -> None:

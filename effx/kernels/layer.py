@@ -24,20 +24,8 @@ import operator
 
 import torch
 
-from . import (
-    MAX_ROWS,
-    _library,
-    _plain,
-    _Weight,
-    _weight,
-    act8,
-    append_kv,
-    gated,
-    linear,
-    qkv_rope,
-    rms_norm,
-    rows_of,
-)
+from . import MAX_ROWS, append_kv, build, gated, linear, qkv_rope, rms_norm
+from .weights import Weight, act8, descriptor, plain, rows_of
 
 __all__ = ["PREFILL_ROWS", "FusedLayer", "FusedStack", "fuse_layer", "fuse_stack"]
 
@@ -56,8 +44,8 @@ class _Params(ctypes.Structure):
         ("D", ctypes.c_int), ("nq", ctypes.c_int), ("nkv", ctypes.c_int), ("hd", ctypes.c_int),
         ("F", ctypes.c_int), ("eps1", ctypes.c_float), ("eps2", ctypes.c_float), ("scale", ctypes.c_float),
         ("norm1", _P), ("norm2", _P),
-        ("wq", _Weight), ("wk", _Weight), ("wv", _Weight), ("wo", _Weight), ("wg", _Weight), ("wu", _Weight),
-        ("wd", _Weight),
+        ("wq", Weight), ("wk", Weight), ("wv", Weight), ("wo", Weight), ("wg", Weight), ("wu", Weight),
+        ("wd", Weight),
         ("bq", _P), ("bk", _P), ("bv", _P), ("bo", _P),
     ]  # fmt: skip
 
@@ -150,7 +138,7 @@ class FusedLayer(torch.nn.Module):
         self.F = rows_of(values["wg"])
         self.hd = values["hd"]
         ok = (
-            all(_plain(values[n], False) and values[n].shape == (self.D,) for n in ("norm1", "norm2"))
+            all(plain(values[n], False) and values[n].shape == (self.D,) for n in ("norm1", "norm2"))
             and rows_of(values["wv"]) == self.nkv
             and rows_of(values["wu"]) == self.F
             and rows_of(values["wo"]) == self.D
@@ -160,14 +148,14 @@ class FusedLayer(torch.nn.Module):
             and self.nkv % self.hd == 0
             and (self.nq // self.hd) % (self.nkv // self.hd) == 0
             and all(
-                values[b] is None or (_plain(values[b], False) and values[b].shape == (rows,))
+                values[b] is None or (plain(values[b], False) and values[b].shape == (rows,))
                 for b, rows in (("bq", self.nq), ("bk", self.nkv), ("bv", self.nkv), ("bo", self.D))
             )
         )
         descs = {}
         for name, k in (("wq", self.D), ("wk", self.D), ("wv", self.D), ("wo", self.nq), ("wg", self.D),
                         ("wu", self.D), ("wd", self.F)):  # fmt: skip
-            descs[name] = _weight(values[name], k, False) if ok else None
+            descs[name] = descriptor(values[name], k, False) if ok else None
             group = values["int8"][name]
             if group is not None and descs[name] is not None:
                 descs[name] = act8(descs[name], group)  # None (not fused) where the kernels cannot
@@ -185,7 +173,7 @@ class FusedLayer(torch.nn.Module):
             )  # fmt: skip
 
     def forward(self, hidden, cos, sin, mask, past_k, past_v):
-        lib = _library()[0]
+        lib = build.library()[0]
         if self.params is None or lib is None or not self._fits(hidden, cos, sin, mask, past_k, past_v):
             return self.graph_module(hidden, cos, sin, mask, past_k, past_v)
         batch, seq, _ = hidden.shape
@@ -210,12 +198,12 @@ class FusedLayer(torch.nn.Module):
         )
 
     def _fits(self, hidden, cos, sin, mask, past_k, past_v) -> bool:
-        if torch.is_grad_enabled() or hidden.dim() != 3 or not _plain(hidden, False):
+        if torch.is_grad_enabled() or hidden.dim() != 3 or not plain(hidden, False):
             return False
         batch, seq, d = hidden.shape
         if d != self.D or batch * seq > self.max_rows or batch * seq == 0:
             return False
-        if not all(_plain(t, False) and tuple(t.shape) == (batch, seq, self.hd) for t in (cos, sin)):
+        if not all(plain(t, False) and tuple(t.shape) == (batch, seq, self.hd) for t in (cos, sin)):
             return False
         heads = self.nkv // self.hd
         past = past_k.shape[2] if past_k.dim() == 4 else -1
@@ -261,7 +249,7 @@ class FusedStack:
         and ``vs`` (per layer, a whole ``[batch, heads, capacity, head_dim]`` buffer; each layer's new keys and
         values are written after its filled slots), every layer with ``mask``; None where the kernels do not
         take these inputs (nothing is written then: the caller runs the layers one at a time)."""
-        lib = _library()[0]
+        lib = build.library()[0]
         first = self.layers[0]
         if lib is None or len(ks) != len(self.layers) or len(vs) != len(self.layers):
             return None

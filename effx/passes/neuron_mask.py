@@ -144,7 +144,7 @@ class NeuronMask(Pass):
 
     def apply(self, program: Program) -> PassResult:
         self.requires(program)
-        from ..flops import _param_bytes
+        from ..flops import param_bytes
 
         info = program.info
         chosen = self.layer_range(info.num_layers)
@@ -185,8 +185,8 @@ class NeuronMask(Pass):
             else:
                 replace[stage.name] = stage.with_attrs(core_neurons=k)
                 report.change(stage.name, f"decodes with each prompt's {k} core neurons of {width}")
-            bytes_before += _param_bytes(stage.graph)
-            bytes_after += _param_bytes(replace[stage.name].graph)
+            bytes_before += param_bytes(stage.graph)
+            bytes_after += param_bytes(replace[stage.name].graph)
         stages = [replace.get(s.name, s) for s in program.stages]
         policy = program.plan.policy
         if self.mode == "core":

@@ -128,6 +128,25 @@ def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
+def _store(
+    gm: torch.fx.GraphModule, qw: QWeight, base: str, like: torch.fx.Node
+) -> list[torch.fx.Node | None]:
+    """``qw``'s tensors as buffers of ``gm`` (``{base}_q``, ``{base}_scale``, ``{base}_min``) and the
+    ``get_attr`` nodes that read them, made at the graph's insertion point and tagged as weights of
+    ``like``'s layer; None for a tensor ``qw`` lacks."""
+    nodes: list[torch.fx.Node | None] = []
+    for part, t in zip(("q", "scale", "min"), qw.tensors(), strict=True):
+        if t is None:
+            nodes.append(None)
+            continue
+        name = f"{base}_{part}"
+        gm.register_buffer(name, t)
+        node = gm.graph.get_attr(name)
+        node.meta.update(effx_role="weight", effx_layer=like.meta.get("effx_layer"), effx_module="")
+        nodes.append(node)
+    return nodes
+
+
 @register_pass
 @dataclass(frozen=True)
 class Quantize(Pass):
@@ -298,19 +317,6 @@ class Quantize(Pass):
         # (input, block size) -> its int8 rounding
         rounded: dict[tuple[torch.fx.node.Argument, int | None], torch.fx.Node] = {}
 
-        def store(qw: QWeight, base: str, like: torch.fx.Node) -> list[torch.fx.Node | None]:
-            nodes: list[torch.fx.Node | None] = []
-            for part, t in zip(("q", "scale", "min"), qw.tensors(), strict=True):
-                if t is None:
-                    nodes.append(None)
-                    continue
-                name = f"{base}_{part}"
-                gm.register_buffer(name, t)
-                node = g.get_attr(name)
-                node.meta.update(effx_role="weight", effx_layer=like.meta.get("effx_layer"), effx_module="")
-                nodes.append(node)
-            return nodes
-
         for node in list(g.nodes):
             role = node.meta.get("effx_role", "?")
             if _is(node, _LINEAR) and not node.kwargs and self._wanted(stage, role):
@@ -326,7 +332,7 @@ class Quantize(Pass):
                 count += 1
                 base = f"quant_{count}"
                 with g.inserting_before(node):
-                    parts = store(qw, base, node)
+                    parts = _store(gm, qw, base, node)
                     if self.activations == "int8":  # one rounding per input and block size
                         key = (x, qw.group)
                         if key not in rounded:
@@ -358,7 +364,7 @@ class Quantize(Pass):
                 qw, how = quantized(w)
                 count += 1
                 with g.inserting_before(node):
-                    parts = store(qw, f"quant_{count}", node)
+                    parts = _store(gm, qw, f"quant_{count}", node)
                     new = g.call_function(_QEMBEDDING, (node.args[1], *parts, qw.k))
                 new.meta.update({k: v for k, v in node.meta.items() if k.startswith("effx_")})
                 new.meta["effx_pass"] = self.name

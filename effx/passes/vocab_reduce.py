@@ -217,7 +217,7 @@ class VocabReduce(Pass):
         stages: list[Stage] = []
         for stage in program.stages:
             if stage.kind == "exit" and stage.layer == first:
-                gm = _static_subset_graph(stage.graph, ids, program.info, self.name)
+                gm = static_subset_graph(stage.graph, ids, program.info, self.name)
                 stage = Stage(
                     stage.name,
                     "exit",
@@ -234,7 +234,7 @@ class VocabReduce(Pass):
         return PassResult(program.with_stages(stages), bool(report.changed), report)
 
     def _head(self, program: Program, ids: torch.Tensor, report: PassReport) -> PassResult:
-        gm = _static_subset_graph(program.head.graph, ids, program.info, self.name)
+        gm = static_subset_graph(program.head.graph, ids, program.info, self.name)
         head = Stage(
             "head",
             "head",
@@ -357,7 +357,7 @@ def _replace_lm_head(
     return gm
 
 
-def _static_subset_graph(
+def static_subset_graph(
     graph: torch.fx.GraphModule, ids: torch.Tensor, info: ModelInfo, pass_name: str
 ) -> torch.fx.GraphModule:
     """``graph`` with its LM head sliced to the rows ``ids``: a new ``k x d`` weight, the full one dropped."""

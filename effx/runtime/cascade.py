@@ -298,8 +298,6 @@ def decode(
         for backend in (small, large):  # before anything runs
             for capability in needed_capabilities(backend.plan):
                 backend.require(capability)
-        xp = large.xp
-        batch, prompt_len = input_ids.shape
         if typed is not None:
             typed.set(small_tokens=0, large_tokens=0, small=DecodeStats(), large=DecodeStats())
             if mode == "gated":
@@ -314,56 +312,87 @@ def decode(
                 streamer=streamer, on_token=on_token, bar=bar, stats=inner, sources=[source],
             )  # fmt: skip
             if typed is not None and inner is not None:
-                # the verifier's rounds are the cascade's; the rest is what the large model's runtime reported
-                accepted, steps = inner.accepted or 0, inner.steps or 0
-                emitted = batch + (inner.emitted or 0)  # the first token of every row, then the rounds'
-                typed.set(
-                    large_positions=inner.verified_positions,
-                    drafted=inner.drafted,
-                    accepted=accepted,
-                    rounds=inner.rounds,
-                    steps=steps,
-                    draft_lengths=inner.draft_lengths,
-                    compactions=inner.compactions,
-                    large=dataclasses.replace(
-                        inner,
-                        drafted=None,
-                        accepted=None,
-                        rounds=None,
-                        steps=None,
-                        verified_positions=None,
-                        emitted=None,
-                        draft_lengths=None,
-                        sources=None,
-                        compactions=None,
-                    ),
-                    small_tokens=accepted,
-                    large_tokens=emitted - accepted,
-                    small_passes=source.passes,
-                    large_passes=steps,
-                    small_positions=source.positions_run,
-                )
-                _shares(typed)
+                _verified_stats(typed, inner, source, batch=input_ids.shape[0])
             return tokens, source, large
-        key_valid = xp.concat(
-            [xp.astype(attention_mask, xp.bool), xp.ones((batch, max_new), dtype=xp.bool)], axis=1
+        return _gated(
+            small, large, input_ids, attention_mask, cast(Gate, fires), typed,
+            max_new=max_new, eos=eos, pad=pad, streamer=streamer, on_token=on_token, bar=bar,
+        )  # fmt: skip
+
+
+def _verified_stats(typed: DecodeStats, inner: DecodeStats, source: ModelDraft, batch: int) -> None:
+    """The cascade's stats of a verified run: the verifier's rounds (``inner``, what the shared loop
+    reported) are the cascade's, the small model's passes are its drafts' (``source``), and the rest of
+    ``inner`` is what the large model's runtime reported."""
+    accepted, steps = inner.accepted or 0, inner.steps or 0
+    emitted = batch + (inner.emitted or 0)  # the first token of every row, then the rounds'
+    typed.set(
+        large_positions=inner.verified_positions,
+        drafted=inner.drafted,
+        accepted=accepted,
+        rounds=inner.rounds,
+        steps=steps,
+        draft_lengths=inner.draft_lengths,
+        compactions=inner.compactions,
+        large=dataclasses.replace(
+            inner,
+            drafted=None,
+            accepted=None,
+            rounds=None,
+            steps=None,
+            verified_positions=None,
+            emitted=None,
+            draft_lengths=None,
+            sources=None,
+            compactions=None,
+        ),
+        small_tokens=accepted,
+        large_tokens=emitted - accepted,
+        small_passes=source.passes,
+        large_passes=steps,
+        small_positions=source.positions_run,
+    )
+    _shares(typed)
+
+
+def _gated(
+    small: Backend,
+    large: Backend,
+    input_ids: Array,
+    attention_mask: Array,
+    fires: Gate,
+    typed: DecodeStats | None,
+    *,
+    max_new: int,
+    eos: list[int],
+    pad: int,
+    streamer: Any,
+    on_token: Callable[[Array], object] | None,
+    bar: Any,
+) -> tuple[Array, ModelState, ModelState]:
+    """Gated mode: both models prefill the prompt, then :func:`gated_decode` runs the steps; returns the
+    output and both models' states (their caches hold the slots each has seen)."""
+    xp = large.xp
+    batch = input_ids.shape[0]
+    key_valid = xp.concat(
+        [xp.astype(attention_mask, xp.bool), xp.ones((batch, max_new), dtype=xp.bool)], axis=1
+    )
+    positions = positions_from_mask(key_valid)
+    if streamer is not None:
+        streamer.put(input_ids)
+    out = Output(input_ids, max_new, eos, pad, streamer, on_token, bar)
+    with large.compute():
+        s = ModelState(small, positions, key_valid, None if typed is None else typed.small)
+        lg = ModelState(large, positions, key_valid, None if typed is None else typed.large)
+        s.prefill(input_ids)
+        lg.prefill(input_ids)
+        gated_decode(s, lg, out, fires, typed)
+    if typed is not None:
+        typed.set(
+            small_passes=s.passes,
+            large_passes=lg.passes,
+            small_positions=s.positions_run,
+            large_positions=lg.positions_run,
         )
-        positions = positions_from_mask(key_valid)
-        if streamer is not None:
-            streamer.put(input_ids)
-        out = Output(input_ids, max_new, eos, pad, streamer, on_token, bar)
-        with large.compute():
-            s = ModelState(small, positions, key_valid, None if typed is None else typed.small)
-            lg = ModelState(large, positions, key_valid, None if typed is None else typed.large)
-            s.prefill(input_ids)
-            lg.prefill(input_ids)
-            gated_decode(s, lg, out, cast(Gate, fires), typed)  # gated mode needs its gate
-        if typed is not None:
-            typed.set(
-                small_passes=s.passes,
-                large_passes=lg.passes,
-                small_positions=s.positions_run,
-                large_positions=lg.positions_run,
-            )
-            _shares(typed)
-        return out.finish(), s, lg
+        _shares(typed)
+    return out.finish(), s, lg

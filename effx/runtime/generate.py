@@ -48,6 +48,26 @@ def _resolve_config(
     return config
 
 
+def _max_new(config: GenerationConfig, input_ids: torch.Tensor) -> Any:
+    """The tokens to generate: the config's ``max_new_tokens``, else its ``max_length`` (default 20) less
+    the prompt, as the config holds it (unchecked: :func:`check_inputs` says what is wrong with it)."""
+    max_new = config.max_new_tokens
+    if max_new is None and getattr(input_ids, "ndim", None) == 2:
+        max_new = (config.max_length or 20) - input_ids.shape[1]
+    return max_new
+
+
+def _sampler(config: GenerationConfig) -> Sampler:
+    """The sampler a generation config asks for (greedy unless ``do_sample``; unset settings: temperature
+    1, no top-k, top-p 1)."""
+    return Sampler(
+        do_sample=bool(config.do_sample),
+        temperature=float(config.temperature if config.temperature is not None else 1.0),
+        top_k=config.top_k if config.top_k else None,
+        top_p=float(config.top_p if config.top_p is not None else 1.0),
+    )
+
+
 def generate(
     program: Program,
     input_ids: torch.Tensor,
@@ -90,20 +110,13 @@ def generate(
     decode the row's new tokens and look for them).
     """
     config = _resolve_config(program, generation_config, kwargs)
-    max_new = config.max_new_tokens
-    if max_new is None and getattr(input_ids, "ndim", None) == 2:
-        max_new = (config.max_length or 20) - input_ids.shape[1]
+    max_new = _max_new(config, input_ids)
     vocab = program.info.vocab_size
     ids, mask = check_inputs(
         XP, input_ids, attention_mask, max_new, program.info.max_positions, vocab_size=vocab
     )
     eos, pad = stop_and_pad(program.plan, config.eos_token_id, config.pad_token_id, vocab)
-    sampler = Sampler(
-        do_sample=bool(config.do_sample),
-        temperature=float(config.temperature if config.temperature is not None else 1.0),
-        top_k=config.top_k if config.top_k else None,
-        top_p=float(config.top_p if config.top_p is not None else 1.0),
-    )
+    sampler = _sampler(config)
     if sampler.do_sample and generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
     bar = None

@@ -50,7 +50,7 @@ _CUDA_LIBRARIES_LOADED = False
 _FUSED = "fused:"  # the prefix of a fused graph's session name
 
 
-def _providers(providers: Providers | None) -> Providers:
+def session_providers(providers: Providers | None) -> Providers:
     """``providers``, or the default (CUDA first when onnxruntime-gpu sees a GPU, then CPU); for CUDA, the
     CUDA and cuDNN libraries of the ``nvidia-*`` wheels are loaded first (``onnxruntime.preload_dlls``),
     which torch would otherwise have done, and this runtime never imports torch."""
@@ -158,7 +158,7 @@ class OnnxBackend(Backend):
         self._segment_names = {seg["name"] for seg in segments}
 
         self._out_dir = out_dir
-        self._providers = _providers(providers)
+        self._providers = session_providers(providers)
         # fused layer graphs (in-place cache, GroupQueryAttention: effx.exporters.onnx_attention) run where
         # the session runs on the CPU, whose memory the cache's arrays are; their plain graphs then open
         # only when a step needs them (a multi-token step over a past at batch > 1)

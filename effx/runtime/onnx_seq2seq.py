@@ -105,7 +105,7 @@ class OnnxSeq2Seq:
     ) -> None:
         import onnxruntime as ort
 
-        from .onnx_backend import _providers
+        from .onnx_backend import session_providers
 
         self.out_dir = Path(out_dir)
         self.info = dict(manifest["info"])
@@ -114,7 +114,7 @@ class OnnxSeq2Seq:
         self.special = tuple(int(x) for x in manifest["special"])
         self.dtype = np.dtype(self.info["dtype"])
         self._files = {name: entry["onnx"] for name, entry in manifest["files"].items()}
-        self._providers = _providers(providers)
+        self._providers = session_providers(providers)
         self._opts = ort.SessionOptions()
         self._opts.log_severity_level = 3
         self._sessions: dict[str, tuple[Session, list[str]]] = {}  # name -> (session, input names)

@@ -98,6 +98,33 @@ def encode(
     return hidden, valid
 
 
+def _decoder_step(
+    run: Run,
+    xp: Namespace,
+    dtype: Any,
+    current: Array,
+    step: int,
+    past: list[tuple[Array, Array]],
+    cross: list[tuple[Array, ...]],
+    cross_mask: Array,
+    relative_bias: bool,
+) -> Array:
+    """One greedy decoder step on the tokens ``current [batch, 1]`` at position ``step``: every decoder layer
+    (self-attention over ``past``, extended in place with this step's keys and values, then cross-attention
+    over the encoder's ``cross`` keys and values) and the head; returns the step's logits ``[batch,
+    vocab]``."""
+    batch = current.shape[0]
+    hidden = run("decoder.embed", current, xp.full((batch, 1), step, dtype=xp.int64))[0]
+    self_mask = xp.zeros((batch, 1, 1, step + 1), dtype=dtype)
+    if relative_bias:
+        keys = xp.broadcast_to(xp.arange(step + 1, dtype=xp.int64)[None, :], (batch, step + 1))
+        self_mask = self_mask + run("decoder.bias", xp.full((batch, 1), step, dtype=xp.int64), keys)[0]
+    for i, (k_cross, v_cross) in enumerate(cross):
+        hidden, k, v = run(f"decoder.layer.{i}", hidden, self_mask, *past[i], k_cross, v_cross, cross_mask)
+        past[i] = (xp.concat([past[i][0], k], axis=2), xp.concat([past[i][1], v], axis=2))
+    return run("head", hidden)[0][:, -1]
+
+
 def generate_seq2seq(
     run: Run,
     xp: Namespace,
@@ -148,18 +175,7 @@ def generate_seq2seq(
     done = xp.zeros((batch,), dtype=xp.bool)
     stop = xp.asarray(list(eos) or [-1], dtype=xp.int64)
     for step in range(max_new_tokens):
-        hidden = run("decoder.embed", current, xp.full((batch, 1), step, dtype=xp.int64))[0]
-        self_mask = xp.zeros((batch, 1, 1, step + 1), dtype=dtype)
-        if relative_bias:
-            keys = xp.broadcast_to(xp.arange(step + 1, dtype=xp.int64)[None, :], (batch, step + 1))
-            self_mask = self_mask + run("decoder.bias", xp.full((batch, 1), step, dtype=xp.int64), keys)[0]
-        for i in range(num_decoder_layers):
-            k_cross, v_cross = cross[i]
-            hidden, k, v = run(
-                f"decoder.layer.{i}", hidden, self_mask, *past[i], k_cross, v_cross, cross_mask
-            )
-            past[i] = (xp.concat([past[i][0], k], axis=2), xp.concat([past[i][1], v], axis=2))
-        logits = run("head", hidden)[0][:, -1]
+        logits = _decoder_step(run, xp, dtype, current, step, past, cross, cross_mask, relative_bias)
         forced = forced_bos if step == 0 and forced_bos is not None else None
         if step == max_new_tokens - 1 and forced_eos is not None:
             forced = forced_eos
