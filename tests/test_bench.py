@@ -288,7 +288,7 @@ def test_perplexity_from_the_agreement_pass_is_effx_quality_perplexity(passes, t
     program = effx.transform(tiny_model("llama", layers=3, seed=2), passes)
     chunks = token_chunks(tokenizer, HELDOUT, 32, 128)
     with torch.inference_mode():  # as run_bench calls it
-        nll = sum(bench._teacher_forced(program, c)[1] for c in chunks)
+        nll = sum(bench.metrics.teacher_forced(program, c)[1] for c in chunks)
     ours = math.exp(nll / sum(c.shape[1] - c.shape[1] // 2 for c in chunks))
     assert ours == pytest.approx(
         perplexity(program, HELDOUT, tokenizer, seq_len=32, max_tokens=128), rel=1e-4
@@ -330,16 +330,16 @@ def test_paths_are_shares_of_the_generated_tokens(result):
     assert lossy["exit at layer 0"] > 0.5 and set(lossy) <= {"exit at layer 0", "all 3 layers"}
     # the first token comes from the prefill, through every layer; 4 more decoded by exits, of 6 in all
     stats = {"exit_layers": [[1], [3], [2], [1], [1]]}
-    assert bench._paths(stats, 6, 3) == {
+    assert bench.metrics.paths(stats, 6, 3) == {
         "exit at layer 0": 0.5,
         "exit at layer 1": pytest.approx(1 / 6),
         "all 3 layers": pytest.approx(2 / 6),
     }
-    mean = bench._mean_paths([{"all 3 layers": 0.5, "exit at layer 1": 0.5}, {"exit at layer 0": 1.0}])
+    mean = bench.metrics.mean_paths([{"all 3 layers": 0.5, "exit at layer 1": 0.5}, {"exit at layer 0": 1.0}])
     assert mean == {"exit at layer 0": 0.5, "exit at layer 1": 0.25, "all 3 layers": 0.25}
     assert list(mean) == ["exit at layer 0", "exit at layer 1", "all 3 layers"]  # by depth
     spec = {"drafted": 12, "accepted": 5, "rounds": 3, "head_positions": 20, "head_fallbacks": 5}
-    assert bench._paths(spec, 10, 3) == {
+    assert bench.metrics.paths(spec, 10, 3) == {
         "accepted draft": 0.5,
         "full model": 0.5,
         "reduced head": 0.75,

@@ -39,9 +39,6 @@ from .configs import (
     vocab_file,
 )
 from .errors import BenchConfigError, BenchDataError
-from .metrics import _mean_paths as _mean_paths
-from .metrics import _paths as _paths
-from .metrics import _teacher_forced as _teacher_forced
 from .report import (
     format_path_table,
     format_stacked_table,

@@ -42,9 +42,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import BenchConfigError, BenchDataError
-from .memory import _memory_method, _peak_rss_mb, _rss_mb, _rss_reset
-from .metrics import _mean_paths, _pass_stats, _paths, _rouge, _spread, _teacher_forced
-from .samples import Sample, _as_sample
+from .memory import memory_method, peak_rss_mb, rss_mb, rss_reset
+from .metrics import mean_paths, pass_stats, paths, rouge, spread, teacher_forced
+from .samples import Sample, as_sample
 from .schema import SCHEMA, VERSION
 from .sweep import BenchConfig
 from .timing import interleave, timed
@@ -55,8 +55,8 @@ def _timed_generate(program, ids, mask, new_tokens: int, reset_rss: bool):
     before the call in MB, stats)."""
     stats: dict = {}
     if reset_rss:
-        _rss_reset()
-    before = _rss_mb()
+        rss_reset()
+    before = rss_mb()
     call = timed(
         program.generate,
         ids,
@@ -66,7 +66,7 @@ def _timed_generate(program, ids, mask, new_tokens: int, reset_rss: bool):
         stats=stats,
         on_token=True,
     )
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     first = call.first_token_s
     return call.output[0, ids.shape[1] :], first, call.seconds - first, peak, peak - before, stats
 
@@ -132,7 +132,7 @@ def run_bench(
         )
     if not isinstance(repeats, int) or repeats < 1:
         raise BenchConfigError(f"repeats must be an integer >= 1, got {repeats!r}")
-    samples = [_as_sample(s) for s in samples]
+    samples = [as_sample(s) for s in samples]
     if not samples:
         raise BenchDataError("no prompts to benchmark")
     names = [c.name for c in configs]
@@ -184,8 +184,8 @@ def run_bench(
     prepared = time.perf_counter()
     encoded = [encode_prompts(tokenizer, s.prompt, chat=chat) for s in samples]
     prompt_lengths = [int(ids.shape[1]) for ids, _ in encoded]
-    reset_rss = _rss_reset()
-    memory = _memory_method()
+    reset_rss = rss_reset()
+    memory = memory_method()
     samples_out: list[list[dict]] = [[] for _ in range(m)]
     outputs: list[list] = [[None] * len(samples) for _ in range(m)]
     stats_out: list[list[dict]] = [[] for _ in range(m)]
@@ -217,7 +217,7 @@ def run_bench(
                             "seconds": ttft + decode,
                             "peak_rss_mb": peak,
                             "peak_rss_delta_mb": grew,
-                            "paths": _paths(
+                            "paths": paths(
                                 st,
                                 new_tokens,
                                 dense.info.num_layers,
@@ -236,7 +236,7 @@ def run_bench(
             bar.set_postfix_str(f"agreement, perplexity: {entries[i][0][:40]}")
             preds, nll, impossible = [], 0.0, 0
             for c in chunks:
-                tokens, chunk_nll, chunk_impossible = _teacher_forced(prog, c)
+                tokens, chunk_nll, chunk_impossible = teacher_forced(prog, c)
                 preds.append(tokens)
                 nll += chunk_nll
                 impossible += chunk_impossible
@@ -271,8 +271,8 @@ def run_bench(
             int(b.numel()) for b in outputs[0]
         )
         metrics = {
-            "decode_tok_s": _spread([s["decode_tok_s"] for s in samples_out[i]]),
-            "ttft_ms": _spread([s["ttft_ms"] for s in samples_out[i]]),
+            "decode_tok_s": spread([s["decode_tok_s"] for s in samples_out[i]]),
+            "ttft_ms": spread([s["ttft_ms"] for s in samples_out[i]]),
             "peak_rss_mb": max(s["peak_rss_mb"] for s in samples_out[i]),
             "peak_rss_delta_mb": max(s["peak_rss_delta_mb"] for s in samples_out[i]),
             "weights_mb": weight_bytes(prog) / 1e6,
@@ -280,16 +280,16 @@ def run_bench(
             "prefill_mflops": prefill_flops(prog, prompt_mean) / 1e6,
             "agreement": agreements[i],
             "same_tokens": same_tokens,
-            "rouge_l_dense": _rouge(texts[i], texts[0]),
-            "rouge_l_reference": _rouge([texts[i][k] for k, _ in refs], [r for _, r in refs])
+            "rouge_l_dense": rouge(texts[i], texts[0]),
+            "rouge_l_reference": rouge([texts[i][k] for k, _ in refs], [r for _, r in refs])
             if refs
             else None,
             "bleu_dense": bleu(texts[i], texts[0]),
             "bleu_reference": bleu([texts[i][k] for k, _ in refs], [r for _, r in refs]) if refs else None,
             "perplexity": perplexities[i][0],
             "zero_prob_share": perplexities[i][1],
-            "stats": _pass_stats(stats_out[i], prompt_lengths),
-            "paths": _mean_paths([s["paths"] for s in samples_out[i]]),
+            "stats": pass_stats(stats_out[i], prompt_lengths),
+            "paths": mean_paths([s["paths"] for s in samples_out[i]]),
         }
         paired = [(s, dense_samples[(s["prompt"], s["repeat"])]) for s in samples_out[i]]
         d = result_configs[0]["metrics"] if result_configs else metrics
@@ -313,10 +313,10 @@ def run_bench(
                 "outputs": texts[i],
                 "per_prompt": [
                     {
-                        "rouge_l_dense": _rouge([texts[i][k]], [texts[0][k]]),
+                        "rouge_l_dense": rouge([texts[i][k]], [texts[0][k]]),
                         "rouge_l_reference": None
                         if samples[k].reference is None
-                        else _rouge([texts[i][k]], [samples[k].reference]),
+                        else rouge([texts[i][k]], [samples[k].reference]),
                     }
                     for k in range(len(samples))
                 ],
