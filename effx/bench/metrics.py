@@ -1,6 +1,6 @@
-"""What ``effx bench`` computes from generations and held-out text: pass statistics, the share of tokens
-per path (see :mod:`effx.bench.schema`), teacher-forced agreement and perplexity in one forward pass,
-ROUGE-L, and the spread of a timing."""
+"""What ``effx bench`` computes from generations: pass statistics, the share of tokens per path (see
+:mod:`effx.bench.schema`), ROUGE-L, and the spread of a timing. Agreement and perplexity on held-out text
+come from :func:`effx.quality.teacher_forced` (:func:`effx.bench.run.score_heldout`)."""
 
 from __future__ import annotations
 
@@ -51,43 +51,6 @@ def mean_paths(per_sample: list[dict[str, float]]) -> dict[str, float]:
     depth, then the full depth, then the rest."""
     keys = sorted(dict.fromkeys(k for p in per_sample for k in p), key=_path_order)
     return {k: statistics.mean(p.get(k, 0.0) for p in per_sample) for k in keys}
-
-
-def teacher_forced(program, chunk):
-    """For the second half of ``chunk``, teacher-forced, the way the program decodes: its greedy next token
-    at each position, the summed negative log-likelihood of the true tokens, and how many true tokens it
-    gives probability 0 (a reduced head that did not fall back scores ``-inf`` outside its subset).
-
-    The first half is prefilled as a prompt (core neurons and dropped tokens are chosen on it), as in
-    :func:`effx.quality.perplexity`, whose value ``exp(nll / tokens)`` this reproduces from the same
-    forward pass (``tests/test_bench.py`` checks that), so agreement and perplexity cost one pass. Lossy
-    exits give a position's token from the first exit whose confidence passes its threshold (the
-    likelihood stays the final head's, as in ``perplexity``); such programs run over the whole chunk at once
-    (their exits are decode-time decisions), so a TokenDrop in the same program is not applied there.
-    """
-    import torch
-
-    from ..calibrate import teacher_forced_exits
-    from ..quality import second_half_logits
-
-    n = chunk.shape[1]
-    half = n // 2
-    target = chunk[0, half:]
-    lossy = program.plan.decode_mode == "lossy"
-    if lossy:
-        teacher, exits = teacher_forced_exits(program, chunk)
-        true_logp = teacher[0, half - 1 : n - 1].gather(-1, target[:, None])[:, 0]
-        tokens = teacher.argmax(-1)[0]
-        decided = torch.zeros(n, dtype=torch.bool)
-        for e, logits, conf in exits:
-            leave = ~decided & (conf[0].float() >= program.exits[e].attrs["threshold"])
-            tokens = torch.where(leave, logits.argmax(-1)[0], tokens)
-            decided |= leave
-        return tokens[half - 1 : n - 1], -float(true_logp.sum()), int(torch.isneginf(true_logp).sum())
-    logits = second_half_logits(program, chunk)
-    nll = float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-    impossible = int(torch.isneginf(logits.gather(-1, target[:, None])).sum())
-    return logits.argmax(-1), nll, impossible
 
 
 def rouge(preds: list[str], refs: list[str]) -> float:

@@ -20,10 +20,11 @@ decodes the same number of tokens; texts are cut at the first end-of-sequence to
 
 Per configuration, once: FLOPs per decoded token at the mean prompt length plus half the new tokens
 (:func:`effx.flops.decode_flops`: every exit stage counted, a reduced head's fallback not) and of the
-prefill; quality against the dense model on held-out text: teacher-forced token agreement (the share of
-positions where the program's greedy token, as it decodes, including early exits at their thresholds,
-equals the dense one's) and perplexity (as :func:`effx.quality.perplexity` defines it, from the same
-forward pass; it scores the final head, so for lossy exits agreement is the measure); on the generated
+prefill; quality against the dense model on held-out text, from one teacher-forced pass
+(:func:`effx.quality.teacher_forced`; the first half of each chunk is the prompt): token agreement (the
+share of positions where the program's greedy token, as it decodes, including early exits at their
+thresholds, equals the dense one's) and perplexity (as :func:`effx.quality.perplexity` defines it: every
+token scored by the head that would decode it, so an exit's where the exit fires); on the generated
 texts, ROUGE-L (mean over prompts) and corpus BLEU (:func:`effx.quality.bleu`, sacrebleu) against the dense
 texts always and against references where the data has them, and the share of generated positions with
 the dense token. A configuration identical to dense reports agreement, ROUGE-L and BLEU of exactly 1.0.
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import math
 import os
 import platform
 import statistics
@@ -44,11 +44,14 @@ from typing import Any
 
 from .errors import BenchConfigError, BenchDataError
 from .memory import memory_method, peak_rss_mb, rss_mb, rss_reset
-from .metrics import mean_paths, pass_stats, paths, rouge, spread, teacher_forced
+from .metrics import mean_paths, pass_stats, paths, rouge, spread
 from .samples import Sample, as_sample
 from .schema import SCHEMA, VERSION
 from .sweep import BenchConfig
 from .timing import interleave, timed
+
+# run_bench's steps: check_settings, heldout_chunks, prepare (-> Entry), time_programs (-> Timings),
+# score_heldout (-> HeldOut), then output_texts, assemble (config_metrics, config_ratios), run_settings, result.
 
 TIMING = (
     "batch 1, greedy, interleaved per prompt; TTFT = prefill + first token; decode tok/s over the remaining "
@@ -209,24 +212,24 @@ def time_programs(
 
 def score_heldout(entries: list[Entry], chunks: list, bar) -> HeldOut:
     """Agreement with dense and perplexity of every entry on the held-out chunks, from one teacher-forced
-    pass each (:func:`effx.bench.metrics.teacher_forced`)."""
+    pass each (:func:`effx.quality.teacher_forced`, the scorer :func:`effx.quality.perplexity` defines
+    perplexity with): agreement is the share of positions whose greedy token, as the Program decodes,
+    equals dense's."""
+    from ..quality import perplexity_of, teacher_forced
+
     dense_preds = None
     out = HeldOut([], [], [])
     scored = sum(c.shape[1] - c.shape[1] // 2 for c in chunks)
     for e in entries:
         bar.set_postfix_str(f"agreement, perplexity: {e.name[:40]}")
-        preds, nll, impossible = [], 0.0, 0
-        for c in chunks:
-            tokens, chunk_nll, chunk_impossible = teacher_forced(e.program, c)
-            preds.append(tokens)
-            nll += chunk_nll
-            impossible += chunk_impossible
+        scores = [teacher_forced(e.program, c) for c in chunks]
         if dense_preds is None:
-            dense_preds = preds
-        same = sum(int((a == b).sum()) for a, b in zip(preds, dense_preds, strict=True))
+            dense_preds = [s.tokens for s in scores]
+        same = sum(int((s.tokens == d).sum()) for s, d in zip(scores, dense_preds, strict=True))
+        impossible = sum(s.impossible for s in scores)
         out.agreement.append(same / scored)
         # infinite where some true token had probability 0: JSON has no infinity, so null
-        out.perplexity.append(math.exp(nll / scored) if impossible == 0 else None)
+        out.perplexity.append(perplexity_of(scores) if impossible == 0 else None)
         out.zero_prob_share.append(impossible / scored)
         bar.update()
     return out
