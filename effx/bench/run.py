@@ -239,8 +239,7 @@ def _machine() -> dict[str, Any]:
     import torch
     import transformers
 
-    from .. import kernels
-    from .._about import __version__
+    from .. import __version__, kernels
 
     return {
         "kernels": kernels.describe(),
