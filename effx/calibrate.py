@@ -61,6 +61,9 @@ def teacher_forced_exits(program, chunk):
     return teacher, out
 
 
+# Calibration reads each exit's confidence and whether its greedy token is the final head's: statistics for
+# choosing thresholds, not a perplexity. Perplexity has one definition, effx.quality.perplexity (every token
+# scored by the head that decodes it, through effx.runtime.score); nothing here computes another.
 def exit_statistics(
     program, texts, tokenizer, *, seq_len: int = 128, max_tokens: int = 2048, progress: bool = False
 ):

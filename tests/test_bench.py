@@ -265,8 +265,8 @@ def test_configurations_identical_to_dense_report_exact_quality(result):
     lossy = result["configs"][4]["metrics"]  # nearly every token leaves at layer 0
     assert lossy["agreement"] < 0.9 and lossy["stats"]["mean_layers"] < 1.5
     assert lossy["bleu_dense"] < 1.0 and lossy["rouge_l_dense"] < 1.0
-    # perplexity scores the final head (documented): exits change only which token is chosen
-    assert lossy["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-6)
+    # perplexity scores every token with the head that decodes it (effx.quality.perplexity): here the exit's
+    assert lossy["perplexity"] != pytest.approx(dense["perplexity"], rel=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -282,17 +282,52 @@ def test_configurations_identical_to_dense_report_exact_quality(result):
 )
 def test_perplexity_from_the_agreement_pass_is_effx_quality_perplexity(passes, tokenizer):
     # run_bench computes agreement and perplexity in one forward pass: it must equal the library's definition
+    from tqdm.auto import tqdm
+
     from effx.data import token_chunks
     from effx.quality import perplexity
 
     program = effx.transform(tiny_model("llama", layers=3, seed=2), passes)
     chunks = token_chunks(tokenizer, HELDOUT, 32, 128)
     with torch.inference_mode():  # as run_bench calls it
-        nll = sum(bench._teacher_forced(program, c)[1] for c in chunks)
-    ours = math.exp(nll / sum(c.shape[1] - c.shape[1] // 2 for c in chunks))
-    assert ours == pytest.approx(
+        scored = bench.run.score_heldout([bench.run.Entry("p", "", (), program)], chunks, tqdm(disable=True))
+    assert scored.perplexity[0] == pytest.approx(
         perplexity(program, HELDOUT, tokenizer, seq_len=32, max_tokens=128), rel=1e-4
     )
+
+
+def test_perplexity_scores_each_token_with_the_head_that_decodes_it(tokenizer):
+    # the definition, computed independently in one teacher-forced pass over every exit: a token's
+    # probability is the first exit's whose confidence passes its threshold, else the final head's; the
+    # first token after the prompt comes from the prefill, which runs every layer
+    from effx.calibrate import teacher_forced_exits
+    from effx.data import token_chunks
+    from effx.quality import perplexity
+
+    program = effx.transform(
+        tiny_model("llama", layers=3, seed=2), [EarlyExit(layers=(0, 1), thresholds=(0.35, 0.3))]
+    )
+    chunks = token_chunks(tokenizer, HELDOUT, 32, 128)
+    nll, count, exited, final_nll = 0.0, 0, 0, 0.0
+    with torch.inference_mode():
+        for c in chunks:
+            n, half = c.shape[1], c.shape[1] // 2
+            teacher, exits = teacher_forced_exits(program, c)
+            logp, decided = teacher[0].clone(), torch.zeros(n, dtype=torch.bool)
+            for e, logits, conf in exits:
+                leave = ~decided & (conf[0].float() >= program.exits[e].attrs["threshold"])
+                logp[leave] = logits[0, leave].float().log_softmax(-1)
+                decided |= leave
+            logp[half - 1], decided[half - 1] = teacher[0, half - 1], False
+            target = c[0, half:, None]
+            nll -= float(logp[half - 1 : n - 1].gather(-1, target).sum())
+            final_nll -= float(teacher[0, half - 1 : n - 1].gather(-1, target).sum())
+            exited += int(decided[half - 1 : n - 1].sum())
+            count += n - half
+    assert 0 < exited < count  # some tokens leave early, some reach the final head
+    ours = perplexity(program, HELDOUT, tokenizer, seq_len=32, max_tokens=128)
+    assert ours == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert ours != pytest.approx(math.exp(final_nll / count), rel=1e-3)  # not the final head's
 
 
 def test_table_plot_and_files(result, tmp_path):
@@ -330,16 +365,16 @@ def test_paths_are_shares_of_the_generated_tokens(result):
     assert lossy["exit at layer 0"] > 0.5 and set(lossy) <= {"exit at layer 0", "all 3 layers"}
     # the first token comes from the prefill, through every layer; 4 more decoded by exits, of 6 in all
     stats = {"exit_layers": [[1], [3], [2], [1], [1]]}
-    assert bench._paths(stats, 6, 3) == {
+    assert bench.metrics.paths(stats, 6, 3) == {
         "exit at layer 0": 0.5,
         "exit at layer 1": pytest.approx(1 / 6),
         "all 3 layers": pytest.approx(2 / 6),
     }
-    mean = bench._mean_paths([{"all 3 layers": 0.5, "exit at layer 1": 0.5}, {"exit at layer 0": 1.0}])
+    mean = bench.metrics.mean_paths([{"all 3 layers": 0.5, "exit at layer 1": 0.5}, {"exit at layer 0": 1.0}])
     assert mean == {"exit at layer 0": 0.5, "exit at layer 1": 0.25, "all 3 layers": 0.25}
     assert list(mean) == ["exit at layer 0", "exit at layer 1", "all 3 layers"]  # by depth
     spec = {"drafted": 12, "accepted": 5, "rounds": 3, "head_positions": 20, "head_fallbacks": 5}
-    assert bench._paths(spec, 10, 3) == {
+    assert bench.metrics.paths(spec, 10, 3) == {
         "accepted draft": 0.5,
         "full model": 0.5,
         "reduced head": 0.75,

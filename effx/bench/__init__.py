@@ -20,11 +20,13 @@ Its modules, each importing only those above it in this list; every name below i
 * :mod:`effx.bench.timing`: :func:`timed`, :func:`interleave`, :func:`total_seconds`, :func:`first_outputs`
   (the scripts in ``benchmarks/`` time with them too);
 * :mod:`effx.bench.memory`: the peak resident memory of one call;
-* :mod:`effx.bench.metrics`: pass statistics, shares of tokens per path, agreement and perplexity, ROUGE-L;
+* :mod:`effx.bench.metrics`: pass statistics, shares of tokens per path (:func:`effx.bench.metrics.paths`,
+  :func:`effx.bench.metrics.mean_paths`), ROUGE-L;
 * :mod:`effx.bench.schema`: the result schema (:data:`SCHEMA`, :func:`validate_result`,
   :func:`load_result`);
 * :mod:`effx.bench.report`: Markdown tables, Pareto plots, :func:`write_outputs`;
-* :mod:`effx.bench.run`: :func:`run_bench`, and how it measures.
+* :mod:`effx.bench.run`: :func:`run_bench` and its steps (prepare, time, score, assemble), and how it
+  measures; agreement and perplexity come from :func:`effx.quality.teacher_forced`.
 """
 
 from __future__ import annotations
@@ -39,9 +41,6 @@ from .configs import (
     vocab_file,
 )
 from .errors import BenchConfigError, BenchDataError
-from .metrics import _mean_paths as _mean_paths
-from .metrics import _paths as _paths
-from .metrics import _teacher_forced as _teacher_forced
 from .report import (
     format_path_table,
     format_stacked_table,

@@ -10,7 +10,7 @@ import resource
 import sys
 
 
-def _rss_reset() -> bool:
+def rss_reset() -> bool:
     """Reset the peak-RSS counter (Linux); False where it cannot be reset."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -21,6 +21,7 @@ def _rss_reset() -> bool:
 
 
 def _status_mb(field: str) -> float | None:
+    """A ``/proc/self/status`` field in MB; None where the file or the field is missing."""
     try:
         with open("/proc/self/status") as f:
             m = re.search(rf"{field}:\s+(\d+)\s+kB", f.read())
@@ -29,7 +30,9 @@ def _status_mb(field: str) -> float | None:
     return int(m.group(1)) / 1024 if m else None
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """The peak resident set size in MB: ``VmHWM`` since the last :func:`rss_reset` (Linux), else the
+    process's life-time peak (``ru_maxrss``)."""
     peak = _status_mb("VmHWM")
     if peak is not None:
         return peak
@@ -37,12 +40,14 @@ def _peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
+    """The resident set size now in MB (``VmRSS``; the peak where it is unavailable)."""
     rss = _status_mb("VmRSS")
-    return _peak_rss_mb() if rss is None else rss
+    return peak_rss_mb() if rss is None else rss
 
 
-def _memory_method() -> str:
-    if _rss_reset() and os.path.exists("/proc/self/status"):
+def memory_method() -> str:
+    """How :func:`peak_rss_mb` measures on this platform, in words (``settings.memory`` of a result)."""
+    if rss_reset() and os.path.exists("/proc/self/status"):
         return "peak RSS per generate call (Linux VmHWM, reset through /proc/self/clear_refs)"
     return "ru_maxrss: the peak RSS over the process's life (no per-call reset on this platform)"

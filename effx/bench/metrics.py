@@ -1,6 +1,6 @@
-"""What ``effx bench`` computes from generations and held-out text: pass statistics, the share of tokens
-per path (see :mod:`effx.bench.schema`), teacher-forced agreement and perplexity in one forward pass,
-ROUGE-L, and the spread of a timing."""
+"""What ``effx bench`` computes from generations: pass statistics, the share of tokens per path (see
+:mod:`effx.bench.schema`), ROUGE-L, and the spread of a timing. Agreement and perplexity on held-out text
+come from :func:`effx.quality.teacher_forced` (:func:`effx.bench.run.score_heldout`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import statistics
 from ..runtime.stats import DecodeStats
 
 
-def _pass_stats(stats_list: list[dict], prompt_lengths: list[int]) -> dict[str, float]:
+def pass_stats(stats_list: list[dict], prompt_lengths: list[int]) -> dict[str, float]:
+    """A configuration's pass statistics over its generations (``stats_list``, one ``generate`` stats dict
+    per prompt): mean layers per decoded token, the reduced head's fallback share, draft acceptance and the
+    share of prompt tokens TokenDrop kept; a key only where the pass ran."""
     out: dict[str, float] = {}
     depths = [d[0] for st in stats_list for d in st.get("exit_layers", [])]
     if depths:
@@ -30,7 +33,7 @@ def _pass_stats(stats_list: list[dict], prompt_lengths: list[int]) -> dict[str, 
     return out
 
 
-def _paths(stats: dict, new_tokens: int, num_layers: int, reduced_head: bool = False) -> dict[str, float]:
+def paths(stats: dict, new_tokens: int, num_layers: int, reduced_head: bool = False) -> dict[str, float]:
     """Share of one generation's tokens each path produced, the cascade seed's "share of tokens per path"
     (:meth:`effx.runtime.stats.DecodeStats.paths` of the run's stats)."""
     return DecodeStats.from_dict(stats).paths(new_tokens, num_layers, reduced_head)
@@ -43,49 +46,14 @@ def _path_order(key: str) -> tuple:
     return (1, 0) if key.startswith("all ") else (2, 0)
 
 
-def _mean_paths(per_sample: list[dict[str, float]]) -> dict[str, float]:
+def mean_paths(per_sample: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of per-generation :func:`paths` (a path missing from a generation counts 0), exits by
+    depth, then the full depth, then the rest."""
     keys = sorted(dict.fromkeys(k for p in per_sample for k in p), key=_path_order)
     return {k: statistics.mean(p.get(k, 0.0) for p in per_sample) for k in keys}
 
 
-def _teacher_forced(program, chunk):
-    """For the second half of ``chunk``, teacher-forced, the way the program decodes: its greedy next token
-    at each position, the summed negative log-likelihood of the true tokens, and how many true tokens it
-    gives probability 0 (a reduced head that did not fall back scores ``-inf`` outside its subset).
-
-    The first half is prefilled as a prompt (core neurons and dropped tokens are chosen on it), as in
-    :func:`effx.quality.perplexity`, whose value ``exp(nll / tokens)`` this reproduces from the same
-    forward pass (``tests/test_bench.py`` checks that), so agreement and perplexity cost one pass. Lossy
-    exits give a position's token from the first exit whose confidence passes its threshold (the
-    likelihood stays the final head's, as in ``perplexity``); such programs run over the whole chunk at once
-    (their exits are decode-time decisions), so a TokenDrop in the same program is not applied there.
-    """
-    import torch
-
-    from ..calibrate import teacher_forced_exits
-    from ..quality import second_half_logits
-
-    n = chunk.shape[1]
-    half = n // 2
-    target = chunk[0, half:]
-    lossy = program.plan.decode_mode == "lossy"
-    if lossy:
-        teacher, exits = teacher_forced_exits(program, chunk)
-        true_logp = teacher[0, half - 1 : n - 1].gather(-1, target[:, None])[:, 0]
-        tokens = teacher.argmax(-1)[0]
-        decided = torch.zeros(n, dtype=torch.bool)
-        for e, logits, conf in exits:
-            leave = ~decided & (conf[0].float() >= program.exits[e].attrs["threshold"])
-            tokens = torch.where(leave, logits.argmax(-1)[0], tokens)
-            decided |= leave
-        return tokens[half - 1 : n - 1], -float(true_logp.sum()), int(torch.isneginf(true_logp).sum())
-    logits = second_half_logits(program, chunk)
-    nll = float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-    impossible = int(torch.isneginf(logits.gather(-1, target[:, None])).sum())
-    return logits.argmax(-1), nll, impossible
-
-
-def _rouge(preds: list[str], refs: list[str]) -> float:
+def rouge(preds: list[str], refs: list[str]) -> float:
     """Mean ROUGE-L F1; identical texts score exactly 1.0 (also two empty ones, which the scorer gives 0)."""
     from ..quality import rouge_l
 
@@ -93,5 +61,6 @@ def _rouge(preds: list[str], refs: list[str]) -> float:
     return statistics.mean(scores)
 
 
-def _spread(values: list[float]) -> dict[str, float]:
+def spread(values: list[float]) -> dict[str, float]:
+    """The median, minimum and maximum of a timing's values."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .metrics import _mean_paths
+from .metrics import mean_paths
 from .schema import validate_result
 
 
@@ -136,7 +136,7 @@ def format_path_table(result: dict[str, Any]) -> str:
     for p in range(prompts):
         for c in configs:
             q = c["per_prompt"][p]
-            paths = _mean_paths([s["paths"] for s in c["samples"] if s["prompt"] == p])
+            paths = mean_paths([s["paths"] for s in c["samples"] if s["prompt"] == p])
             lines.append(
                 f"| {p + 1} | {c['name']} | {seconds(c, p):.2f} | {seconds(configs[0], p) / seconds(c, p):.2f}x "
                 f"| {_fmt(q['rouge_l_reference'], '.3f')} | {q['rouge_l_dense']:.3f} | {shares(paths)} |"

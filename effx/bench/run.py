@@ -20,10 +20,11 @@ decodes the same number of tokens; texts are cut at the first end-of-sequence to
 
 Per configuration, once: FLOPs per decoded token at the mean prompt length plus half the new tokens
 (:func:`effx.flops.decode_flops`: every exit stage counted, a reduced head's fallback not) and of the
-prefill; quality against the dense model on held-out text: teacher-forced token agreement (the share of
-positions where the program's greedy token, as it decodes, including early exits at their thresholds,
-equals the dense one's) and perplexity (as :func:`effx.quality.perplexity` defines it, from the same
-forward pass; it scores the final head, so for lossy exits agreement is the measure); on the generated
+prefill; quality against the dense model on held-out text, from one teacher-forced pass
+(:func:`effx.quality.teacher_forced`; the first half of each chunk is the prompt): token agreement (the
+share of positions where the program's greedy token, as it decodes, including early exits at their
+thresholds, equals the dense one's) and perplexity (as :func:`effx.quality.perplexity` defines it: every
+token scored by the head that would decode it, so an exit's where the exit fires); on the generated
 texts, ROUGE-L (mean over prompts) and corpus BLEU (:func:`effx.quality.bleu`, sacrebleu) against the dense
 texts always and against references where the data has them, and the share of generated positions with
 the dense token. A configuration identical to dense reports agreement, ROUGE-L and BLEU of exactly 1.0.
@@ -33,21 +34,116 @@ from __future__ import annotations
 
 import datetime
 import functools
-import math
 import os
 import platform
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import BenchConfigError, BenchDataError
-from .memory import _memory_method, _peak_rss_mb, _rss_mb, _rss_reset
-from .metrics import _mean_paths, _pass_stats, _paths, _rouge, _spread, _teacher_forced
-from .samples import Sample, _as_sample
+from .memory import memory_method, peak_rss_mb, rss_mb, rss_reset
+from .metrics import mean_paths, pass_stats, paths, rouge, spread
+from .samples import Sample, as_sample
 from .schema import SCHEMA, VERSION
 from .sweep import BenchConfig
 from .timing import interleave, timed
+
+# run_bench's steps: check_settings, heldout_chunks, prepare (-> Entry), time_programs (-> Timings),
+# score_heldout (-> HeldOut), then output_texts, assemble (config_metrics, config_ratios), run_settings, result.
+
+TIMING = (
+    "batch 1, greedy, interleaved per prompt; TTFT = prefill + first token; decode tok/s over the remaining "
+    "tokens; ratios are medians of per-prompt ratios to dense"
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the result: dense or a configuration, with the Program it runs."""
+
+    name: str
+    pipeline: str
+    passes: tuple
+    program: Any
+    calibration: dict | None = None
+
+
+@dataclass(frozen=True)
+class Timings:
+    """What the interleaved generations gave, per entry: one record per prompt and repeat (``samples``), and
+    the new tokens and stats of each prompt's first repeat (``outputs``, ``stats``)."""
+
+    samples: list[list[dict]]
+    outputs: list[list]
+    stats: list[list[dict]]
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Teacher-forced quality per entry: agreement with dense, perplexity (None when infinite) and the share
+    of held-out tokens given probability 0."""
+
+    agreement: list[float]
+    perplexity: list[float | None]
+    zero_prob_share: list[float]
+
+
+def check_settings(configs: Sequence[BenchConfig], samples, new_tokens, repeats) -> list[Sample]:
+    """The samples as :class:`Sample` objects, after checking ``run_bench``'s settings (typed errors)."""
+    if not isinstance(new_tokens, int) or new_tokens < 2:
+        raise BenchConfigError(
+            f"new_tokens must be an integer >= 2 (TTFT and decode speed), got {new_tokens!r}"
+        )
+    if not isinstance(repeats, int) or repeats < 1:
+        raise BenchConfigError(f"repeats must be an integer >= 1, got {repeats!r}")
+    out = [as_sample(s) for s in samples]
+    if not out:
+        raise BenchDataError("no prompts to benchmark")
+    names = [c.name for c in configs]
+    if "dense" in names or len(set(names)) != len(names):
+        raise BenchConfigError(f"configuration names must be unique and not 'dense': {names}")
+    return out
+
+
+def heldout_chunks(tokenizer, heldout: Sequence[str], seq_len: int, heldout_tokens: int) -> list:
+    """The held-out text as ``seq_len``-token chunks (:func:`effx.data.token_chunks`), or a BenchDataError."""
+    from ..data import token_chunks
+
+    try:
+        return token_chunks(tokenizer, heldout, seq_len, heldout_tokens)
+    except ValueError as e:
+        raise BenchDataError(
+            f"the held-out text is too short for chunks of {seq_len} tokens "
+            f"(heldout_tokens={heldout_tokens}): {e}"
+        ) from e
+
+
+def prepare(dense, configs: Sequence[BenchConfig], tokenizer, calib: list[str], bar) -> list[Entry]:
+    """Dense and every configuration's Program (its passes run on ``dense``, then its calibration)."""
+    from ..passes import PassManager
+
+    rewrites = [p["name"] for p in dense.plan.passes if p["name"] != "lower"]
+    if rewrites:
+        raise BenchConfigError(f"dense must be a Program without passes (lower aside), it has {rewrites}")
+    entries = [Entry("dense", "", (), dense)]
+    for c in configs:
+        bar.set_postfix_str(f"prepare: {c.name[:40]}")
+        prog = PassManager(list(c.passes)).run(dense)
+        cal = None
+        if c.calibrate is not None:
+            if not prog.exits:
+                raise BenchConfigError(f"configuration {c.name!r} has a calibration target but no exits")
+            prog, report = prog.calibrate(calib, tokenizer, target=c.calibrate)
+            cal = {
+                "target": c.calibrate,
+                "agreement": report.agreement,
+                "thresholds": {str(e): t for e, t in report.thresholds.items()},
+            }
+        entries.append(Entry(c.name, c.pipeline, c.passes, prog, cal))
+        bar.update()
+    return entries
 
 
 def _timed_generate(program, ids, mask, new_tokens: int, reset_rss: bool):
@@ -55,8 +151,8 @@ def _timed_generate(program, ids, mask, new_tokens: int, reset_rss: bool):
     before the call in MB, stats)."""
     stats: dict = {}
     if reset_rss:
-        _rss_reset()
-    before = _rss_mb()
+        rss_reset()
+    before = rss_mb()
     call = timed(
         program.generate,
         ids,
@@ -66,17 +162,84 @@ def _timed_generate(program, ids, mask, new_tokens: int, reset_rss: bool):
         stats=stats,
         on_token=True,
     )
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     first = call.first_token_s
     return call.output[0, ids.shape[1] :], first, call.seconds - first, peak, peak - before, stats
+
+
+def time_programs(
+    entries: list[Entry], encoded: list, new_tokens: int, repeats: int, reset_rss: bool, bar
+) -> Timings:
+    """Warm every Program up, then time their generations interleaved (:func:`effx.bench.interleave`)."""
+    ids0, mask0 = encoded[0]
+    for e in entries:  # warm-up: first-call costs are not what a configuration costs
+        bar.set_postfix_str("warm-up")
+        e.program.generate(ids0, attention_mask=mask0, max_new_tokens=2, eos_token_id=[])
+        bar.update()
+    runs = interleave(
+        {
+            str(i): functools.partial(_timed_generate, e.program, new_tokens=new_tokens, reset_rss=reset_rss)
+            for i, e in enumerate(entries)
+        },
+        encoded,
+        repeats=repeats,
+        bar=bar,
+    )
+    num_layers = entries[0].program.info.num_layers
+    timings = Timings([[] for _ in entries], [[None] * len(encoded) for _ in entries], [[] for _ in entries])
+    for i, e in enumerate(entries):
+        reduced_head = bool(e.program.head.attrs.get("vocab"))
+        for p, per_repeat in enumerate(runs[str(i)]):
+            for r, call in enumerate(per_repeat):
+                tokens, ttft, decode, peak, grew, st = call.output
+                timings.samples[i].append(
+                    {
+                        "prompt": p,
+                        "repeat": r,
+                        "ttft_ms": ttft * 1e3,
+                        "decode_tok_s": (new_tokens - 1) / decode,
+                        "seconds": ttft + decode,
+                        "peak_rss_mb": peak,
+                        "peak_rss_delta_mb": grew,
+                        "paths": paths(st, new_tokens, num_layers, reduced_head),
+                    }
+                )
+                if r == 0:
+                    timings.outputs[i][p] = tokens
+                    timings.stats[i].append(st)
+    return timings
+
+
+def score_heldout(entries: list[Entry], chunks: list, bar) -> HeldOut:
+    """Agreement with dense and perplexity of every entry on the held-out chunks, from one teacher-forced
+    pass each (:func:`effx.quality.teacher_forced`, the scorer :func:`effx.quality.perplexity` defines
+    perplexity with): agreement is the share of positions whose greedy token, as the Program decodes,
+    equals dense's."""
+    from ..quality import perplexity_of, teacher_forced
+
+    dense_preds = None
+    out = HeldOut([], [], [])
+    scored = sum(c.shape[1] - c.shape[1] // 2 for c in chunks)
+    for e in entries:
+        bar.set_postfix_str(f"agreement, perplexity: {e.name[:40]}")
+        scores = [teacher_forced(e.program, c) for c in chunks]
+        if dense_preds is None:
+            dense_preds = [s.tokens for s in scores]
+        same = sum(int((s.tokens == d).sum()) for s, d in zip(scores, dense_preds, strict=True))
+        impossible = sum(s.impossible for s in scores)
+        out.agreement.append(same / scored)
+        # infinite where some true token had probability 0: JSON has no infinity, so null
+        out.perplexity.append(perplexity_of(scores) if impossible == 0 else None)
+        out.zero_prob_share.append(impossible / scored)
+        bar.update()
+    return out
 
 
 def _machine() -> dict[str, Any]:
     import torch
     import transformers
 
-    from .. import kernels
-    from .._about import __version__
+    from .. import __version__, kernels
 
     return {
         "kernels": kernels.describe(),
@@ -89,6 +252,116 @@ def _machine() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "effx": __version__,
     }
+
+
+def output_texts(tokenizer, dense, outputs: list[list]) -> list[list[str]]:
+    """Every entry's generated texts, each cut at its first end-of-sequence token (the plan's or the
+    tokenizer's)."""
+    eos = {int(e) for e in dense.plan.eos_token_ids}
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        eos.add(int(tokenizer.eos_token_id))
+
+    def text(tokens) -> str:
+        ids = tokens.tolist()
+        cut = next((k for k, t in enumerate(ids) if t in eos), len(ids))
+        return tokenizer.decode(ids[:cut], skip_special_tokens=True)
+
+    return [[text(t) for t in outs] for outs in outputs]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Everything :func:`assemble` reads: the entries, the samples, what was timed and scored."""
+
+    entries: list[Entry]
+    samples: list[Sample]
+    timings: Timings
+    heldout: HeldOut
+    texts: list[list[str]]
+    prompt_lengths: list[int]
+    new_tokens: int
+
+    @property
+    def context(self) -> int:
+        """The context FLOPs per decoded token are counted at: mean prompt length + half the new tokens."""
+        return round(statistics.mean(self.prompt_lengths) + self.new_tokens / 2)
+
+
+def config_metrics(m: Measured, i: int) -> dict[str, Any]:
+    """Entry ``i``'s ``metrics`` (see :mod:`effx.bench.schema`): speed, memory, FLOPs, quality, stats."""
+    from ..flops import decode_flops, prefill_flops, weight_bytes
+    from ..quality import bleu
+
+    program, runs, outputs, texts = m.entries[i].program, m.timings.samples[i], m.timings.outputs, m.texts
+    refs = [(k, s.reference) for k, s in enumerate(m.samples) if s.reference is not None]
+    ref_texts, references = [texts[i][k] for k, _ in refs], [r for _, r in refs]
+    same_tokens = sum(int((a == b).sum()) for a, b in zip(outputs[i], outputs[0], strict=True)) / sum(
+        int(b.numel()) for b in outputs[0]
+    )
+    return {
+        "decode_tok_s": spread([s["decode_tok_s"] for s in runs]),
+        "ttft_ms": spread([s["ttft_ms"] for s in runs]),
+        "peak_rss_mb": max(s["peak_rss_mb"] for s in runs),
+        "peak_rss_delta_mb": max(s["peak_rss_delta_mb"] for s in runs),
+        "weights_mb": weight_bytes(program) / 1e6,
+        "decode_mflops": decode_flops(program, context=m.context) / 1e6,
+        "prefill_mflops": prefill_flops(program, round(statistics.mean(m.prompt_lengths))) / 1e6,
+        "agreement": m.heldout.agreement[i],
+        "same_tokens": same_tokens,
+        "rouge_l_dense": rouge(texts[i], texts[0]),
+        "rouge_l_reference": rouge(ref_texts, references) if refs else None,
+        "bleu_dense": bleu(texts[i], texts[0]),
+        "bleu_reference": bleu(ref_texts, references) if refs else None,
+        "perplexity": m.heldout.perplexity[i],
+        "zero_prob_share": m.heldout.zero_prob_share[i],
+        "stats": pass_stats(m.timings.stats[i], m.prompt_lengths),
+        "paths": mean_paths([s["paths"] for s in runs]),
+    }
+
+
+def config_ratios(m: Measured, i: int, metrics: dict, dense: dict) -> dict[str, float | None]:
+    """Entry ``i``'s ``ratios`` to dense (``dense``: dense's metrics): speed-ups are medians of the ratios
+    paired by prompt and repeat, the rest ratios of the metrics."""
+    by_key = {(s["prompt"], s["repeat"]): s for s in m.timings.samples[0]}
+    paired = [(s, by_key[(s["prompt"], s["repeat"])]) for s in m.timings.samples[i]]
+    return {
+        "speedup": statistics.median(s["decode_tok_s"] / ds["decode_tok_s"] for s, ds in paired),
+        "ttft_speedup": statistics.median(ds["ttft_ms"] / s["ttft_ms"] for s, ds in paired),
+        "flops": metrics["decode_mflops"] / dense["decode_mflops"],
+        "weights": metrics["weights_mb"] / dense["weights_mb"],
+        "peak_rss": metrics["peak_rss_mb"] / dense["peak_rss_mb"],
+        "perplexity": None if metrics["perplexity"] is None else metrics["perplexity"] / dense["perplexity"],
+    }
+
+
+def assemble(m: Measured) -> list[dict[str, Any]]:
+    """The result's ``configs``: per entry its name, pipeline, passes, calibration, metrics, ratios to dense,
+    timed samples, texts and per-prompt ROUGE-L."""
+    out: list[dict[str, Any]] = []
+    for i, e in enumerate(m.entries):
+        metrics = config_metrics(m, i)
+        texts = m.texts[i]
+        per_prompt = [
+            {
+                "rouge_l_dense": rouge([texts[k]], [m.texts[0][k]]),
+                "rouge_l_reference": None if s.reference is None else rouge([texts[k]], [s.reference]),
+            }
+            for k, s in enumerate(m.samples)
+        ]
+        out.append(
+            {
+                "name": e.name,
+                "pipeline": e.pipeline,
+                "passes": [p.to_json() for p in e.passes],
+                "calibration": e.calibration,
+                "metrics": metrics,
+                "ratios": config_ratios(m, i, metrics, out[0]["metrics"] if out else metrics),
+                "samples": m.timings.samples[i],
+                "outputs": texts,
+                "per_prompt": per_prompt,
+            }
+        )
+    return out
 
 
 def run_bench(
@@ -116,213 +389,79 @@ def run_bench(
     the text for configurations with a calibration target (default: pydoc calibration topics). ``dense``
     is ``model``'s dense Program where the caller already captured it (capture is then not repeated);
     every configuration's passes run on it.
+
+    The steps: :func:`prepare` the Programs, :func:`time_programs`, :func:`score_heldout`, then
+    :func:`assemble` the result.
     """
     import torch
     from tqdm.auto import tqdm
 
     from ..capture import capture
-    from ..data import encode_prompts, pydoc_texts, token_chunks
-    from ..flops import decode_flops, prefill_flops, weight_bytes
-    from ..passes import PassManager
-    from ..quality import bleu
+    from ..data import encode_prompts, pydoc_texts
 
-    if not isinstance(new_tokens, int) or new_tokens < 2:
-        raise BenchConfigError(
-            f"new_tokens must be an integer >= 2 (TTFT and decode speed), got {new_tokens!r}"
-        )
-    if not isinstance(repeats, int) or repeats < 1:
-        raise BenchConfigError(f"repeats must be an integer >= 1, got {repeats!r}")
-    samples = [_as_sample(s) for s in samples]
-    if not samples:
-        raise BenchDataError("no prompts to benchmark")
-    names = [c.name for c in configs]
-    if "dense" in names or len(set(names)) != len(names):
-        raise BenchConfigError(f"configuration names must be unique and not 'dense': {names}")
+    samples = check_settings(configs, samples, new_tokens, repeats)
     began = time.perf_counter()
     heldout = list(pydoc_texts("heldout") if heldout is None else heldout)
     calib = list(pydoc_texts("calib") if calib_texts is None else calib_texts)
-
-    try:
-        chunks = token_chunks(tokenizer, heldout, seq_len, heldout_tokens)
-    except ValueError as e:
-        raise BenchDataError(
-            f"the held-out text is too short for chunks of {seq_len} tokens "
-            f"(heldout_tokens={heldout_tokens}): {e}"
-        ) from e
-
-    m = len(configs) + 1
-    bar = tqdm(
-        total=len(configs) + m + repeats * len(samples) * m + m,
-        desc="effx bench",
-        unit="step",
-        disable=not progress,
-    )
+    chunks = heldout_chunks(tokenizer, heldout, seq_len, heldout_tokens)
+    n = len(configs) + 1
+    steps = len(configs) + n + repeats * len(samples) * n + n
+    bar = tqdm(total=steps, desc="effx bench", unit="step", disable=not progress)
     dense = capture(model) if dense is None else dense
-    rewrites = [p["name"] for p in dense.plan.passes if p["name"] != "lower"]
-    if rewrites:
-        raise BenchConfigError(f"dense must be a Program without passes (lower aside), it has {rewrites}")
-    programs = [dense]
-    calibrations: list[dict | None] = [None]
-    for c in configs:
-        bar.set_postfix_str(f"prepare: {c.name[:40]}")
-        prog = PassManager(list(c.passes)).run(dense)
-        cal = None
-        if c.calibrate is not None:
-            if not prog.exits:
-                raise BenchConfigError(f"configuration {c.name!r} has a calibration target but no exits")
-            prog, report = prog.calibrate(calib, tokenizer, target=c.calibrate)
-            cal = {
-                "target": c.calibrate,
-                "agreement": report.agreement,
-                "thresholds": {str(e): t for e, t in report.thresholds.items()},
-            }
-        programs.append(prog)
-        calibrations.append(cal)
-        bar.update()
-    entries = [("dense", "", ())] + [(c.name, c.pipeline, c.passes) for c in configs]
-
+    entries = prepare(dense, configs, tokenizer, calib, bar)
     prepared = time.perf_counter()
     encoded = [encode_prompts(tokenizer, s.prompt, chat=chat) for s in samples]
-    prompt_lengths = [int(ids.shape[1]) for ids, _ in encoded]
-    reset_rss = _rss_reset()
-    memory = _memory_method()
-    samples_out: list[list[dict]] = [[] for _ in range(m)]
-    outputs: list[list] = [[None] * len(samples) for _ in range(m)]
-    stats_out: list[list[dict]] = [[] for _ in range(m)]
+    reset_rss = rss_reset()
+    memory = memory_method()
     with torch.inference_mode():
-        ids0, mask0 = encoded[0]
-        for prog in programs:  # warm-up: first-call costs are not what a configuration costs
-            bar.set_postfix_str("warm-up")
-            prog.generate(ids0, attention_mask=mask0, max_new_tokens=2, eos_token_id=[])
-            bar.update()
-        runs = interleave(
-            {
-                str(i): functools.partial(_timed_generate, prog, new_tokens=new_tokens, reset_rss=reset_rss)
-                for i, prog in enumerate(programs)
-            },
-            encoded,
-            repeats=repeats,
-            bar=bar,
-        )
-        for i in range(m):
-            for p, per_repeat in enumerate(runs[str(i)]):
-                for r, call in enumerate(per_repeat):
-                    tokens, ttft, decode, peak, grew, st = call.output
-                    samples_out[i].append(
-                        {
-                            "prompt": p,
-                            "repeat": r,
-                            "ttft_ms": ttft * 1e3,
-                            "decode_tok_s": (new_tokens - 1) / decode,
-                            "seconds": ttft + decode,
-                            "peak_rss_mb": peak,
-                            "peak_rss_delta_mb": grew,
-                            "paths": _paths(
-                                st,
-                                new_tokens,
-                                dense.info.num_layers,
-                                bool(programs[i].head.attrs.get("vocab")),
-                            ),
-                        }
-                    )
-                    if r == 0:
-                        outputs[i][p] = tokens
-                        stats_out[i].append(st)
+        timings = time_programs(entries, encoded, new_tokens, repeats, reset_rss, bar)
         generated = time.perf_counter()
-        dense_preds = None
-        agreements, perplexities = [], []
-        scored = sum(c.shape[1] - c.shape[1] // 2 for c in chunks)
-        for i, prog in enumerate(programs):
-            bar.set_postfix_str(f"agreement, perplexity: {entries[i][0][:40]}")
-            preds, nll, impossible = [], 0.0, 0
-            for c in chunks:
-                tokens, chunk_nll, chunk_impossible = _teacher_forced(prog, c)
-                preds.append(tokens)
-                nll += chunk_nll
-                impossible += chunk_impossible
-            if dense_preds is None:
-                dense_preds = preds
-            same = sum(int((a == b).sum()) for a, b in zip(preds, dense_preds, strict=True))
-            agreements.append(same / scored)
-            # infinite where some true token had probability 0: JSON has no infinity, so null
-            perplexities.append((math.exp(nll / scored) if impossible == 0 else None, impossible / scored))
-            bar.update()
+        quality = score_heldout(entries, chunks, bar)
     bar.close()
     measured = time.perf_counter()
+    m = Measured(
+        entries,
+        samples,
+        timings,
+        quality,
+        output_texts(tokenizer, dense, timings.outputs),
+        [int(ids.shape[1]) for ids, _ in encoded],
+        new_tokens,
+    )
+    given = {
+        "data": data,
+        "prompts": len(samples),
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "chat": chat,
+    }
+    phases = {"prepare": prepared - began, "generate": generated - prepared, "quality": measured - generated}
+    settings = run_settings(m, given, chunks, seq_len, memory, phases)
+    return result(dense, model_name, settings, assemble(m), began)
 
-    eos = {int(e) for e in dense.plan.eos_token_ids}
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        eos.add(int(tokenizer.eos_token_id))
 
-    def text(tokens) -> str:
-        ids = tokens.tolist()
-        cut = next((k for k, t in enumerate(ids) if t in eos), len(ids))
-        return tokenizer.decode(ids[:cut], skip_special_tokens=True)
+def run_settings(
+    m: Measured, given: dict[str, Any], chunks: list, seq_len: int, memory: str, phases: dict[str, float]
+) -> dict[str, Any]:
+    """The result's ``settings`` but its total ``seconds``: ``given`` (data, prompts, new tokens, repeats,
+    chat), the held-out text, the FLOPs context, how memory and time were measured, and the ``phases``
+    (prepare: capture, passes, calibration; generate; quality: agreement and perplexity)."""
+    return {
+        **given,
+        "heldout_tokens": sum(int(c.numel()) for c in chunks),
+        "seq_len": seq_len,
+        "flops_context": m.context,
+        "memory": memory,
+        "timing": TIMING,
+        "phases": phases,
+    }
 
-    texts = [[text(t) for t in outs] for outs in outputs]
-    refs = [(k, s.reference) for k, s in enumerate(samples) if s.reference is not None]
-    context = round(statistics.mean(prompt_lengths) + new_tokens / 2)
-    prompt_mean = round(statistics.mean(prompt_lengths))
-    result_configs = []
-    dense_samples = {(s["prompt"], s["repeat"]): s for s in samples_out[0]}
-    for i, prog in enumerate(programs):
-        name, pipeline, passes = entries[i]
-        same_tokens = sum(int((a == b).sum()) for a, b in zip(outputs[i], outputs[0], strict=True)) / sum(
-            int(b.numel()) for b in outputs[0]
-        )
-        metrics = {
-            "decode_tok_s": _spread([s["decode_tok_s"] for s in samples_out[i]]),
-            "ttft_ms": _spread([s["ttft_ms"] for s in samples_out[i]]),
-            "peak_rss_mb": max(s["peak_rss_mb"] for s in samples_out[i]),
-            "peak_rss_delta_mb": max(s["peak_rss_delta_mb"] for s in samples_out[i]),
-            "weights_mb": weight_bytes(prog) / 1e6,
-            "decode_mflops": decode_flops(prog, context=context) / 1e6,
-            "prefill_mflops": prefill_flops(prog, prompt_mean) / 1e6,
-            "agreement": agreements[i],
-            "same_tokens": same_tokens,
-            "rouge_l_dense": _rouge(texts[i], texts[0]),
-            "rouge_l_reference": _rouge([texts[i][k] for k, _ in refs], [r for _, r in refs])
-            if refs
-            else None,
-            "bleu_dense": bleu(texts[i], texts[0]),
-            "bleu_reference": bleu([texts[i][k] for k, _ in refs], [r for _, r in refs]) if refs else None,
-            "perplexity": perplexities[i][0],
-            "zero_prob_share": perplexities[i][1],
-            "stats": _pass_stats(stats_out[i], prompt_lengths),
-            "paths": _mean_paths([s["paths"] for s in samples_out[i]]),
-        }
-        paired = [(s, dense_samples[(s["prompt"], s["repeat"])]) for s in samples_out[i]]
-        d = result_configs[0]["metrics"] if result_configs else metrics
-        ratios = {
-            "speedup": statistics.median(s["decode_tok_s"] / ds["decode_tok_s"] for s, ds in paired),
-            "ttft_speedup": statistics.median(ds["ttft_ms"] / s["ttft_ms"] for s, ds in paired),
-            "flops": metrics["decode_mflops"] / d["decode_mflops"],
-            "weights": metrics["weights_mb"] / d["weights_mb"],
-            "peak_rss": metrics["peak_rss_mb"] / d["peak_rss_mb"],
-            "perplexity": None if metrics["perplexity"] is None else metrics["perplexity"] / d["perplexity"],
-        }
-        result_configs.append(
-            {
-                "name": name,
-                "pipeline": pipeline,
-                "passes": [p.to_json() for p in passes],
-                "calibration": calibrations[i],
-                "metrics": metrics,
-                "ratios": ratios,
-                "samples": samples_out[i],
-                "outputs": texts[i],
-                "per_prompt": [
-                    {
-                        "rouge_l_dense": _rouge([texts[i][k]], [texts[0][k]]),
-                        "rouge_l_reference": None
-                        if samples[k].reference is None
-                        else _rouge([texts[i][k]], [samples[k].reference]),
-                    }
-                    for k in range(len(samples))
-                ],
-            }
-        )
+
+def result(dense, model_name: str, settings: dict[str, Any], configs: list[dict], began: float) -> dict:
+    """The effx-bench result around ``configs``: schema, machine, model and ``settings`` (with the run's
+    total seconds since ``began``)."""
     info = dense.info
+    phases = settings.pop("phases")
     return {
         "schema": SCHEMA,
         "version": VERSION,
@@ -336,25 +475,6 @@ def run_bench(
             "vocab_size": info.vocab_size,
             "dtype": info.dtype,
         },
-        "settings": {
-            "data": data,
-            "prompts": len(samples),
-            "new_tokens": new_tokens,
-            "repeats": repeats,
-            "chat": chat,
-            "heldout_tokens": sum(int(c.numel()) for c in chunks),
-            "seq_len": seq_len,
-            "flops_context": context,
-            "memory": memory,
-            "timing": "batch 1, greedy, interleaved per prompt; TTFT = prefill + first token; decode tok/s "
-            "over "
-            "the remaining tokens; ratios are medians of per-prompt ratios to dense",
-            "seconds": time.perf_counter() - began,
-            "phases": {
-                "prepare": prepared - began,  # capture, passes, calibration
-                "generate": generated - prepared,
-                "quality": measured - generated,  # agreement and perplexity
-            },
-        },
-        "configs": result_configs,
+        "settings": {**settings, "seconds": time.perf_counter() - began, "phases": phases},
+        "configs": configs,
     }

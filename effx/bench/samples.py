@@ -97,7 +97,7 @@ def load_samples(data: str, n: int) -> list[Sample]:
     return samples[:n]
 
 
-def _as_sample(item) -> Sample:
+def as_sample(item) -> Sample:
     """A :class:`Sample` from a Sample, a prompt string, or a dict with "prompt" and optional "reference"."""
     if isinstance(item, Sample):
         return item

@@ -17,8 +17,8 @@ checks a file.
                               "prefill_mflops",
                               "agreement", "same_tokens", "rouge_l_dense", "rouge_l_reference" (null without
                               references), "bleu_dense", "bleu_reference" (corpus BLEU, 0-1; null
-                              without references), "perplexity" (null when infinite: some held-out token gets
-                              probability 0), "zero_prob_share", "stats": {pass-specific: "mean_layers",
+                              without references), "perplexity" (effx.quality.perplexity's; null when infinite:
+                              some held-out token gets probability 0), "zero_prob_share", "stats": {pass-specific: "mean_layers",
                               "head_fallback_share", "draft_acceptance", "kept_share"},
                               "paths": {path: mean share of the generated tokens it produced}},
                   "ratios": {"speedup", "ttft_speedup", "flops", "weights", "peak_rss", "perplexity"}

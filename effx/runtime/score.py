@@ -1,5 +1,7 @@
 """Scoring a given continuation the way a Program decodes it: the log-probability of each of its tokens and
-whether it is the Program's greedy choice there (what lm-evaluation-harness's ``loglikelihood`` asks).
+whether it is the Program's greedy choice there (what lm-evaluation-harness's ``loglikelihood`` asks), or
+the greedy token itself (:func:`score_tokens`: what ``effx bench``'s agreement compares). This is effx's one
+teacher-forced scorer: :func:`effx.quality.perplexity` and ``effx bench``'s perplexity are computed from it.
 
 Written once against the array API, so the torch backend and the ONNX Runtime backend score alike.
 
@@ -27,7 +29,7 @@ from .forward import positions_from_mask, run_step
 from .loop import decode, prefill
 from .stats import DecodeStats, StatsArg, collecting
 
-__all__ = ["log_softmax", "score"]
+__all__ = ["log_softmax", "score", "score_tokens"]
 
 
 def log_softmax(xp: Namespace, logits: Array) -> Array:
@@ -38,10 +40,10 @@ def log_softmax(xp: Namespace, logits: Array) -> Array:
 
 
 def _pick(xp: Namespace, logits: Array, targets: Array) -> tuple[Array, Array]:
-    """``(log-probability of targets, targets == argmax)``, both ``[batch, n]``, from logits ``[batch, n, V]``."""
+    """``(log-probability of targets, greedy tokens)``, both ``[batch, n]``, from logits ``[batch, n, V]``."""
     logp = log_softmax(xp, logits)
     picked = take_along_axis(xp, logp, targets[..., None], axis=-1)[..., 0]
-    return picked, xp.argmax(logits, axis=-1) == targets
+    return picked, xp.argmax(logits, axis=-1)
 
 
 class _Forced:
@@ -77,6 +79,24 @@ def score(
     under the Program as it decodes and whether it is the Program's greedy token there. ``stats`` receives
     the run-time decisions, as in ``generate`` (``exit_layers`` has one entry per decode step: the first
     continuation token comes from the prefill, which runs every layer)."""
+    logp, tokens = score_tokens(backend, context, context_mask, continuation, chunk=chunk, stats=stats)
+    return logp, tokens == continuation
+
+
+def score_tokens(
+    backend: Backend,
+    context: Array,
+    context_mask: Array,
+    continuation: Array,
+    *,
+    chunk: int = 256,
+    stats: StatsArg = None,
+) -> tuple[Array, Array]:
+    """``(logp, tokens)``, both ``[batch, n]``: as :func:`score`, but with the Program's greedy token at
+    every position (``tokens``, int64) instead of whether it equals the continuation's. Each position is
+    scored by the head that produces the token there when the Program decodes: an exit's where the exit's
+    confidence passes its threshold, else the (reduced, with its fallback) final head; a head that gives a
+    token probability 0 scores it ``-inf``."""
     if context.ndim != 2 or continuation.ndim != 2 or context.shape[0] != continuation.shape[0]:
         raise GenerationInputError(
             f"context [batch, c] and continuation [batch, n] must share their batch, got shapes "
@@ -118,7 +138,7 @@ def _score(
             stats.start_head()
         last, step_backend = prefill(backend, cache, context, positions, key_valid[:, :c], stats)
         logp, greedy = _pick(xp, last[:, None], continuation[:, :1])
-        parts, flags = [logp], [greedy]
+        parts, tokens = [logp], [greedy]
         start = positions[:, -1:] + 1
         for lo in range(0, n - 1, chunk):
             hi = min(lo + chunk, n - 1)
@@ -134,5 +154,5 @@ def _score(
             )
             logp, greedy = _pick(xp, logits, continuation[:, lo + 1 : hi + 1])
             parts.append(logp)
-            flags.append(greedy)
-    return xp.concat(parts, axis=1), xp.concat(flags, axis=1)
+            tokens.append(greedy)
+    return xp.concat(parts, axis=1), xp.concat(tokens, axis=1)
