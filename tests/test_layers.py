@@ -6,6 +6,7 @@ these tests that the table is complete and true."""
 from __future__ import annotations
 
 import ast
+import sys
 import tomllib
 from collections import defaultdict
 from pathlib import Path
@@ -50,7 +51,8 @@ def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -
 
 
 def _is_type_checking(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``): its body never runs."""
+    return isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
 
 
 def _walk(node: ast.AST, in_function: bool, path: Path, found: dict[str, list[str]]) -> None:
@@ -119,3 +121,22 @@ def test_function_imports_finds_what_it_should():
     found = function_imports()
     assert found["effx.program -> effx.runtime.generate"][0].startswith("effx/program.py:")
     assert found["effx.passes.lower -> effx.kernels"][0].startswith("effx/passes/lower.py:")
+
+
+def test_type_checking_blocks_are_left_out_and_nothing_else(tmp_path, monkeypatch):
+    module = tmp_path / "effx" / "m.py"
+    module.parent.mkdir()
+    (module.parent / "n.py").write_text("")
+    module.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "def f():\n"
+        "    if TYPE_CHECKING:\n"
+        "        from .n import A\n"
+        "    if TYPE_CHECKING or True:\n"
+        "        from . import n\n"
+        "    else:\n"
+        "        import effx.n\n"
+    )
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "effx")
+    assert function_imports() == {"effx.m -> effx.n": ["effx/m.py:6", "effx/m.py:8"]}
