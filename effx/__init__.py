@@ -33,6 +33,9 @@ from .errors import (
 # Without torch (a deployment that only runs ONNX artifacts) ``import effx.runtime.onnx`` must still work:
 # the torch-based API is imported only where torch is installed.
 if TYPE_CHECKING or torch_available():
+    # the package itself, before its function ``capture`` takes the name effx.capture: transform looks the
+    # capture functions up on it when called (as a test that replaces effx.capture.capture expects)
+    from . import capture as _capture
     from .capture import (
         capture,
         capture_encoder,
@@ -48,6 +51,7 @@ if TYPE_CHECKING or torch_available():
     from .neurons import profile_neurons
     from .passes import (
         EarlyExit,
+        Lower,
         NeuronMask,
         Pass,
         PassManager,
@@ -56,6 +60,7 @@ if TYPE_CHECKING or torch_available():
         VocabReduce,
         parse_pipeline,
     )
+    from .passes.base import as_passes
     from .program import Plan, Program
     from .recurrent import RecurrentProgram
     from .seq2seq import Seq2SeqProgram
@@ -136,10 +141,6 @@ def transform(
     "reference" runs the captured ATen ops, bitwise equal to ``model.generate`` on CPU. A pipeline that has
     its own ``lower`` step decides for itself.
     """
-    from .capture import capture
-    from .passes import Lower, PassManager
-    from .passes.base import as_passes
-
     steps = as_passes(passes)
     own = [p for p in steps if isinstance(p, Lower)]
     if own and kernels is not None and own[-1].kernels != kernels:
@@ -151,13 +152,11 @@ def transform(
     manager = PassManager(steps)
     manager.check_family("decoder", type(model).__name__)
     # every refusal that needs no weights comes before capture (layer ranges, files, sizes, pass pairs)
-    from .capture import info_from_config
-
     try:
-        info = info_from_config(model.config)
+        info = _capture.info_from_config(model.config)
     except (AttributeError, TypeError, ZeroDivisionError):  # not a config capture reads: capture says why
         info = None
     if info is not None:
         manager.check_model(info)
-    program = capture(model, progress=progress)
+    program = _capture.capture(model, progress=progress)
     return manager.run(program)

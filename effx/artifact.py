@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _about
 from .errors import ArtifactError
 from .plan import Plan
 
@@ -149,8 +150,6 @@ def write_manifest(path: Path, manifest: dict) -> None:
 def read_manifest(path: Path, fmt: str, schema: int) -> dict:
     """``path`` as JSON, checked for format, schema version, its own checksum and the effx version that
     wrote it. Every problem, a file nested too deep to parse included, is an ``ArtifactError``."""
-    from ._about import __version__
-
     try:
         size = path.stat().st_size
         if size > _MAX_MANIFEST_BYTES:
@@ -185,9 +184,9 @@ def read_manifest(path: Path, fmt: str, schema: int) -> dict:
     made_by = manifest.get("effx_version")
     if not isinstance(made_by, str):
         raise ArtifactError(f"{path} names no effx version (effx_version {made_by!r})")
-    if _version(made_by, path) > _version(__version__, path):
+    if _version(made_by, path) > _version(_about.__version__, path):
         raise ArtifactError(
-            f"{path.parent} was written by effx {made_by}, newer than this effx {__version__}: upgrade effx"
+            f"{path.parent} was written by effx {made_by}, newer than this effx {_about.__version__}: upgrade effx"
         )
     return manifest
 

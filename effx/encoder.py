@@ -20,6 +20,8 @@ import torch
 from .errors import PassError
 from .passes import TokenDrop
 from .passes.base import PassReport, register_family_apply
+from .passes.token_drop import encoder_score_graph, hidden_gather_graph, norm_score_graph
+from .runtime.seq2seq import encode
 
 __all__ = ["EncoderInfo", "EncoderProgram", "apply_token_drop"]
 
@@ -93,8 +95,6 @@ class EncoderProgram:
         (all positions when nothing is dropped). ``stats``: see :func:`effx.runtime.seq2seq.encode`."""
         import array_api_compat.torch as xp
 
-        from .runtime.seq2seq import encode
-
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         with torch.inference_mode():
@@ -156,8 +156,6 @@ def apply_token_drop(
 ) -> tuple[EncoderProgram, PassReport]:
     """TokenDrop ``p`` on an encoder, and its report; ``extra_special``: ids kept besides ``p.special`` (a
     decoder's stop token). The input program comes back when every keep ratio is 1."""
-    from .passes.token_drop import encoder_score_graph, hidden_gather_graph, norm_score_graph
-
     p.check_layers(program.info.num_layers)
     if program.drops:
         raise PassError(f"the encoder already drops tokens before layers {sorted(program.drops)}")

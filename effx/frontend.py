@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import models
 from .artifact import CASCADE_FILE, PLAN_FILE, SEQ2SEQ_FILE, TOKENIZER_DIR
 from .chat import render_template
 from .errors import ArtifactError, EffxError, PassError
@@ -113,31 +114,29 @@ def resolve(
         if passes or kernels is not None:
             raise UsageError(_CONFLICT.replace("--artifact runs", f"{spec} is an artifact: it runs"))
         return Source("artifact", spec)
-    from .models import KNOWN_MODELS
 
-    if spec not in KNOWN_MODELS and not path.is_dir():
+    if spec not in models.KNOWN_MODELS and not path.is_dir():
         raise UsageError(
-            f"unknown model '{spec}': give a known name ({', '.join(sorted(KNOWN_MODELS))}), the path of a "
+            f"unknown model '{spec}': give a known name ({', '.join(sorted(models.KNOWN_MODELS))}), the path of a "
             "local Hugging Face model directory, or an artifact directory written by 'effx export'"
         )
-    if spec not in KNOWN_MODELS and not (path / "config.json").is_file():
+    if spec not in models.KNOWN_MODELS and not (path / "config.json").is_file():
         raise UsageError(
             f"{spec} is a directory but has neither config.json (a Hugging Face model) nor {PLAN_FILE} "
             "(an artifact written by 'effx export')"
         )
     pipeline = _checked_pipeline(spec, passes)
-    return Source("name" if spec in KNOWN_MODELS else "hf", spec, pipeline, kernels)
+    return Source("name" if spec in models.KNOWN_MODELS else "hf", spec, pipeline, kernels)
 
 
 def _checked_pipeline(model: str, passes: str) -> tuple:
     """The parsed pipeline, checked against what the model's config alone refutes, so that a bad pipeline
     fails in a config parse and not after the load: ``PassConfigError`` for a malformed pipeline,
     :class:`UsageError` for one this model's config refutes."""
-    from .models import config as model_config
     from .passes import PassManager, parse_pipeline
 
     pipeline = tuple(parse_pipeline(passes))
-    config = model_config(model) if pipeline else None
+    config = models.config(model) if pipeline else None
     if config is not None:
         from .capture import info_from_config
 

@@ -23,6 +23,7 @@ import torch
 from .encoder import EncoderProgram, apply_token_drop
 from .passes import TokenDrop
 from .passes.base import PassReport, register_family_apply
+from .runtime.seq2seq import bidirectional_mask, generate
 
 __all__ = ["Seq2SeqInfo", "Seq2SeqProgram", "apply_token_drop_seq2seq"]
 
@@ -133,8 +134,6 @@ class Seq2SeqProgram:
         """Teacher-forced logits ``[batch, decoder_len, vocab]`` (a full decoder forward, no cache)."""
         import array_api_compat.torch as xp
 
-        from .runtime.seq2seq import bidirectional_mask
-
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         with torch.inference_mode():
@@ -168,8 +167,6 @@ class Seq2SeqProgram:
         encoder tokens (see :func:`effx.runtime.seq2seq.encode`) and ``cross_keys``, what each decoder step's
         cross-attention reads per row."""
         import array_api_compat.torch as xp
-
-        from .runtime.seq2seq import generate
 
         with torch.inference_mode():
             return generate(

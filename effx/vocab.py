@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .data import encode_prompts
 from .errors import ArtifactError
 
 __all__ = ["VocabProfile", "calibrate_vocab", "load_vocab", "subset_ids"]
@@ -102,8 +103,6 @@ def calibrate_vocab(
                 break
         source = "text"
     else:
-        from .data import encode_prompts
-
         n = 0
         batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
         for batch in tqdm(batches, desc="generate for vocab", unit="batch", disable=not progress):

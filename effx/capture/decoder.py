@@ -30,6 +30,7 @@ import torch
 from ..errors import UnsupportedModelError
 from ..fx import Dim, export_module, rebind, simplify
 from ..program import ModelInfo, Program, Stage
+from ..runtime.forward import forward_logits
 from .common import (
     ENCODER_MODEL_TYPES,
     RECURRENT_MODEL_TYPES,
@@ -351,8 +352,6 @@ def _export_layers(model, info: ModelInfo, args: tuple, dynamic: tuple, *, reuse
 
 def _verify(model, program: Program) -> None:
     """The captured stages must reproduce the model's own logits on a short input."""
-    from ..runtime.forward import forward_logits
-
     ids = torch.arange(1, 9, dtype=torch.long).remainder(program.info.vocab_size)[None]
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits

@@ -12,7 +12,9 @@ import copy
 
 import torch
 
+from ..encoder import EncoderInfo, EncoderProgram
 from ..fx import Dim, export_module, rebind
+from ..passes import PassManager
 from .common import (
     ENCODER_MODEL_TYPES,
     export_step,
@@ -75,8 +77,6 @@ def capture_encoder(model, *, verify: bool = True):
     and ``layer.i (hidden, mask) -> hidden`` with an explicit additive mask ``[batch, 1, seq, seq]``
     (bidirectional: padding keys are masked). Batch and sequence are dynamic.
     """
-    from ..encoder import EncoderInfo, EncoderProgram
-
     config = require_type(model, ENCODER_MODEL_TYPES, "an encoder")
     base = getattr(model, "bert", model)
     if not (hasattr(base, "embeddings") and hasattr(base, "encoder")):
@@ -150,9 +150,6 @@ def tag_encoder(gm: torch.fx.GraphModule, layer: int | None) -> None:
 def transform_encoder(model, passes=(), *, verify: bool = True):
     """Capture a BERT-style encoder and apply ``passes`` through the PassManager (TokenDrop only: the other
     passes rewrite decoder LMs, and are refused before capture)."""
-    from ..encoder import EncoderInfo
-    from ..passes import PassManager
-
     manager = PassManager(passes)
     manager.check_family(EncoderInfo.family, type(model).__name__)
     return manager.run(capture_encoder(model, verify=verify))

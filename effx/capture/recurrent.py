@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ..fx import Dim, export_module, rebind, simplify
+from ..passes import PassManager
+from ..recurrent import RecurrentInfo, RecurrentProgram
 from ..runtime.loop import as_ids
 from .common import (
     RECURRENT_MODEL_TYPES,
@@ -94,8 +96,6 @@ def capture_mamba(model, *, verify: bool = True):
     hidden``, ``layer.i`` (see :class:`_MambaLayer`: the conv and SSM states are the cache) and ``head``
     (final norm and LM head). Batch and run length are dynamic. ``verify`` checks the stages against the
     model's own forward."""
-    from ..recurrent import RecurrentInfo, RecurrentProgram
-
     config = require_type(model, RECURRENT_MODEL_TYPES, "a recurrent model")
     base = getattr(model, "backbone", None)
     if base is None or not hasattr(model, "lm_head"):
@@ -161,9 +161,6 @@ def transform_mamba(model, passes=(), *, verify: bool = True):
     """Capture a Mamba LM and apply ``passes``: EarlyExit (lossy with deferred state, or self-speculative
     with state rollback) is the one that applies; the others are refused with the pass and the architecture
     named."""
-    from ..passes import PassManager
-    from ..recurrent import RecurrentInfo
-
     manager = PassManager(passes)
     manager.check_family(RecurrentInfo.family, type(model).__name__)
     return manager.run(capture_mamba(model, verify=verify))

@@ -13,8 +13,11 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from ..encoder import EncoderInfo, EncoderProgram
 from ..fx import Dim, export_module, rebind, simplify
+from ..passes import PassManager
 from ..runtime.loop import as_ids
+from ..seq2seq import Seq2SeqInfo, Seq2SeqProgram
 from .common import (
     SEQ2SEQ_MODEL_TYPES,
     StageCache,
@@ -401,9 +404,6 @@ def capture_seq2seq(model, *, verify: bool = True):
     final norm is part of each ``decoder.cross.i``, its decoder's of ``head``. Batch, sequence and past
     length are dynamic. ``verify`` checks the stages against the model's own forward.
     """
-    from ..encoder import EncoderInfo, EncoderProgram
-    from ..seq2seq import Seq2SeqInfo, Seq2SeqProgram
-
     _check_seq2seq(model)
     register_attention()
     config = model.config
@@ -499,9 +499,6 @@ def transform_seq2seq(model, passes=(), *, verify: bool = True):
     """Capture an encoder-decoder LM (BART, T5) and apply ``passes``: TokenDrop, on the encoder (ELITE), is the
     one that applies; the decoder's cross-attention then reads the kept tokens only. The other passes are
     refused with the pass and the architecture named."""
-    from ..passes import PassManager
-    from ..seq2seq import Seq2SeqInfo
-
     manager = PassManager(passes)
     manager.check_family(Seq2SeqInfo.family, type(model).__name__)
     return manager.run(capture_seq2seq(model, verify=verify))

@@ -20,6 +20,7 @@ import threading
 from ..errors import EffxError, PassConfigError
 from ..frontend import UsageError, chat_prompt, chat_template
 from ..show import ShowError
+from .parser import build_parser
 
 __all__ = ["USAGE_ERRORS", "chat_prompt", "chat_template", "main"]
 
@@ -34,8 +35,6 @@ _TORCH_EXTRA = frozenset(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .parser import build_parser
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.func is None:

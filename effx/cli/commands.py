@@ -9,7 +9,9 @@ from __future__ import annotations
 import sys
 import time
 
-from .. import frontend
+from .. import frontend, show
+from ..chat import ChatSession, input_lines, load_prompts
+from ..data import training_prompts
 from ..errors import EffxError
 from ..frontend import UsageError
 
@@ -25,8 +27,6 @@ def _program(args) -> frontend.Runnable:
 
 def generate(args) -> int:
     from transformers import TextStreamer
-
-    from .. import show
 
     run = _program(args)
     program, tokenizer = run.program, run.tokenizer
@@ -67,8 +67,6 @@ def generate(args) -> int:
 
 
 def _print_marked(tokenizer, new: list[int], tracer, mode: str, num_layers: int) -> None:
-    from .. import show
-
     eos = set(tokenizer.all_special_ids)
     n = next((i for i, t in enumerate(new) if t in eos), len(new))  # the stop token and padding after it
     text = show.pieces(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), new[:n])
@@ -140,8 +138,6 @@ def run(args) -> int:
 
 
 def chat(args) -> int:
-    from ..chat import ChatSession, input_lines, load_prompts
-
     prompts = None
     if args.prompts is not None:
         try:
@@ -151,8 +147,6 @@ def chat(args) -> int:
     source = frontend.resolve(args.model, args.passes, artifact=args.artifact, kernels=args.kernels)
     runnable = frontend.load(source)
     if args.show:
-        from .. import show
-
         show.check_mode(args.show, runnable.plan.decode_mode)
 
     def render(messages):
@@ -192,7 +186,6 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def train_heads(args) -> int:
-    from ..data import training_prompts
     from ..exit_heads import train_exit_heads
 
     try:

@@ -62,7 +62,7 @@ from pathlib import Path
 
 import torch
 
-from .. import techniques
+from .. import _about, techniques
 from ..artifact import (
     CASCADE_FILE,
     CASCADE_FORMAT,
@@ -77,10 +77,14 @@ from ..artifact import (
     sha256,
     write_manifest,
 )
+from ..cascade import Cascade
 from ..errors import ArtifactError
 from ..program import torch_dtype
+from ..runtime.backend import describe, needed_capabilities
+from ..seq2seq import Seq2SeqProgram
 from . import onnx_attention, onnx_quant, onnx_stage
 from .folder import check_target, replacing
+from .onnx_seq2seq import export_seq2seq
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "export", "layer_runs"]
 
@@ -233,8 +237,6 @@ class _WeightStore:
 
 
 def _unsupported(program) -> list[str]:
-    from ..runtime.backend import describe, needed_capabilities
-
     problems = [
         f"stage {s.name!r} of kind {s.kind!r}" for s in program if s.kind not in techniques.stage_kinds()
     ]
@@ -256,12 +258,7 @@ def export(
     (:mod:`effx.exporters.onnx_seq2seq`), or an ``effx.Cascade`` (calibrated, if it has a gate): each model is written as
     such an artifact under ``small/`` and ``large/``, and ``cascade.json`` holds the mode, the draft
     settings, the gate (kind and threshold) and the checksums of both plans."""
-    from ..cascade import Cascade
-    from ..seq2seq import Seq2SeqProgram
-
     if isinstance(program, Seq2SeqProgram):
-        from .onnx_seq2seq import export_seq2seq
-
         return export_seq2seq(program, out_dir, tokenizer=tokenizer, progress=progress, overwrite=overwrite)
     check_target(out_dir, overwrite)
     parts = (
@@ -288,8 +285,6 @@ def export(
 def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
     import onnx
     from tqdm.auto import tqdm
-
-    from .._about import __version__
 
     files = {}
     translations = onnx_quant.translations()
@@ -344,7 +339,7 @@ def _write_program(program, out: Path, *, progress: bool, label: str) -> None:
     manifest = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
-        "effx_version": __version__,
+        "effx_version": _about.__version__,
         "opset": OPSET,
         "plan": json.loads(program.plan.to_json()),
         "files": files,
@@ -535,13 +530,11 @@ def _length_free(inputs, like: str, name: str):
 
 
 def _write_cascade(casc, out: Path) -> None:
-    from .._about import __version__
-
     gate = None if casc.gate is None else {"kind": casc.gate.name, "threshold": float(casc.gate.threshold)}
     manifest = {
         "format": CASCADE_FORMAT,
         "schema_version": CASCADE_SCHEMA_VERSION,
-        "effx_version": __version__,
+        "effx_version": _about.__version__,
         "mode": casc.mode,
         "draft": casc.draft,
         "adaptive": casc.adaptive,

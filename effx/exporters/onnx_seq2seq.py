@@ -26,6 +26,7 @@ from ..artifact import (
     write_manifest,
 )
 from . import onnx_stage
+from .folder import replacing
 
 __all__ = ["export_seq2seq"]
 
@@ -87,8 +88,6 @@ def export_seq2seq(
     ``progress=True`` shows a progress bar over the stages."""
     import onnx
     from tqdm.auto import tqdm
-
-    from .folder import replacing
 
     stages = program.stages()
     with replacing(out_dir, tokenizer, overwrite=overwrite) as tmp:

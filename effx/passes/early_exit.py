@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from ..errors import PassConfigError, PassError, PassPreconditionError, PlanError
+from ..formats import load_exit_heads
 from ..fx import export_function
 from ..plan import EarlyExitPolicy
 from ..program import Stage, torch_dtype
@@ -149,8 +150,6 @@ class EarlyExit(Pass):
     def _adapters(self, path: str, info: ModelInfo) -> dict[int, dict[str, torch.Tensor]]:
         """The trained heads of ``path`` (checked by :func:`effx.formats.load_exit_heads`), one for every
         exit layer."""
-        from ..formats import load_exit_heads
-
         adapters = load_exit_heads(path, info)
         missing = [x for x in self.exit_layers(info.num_layers) if x not in adapters]
         if missing:

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import PassConfigError
+from ..errors import PassConfigError, PassError
 from ..plan import KERNELS
 from .base import Pass, PassResult, register_pass
 
@@ -84,7 +84,5 @@ class Lower(Pass):
         return PassResult(out, True, report)
 
     def ensures(self, program: Program) -> None:
-        from ..errors import PassError
-
         if program.plan.kernels != self.kernels:
             raise PassError(f"the plan runs kernels={program.plan.kernels}, not {self.kernels}")

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from ..errors import PassConfigError, PassError, PassPreconditionError
+from ..flops import param_bytes
+from ..formats import load_neuron_profile
 from ..fx import fetch, mlp_nodes, slice_mlp, tag_nodes
 from ..plan import NeuronMaskPolicy
 from .base import Pass, PassResult, check_read, register_pass
@@ -114,7 +116,6 @@ class NeuronMask(Pass):
 
     def check_model(self, info: ModelInfo) -> None:
         self.layer_range(info.num_layers)
-        from ..formats import load_neuron_profile
 
         check_read("neuron-mask profile", self.profile, lambda path: load_neuron_profile(path, info))
         check_read("neuron-mask base", self.base, lambda path: load_neuron_profile(path, info))
@@ -144,7 +145,6 @@ class NeuronMask(Pass):
 
     def apply(self, program: Program) -> PassResult:
         self.requires(program)
-        from ..flops import param_bytes
 
         info = program.info
         chosen = self.layer_range(info.num_layers)
@@ -156,12 +156,8 @@ class NeuronMask(Pass):
             return PassResult(program, False, report)
         profile = base = None
         if self.profile:
-            from ..formats import load_neuron_profile
-
             profile = load_neuron_profile(self.profile, info)
         if self.base:
-            from ..formats import load_neuron_profile
-
             base = load_neuron_profile(self.base, info)
         width = info.intermediate_size
         k = max(1, round(self.keep * width))

@@ -45,6 +45,7 @@ import torch
 from ..errors import PassConfigError, PassError, PassPreconditionError
 from ..fx import export_function, fetch
 from ..program import Stage, torch_dtype
+from ..vocab import load_vocab, subset_ids
 from .base import Pass, PassReport, PassResult, check_read, check_size, register_pass
 
 if TYPE_CHECKING:
@@ -106,8 +107,6 @@ class VocabReduce(Pass):
     def check_model(self, info: ModelInfo) -> None:
         check_size("vocab-reduce k", self.k, info.vocab_size, "vocab_size")
         if self.where != "exits":
-            from ..vocab import load_vocab
-
             check_read("vocab-reduce vocab", self.vocab, lambda path: load_vocab(path, info.vocab_size))
 
     def check_after(self, earlier: Sequence[Pass]) -> None:
@@ -165,7 +164,6 @@ class VocabReduce(Pass):
             return PassResult(program, False, report)
         if self.where == "exits":
             return self._exits(program, report)
-        from ..vocab import load_vocab, subset_ids
 
         ranked = load_vocab(self.vocab, vocab_size)
         try:

@@ -19,6 +19,7 @@ import torch
 from ..fx import fetch, mlp_nodes, mlp_probe, slice_mlp
 from .forward import KVCache, MaskCache, run_layers
 from .stats import DecodeStats
+from .vocab import head_logits
 
 if TYPE_CHECKING:
     from ..plan import NeuronMaskPolicy
@@ -51,8 +52,6 @@ def core_prefill(
 ) -> tuple[torch.Tensor, Program]:
     """The prefill of a core-neuron Program: returns the last position's logits and the Program to decode
     with (the marked layers sliced to each prompt's core neurons)."""
-    from .vocab import head_logits
-
     # a core-neuron Program has a neuron_mask policy (the loop calls this for policy.core_neurons only)
     top_share = cast("NeuronMaskPolicy", program.plan.policy.neuron_mask).top_share
     hidden, cos, sin = program.embed.graph(input_ids, positions)

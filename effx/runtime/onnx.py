@@ -57,6 +57,7 @@ from .cascade import decode as cascade_decode
 from .inputs import check_arguments, resolve_max_new
 from .loop import check_inputs, decode, stop_and_pad
 from .onnx_backend import XP, OnnxBackend, Providers, Segment, default_providers
+from .onnx_seq2seq import load_seq2seq
 from .sampling import Sampler
 from .stats import StatsArg
 
@@ -74,8 +75,6 @@ def load(
     :class:`effx.runtime.onnx_seq2seq.OnnxSeq2Seq` for an encoder-decoder program (``seq2seq.json``). Every problem is an ``ArtifactError``."""
     out_dir = Path(out_dir)
     if (out_dir / SEQ2SEQ_FILE).is_file():
-        from .onnx_seq2seq import load_seq2seq
-
         return load_seq2seq(out_dir, providers)
     if (out_dir / CASCADE_FILE).is_file():
         return _load_cascade(out_dir, providers)

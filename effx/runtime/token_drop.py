@@ -15,6 +15,7 @@ from ..arrays import Array, namespace, put_along_axis
 from ..plan import TokenDropPolicy
 from .forward import KVCache, as_backend, attention_masks
 from .stats import DecodeStats
+from .vocab import head_logits
 
 if TYPE_CHECKING:
     from .forward import BackendLike
@@ -72,8 +73,6 @@ def drop_prefill(
 ) -> Array:
     """Prefill ``input_ids [batch, prompt]`` through a TokenDrop Program; returns the last position's
     logits. ``key_valid [batch, prompt]`` marks real tokens (left padding)."""
-    from .vocab import head_logits
-
     backend = as_backend(backend)
     plan, xp = backend.plan, backend.xp
     policy = cast(TokenDropPolicy, plan.policy.token_drop)  # Plan.validate: drops need the policy

@@ -17,7 +17,9 @@ import array_api_compat.torch as XP
 import torch
 
 from ..program import torch_dtype
+from . import forward
 from .backend import CORE_NEURONS, KV_COPY, Backend
+from .neurons import core_prefill
 from .stats import DecodeStats
 
 if TYPE_CHECKING:
@@ -79,7 +81,6 @@ class TorchBackend(Backend):
         dropped slots: one mask) runs as one kernel call (:class:`effx.kernels.layer.FusedStack`); anything
         else one stage at a time."""
         from ..kernels.layer import FusedLayer
-        from .forward import layer_mask, run_layer_stages
 
         def attends(stage: StageLike) -> tuple[object, ...]:
             i = cast(int, stage.layer)  # layer stages: each has its layer
@@ -102,13 +103,17 @@ class TorchBackend(Backend):
                 index = [cast(int, s.layer) for s in run]
                 past, seq = cache.lengths[index[0]], hidden.shape[1]
                 out = stack(
-                    hidden, cos, sin, layer_mask(masks, cache, run[0], seq),
+                    hidden, cos, sin, forward.layer_mask(masks, cache, run[0], seq),
                     [cache.k[i] for i in index], [cache.v[i] for i in index], past,
                 )  # fmt: skip
                 if out is not None:
                     for i in index:
                         cache.lengths[i] = past + seq
-            hidden = out if out is not None else run_layer_stages(self, cache, run, hidden, cos, sin, masks)
+            hidden = (
+                out
+                if out is not None
+                else forward.run_layer_stages(self, cache, run, hidden, cos, sin, masks)
+            )
             start = end
         return hidden
 
@@ -132,8 +137,6 @@ class TorchBackend(Backend):
         key_valid: torch.Tensor,
         stats: DecodeStats | None,
     ) -> tuple[torch.Tensor, Backend]:
-        from .neurons import core_prefill
-
         logits, program = core_prefill(self.program, cache, input_ids, positions, key_valid, stats)
         return logits, torch_backend(program)
 
