@@ -15,6 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .data import token_chunks
+from .errors import PassError
+from .exit_heads import backbone_states
+from .flops import program_flops
+from .runtime.vocab import exit_logits, head_logits, select_vocab
+
 __all__ = ["CalibrationReport", "agreement", "calibrate", "exit_statistics", "teacher_forced_exits"]
 
 NEVER = 2.0  # above every confidence measure's range
@@ -45,8 +51,6 @@ def teacher_forced_exits(program, chunk):
     ``[1, n, V]`` and, per exit in depth order, ``(layer, logits, confidence)`` at every position. Pruned
     exits (VocabReduce where="exits") score, at each position, the subset the runtime would give them
     there."""
-    from .exit_heads import backbone_states
-    from .runtime.vocab import exit_logits, head_logits, select_vocab
 
     prev, hiddens, last = backbone_states(program, chunk, set(program.exits))
     teacher = head_logits(program, last).float().log_softmax(-1)
@@ -71,7 +75,6 @@ def exit_statistics(
 
     Returns ``({layer: (confidence [N], agrees [N])}, N)``.
     """
-    from .data import token_chunks
 
     chunks = token_chunks(tokenizer, texts, seq_len, max_tokens)
     if progress:
@@ -114,8 +117,6 @@ def calibrate(program, texts, tokenizer, *, target: float = 0.95, min_tokens: in
     """A new Program whose exit thresholds meet ``target`` agreement with the full model on ``texts``,
     and a :class:`CalibrationReport`. ``kwargs`` go to :func:`exit_statistics` (seq_len, max_tokens,
     progress)."""
-    from .errors import PassError
-    from .flops import program_flops
 
     if not program.exits:
         raise PassError("calibrate needs exits: apply EarlyExit first")

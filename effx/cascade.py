@@ -31,9 +31,15 @@ from typing import TextIO
 
 import torch
 
+from .data import token_chunks
 from .errors import CascadeConfigError, CascadeError, GenerationInputError
 from .gates import EntropyGate, Gate, MaxProbGate
 from .program import Program
+from .runtime.cascade import decode
+from .runtime.forward import forward_logits
+from .runtime.inputs import check_arguments
+from .runtime.loop import check_inputs, stop_and_pad
+from .runtime.torch_backend import XP
 
 __all__ = ["Cascade", "EntropyGate", "Gate", "GateCalibration", "MaxProbGate", "cascade"]
 
@@ -170,10 +176,6 @@ class Cascade:
         turns stopping off); the models' own sampling settings are not used: cascades decode greedily.
         ``stats`` (a dict) receives what the cascade decided (see :func:`effx.runtime.cascade.decode`).
         """
-        from .runtime.cascade import decode
-        from .runtime.inputs import check_arguments
-        from .runtime.loop import check_inputs, stop_and_pad
-        from .runtime.torch_backend import XP
 
         if do_sample:
             raise GenerationInputError(
@@ -263,7 +265,6 @@ class Cascade:
         the value at that percentile of the measure. With exact KV a position's measure depends only on the
         text before it, so these are the values the gate sees when decoding the same text.
         """
-        from .runtime.forward import forward_logits
 
         if self.gate is None:
             raise CascadeConfigError("this cascade has no gate to calibrate; give gate= to effx.cascade")
@@ -339,7 +340,6 @@ class Cascade:
 
 def _chunks(tokenizer, texts, seq_len: int, max_tokens: int) -> list[torch.Tensor]:
     """The calibration text as ``[1, seq_len]`` chunks of token ids (documents joined by end-of-sequence)."""
-    from .data import token_chunks
 
     try:
         return token_chunks(tokenizer, texts, seq_len, max_tokens)

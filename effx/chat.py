@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from . import show
+from .data import PROMPTS
 from .errors import EffxError
 from .runtime.stats import DecodeStats
 
@@ -365,8 +366,6 @@ def load_prompts(spec: str) -> list[str]:
     from pathlib import Path
 
     if spec == "builtin":
-        from .data import PROMPTS
-
         return list(PROMPTS)
     path = Path(spec)
     if not path.is_file():

@@ -39,7 +39,11 @@ import torch
 from .data import encode_prompts, token_chunks
 from .errors import ArtifactError
 from .formats import EXIT_HEADS_KIND, load_exit_heads
+from .passes.vocab_reduce import static_subset_graph
 from .program import torch_dtype
+from .runtime.forward import KVCache, MaskCache, run_layers
+from .runtime.vocab import head_logits
+from .vocab import load_vocab, subset_ids
 
 __all__ = [
     "LOSSES",
@@ -117,7 +121,6 @@ def text_sequences(tokenizer, texts, seq_len: int = 128, max_tokens: int = 4096)
 def backbone_states(program, ids: torch.Tensor, layers):
     """``ids [1, n]`` teacher-forced through ``program``'s layers: ``(embedded, {layer: hidden}, last)``, the
     embedding output, the hidden state after each of ``layers`` and after the last layer, each ``[1, n, d]``."""
-    from .runtime.forward import KVCache, MaskCache, run_layers
 
     length = ids.shape[1]
     cache = KVCache.for_program(program, 1, length)
@@ -206,7 +209,6 @@ def collect_exit_states(
 ) -> ExitStates:
     """Run ``program``'s backbone teacher-forced over ``sequences`` (``(ids, first, last)`` from
     :func:`own_generations` or :func:`text_sequences`) and keep positions ``first..last-1`` of each."""
-    from .runtime.vocab import head_logits
 
     layers = sorted(layers)
     info = program.info
@@ -251,7 +253,6 @@ def _draft_ids(program, vocab, vocab_k):
         if vocab_k is not None:
             raise ValueError("vocab_k needs vocab=<ranking file> (write one with effx.calibrate_vocab)")
         return None
-    from .vocab import load_vocab, subset_ids
 
     if vocab_k is None:
         raise ValueError("vocab=<file> needs vocab_k: how many of its top-ranked ids the exit scores")
@@ -283,8 +284,6 @@ class _Scorer:
     def __init__(self, program, states: ExitStates, loss: str, ids):
         self.head = program.head.graph
         if ids is not None:
-            from .passes.vocab_reduce import static_subset_graph
-
             self.head = static_subset_graph(self.head, ids, program.info, "exit-heads")
         self.frozen = {
             n: t.detach() for n, t in list(self.head.named_parameters()) + list(self.head.named_buffers())

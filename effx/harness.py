@@ -50,6 +50,8 @@ from tqdm.auto import tqdm
 
 from . import frontend
 from .errors import EffxError
+from .runtime.onnx import OnnxGenerator
+from .runtime.score import score
 from .runtime.stats import DecodeStats, drafts_part, fallbacks_part
 
 __all__ = ["TASKS_DIR", "EffxLM", "RunTotals", "format_stats"]
@@ -204,7 +206,6 @@ class EffxLM(TemplateLM):
     def _load(self, model, passes, kernels, artifact) -> None:
         """Open the source through effx's front end (as ``effx eval`` does): the model and ``passes``, or
         the artifact (whose own model and passes are used; ``model`` and ``passes`` are then ignored)."""
-        from .runtime.onnx import OnnxGenerator
 
         if artifact is None:
             source = frontend.resolve(model, passes, kernels=kernels)
@@ -330,8 +331,6 @@ class EffxLM(TemplateLM):
     def _loglikelihood_tokens(
         self, requests, disable_tqdm: bool = False, *, what: str = "loglikelihood", **kwargs
     ):
-        from .runtime.score import score
-
         pairs = [self._window(list(r[1]), list(r[2])) for r in requests]
         results: list = [None] * len(requests)
         bar = tqdm(total=len(requests), desc=f"effx {what}", disable=disable_tqdm)

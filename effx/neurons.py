@@ -24,9 +24,9 @@ import torch
 from .data import token_chunks
 from .formats import QUANTILE_LEVELS, NeuronProfile, load_neuron_profile
 from .fx import mlp_probe
+from .runtime.forward import KVCache, MaskCache
 
 __all__ = ["QUANTILE_LEVELS", "NeuronProfile", "load_neuron_profile", "profile_neurons"]
-
 
 
 def profile_neurons(
@@ -47,8 +47,6 @@ def profile_neurons(
     Program (``effx.transform(model)``).
     """
     from tqdm.auto import tqdm
-
-    from .runtime.forward import KVCache, MaskCache
 
     if not 0 < top_share <= 1:
         raise ValueError(f"top_share must be in (0, 1], got {top_share}")
@@ -97,5 +95,3 @@ def profile_neurons(
     if path is not None:
         profile.save(path)
     return profile
-
-

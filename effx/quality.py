@@ -9,6 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .data import token_chunks
+from .runtime.score import score_tokens
+from .runtime.torch_backend import torch_backend
+
 __all__ = ["TeacherForced", "bleu", "perplexity", "perplexity_of", "rouge_l", "teacher_forced"]
 
 
@@ -70,8 +74,6 @@ def perplexity(
     import torch
     from tqdm.auto import tqdm
 
-    from .data import token_chunks
-
     chunks = token_chunks(tokenizer, texts, seq_len, max_tokens)
     with torch.inference_mode():
         scores = [
@@ -111,9 +113,6 @@ def teacher_forced(program, chunk) -> TeacherForced:
     their deferred KV; other plans score the rest in multi-token steps). The one teacher-forced scorer that
     :func:`perplexity`, ``effx bench``'s agreement and perplexity, and the lm-eval model use."""
     import torch
-
-    from .runtime.score import score_tokens
-    from .runtime.torch_backend import torch_backend
 
     half = chunk.shape[1] // 2
     context = chunk[:, :half]

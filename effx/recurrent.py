@@ -18,8 +18,13 @@ from typing import Any, ClassVar
 import torch
 
 from .errors import GenerationInputError, PassError
+from .fx import export_function
 from .passes import EarlyExit
 from .passes.base import PassReport, register_family_apply
+from .passes.early_exit import MEASURES
+from .runtime.inputs import check_arguments, check_ids, check_max_new, token_id, token_ids
+from .runtime.recurrent import CHUNK, States, decode_row, generate_dense, prefill, run_layer
+from .runtime.stats import DecodeStats, collecting
 
 __all__ = ["RecurrentInfo", "RecurrentProgram", "apply_early_exit"]
 
@@ -117,8 +122,6 @@ class RecurrentProgram:
         """Zero states for ``batch`` rows (:class:`effx.runtime.recurrent.States`)."""
         import array_api_compat.torch as xp
 
-        from .runtime.recurrent import States
-
         i = self.info
         return States.zeros(
             xp, batch, i.num_layers, i.intermediate_size, i.conv_kernel, i.state_size, self.dtype
@@ -127,8 +130,6 @@ class RecurrentProgram:
     def logits(self, input_ids, attention_mask=None):
         """Logits ``[batch, seq, vocab]`` of every position (a dense run in chunks, from zero state)."""
         import array_api_compat.torch as xp
-
-        from .runtime.recurrent import CHUNK, run_layer
 
         valid = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         states = self.new_states(input_ids.shape[0])
@@ -146,8 +147,6 @@ class RecurrentProgram:
         """The states after a dense run over ``input_ids`` (no padding): what any decode of these tokens
         must leave behind."""
         import array_api_compat.torch as xp
-
-        from .runtime.recurrent import prefill
 
         states = self.new_states(input_ids.shape[0])
         with torch.inference_mode():
@@ -173,10 +172,6 @@ class RecurrentProgram:
         final states and ``run_tokens`` the new tokens they hold (every one run through every layer; a round
         may have run past the last token returned)."""
         import array_api_compat.torch as xp
-
-        from .runtime.inputs import check_arguments
-        from .runtime.recurrent import generate_dense
-        from .runtime.stats import collecting
 
         given = check_arguments(
             kwargs,
@@ -212,7 +207,6 @@ class RecurrentProgram:
     ):
         """:meth:`generate`'s arguments checked and defaulted: ``(ids, mask, max_new, eos, pad)``; a row with
         no tokens or padding after tokens (recurrent models take left-padded batches) is refused."""
-        from .runtime.inputs import check_ids, check_max_new, token_id, token_ids
 
         vocab = self.info.vocab_size
         ids, mask = check_ids(xp, input_ids, attention_mask, vocab)
@@ -239,8 +233,6 @@ class RecurrentProgram:
     ):
         """:meth:`generate` with exits: each row prefilled and decoded on its own (:func:`decode_row`), the
         rows' tokens cut at their first stop token and padded to one width."""
-        from .runtime.recurrent import decode_row, prefill
-        from .runtime.stats import DecodeStats, collecting
 
         n, dt = self.info.num_layers, self.dtype
         rows, all_states = [], []
@@ -290,8 +282,6 @@ def _cut(tokens: list[int], eos) -> list[int]:
 def apply_early_exit(p: EarlyExit, program: RecurrentProgram) -> tuple[RecurrentProgram, PassReport]:
     """EarlyExit ``p`` on a recurrent program, and its report: exits after ``p``'s layers (the shared head),
     with its measure, thresholds, mode and draft length. What only attention programs have is refused."""
-    from .fx import export_function
-    from .passes.early_exit import MEASURES
 
     arch = program.info.architecture
     where = f"on {arch} (a recurrent state-space model)"

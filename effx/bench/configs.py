@@ -12,6 +12,20 @@ from pathlib import Path
 
 import torch
 
+from .. import data as effx_data  # pydoc_texts looked up when called: tests replace it on effx.data
+from ..data import training_prompts
+from ..exit_heads import (
+    ExitStates,
+    collect_exit_states,
+    fit_exit_heads,
+    own_generations,
+    save_exit_heads,
+    train_exit_heads,
+)
+from ..models import cache_dir, gguf_file
+from ..neurons import profile_neurons
+from ..passes import EarlyExit, NeuronMask, PromptLookup, TokenDrop, VocabReduce, parse_pipeline
+from ..vocab import VocabProfile, calibrate_vocab
 from .errors import BenchConfigError
 from .sweep import BenchConfig
 
@@ -27,9 +41,6 @@ def own_states(model_name: str, dense, tokenizer, layers, tokens: int, *, progre
     """:class:`effx.exit_heads.ExitStates` at ``layers`` over ``tokens`` tokens of ``dense``'s own greedy
     generations (128 new tokens per prompt of :func:`effx.data.training_prompts`), collected once and cached;
     a cached file with more layers serves too."""
-    from ..data import training_prompts
-    from ..exit_heads import ExitStates, collect_exit_states, own_generations
-    from ..models import cache_dir
 
     folder = cache_dir() / "exit_states"
     want = set(layers)
@@ -42,7 +53,11 @@ def own_states(model_name: str, dense, tokenizer, layers, tokens: int, *, progre
         dense, tokenizer, training_prompts(), max_new_tokens=128, max_tokens=tokens, progress=progress
     )
     states = collect_exit_states(
-        dense, sequences, sorted(want), progress=progress, source="own generations (128 new tokens per prompt)"
+        dense,
+        sequences,
+        sorted(want),
+        progress=progress,
+        source="own generations (128 new tokens per prompt)",
     )
     states.save(folder / f"{_safe(model_name)}-own{tokens}-{'_'.join(map(str, sorted(want)))}.safetensors")
     logger.info("generated and collected %d tokens in %.0f s", states.tokens, time.perf_counter() - start)
@@ -52,9 +67,6 @@ def own_states(model_name: str, dense, tokenizer, layers, tokens: int, *, progre
 def draft_vocab(model_name: str, dense, tokenizer, tokens: int, states=None) -> str:
     """A vocabulary ranking for drafting exits: the final layer's greedy tokens on the training positions of
     the own-generation states (:func:`own_states`), ties broken by pydoc text counts; made once and cached."""
-    from ..data import pydoc_texts
-    from ..models import cache_dir
-    from ..vocab import VocabProfile, calibrate_vocab
 
     path = cache_dir() / "vocab" / f"{_safe(model_name)}-own{tokens}.safetensors"
     if not path.is_file():
@@ -63,7 +75,7 @@ def draft_vocab(model_name: str, dense, tokenizer, tokens: int, states=None) -> 
         train, _ = states.split(0.1)
         counts = torch.bincount(states.top_ids[train, 0], minlength=dense.info.vocab_size)
         generated = VocabProfile(counts, "generations", int(counts.sum()))
-        (generated + calibrate_vocab(tokenizer, pydoc_texts("calib"))).save(path, dense.info)
+        (generated + calibrate_vocab(tokenizer, effx_data.pydoc_texts("calib"))).save(path, dense.info)
     return str(path)
 
 
@@ -83,9 +95,6 @@ def exit_heads(
     :func:`effx.models.cache_dir`: ``source="pydoc"`` on ``tokens`` tokens of pydoc calibration text (the
     rank-64 heads of the first measurements), ``"own"`` on ``tokens`` tokens of the model's own generations
     (:func:`own_states`), scoring the top ``vocab_k`` ids of :func:`draft_vocab` if given."""
-    from ..data import pydoc_texts
-    from ..exit_heads import fit_exit_heads, save_exit_heads, train_exit_heads
-    from ..models import cache_dir
 
     if source not in ("pydoc", "own"):
         raise BenchConfigError(f"exit heads source must be 'pydoc' or 'own', got {source!r}")
@@ -99,7 +108,7 @@ def exit_heads(
     if source == "pydoc":
         result = train_exit_heads(
             dense,
-            pydoc_texts("calib"),
+            effx_data.pydoc_texts("calib"),
             tokenizer,
             layers=list(layers),
             max_tokens=tokens,
@@ -127,31 +136,25 @@ def exit_heads(
 def vocab_file(model_name: str, dense, tokenizer, prompts: int, *, progress: bool = True) -> str:
     """A vocabulary ranking from the model's own generations on ``prompts`` pydoc-based prompts plus pydoc
     calibration text, made once and cached."""
-    from ..data import pydoc_texts
-    from ..models import cache_dir
-    from ..vocab import calibrate_vocab
 
     path = cache_dir() / "vocab" / f"{_safe(model_name)}-gen{prompts}.safetensors"
     if not path.is_file():
-        asks = [f"Explain this in simple words:\n{t[:400]}" for t in pydoc_texts("calib")[:prompts]]
+        asks = [f"Explain this in simple words:\n{t[:400]}" for t in effx_data.pydoc_texts("calib")[:prompts]]
         generated = calibrate_vocab(tokenizer, asks, program=dense, max_new_tokens=48, progress=progress)
-        text = calibrate_vocab(tokenizer, pydoc_texts("calib"))
+        text = calibrate_vocab(tokenizer, effx_data.pydoc_texts("calib"))
         (generated + text).save(path, dense.info)
     return str(path)
 
 
 def neuron_profile(model_name: str, dense, tokenizer, tokens: int, *, progress: bool = True) -> str:
     """A neuron profile of ``dense`` on ``tokens`` tokens of pydoc calibration text, made once and cached."""
-    from ..data import pydoc_texts
-    from ..models import cache_dir
-    from ..neurons import profile_neurons
 
     path = cache_dir() / "neurons" / f"{_safe(model_name)}-pydoc-{tokens}.safetensors"
     if not path.is_file():
         start = time.perf_counter()
         profile_neurons(
             dense,
-            pydoc_texts("calib"),
+            effx_data.pydoc_texts("calib"),
             tokenizer,
             path=path,
             data="pydoc calib",
@@ -165,7 +168,6 @@ def neuron_profile(model_name: str, dense, tokenizer, tokens: int, *, progress: 
 def default_quantize(dense) -> str:
     """The quantize step of the default configurations: the GGUF file's own values for a model effx loaded
     from one, round-to-nearest int8 otherwise."""
-    from ..models import gguf_file
 
     try:
         gguf_file(dense.info.source)
@@ -196,7 +198,6 @@ def default_configs(
     speed-up on the quantized Program with its float32 one.
     Profiles, vocabularies and heads are made once and cached (about 40 s, 60 s and a few minutes on SmolLM2).
     """
-    from ..passes import EarlyExit, NeuronMask, PromptLookup, TokenDrop, VocabReduce, parse_pipeline
 
     n, vocab = dense.info.num_layers, dense.info.vocab_size
     if n < 4:

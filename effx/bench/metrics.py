@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 
+from ..quality import rouge_l
 from ..runtime.stats import DecodeStats
 
 
@@ -55,7 +56,6 @@ def mean_paths(per_sample: list[dict[str, float]]) -> dict[str, float]:
 
 def rouge(preds: list[str], refs: list[str]) -> float:
     """Mean ROUGE-L F1; identical texts score exactly 1.0 (also two empty ones, which the scorer gives 0)."""
-    from ..quality import rouge_l
 
     scores = [1.0 if p == r else rouge_l([p], [r]) for p, r in zip(preds, refs, strict=True)]
     return statistics.mean(scores)

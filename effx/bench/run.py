@@ -42,6 +42,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import data as effx_data  # pydoc_texts looked up when called: tests replace it on effx.data
+from .._about import __version__
+from ..capture import capture
+from ..data import encode_prompts, token_chunks
+from ..flops import decode_flops, prefill_flops, weight_bytes
+from ..passes import PassManager
+from ..quality import bleu, perplexity_of, teacher_forced
 from .errors import BenchConfigError, BenchDataError
 from .memory import memory_method, peak_rss_mb, rss_mb, rss_reset
 from .metrics import mean_paths, pass_stats, paths, rouge, spread
@@ -109,7 +116,6 @@ def check_settings(configs: Sequence[BenchConfig], samples, new_tokens, repeats)
 
 def heldout_chunks(tokenizer, heldout: Sequence[str], seq_len: int, heldout_tokens: int) -> list:
     """The held-out text as ``seq_len``-token chunks (:func:`effx.data.token_chunks`), or a BenchDataError."""
-    from ..data import token_chunks
 
     try:
         return token_chunks(tokenizer, heldout, seq_len, heldout_tokens)
@@ -122,7 +128,6 @@ def heldout_chunks(tokenizer, heldout: Sequence[str], seq_len: int, heldout_toke
 
 def prepare(dense, configs: Sequence[BenchConfig], tokenizer, calib: list[str], bar) -> list[Entry]:
     """Dense and every configuration's Program (its passes run on ``dense``, then its calibration)."""
-    from ..passes import PassManager
 
     rewrites = [p["name"] for p in dense.plan.passes if p["name"] != "lower"]
     if rewrites:
@@ -215,7 +220,6 @@ def score_heldout(entries: list[Entry], chunks: list, bar) -> HeldOut:
     pass each (:func:`effx.quality.teacher_forced`, the scorer :func:`effx.quality.perplexity` defines
     perplexity with): agreement is the share of positions whose greedy token, as the Program decodes,
     equals dense's."""
-    from ..quality import perplexity_of, teacher_forced
 
     dense_preds = None
     out = HeldOut([], [], [])
@@ -239,7 +243,7 @@ def _machine() -> dict[str, Any]:
     import torch
     import transformers
 
-    from .. import __version__, kernels
+    from .. import kernels
 
     return {
         "kernels": kernels.describe(),
@@ -289,8 +293,6 @@ class Measured:
 
 def config_metrics(m: Measured, i: int) -> dict[str, Any]:
     """Entry ``i``'s ``metrics`` (see :mod:`effx.bench.schema`): speed, memory, FLOPs, quality, stats."""
-    from ..flops import decode_flops, prefill_flops, weight_bytes
-    from ..quality import bleu
 
     program, runs, outputs, texts = m.entries[i].program, m.timings.samples[i], m.timings.outputs, m.texts
     refs = [(k, s.reference) for k, s in enumerate(m.samples) if s.reference is not None]
@@ -396,13 +398,10 @@ def run_bench(
     import torch
     from tqdm.auto import tqdm
 
-    from ..capture import capture
-    from ..data import encode_prompts, pydoc_texts
-
     samples = check_settings(configs, samples, new_tokens, repeats)
     began = time.perf_counter()
-    heldout = list(pydoc_texts("heldout") if heldout is None else heldout)
-    calib = list(pydoc_texts("calib") if calib_texts is None else calib_texts)
+    heldout = list(effx_data.pydoc_texts("heldout") if heldout is None else heldout)
+    calib = list(effx_data.pydoc_texts("calib") if calib_texts is None else calib_texts)
     chunks = heldout_chunks(tokenizer, heldout, seq_len, heldout_tokens)
     n = len(configs) + 1
     steps = len(configs) + n + repeats * len(samples) * n + n

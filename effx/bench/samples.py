@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import data as effx_data  # pydoc_texts looked up when called: tests replace it on effx.data
+from ..data import PROMPTS, REFERENCES, aclsum
 from .errors import BenchDataError
 
 
@@ -66,20 +68,14 @@ def load_samples(data: str, n: int) -> list[Sample]:
     if not isinstance(n, int) or n < 1:
         raise BenchDataError(f"the number of prompts must be an integer >= 1, got {n!r}")
     if data == "suite":
-        from ..data import PROMPTS, REFERENCES
-
         samples = [Sample(p, REFERENCES.get(p)) for p in PROMPTS]
     elif data == "pydoc":
-        from ..data import pydoc_texts
-
         samples = [
             Sample(f"Summarize in two sentences:\n{t.strip()[:600]}")
-            for t in pydoc_texts("heldout")
+            for t in effx_data.pydoc_texts("heldout")
             if len(t) > 200
         ]
     elif data == "aclsum":
-        from ..data import aclsum
-
         # the test split; the prompt is the title and abstract, the reference the three aspect summaries
         samples = [
             Sample(ACLSUM_PROMPT.format(title=p["title"], abstract=p["abstract"]), p["summary"])

@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PassConfigError
+from ..passes import get_pass, parse_pipeline
 from ..passes.base import format_value, pipeline_string
+from ..passes.pipeline import construct as _construct
+from ..passes.pipeline import parse_scalar as _parse_scalar
 from .errors import BenchConfigError
 
 MAX_CONFIGS = 64
@@ -60,8 +63,6 @@ _SWEEP = re.compile(r"\s*([A-Za-z][\w-]*)\.([A-Za-z_]\w*)\s*=\s*(.*?)\s*$", re.S
 
 
 def _pass_fields(pass_name: str, sweep_text: str):
-    from ..passes import get_pass
-
     try:
         klass = get_pass(pass_name)
     except PassConfigError as e:
@@ -111,8 +112,6 @@ def _range_values(spec: str, sweep_text: str, max_values: int) -> tuple:
 
 
 def _list_value(item: str, sweep_text: str, is_tuple: bool):
-    from ..passes.pipeline import parse_scalar as _parse_scalar
-
     if not item.strip():
         raise BenchConfigError(f"sweep {sweep_text!r}: an empty value in the list")
     if "/" in item and is_tuple:
@@ -171,8 +170,6 @@ def parse_sweep(text: str, *, max_configs: int = MAX_CONFIGS) -> Sweep:
 def _with_fields(passes: list, assigned: list[tuple[Sweep, Any]]) -> list:
     """``passes`` with the swept fields set: all fields of one pass at once, so a configuration is
     validated as a whole (``neuron-mask.keep`` with ``neuron-mask.score=random`` needs no profile)."""
-    from ..passes.pipeline import construct as _construct
-
     out = list(passes)
     by_pass: dict[str, list[tuple[Sweep, Any]]] = {}
     for sweep, value in assigned:
@@ -211,7 +208,6 @@ def expand_configs(
     sweeps, one configuration: the base pipeline itself. ``calibrate`` is the exit calibration target of
     every configuration with an ``early-exit`` pass (its thresholds are then chosen by calibration, so
     sweeping them as well is an error)."""
-    from ..passes import parse_pipeline
 
     if calibrate is not None and (
         isinstance(calibrate, bool) or not isinstance(calibrate, (int, float)) or not 0 < calibrate <= 1

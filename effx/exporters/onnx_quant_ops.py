@@ -7,6 +7,8 @@ initializers, which :func:`effx.exporters.onnx_quant.lower` then rewrites into s
 
 from __future__ import annotations
 
+from .. import quant  # noqa: F401  (registers the two ops)
+
 __all__ = ["DOMAIN", "translations"]
 
 DOMAIN = "effx"  # the placeholders' domain: between export and lower only, never in an artifact
@@ -69,8 +71,6 @@ def translations() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``: the two ops as ``effx`` placeholder nodes."""
     import onnxscript
     import torch
-
-    from .. import quant  # noqa: F401  (registers the two ops)
 
     opset = onnxscript.values.Opset(DOMAIN, 1)
     qlinear_schema, qembedding_schema, round_schema = _schemas()

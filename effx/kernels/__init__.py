@@ -44,6 +44,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
+from ..quant import round_int8_reference
 from . import build
 from .build import ISAS, available, cpu_features, describe, isa, isas, unavailable_reason, use
 from .weights import Weight, act8, dense, descriptor, plain, rows_of
@@ -307,8 +308,6 @@ def round_int8(x: torch.Tensor, group: int) -> torch.Tensor:
     """:func:`effx.quant.round_int8_reference` (``x`` rounded per block to ``scale * int8``), bitwise."""
     lib = build.library()[0]
     if lib is None or not plain(x, torch.is_grad_enabled()) or x.dim() < 1 or x.shape[-1] < 1 or group < 1:
-        from ..quant import round_int8_reference
-
         return round_int8_reference(x, group)
     out = torch.empty_like(x)
     k = x.shape[-1]

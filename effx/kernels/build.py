@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..models import cache_dir
+
 __all__ = [
     "ISAS",
     "available",
@@ -63,8 +65,6 @@ _I = ctypes.c_int
 
 
 def _cache_dir() -> Path:
-    from ..models import cache_dir
-
     return cache_dir() / "kernels"
 
 

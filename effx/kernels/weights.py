@@ -10,6 +10,8 @@ import weakref
 
 import torch
 
+from ..quant import dequantize
+
 __all__ = ["Weight", "act8", "dense", "descriptor", "plain", "rows_of"]
 
 _P = ctypes.c_void_p
@@ -37,8 +39,6 @@ def dense(w, k: int) -> torch.Tensor:
     """A weight operand as a float32 ``[n, k]`` tensor (de-quantized if it is quantized; see effx.quant)."""
     if not isinstance(w, tuple):
         return w
-    from ..quant import dequantize
-
     return dequantize(*w, k)
 
 

@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast
 
-from ..errors import PassConfigError, PassError, PassPreconditionError
+from ..errors import ArtifactError, PassConfigError, PassError, PassPreconditionError
+from ..flops import decode_flops
 from ..plan import FAMILIES
 from .pipeline import (
     construct,
@@ -181,7 +182,6 @@ def check_read(setting: str, path: str, read: Callable[[str], object]) -> None:
     """A file a pass reads (``setting=<path>``) exists and ``read(path)`` accepts it (its shapes, dtypes and
     values against the model), or a :class:`PassConfigError` naming the setting and saying what is wrong:
     a bad file fails before capture, not after it."""
-    from ..errors import ArtifactError
 
     check_file(setting, path)
     if path:
@@ -437,8 +437,6 @@ class PassManager:
         return cast("_ProgramT", new.with_pass(p.to_json(), report))
 
     def _run_decoder(self, program: Program) -> Program:
-        from ..flops import decode_flops
-
         for i, p in enumerate(self.passes):
             try:
                 p.check_model(program.info)

@@ -51,9 +51,11 @@ from typing import TYPE_CHECKING, ClassVar, TypeGuard, cast
 import torch
 
 from ..errors import PassConfigError, PassError, PassPreconditionError
+from ..flops import weight_bytes
 from ..fx import fetch
+from ..models import gguf_file
 from ..plan import ACTIVATIONS
-from ..quant import GGUF_EXACT, QWeight, quantize_rtn
+from ..quant import GGUF_EXACT, QWeight, gguf_weights, quantize_rtn
 from .base import Pass, PassResult, check_size, register_pass
 
 if TYPE_CHECKING:
@@ -89,8 +91,6 @@ class _GGUFIndex:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         from tqdm.auto import tqdm
-
-        from ..quant import gguf_weights
 
         every = gguf_weights(path)
         self.tensors = [t for t in every if t.kind in GGUF_EXACT]
@@ -245,13 +245,9 @@ class Quantize(Pass):
 
     # -- applying -------------------------------------------------------------------------------------
     def apply(self, program: Program) -> PassResult:
-        from ..flops import weight_bytes
-
         report = self.new_report()
         index = None
         if self.source == "gguf":
-            from ..models import gguf_file
-
             try:
                 path = gguf_file(self.file or program.info.source)
             except Exception as e:  # ModelLoadError: no file known for this model

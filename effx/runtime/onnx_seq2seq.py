@@ -21,6 +21,7 @@ from ..artifact import (
     sha256,
 )
 from ..errors import ArtifactError
+from .onnx_backend import session_providers
 from .seq2seq import generate
 from .stats import StatsArg
 
@@ -104,8 +105,6 @@ class OnnxSeq2Seq:
         self, out_dir: Path, manifest: dict[str, Any], *, providers: Providers | None = None
     ) -> None:
         import onnxruntime as ort
-
-        from .onnx_backend import session_providers
 
         self.out_dir = Path(out_dir)
         self.info = dict(manifest["info"])
