@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "effx"
-KINDS = ("upward", "torch-free", "start-up", "optional dependency", "cycle", "to hoist")
+KINDS = ("upward", "torch-free", "start-up", "optional dependency", "cycle")
 
 
 def _config() -> dict:
