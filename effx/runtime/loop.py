@@ -5,9 +5,10 @@ of :mod:`effx.runtime.onnx`): a dense plan decodes a token per step through all 
 stages lets tokens leave early (``lossy``, :class:`effx.runtime.early_exit.ExitDecoder`) or drafts and
 verifies tokens (``self-speculative``, and prompt lookup: :mod:`effx.runtime.speculative`); TokenDrop and
 per-prompt core neurons choose the prefill. The loop names no technique: it asks each one the plan uses
-(``effx.techniques``) for its hooks (a draft source, a prefill, a per-step decoder). A reduced head falls back to the full one per position; sampling is greedy, or temperature / top-k / top-p. The
-loop makes each of these decisions once, on the backend's arrays; ``Program.generate`` and
-``OnnxGenerator.generate`` are front ends that check their inputs into the arguments of :func:`decode`.
+(``effx.techniques``) for its hooks (a draft source, a prefill, a per-step decoder). A reduced head falls
+back to the full one per position; sampling is greedy, or temperature / top-k / top-p. The loop makes each
+of these decisions once, on the backend's arrays; ``Program.generate`` and ``OnnxGenerator.generate`` are
+front ends that check their inputs into the arguments of :func:`decode`.
 """
 
 from __future__ import annotations
