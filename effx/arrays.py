@@ -23,6 +23,7 @@ __all__ = [
     "softmax",
     "take_along_axis",
     "topk",
+    "uniform",
 ]
 
 # The loop is duck-typed over torch tensors and numpy arrays through the array API standard, which has no
@@ -114,6 +115,15 @@ def new_rng(xp: Namespace, seed: int | None) -> Any:
     import numpy as np
 
     return np.random.default_rng(seed)
+
+
+def uniform(xp: Namespace, n: int, rng: Any) -> Array:
+    """``n`` draws from U[0, 1), float64 ``[n]``, from the random source of :func:`new_rng`."""
+    if _is_torch(xp):
+        import torch
+
+        return torch.rand(n, generator=rng, dtype=torch.float64)
+    return xp.asarray(rng.random(n))
 
 
 def multinomial(xp: Namespace, probs: Array, rng: Any) -> Array:

@@ -51,7 +51,15 @@ class Sampler:
         xp = namespace(logits)
         if not self.do_sample:  # the argmax of the logits as they are (a float32 copy has the same order)
             return xp.argmax(logits, axis=-1)
-        logits = xp.astype(logits, xp.float32)
+        return multinomial(xp, self.probabilities(logits), generator)
+
+    def probabilities(self, logits: Array) -> Array:
+        """The distribution a sampling Sampler draws from, ``[..., vocab]`` float32: the logits divided by
+        the temperature, cut to the top-k and then to the top-p nucleus, softmaxed. Speculative sampling
+        applies it to the draft's and the target's logits alike (:mod:`effx.runtime.rejection`)."""
+        xp = namespace(logits)
+        shape = logits.shape
+        logits = xp.reshape(xp.astype(logits, xp.float32), (-1, shape[-1]))
         logits = logits / self.temperature
         ninf = xp.asarray(float("-inf"), dtype=xp.float32)
         if self.top_k and self.top_k < logits.shape[-1]:
@@ -66,4 +74,4 @@ class Sampler:
             keep = xp.sum(xp.astype(before < self.top_p, xp.int64), axis=-1, keepdims=True)
             cutoff = xp.take_along_axis(sorted_logits, xp.clip(keep, min=1) - 1, axis=-1)
             logits = xp.where(logits < cutoff, ninf, logits)
-        return multinomial(xp, softmax(xp, logits), generator)
+        return xp.reshape(softmax(xp, logits), shape)
