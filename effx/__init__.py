@@ -46,10 +46,12 @@ if TYPE_CHECKING or torch_available():
         transform_seq2seq,
     )
     from .cascade import Cascade, EntropyGate, MaxProbGate, cascade
+    from .draft_branch import train_draft_branch
     from .encoder import EncoderProgram
     from .exit_heads import train_exit_heads
     from .neurons import profile_neurons
     from .passes import (
+        DraftBranch,
         EarlyExit,
         Lower,
         NeuronMask,
@@ -85,6 +87,7 @@ __all__ = [
     "Cascade",
     "CascadeConfigError",
     "CascadeError",
+    "DraftBranch",
     "EarlyExit",
     "EncoderProgram",
     "RecurrentProgram",
@@ -116,6 +119,7 @@ __all__ = [
     "models",
     "parse_pipeline",
     "profile_neurons",
+    "train_draft_branch",
     "train_exit_heads",
     "transform",
     "transform_encoder",

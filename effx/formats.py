@@ -1,6 +1,7 @@
 """The files that passes read, and that effx's calibration tools write: trained exit heads
-(``effx.train_exit_heads``, read by ``EarlyExit(head="trained")``) and neuron profiles
-(``effx.profile_neurons``, read by ``NeuronMask``). Safetensors with JSON metadata that names the kind of
+(``effx.train_exit_heads``, read by ``EarlyExit(head="trained")``), draft branches
+(``effx.train_draft_branch``, read by ``DraftBranch``) and neuron profiles (``effx.profile_neurons``, read
+by ``NeuronMask``). Safetensors with JSON metadata that names the kind of
 file and the model's shape, so a file of one model is refused by another.
 
 Below the passes and the runtime: reading a file runs no model.
@@ -18,15 +19,19 @@ import torch
 from .errors import ArtifactError
 
 __all__ = [
+    "BRANCH_KIND",
     "EXIT_HEADS_KIND",
     "NEURONS_KIND",
     "QUANTILE_LEVELS",
     "NeuronProfile",
+    "branch_shapes",
+    "load_draft_branch",
     "load_exit_heads",
     "load_neuron_profile",
 ]
 
 EXIT_HEADS_KIND = "effx-exit-heads"
+BRANCH_KIND = "effx-draft-branch"
 NEURONS_KIND = "effx-neurons"
 QUANTILE_LEVELS = tuple(i / 100 for i in range(1, 100))
 
@@ -57,14 +62,14 @@ def _read(path, info, kind: str, what: str, writer: str, keys, mismatch: str) ->
 _WIDENED_EXACTLY = (torch.float16, torch.bfloat16)
 
 
-def _float32(path, what: str, t: torch.Tensor) -> torch.Tensor:
+def _float32(path, what: str, t: torch.Tensor, kind: str = "exit heads") -> torch.Tensor:
     """``t`` as float32: float32 as is, float16/bfloat16 widened (exact); float64 (narrowing would change
     the values silently), integers and bools refused; NaN and inf refused."""
     if t.dtype in _WIDENED_EXACTLY:
         t = t.float()
     elif t.dtype != torch.float32:
         raise ArtifactError(
-            f"{path}: {what} is {str(t.dtype).removeprefix('torch.')}; exit heads are float32 "
+            f"{path}: {what} is {str(t.dtype).removeprefix('torch.')}; {kind} are float32 "
             "(float16/bfloat16 are widened exactly; convert others with tensor.float() and save again)"
         )
     if not torch.isfinite(t).all():
@@ -114,6 +119,60 @@ def load_exit_heads(path: str | os.PathLike, info) -> dict[int, dict[str, torch.
             "up": _float32(path, f"exit.{e}.up", up),
         }
     return heads
+
+
+def branch_shapes(info, ffn: int) -> dict[str, tuple[int, ...]]:
+    """The tensors of a draft branch for the model ``info`` (``ModelInfo``) with an MLP ``ffn`` wide, and
+    their shapes: the input norms and fusion, then one decoder layer of the model's attention shape."""
+    d, heads, kv, hd = info.hidden_size, info.num_heads, info.num_kv_heads, info.head_dim
+    return {
+        "norm_emb": (d,),
+        "norm_feat": (d,),
+        "fc.weight": (d, 2 * d),
+        "norm_attn": (d,),
+        "q.weight": (heads * hd, d),
+        "k.weight": (kv * hd, d),
+        "v.weight": (kv * hd, d),
+        "o.weight": (d, heads * hd),
+        "norm_mlp": (d,),
+        "gate.weight": (ffn, d),
+        "up.weight": (ffn, d),
+        "down.weight": (d, ffn),
+    }
+
+
+def load_draft_branch(path: str | os.PathLike, info) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A draft branch written by :func:`effx.train_draft_branch`, checked against the model (``ModelInfo``):
+    its metadata (``ffn``, the MLP width, 1..4 x hidden_size; ``eps``), every tensor of
+    :func:`branch_shapes` with its shape, float32 (float16 and bfloat16 widened exactly), finite, and no
+    other tensor. Returns ``(metadata, tensors)``; each problem is a one-line ``ArtifactError``."""
+    meta, tensors = _read(
+        path,
+        info,
+        BRANCH_KIND,
+        "draft branch file",
+        "effx.train_draft_branch",
+        ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size"),
+        "was trained for a model with",
+    )
+    ffn = meta.get("ffn")
+    if isinstance(ffn, bool) or not isinstance(ffn, int) or not 1 <= ffn <= 4 * info.hidden_size:
+        raise ArtifactError(f"{path}: its metadata gives ffn={ffn!r}; expected 1..{4 * info.hidden_size}")
+    eps = meta.get("eps")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ArtifactError(f"{path}: its metadata gives eps={eps!r}; expected a number in (0, 1)")
+    shapes = branch_shapes(info, ffn)
+    extra = sorted(set(tensors) - set(shapes))
+    if extra:
+        raise ArtifactError(f"{path} holds tensors a draft branch does not have: {', '.join(extra)}")
+    out = {}
+    for name, shape in shapes.items():
+        if name not in tensors:
+            raise ArtifactError(f"{path} lacks tensor {name!r} of a draft branch")
+        if tuple(tensors[name].shape) != shape:
+            raise ArtifactError(f"{path}: {name} is {list(tensors[name].shape)}; expected {list(shape)}")
+        out[name] = _float32(path, name, tensors[name], "draft branches")
+    return meta, out
 
 
 @dataclass

@@ -125,9 +125,11 @@ def _prompt():
 
 def test_the_builtin_techniques_declare_the_stage_kinds_and_policies_the_plan_knows():
     names = [t.name for t in techniques.techniques()]
-    assert names[:2] == ["prompt-lookup", "early-exit"]  # the order draft sources are tried in
-    assert {"exit", "full_head", "token_score", "token_drop"} <= set(techniques.stage_kinds())
-    assert set(techniques.policy_types()) == {"early_exit", "token_drop", "neuron_mask", "prompt_lookup"}
+    assert names[:3] == ["prompt-lookup", "draft-branch", "early-exit"]  # the order draft sources are tried in
+    kinds = {"exit", "full_head", "token_score", "token_drop", "branch", "branch_head"}
+    assert kinds <= set(techniques.stage_kinds())
+    policies = {"early_exit", "token_drop", "neuron_mask", "prompt_lookup", "draft_branch"}
+    assert set(techniques.policy_types()) == policies
     assert effx.plan.stage_signature("exit", {"vocab": "pruned"})[0][-1] == "vocab_ids"
     with pytest.raises(PlanError, match="unknown stage kind 'nope'"):
         techniques.stage_kind("nope")

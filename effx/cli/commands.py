@@ -223,6 +223,45 @@ def train_heads(args) -> int:
     return 0
 
 
+def train_draft(args) -> int:
+    from ..draft_branch import train_draft_branch
+
+    if args.vocab_k < 0:
+        raise UsageError(f"--vocab-k must be >= 0 (0: the whole vocabulary), got {args.vocab_k}")
+    if args.lr <= 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    prompts = _read_prompts(args.prompts) if args.prompts else training_prompts()
+    runnable = _program(args)
+    program = runnable.program
+    hidden = program.info.hidden_size
+    if args.ffn is not None and not 1 <= args.ffn <= 4 * hidden:
+        raise UsageError(f"--ffn must be in 1..{4 * hidden} (4x the hidden size), got {args.ffn}")
+    try:
+        result = train_draft_branch(
+            program, prompts, runnable.tokenizer.hf, max_tokens=args.tokens, new_tokens=args.new_tokens,
+            path=args.out, steps=args.steps, vocab_k=args.vocab_k or None, ffn=args.ffn, epochs=args.epochs,
+            lr=args.lr,
+        )  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    params = sum(t.numel() for t in result.layer.state_dict().values())
+    share = params / max(1, sum(t.numel() for s in program.stages for t in s.graph.state_dict().values()))
+    vocab = "the whole vocabulary" if result.vocab is None else f"{len(result.vocab)} ids"
+    print(
+        f"trained on {result.tokens} tokens ({result.source}; {result.collect_seconds:.0f} s to generate and "
+        f"read, {result.seconds:.0f} s to fit), held out {result.heldout}; {params / 1e6:.2f}M parameters "
+        f"({share:.1%} of the model's), drafting from {vocab}"
+    )
+    print("held-out acceptance (rounds whose first j drafts are all accepted):")
+    print(f"{'j':>3} {'before':>7} {'after':>7}")
+    for j, (b, a) in enumerate(zip(result.before, result.after, strict=True), 1):
+        print(f"{j:>3} {b:7.3f} {a:7.3f}")
+    print(f"accepted drafts per round of {result.steps}: {result.accepted_per_round:.2f}")
+    print(f"wrote {args.out}; use it with:")
+    print(f'  --passes "draft-branch{{weights={args.out} draft={result.steps + 1}}}"')
+    return 0
+
+
 def _bench_configs(args, bench):
     """The configurations of --passes and --sweep (None: the defaults), checked before the model loads."""
     if args.quantize and (args.passes or args.sweep):

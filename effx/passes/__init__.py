@@ -12,6 +12,7 @@ from .base import (
     register_pass,
     registered_passes,
 )
+from .draft_branch import DraftBranch
 from .early_exit import EarlyExit
 from .lower import Lower
 from .neuron_mask import NeuronMask
@@ -22,6 +23,7 @@ from .vocab_reduce import VocabReduce
 
 __all__ = [
     "PHASES",
+    "DraftBranch",
     "EarlyExit",
     "Lower",
     "Quantize",

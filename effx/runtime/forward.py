@@ -260,12 +260,14 @@ def run_step(
     last_only: bool = True,
     stats: DecodeStats | None = None,
     key_pos: Array | None = None,
+    features: list[Array] | None = None,
 ) -> Array:
     """Run embed, every layer (reading and filling ``cache``) and the head on ``input_ids``.
 
     ``key_valid`` covers every slot up to and including the new tokens (``key_pos``, where given, their
     positions: see :func:`attention_masks`). Returns logits of the last position (``[batch, vocab]``) or of
-    all positions (``[batch, seq, vocab]``).
+    all positions (``[batch, seq, vocab]``); ``features``, where given, receives the last layer's output
+    ``[batch, seq, hidden]`` (a draft branch reads it).
     """
     from .vocab import head_logits
 
@@ -274,6 +276,8 @@ def run_step(
     hidden, cos, sin = backend.run(plan.embed, input_ids, position_ids)
     masks = MaskCache(backend, key_valid, backend.dtype, key_pos)
     hidden = backend.run_layers(cache, plan.layers, hidden, cos, sin, masks)
+    if features is not None:
+        features.append(hidden)
     if last_only:
         return head_logits(backend, hidden[:, -1:], stats)[:, -1]
     return head_logits(backend, hidden, stats)

@@ -152,17 +152,20 @@ def prefill(
     positions: Array,
     key_valid: Array,
     stats: DecodeStats | None,
+    features: list[Array] | None = None,
 ) -> tuple[Array, Backend]:
     """Run the prompt with the plan's own prefill: the first technique's ``prefill`` hook that takes this
     plan (TokenDrop's, per-prompt core neurons', which returns the backend to decode with, its MLPs sliced
-    to the prompt's neurons), or a plain step. Returns ``(logits of the last position, backend)``."""
+    to the prompt's neurons), or a plain step. Returns ``(logits of the last position, backend)``; a plain
+    step appends the last layer's output to ``features`` where given (a technique's prefill keeps none)."""
     plan = backend.plan
     for t, _policy in plan.used_techniques:
         if t.prefill is not None:
             done = techniques.hook(t.prefill)(backend, cache, input_ids, positions, key_valid, stats)
             if done is not None:
                 return cast("tuple[Array, Backend]", done)
-    return run_step(backend, cache, input_ids, positions, key_valid, stats=stats), backend
+    logits = run_step(backend, cache, input_ids, positions, key_valid, stats=stats, features=features)
+    return logits, backend
 
 
 def step_decoder(backend: Backend, cache: KVCache, stats: DecodeStats | None) -> Any:
@@ -225,12 +228,21 @@ def decode(
             if typed is not None and plan.full_head is not None:
                 typed.start_head()
             positions = positions_from_mask(attention_mask)
-            logits, backend = prefill(backend, cache, input_ids, positions, key_valid[:, :prompt_len], typed)
+            if speculative:
+                sources = sources_of(plan) if sources is None else sources
+            features: list[Array] | None = (
+                [] if speculative and any(s.features for s in sources or ()) else None
+            )
+            logits, backend = prefill(
+                backend, cache, input_ids, positions, key_valid[:, :prompt_len], typed, features
+            )
             next_pos = positions[:, -1:] + 1
             token = out.emit(sampler(logits, generator))
             if speculative:
-                sources = sources_of(plan) if sources is None else sources
-                Speculation(backend, cache, out, key_valid, next_pos, sources, draft=draft, stats=typed).run()
+                Speculation(
+                    backend, cache, out, key_valid, next_pos, cast("list[DraftSource]", sources),
+                    draft=draft, stats=typed, features=features[0] if features else None,
+                ).run()  # fmt: skip
                 return out.finish()
             decoder = step_decoder(backend, cache, typed)
             while not out.done:

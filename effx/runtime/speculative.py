@@ -167,6 +167,7 @@ class Speculation:
         *,
         draft: int,
         stats: DecodeStats | None,
+        features: Array | None = None,
     ) -> None:
         self.backend = as_backend(backend)
         self.xp = self.backend.xp
@@ -190,6 +191,9 @@ class Speculation:
         self.last = out.tokens[:, out.length - 1]
         self.pos = pos[:, 0]
         self.length = cache.lengths[0]
+        # the prompt's last-layer features [batch, prompt, hidden] for sources that read them (None: the
+        # prefill did not keep them, e.g. a TokenDrop prefill)
+        self.prompt_features = features
         if stats is not None:
             stats.start_speculation([s.name for s in sources])
         for source in sources:
@@ -270,6 +274,8 @@ class Speculation:
             accepted += taken[b]
         if draft is not None:
             cast(DraftSource, source).verified(self, counts, taken)  # the source that proposed the draft
+        for every in self.sources:
+            every.settled(self, start, kept, hidden)
         self.stats_round(source if draft is not None else None, counts, active, accepted, width)
         # keep the slots up to the longest accepted prefix; shorter rows leave holes
         length = start + max(kept)

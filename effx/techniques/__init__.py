@@ -242,9 +242,11 @@ def hook(ref: str | Callable[..., Any]) -> Any:
 
 
 # the techniques effx ships, each declared in its own module; registration order is the order draft sources
-# are tried in (lookup first: it costs nothing where the text repeats, the exit drafts elsewhere)
+# are tried in (lookup first: it costs nothing where the text repeats; a trained branch, else the exit, drafts
+# elsewhere)
 # isort: off
 from . import prompt_lookup  # noqa: E402,F401
+from . import draft_branch  # noqa: E402,F401
 from . import early_exit  # noqa: E402,F401
 from . import neuron_mask, token_drop, vocab_reduce  # noqa: E402,F401
 # isort: on

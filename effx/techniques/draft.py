@@ -36,6 +36,8 @@ class DraftSource:
 
     name = "draft"
     draft = 8
+    # whether the source reads the model's last-layer features (``Speculation.prompt_features``, ``settled``)
+    features = False
 
     def start(self, spec: Speculation) -> None:
         """Called once after the prefill and the first token."""
@@ -49,6 +51,11 @@ class DraftSource:
 
     def verified(self, spec: Speculation, counts: list[int], accepted: list[int]) -> None:
         """This source drafted the round just verified: per row, ``counts`` drafts, ``accepted`` kept."""
+
+    def settled(self, spec: Speculation, start: int, kept: list[int], features: Array) -> None:
+        """After every round (whichever source drafted): per row, the slots ``start .. start + kept[b] - 1``
+        hold verified tokens, and ``features [batch, width, hidden]`` are the model's last-layer outputs
+        (before the head) at the round's slots from ``start`` (valid up to each row's ``kept``)."""
 
     def sync(self, spec: Speculation) -> None:
         """Before a compaction: bring any cache of the source's own to ``spec.length`` slots."""

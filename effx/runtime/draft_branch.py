@@ -1,0 +1,142 @@
+"""The draft branch's source for the verifier (:mod:`effx.runtime.speculative`): EAGLE-style drafting from
+the model's own last-layer features.
+
+The branch (``DraftBranch``: a ``branch`` stage and its ``branch_head``) keeps a one-layer KV cache whose
+slots are the verifier's slots, so the verifier's validity mask and positions serve it as they are. The
+entry at slot ``s`` is computed from the token at ``s`` and the model's feature at the slot before (its
+last-layer output, the input of the head; zeros before the first token). The source keeps those features
+per slot: the prompt's from the prefill, then every round's verified ones (``settled``); a row that
+rejected drafts another row accepted leaves holes, whose feature is the row's last valid one, so the slot
+after a hole reads the right feature.
+
+A round: the branch first runs over every slot it has not seen with true features (the tokens verified
+since its last round, and the last emitted token), which predicts the feature after the last token and so
+the first draft; then it drafts on, one token a step, from its own predicted features, up to ``n`` tokens
+or until every row's draft probability falls below ``threshold``. Those predicted entries are replaced by
+true ones in the next round, EAGLE's scheme: the branch never attends to its own guesses across rounds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..arrays import Array, softmax, take_along_axis
+from ..techniques.draft import Draft, DraftSource
+from ..techniques.draft_branch import DraftBranchPolicy
+from .forward import KVCache, attention_masks
+
+if TYPE_CHECKING:
+    from ..plan import Plan
+    from .speculative import Speculation
+
+__all__ = ["BranchDraft", "branch_draft"]
+
+
+class BranchDraft(DraftSource):
+    """Drafts from the plan's draft branch (see the module's docstring)."""
+
+    name = "branch"
+    features = True
+
+    def __init__(self, draft: int, threshold: float) -> None:
+        self.draft, self.threshold = draft, threshold
+        self.done = 0  # slots before this one hold branch entries computed from true features
+        self.before = 0
+
+    def start(self, spec: Speculation) -> None:
+        backend, xp = spec.backend, spec.xp
+        plan, info = backend.plan, backend.plan.model
+        self.stage = next(s for s in plan.stages if s.kind == "branch")
+        self.head = next(s for s in plan.stages if s.kind == "branch_head")
+        capacity = spec.key_valid.shape[1]
+        self.cache = KVCache(
+            1, spec.batch, info.num_kv_heads, capacity, info.head_dim, backend.dtype, xp=backend.xp
+        )
+        self.feat = xp.zeros((spec.batch, capacity, info.hidden_size), dtype=backend.dtype)
+        prompt = spec.prompt_features
+        if prompt is not None:  # padding slots read as zeros, as the first token of a sequence does
+            valid = xp.astype(spec.key_valid[:, : spec.prompt_len, None], backend.dtype)
+            self.feat[:, : spec.prompt_len] = prompt * valid
+        self.done = 0
+
+    def _run(self, spec: Speculation, tokens: Array, positions: Array, prev: Array, end: int) -> Array:
+        """The branch over ``tokens [batch, q]`` at slots ``end - q .. end - 1``, each with the feature before
+        it (``prev [batch, q, hidden]``); fills its cache and returns its predicted features."""
+        backend = spec.backend
+        hidden, cos, sin = backend.run(backend.plan.embed, tokens, positions)
+        q = tokens.shape[1]
+        mask = attention_masks(spec.key_valid[:, :end], end - q, q, (None,), backend.dtype, spec.slot_pos)[
+            None
+        ]
+        out, k, v = backend.run(self.stage, hidden, prev, cos, sin, mask, *self.cache.past(0))
+        self.cache.write(0, k, v)
+        return out
+
+    def propose(self, spec: Speculation, n: int) -> Draft | None:
+        xp, backend = spec.xp, spec.backend
+        last = spec.length
+        spec.place(last, spec.last[:, None], spec.pos[:, None])
+        lo = self.done
+        self.cache.truncate(lo)
+        if lo > 0:
+            prev = self.feat[:, lo - 1 : last]
+        else:
+            prev = xp.concat([xp.zeros_like(self.feat[:, :1]), self.feat[:, :last]], axis=1)
+        predicted = self._run(
+            spec, spec.slot_tokens[:, lo : last + 1], spec.slot_pos[:, lo : last + 1], prev, last + 1
+        )
+        self.done = last + 1
+        feat = predicted[:, -1:]
+        going = spec.active
+        counts = [0] * spec.batch
+        drafts: list[Array] = []
+        for j in range(n):
+            logits = xp.astype(backend.run(self.head, feat)[0][:, -1], xp.float32)
+            token = xp.argmax(logits, axis=-1)
+            drafts.append(token)
+            counts = [j + 1 if g else c for g, c in zip(going, counts, strict=True)]
+            if self.threshold > 0:
+                sure = xp.max(softmax(xp, logits), axis=-1) >= self.threshold
+                going = [g and bool(s) for g, s in zip(going, sure, strict=True)]
+            if j == n - 1 or not any(going):
+                break
+            slot = last + 1 + j
+            pos = spec.pos[:, None] + (j + 1)
+            spec.place(slot, token[:, None], pos)
+            feat = self._run(spec, token[:, None], pos, feat, slot + 1)
+        return Draft(xp.stack(drafts, axis=1), counts)
+
+    def settled(self, spec: Speculation, start: int, kept: list[int], features: Array) -> None:
+        width = features.shape[1]
+        self.feat[:, start : start + width] = features
+        self._fill(start, kept)
+
+    def _fill(self, start: int, kept: list[int]) -> None:
+        """Holes (row ``b``'s slots from ``start + kept[b]`` up to the longest row's) take the row's last
+        valid feature, so the slot after them reads it."""
+        end = start + max(kept)
+        for b, k in enumerate(kept):
+            if start + k < end:
+                self.feat[b, start + k : end] = self.feat[b, start + k - 1]
+
+    def sync(self, spec: Speculation) -> None:
+        self.before = spec.length
+
+    def compacted(self, spec: Speculation, start: int, index: Array) -> None:
+        xp = spec.xp
+        count = index.shape[1]
+        shape = (index.shape[0], count, self.feat.shape[2])
+        moved = take_along_axis(
+            xp, self.feat[:, start : self.before], xp.broadcast_to(index[:, :, None], shape), axis=1
+        )
+        self.feat[:, start : start + count] = moved
+        valid = xp.sum(xp.astype(spec.key_valid[:, start : start + count], xp.int64), axis=1)
+        self._fill(start, [int(v) for v in valid])
+        # the branch's entries after ``start`` moved too: recompute them from the features next round
+        self.done = min(self.done, start)
+        self.cache.truncate(self.done)
+
+
+def branch_draft(policy: DraftBranchPolicy, _plan: Plan) -> BranchDraft:
+    """DraftBranch's draft hook: a source over the plan's branch stages."""
+    return BranchDraft(policy.draft, policy.threshold)

@@ -1,0 +1,264 @@
+"""DraftBranch: the pass (stages, policy, checks of the weights file), the branch draft source (token-identical
+to dense greedy, single rows and batches with holes, with prompt lookup), and training on the model's own
+generations (acceptance before and after, the training-time-test masks)."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors.torch import load_file, save_file
+
+import effx
+from effx.draft_branch import (
+    BranchData,
+    acceptance,
+    chains,
+    collect_branch_data,
+    fit_draft_branch,
+    init_branch,
+    save_draft_branch,
+)
+from effx.errors import ArtifactError, PassConfigError, PassError, PlanError
+from effx.exit_heads import own_generations
+from effx.passes import DraftBranch, EarlyExit
+from effx.passes.draft_branch import load_branch
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", layers=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def dense(model):
+    return effx.transform(model)
+
+
+def _generations(dense, n=24, new=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        prompt = torch.randint(3, 90, (8,), generator=g)
+        gen = dense.generate(prompt[None], max_new_tokens=new, do_sample=False, eos_token_id=[])
+        out.append((gen[0], 7, gen.shape[1] - 1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sequences(dense):
+    return _generations(dense, n=4, new=40)
+
+
+@pytest.fixture(scope="module")
+def trained(dense, sequences, tmp_path_factory):
+    """A branch fitted on four of the tiny model's own greedy continuations until it drafts them well (a
+    random model's text is not learnable from so little; these four are memorised, which is what the
+    runtime test needs: drafts that a round accepts)."""
+    data = collect_branch_data(dense, sequences, progress=False)
+    result = fit_draft_branch(
+        dense, data, steps=3, vocab_k=48, epochs=60, lr=3e-3, batch_tokens=48, holdout=0, progress=False
+    )
+    path = tmp_path_factory.mktemp("branch") / "branch.safetensors"
+    save_draft_branch(dense, result, path)
+    return result, path, data
+
+
+def test_the_pass_adds_the_branch_before_the_head_and_sets_the_policy(model, trained):
+    result, path, _ = trained
+    prog = effx.transform(model, passes=f"draft-branch{{weights={path} draft=3}}")
+    kinds = [s.kind for s in prog.stages]
+    assert kinds[-3:] == ["branch", "branch_head", "head"]
+    assert prog.plan.policy.draft_branch.draft == 3 and prog.plan.speculative
+    assert prog.stages[-2].attrs["vocab_k"] == len(result.vocab) == 48
+    # the branch head scores the draft vocabulary only
+    logits = prog.stages[-2].graph(torch.randn(1, 2, prog.info.hidden_size))[0]
+    outside = torch.ones(prog.info.vocab_size, dtype=torch.bool)
+    outside[result.vocab] = False
+    assert torch.isinf(logits[..., outside]).all() and torch.isfinite(logits[..., ~outside]).all()
+    # the branch stage computes what the module it was exported from computes
+    layer, _ = load_branch(str(path), prog.info)
+    args = (
+        torch.randn(2, 3, 64), torch.randn(2, 3, 64), torch.randn(2, 3, 16), torch.randn(2, 3, 16),
+        torch.zeros(2, 1, 3, 5), torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16),
+    )  # fmt: skip
+    for got, want in zip(prog.stages[-3].graph(*args), layer(*args), strict=True):
+        torch.testing.assert_close(got, want)
+    # the plan round-trips with its stage kinds and policy
+    assert effx.Plan.from_json(prog.plan.to_json()) == prog.plan
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("extra", ["", ", prompt-lookup{min_ngram=1}"])
+def test_branch_drafts_are_dense_greedy(model, dense, trained, sequences, rows, extra):
+    """Token-identical to dense greedy decoding, one row or a left-padded batch whose rows accept different
+    drafts (holes in the shared cache), alone or after prompt lookup."""
+    _, path, _ = trained
+    prog = effx.transform(model, passes=f"draft-branch{{weights={path} draft=4}}{extra}")
+    prompts = [seq[:8] for seq, _, _ in sequences[:rows]]
+    if rows > 1:  # a shorter prompt: the row's context differs from what the branch learned
+        prompts[-1] = torch.cat([torch.zeros(3, dtype=torch.long), prompts[-1][3:]])
+    ids = torch.stack(prompts)
+    mask = torch.ones_like(ids)
+    if rows > 1:
+        mask[-1, :3] = 0
+    want = dense.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False, eos_token_id=[])
+    stats = {}
+    got = prog.generate(
+        ids, attention_mask=mask, max_new_tokens=48, do_sample=False, eos_token_id=[], stats=stats
+    )
+    assert torch.equal(got, want)
+    assert stats["drafted"] > 0 and stats["accepted"] > 0
+    assert "branch" in stats["sources"]
+
+
+def test_training_raises_acceptance(trained):
+    result, _, _ = trained
+    assert len(result.before) == len(result.after) == 3
+    assert result.before[0] < 0.2 and result.after[0] > 0.8
+    assert result.after[0] >= result.after[1] >= result.after[2]  # a chain: j drafts all accepted
+    assert result.losses[-1] < result.losses[0] / 4
+
+
+def test_decoding_accepts_what_training_predicts(model, dense, trained, sequences):
+    """The runtime's rounds (catch-up on true features, then drafting on predicted ones, each key where a
+    round puts it) are the chains training scores: the drafts a decode accepts on a training sequence are
+    those that ``chains`` predicts, round by round."""
+    result, path, data = trained
+    from effx.draft_branch import _Head
+
+    head = _Head(dense, torch.tensor(result.vocab))
+    prog = effx.transform(model, passes=f"draft-branch{{weights={path} draft=3}}")
+    predicted = accepted = 0
+    for i, (ids, first, _) in enumerate(sequences):
+        lengths = chains(result.layer, dense, data, i, head, 3)
+        end, p = ids.numel(), first + 1  # the first round starts at the first generated token
+        while p + 1 < end:
+            k = min(lengths[p - first - 1], 3, end - p - 2)
+            predicted += k
+            p += k + 1
+        stats = {}
+        prompt = ids[None, : first + 1]
+        out = prog.generate(
+            prompt, max_new_tokens=end - first - 1, do_sample=False, eos_token_id=[], stats=stats
+        )
+        assert torch.equal(out[0], ids)
+        accepted += stats["accepted"]
+    assert predicted > 60
+    assert abs(accepted - predicted) <= 2
+
+
+def test_training_masks_match_a_drafting_round():
+    from effx.draft_branch import _masks
+
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    m = _masks(5, 2, valid)[0, 0] == 0  # [5 queries, 15 keys]: step 0, step 1, step 2
+    # query 4 drafted 2 steps into a round that started at 2: true keys 0..2, step 1's key at 3, its own at 4
+    assert m[4].nonzero().flatten().tolist() == [0, 1, 2, 5 + 3, 10 + 4]
+    assert m[1].nonzero().flatten().tolist() == [5 + 0, 10 + 1]  # a round that started before the text
+
+
+def test_acceptance_counts_chains(dense):
+    """acceptance() of a branch that always drafts the right token is 1 at every position, of one that
+    never does 0 (checked through a head that maps features to fixed tokens)."""
+    data = collect_branch_data(dense, _generations(dense, n=3, new=12), progress=False)
+    layer = init_branch(dense)
+
+    class Head:
+        ids = None
+        column = torch.arange(dense.info.vocab_size)
+
+        def __init__(self, right):
+            self.right = right
+
+        def __call__(self, h):
+            # the correct targets of the sequence being scored, one-hot
+            return torch.nn.functional.one_hot(self.tokens, dense.info.vocab_size).float() * (
+                1.0 if self.right else -1.0
+            )
+
+    head = Head(True)
+    for i in range(3):
+        head.tokens = data.targets[i][None]
+        n, first = data.ids[i].numel(), data.first[i]
+        # every round accepts both drafts, but the last, which has one token left to draft
+        assert chains(layer, dense, data, i, head, 2) == [2] * (n - first - 2) + [1]
+        assert acceptance(layer, dense, data, [i], head, 2) == [1.0, (n - first - 2) / (n - first - 1)]
+    head = Head(False)
+    head.tokens = data.targets[0][None]
+    assert acceptance(layer, dense, data, [0], head, 2) == [0.0, 0.0]
+
+
+def test_weights_file_is_checked_before_capture(model, dense, trained, tmp_path):
+    _, path, _ = trained
+    with pytest.raises(PassConfigError, match="weights="):
+        DraftBranch()
+    with pytest.raises(PassConfigError, match="no such file"):
+        effx.transform(model, passes=f"draft-branch{{weights={tmp_path / 'none.safetensors'}}}")
+    with pytest.raises(PassConfigError, match="draft must be an integer >= 1"):
+        DraftBranch(weights=str(path), draft=0)
+    tensors = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["effx"])
+
+    def write(name, tensors, meta):
+        bad = tmp_path / name
+        save_file(tensors, str(bad), metadata={"effx": json.dumps(meta)})
+        return bad
+
+    cases = {
+        "shape.safetensors": ({**tensors, "q.weight": tensors["q.weight"][:, :8].contiguous()}, meta, "q.weight is"),
+        "nan.safetensors": (
+            {**tensors, "fc.weight": tensors["fc.weight"] * float("nan")}, meta, "NaN or infinite",
+        ),
+        "model.safetensors": (tensors, {**meta, "hidden_size": 32}, "hidden_size=32"),
+        "missing.safetensors": ({k: v for k, v in tensors.items() if k != "down.weight"}, meta, "lacks"),
+        "vocab.safetensors": (tensors, {**meta, "vocab": [1, 1, 2]}, "distinct token ids"),
+        "kind.safetensors": (tensors, {**meta, "kind": "other"}, "not written by"),
+    }  # fmt: skip
+    for name, (t, m, match) in cases.items():
+        bad = write(name, t, m)
+        with pytest.raises(ArtifactError, match=match):
+            load_branch(str(bad), dense.info)
+        with pytest.raises(PassConfigError, match="weights: "):
+            effx.transform(model, passes=f"draft-branch{{weights={bad}}}")
+
+
+def test_refused_with_lossy_exits_twice_and_in_a_bad_plan(model, dense, trained):
+    _, path, _ = trained
+    with pytest.raises((PassConfigError, PassError), match="lossy early exits"):
+        effx.transform(model, passes=[EarlyExit(layers=[0], mode="lossy"), DraftBranch(weights=str(path))])
+    prog = effx.transform(model, passes=[DraftBranch(weights=str(path))])
+    with pytest.raises(PassError, match="already drafts"):
+        DraftBranch(weights=str(path)).apply(prog)
+    # a plan with the stages and no policy, or the policy and no stages, is refused
+    plan = prog.plan
+    import dataclasses
+
+    with pytest.raises(PlanError, match="both its stages and its draft_branch policy"):
+        dataclasses.replace(plan, policy=dense.plan.policy).validate()
+    with pytest.raises(PlanError, match="must be followed by its branch_head"):
+        dataclasses.replace(plan, stages=tuple(s for s in plan.stages if s.kind != "branch_head")).validate()
+
+
+def test_data_split_holds_out_whole_sequences(dense):
+    data = BranchData(
+        [torch.zeros(3, dtype=torch.long)] * 10, [torch.zeros(3, 4)] * 10, [torch.zeros(3)] * 10, [0] * 10
+    )
+    train, held = data.split(0.2)
+    assert train == list(range(8)) and held == [8, 9]
+    assert data.tokens == 30
+
+
+def test_own_generations_feed_training(dense):
+    """The training data keeps, per sequence, the model's greedy next token at each position: on the
+    generated part it is the next token itself."""
+    from effx.testing import tiny_tokenizer
+
+    seqs = own_generations(dense, tiny_tokenizer(), ["w5 w6 w7"], max_new_tokens=6, progress=False)
+    data = collect_branch_data(dense, seqs, progress=False)
+    ids, targets, first = data.ids[0], data.targets[0], data.first[0]
+    assert torch.equal(targets[first:-1], ids[first + 1 :])
+    assert data.features[0].shape == (ids.numel(), dense.info.hidden_size)
