@@ -23,6 +23,7 @@ __all__ = [
     "REFERENCES",
     "aclsum",
     "encode_prompts",
+    "offline_texts",
     "pydoc_texts",
     "token_chunks",
     "training_prompts",
@@ -96,12 +97,36 @@ def pydoc_texts(split: str = "calib") -> list[str]:
 
 
 _TOPICS = (
-    "photosynthesis", "the water cycle", "compound interest", "how vaccines work", "black holes",
-    "the French Revolution", "machine learning", "plate tectonics", "the immune system", "inflation",
-    "recursion in programming", "climate change", "the printing press", "supply and demand", "volcanoes",
-    "the human heart", "electric cars", "the Roman Empire", "sleep", "public key cryptography",
-    "rainbows", "the stock market", "bees and pollination", "the internet", "earthquakes",
-    "healthy breakfasts", "learning a new language", "time management", "composting", "the moon landing",
+    "photosynthesis",
+    "the water cycle",
+    "compound interest",
+    "how vaccines work",
+    "black holes",
+    "the French Revolution",
+    "machine learning",
+    "plate tectonics",
+    "the immune system",
+    "inflation",
+    "recursion in programming",
+    "climate change",
+    "the printing press",
+    "supply and demand",
+    "volcanoes",
+    "the human heart",
+    "electric cars",
+    "the Roman Empire",
+    "sleep",
+    "public key cryptography",
+    "rainbows",
+    "the stock market",
+    "bees and pollination",
+    "the internet",
+    "earthquakes",
+    "healthy breakfasts",
+    "learning a new language",
+    "time management",
+    "composting",
+    "the moon landing",
 )
 _ASKS = (
     "Explain {} in simple terms.",
@@ -134,6 +159,16 @@ def training_prompts() -> list[str]:
         prompts.append(forms[i % len(forms)] + page[:600])
     random.Random(0).shuffle(prompts)
     return prompts
+
+
+def offline_texts() -> list[str]:
+    """Real English text for training that shares nothing with the evaluation sets: pydoc ``calib`` pages and
+    the ACLSum ``train`` papers (abstract and introduction; left out without the ``aclsum`` wheel)."""
+    try:
+        papers = aclsum("train")
+    except DataLoadError:
+        papers = []
+    return pydoc_texts("calib") + [f"{p['title']}\n\n{p['abstract']}\n\n{p['introduction']}" for p in papers]
 
 
 ACLSUM_SPLITS = ("train", "val", "test")

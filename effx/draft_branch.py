@@ -11,9 +11,10 @@ token. Training has two phases:
    trained with the model frozen. Training-time test (EAGLE-3): the branch is unrolled ``steps`` times,
    each step fed the previous step's predicted features and attending to the keys a drafting round would
    hold (true-feature keys up to the round's start, then one key per earlier drafting step), so that
-   acceptance holds past the first draft. The loss is the cross-entropy of the model's greedy token under
-   the branch's draft head (a static vocabulary of the ``vocab_k`` ids the model emits most, FR-Spec) at
-   every step, plus a small regression of the predicted feature onto the true one.
+   acceptance holds past the first draft. The loss is the cross-entropy of the model's own distribution
+   (its head on the true feature) under the branch's draft head, both over a static vocabulary of the
+   ``vocab_k`` ids the model emits most (FR-Spec), at every step; soft targets carry more per token than
+   the greedy token alone. A small regression of the predicted feature onto the true one is added.
 
 Held-out acceptance is reported per draft position before and after: the share of rounds whose first
 ``j`` drafts all equal the model's greedy tokens, with the drafting chain run as at decode time. The
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .exit_heads import backbone_states, own_generations
+from .exit_heads import backbone_states, own_generations, text_sequences
 from .formats import BRANCH_KIND
 from .fx import fetch
 from .passes.draft_branch import BranchLayer
@@ -70,11 +71,15 @@ class BranchData:
         return sum(int(t.numel()) for t in self.ids)
 
     def split(self, holdout: float) -> tuple[list[int], list[int]]:
-        """Sequence indices ``(train, held_out)``: the last ``holdout`` share held out (whole sequences)."""
-        n = len(self.ids)
-        cut = n - max(1, round(n * holdout)) if holdout > 0 and n > 1 else n
-        every = list(range(n))
-        return every[:cut], (every[cut:] if cut < n else every)
+        """Sequence indices ``(train, held_out)``: the last ``holdout`` share of the generated sequences (those
+        with a prompt, ``first > 0``; of all sequences when none has one) held out whole; with one such
+        sequence or ``holdout=0`` both are every sequence."""
+        every = list(range(len(self.ids)))
+        pool = [i for i in every if self.first[i] > 0] or every
+        if holdout <= 0 or len(pool) < 2:
+            return every, every
+        held = pool[len(pool) - max(1, round(len(pool) * holdout)) :]
+        return [i for i in every if i not in set(held)], held
 
 
 def collect_branch_data(program, sequences, *, progress: bool = True, source: str = "") -> BranchData:
@@ -98,10 +103,16 @@ def collect_branch_data(program, sequences, *, progress: bool = True, source: st
     return data
 
 
-def init_branch(program, ffn: int | None = None, seed: int = 0) -> BranchLayer:
+# a decoder layer's norms by the names Llama-style models give them (their RMS norm multiplies by the weight);
+# Gemma's norms are (1 + weight) and stand elsewhere, so its branch keeps norms at one
+_NORMS = {"input_layernorm.weight": "norm_attn", "post_attention_layernorm.weight": "norm_mlp"}
+
+
+def init_branch(program, ffn: int | None = None, seed: int = 0, scale: float = 1.0) -> BranchLayer:
     """A branch for ``program``: its attention and MLP weights copied from the model's last decoder layer
-    where their shapes match (the MLP when ``ffn`` is the model's width), the fusion initialised to pass the
-    feature through, every norm at one."""
+    where their shapes match (the MLP when ``ffn`` is the model's width), with that layer's norms where
+    they are Llama-style; the fusion initialised to pass the previous feature through at RMS ``scale``
+    (the features' own), so that the untrained branch runs the last layer on the previous feature."""
     info = program.info
     ffn = info.intermediate_size if ffn is None else ffn
     torch.manual_seed(seed)
@@ -109,8 +120,14 @@ def init_branch(program, ffn: int | None = None, seed: int = 0) -> BranchLayer:
     graph = program.layers[-1].graph
     targets = {"attn.q": layer.q, "attn.k": layer.k, "attn.v": layer.v, "attn.o": layer.o}
     targets.update({"mlp.gate": layer.gate, "mlp.up": layer.up, "mlp.down": layer.down})
+    gemma = info.model_type.startswith("gemma")
     with torch.no_grad():
         for node in graph.graph.nodes:
+            if node.op == "get_attr" and not gemma:
+                norm = next((n for suffix, n in _NORMS.items() if str(node.target).endswith(suffix)), None)
+                w = fetch(graph, node)
+                if norm is not None and tuple(w.shape) == (info.hidden_size,):
+                    getattr(layer, norm).copy_(w.float())
             module = targets.get(node.meta.get("effx_role", ""))
             if module is None or node.op != "call_function" or node.target != torch.ops.aten.linear.default:
                 continue
@@ -121,7 +138,7 @@ def init_branch(program, ffn: int | None = None, seed: int = 0) -> BranchLayer:
                     module.weight.copy_(w.float())
         d = info.hidden_size
         layer.fc.weight.normal_(0, 0.02 / math.sqrt(2))
-        layer.fc.weight[:, d:] += torch.eye(d)
+        layer.fc.weight[:, d:] += scale * torch.eye(d)
     return layer
 
 
@@ -235,12 +252,22 @@ def _unroll(layer: BranchLayer, program, ids, feats, valid, steps: int) -> list[
     return outs
 
 
-def _step_masks(valid, first, steps: int) -> list[torch.Tensor]:
-    """Where step j is scored: step 0 at every real position (catching up reads the prompt too), later steps
-    where the round starts in the generated text (t - j > first)."""
-    n = valid.shape[1]
-    t = torch.arange(n)[None, :]
-    return [valid if j == 0 else valid & (t - j > first[:, None]) for j in range(steps)]
+def _step_masks(ids, targets, valid, steps: int) -> list[torch.Tensor]:
+    """Where step j is scored: step 0 at every real position; step j at ``t`` where a round that started at
+    ``t - j`` reaches it, its drafts all right: the tokens at ``t - j + 1 .. t`` are the model's greedy
+    choices after the token before each (always so in the model's own text; in other text only where it
+    agrees)."""
+    agree = torch.zeros_like(valid)
+    agree[:, 1:] = ids[:, 1:] == targets[:, :-1]
+    masks = [valid]
+    chain = valid.clone()
+    for j in range(1, steps):
+        shifted = torch.zeros_like(agree)
+        shifted[:, j - 1 :] = agree[:, : agree.shape[1] - j + 1]  # agree[t - j + 1] at t
+        chain = chain & shifted
+        chain[:, :j] = False
+        masks.append(chain.clone())
+    return masks
 
 
 def chains(layer: BranchLayer, program, data: BranchData, i: int, head: _Head, steps: int) -> list[int]:
@@ -298,10 +325,10 @@ def fit_draft_branch(
     vocab = _draft_vocab(data, info.vocab_size, vocab_k, program.plan.eos_token_ids)
     ids = None if vocab is None else torch.tensor(vocab, dtype=torch.long)
     head = _Head(program, ids)
-    layer = init_branch(program, ffn, seed)
     train, held = data.split(holdout)
-    before = acceptance(layer, program, data, held, head, steps)
     scale = torch.cat([data.features[i] for i in train]).pow(2).mean().sqrt().item()
+    layer = init_branch(program, ffn, seed, scale)
+    before = acceptance(layer, program, data, held, head, steps)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=0.0)
     plan = [_batches(data, train, batch_tokens, g) for _ in range(epochs)]
@@ -320,15 +347,17 @@ def fit_draft_branch(
     try:
         for epoch in plan:
             for rows in epoch:
-                tokens, feats, targets, valid, first = _pad(data, rows)
+                tokens, feats, targets, valid, _ = _pad(data, rows)
                 outs = _unroll(layer, program, tokens, feats, valid, steps)
                 cols = head.column[targets]
                 loss = torch.zeros(())
-                for out, where in zip(outs, _step_masks(valid, first, steps), strict=True):
+                with torch.no_grad():  # the model's own distribution over the draft ids, at each position
+                    teacher = torch.softmax(head(feats).float(), dim=-1)
+                for out, where in zip(outs, _step_masks(tokens, targets, valid, steps), strict=True):
                     scored = where & (cols >= 0)
                     if bool(scored.any()):
-                        logits = head(out[scored])
-                        loss = loss + torch.nn.functional.cross_entropy(logits.float(), cols[scored])
+                        logp = torch.log_softmax(head(out[scored]).float(), dim=-1)
+                        loss = loss - (teacher[scored] * logp).sum(-1).mean()
                     if feature_weight and bool(where.any()):
                         diff = (out[where] - feats[where]) / scale
                         loss = loss + feature_weight * torch.nn.functional.smooth_l1_loss(diff, diff * 0)
@@ -401,22 +430,34 @@ def train_draft_branch(
     prompts,
     tokenizer,
     *,
-    max_tokens: int = 32768,
+    max_tokens: int = 16384,
     new_tokens: int = 128,
+    texts=None,
+    text_tokens: int = 0,
     path: str | os.PathLike | None = None,
     progress: bool = True,
     **fit: Any,
 ) -> BranchResult:
-    """Generate ``max_tokens`` tokens of the model's own text from ``prompts`` (``new_tokens`` each), read
-    them teacher-forced and fit a branch (``fit``: :func:`fit_draft_branch`'s settings); with ``path``,
-    write it there."""
-    if max_tokens < 1 or new_tokens < 1:
-        raise ValueError(f"max_tokens and new_tokens must be >= 1, got {max_tokens} and {new_tokens}")
+    """Generate ``max_tokens`` tokens of the model's own text from ``prompts`` (``new_tokens`` each), add
+    ``text_tokens`` tokens of ``texts`` read teacher-forced (in 256-token chunks; EAGLE trains on fixed text,
+    and such text costs no generation), read them all once and fit a branch (``fit``:
+    :func:`fit_draft_branch`'s settings); with ``path``, write it there. Acceptance is held out on the
+    generations."""
+    if max_tokens < 1 or new_tokens < 1 or text_tokens < 0:
+        raise ValueError(
+            f"max_tokens and new_tokens must be >= 1 and text_tokens >= 0, got {max_tokens}, {new_tokens} "
+            f"and {text_tokens}"
+        )
+    if text_tokens and not texts:
+        raise ValueError("text_tokens needs texts to read")
     start = time.perf_counter()
     sequences = own_generations(
         program, tokenizer, prompts, max_new_tokens=new_tokens, max_tokens=max_tokens, progress=progress
     )
     source = f"own generations ({new_tokens} new tokens per prompt)"
+    if text_tokens:
+        sequences = text_sequences(tokenizer, texts, 256, text_tokens) + sequences
+        source += f" and {text_tokens} tokens of text"
     data = collect_branch_data(program, sequences, progress=progress, source=source)
     collect = time.perf_counter() - start
     result = fit_draft_branch(program, data, progress=progress, **fit)

@@ -264,6 +264,27 @@ def test_chat_bad_input_is_one_line(model_dir, tmp_path, capsys):
     assert err.startswith("effx: error:") and "no plan.json" in err and "Traceback" not in err
 
 
+def test_train_draft_writes_a_branch_the_pass_loads(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w5 w6 w7\nw8 w9\n\nw10 w11 w12 w13\nw14 w15\n")
+    branch = tmp_path / "branch.safetensors"
+    args = ["train-draft", "--model", str(model_dir), "--prompts", str(prompts)]
+    small = ["--tokens", "40", "--new-tokens", "10", "--epochs", "1", "--text-tokens", "0"]
+    assert main([*args, *small, "--vocab-k", "0", "--out", str(branch)]) == 0
+    out = capsys.readouterr().out
+    assert "held-out acceptance" in out and f"weights={branch}" in out and "own generations" in out
+    passes = f"draft-branch{{weights={branch} draft=3}}"
+    assert (
+        main(["generate", "--model", str(model_dir), "--passes", passes, "--max-new-tokens", "4", "w5"]) == 0
+    )
+    # bad arguments: a clean error before any work, no file
+    bad = tmp_path / "bad.safetensors"
+    assert main([*args, *small, "--ffn", "100000", "--out", str(bad)]) == 2
+    assert "--ffn must be in 1.." in capsys.readouterr().err and not bad.exists()
+    assert main([*args, *small, "--vocab-k", "-1", "--out", str(bad)]) == 2
+    assert not bad.exists()
+
+
 def test_train_heads_writes_heads_the_exit_pass_loads(model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("w5 w6 w7\nw8 w9\n\nw10 w11 w12 w13\nw14 w15\n")

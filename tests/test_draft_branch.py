@@ -250,6 +250,10 @@ def test_data_split_holds_out_whole_sequences(dense):
     train, held = data.split(0.2)
     assert train == list(range(8)) and held == [8, 9]
     assert data.tokens == 30
+    # with text chunks (no prompt) and generations, generations are held out
+    data.first = [0, 0, 0, 0, 0, 0, 4, 4, 4, 4]
+    assert data.split(0.5) == ([0, 1, 2, 3, 4, 5, 6, 7], [8, 9])
+    assert data.split(0.0) == (list(range(10)), list(range(10)))
 
 
 def test_own_generations_feed_training(dense):
@@ -262,3 +266,36 @@ def test_own_generations_feed_training(dense):
     ids, targets, first = data.ids[0], data.targets[0], data.first[0]
     assert torch.equal(targets[first:-1], ids[first + 1 :])
     assert data.features[0].shape == (ids.numel(), dense.info.hidden_size)
+
+
+def test_later_steps_are_scored_where_the_drafts_before_them_are_right():
+    from effx.draft_branch import _step_masks
+
+    ids = torch.tensor([[5, 6, 7, 9, 1, 2]])
+    targets = torch.tensor([[6, 7, 8, 1, 2, 3]])  # the model's greedy token after each position
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    valid[0, 5] = False
+    masks = _step_masks(ids, targets, valid, 3)
+    # ids agree with the greedy token before them at 1, 2, 4 (and 5, padding); 3 does not (9 != 8)
+    assert masks[0][0].tolist() == [True] * 5 + [False]
+    assert masks[1][0].tolist() == [False, True, True, False, True, False]
+    assert masks[2][0].tolist() == [False, False, True, False, False, False]
+
+
+def test_the_branch_exports_and_drafts_the_same_on_onnx_runtime(model, trained, sequences, tmp_path):
+    """The branch stages go into the ONNX artifact like any stage, and ONNX Runtime makes the same drafts,
+    accepts the same ones and emits the same tokens as torch."""
+    from effx.exporters.onnx import export
+    from effx.runtime.onnx import load
+
+    _, path, _ = trained
+    prog = effx.transform(model, passes=f"draft-branch{{weights={path} draft=3}}")
+    gen = load(export(prog, tmp_path / "art"))
+    assert [s.kind for s in gen.plan.stages][-3:] == ["branch", "branch_head", "head"]
+    ids = sequences[1][0][None, :8]
+    torch_stats, onnx_stats = {}, {}
+    want = prog.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=[], stats=torch_stats)
+    got = gen.generate(ids.numpy(), max_new_tokens=30, eos_token_id=[], stats=onnx_stats)
+    assert torch.equal(torch.from_numpy(got), want)
+    assert onnx_stats["accepted"] == torch_stats["accepted"] > 0
+    assert onnx_stats["drafted"] == torch_stats["drafted"]

@@ -34,6 +34,7 @@ from __future__ import annotations
 from .configs import (
     default_configs,
     default_quantize,
+    draft_branch,
     draft_vocab,
     exit_heads,
     neuron_profile,
@@ -73,6 +74,7 @@ __all__ = [
     "draft_vocab",
     "expand_configs",
     "first_outputs",
+    "draft_branch",
     "exit_heads",
     "own_states",
     "format_path_table",

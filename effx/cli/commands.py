@@ -11,7 +11,7 @@ import time
 
 from .. import frontend, show
 from ..chat import ChatSession, input_lines, load_prompts
-from ..data import training_prompts
+from ..data import offline_texts, training_prompts
 from ..errors import EffxError
 from ..frontend import UsageError
 
@@ -228,6 +228,8 @@ def train_draft(args) -> int:
 
     if args.vocab_k < 0:
         raise UsageError(f"--vocab-k must be >= 0 (0: the whole vocabulary), got {args.vocab_k}")
+    if args.text_tokens < 0:
+        raise UsageError(f"--text-tokens must be >= 0, got {args.text_tokens}")
     if args.lr <= 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     prompts = _read_prompts(args.prompts) if args.prompts else training_prompts()
@@ -239,7 +241,7 @@ def train_draft(args) -> int:
     try:
         result = train_draft_branch(
             program, prompts, runnable.tokenizer.hf, max_tokens=args.tokens, new_tokens=args.new_tokens,
-            path=args.out, steps=args.steps, vocab_k=args.vocab_k or None, ffn=args.ffn, epochs=args.epochs,
+            texts=offline_texts() if args.text_tokens else None, text_tokens=args.text_tokens, path=args.out, steps=args.steps, vocab_k=args.vocab_k or None, ffn=args.ffn, epochs=args.epochs,
             lr=args.lr,
         )  # fmt: skip
     except ValueError as e:

@@ -357,8 +357,8 @@ def _train_draft(sub, model) -> None:
         help="train a draft branch (EAGLE-style, for the draft-branch pass) on the model's own generations",
         description="Train a one-layer draft branch that predicts the model's next last-layer feature from "
         "the current one and the next token (EAGLE), the model frozen: the model generates greedily from a "
-        "varied prompt set (effx.data.training_prompts, or --prompts FILE) until --tokens new tokens, the "
-        "features are read once, and the branch is fitted with --steps drafting steps unrolled (training-time "
+        "varied prompt set (effx.data.training_prompts, or --prompts FILE) until --tokens new tokens, "
+        "--text-tokens of offline text are added, the features are read once, and the branch is fitted with --steps drafting steps unrolled (training-time "
         "test), drafting from the --vocab-k ids the model emits most. Prints the held-out acceptance per "
         "draft position before and after, and the pipeline that uses the file.",
         epilog="examples:\n"
@@ -373,9 +373,21 @@ def _train_draft(sub, model) -> None:
     t.add_argument(
         "--prompts", default=None, help="a text file of prompts, one per line (default: effx's training set)"
     )
-    t.add_argument("--tokens", type=_positive, default=32768, help="training tokens (default: %(default)s)")
+    t.add_argument(
+        "--tokens",
+        type=_positive,
+        default=16384,
+        help="tokens of the model's own text (default: %(default)s)",
+    )
     t.add_argument(
         "--new-tokens", type=_positive, default=128, help="tokens generated per prompt (default: %(default)s)"
+    )
+    t.add_argument(
+        "--text-tokens",
+        type=int,
+        default=65536,
+        help="tokens of offline text (pydoc pages, ACLSum training papers) read teacher-forced beside the "
+        "generations; cheap, as they need no generating (default: %(default)s)",
     )
     t.add_argument(
         "--steps",
