@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import effx
-from effx.errors import GenerationInputError, PassConfigError, PassError
+from effx.errors import PassConfigError, PassError
 from effx.passes import EarlyExit, parse_pipeline
 from effx.runtime.early_exit import ExitDecoder
 from effx.runtime.forward import KVCache, MaskCache, positions_from_mask, run_step
@@ -230,10 +230,13 @@ def test_exits_twice_is_an_error(model4):
         effx.transform(model4, passes="early-exit{layers=1}, early-exit{layers=2}")
 
 
-def test_self_speculative_refuses_sampling(model4):
+def test_self_speculative_samples_reproducibly(model4):
     prog = effx.transform(model4, passes="early-exit{layers=1 mode=self-speculative}")
-    with pytest.raises(GenerationInputError, match="do_sample=False"):
-        prog.generate(torch.tensor([[5, 6]]), max_new_tokens=3, do_sample=True)
+    runs = [
+        prog.generate(torch.tensor([[5, 6]]), max_new_tokens=6, do_sample=True, seed=2, eos_token_id=[])
+        for _ in range(2)
+    ]
+    assert runs[0].shape == (1, 8) and torch.equal(runs[0], runs[1])
 
 
 def test_plan_with_exits_round_trips_and_validates(dense4):

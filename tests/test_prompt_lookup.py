@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import effx
 import effx.runtime.loop as loop
 from effx import Plan
-from effx.errors import GenerationInputError, PassConfigError, PassError, PlanError
+from effx.errors import PassConfigError, PassError, PlanError
 from effx.passes import EarlyExit, PromptLookup, parse_pipeline
 from effx.plan import PromptLookupPolicy
 from effx.runtime.loop import decode
@@ -66,10 +66,12 @@ def test_refused_with_lossy_exits_and_twice(model4):
         PromptLookupPolicy(ngram=1, min_ngram=2)
 
 
-def test_refuses_sampling(dense4):
-    prog = PromptLookup().apply(dense4).program
-    with pytest.raises(GenerationInputError, match="greedy decoding only"):
-        prog.generate(torch.tensor([[5, 6]]), max_new_tokens=3, do_sample=True)
+def test_samples_reproducibly(dense4):
+    """Sampling is speculative too (the rejection rule: tests/test_speculative_sampling.py); a seed repeats."""
+    prog = PromptLookup(min_ngram=1).apply(dense4).program
+    ids = torch.tensor([[5, 6, 5, 6, 5]])
+    runs = [prog.generate(ids, max_new_tokens=8, do_sample=True, seed=4, eos_token_id=[]) for _ in range(2)]
+    assert runs[0].shape == (1, 13) and torch.equal(runs[0], runs[1])
 
 
 class _Spec:  # what LookupDraft reads of a Speculation
@@ -185,7 +187,8 @@ def test_lookup_then_exit_drafts(model4, dense4):
     ids = torch.tensor([[5, 17, 33, 8, 40, 41]])
     ref = dense4.generate(ids, max_new_tokens=20, eos_token_id=[])
     prog = effx.transform(
-        model4, passes="early-exit{layers=1 mode=self-speculative draft=3 thresholds=0}, prompt-lookup{ngram=1 min_ngram=1}"
+        model4,
+        passes="early-exit{layers=1 mode=self-speculative draft=3 thresholds=0}, prompt-lookup{ngram=1 min_ngram=1}",
     )
     stats = {}
     assert torch.equal(prog.generate(ids, max_new_tokens=20, eos_token_id=[], stats=stats), ref)

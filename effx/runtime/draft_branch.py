@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..arrays import Array, softmax, take_along_axis
+from ..arrays import Array, multinomial, softmax, take_along_axis
 from ..techniques.draft import Draft, DraftSource
 from ..techniques.draft_branch import DraftBranchPolicy
 from .forward import KVCache, attention_masks
@@ -90,9 +90,14 @@ class BranchDraft(DraftSource):
         going = spec.active
         counts = [0] * spec.batch
         drafts: list[Array] = []
+        probs: list[Array] = []  # sampling: the distribution each draft is drawn from
         for j in range(n):
             logits = xp.astype(backend.run(self.head, feat)[0][:, -1], xp.float32)
-            token = xp.argmax(logits, axis=-1)
+            if spec.sampler is None:
+                token = xp.argmax(logits, axis=-1)
+            else:
+                probs.append(spec.sampler.probabilities(logits))
+                token = multinomial(xp, probs[-1], spec.rng)
             drafts.append(token)
             counts = [j + 1 if g else c for g, c in zip(going, counts, strict=True)]
             if self.threshold > 0:
@@ -104,7 +109,7 @@ class BranchDraft(DraftSource):
             pos = spec.pos[:, None] + (j + 1)
             spec.place(slot, token[:, None], pos)
             feat = self._run(spec, token[:, None], pos, feat, slot + 1)
-        return Draft(xp.stack(drafts, axis=1), counts)
+        return Draft(xp.stack(drafts, axis=1), counts, probs=xp.stack(probs, axis=1) if probs else None)
 
     def settled(self, spec: Speculation, start: int, kept: list[int], features: Array) -> None:
         width = features.shape[1]

@@ -3,12 +3,13 @@
 One loop serves every plan and both backends (:mod:`effx.runtime.torch_backend`, the ONNX Runtime backend
 of :mod:`effx.runtime.onnx`): a dense plan decodes a token per step through all layers; one with exit
 stages lets tokens leave early (``lossy``, :class:`effx.runtime.early_exit.ExitDecoder`) or drafts and
-verifies tokens (``self-speculative``, and prompt lookup: :mod:`effx.runtime.speculative`); TokenDrop and
-per-prompt core neurons choose the prefill. The loop names no technique: it asks each one the plan uses
-(``effx.techniques``) for its hooks (a draft source, a prefill, a per-step decoder). A reduced head falls
-back to the full one per position; sampling is greedy, or temperature / top-k / top-p. The loop makes each
-of these decisions once, on the backend's arrays; ``Program.generate`` and ``OnnxGenerator.generate`` are
-front ends that check their inputs into the arguments of :func:`decode`.
+verifies tokens (``self-speculative``, and prompt lookup: :mod:`effx.runtime.speculative`, greedy or
+sampled, a sampled run keeping its distribution); TokenDrop and per-prompt core neurons choose the prefill.
+The loop names no technique: it asks each one the plan uses (``effx.techniques``) for its hooks (a draft
+source, a prefill, a per-step decoder). A reduced head falls back to the full one per position; sampling is
+greedy, or temperature / top-k / top-p. The loop makes each of these decisions once, on the backend's
+arrays; ``Program.generate`` and ``OnnxGenerator.generate`` are front ends that check their inputs into the
+arguments of :func:`decode`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..plan import Plan
 from .backend import Backend, needed_capabilities
 from .forward import KVCache, MaskCache, check_left_padded, positions_from_mask, run_step
 from .inputs import check_ids, check_max_new, check_stop, token_id, token_ids
-from .sampling import TokenSampler
+from .sampling import Sampler, TokenSampler
 from .speculative import DraftSource, Speculation, capacity, longest_draft, sources_of
 from .stats import DecodeStats, StatsArg, collecting
 
@@ -199,17 +200,18 @@ def decode(
     prompt]`` int64, left-padded ``attention_mask``), as the plan's policy says. Returns ``[batch, prompt +
     new]``; finished rows are padded with ``pad``. ``stats`` (a :class:`DecodeStats`, or a dict to fill
     with its ``as_dict()``) receives what the loop decided (see ``Program.generate``). ``sources`` replaces
-    the plan's draft sources (:mod:`effx.runtime.speculative`) and makes the run speculative. ``stop(tokens [batch, length]) -> bools [batch]``, called after every
-    emitted column, ends the rows it marks (as a stop token would, the token that triggered it kept)."""
+    the plan's draft sources (:mod:`effx.runtime.speculative`) and makes the run speculative; a speculative
+    run samples as a dense one does (its output has the same distribution; ``generator`` draws the rejection
+    rule's randoms too). ``stop(tokens [batch, length]) -> bools [batch]``, called after every emitted
+    column, ends the rows it marks (as a stop token would, the token that triggered it kept)."""
     with collecting(stats) as typed:
         plan, xp = backend.plan, backend.xp
         speculative = plan.speculative or sources is not None
         for capability in needed_capabilities(plan):  # before anything runs
             backend.require(capability)
-        if speculative and sampler.do_sample:
+        if speculative and sampler.do_sample and not isinstance(sampler, Sampler):
             raise GenerationInputError(
-                "speculative decoding (prompt lookup, self-speculative early exit, any verified draft) "
-                "reproduces greedy decoding only; call it with do_sample=False"
+                "speculative sampling needs a Sampler (its rejection rule reads the sampler's probabilities)"
             )
         batch, prompt_len = input_ids.shape
         # a round never drafts past the tokens left, so neither does the cache's room for drafts (a setting such
@@ -242,6 +244,7 @@ def decode(
                 Speculation(
                     backend, cache, out, key_valid, next_pos, cast("list[DraftSource]", sources),
                     draft=draft, stats=typed, features=features[0] if features else None,
+                    sampler=cast(Sampler, sampler) if sampler.do_sample else None, rng=generator,
                 ).run()  # fmt: skip
                 return out.finish()
             decoder = step_decoder(backend, cache, typed)

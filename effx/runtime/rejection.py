@@ -11,6 +11,9 @@ distribution. ``p`` and ``q`` are the distributions a :class:`~effx.runtime.samp
 drafts are greedy or looked up has a one-hot ``q``.
 
 Written against the array API (torch and numpy), row by row over the batch: each row keeps its own prefix.
+The verifier (:meth:`effx.runtime.speculative.Speculation.judge`) applies it every round of a sampled
+speculative run; a source whose last draft has no position after it (``Draft.bonus`` False) gets a stand-in
+there, and a row that keeps all its drafts then emits none of the stand-in's draw.
 """
 
 from __future__ import annotations

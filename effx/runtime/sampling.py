@@ -14,7 +14,7 @@ __all__ = ["Sampler", "TokenSampler"]
 
 class TokenSampler(Protocol):
     """What the decode loop chooses tokens with: a :class:`Sampler`, or a scorer that answers with given
-    tokens (``effx.runtime.score``). Speculative decoding needs ``do_sample`` False."""
+    tokens (``effx.runtime.score``). Speculative sampling needs a :class:`Sampler` (its probabilities)."""
 
     @property
     def do_sample(self) -> bool: ...

@@ -1,11 +1,20 @@
-"""One verifier for every draft source: speculative decoding that reproduces greedy decoding exactly.
+"""One verifier for every draft source: speculative decoding with the Program's own output, greedy or sampled.
 
 A round: a draft source proposes up to ``n`` tokens per row; the Program runs once over the row's last token
-and its drafts (one multi-token step on its own cache) and its greedy choices decide. A row keeps its drafts
-while they agree with the Program's choice before them, then takes the Program's own token (its correction at
-the first disagreement, or the token after the last draft when every draft agreed). Every emitted token is
-therefore the Program's greedy choice given the row's tokens before it: the output is the dense greedy
-output, whatever the source proposes.
+and its drafts (one multi-token step on its own cache) and decides which drafts the row keeps.
+
+* Greedy: a row keeps its drafts while they agree with the Program's choice before them, then takes the
+  Program's own token (its correction at the first disagreement, or the token after the last draft when
+  every draft agreed). Every emitted token is the Program's greedy choice given the row's tokens before it:
+  the output is the dense greedy output, whatever the source proposes.
+* Sampling (the run's :class:`~effx.runtime.sampling.Sampler` samples): speculative sampling's rejection
+  rule (:mod:`effx.runtime.rejection`) judges the drafts against the sampler's distribution at every
+  verified position; a row keeps an accepted prefix and then emits a token drawn from the residual (at the
+  rejection) or from the Program's distribution after its last kept draft. A draft's own distribution is
+  the source's ``Draft.probs`` when it samples its drafts (the draft branch), else one-hot at the draft
+  (lookup, greedy exits, a greedy draft model). Every emitted token is distributed as the Program's
+  sampling given the tokens before it: the output is distributed as non-speculative sampling's. Random
+  draws come from the run's generator, so a seeded run repeats.
 
 Draft sources (:class:`DraftSource`; a technique declares its own with a ``draft`` hook, see
 :mod:`effx.techniques`):
@@ -17,7 +26,9 @@ Draft sources (:class:`DraftSource`; a technique declares its own with a ``draft
   through the first layers, on the Program's own cache; the verifier then runs only the remaining layers over
   the drafted hidden states. Its last draft is not run through the layers (that would cost a shallow step
   for one more verified token), so a round whose drafts all agree ends with the last draft, not a bonus
-  token.
+  token. Sampling, the rule judges all its drafts (the Program's distribution for each of them is there);
+  a row that accepts every one ends the round with its last draft, and the next round draws the token
+  after it (each token is still drawn as ``p`` given the tokens before it; only the round ends earlier).
 
 * :class:`effx.runtime.cascade.ModelDraft` (``effx.cascade(..., mode="verified")``): a small model's greedy
   tokens, on its own cache over the same slots (it catches up from the verifier's per-slot tokens and
@@ -37,7 +48,7 @@ compacted (each row's valid slots moved to the front of the generated region, in
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import techniques
 from ..arrays import Array, take_along_axis
@@ -45,6 +56,8 @@ from ..plan import EarlyExitPolicy, Plan, StageSpec
 from ..techniques.draft import Draft, DraftSource
 from ..techniques.prompt_lookup import LookupDraft
 from .forward import KVCache, MaskCache, as_backend, positions_from_mask
+from .rejection import accept
+from .sampling import Sampler
 from .stats import DecodeStats
 from .vocab import exit_logits, head_logits
 
@@ -153,7 +166,9 @@ class Speculation:
     not yet in the cache), its position and whether it has finished; per slot, which rows' entries are valid.
 
     ``key_valid [batch, capacity]`` covers the (left-padded) prompt and every slot after it; ``out`` is the
-    loop's output buffer, whose first token has been emitted.
+    loop's output buffer, whose first token has been emitted. ``sampler``: the run's sampling Sampler (None
+    decodes greedily), ``rng`` the random source of its draws (``effx.arrays.new_rng``; the loop's
+    ``generator``); sources that sample their drafts read both.
     """
 
     def __init__(
@@ -168,8 +183,11 @@ class Speculation:
         draft: int,
         stats: DecodeStats | None,
         features: Array | None = None,
+        sampler: Sampler | None = None,
+        rng: Any = None,
     ) -> None:
         self.backend = as_backend(backend)
+        self.sampler, self.rng = sampler, rng
         self.xp = self.backend.xp
         self.cache, self.out, self.key_valid = cache, out, key_valid
         self.sources, self.draft, self.stats = sources, draft, stats
@@ -256,19 +274,17 @@ class Speculation:
             hidden, cos, sin = backend.run(plan.embed, inputs, positions)
             deep = plan.layers
         hidden = backend.run_layers(self.cache, deep, hidden, cos, sin, masks)
-        logits = head_logits(backend, hidden, self.stats)
-        verified = xp.argmax(xp.astype(logits, xp.float32), axis=-1)  # [batch, width]: predicts slot + 1
-        lead = xp.sum(xp.cumulative_prod(xp.astype(drafts == verified[:, :m], xp.int64), axis=1), axis=1)
-        lead = [int(v) for v in lead]
+        logits = head_logits(backend, hidden, self.stats)  # [batch, width, vocab]: each predicts slot + 1
+        probs = None if draft is None else draft.probs
+        lead, after = self.judge(logits, drafts, counts, active, probs)
         kept, taken = [0] * self.batch, [0] * self.batch
         drafts_rows = [[int(t) for t in row] for row in drafts] if m else [[] for _ in range(self.batch)]
-        verified_rows = [[int(t) for t in row] for row in verified]
         accepted = 0
         for b in range(self.batch):
             if not active[b]:
                 continue
-            k = min(lead[b], counts[b])
-            new = drafts_rows[b][:k] + ([verified_rows[b][k]] if k < width else [])
+            k = lead[b]
+            new = drafts_rows[b][:k] + ([after[b]] if k < width else [])
             kept[b] = min(k + 1, width)
             taken[b] = min(k, self.append(b, new))  # drafts emitted (the end or a stop token may cut them)
             accepted += taken[b]
@@ -287,6 +303,31 @@ class Speculation:
         self.pos = self.pos + xp.asarray(kept, dtype=xp.int64)
         self.last = xp.asarray([self.tokens[b, self.n[b] - 1] for b in range(self.batch)], dtype=xp.int64)
         self.flush()
+
+    def judge(
+        self, logits: Array, drafts: Array, counts: list[int], active: list[bool], probs: Array | None
+    ) -> tuple[list[int], list[int]]:
+        """Per row: how many of its ``counts`` drafts ``[batch, m]`` it keeps, and the token it emits after
+        them, from the verifier's ``logits [batch, width, vocab]`` (width ``m + 1``, or ``m`` when the last
+        draft is no input: a row that keeps all ``m`` then emits no token after them, and its entry in the
+        second list means nothing). Greedy: the agreeing prefix and the Program's choice after it. Sampling:
+        the rejection rule, with ``probs`` (or one-hot drafts) as the draft's distribution."""
+        xp = self.xp
+        batch, m, width = drafts.shape[0], drafts.shape[1], logits.shape[1]
+        if self.sampler is None:
+            verified = xp.argmax(xp.astype(logits, xp.float32), axis=-1)  # [batch, width]
+            agree = xp.sum(xp.cumulative_prod(xp.astype(drafts == verified[:, :m], xp.int64), axis=1), axis=1)
+            lead = [min(int(v), c) for v, c in zip(agree, counts, strict=True)]
+            return lead, [int(verified[b, min(lead[b], width - 1)]) for b in range(batch)]
+        target = self.sampler.probabilities(logits)  # [batch, width, vocab]
+        if width == m:  # no distribution after the last draft: a stand-in, whose draw no row emits
+            target = xp.concat([target, target[:, -1:]], axis=1)
+        if probs is None:  # certain drafts: one-hot at each
+            vocab = xp.arange(target.shape[2], dtype=xp.int64)
+            probs = xp.astype(drafts[:, :, None] == vocab[None, None, :], xp.float32)
+        judged = [c if a else 0 for c, a in zip(counts, active, strict=True)]
+        lead, after = accept(xp, target, probs, drafts, judged, self.rng)
+        return lead, [int(t) for t in after]
 
     def append(self, b: int, new: list[int]) -> int:
         """Row ``b`` emits ``new``, cut at the end of the output and after a stop token; returns how many it

@@ -21,6 +21,9 @@ class Draft:
     how many of them the row really proposes. ``hidden`` (or None): ``(hidden, cos, sin)`` of the verifier's
     inputs (the last token and the first ``m - 1`` drafts) after the layers up to ``through``, whose cache
     entries the source has already written; then ``bonus`` is False (the last draft is not an input).
+    ``probs [batch, m, vocab]`` (or None): the distribution each draft was drawn from, for a source that
+    samples its drafts when the run samples; None means each draft is certain (one-hot: a greedy or
+    looked-up draft). Speculative sampling's rejection rule reads it (:mod:`effx.runtime.rejection`).
     """
 
     tokens: Array
@@ -28,6 +31,7 @@ class Draft:
     hidden: tuple[Array, Array, Array] | None = None
     through: int = -1
     bonus: bool = True
+    probs: Array | None = None
 
 
 class DraftSource:
