@@ -11,7 +11,7 @@ round (:mod:`effx.runtime.draft_branch`).
 
 The pass adds two stages before the head and records the run-time policy::
 
-    draft-branch{weights=branch.safetensors draft=4 threshold=0}
+    draft-branch{weights=branch.safetensors draft=4 threshold=0 adaptive=true}
 
 * ``branch`` ``(hidden, prev_hidden, cos, sin, mask, past_k, past_v) -> (hidden, k, v)``: ``hidden`` is the
   embedding of the new tokens (the embed stage's output), ``prev_hidden`` the feature of the token before
@@ -24,7 +24,9 @@ The pass adds two stages before the head and records the run-time policy::
 
 ``weights`` is a file written by :func:`effx.train_draft_branch` (``effx train-draft``), checked against the
 model before anything runs. ``draft``: the most tokens drafted per round; ``threshold``: a row stops
-drafting once a draft's probability under the branch falls below it (that draft still counts).
+drafting once a draft's probability under the branch falls below it (that draft still counts);
+``adaptive``: each row drafts only as far as a round is expected to pay, from its running acceptance and
+the branch's cost (``effx.runtime.pacing``), and stops drafting where no length pays.
 """
 
 from __future__ import annotations
@@ -209,6 +211,7 @@ class DraftBranch(Pass):
     weights: str = ""
     draft: int = 4
     threshold: float = 0.0
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if not self.weights:
@@ -223,7 +226,7 @@ class DraftBranch(Pass):
 
     def policy(self) -> DraftBranchPolicy:
         """The run-time policy this pass sets."""
-        return DraftBranchPolicy(draft=self.draft, threshold=self.threshold)
+        return DraftBranchPolicy(draft=self.draft, threshold=self.threshold, adaptive=self.adaptive)
 
     def check_model(self, info: ModelInfo) -> None:
         check_size("draft-branch draft", self.draft, info.max_positions - 1, "max_positions - 1")

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..plan import Plan
     from .speculative import Speculation
 
-__all__ = ["BranchDraft", "branch_draft"]
+__all__ = ["BranchDraft", "branch_cost", "branch_draft"]
 
 
 class BranchDraft(DraftSource):
@@ -38,8 +38,8 @@ class BranchDraft(DraftSource):
     name = "branch"
     features = True
 
-    def __init__(self, draft: int, threshold: float) -> None:
-        self.draft, self.threshold = draft, threshold
+    def __init__(self, draft: int, threshold: float, adaptive: bool = True) -> None:
+        self.draft, self.threshold, self.adaptive = draft, threshold, adaptive
         self.done = 0  # slots before this one hold branch entries computed from true features
         self.before = 0
 
@@ -58,6 +58,7 @@ class BranchDraft(DraftSource):
             valid = xp.astype(spec.key_valid[:, : spec.prompt_len, None], backend.dtype)
             self.feat[:, : spec.prompt_len] = prompt * valid
         self.done = 0
+        self.cost = branch_cost(plan) if self.adaptive else None
 
     def _run(self, spec: Speculation, tokens: Array, positions: Array, prev: Array, end: int) -> Array:
         """The branch over ``tokens [batch, q]`` at slots ``end - q .. end - 1``, each with the feature before
@@ -142,6 +143,21 @@ class BranchDraft(DraftSource):
         self.cache.truncate(self.done)
 
 
+def branch_cost(plan: Plan) -> float:
+    """A branch draft step's cost in dense steps, by weights read (a decode step streams its weights):
+    the branch's fusion, layer and draft head against every layer and the head. Decoding at batch 1 on a
+    CPU is bound by memory bandwidth, and a draft step is a few small products more than its weights:
+    at least 0.05 of a step."""
+    info = plan.model
+    d, attn = info.hidden_size, 2 * info.hidden_size * (info.num_heads + info.num_kv_heads) * info.head_dim
+    branch = next(s for s in plan.stages if s.kind == "branch")
+    head = next(s for s in plan.stages if s.kind == "branch_head")
+    ffn = int(branch.attrs.get("ffn", info.intermediate_size))
+    drafting = 2 * d * d + attn + 3 * d * ffn + int(head.attrs.get("vocab_k", info.vocab_size)) * d
+    step = info.num_layers * (attn + 3 * d * info.intermediate_size) + info.vocab_size * d
+    return max(0.05, drafting / step)
+
+
 def branch_draft(policy: DraftBranchPolicy, _plan: Plan) -> BranchDraft:
     """DraftBranch's draft hook: a source over the plan's branch stages."""
-    return BranchDraft(policy.draft, policy.threshold)
+    return BranchDraft(policy.draft, policy.threshold, policy.adaptive)

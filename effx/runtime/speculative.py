@@ -56,6 +56,7 @@ from ..plan import EarlyExitPolicy, Plan, StageSpec
 from ..techniques.draft import Draft, DraftSource
 from ..techniques.prompt_lookup import LookupDraft
 from .forward import KVCache, MaskCache, as_backend, positions_from_mask
+from .pacing import Pacer
 from .rejection import accept
 from .sampling import Sampler
 from .stats import DecodeStats
@@ -216,6 +217,10 @@ class Speculation:
             stats.start_speculation([s.name for s in sources])
         for source in sources:
             source.start(self)
+        # sources that declare what a draft step costs draft adaptively (effx.runtime.pacing)
+        self.pacers = {
+            id(s): Pacer(self.batch, s.draft, s.cost) for s in sources if s.cost is not None and s.draft > 0
+        }
 
     @property
     def active(self) -> list[bool]:
@@ -251,7 +256,12 @@ class Speculation:
         source: DraftSource | None = None
         if n > 0:
             for source in self.sources:
-                draft = source.propose(self, n)
+                limits = self.limits(source, n, active)
+                if not any(limits):
+                    continue
+                draft = source.propose(self, max(limits))
+                if draft is not None:
+                    draft.counts = [min(c, k) for c, k in zip(draft.counts, limits, strict=True)]
                 if draft is not None and any(c for c, a in zip(draft.counts, active, strict=True) if a):
                     break
                 draft = None
@@ -279,7 +289,6 @@ class Speculation:
         lead, after = self.judge(logits, drafts, counts, active, probs)
         kept, taken = [0] * self.batch, [0] * self.batch
         drafts_rows = [[int(t) for t in row] for row in drafts] if m else [[] for _ in range(self.batch)]
-        accepted = 0
         for b in range(self.batch):
             if not active[b]:
                 continue
@@ -287,12 +296,15 @@ class Speculation:
             new = drafts_rows[b][:k] + ([after[b]] if k < width else [])
             kept[b] = min(k + 1, width)
             taken[b] = min(k, self.append(b, new))  # drafts emitted (the end or a stop token may cut them)
-            accepted += taken[b]
         if draft is not None:
             cast(DraftSource, source).verified(self, counts, taken)  # the source that proposed the draft
         for every in self.sources:
             every.settled(self, start, kept, hidden)
-        self.stats_round(source if draft is not None else None, counts, active, accepted, width)
+            pacer = self.pacers.get(id(every))
+            if pacer is not None:
+                drafted = every is source and draft is not None
+                pacer.update(counts if drafted else [0] * self.batch, taken, active)
+        self.stats_round(source if draft is not None else None, counts, active, taken, width)
         # keep the slots up to the longest accepted prefix; shorter rows leave holes
         length = start + max(kept)
         for b in range(self.batch):
@@ -303,6 +315,14 @@ class Speculation:
         self.pos = self.pos + xp.asarray(kept, dtype=xp.int64)
         self.last = xp.asarray([self.tokens[b, self.n[b] - 1] for b in range(self.batch)], dtype=xp.int64)
         self.flush()
+
+    def limits(self, source: DraftSource, n: int, active: list[bool]) -> list[int]:
+        """How many drafts each row may take from ``source`` this round: ``n``, or what its pacer says pays
+        (a source with a ``cost``: :mod:`effx.runtime.pacing`)."""
+        pacer = self.pacers.get(id(source))
+        if pacer is None:
+            return [n if a else 0 for a in active]
+        return pacer.lengths(n, active)
 
     def judge(
         self, logits: Array, drafts: Array, counts: list[int], active: list[bool], probs: Array | None
@@ -377,10 +397,12 @@ class Speculation:
             self.stats.count(compactions=1)
 
     def stats_round(
-        self, source: DraftSource | None, counts: list[int], active: list[bool], accepted: int, width: int
+        self, source: DraftSource | None, counts: list[int], active: list[bool], taken: list[int], width: int
     ) -> None:
         if self.stats is None:
             return
-        drafted = sum(c for c, a in zip(counts, active, strict=True) if a)
+        rows = [b for b, a in enumerate(active) if a]
+        drafted = sum(counts[b] for b in rows)
         name = None if source is None else source.name
-        self.stats.count_round(name, drafted, accepted, width, max(counts))
+        per_row = ([counts[b] for b in rows], [taken[b] for b in rows])
+        self.stats.count_round(name, drafted, sum(taken), width, max(counts), per_row)

@@ -33,6 +33,18 @@ class SourceCounts:
     rounds: int = 0  # verification rounds this source drafted for
     drafted: int = 0  # draft tokens it proposed, summed over active rows
     accepted: int = 0  # of those, the ones the verifier accepted
+    # per draft position j (0-based), over rows and rounds: drafts proposed at j, and accepted at j (every
+    # draft before it accepted too); accepted_at[j] / proposed_at[j] is the acceptance at position j + 1
+    proposed_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+
+    def position(self, counts: list[int], kept: list[int]) -> None:
+        """Count a round's rows: ``counts[b]`` drafts proposed, ``kept[b]`` of them accepted."""
+        for c, k in zip(counts, kept, strict=True):
+            for at, n in ((self.proposed_at, c), (self.accepted_at, k)):
+                at.extend([0] * (n - len(at)))
+                for j in range(n):
+                    at[j] += 1
 
 
 @dataclass(slots=True)
@@ -134,8 +146,17 @@ class DecodeStats:
             sources={name: SourceCounts() for name in sources},
         )
 
-    def count_round(self, source: str | None, drafted: int, accepted: int, width: int, longest: int) -> None:
-        """One verification step over ``width`` positions; with a ``source``, a round that had drafts."""
+    def count_round(
+        self,
+        source: str | None,
+        drafted: int,
+        accepted: int,
+        width: int,
+        longest: int,
+        rows: tuple[list[int], list[int]] | None = None,
+    ) -> None:
+        """One verification step over ``width`` positions; with a ``source``, a round that had drafts
+        (``rows``: per active row, drafts proposed and accepted, for the per-position counts)."""
         self.count(steps=1, verified_positions=width, drafted=drafted, accepted=accepted)
         if source is not None:
             self.count(rounds=1)
@@ -148,6 +169,8 @@ class DecodeStats:
             s.rounds += 1
             s.drafted += drafted
             s.accepted += accepted
+            if rows is not None:
+                s.position(*rows)
             self.publish()
 
     def count_exit_layer(self, layer: int) -> None:

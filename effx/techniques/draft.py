@@ -42,6 +42,9 @@ class DraftSource:
     draft = 8
     # whether the source reads the model's last-layer features (``Speculation.prompt_features``, ``settled``)
     features = False
+    # what one draft step costs, in dense decode steps: a source that sets it (by ``start``) drafts only as
+    # far as a round pays, per row (effx.runtime.pacing); None drafts up to ``draft`` every round
+    cost: float | None = None
 
     def start(self, spec: Speculation) -> None:
         """Called once after the prefill and the first token."""

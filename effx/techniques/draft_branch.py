@@ -21,10 +21,12 @@ __all__ = ["DraftBranchPolicy"]
 @dataclass(frozen=True)
 class DraftBranchPolicy:
     """DraftBranch: draft up to ``draft`` tokens a round, and stop drafting a row once a draft's probability
-    under the branch falls below ``threshold`` (that draft is still proposed; 0 always drafts ``draft``)."""
+    under the branch falls below ``threshold`` (that draft is still proposed; 0 never stops on it). With
+    ``adaptive``, each row drafts only as far as a round is expected to pay (``effx.runtime.pacing``)."""
 
     draft: int = 4
     threshold: float = 0.0
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.draft, int) or isinstance(self.draft, bool) or self.draft < 1:
@@ -32,6 +34,8 @@ class DraftBranchPolicy:
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
             raise PlanError(f"draft-branch policy threshold must be in [0, 1], got {t!r}")
+        if not isinstance(self.adaptive, bool):
+            raise PlanError(f"draft-branch policy adaptive must be true or false, got {self.adaptive!r}")
 
 
 def _check_branch(_prev: StageSpec, stage: StageSpec, next_: StageSpec | None) -> str | None:

@@ -1,0 +1,84 @@
+"""Adaptive draft lengths: draft only as far as a round is expected to pay, per row.
+
+A round with ``n`` drafts costs ``1 + (width_cost + draft_cost) * n`` dense steps (a verify step one token
+wider costs ``width_cost`` more: about 0.05 on SmolLM2, ``docs/drafting.md``; a draft step costs
+``draft_cost``, the source's own) and emits ``1 + a_1 + a_1 a_2 + ... + a_1 ... a_n`` tokens, where
+``a_j`` is the chance that draft ``j`` is accepted once the drafts before it were. A plain step costs 1
+and emits 1. Each row drafts the length with the most tokens per unit of cost, and none when no length
+beats a plain step; a row that stopped drafting tries one draft every ``probe`` rounds, so it resumes when
+drafts would pay again. ``a_j`` is estimated per row from that row's recent rounds (counts that decay by
+``decay`` each round it drafts, from a prior of one half), so a row adapts to its own text.
+
+The rule is deterministic (a cost model, not timings), so a run's decisions repeat; it changes which drafts
+are proposed, never what is emitted: the verifier decides every token.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Pacer"]
+
+
+class Pacer:
+    """Per row, the draft length that pays best (see the module's docstring)."""
+
+    def __init__(
+        self,
+        batch: int,
+        longest: int,
+        draft_cost: float,
+        *,
+        width_cost: float = 0.05,
+        decay: float = 0.9,
+        probe: int = 8,
+    ) -> None:
+        self.longest, self.draft_cost, self.width_cost = longest, draft_cost, width_cost
+        self.decay, self.probe = decay, probe
+        self.hits = [[0.0] * longest for _ in range(batch)]  # drafts at position j accepted (decayed)
+        self.tries = [[0.0] * longest for _ in range(batch)]  # drafts at position j judged (decayed)
+        self.idle = [0] * batch  # rounds since the row last drafted
+
+    def rates(self, row: int) -> list[float]:
+        """The row's estimated acceptance per draft position, given the drafts before it accepted."""
+        return [(h + 1.0) / (t + 2.0) for h, t in zip(self.hits[row], self.tries[row], strict=True)]
+
+    def best(self, row: int, n: int) -> int:
+        """The length in ``0..n`` with the most expected tokens per unit of cost (0: a plain step pays
+        best)."""
+        best, best_rate = 0, 1.0
+        tokens, reach = 1.0, 1.0
+        for j, a in enumerate(self.rates(row)[:n], 1):
+            reach *= a
+            tokens += reach
+            rate = tokens / (1.0 + (self.width_cost + self.draft_cost) * j)
+            if rate > best_rate:
+                best, best_rate = j, rate
+        return best
+
+    def lengths(self, n: int, active: list[bool]) -> list[int]:
+        """Each row's draft length this round (at most ``n``); a row that has not drafted for ``probe``
+        rounds drafts one token."""
+        out = []
+        for b, a in enumerate(active):
+            k = self.best(b, min(n, self.longest)) if a else 0
+            if a and k == 0 and self.idle[b] + 1 >= self.probe:
+                k = min(1, n)
+            out.append(k)
+        return out
+
+    def update(self, counts: list[int], accepted: list[int], active: list[bool]) -> None:
+        """After a round: row ``b`` proposed ``counts[b]`` drafts and kept ``accepted[b]``."""
+        for b, (c, k, a) in enumerate(zip(counts, accepted, active, strict=True)):
+            if not a:
+                continue
+            if c == 0:
+                self.idle[b] += 1
+                continue
+            self.idle[b] = 0
+            hits, tries = self.hits[b], self.tries[b]
+            for j in range(self.longest):
+                hits[j] *= self.decay
+                tries[j] *= self.decay
+            for j in range(min(k + 1, c)):  # judged: every draft up to the first rejected one
+                tries[j] += 1.0
+                if j < k:
+                    hits[j] += 1.0

@@ -1,0 +1,84 @@
+"""Adaptive draft lengths (effx.runtime.pacing): a row drafts as far as a round pays, stops when drafts are
+rejected, probes, resumes; a paced source's output is still dense greedy."""
+
+import pytest
+import torch
+from conftest import left_padded_batch, tiny_model
+
+import effx
+from effx.runtime.loop import decode
+from effx.runtime.pacing import Pacer
+from effx.runtime.sampling import Sampler
+from effx.runtime.speculative import Draft, DraftSource
+from effx.runtime.torch_backend import torch_backend
+
+
+def test_rows_draft_as_far_as_pays_and_stop_when_rejected():
+    p = Pacer(2, 4, draft_cost=0.1, probe=4)
+    # the prior (one half per position): 1.75 tokens for 1.3 steps at two drafts is the best rate
+    assert p.lengths(4, [True, True]) == [2, 2]
+    for _ in range(6):
+        p.update([4, 4], [4, 0], [True, True])  # row 0 keeps every draft, row 1 none
+    assert p.lengths(4, [True, True]) == [4, 0]
+    assert p.lengths(2, [True, False]) == [2, 0]  # never past n, nothing for an inactive row
+    # row 1 idles, then probes one draft every `probe` rounds
+    seen = []
+    for _ in range(8):
+        k = p.lengths(4, [True, True])[1]
+        seen.append(k)
+        p.update([4, k], [4, 0], [True, True])
+    assert seen == [0, 0, 0, 1, 0, 0, 0, 1]
+    # drafts accepted again: the row resumes
+    for _ in range(6):
+        p.update([4, 1], [4, 1], [True, True])
+    assert p.lengths(4, [True, True])[1] >= 1
+
+
+def test_costly_drafts_are_kept_shorter():
+    cheap, costly = Pacer(1, 8, draft_cost=0.0), Pacer(1, 8, draft_cost=0.4)
+    for p in (cheap, costly):  # three in four drafts accepted at every position
+        p.hits, p.tries = [[8.0] * 8], [[10.0] * 8]
+    assert cheap.best(0, 8) >= 6 and costly.best(0, 8) == 2
+
+
+class Wrong(DraftSource):
+    """Drafts ``token``, which the Program never chooses in the run."""
+
+    name = "wrong"
+    cost = 0.1
+
+    def __init__(self, draft, token):
+        self.draft, self.token = draft, token
+        self.asked = []
+
+    def propose(self, spec, n):
+        self.asked.append(n)
+        tokens = spec.xp.full((spec.batch, n), self.token, dtype=spec.xp.int64)
+        return Draft(tokens, [n if a else 0 for a in spec.active])
+
+
+@pytest.mark.parametrize("lengths", [[10], [10, 6]])
+def test_a_paced_source_that_is_always_rejected_stops_drafting_and_output_is_dense(lengths):
+    model = tiny_model("llama", layers=2, seed=4)
+    dense = effx.transform(model)
+    ids, mask = left_padded_batch(lengths, 96, seed=2)
+    want = dense.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=[])
+    never = min(set(range(96)) - set(want[:, ids.shape[1] :].flatten().tolist()))
+    source = Wrong(4, never)
+    stats = {}
+    got = decode(
+        torch_backend(dense),
+        ids,
+        mask,
+        max_new=40,
+        eos=[],
+        pad=0,
+        sampler=Sampler(),
+        sources=[source],
+        stats=stats,
+    )
+    assert torch.equal(got, want)
+    assert stats["accepted"] == 0
+    # after the first rounds it drafts only to probe: far fewer than 4 per round
+    assert stats["drafted"] < 0.3 * 4 * len(lengths) * stats["steps"]
+    assert source.asked[0] == 2 and source.asked[-1] == 1  # two at the prior, then one to probe
