@@ -18,12 +18,14 @@ true ones in the next round, EAGLE's scheme: the branch never attends to its own
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from ..arrays import Array, multinomial, softmax, take_along_axis
 from ..techniques.draft import Draft, DraftSource
 from ..techniques.draft_branch import DraftBranchPolicy
 from .forward import KVCache, attention_masks
+from .pacing import Average
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -58,7 +60,9 @@ class BranchDraft(DraftSource):
             valid = xp.astype(spec.key_valid[:, : spec.prompt_len, None], backend.dtype)
             self.feat[:, : spec.prompt_len] = prompt * valid
         self.done = 0
-        self.cost = branch_cost(plan) if self.adaptive else None
+        self.estimate = branch_cost(plan)
+        self.cost = self.estimate if self.adaptive else None
+        self.seconds = Average()
 
     def _run(self, spec: Speculation, tokens: Array, positions: Array, prev: Array, end: int) -> Array:
         """The branch over ``tokens [batch, q]`` at slots ``end - q .. end - 1``, each with the feature before
@@ -74,6 +78,22 @@ class BranchDraft(DraftSource):
         return out
 
     def propose(self, spec: Speculation, n: int) -> Draft | None:
+        began = time.perf_counter()
+        draft = self._draft(spec, n)
+        if self.adaptive:
+            self._time(spec, time.perf_counter() - began, draft.tokens.shape[1])
+        return draft
+
+    def _time(self, spec: Speculation, seconds: float, drafted: int) -> None:
+        """Refine the cost of a draft step, in plain steps, from this round's drafting time (the catch-up
+        step counted in, shared by the drafts) against the verifier's measured step; the weight-based
+        estimate stands until both are measured, and is the floor."""
+        self.seconds.add(seconds / max(1, drafted))
+        step = spec.step_seconds.value
+        if step and self.seconds.value is not None:
+            self.cost = max(self.estimate, self.seconds.value / step)
+
+    def _draft(self, spec: Speculation, n: int) -> Draft:
         xp, backend = spec.xp, spec.backend
         last = spec.length
         spec.place(last, spec.last[:, None], spec.pos[:, None])

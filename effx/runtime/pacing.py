@@ -9,13 +9,30 @@ beats a plain step; a row that stopped drafting tries one draft every ``probe`` 
 drafts would pay again. ``a_j`` is estimated per row from that row's recent rounds (counts that decay by
 ``decay`` each round it drafts, from a prior of one half), so a row adapts to its own text.
 
-The rule is deterministic (a cost model, not timings), so a run's decisions repeat; it changes which drafts
+``draft_cost`` is the source's: a fixed estimate, or one the source refines as it runs (the draft branch
+times its drafting against the verifier's measured plain step, ``Speculation.step_seconds``; its estimate
+from weights read is the floor). Timed costs make decisions vary from run to run; they change which drafts
 are proposed, never what is emitted: the verifier decides every token.
 """
 
 from __future__ import annotations
 
-__all__ = ["Pacer"]
+__all__ = ["WIDTH_COST", "Average", "Pacer"]
+
+# what one more position costs a verify step, in plain steps (SmolLM2: a 4-token step costs 1.17x a 1-token
+# step, an 8-token step 1.34x; docs/drafting.md)
+WIDTH_COST = 0.05
+
+
+class Average:
+    """A running mean that follows recent values (exponential, weight ``recent`` on the newest)."""
+
+    def __init__(self, recent: float = 0.2) -> None:
+        self.recent = recent
+        self.value: float | None = None
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else (1 - self.recent) * self.value + self.recent * x
 
 
 class Pacer:
@@ -27,7 +44,7 @@ class Pacer:
         longest: int,
         draft_cost: float,
         *,
-        width_cost: float = 0.05,
+        width_cost: float = WIDTH_COST,
         decay: float = 0.9,
         probe: int = 8,
     ) -> None:

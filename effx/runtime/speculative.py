@@ -47,6 +47,7 @@ compacted (each row's valid slots moved to the front of the generated region, in
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -56,7 +57,7 @@ from ..plan import EarlyExitPolicy, Plan, StageSpec
 from ..techniques.draft import Draft, DraftSource
 from ..techniques.prompt_lookup import LookupDraft
 from .forward import KVCache, MaskCache, as_backend, positions_from_mask
-from .pacing import Pacer
+from .pacing import WIDTH_COST, Average, Pacer
 from .rejection import accept
 from .sampling import Sampler
 from .stats import DecodeStats
@@ -217,6 +218,9 @@ class Speculation:
             stats.start_speculation([s.name for s in sources])
         for source in sources:
             source.start(self)
+        # seconds of a plain decode step, measured on the verify steps (a source may time its drafts
+        # against it: its cost in steps)
+        self.step_seconds = Average()
         # sources that declare what a draft step costs draft adaptively (effx.runtime.pacing)
         self.pacers = {
             id(s): Pacer(self.batch, s.draft, s.cost) for s in sources if s.cost is not None and s.draft > 0
@@ -283,8 +287,11 @@ class Speculation:
         else:
             hidden, cos, sin = backend.run(plan.embed, inputs, positions)
             deep = plan.layers
+        began = time.perf_counter()
         hidden = backend.run_layers(self.cache, deep, hidden, cos, sin, masks)
         logits = head_logits(backend, hidden, self.stats)  # [batch, width, vocab]: each predicts slot + 1
+        if len(deep) == len(plan.layers):  # a full step: what a plain decode step costs, for the pacers
+            self.step_seconds.add((time.perf_counter() - began) / (1 + WIDTH_COST * (width - 1)))
         probs = None if draft is None else draft.probs
         lead, after = self.judge(logits, drafts, counts, active, probs)
         kept, taken = [0] * self.batch, [0] * self.batch
@@ -322,6 +329,7 @@ class Speculation:
         pacer = self.pacers.get(id(source))
         if pacer is None:
             return [n if a else 0 for a in active]
+        pacer.draft_cost = cast(float, source.cost)  # a source may refine its cost as it runs
         return pacer.lengths(n, active)
 
     def judge(
