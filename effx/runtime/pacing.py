@@ -5,8 +5,9 @@ wider costs ``width_cost`` more: about 0.05 on SmolLM2, ``docs/drafting.md``; a 
 ``draft_cost``, the source's own) and emits ``1 + a_1 + a_1 a_2 + ... + a_1 ... a_n`` tokens, where
 ``a_j`` is the chance that draft ``j`` is accepted once the drafts before it were. A plain step costs 1
 and emits 1. Each row drafts the length with the most tokens per unit of cost, and none when no length
-beats a plain step; a row that stopped drafting tries one draft every ``probe`` rounds, so it resumes when
-drafts would pay again. ``a_j`` is estimated per row from that row's recent rounds (counts that decay by
+beats a plain step by ``margin`` (5%: the cost model is rough, and a round that only breaks even still
+pays the source's bookkeeping); a row that stopped drafting tries one draft every ``probe`` rounds (16),
+so it resumes when drafts would pay again. ``a_j`` is estimated per row from that row's recent rounds (counts that decay by
 ``decay`` each round it drafts, from a prior of one half), so a row adapts to its own text.
 
 ``draft_cost`` is the source's: a fixed estimate, or one the source refines as it runs (the draft branch
@@ -46,9 +47,10 @@ class Pacer:
         *,
         width_cost: float = WIDTH_COST,
         decay: float = 0.9,
-        probe: int = 8,
+        probe: int = 16,
+        margin: float = 0.05,
     ) -> None:
-        self.longest, self.draft_cost, self.width_cost = longest, draft_cost, width_cost
+        self.longest, self.draft_cost, self.width_cost, self.margin = longest, draft_cost, width_cost, margin
         self.decay, self.probe = decay, probe
         self.hits = [[0.0] * longest for _ in range(batch)]  # drafts at position j accepted (decayed)
         self.tries = [[0.0] * longest for _ in range(batch)]  # drafts at position j judged (decayed)
@@ -59,9 +61,9 @@ class Pacer:
         return [(h + 1.0) / (t + 2.0) for h, t in zip(self.hits[row], self.tries[row], strict=True)]
 
     def best(self, row: int, n: int) -> int:
-        """The length in ``0..n`` with the most expected tokens per unit of cost (0: a plain step pays
-        best)."""
-        best, best_rate = 0, 1.0
+        """The length in ``0..n`` with the most expected tokens per unit of cost (0: none beats a plain step
+        by the margin)."""
+        best, best_rate = 0, 1.0 + self.margin
         tokens, reach = 1.0, 1.0
         for j, a in enumerate(self.rates(row)[:n], 1):
             reach *= a
