@@ -118,6 +118,23 @@ def test_branch_drafts_are_dense_greedy(model, dense, trained, sequences, rows, 
     assert branch["accepted_at"] == sorted(branch["accepted_at"], reverse=True)
 
 
+def test_a_tight_cache_compacts_and_the_branch_follows(model, dense, trained, sequences, monkeypatch):
+    """Rows that accept different drafts leave holes; a cache with no room for them is compacted, and the
+    branch moves its features and recomputes its entries: the output is still dense."""
+    import effx.runtime.loop as loop
+
+    monkeypatch.setattr(loop, "capacity", lambda batch, prompt, new, draft: prompt + new + draft + 1)
+    _, path, _ = trained
+    prog = effx.transform(model, passes=f"draft-branch{{weights={path} draft=4 adaptive=false}}")
+    ids = torch.stack([seq[:8] for seq, _, _ in sequences[:3]])
+    ids[2, :4] = torch.tensor([9, 10, 11, 12])  # a row the branch has not learned: it rejects more
+    want = dense.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=[])
+    stats = {}
+    got = prog.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=[], stats=stats)
+    assert torch.equal(got, want)
+    assert stats["compactions"] > 0 and stats["accepted"] > 0
+
+
 def test_training_raises_acceptance(trained):
     result, _, _ = trained
     assert len(result.before) == len(result.after) == 3

@@ -70,9 +70,8 @@ class BranchDraft(DraftSource):
         backend = spec.backend
         hidden, cos, sin = backend.run(backend.plan.embed, tokens, positions)
         q = tokens.shape[1]
-        mask = attention_masks(spec.key_valid[:, :end], end - q, q, (None,), backend.dtype, spec.slot_pos)[
-            None
-        ]
+        masks = attention_masks(spec.key_valid[:, :end], end - q, q, (None,), backend.dtype, spec.slot_pos)
+        mask = masks[None]  # the branch attends to every slot (no sliding window)
         out, k, v = backend.run(self.stage, hidden, prev, cos, sin, mask, *self.cache.past(0))
         self.cache.write(0, k, v)
         return out

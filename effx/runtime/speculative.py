@@ -256,6 +256,9 @@ class Speculation:
         n = min(self.draft, max(self.end - m for m, a in zip(self.n, active, strict=True) if a) - 1)
         if self.length + n + 1 > self.cache.capacity:
             self.compact()
+            # the row with the most slots may not be the one with the most tokens left: draft only into
+            # the room there is (a capacity below ``capacity()``'s, as tests set, would overflow otherwise)
+            n = min(n, self.cache.capacity - self.length - 1)
         draft: Draft | None = None
         source: DraftSource | None = None
         if n > 0:
