@@ -347,7 +347,8 @@ class Plan:
     @property
     def speculative(self) -> bool:
         """Whether the loop drafts and verifies (prompt lookup, self-speculative exits, any technique whose
-        ``speculative`` flag says so): greedy only, and token-identical to the plan's dense greedy decoding."""
+        ``speculative`` flag says so): token-identical to the plan's dense greedy decoding, and sampled runs
+        distributed as its dense sampling."""
         return any(
             t.speculative is not None and t.speculative(p, self)
             for t, p in self.used_techniques

@@ -202,7 +202,7 @@ def load_branch(path: str, info: ModelInfo) -> tuple[BranchLayer, torch.Tensor |
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class DraftBranch(Pass):
-    """A trained draft branch (EAGLE-style) drafts tokens that the Program verifies (lossless, greedy)."""
+    """A trained draft branch (EAGLE-style) drafts tokens that the Program verifies (lossless)."""
 
     name = "draft-branch"
     after = ("early-exit",)

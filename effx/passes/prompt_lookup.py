@@ -37,7 +37,7 @@ __all__ = ["PromptLookup"]
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class PromptLookup(Pass):
-    """Prompt lookup decoding: n-gram drafts from the prompt and the output, verified (lossless, greedy)."""
+    """Prompt lookup decoding: n-gram drafts from the prompt and the output, verified (lossless)."""
 
     name = "prompt-lookup"
     # lossy exits decide tokens without the full model, so there is nothing to verify drafts with

@@ -10,7 +10,7 @@ A technique (early exits, prompt lookup, token drop, ...) is one :class:`Techniq
   whose shapes :data:`TENSORS` gives once for every backend and exporter), where it may stand in a plan,
   and its FLOP rule (runs every step or in the prefill only, on the last position only, always or only
   sometimes);
-* its **flags**: whether its drafts are verified (``speculative``: greedy only, token-identical), whether
+* its **flags**: whether its drafts are verified (``speculative``: token-identical greedy output, sampling's distribution kept), whether
   its decisions choose the tokens (``decides``: lossy exits; a scorer then scores what it decodes) and
   whether the KV cache must be able to roll back;
 * its **run-time hooks**, as ``"module:attribute"`` references resolved when first used (the decode loop

@@ -105,6 +105,6 @@ register(
         rollback=lambda policy, plan: True,
         validate=_validate,
         draft="effx.techniques.prompt_lookup:lookup_draft",
-        doc="n-gram drafts looked up in the prompt and the output, verified (lossless, greedy)",
+        doc="n-gram drafts looked up in the prompt and the output, verified (lossless)",
     )
 )
