@@ -60,9 +60,14 @@ def test_a_speculative_decode_reports_its_rounds(model4):
     as_dict, typed = _both(prog)
     assert set(as_dict) == SPECULATION
     (name,) = as_dict["sources"]
-    assert set(as_dict["sources"][name]) == {"rounds", "drafted", "accepted"}
+    counts = as_dict["sources"][name]
+    assert set(counts) == {"rounds", "drafted", "accepted", "proposed_at", "accepted_at"}
     assert isinstance(typed.sources[name], SourceCounts)
-    assert as_dict["sources"][name]["accepted"] == as_dict["accepted"] <= as_dict["drafted"]
+    assert counts["accepted"] == as_dict["accepted"] <= as_dict["drafted"]
+    # per draft position: the counts add up to the totals
+    assert (
+        sum(counts["proposed_at"]) == counts["drafted"] and sum(counts["accepted_at"]) == counts["accepted"]
+    )
     assert as_dict["rounds"] == len(as_dict["draft_lengths"]) <= as_dict["steps"]
     assert as_dict["emitted"] >= 2 * 7  # both rows, every token after the prefill's first
     if typed.drafted:
