@@ -119,12 +119,13 @@ def text_sequences(tokenizer, texts, seq_len: int = 128, max_tokens: int = 4096)
 
 
 def backbone_states(program, ids: torch.Tensor, layers):
-    """``ids [1, n]`` teacher-forced through ``program``'s layers: ``(embedded, {layer: hidden}, last)``, the
-    embedding output, the hidden state after each of ``layers`` and after the last layer, each ``[1, n, d]``."""
+    """``ids [b, n]`` teacher-forced through ``program``'s layers: ``(embedded, {layer: hidden}, last)``, the
+    embedding output, the hidden state after each of ``layers`` and after the last layer, each ``[b, n, d]``.
+    Rows may be right-padded: a position sees only the positions before it."""
 
-    length = ids.shape[1]
-    cache = KVCache.for_program(program, 1, length)
-    hidden, cos, sin = program.embed.graph(ids, torch.arange(length)[None])
+    batch, length = ids.shape
+    cache = KVCache.for_program(program, batch, length)
+    hidden, cos, sin = program.embed.graph(ids, torch.arange(length)[None].expand(batch, -1))
     masks = MaskCache(program, torch.ones_like(ids, dtype=torch.bool), hidden.dtype)
     embedded = hidden
     taken = {}

@@ -76,14 +76,23 @@ def test_the_pass_adds_the_branch_before_the_head_and_sets_the_policy(model, tra
     outside = torch.ones(prog.info.vocab_size, dtype=torch.bool)
     outside[result.vocab] = False
     assert torch.isinf(logits[..., outside]).all() and torch.isfinite(logits[..., ~outside]).all()
-    # the branch stage computes what the module it was exported from computes
+    # the branch stage computes what the module it was exported from computes; by default (bits=8) its
+    # products read int8 weights, within int8 rounding of the float32 branch (bits=32)
     layer, _ = load_branch(str(path), prog.info)
     args = (
         torch.randn(2, 3, 64), torch.randn(2, 3, 64), torch.randn(2, 3, 16), torch.randn(2, 3, 16),
         torch.zeros(2, 1, 3, 5), torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16),
     )  # fmt: skip
-    for got, want in zip(prog.stages[-3].graph(*args), layer(*args), strict=True):
+    exact = effx.transform(model, passes=f"draft-branch{{weights={path} bits=32}}")
+    for got, want in zip(exact.stages[-3].graph(*args), layer(*args), strict=True):
         torch.testing.assert_close(got, want)
+    assert prog.stages[-3].attrs["bits"] == 8 and exact.stages[-3].attrs["bits"] == 32
+    for stage in prog.stages[-3:-1]:
+        linears = [n for n in stage.graph.graph.nodes if n.target == torch.ops.aten.linear.default]
+        assert not linears and any(t.dtype == torch.int8 for t in stage.graph.buffers())
+    for got, want in zip(prog.stages[-3].graph(*args), layer(*args), strict=True):
+        err = (got - want).norm() / want.norm()
+        assert 0 < err < 0.02
     # the plan round-trips with its stage kinds and policy
     assert effx.Plan.from_json(prog.plan.to_json()) == prog.plan
 
@@ -151,8 +160,8 @@ def test_decoding_accepts_what_training_predicts(model, dense, trained, sequence
     from effx.draft_branch import _Head
 
     head = _Head(dense, torch.tensor(result.vocab))
-    # three drafts every round, as chains scores them (no pacing)
-    prog = effx.transform(model, passes=f"draft-branch{{weights={path} draft=3 adaptive=false}}")
+    # three drafts every round, as chains scores them (no pacing), with the float32 branch it trained
+    prog = effx.transform(model, passes=f"draft-branch{{weights={path} draft=3 adaptive=false bits=32}}")
     predicted = accepted = 0
     for i, (ids, first, _) in enumerate(sequences):
         lengths = chains(result.layer, dense, data, i, head, 3)
@@ -221,6 +230,8 @@ def test_weights_file_is_checked_before_capture(model, dense, trained, tmp_path)
         effx.transform(model, passes=f"draft-branch{{weights={tmp_path / 'none.safetensors'}}}")
     with pytest.raises(PassConfigError, match="draft must be an integer >= 1"):
         DraftBranch(weights=str(path), draft=0)
+    with pytest.raises(PassConfigError, match="bits must be 8"):
+        DraftBranch(weights=str(path), bits=4)
     tensors = load_file(str(path))
     from safetensors import safe_open
 
@@ -290,6 +301,34 @@ def test_own_generations_feed_training(dense):
     ids, targets, first = data.ids[0], data.targets[0], data.first[0]
     assert torch.equal(targets[first:-1], ids[first + 1 :])
     assert data.features[0].shape == (ids.numel(), dense.info.hidden_size)
+
+
+def test_collection_batches_sequences_and_keeps_their_order(dense):
+    """Sequences of different lengths read right-padded in batches give each sequence's own features and
+    targets, in the order given; in bfloat16 the features stay close to float32's."""
+    seqs = [(s[0][: 20 + 7 * i], s[1], s[2]) for i, s in enumerate(_generations(dense, n=5, new=30, seed=4))]
+    alone = collect_branch_data(dense, seqs, batch_tokens=1, bf16=False, progress=False)
+    batched = collect_branch_data(dense, seqs, batch_tokens=4096, bf16=False, progress=False)
+    half = collect_branch_data(dense, seqs, batch_tokens=4096, bf16=True, progress=False)
+    for i, (ids, first, _) in enumerate(seqs):
+        assert torch.equal(alone.ids[i], ids) and torch.equal(batched.ids[i], ids)
+        assert alone.first[i] == batched.first[i] == first
+        # a prefill's products run on torch's F.linear, whose last bits depend on the batch's shape
+        torch.testing.assert_close(batched.features[i], alone.features[i], rtol=1e-3, atol=5e-4)
+        assert torch.equal(batched.targets[i], alone.targets[i])
+        err = (half.features[i] - alone.features[i]).norm() / alone.features[i].norm()
+        assert 0 < err < 0.05  # bfloat16 products, not float32's
+
+
+def test_bf16_only_where_the_cpu_has_it(monkeypatch):
+    import effx.draft_branch as db
+
+    monkeypatch.setattr(db, "cpu_features", lambda: frozenset({"avx2", "fma"}))
+    assert not db.native_bf16()
+    monkeypatch.setattr(db, "cpu_features", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert db.native_bf16()
+    monkeypatch.setattr(db, "cpu_features", lambda: frozenset({"asimd", "bf16"}))
+    assert db.native_bf16()
 
 
 def test_later_steps_are_scored_where_the_drafts_before_them_are_right():

@@ -11,7 +11,7 @@ round (:mod:`effx.runtime.draft_branch`).
 
 The pass adds two stages before the head and records the run-time policy::
 
-    draft-branch{weights=branch.safetensors draft=4 threshold=0 adaptive=true}
+    draft-branch{weights=branch.safetensors draft=4 threshold=0 adaptive=true bits=8}
 
 * ``branch`` ``(hidden, prev_hidden, cos, sin, mask, past_k, past_v) -> (hidden, k, v)``: ``hidden`` is the
   embedding of the new tokens (the embed stage's output), ``prev_hidden`` the feature of the token before
@@ -26,7 +26,12 @@ The pass adds two stages before the head and records the run-time policy::
 model before anything runs. ``draft``: the most tokens drafted per round; ``threshold``: a row stops
 drafting once a draft's probability under the branch falls below it (that draft still counts);
 ``adaptive``: each row drafts only as far as a round is expected to pay, from its running acceptance and
-the branch's cost (``effx.runtime.pacing``), and stops drafting where no length pays.
+the branch's cost (``effx.runtime.pacing``), and stops drafting where no length pays. ``bits``: how the
+branch and its head store their weights: 8 (default; int8 round-to-nearest in groups of 32, a quarter of
+float32's bytes), 16 (bfloat16) or 32 (float32, as trained). A draft step at batch 1 reads its weights like
+a decode step does, so its cost follows their bytes; a lossy draft changes only what is proposed, never
+the output (the Program verifies every draft with its own weights). A later ``quantize`` leaves a branch
+stored this way as it is.
 """
 
 from __future__ import annotations
@@ -45,13 +50,17 @@ from ..plan import Policy
 from ..program import Stage, torch_dtype
 from ..techniques.draft_branch import DraftBranchPolicy
 from .base import Pass, PassResult, check_read, check_size, register_pass
+from .quantize import quantize_stage
 from .vocab_reduce import static_subset_graph
 
 if TYPE_CHECKING:
     from ..plan import ModelInfo
     from ..program import Program
 
-__all__ = ["BranchLayer", "DraftBranch", "branch_stages", "load_branch"]
+__all__ = ["BITS", "BranchLayer", "DraftBranch", "branch_stages", "load_branch"]
+
+# how the branch stores its weights: bits -> what the report says
+BITS = {8: "int8 weights", 16: "bfloat16 weights", 32: "float32 weights"}
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -112,12 +121,15 @@ class BranchLayer(torch.nn.Module):
         """The layer's output: ``x`` plus attention of ``q`` over ``keys``/``values`` (additive ``mask``
         ``[b, 1, s, keys]``), plus the MLP."""
         b, _, s, _ = q.shape
-        group = self.heads // self.kv_heads
-        keys = keys.repeat_interleave(group, dim=1)
-        values = values.repeat_interleave(group, dim=1)
-        scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(self.head_dim) + mask
-        attn = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values)
-        x = x + self.o(attn.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+        d, kv, group = self.head_dim, self.kv_heads, self.heads // self.kv_heads
+        # grouped-query attention without copying keys and values per query head: query head h reads kv
+        # head h // group, so the group's queries stack as rows of one product with their kv head
+        q = q.reshape(b, kv, group * s, d)
+        scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(d)
+        scores = torch.unflatten(scores, 2, (group, s)) + mask[:, :, None]
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).flatten(2, 3)
+        attn = torch.unflatten(torch.matmul(probs, values), 2, (group, s)).flatten(1, 2)
+        x = x + self.o(attn.transpose(1, 2).reshape(b, s, self.heads * d))
         h = _rms(x, self.norm_mlp, self.eps)
         mlp: torch.Tensor = self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
         return x + mlp
@@ -212,8 +224,13 @@ class DraftBranch(Pass):
     draft: int = 4
     threshold: float = 0.0
     adaptive: bool = True
+    bits: int = 8
 
     def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise PassConfigError(
+                f"draft-branch: bits must be 8 (int8), 16 (bfloat16) or 32 (float32), got {self.bits!r}"
+            )
         if not self.weights:
             raise PassConfigError(
                 "draft-branch needs weights=<file> (train one with `effx train-draft` or "
@@ -258,6 +275,9 @@ class DraftBranch(Pass):
         except ArtifactError as e:
             raise PassError(str(e)) from None
         new = branch_stages(program, layer, ids)
+        if self.bits < 32:
+            new = [quantize_stage(s, self.bits) for s in new]
+        new = [s.with_attrs(bits=self.bits) for s in new]
         stages = list(program.stages)
         at = next(i for i, s in enumerate(stages) if s.kind in ("full_head", "head"))
         stages[at:at] = new
@@ -267,8 +287,8 @@ class DraftBranch(Pass):
         vocab = "the full vocabulary" if ids is None else f"{ids.numel()} of {program.info.vocab_size} ids"
         report.change(
             "branch",
-            f"a one-layer branch ({params / 1e6:.2f}M parameters, ffn {layer.gate.out_features}) predicts the "
-            f"next feature; its head drafts from {vocab}",
+            f"a one-layer branch ({params / 1e6:.2f}M parameters, ffn {layer.gate.out_features}, "
+            f"{BITS[self.bits]}) predicts the next feature; its head drafts from {vocab}",
         )
         report.change(
             "decode",

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from ..plan import ModelInfo
     from ..program import Program, Stage
 
-__all__ = ["Quantize"]
+__all__ = ["Quantize", "quantize_stage"]
 
 aten = torch.ops.aten
 _LINEAR = aten.linear.default
@@ -387,3 +387,12 @@ class Quantize(Pass):
                 if _is(node, aten.embedding.default) and (self.embed if stage.kind == "embed" else self.head):
                     if _attr(stage.graph, node.args[0]) is not None:
                         raise PassError(f"{stage.name}: the {role} lookup still reads a float weight")
+
+
+def quantize_stage(stage: Stage, bits: int, group: int = 32) -> Stage:
+    """``stage`` with the stored float weights of its products quantized round-to-nearest as
+    ``quantize{bits=.. group=..}`` does (``bits`` 4 or 8, or 16: bfloat16); ``stage`` itself where it has
+    none. For a pass that adds a stage whose weights it may store smaller (a draft branch)."""
+    q = Quantize(bits=bits, group=group)
+    gm, _ = q._rewrite(stage, lambda w: (q._rtn(w), ""))
+    return stage if gm is None else stage.with_graph(gm)

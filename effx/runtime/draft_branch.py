@@ -164,15 +164,18 @@ class BranchDraft(DraftSource):
 
 def branch_cost(plan: Plan) -> float:
     """A branch draft step's cost in dense steps, by weights read (a decode step streams its weights):
-    the branch's fusion, layer and draft head against every layer and the head. Decoding at batch 1 on a
-    CPU is bound by memory bandwidth, and a draft step is a few small products more than its weights:
-    at least 0.05 of a step."""
+    the branch's fusion, layer and draft head, in the bytes the branch stores them in (its ``bits``),
+    against every layer and the head in float32. Decoding at batch 1 on a CPU is bound by memory bandwidth,
+    and a draft step is a few small products more than its weights: at least 0.05 of a step. A starting
+    point only: the source times its steps against the Program's (a quantized Program's steps are
+    cheaper than float32's)."""
     info = plan.model
     d, attn = info.hidden_size, 2 * info.hidden_size * (info.num_heads + info.num_kv_heads) * info.head_dim
     branch = next(s for s in plan.stages if s.kind == "branch")
     head = next(s for s in plan.stages if s.kind == "branch_head")
     ffn = int(branch.attrs.get("ffn", info.intermediate_size))
     drafting = 2 * d * d + attn + 3 * d * ffn + int(head.attrs.get("vocab_k", info.vocab_size)) * d
+    drafting = drafting * int(branch.attrs.get("bits", 32)) // 32
     step = info.num_layers * (attn + 3 * d * info.intermediate_size) + info.vocab_size * d
     return max(0.05, drafting / step)
 
