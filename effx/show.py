@@ -6,9 +6,9 @@ them and works on both backends:
 
 * exit depth (lossy early exits): the layers the token went through (``stats["exit_layers"]``; the first
   token comes from the prefill, which runs every layer);
-* accepted drafts (prompt lookup, self-speculative exits): a verification round emits its accepted drafts
-  and then the model's own token, so the first ``accepted`` tokens of each round are drafts, named by the
-  source whose count rose;
+* accepted drafts (prompt lookup, self-speculative exits, a draft branch): a verification round emits its
+  accepted drafts and then the model's own token, so the first ``accepted`` tokens of each round are
+  drafts, named by the source whose count rose (``lookup``, ``exit``, ``branch``);
 * a vocabulary-reduced head's fallback to the full head (decoding one token per step: the fallback count
   rises on that step). In rounds that verify several positions the count covers rejected positions too, so
   fallbacks are not marked there.

@@ -144,6 +144,26 @@ def test_a_tight_cache_compacts_and_the_branch_follows(model, dense, trained, se
     assert stats["compactions"] > 0 and stats["accepted"] > 0
 
 
+def test_show_paths_marks_the_branch_drafts(model, trained, sequences):
+    """``--show paths`` names each accepted branch draft: as many marks as the run accepted drafts."""
+    from effx.show import Tracer
+
+    _, path, _ = trained
+    prog = effx.transform(model, passes=f"draft-branch{{weights={path} draft=3 adaptive=false}}")
+    tracer = Tracer({}, prog.info.num_layers)
+    seq, first, _ = sequences[0]
+    prog.generate(
+        seq[None, : first + 1],
+        max_new_tokens=24,
+        eos_token_id=[],
+        on_token=tracer.on_token,
+        stats=tracer.stats,
+    )
+    drafts = [m.draft for m in tracer.marks if m.draft]
+    assert len(tracer.marks) == 24 and tracer.stats["accepted"] > 0
+    assert drafts == ["branch"] * tracer.stats["accepted"]
+
+
 def test_training_raises_acceptance(trained):
     result, _, _ = trained
     assert len(result.before) == len(result.after) == 3
