@@ -13,8 +13,12 @@ summaries, grounded). Rows, each against the dense Program in the same run, inte
 Every row must give the dense tokens ("same"); "acc" is accepted drafts / drafted, "tok/round" the tokens
 a verification step emits on average.
 
+With ``--temperature T`` every row samples (seeded; speculation keeps the dense sampling distribution,
+tests/test_speculative_sampling.py), so "same" does not apply; the speed-up is the point.
+
     python benchmarks/draft_branch.py                          # chat and summ, 4 prompts x 128 tokens
     python benchmarks/draft_branch.py --sets chat --draft 3 --repeats 3
+    python benchmarks/draft_branch.py --quantize --temperature 0.7
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384, help="training tokens of the model's own text")
     ap.add_argument("--weights", default=None, help="a branch file to use instead of the cached one")
     ap.add_argument("--quantize", action="store_true", help="every row on top of quantize{source=gguf}")
+    ap.add_argument("--bits", type=int, default=8, help="the branch's weights: 8 (int8), 16 (bf16), 32")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (0: greedy)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n = args.new_tokens
@@ -57,7 +63,9 @@ def main() -> None:
             f"branch: {report['tokens']} training tokens, held-out acceptance per draft position "
             + " ".join(f"{a:.2f}" for a in report["after"])
         )
-    branch = f"draft-branch{{weights={weights} draft={args.draft} threshold={args.threshold}}}"
+    branch = (
+        f"draft-branch{{weights={weights} draft={args.draft} threshold={args.threshold} bits={args.bits}}}"
+    )
     base = "quantize{source=gguf}" if args.quantize else ""
     pipelines = {
         "dense": "",
@@ -65,16 +73,20 @@ def main() -> None:
         "draft-branch": branch,
         "draft-branch + prompt-lookup": f"{branch}, prompt-lookup",
     }
+    sampling = {"do_sample": True, "temperature": args.temperature, "seed": 0} if args.temperature else {}
     runners = {}
     for name, p in pipelines.items():
         spec = ", ".join(x for x in (base, p) if x) or None
         prog = effx.transform(model, passes=spec)
         runners[f"torch {name}"] = lambda ids, mask, p=prog: stats_of(
-            lambda st: p.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[], stats=st)
+            lambda st: p.generate(
+                ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[], stats=st, **sampling
+            )
         )
     sets = drafting_sets(tok, args.sets, args.prompts, args.doc_tokens)
     print(
-        f"SmolLM2-135M{' gguf' if args.quantize else ''}, batch 1, {n} new tokens, {args.threads} threads, "
+        f"SmolLM2-135M{' gguf' if args.quantize else ''}, batch 1, {n} new tokens, "
+        f"{f'sampled at T={args.temperature}' if args.temperature else 'greedy'}, {args.threads} threads, "
         f"{args.repeats} repeats (medians); {describe()}"
     )
     for set_name, prompts in sets.items():

@@ -270,7 +270,7 @@ def test_train_draft_writes_a_branch_the_pass_loads(model_dir, tmp_path, capsys)
     branch = tmp_path / "branch.safetensors"
     args = ["train-draft", "--model", str(model_dir), "--prompts", str(prompts)]
     small = ["--tokens", "40", "--new-tokens", "10", "--epochs", "1", "--text-tokens", "0"]
-    assert main([*args, *small, "--vocab-k", "0", "--out", str(branch)]) == 0
+    assert main([*args, *small, "--vocab-k", "0", "--precision", "float32", "--out", str(branch)]) == 0
     out = capsys.readouterr().out
     assert "held-out acceptance" in out and f"weights={branch}" in out and "own generations" in out
     passes = f"draft-branch{{weights={branch} draft=3}}"
@@ -283,6 +283,9 @@ def test_train_draft_writes_a_branch_the_pass_loads(model_dir, tmp_path, capsys)
     assert "--ffn must be in 1.." in capsys.readouterr().err and not bad.exists()
     assert main([*args, *small, "--vocab-k", "-1", "--out", str(bad)]) == 2
     assert not bad.exists()
+    with pytest.raises(SystemExit):  # argparse: an unknown precision is a usage error
+        main([*args, *small, "--precision", "fp8", "--out", str(bad)])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err and not bad.exists()
 
 
 def test_train_heads_writes_heads_the_exit_pass_loads(model_dir, tmp_path, capsys):

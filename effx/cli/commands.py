@@ -242,7 +242,7 @@ def train_draft(args) -> int:
         result = train_draft_branch(
             program, prompts, runnable.tokenizer.hf, max_tokens=args.tokens, new_tokens=args.new_tokens,
             texts=offline_texts() if args.text_tokens else None, text_tokens=args.text_tokens, path=args.out, steps=args.steps, vocab_k=args.vocab_k or None, ffn=args.ffn, epochs=args.epochs,
-            lr=args.lr,
+            lr=args.lr, bf16={"auto": None, "float32": False, "bfloat16": True}[args.precision],
         )  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None

@@ -408,6 +408,14 @@ def _train_draft(sub, model) -> None:
         "--epochs", type=_positive, default=4, help="passes over the training tokens (default: %(default)s)"
     )
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
+    t.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="what reading the features and fitting compute in: bfloat16 (torch autocast, about 2x faster "
+        "where the CPU has it natively: AVX-512 BF16, AMX, Arm BF16) or float32; auto: bfloat16 where "
+        "native (default: %(default)s)",
+    )
 
 
 def _bench(sub, model) -> None:
