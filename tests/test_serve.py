@@ -14,13 +14,15 @@ import pytest
 from conftest import tiny_model
 
 from effx import frontend
+from effx.cli import main
+from effx.cli.parser import build_parser
 from effx.runtime.sampling import Sampler
 from effx.testing import tiny_tokenizer
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from effx.serve.engine import ContinuousEngine, Request  # noqa: E402 (needs the serve extra)
+from effx.serve.engine import ContinuousEngine, Request, SerialEngine, batchable  # noqa: E402 (serve extra)
 from effx.serve.metrics import Metrics  # noqa: E402
 from effx.serve.text import TextStream  # noqa: E402
 
@@ -44,7 +46,8 @@ def run(model_dir):
 
 
 def reference(run, ids: list[int], max_new: int) -> list[int]:
-    """The greedy tokens Program.generate gives this prompt alone, up to its stop token."""
+    """The greedy tokens Program.generate (or an artifact's generate) gives this prompt alone, up to its
+    stop token."""
     out = run.generate(run.batch(ids), max_new_tokens=max_new, do_sample=False)[0, len(ids) :].tolist()
     return out[: out.index(2) + 1] if 2 in out else out
 
@@ -119,6 +122,36 @@ def test_sampled_rows_are_reproducible_with_a_seed(run):
     ids = run.batch([5, 6])
     alone = run.generate(ids, max_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.9, seed=1)
     assert results[0] == alone[0, 2 : 2 + len(results[0])].tolist()
+
+
+def test_serial_engine_runs_a_drafting_pipeline_with_its_greedy_tokens(model_dir, run):
+    drafting = frontend.load(frontend.resolve(str(model_dir), "prompt-lookup", kernels="reference"))
+    assert not batchable(drafting.backend())
+    engine = SerialEngine(drafting, max_queue=4, metrics=Metrics())
+    engine.start()
+    try:
+        requests = [Request([5, 6, 5, 6], max_new=15), Request([7, 8], max_new=6, ignore_eos=True)]
+        results, ends = _collect(engine, requests)
+    finally:
+        engine.close()
+    assert results[0] == reference(run, [5, 6, 5, 6], 15)
+    assert len(results[1]) == 6 and ends[1].reason == "length"
+
+
+def test_continuous_engine_on_an_artifact_gives_its_generate_tokens(model_dir, tmp_path):
+    out = tmp_path / "art"
+    assert main(["export", "--model", str(model_dir), str(out)]) == 0
+    artifact = frontend.load(frontend.resolve(artifact=str(out)))
+    assert batchable(artifact.backend())
+    engine = ContinuousEngine(artifact.backend(), max_batch=2, max_queue=4, metrics=Metrics())
+    engine.start()
+    try:
+        prompts = [[5, 6, 7], [9], [10, 11]]
+        results, _ = _collect(engine, [Request(p, max_new=10) for p in prompts])
+    finally:
+        engine.close()
+    for prompt, tokens in zip(prompts, results, strict=True):
+        assert tokens == reference(artifact, prompt, 10)
 
 
 def test_text_stream_holds_back_partial_stop_strings_and_cuts_at_one():
@@ -318,3 +351,29 @@ def test_unknown_routes_and_chat_errors_are_json(server):
         json={"model": MODEL, "messages": [{"role": "wizard", "content": "w5"}]},
     )
     assert response.status_code == 400 and response.json()["error"]["param"].startswith("messages")
+
+
+# -- the command line ----------------------------------------------------------------------------------------
+
+
+def test_serve_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    for action in serve._actions:
+        assert action.help, action.option_strings
+        for option in action.option_strings:
+            assert option in out
+    assert "/v1/chat/completions" in out and "429" in out
+
+
+def test_serve_usage_errors_exit_2(model_dir, capsys):
+    assert main(["serve", "--artifact", str(model_dir), "--passes", "prompt-lookup"]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", str(model_dir), "--max-batch", "0"])
+    assert e.value.code == 2
+    assert (
+        main(["serve", "--model", str(model_dir), "--passes", "prompt-lookup", "--engine", "continuous"]) == 2
+    )
+    assert "--engine continuous cannot run 'prompt-lookup'" in capsys.readouterr().err
