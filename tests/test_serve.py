@@ -45,11 +45,14 @@ def run(model_dir):
     return frontend.load(frontend.resolve(str(model_dir), kernels="reference"))
 
 
-def reference(run, ids: list[int], max_new: int) -> list[int]:
+def reference(run, ids: list[int], max_new: int, ignore_eos: bool = False) -> list[int]:
     """The greedy tokens Program.generate (or an artifact's generate) gives this prompt alone, up to its
-    stop token."""
-    out = run.generate(run.batch(ids), max_new_tokens=max_new, do_sample=False)[0, len(ids) :].tolist()
-    return out[: out.index(2) + 1] if 2 in out else out
+    stop token (``ignore_eos``: all ``max_new`` of them)."""
+    stop = {"eos_token_id": []} if ignore_eos else {}
+    out = run.generate(run.batch(ids), max_new_tokens=max_new, do_sample=False, **stop)[
+        0, len(ids) :
+    ].tolist()
+    return out[: out.index(2) + 1] if 2 in out and not ignore_eos else out
 
 
 # -- the engine, in process --------------------------------------------------------------------------------
@@ -77,20 +80,23 @@ def _collect(engine, requests):
     return results, ends
 
 
-def test_engine_rows_join_leave_and_compact_with_the_tokens_of_each_request_alone(run):
-    # 3 rows at most, 7 requests: rows join while others decode, leave at different steps, and a cache of
-    # 40 slots fills up and is compacted several times
-    engine = ContinuousEngine(run.backend(), max_batch=3, max_queue=8, metrics=Metrics(), capacity=40)
+@pytest.mark.parametrize(("capacity", "initial"), [(40, 40), (64, 4)])
+def test_engine_rows_join_leave_and_compact_with_the_tokens_of_each_request_alone(run, capacity, initial):
+    # 3 rows at most, 7 requests: rows join while others decode and leave at different steps; a cache of
+    # 40 slots fills up and is compacted (or one of 4 slots grows to 64, compacted on the way)
+    engine = ContinuousEngine(
+        run.backend(), max_batch=3, max_queue=8, metrics=Metrics(), capacity=capacity, initial_slots=initial
+    )
     engine.start()
     try:
         prompts = [[5 + i, 9, 11 + 3 * i, 7][: 1 + i % 4] for i in range(7)]
-        requests = [Request(p, max_new=12 + 5 * (i % 3)) for i, p in enumerate(prompts)]
+        requests = [Request(p, 14 + 6 * (i % 3), ignore_eos=i % 2 == 0) for i, p in enumerate(prompts)]
         results, ends = _collect(engine, requests)
     finally:
         engine.close()
     for request, tokens, end in zip(requests, results, ends, strict=True):
-        assert tokens == reference(run, request.prompt, request.max_new)
-        assert end.reason == ("stop" if tokens[-1] == 2 else "length")
+        assert tokens == reference(run, request.prompt, request.max_new, request.ignore_eos)
+        assert end.reason == ("stop" if tokens[-1] == 2 and not request.ignore_eos else "length")
     samples = {
         (s.name, s.labels.get("le")): s.value for s in engine.metrics.step_batch_size.collect()[0].samples
     }

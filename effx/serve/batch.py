@@ -7,7 +7,9 @@ A row that joins is prefilled alone (exactly as ``Program.generate`` prefills it
 are copied into a new row of the batch, right-aligned to end at the batch's fill length; the slots before
 them are invalid for that row. A row that leaves is dropped from the batch (its slots go with it). When the
 cache is full, each row's valid slots are moved, in order, to the right of a shorter cache (the holes left
-by joining are closed), as speculative decoding compacts its rows::
+by joining are closed), as speculative decoding compacts its rows, and where that frees less than half
+of it, the cache grows (doubling, up to the model's context: a server's cache is as long as its rows need,
+not as the longest context)::
 
     slots      0 1 2 3 4 5 6          after compaction  0 1 2 3 4
     row a      a a a a a a a <- step                    a a a a a   (... its oldest slots, kept in order)
@@ -43,19 +45,22 @@ def prefill_row(backend: Backend, prompt: list[int]) -> tuple[Array, KVCache]:
 
 
 class Batch:
-    """Rows of one KV cache of ``capacity`` slots; :meth:`join` adds a prefilled row, :meth:`keep` drops
-    the others, :meth:`step` decodes one token for every row."""
+    """Rows of one KV cache of ``size`` slots, grown as needed up to ``capacity`` (no row may need more);
+    :meth:`join` adds a prefilled row, :meth:`keep` drops the others, :meth:`step` decodes one token for
+    every row."""
 
-    def __init__(self, backend: Backend, capacity: int) -> None:
+    def __init__(self, backend: Backend, capacity: int, *, initial: int = 256) -> None:
         self.backend, self.xp, self.capacity = backend, backend.xp, capacity
+        self.initial = min(initial, capacity)
         self.windowed = any(w is not None for w in backend.plan.windows)
         self._reset()
 
     def _reset(self) -> None:
         xp = self.xp
-        self.cache = self.backend.new_cache(0, self.capacity, rollback=False)
-        self.valid: Array = xp.zeros((0, self.capacity), dtype=xp.bool)  # [rows, slots]
-        self.key_pos: Array = xp.zeros((0, self.capacity), dtype=xp.int64)  # each slot's position
+        self.size = self.initial
+        self.cache = self.backend.new_cache(0, self.size, rollback=False)
+        self.valid: Array = xp.zeros((0, self.size), dtype=xp.bool)  # [rows, slots]
+        self.key_pos: Array = xp.zeros((0, self.size), dtype=xp.int64)  # each slot's position
         self.next_pos: Array = xp.zeros((0, 1), dtype=xp.int64)  # the position of each row's next token
         self.length = 0  # slots filled, in every layer and row
 
@@ -67,9 +72,31 @@ class Batch:
         self.length = length
         self.cache.lengths = [length] * len(self.cache.lengths)
 
+    def _grow(self, slots: int) -> None:
+        """Make the cache at least ``slots`` long (doubling, at most ``capacity``)."""
+        xp, size = self.xp, self.size
+        while size < slots:
+            size *= 2
+        size = min(size, self.capacity)
+        if size == self.size:
+            return
+        n = size - self.size
+
+        def grown(store: Array, axis: int) -> Array:
+            shape = list(store.shape)
+            shape[axis] = n
+            return xp.concat([store, xp.zeros(tuple(shape), dtype=store.dtype)], axis=axis)
+
+        self.valid, self.key_pos = grown(self.valid, 1), grown(self.key_pos, 1)
+        for stores in (self.cache.k, self.cache.v):
+            for i, store in enumerate(stores):
+                stores[i] = grown(store, 2)
+        self.size = self.cache.capacity = size
+
     def _shift(self, n: int) -> None:
         """Move every row's slots ``n`` to the right (room for a prompt longer than the fill length)."""
-        xp, end = self.xp, self.capacity - n
+        self._grow(self.length + n)
+        xp, end = self.xp, self.size - n
 
         def shifted(store: Array, fill: Any) -> Array:
             pad = xp.full((*store.shape[:-1], n), fill, dtype=store.dtype)
@@ -111,9 +138,9 @@ class Batch:
                 row = xp.zeros((1, *store.shape[1:]), dtype=store.dtype)
                 row[:, :, start:end] = new[i][:, :, :prompt_len]
                 stores[i] = xp.concat([store, row], axis=0)
-        valid = xp.zeros((1, self.capacity), dtype=xp.bool)
+        valid = xp.zeros((1, self.size), dtype=xp.bool)
         valid[:, start:end] = True
-        key_pos = xp.zeros((1, self.capacity), dtype=xp.int64)
+        key_pos = xp.zeros((1, self.size), dtype=xp.int64)
         key_pos[:, start:end] = xp.arange(prompt_len, dtype=xp.int64)
         self.valid = xp.concat([self.valid, valid], axis=0)
         self.key_pos = xp.concat([self.key_pos, key_pos], axis=0)
@@ -138,8 +165,10 @@ class Batch:
     def step(self, tokens: list[int]) -> Array:
         """Decode one token per row (``tokens``, the rows' last ones): logits ``[rows, vocab]``."""
         xp = self.xp
-        if self.length >= self.capacity:
+        if self.length >= self.size:
             self.compact()
+            if self.length > self.size // 2:
+                self._grow(self.size + 1)
         n = self.length
         self.valid[:, n] = True
         self.key_pos[:, n] = self.next_pos[:, 0]

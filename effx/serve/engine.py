@@ -184,7 +184,8 @@ class _Row:
 class ContinuousEngine(Engine):
     """Continuous batching over ``backend`` (a plan that :func:`batchable` accepts): between steps, rows
     that finished or were cancelled leave and waiting requests join, up to ``max_batch`` rows. The cache
-    holds ``capacity`` slots (default: the model's positions); a request longer than that is refused."""
+    starts with ``initial_slots`` slots and grows up to ``capacity`` (default: the model's positions); a
+    request longer than that is refused."""
 
     kind = "continuous batching"
 
@@ -196,12 +197,13 @@ class ContinuousEngine(Engine):
         max_queue: int,
         metrics: Metrics,
         capacity: int | None = None,
+        initial_slots: int = 256,
     ) -> None:
         super().__init__(max_batch=max_batch, max_queue=max_queue, metrics=metrics)
         self.backend = backend
         self.eos = set(stop_and_pad(backend.plan, None, None)[0])
         self.capacity = backend.plan.model.max_positions if capacity is None else capacity
-        self.batch = Batch(backend, self.capacity)
+        self.batch = Batch(backend, self.capacity, initial=initial_slots)
         self.rows: list[_Row] = []
 
     def _work(self) -> None:
