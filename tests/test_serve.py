@@ -302,6 +302,47 @@ def test_a_client_that_leaves_cancels_its_row(server, client, run):
     )
 
 
+def test_a_client_that_leaves_a_whole_answer_cancels_it_too(server):
+    _wait_idle(server)
+    before = _metric(server, "effx_requests_cancelled_total")
+    body = {"model": MODEL, "prompt": "w10 w11", "max_tokens": POSITIONS - 16, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before the answer is complete
+        httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    _wait_idle(server)
+    assert _metric(server, "effx_requests_cancelled_total") == before + 1
+
+
+def test_stop_strings_and_seeds(server, client, run):
+    _wait_idle(server)
+    prompt_ids = run.tokenizer.encode("w20 w21", special=True)
+    full = run.tokenizer.decode(reference(run, prompt_ids, 12, ignore_eos=True))
+    cut = full.split()[5]
+    want = full[: full.index(cut)]  # the answer ends before the first place the stop string appears
+    for stream in (False, True):
+        answer = client.completions.create(
+            model=MODEL, prompt="w20 w21", max_tokens=12, temperature=0, stop=[cut, "w95 w95"],
+            stream=stream, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        if stream:
+            chunks = list(answer)
+            text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            text, reason = answer.choices[0].text, answer.choices[0].finish_reason
+        assert text == want and reason == "stop"
+
+    def sampled(seed):
+        return (
+            client.completions.create(
+                model=MODEL, prompt="w20 w21", max_tokens=16, temperature=1.5, seed=seed
+            )
+            .choices[0]
+            .text
+        )
+
+    assert sampled(3) == sampled(3)
+
+
 def test_a_full_queue_is_answered_429_with_retry_after(server, client):
     _wait_idle(server)
     with httpx.Client(base_url=server, timeout=60) as http:

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,7 @@ from .schemas import (
 )
 from .text import TextStream
 
-__all__ = ["ApiError", "BodyLimit", "Limits", "create_app"]
+__all__ = ["ApiError", "BodyLimit", "CountRequests", "Limits", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,26 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class CountRequests:
+    """ASGI middleware: counts every answer by path and status (a pure ASGI middleware: FastAPI's
+    ``@app.middleware`` wraps ``receive`` and hides a client's disconnect from the routes)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(scope["path"], str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 def _validation_error(error: RequestValidationError) -> ApiError:
     first = error.errors()[0] if error.errors() else {"msg": "invalid request", "loc": ()}
     if first.get("type") == "json_invalid":
@@ -150,12 +170,6 @@ def _install_errors(app: FastAPI, metrics: Metrics) -> None:
     app.add_exception_handler(HTTPException, api_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(Exception, internal)
-
-    @app.middleware("http")
-    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
 
 
 class Server:
@@ -210,22 +224,29 @@ class Server:
 
 
 def _pieces(
-    server: Server, body: CompletionRequest | ChatRequest, prompt: list[int]
+    server: Server, http: Request, body: CompletionRequest | ChatRequest, prompt: list[int]
 ) -> AsyncIterator[tuple[str, FinishReason | None, Usage]]:
     """Submit the request now (so that a full queue is answered 429 before any stream starts); the iterator
     yields ``(text piece, finish reason or None, usage so far)`` as tokens come, and cancels the request
-    when its consumer stops early (the client went away)."""
+    when its consumer stops early or the client goes away (streamed or not)."""
     handle, events = server.submit(server.request(body, prompt))
-    return _read(server, handle, events, body.stops, prompt)
+    return _read(server, http, handle, events, body.stops, prompt)
 
 
 async def _read(
-    server: Server, handle: Any, events: asyncio.Queue[Event], stops: list[str], prompt: list[int]
+    server: Server,
+    http: Request,
+    handle: Any,
+    events: asyncio.Queue[Event],
+    stops: list[str],
+    prompt: list[int],
 ) -> AsyncIterator[tuple[str, FinishReason | None, Usage]]:
     text = TextStream(lambda ids: str(server.tokenizer.decode(ids)), stops)
     try:
         while True:
             event = await events.get()
+            if await http.is_disconnected():
+                return
             usage = Usage(
                 prompt_tokens=len(prompt), completion_tokens=len(text.tokens),
                 total_tokens=len(prompt) + len(text.tokens),
@@ -248,12 +269,10 @@ async def _read(
         handle.cancel()
 
 
-def _sse(chunks: AsyncIterator[str], http: Request) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
-                if await http.is_disconnected():
-                    return
                 yield f"data: {chunk}\n\n"
             yield "data: [DONE]\n\n"
         except ApiError as e:  # headers are sent: the error goes in the stream, as OpenAI's does
@@ -270,6 +289,7 @@ def create_app(engine: Engine, tokenizer: Any, model: str, limits: Limits, metri
     server = Server(engine, tokenizer, model, limits, metrics)
     _install_errors(app, metrics)
     app.add_middleware(BodyLimit, limit=limits.max_body)
+    app.add_middleware(CountRequests, metrics=metrics)
 
     @app.get("/health")
     async def health() -> Response:
@@ -286,13 +306,13 @@ def create_app(engine: Engine, tokenizer: Any, model: str, limits: Limits, metri
         return ModelList(data=[ModelCard(id=model, created=server.created)])
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, http: Request) -> Completion | StreamingResponse:
+    async def completions(body: CompletionRequest, http: Request) -> Completion | Response:
         server.check_model(body.model)
         prompt = list(tokenizer.encode(body.text, special=True))
         return await _complete(server, http, body, prompt)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatRequest, http: Request) -> ChatCompletion | StreamingResponse:
+    async def chat(body: ChatRequest, http: Request) -> ChatCompletion | Response:
         server.check_model(body.model)
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
         prompt = list(tokenizer.encode_chat(messages))
@@ -301,15 +321,22 @@ def create_app(engine: Engine, tokenizer: Any, model: str, limits: Limits, metri
     return app
 
 
+async def _no_answer(http: Request) -> Response:
+    """A request that ended before its first token: its client went away (nginx's 499, for the metrics)."""
+    if await http.is_disconnected():
+        return Response(status_code=499)
+    raise ApiError(500, "the request ended without an answer", kind="server_error")
+
+
 def _ident(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
 async def _complete(
     server: Server, http: Request, body: CompletionRequest, prompt: list[int]
-) -> Completion | StreamingResponse:
+) -> Completion | Response:
     ident, created = _ident("cmpl"), int(time.time())
-    pieces = _pieces(server, body, prompt)
+    pieces = _pieces(server, http, body, prompt)
 
     def completion(text: str, reason: FinishReason | None, usage: Usage | None) -> Completion:
         choice = CompletionChoice(text=text, finish_reason=reason)
@@ -321,22 +348,22 @@ async def _complete(
             async for piece, reason, _ in pieces:
                 yield completion(piece, reason, None).model_dump_json()
 
-        return _sse(chunks(), http)
+        return _sse(chunks())
     parts: list[str] = []
     reason: FinishReason | None = "length"
     usage: Usage | None = None
     async for piece, reason, usage in pieces:  # noqa: B007 (the last one's reason and usage are the answer's)
         parts.append(piece)
     if usage is None:
-        raise ApiError(500, "the request ended without an answer", kind="server_error")
+        return await _no_answer(http)
     return completion("".join(parts), reason, usage)
 
 
 async def _chat(
     server: Server, http: Request, body: ChatRequest, prompt: list[int]
-) -> ChatCompletion | StreamingResponse:
+) -> ChatCompletion | Response:
     ident, created = _ident("chatcmpl"), int(time.time())
-    pieces = _pieces(server, body, prompt)
+    pieces = _pieces(server, http, body, prompt)
 
     def chunk(delta: Delta, reason: FinishReason | None) -> str:
         choice = ChatChunkChoice(delta=delta, finish_reason=reason)
@@ -349,14 +376,14 @@ async def _chat(
             async for piece, reason, _ in pieces:
                 yield chunk(Delta(content=piece), reason)
 
-        return _sse(chunks(), http)
+        return _sse(chunks())
     parts: list[str] = []
     reason: FinishReason | None = "length"
     usage: Usage | None = None
     async for piece, reason, usage in pieces:  # noqa: B007
         parts.append(piece)
     if usage is None:
-        raise ApiError(500, "the request ended without an answer", kind="server_error")
+        return await _no_answer(http)
     message = ChatResponseMessage(content="".join(parts))
     choice = ChatChoice(message=message, finish_reason=reason or "length")
     return ChatCompletion(id=ident, created=created, model=server.model, choices=[choice], usage=usage)
