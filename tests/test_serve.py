@@ -391,6 +391,7 @@ def test_bad_requests_get_json_errors_and_the_server_lives(server, body, status,
 def test_unknown_routes_and_chat_errors_are_json(server):
     response = httpx.get(f"{server}/v1/nothing")
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    assert 'effx_requests_total{endpoint="other",status="404"}' in httpx.get(f"{server}/metrics").text
     response = httpx.post(f"{server}/v1/chat/completions", json={"model": MODEL, "messages": []})
     assert response.status_code == 400 and "messages" in response.json()["error"]["message"]
     response = httpx.post(

@@ -119,11 +119,12 @@ class BodyLimit:
 
 
 class CountRequests:
-    """ASGI middleware: counts every answer by path and status (a pure ASGI middleware: FastAPI's
-    ``@app.middleware`` wraps ``receive`` and hides a client's disconnect from the routes)."""
+    """ASGI middleware: counts every answer by status and path (one of ``paths``, else ``other``); a pure
+    ASGI middleware, as FastAPI's ``@app.middleware`` wraps ``receive`` and hides a client's disconnect
+    from the routes."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, metrics: Metrics, paths: frozenset[str]) -> None:
+        self.app, self.metrics, self.paths = app, metrics, paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -132,7 +133,8 @@ class CountRequests:
 
         async def counted(message: Message) -> None:
             if message["type"] == "http.response.start":
-                self.metrics.requests.labels(scope["path"], str(message["status"])).inc()
+                path = scope["path"] if scope["path"] in self.paths else "other"  # bounded labels
+                self.metrics.requests.labels(path, str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, counted)
@@ -288,8 +290,6 @@ def create_app(engine: Engine, tokenizer: Any, model: str, limits: Limits, metri
     app = FastAPI(title="effx serve", docs_url=None, redoc_url=None, openapi_url=None)
     server = Server(engine, tokenizer, model, limits, metrics)
     _install_errors(app, metrics)
-    app.add_middleware(BodyLimit, limit=limits.max_body)
-    app.add_middleware(CountRequests, metrics=metrics)
 
     @app.get("/health")
     async def health() -> Response:
@@ -318,6 +318,9 @@ def create_app(engine: Engine, tokenizer: Any, model: str, limits: Limits, metri
         prompt = list(tokenizer.encode_chat(messages))
         return await _chat(server, http, body, prompt)
 
+    app.add_middleware(BodyLimit, limit=limits.max_body)
+    paths = frozenset(str(getattr(route, "path", "")) for route in app.routes)
+    app.add_middleware(CountRequests, metrics=metrics, paths=paths)
     return app
 
 

@@ -128,12 +128,21 @@ class Engine:
         """Queue ``request``; raises :class:`QueueFull` when ``max_queue`` requests already wait."""
         handle = Handle(request, sink)
         with self._wake:
+            self._purge()
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting already")
             self._waiting.append(handle)
             self.metrics.queue_length.set(len(self._waiting))
             self._wake.notify()
         return handle
+
+    def _purge(self) -> None:
+        """End the waiting requests whose client went away (the caller holds the lock), so that they hold
+        no place in the queue."""
+        for handle in [h for h in self._waiting if h.cancelled]:
+            self._waiting.remove(handle)
+            self._end(handle, "cancelled")
+        self.metrics.queue_length.set(len(self._waiting))
 
     def _next_waiting(self, block: bool) -> Handle | None:
         """The oldest waiting request (``block``: wait for one), None when there is none or on close."""
@@ -263,7 +272,10 @@ class ContinuousEngine(Engine):
         return True
 
     def _step(self) -> None:
-        """Drop cancelled rows, decode one token for the others, and let finished rows leave."""
+        """Drop cancelled rows (and waiting requests), decode one token for the others, and let finished
+        rows leave."""
+        with self._wake:
+            self._purge()
         live = [i for i, row in enumerate(self.rows) if not row.handle.cancelled]
         for row in self.rows:
             if row.handle.cancelled:
