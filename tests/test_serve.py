@@ -371,6 +371,7 @@ BAD = [
     (b'{"model": "tiny", "prompt": "w5", "temperature": -1}', 400, None),
     (b'{"model": "tiny"}', 400, None),
     (b"[1, 2]", 400, None),
+    (b'{"model": "tiny", "prompt": ""}', 400, None),
     (b'{"model": "tiny", "prompt": "' + b"w5 " * 3000 + b'"}', 413, "request_too_large"),
 ]
 
@@ -385,6 +386,20 @@ def test_bad_requests_get_json_errors_and_the_server_lives(server, body, status,
     assert error["message"] and error["type"] and "Traceback" not in response.text
     if code is not None:
         assert error["code"] == code
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_an_oversized_body_without_a_length_is_refused_as_it_arrives(server):
+    def chunks():  # no Content-Length: httpx sends it chunked
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(100):
+            yield b"w5 " * 100
+        yield b'"}'
+
+    response = httpx.post(
+        f"{server}/v1/completions", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
     assert httpx.get(f"{server}/health").status_code == 200
 
 

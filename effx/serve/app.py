@@ -192,6 +192,8 @@ class Server:
 
     def request(self, body: CompletionRequest | ChatRequest, prompt: list[int]) -> EngineRequest:
         """The engine's request: ``max_tokens`` checked against the room the prompt leaves."""
+        if not prompt:
+            raise ApiError(400, "the prompt is empty: it encodes to no tokens", param="prompt")
         room = self.limits.max_positions - len(prompt)
         asked = body.limit if isinstance(body, ChatRequest) else body.max_tokens
         if room < 1 or (asked is not None and asked > room):
