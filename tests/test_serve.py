@@ -103,6 +103,25 @@ def test_engine_rows_join_leave_and_compact_with_the_tokens_of_each_request_alon
     assert samples[("effx_step_batch_size_count", None)] > samples[("effx_step_batch_size_bucket", "2.0")] > 0
 
 
+def test_a_short_request_does_not_wait_for_a_long_one(run):
+    # the short one joins at the next step and leaves after its 4 tokens, while the long one goes on
+    engine = ContinuousEngine(run.backend(), max_batch=2, max_queue=4, metrics=Metrics())
+    ended = []
+    engine.start()
+    try:
+        for name, request in (
+            ("long", Request([5, 6], 300, ignore_eos=True)),
+            ("short", Request([7], 4, ignore_eos=True)),
+        ):
+            engine.submit(request, lambda e, name=name: e.reason and ended.append(name))
+        deadline = time.monotonic() + 60
+        while len(ended) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.close()
+    assert ended == ["short", "long"]
+
+
 def test_engine_refuses_what_it_cannot_hold_and_keeps_running(run):
     engine = ContinuousEngine(run.backend(), max_batch=2, max_queue=1, metrics=Metrics(), capacity=16)
     engine.start()
