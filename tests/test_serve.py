@@ -1,6 +1,7 @@
 """effx serve: the continuous-batching engine against Program.generate, and the server as a client sees it
 (the official openai client, raw HTTP for bad requests) in a subprocess on a free localhost port."""
 
+import contextlib
 import json
 import re
 import socket
@@ -201,7 +202,8 @@ def _free_port() -> int:
 def server(model_dir):
     port = _free_port()
     args = ["serve", "--model", str(model_dir), "--kernels", "reference", "--port", str(port)]
-    args += ["--max-batch", "2", "--max-queue", "2", "--model-name", MODEL, "--max-body", "4096"]
+    # 2 rows and 4 places in the queue: the 4 concurrent clients below always fit, however fast rows join
+    args += ["--max-batch", "2", "--max-queue", "4", "--model-name", MODEL, "--max-body", "4096"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "effx.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -362,20 +364,25 @@ def test_stop_strings_and_seeds(server, client, run):
     assert sampled(3) == sampled(3)
 
 
+def _first_event(response):
+    """Read up to the stream's first event (its request has a row); returns the stream's lines, to be kept:
+    a line iterator that is collected closes its connection, which cancels the request."""
+    lines = response.iter_lines()
+    next(line for line in lines if line.startswith("data: "))
+    return lines
+
+
 def test_a_full_queue_is_answered_429_with_retry_after(server, client):
     _wait_idle(server)
-    with httpx.Client(base_url=server, timeout=60) as http:
-        streams = [_long_stream(http, f"w{10 + i} w5") for i in range(4)]  # 2 rows decode, 2 wait
-        opened = [s.__enter__() for s in streams]
-        try:
-            assert [r.status_code for r in opened] == [200] * 4
-            with pytest.raises(openai.RateLimitError) as refused:
-                client.completions.create(model=MODEL, prompt="w5", max_tokens=2, temperature=0)
-            assert refused.value.response.headers["retry-after"] == "1"
-            assert refused.value.body["code"] == "queue_full"
-        finally:
-            for s in streams:
-                s.__exit__(None, None, None)
+    with httpx.Client(base_url=server, timeout=60) as http, contextlib.ExitStack() as streams:
+        running = [_first_event(streams.enter_context(_long_stream(http, f"w{10 + i} w5"))) for i in range(2)]
+        for i in range(4):  # both rows decode (each has sent a token) and four wait (sent their headers)
+            assert streams.enter_context(_long_stream(http, f"w{20 + i} w5")).status_code == 200
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.completions.create(model=MODEL, prompt="w5", max_tokens=2, temperature=0)
+        assert refused.value.response.headers["retry-after"] == "1"
+        assert refused.value.body["code"] == "queue_full"
+        del running  # kept open until here
     _wait_idle(server)
     assert httpx.get(f"{server}/health").status_code == 200
 

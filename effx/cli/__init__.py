@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         top = (e.name or "").split(".")[0]
         if top in _SERVE_EXTRA:
-            return _error(f'`effx serve` needs {e.name}, which this install lacks: pip install "effx[serve]"', 1)
+            return _error(
+                f'`effx serve` needs {e.name}, which this install lacks: pip install "effx[serve]"', 1
+            )
         if top not in _TORCH_EXTRA:
             raise
         # an install without the torch extra runs artifacts only (`effx run`, `effx chat --artifact`)

@@ -214,6 +214,8 @@ class Server:
         return EngineRequest(prompt, max_new, sampler, body.seed, body.ignore_eos)
 
     def submit(self, request: EngineRequest) -> tuple[Any, asyncio.Queue[Event]]:
+        if not self.engine.alive:
+            raise ApiError(503, "the engine has stopped: restart the server", kind="server_error")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         try:
