@@ -33,6 +33,9 @@ _TORCH_EXTRA = frozenset(
      "evaluate", "rouge_score", "sacrebleu", "fvcore", "matplotlib", "tqdm"}
 )  # fmt: skip
 
+# top-level modules of the serve extra (`effx serve`)
+_SERVE_EXTRA = frozenset({"fastapi", "starlette", "uvicorn", "prometheus_client"})
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -51,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     except EffxError as e:
         return _error(e, 1)
     except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] not in _TORCH_EXTRA:
+        top = (e.name or "").split(".")[0]
+        if top in _SERVE_EXTRA:
+            return _error(
+                f'`effx serve` needs {e.name}, which this install lacks: pip install "effx[serve]"', 1
+            )
+        if top not in _TORCH_EXTRA:
             raise
         # an install without the torch extra runs artifacts only (`effx run`, `effx chat --artifact`)
         return _error(

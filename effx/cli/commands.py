@@ -176,6 +176,27 @@ def chat(args) -> int:
     return 0
 
 
+def serve(args) -> int:
+    from ..serve.server import Options, build
+
+    source = frontend.resolve(args.model, args.passes, artifact=args.artifact, kernels=args.kernels)
+    options = Options(
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        default_max_tokens=args.default_max_tokens,
+        max_body=args.max_body,
+        model_name=args.model_name,
+        engine=args.engine,
+    )
+    server = build(source, options)
+    name = options.model_name or source.path
+    print(f"[effx serve] {name} ({server.engine.kind}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    server.run()
+    return 0
+
+
 def _read_prompts(path: str) -> list[str]:
     from pathlib import Path
 

@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.passes)
     _bench(sub, model)
+    _serve(sub, model)
     return parser
 
 
@@ -488,3 +489,78 @@ def _bench(sub, model) -> None:
     )
     b.add_argument("--no-plot", action="store_true", help="skip the Pareto plot (no matplotlib needed)")
     b.add_argument("--out", default="results", help="output directory (default: %(default)s)")
+
+
+SERVE_EPILOG = """\
+examples:
+  effx serve --model smollm2-135m --port 8000
+  effx serve --model smollm2-135m --passes "quantize{source=gguf}" --max-batch 16
+  effx serve --artifact out/smollm2                        # ONNX Runtime, no torch needed by the model
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "smollm2-135m", "messages": [{"role": "user", "content": "Explain tides."}]}'
+routes: POST /v1/chat/completions, POST /v1/completions (stream: server-sent events), GET /v1/models,
+GET /health, GET /metrics (Prometheus). temperature 0 decodes greedily; the default, 1, samples.
+A full queue is answered 429 with Retry-After. See docs/serve.md.
+"""
+
+
+def _serve(sub, model) -> None:
+    s = sub.add_parser(
+        "serve",
+        parents=[model],
+        help="serve a pipeline or an artifact over an OpenAI-compatible HTTP API",
+        description="Load the model (or --artifact), apply the passes and serve it over HTTP with the OpenAI "
+        "API's chat and text completions. Requests are batched continuously: they join the running batch "
+        "between decode steps and leave when done, so a short request does not wait for a long one. Plans "
+        "that decide per step (drafting, early exits, token drop, per-prompt neurons) and cascades run "
+        "one request at a time.",
+        epilog=SERVE_EPILOG,
+        formatter_class=RAW,
+    )
+    s.set_defaults(func=commands.serve)
+    s.add_argument(
+        "--artifact",
+        default=None,
+        help="serve an artifact written by 'effx export' instead (ONNX Runtime; --model, --passes and "
+        "--kernels are refused with it)",
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    s.add_argument(
+        "--max-batch",
+        type=_positive,
+        default=8,
+        help="requests decoded together at most (default: %(default)s)",
+    )
+    s.add_argument(
+        "--max-queue",
+        type=_positive,
+        default=64,
+        help="requests waiting for a place in the batch at most; more are answered 429 with Retry-After "
+        "(default: %(default)s)",
+    )
+    s.add_argument(
+        "--default-max-tokens",
+        type=_positive,
+        default=256,
+        help="new tokens of a request that sends no max_tokens, less where the context has less room "
+        "(default: %(default)s)",
+    )
+    s.add_argument(
+        "--max-body",
+        type=_positive,
+        default=1 << 20,
+        help="bytes a request body may hold; larger ones are answered 413 (default: %(default)s)",
+    )
+    s.add_argument(
+        "--model-name",
+        default=None,
+        help="the model name clients send and /v1/models lists (default: the --model or --artifact value)",
+    )
+    s.add_argument(
+        "--engine",
+        choices=("auto", "continuous", "serial"),
+        default="auto",
+        help="continuous batching, or serial (one request at a time, through the source's own generate); "
+        "auto: continuous where the plan allows it (default: %(default)s)",
+    )
