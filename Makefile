@@ -44,8 +44,8 @@ demo: install   ## generate on the embedded SmolLM2, print text, tokens/s and FL
 	$(VENV)/bin/effx generate --model smollm2-135m --max-new-tokens 64 "Explain why the sea has tides."
 	$(VENV)/bin/effx inspect --model smollm2-135m | tail -n 4
 
-test: install   ## all tests, SmolLM2 integration tests included
-	$(PY) -m pytest -q
+test: install   ## all tests, SmolLM2 integration tests included (the 25 slowest listed: CI's time budget)
+	$(PY) -m pytest -q --durations=25
 
 test-fast: install   ## tiny random models only
 	$(PY) -m pytest -q -m "not integration"
