@@ -17,7 +17,6 @@ bench reports.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -192,8 +191,8 @@ class DecodeStats:
                 continue
             if isinstance(value, DecodeStats):
                 value = value.as_dict()
-            elif name == "sources":
-                value = {k: dataclasses.asdict(v) for k, v in value.items()}
+            elif name == "sources":  # shallow, as the other lists are shared: this runs after every write
+                value = {k: {f.name: getattr(v, f.name) for f in _SOURCE_FIELDS} for k, v in value.items()}
             out[name] = value
         return out
 
@@ -280,6 +279,7 @@ def fallbacks_part(fallbacks: int, positions: int) -> str:
 
 
 _NAMES = tuple(f.name for f in fields(DecodeStats) if not f.name.startswith("_"))
+_SOURCE_FIELDS = fields(SourceCounts)
 _KNOWN = frozenset(_NAMES)
 
 
