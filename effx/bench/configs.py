@@ -136,7 +136,7 @@ def exit_heads(
 
 
 def draft_branch(
-    model_name: str, dense, tokenizer, tokens: int, *, text_tokens: int = 65536, progress: bool = True, **fit
+    model_name: str, dense, tokenizer, tokens: int, *, text_tokens: int = 262144, progress: bool = True, **fit
 ) -> tuple[Path, dict]:
     """Path of a draft branch trained on ``tokens`` tokens of ``dense``'s own generations and ``text_tokens``
     tokens of :func:`effx.data.offline_texts` (:func:`effx.train_draft_branch` with ``fit``'s settings),

@@ -386,9 +386,10 @@ def _train_draft(sub, model) -> None:
     t.add_argument(
         "--text-tokens",
         type=int,
-        default=65536,
+        default=262144,
         help="tokens of offline text (pydoc pages, ACLSum training papers) read teacher-forced beside the "
-        "generations; cheap, as they need no generating (default: %(default)s)",
+        "generations; cheap, as they need no generating; at most what effx.data.offline_texts holds, about "
+        "166k tokens of SmolLM2's tokenizer (default: %(default)s)",
     )
     t.add_argument(
         "--steps",
@@ -406,9 +407,9 @@ def _train_draft(sub, model) -> None:
         "--ffn", type=int, default=None, help="the branch's MLP width (default: the model's, 1..4x hidden)"
     )
     t.add_argument(
-        "--epochs", type=_positive, default=4, help="passes over the training tokens (default: %(default)s)"
+        "--epochs", type=_positive, default=2, help="passes over the training tokens (default: %(default)s)"
     )
-    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
     t.add_argument(
         "--precision",
         choices=("auto", "float32", "bfloat16"),
