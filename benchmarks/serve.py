@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--passes", default="quantize{source=gguf}", help="effx's pipeline")
     ap.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp's server out")
+    ap.add_argument("--no-effx", action="store_true", help="leave effx serve out (llama.cpp's rows only)")
     args = ap.parse_args()
     loads = [int(c) for c in args.clients.split(",")]
     _, tok = effx.models.load("smollm2-135m")
@@ -145,14 +146,15 @@ def main() -> None:
     gguf = str(gguf_file("smollm2-135m"))
     servers = {}
     port = _free_port()
-    servers[f"effx serve ({args.passes or 'dense'}, max batch 16)"] = (
-        [sys.executable, "-m", "effx.cli", "serve", "--model", "smollm2-135m", "--port", str(port)]
-        + (["--passes", args.passes] if args.passes else [])
-        + ["--max-batch", "16", "--max-queue", str(max(64, args.requests))],
-        port,
-        "/health",
-        {"OMP_NUM_THREADS": str(args.threads)},
-    )
+    if not args.no_effx:
+        servers[f"effx serve ({args.passes or 'dense'}, max batch 16)"] = (
+            [sys.executable, "-m", "effx.cli", "serve", "--model", "smollm2-135m", "--port", str(port)]
+            + (["--passes", args.passes] if args.passes else [])
+            + ["--max-batch", "16", "--max-queue", str(max(64, args.requests))],
+            port,
+            "/health",
+            {"OMP_NUM_THREADS": str(args.threads)},
+        )
     if args.no_llama_cpp:
         pass
     elif importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("sse_starlette") is None:
@@ -161,7 +163,8 @@ def main() -> None:
         port = _free_port()
         servers["llama.cpp server (the GGUF file, Q4_1)"] = (
             [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port)]
-            + ["--n_threads", str(args.threads), "--n_ctx", "2048"],
+            # its default interrupts a running stream when another request comes: serve them in turn
+            + ["--n_threads", str(args.threads), "--n_ctx", "2048", "--interrupt_requests", "False"],
             port,
             "/v1/models",
             {},
