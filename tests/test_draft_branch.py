@@ -93,6 +93,16 @@ def test_the_pass_adds_the_branch_before_the_head_and_sets_the_policy(model, tra
     for got, want in zip(prog.stages[-3].graph(*args), layer(*args), strict=True):
         err = (got - want).norm() / want.norm()
         assert 0 < err < 0.02
+    # a later quantize keeps the int8 branch as the pass stored it, and quantizes a float32 one
+    for bits, kept in ((8, True), (32, False)):
+        spec = f"draft-branch{{weights={path} bits={bits}}}, quantize{{bits=4}}"
+        stage = effx.transform(model, passes=spec).stages[-3]
+        before = dict((prog if bits == 8 else exact).stages[-3].graph.named_buffers())
+        after = dict(stage.graph.named_buffers())
+        assert (
+            after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+        ) == kept
+        assert not [n for n in stage.graph.graph.nodes if n.target == torch.ops.aten.linear.default]
     # the plan round-trips with its stage kinds and policy
     assert effx.Plan.from_json(prog.plan.to_json()) == prog.plan
 

@@ -30,8 +30,8 @@ the branch's cost (``effx.runtime.pacing``), and stops drafting where no length 
 branch and its head store their weights: 8 (default; int8 round-to-nearest in groups of 32, a quarter of
 float32's bytes), 16 (bfloat16) or 32 (float32, as trained). A draft step at batch 1 reads its weights like
 a decode step does, so its cost follows their bytes; a lossy draft changes only what is proposed, never
-the output (the Program verifies every draft with its own weights). A later ``quantize`` leaves a branch
-stored this way as it is.
+the output (the Program verifies every draft with its own weights). A later ``quantize`` leaves an int8
+or bfloat16 branch as it is, and quantizes a float32 one (``bits=32``) with the rest.
 """
 
 from __future__ import annotations
