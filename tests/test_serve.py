@@ -180,6 +180,46 @@ def test_continuous_engine_on_an_artifact_gives_its_generate_tokens(model_dir, t
         assert tokens == reference(artifact, prompt, 10)
 
 
+def test_start_loads_and_decodes_on_the_engine_thread_and_raises_what_loading_raised(
+    model_dir, run, monkeypatch
+):
+    from effx.serve import server as serve
+
+    loaded_on, load = [], serve.load
+
+    def recording(source):
+        loaded_on.append(threading.current_thread())
+        return load(source)
+
+    monkeypatch.setattr(serve, "load", recording)
+    source = frontend.resolve(str(model_dir), kernels="reference")
+    server = serve.start(source, serve.Options(max_batch=2))
+    try:
+        assert server.engine.alive
+        decoded_on = []
+
+        def sink(event):
+            decoded_on.append(threading.current_thread())
+
+        results, _ = _collect(server.engine, [Request([5, 9, 11], 6, ignore_eos=True)])
+        server.engine.submit(Request([5], 1), sink)
+        deadline = time.monotonic() + 30
+        while not decoded_on and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        server.engine.close()
+    assert not server.engine.alive
+    assert results[0] == reference(run, [5, 9, 11], 6, ignore_eos=True)
+    assert loaded_on[0] is decoded_on[0] is not threading.main_thread()
+
+    def failing(source):
+        raise RuntimeError("no such weights")
+
+    monkeypatch.setattr(serve, "load", failing)
+    with pytest.raises(RuntimeError, match="no such weights"):
+        serve.start(source, serve.Options())
+
+
 def test_text_stream_holds_back_partial_stop_strings_and_cuts_at_one():
     words = {1: "ab", 2: "c", 3: "STO", 4: "P", 5: "z"}
     stream = TextStream(lambda ids: "".join(words[i] for i in ids), ["STOP"])

@@ -177,7 +177,7 @@ def chat(args) -> int:
 
 
 def serve(args) -> int:
-    from ..serve.server import Options, build
+    from ..serve.server import Options, start
 
     source = frontend.resolve(args.model, args.passes, artifact=args.artifact, kernels=args.kernels)
     options = Options(
@@ -190,7 +190,7 @@ def serve(args) -> int:
         model_name=args.model_name,
         engine=args.engine,
     )
-    server = build(source, options)
+    server = start(source, options)
     name = options.model_name or source.path
     print(f"[effx serve] {name} ({server.engine.kind}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
     server.run()

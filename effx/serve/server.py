@@ -1,11 +1,15 @@
 """Open a source and serve it: the engine that fits its plan, the app over it, and uvicorn.
 
-server = build(frontend.resolve("smollm2-135m"), Options(max_batch=8))
+server = start(frontend.resolve("smollm2-135m"), Options(max_batch=8))  # loaded, and decoding
 server.run()   # until interrupted; server.app is the ASGI app (for uvicorn, or any ASGI server)
+
+:func:`start` loads the model on the engine's own thread, which then decodes: the thread that decodes must
+be the one that loaded (:meth:`effx.serve.engine.Engine.run` says why).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,7 +21,7 @@ from .app import Limits, create_app
 from .engine import ContinuousEngine, Engine, SerialEngine, batchable
 from .metrics import Metrics
 
-__all__ = ["Options", "Server", "build"]
+__all__ = ["Options", "Server", "build", "start"]
 
 
 @dataclass(frozen=True)
@@ -41,17 +45,41 @@ class Server:
     options: Options
 
     def run(self) -> None:
-        """Serve until interrupted; the engine's thread stops with the server."""
-        self.engine.start()
+        """Serve HTTP on this thread until interrupted; the engine stops with the server."""
         try:
             uvicorn.run(self.app, host=self.options.host, port=self.options.port, log_level="warning")
         finally:
             self.engine.close()
 
 
+def start(source: Source, options: Options) -> Server:
+    """:func:`build` the server on a new thread, which then runs its engine; returns once the model is
+    loaded (raising what loading raised)."""
+    built: list[Server] = []
+    failed: list[BaseException] = []
+    ready = threading.Event()
+
+    def boot() -> None:
+        try:
+            built.append(build(source, options))
+        except BaseException as e:  # noqa: BLE001 (handed to the caller, who raises it)
+            failed.append(e)
+            return
+        finally:
+            ready.set()
+        built[0].engine.run()
+
+    threading.Thread(target=boot, name="effx-engine", daemon=True).start()
+    ready.wait()
+    if failed:
+        raise failed[0]
+    return built[0]
+
+
 def build(source: Source, options: Options) -> Server:
     """Load ``source`` through the front end (:func:`effx.frontend.load`) and build the server: continuous
-    batching where the plan allows it (``engine="auto"``), else one request at a time."""
+    batching where the plan allows it (``engine="auto"``), else one request at a time. Its engine is not
+    started: run it on this thread (``server.engine.run()``), or use :func:`start`."""
     run = load(source)
     metrics = Metrics()
     backend = run.backend()  # type: ignore[no-untyped-call]  # effx.frontend is not typed yet
