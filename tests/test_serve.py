@@ -506,3 +506,8 @@ def test_serve_usage_errors_exit_2(model_dir, capsys):
         main(["serve", "--model", str(model_dir), "--passes", "prompt-lookup", "--engine", "continuous"]) == 2
     )
     assert "--engine continuous cannot run 'prompt-lookup'" in capsys.readouterr().err
+    assert main(["serve", "--model", str(model_dir), "--max-replicas", "2"]) == 2
+    assert "--max-replicas and --replica-cpus go with --replicas" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", str(model_dir), "--replicas", "-1"])
+    assert e.value.code == 2

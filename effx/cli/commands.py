@@ -190,10 +190,29 @@ def serve(args) -> int:
         model_name=args.model_name,
         engine=args.engine,
     )
-    server = start(source, options)
     name = options.model_name or source.path
+    if args.replicas is not None:
+        return _serve_replicas(args, source, options, name)
+    if args.max_replicas is not None or args.replica_cpus is not None:
+        raise UsageError("--max-replicas and --replica-cpus go with --replicas")
+    server = start(source, options)
     print(f"[effx serve] {name} ({server.engine.kind}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
     server.run()
+    return 0
+
+
+def _serve_replicas(args, source, options, name: str) -> int:
+    import os
+
+    try:
+        from ..serve.ray import serve_here
+    except ImportError as e:
+        raise UsageError(f"--replicas needs Ray Serve: pip install 'effx[ray]' ({e})") from None
+    cpus = args.replica_cpus or (max(1.0, (os.cpu_count() or 1) / args.replicas) if args.replicas else 1.0)
+    where = f"http://{args.host}:{args.port}/v1"
+    count = f"{args.replicas} replicas" if args.replicas else f"autoscaled replicas ({cpus:g} CPUs each)"
+    print(f"[effx serve] {name} on Ray Serve, {count}, at {where}", file=sys.stderr)
+    serve_here(source, options, replicas=args.replicas, max_replicas=args.max_replicas, num_cpus=cpus)
     return 0
 
 

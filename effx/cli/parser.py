@@ -44,6 +44,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 # -- options several commands share, declared once --------------------------------------------------------
 
 
@@ -497,6 +508,7 @@ examples:
   effx serve --model smollm2-135m --port 8000
   effx serve --model smollm2-135m --passes "quantize{source=gguf}" --max-batch 16
   effx serve --artifact out/smollm2                        # ONNX Runtime, no torch needed by the model
+  effx serve --artifact out/smollm2 --replicas 2           # 2 replicas on Ray Serve (the ray extra)
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{"model": "smollm2-135m", "messages": [{"role": "user", "content": "Explain tides."}]}'
 routes: POST /v1/chat/completions, POST /v1/completions (stream: server-sent events), GET /v1/models,
@@ -564,4 +576,25 @@ def _serve(sub, model) -> None:
         default="auto",
         help="continuous batching, or serial (one request at a time, through the source's own generate); "
         "auto: continuous where the plan allows it (default: %(default)s)",
+    )
+    s.add_argument(
+        "--replicas",
+        type=_count,
+        default=None,
+        help="run N replicas of the server on Ray Serve on this machine, behind Ray's router at --host and "
+        "--port (0: autoscaled by Ray, 1 to --max-replicas); needs the ray extra (default: one server, no "
+        "Ray)",
+    )
+    s.add_argument(
+        "--max-replicas",
+        type=_positive,
+        default=None,
+        help="with --replicas 0, the most replicas Ray may start (default: the CPUs over --replica-cpus)",
+    )
+    s.add_argument(
+        "--replica-cpus",
+        type=float,
+        default=None,
+        help="with --replicas, the CPUs (and decoding threads) of each replica (default: the CPUs over the "
+        "replicas, at least 1)",
     )
