@@ -162,6 +162,36 @@ def test_serial_engine_runs_a_drafting_pipeline_with_its_greedy_tokens(model_dir
         engine.close()
     assert results[0] == reference(run, [5, 6, 5, 6], 15)
     assert len(results[1]) == 6 and ends[1].reason == "length"
+    # /metrics reports what the runtime decided: the same counts DecodeStats gives for these requests
+    expected = {"drafted": 0, "accepted": 0, "rounds": 0}
+    for request in requests:
+        stats = {}
+        stop = {"eos_token_id": []} if request.ignore_eos else {}
+        drafting.generate(drafting.batch(request.prompt), max_new_tokens=request.max_new, stats=stats, **stop)
+        for key in expected:
+            expected[key] += stats[key]
+    assert expected["drafted"] > 0
+    text = engine.metrics.exposition().decode()
+    for key, name in (("drafted", "proposed"), ("accepted", "accepted")):
+        assert f"effx_draft_tokens_{name}_total {float(expected[key])}" in text
+    assert f"effx_verify_rounds_total {float(expected['rounds'])}" in text
+    assert "effx_exit_layers_count 0.0" in text  # lossless drafting exits nowhere
+
+
+def test_metrics_record_exits_reduced_heads_and_cascades():
+    from effx.runtime.stats import DecodeStats
+
+    metrics = Metrics()
+    metrics.record(DecodeStats(exit_layers=[[2, 4], [4]], head_positions=10, head_fallbacks=3))
+    metrics.record(DecodeStats(small_tokens=5, large_tokens=2, drafted=None))
+    text = metrics.exposition().decode()
+    assert "effx_exit_layers_count 3.0" in text and "effx_exit_layers_sum 10.0" in text
+    assert 'effx_exit_layers_bucket{le="2.0"} 1.0' in text
+    assert "effx_reduced_head_positions_total 10.0" in text
+    assert "effx_reduced_head_fallbacks_total 3.0" in text
+    assert 'effx_cascade_tokens_total{model="small"} 5.0' in text
+    assert 'effx_cascade_tokens_total{model="large"} 2.0' in text
+    assert "effx_draft_tokens_proposed_total 0.0" in text
 
 
 def test_continuous_engine_on_an_artifact_gives_its_generate_tokens(model_dir, tmp_path):

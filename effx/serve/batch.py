@@ -28,6 +28,7 @@ from typing import Any
 from ..arrays import Array, take_along_axis
 from ..runtime.backend import Backend
 from ..runtime.forward import KVCache, run_step
+from ..runtime.stats import DecodeStats
 
 __all__ = ["Batch", "prefill_row"]
 
@@ -162,8 +163,9 @@ class Batch:
         self.key_pos = xp.take(self.key_pos, index, axis=0)
         self.next_pos = xp.take(self.next_pos, index, axis=0)
 
-    def step(self, tokens: list[int]) -> Array:
-        """Decode one token per row (``tokens``, the rows' last ones): logits ``[rows, vocab]``."""
+    def step(self, tokens: list[int], stats: DecodeStats | None = None) -> Array:
+        """Decode one token per row (``tokens``, the rows' last ones): logits ``[rows, vocab]``; ``stats``
+        receives what the step decided (a reduced head's fallbacks)."""
         xp = self.xp
         if self.length >= self.size:
             self.compact()
@@ -180,6 +182,7 @@ class Batch:
             self.next_pos,
             self.valid[:, : n + 1],
             key_pos=self.key_pos if self.windowed else None,
+            stats=stats,
         )
         self.length = n + 1  # run_step filled the cache's layers to n + 1
         self.next_pos = self.next_pos + 1

@@ -27,6 +27,7 @@ from ..arrays import new_rng
 from ..runtime.backend import Backend
 from ..runtime.loop import stop_and_pad
 from ..runtime.sampling import Sampler
+from ..runtime.stats import DecodeStats
 from .batch import Batch, prefill_row
 from .metrics import Metrics
 
@@ -306,7 +307,9 @@ class ContinuousEngine(Engine):
         if not self.rows:
             return
         self.metrics.step_batch_size.observe(len(self.rows))
-        logits = self.batch.step([row.token for row in self.rows])
+        stats = DecodeStats()
+        logits = self.batch.step([row.token for row in self.rows], stats)
+        self.metrics.record(stats)
         greedy = self.backend.xp.argmax(logits, axis=-1)
         going = []
         for i, row in enumerate(self.rows):
@@ -343,6 +346,7 @@ class SerialEngine(Engine):
         self.metrics.prompt_tokens.inc(len(request.prompt))
         self.metrics.batch_size.set(1)
         sampler = request.sampler
+        stats = DecodeStats()
         try:
             run.generate(
                 run.batch(request.prompt),
@@ -355,6 +359,7 @@ class SerialEngine(Engine):
                 **({"eos_token_id": []} if request.ignore_eos else {}),
                 on_token=lambda token: self._emit(handle, int(token[0])),
                 stop=lambda tokens: [handle.cancelled],
+                stats=stats,
             )
         except Exception as e:
             log.exception("generate failed")
@@ -362,6 +367,7 @@ class SerialEngine(Engine):
             return
         finally:
             self.metrics.batch_size.set(0)
+            self.metrics.record(stats)
         if handle.cancelled:
             self._end(handle, "cancelled")
         else:
