@@ -7,10 +7,13 @@ streamed, at most ``c`` in flight. Per server and load: aggregate completion tok
 re-tokenized with SmolLM2's tokenizer, the same count for both servers), its ratio to one client's,
 p50/p95 time to first token and p50/p95 time between streamed chunks. Both servers get ``--threads``
 threads. effx runs ``--passes`` (default ``quantize{source=gguf}``: the GGUF file's own 4-bit values)
-with continuous batching up to 16 rows; llama-cpp-python's server decodes one request at a time.
+with continuous batching up to 16 rows; llama-cpp-python's server decodes one request at a time. With
+``--replicas N``, effx serve also runs as N replicas on Ray Serve (``effx serve --replicas``), each with one
+CPU and one thread, behind Ray's proxy.
 
     python benchmarks/serve.py                                  # 1, 4, 16 clients, 32 requests of 64 tokens
     python benchmarks/serve.py --clients 1,4 --requests 8 --no-llama-cpp
+    python benchmarks/serve.py --replicas 2                     # and 2 Ray Serve replicas of 1 thread each
     pip install -e ".[llama]"             # the peer, llama-cpp-python[server] (a source build of a few minutes)
 
 Without llama-cpp-python[server] its rows are left out, and the script says so.
@@ -39,14 +42,14 @@ from effx.kernels import describe
 from effx.models import gguf_file
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 @contextmanager
-def _server(argv: list[str], port: int, health: str, env: dict, timeout: float = 600.0):
+def running_server(argv: list[str], port: int, health: str, env: dict, timeout: float = 600.0):
     """Run ``argv`` (with ``env`` added) until the block ends; wait until ``health`` answers 200 first."""
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a server's log must never block it
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})
@@ -136,6 +139,12 @@ def main() -> None:
     ap.add_argument("--passes", default="quantize{source=gguf}", help="effx's pipeline")
     ap.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp's server out")
     ap.add_argument("--no-effx", action="store_true", help="leave effx serve out (llama.cpp's rows only)")
+    ap.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="also time effx serve as N replicas on Ray Serve, 1 CPU and thread each (the ray extra)",
+    )
     args = ap.parse_args()
     loads = [int(c) for c in args.clients.split(",")]
     _, tok = effx.models.load("smollm2-135m")
@@ -145,7 +154,7 @@ def main() -> None:
 
     gguf = str(gguf_file("smollm2-135m"))
     servers = {}
-    port = _free_port()
+    port = free_port()
     if not args.no_effx:
         servers[f"effx serve ({args.passes or 'dense'}, max batch 16)"] = (
             [sys.executable, "-m", "effx.cli", "serve", "--model", "smollm2-135m", "--port", str(port)]
@@ -155,12 +164,25 @@ def main() -> None:
             "/health",
             {"OMP_NUM_THREADS": str(args.threads)},
         )
+    if args.replicas and importlib.util.find_spec("ray") is None:
+        print('Ray Serve rows left out: pip install -e ".[ray]"')
+    elif args.replicas and not args.no_effx:
+        port = free_port()
+        servers[f"effx serve, {args.replicas} Ray Serve replicas x 1 thread"] = (
+            [sys.executable, "-m", "effx.cli", "serve", "--model", "smollm2-135m", "--port", str(port)]
+            + (["--passes", args.passes] if args.passes else [])
+            + ["--max-batch", "16", "--max-queue", str(max(64, args.requests))]
+            + ["--replicas", str(args.replicas), "--replica-cpus", "1"],
+            port,
+            "/health",
+            {},
+        )
     if args.no_llama_cpp:
         pass
     elif importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("sse_starlette") is None:
         print('llama.cpp rows left out: pip install -e ".[llama]" (llama-cpp-python[server])')
     else:
-        port = _free_port()
+        port = free_port()
         servers["llama.cpp server (the GGUF file, Q4_1)"] = (
             [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port)]
             # its default interrupts a running stream when another request comes: serve them in turn
@@ -177,7 +199,7 @@ def main() -> None:
         f"{'server':48} {'clients':>7} {'tok/s':>7} {'x 1':>5} {'ttft p50':>9} {'p95':>6} {'gap p50':>8} {'p95':>6}"
     )
     for name, (argv, port, health, env) in servers.items():
-        with _server(argv, port, health, env) as base:
+        with running_server(argv, port, health, env) as base:
             model = "smollm2-135m" if "effx" in name else gguf
             _one(base, model, PROMPTS[0], 8)  # warm-up
             one = None

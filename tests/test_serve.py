@@ -410,6 +410,7 @@ def test_stop_strings_and_seeds(server, client, run):
     full = run.tokenizer.decode(reference(run, prompt_ids, 12, ignore_eos=True))
     cut = full.split()[5]
     want = full[: full.index(cut)]  # the answer ends before the first place the stop string appears
+    cancelled = _metric(server, "effx_requests_cancelled_total")
     for stream in (False, True):
         answer = client.completions.create(
             model=MODEL, prompt="w20 w21", max_tokens=12, temperature=0, stop=[cut, "w95 w95"],
@@ -421,6 +422,8 @@ def test_stop_strings_and_seeds(server, client, run):
         else:
             text, reason = answer.choices[0].text, answer.choices[0].finish_reason
         assert text == want and reason == "stop"
+    _wait_idle(server)
+    assert _metric(server, "effx_requests_cancelled_total") == cancelled  # a stop string is no cancellation
 
     def sampled(seed):
         return (

@@ -260,6 +260,7 @@ async def _read(
             if event.token is not None:
                 piece = text.push(event.token)
                 if text.stopped:
+                    handle.cancel(stopped=True)
                     yield piece, "stop", usage
                     return
                 if piece:

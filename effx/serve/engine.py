@@ -80,12 +80,16 @@ class Handle:
 
     def __init__(self, request: Request, sink: Callable[[Event], object]) -> None:
         self.request, self.sink = request, sink
-        self.cancelled = False
+        self.cancelled = self.stopped = False
         self.submitted = time.perf_counter()
         self.generated = 0
         self.last = self.submitted
 
-    def cancel(self) -> None:
+    def cancel(self, *, stopped: bool = False) -> None:
+        """Stop the request before the next step: its client went away, or (``stopped``) its text met a
+        stop string, which ends it as a stop token would (not counted as a cancellation)."""
+        if not self.cancelled:
+            self.stopped = stopped
         self.cancelled = True
 
 
@@ -201,7 +205,7 @@ class Engine:
         handle.sink(Event(token=token))
 
     def _end(self, handle: Handle, reason: Reason, error: str | None = None) -> None:
-        if reason == "cancelled":
+        if reason == "cancelled" and not handle.stopped:
             self.metrics.cancelled.inc()
         handle.sink(Event(reason=reason, error=error))
 
