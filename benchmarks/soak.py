@@ -144,9 +144,16 @@ def _client(base: str, seed: int, until: float, args, tally: Tally) -> None:
             _request(http, base, path, body, cancel, tally)
 
 
-def _probe(base: str) -> str:
+def _probe(base: str, tally: Tally) -> str:
+    """One greedy chat answer (retried while the queue is full)."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 32}
-    r = httpx.post(base + "/chat/completions", json={**body, "temperature": 0}, timeout=120)
+    deadline = time.monotonic() + 120
+    while True:
+        r = httpx.post(base + "/chat/completions", json={**body, "temperature": 0}, timeout=120)
+        if r.status_code != 429 or time.monotonic() > deadline:
+            break
+        tally.add("probe refused (429)", 429)
+        time.sleep(float(r.headers.get("retry-after", "1")))
     r.raise_for_status()
     return str(r.json()["choices"][0]["message"]["content"])
 
@@ -185,7 +192,7 @@ def main() -> int:
     tally = Tally()
     with running_server(argv, port, "/health", {}) as base:
         root = base.removesuffix("/v1")
-        first = _probe(base)
+        first = _probe(base, tally)
         probes = [first]
         start = time.monotonic()
         until = start + args.minutes * 60
@@ -200,14 +207,14 @@ def main() -> int:
         while any(t.is_alive() for t in clients):
             time.sleep(min(60.0, max(0.0, until - time.monotonic())) or 1.0)
             if time.monotonic() < until:
-                probes.append(_probe(base))
+                probes.append(_probe(base, tally))
                 with tally.lock:
                     seen = dict(tally.outcomes)
                 print(f"  {(time.monotonic() - start) / 60:4.1f} min: {seen}", flush=True)
         for t in clients:
             t.join()
         time.sleep(1.0)  # the last cancelled rows leave at the next step
-        probes.append(_probe(base))
+        probes.append(_probe(base, tally))
         health = httpx.get(root + "/health", timeout=10)
         metrics = httpx.get(root + "/metrics", timeout=10).text
     checks = {
