@@ -82,3 +82,24 @@ def test_a_paced_source_that_is_always_rejected_stops_drafting_and_output_is_den
     # after the first rounds it drafts only to probe: far fewer than 4 per round
     assert stats["drafted"] < 0.3 * 4 * len(lengths) * stats["steps"]
     assert source.asked[0] == 2 and source.asked[-1] == 1  # two at the prior, then one to probe
+
+
+def test_width_cost_follows_the_plan_weights_and_lookup_is_paced_by_it():
+    from effx.runtime.pacing import WIDTH_COST, WIDTH_COST_4BIT, width_cost
+    from effx.runtime.speculative import sources_of
+
+    model = tiny_model("llama", layers=2)
+    dense = effx.transform(model, passes="prompt-lookup")
+    four = effx.transform(model, passes="quantize,prompt-lookup")
+    eight = effx.transform(model, passes="quantize{bits=8},prompt-lookup")
+    assert width_cost(dense.plan) == WIDTH_COST
+    assert width_cost(four.plan) == WIDTH_COST_4BIT > width_cost(eight.plan) > WIDTH_COST
+    # lookup drafts cost nothing themselves, so it is paced: on 4-bit weights, where each verified
+    # position costs 0.2 of a step, a row whose drafts are accepted half the time drafts less
+    (lookup,) = sources_of(four.plan)
+    assert lookup.cost == 0.0
+    cheap, costly = Pacer(1, 4, 0.0, width_cost=WIDTH_COST), Pacer(1, 4, 0.0, width_cost=WIDTH_COST_4BIT)
+    assert cheap.lengths(4, [True]) == [3] and costly.lengths(4, [True]) == [1]  # the prior: one half
+    for p in (cheap, costly):  # a quarter of the drafts accepted: a 4-bit row stops drafting, a float one not
+        p.hits, p.tries = [[2.0] * 4], [[10.0] * 4]
+    assert cheap.lengths(4, [True]) == [2] and costly.lengths(4, [True]) == [0]

@@ -1,7 +1,8 @@
 """Adaptive draft lengths: draft only as far as a round is expected to pay, per row.
 
 A round with ``n`` drafts costs ``1 + (width_cost + draft_cost) * n`` dense steps (a verify step one token
-wider costs ``width_cost`` more: about 0.05 on SmolLM2, ``docs/drafting.md``; a draft step costs
+wider costs ``width_cost`` more: about 0.05 on SmolLM2 in float32, ``docs/drafting.md``, and 0.2 on its
+4-bit weights, :func:`width_cost`; a draft step costs
 ``draft_cost``, the source's own) and emits ``1 + a_1 + a_1 a_2 + ... + a_1 ... a_n`` tokens, where
 ``a_j`` is the chance that draft ``j`` is accepted once the drafts before it were. A plain step costs 1
 and emits 1. Each row drafts the length with the most tokens per unit of cost, and none when no length
@@ -18,11 +19,32 @@ are proposed, never what is emitted: the verifier decides every token.
 
 from __future__ import annotations
 
-__all__ = ["WIDTH_COST", "Average", "Pacer"]
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..plan import Plan
+
+__all__ = ["WIDTH_COST", "Average", "Pacer", "width_cost"]
 
 # what one more position costs a verify step, in plain steps (SmolLM2: a 4-token step costs 1.17x a 1-token
 # step, an 8-token step 1.34x; docs/drafting.md)
 WIDTH_COST = 0.05
+# the same on 4-bit weights, whose products de-quantize every weight for each row they multiply
+# (`benchmarks/steps.py --passes "quantize{source=gguf}"`, Zen 4: 2 / 4 / 8 positions cost 1.20 / 1.61 /
+# 2.91 plain steps); 8-bit weights are taken to lie half way (not measured)
+WIDTH_COST_4BIT = 0.2
+WIDTH_COST_8BIT = 0.1
+
+
+def width_cost(plan: Plan) -> float:
+    """What one more position costs ``plan``'s verify step, in plain steps, by how its layers store their
+    weights (the ``quantize`` pass it recorded): a model, not a timing, so that the drafts proposed are
+    the same on every run."""
+    for record in plan.passes:
+        if record.get("name") == "quantize":
+            bits = int(record.get("config", {}).get("bits", 32))
+            return WIDTH_COST_4BIT if bits <= 4 else WIDTH_COST_8BIT if bits <= 8 else WIDTH_COST
+    return WIDTH_COST
 
 
 class Average:

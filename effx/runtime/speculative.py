@@ -57,7 +57,7 @@ from ..plan import EarlyExitPolicy, Plan, StageSpec
 from ..techniques.draft import Draft, DraftSource
 from ..techniques.prompt_lookup import LookupDraft
 from .forward import KVCache, MaskCache, as_backend, positions_from_mask
-from .pacing import WIDTH_COST, Average, Pacer
+from .pacing import Average, Pacer, width_cost
 from .rejection import accept
 from .sampling import Sampler
 from .stats import DecodeStats
@@ -222,8 +222,11 @@ class Speculation:
         # against it: its cost in steps)
         self.step_seconds = Average()
         # sources that declare what a draft step costs draft adaptively (effx.runtime.pacing)
+        self.width_cost = width_cost(self.backend.plan)
         self.pacers = {
-            id(s): Pacer(self.batch, s.draft, s.cost) for s in sources if s.cost is not None and s.draft > 0
+            id(s): Pacer(self.batch, s.draft, s.cost, width_cost=self.width_cost)
+            for s in sources
+            if s.cost is not None and s.draft > 0
         }
 
     @property
@@ -294,7 +297,7 @@ class Speculation:
         hidden = backend.run_layers(self.cache, deep, hidden, cos, sin, masks)
         logits = head_logits(backend, hidden, self.stats)  # [batch, width, vocab]: each predicts slot + 1
         if len(deep) == len(plan.layers):  # a full step: what a plain decode step costs, for the pacers
-            self.step_seconds.add((time.perf_counter() - began) / (1 + WIDTH_COST * (width - 1)))
+            self.step_seconds.add((time.perf_counter() - began) / (1 + self.width_cost * (width - 1)))
         probs = None if draft is None else draft.probs
         lead, after = self.judge(logits, drafts, counts, active, probs)
         kept, taken = [0] * self.batch, [0] * self.batch

@@ -41,6 +41,9 @@ class LookupDraft(DraftSource):
     (``ngram`` tokens, else shorter down to ``min_ngram``) in the row's prompt and output."""
 
     name = "lookup"
+    # looking up costs nothing next to a step: each row drafts as far as the verify step's extra width
+    # pays at its recent acceptance (effx.runtime.pacing)
+    cost = 0.0
 
     def __init__(self, ngram: int, min_ngram: int, draft: int) -> None:
         self.draft = draft
