@@ -83,4 +83,4 @@ def test_the_serve_run_builder_checks_its_arguments_before_loading(model_dir):
     with pytest.raises(UsageError, match="replicas must be >= 0"):
         app({"model": str(model_dir), "replicas": "-1"})
     built = app({"model": str(model_dir), "replicas": "0", "max_replicas": "3", "max_batch": "4"})
-    assert built is not None
+    assert isinstance(built, serve.Application)
