@@ -19,6 +19,7 @@ __all__ = [
     "median_ms",
     "neuron_profile",
     "print_draft_rows",
+    "print_draft_sets",
     "same",
     "stats_of",
     "time_rows",
@@ -145,3 +146,15 @@ def print_draft_rows(runs: dict, base_of, new_tokens: int, width: int = 44) -> N
             f"{name:{width}} {new_tokens * len(outs) / seconds:7.1f} {total_seconds(base) / seconds:8.2f} "
             f"{str(same):>5} {acc} {per_round}"
         )
+
+
+def print_draft_sets(runners: dict, sets: dict, repeats: int, new_tokens: int) -> None:
+    """Each prompt set of :func:`drafting_sets` timed over ``runners`` with :func:`effx.bench.interleave`,
+    and its rows printed against the dense row of their own kind (the row named by the first word of
+    theirs, then ``dense``)."""
+    for set_name, prompts in sets.items():
+        runs = interleave(
+            runners, prompts, repeats=repeats, warmup=(prompts[0][0][:, :8], prompts[0][1][:, :8])
+        )
+        print(f"\n{set_name}: {len(prompts)} prompts")
+        print_draft_rows(runs, lambda name: f"{name.split()[0]} dense", new_tokens)

@@ -35,10 +35,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import drafting_sets, exit_heads, print_draft_rows, stats_of
+from common import drafting_sets, exit_heads, print_draft_sets, stats_of
 
 import effx
-from effx.bench import draft_vocab, interleave
+from effx.bench import draft_vocab
 
 
 def main() -> None:
@@ -107,12 +107,7 @@ def main() -> None:
 
     sets = drafting_sets(tok, args.sets, args.prompts, args.doc_tokens)
     print(f"SmolLM2-135M, batch 1, {n} new tokens, {args.threads} threads, {args.repeats} repeats (medians)")
-    for set_name, prompts in sets.items():
-        runs = interleave(
-            runners, prompts, repeats=args.repeats, warmup=(prompts[0][0][:, :8], prompts[0][1][:, :8])
-        )
-        print(f"\n{set_name}: {len(prompts)} prompts")
-        print_draft_rows(runs, lambda name: f"{name.split()[0]} dense", n)
+    print_draft_sets(runners, sets, args.repeats, n)
 
 
 if __name__ == "__main__":
