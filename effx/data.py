@@ -138,15 +138,120 @@ _ASKS = (
 )
 
 
+# everyday assistant tasks (code, stories, translation, advice, answers from a context), none of them from
+# PROMPTS: what an open chat asks besides questions about a topic
+_CODE = (
+    "reverses a string",
+    "checks whether a word is a palindrome",
+    "counts the vowels in a sentence",
+    "returns the largest number in a list",
+    "merges two sorted lists into one sorted list",
+    "removes duplicates from a list while keeping the order",
+    "computes the factorial of n recursively",
+    "tells whether a year is a leap year",
+    "converts Celsius to Fahrenheit",
+    "finds the most common word in a text",
+    "flattens a nested list",
+    "checks whether a number is prime",
+    "returns the sum of the digits of an integer",
+    "reads a CSV file and returns its rows as dictionaries",
+    "implements binary search on a sorted list",
+    "groups a list of words by their first letter",
+)
+_CONCEPTS = (
+    ("a dictionary", "a set"),
+    ("a for loop", "a while loop"),
+    ("a function", "a method"),
+    ("== and is", ""),
+    ("a shallow copy", "a deep copy"),
+    ("an exception", "a return code"),
+    ("a class", "an instance"),
+    ("a generator", "a list comprehension"),
+)
+_STORIES = (
+    "The train stopped in the middle of the desert, and",
+    "When the old clock in the hallway struck thirteen,",
+    "The robot had never seen snow before, so",
+    "On the first day at her new school, Maya found a note in her desk that said",
+    "The baker opened the oven and, to his surprise,",
+    "Deep in the forest, the two friends followed the map until",
+    "The last message from the spaceship read",
+    "Every night at midnight, the cat next door",
+)
+_SENTENCES = (
+    "Where is the nearest train station?",
+    "I would like a cup of coffee, please.",
+    "The museum is closed on Mondays.",
+    "My brother lives in a small village near the sea.",
+    "Can you help me carry these boxes?",
+    "We are going to the cinema tonight.",
+)
+_ADVICE = (
+    "saving money on groceries",
+    "studying for an exam",
+    "sleeping better",
+    "writing a good email",
+    "running your first five kilometres",
+    "staying focused while working from home",
+    "preparing for a job interview",
+    "reducing plastic waste at home",
+)
+_FACTS = (
+    (
+        "The Amazon River flows through Peru, Colombia and Brazil and carries more water than any other river.",
+        "Which countries does the Amazon River flow through?",
+    ),
+    (
+        "Alexander Fleming discovered penicillin in 1928 after noticing mould that killed bacteria in a dish.",
+        "What did Alexander Fleming notice in 1928?",
+    ),
+    (
+        "The Great Wall of China was built over many centuries, mostly to protect against raids from the north.",
+        "Why was the Great Wall of China built?",
+    ),
+    (
+        "Honey bees communicate the location of flowers to each other with a movement called the waggle dance.",
+        "How do honey bees tell each other where flowers are?",
+    ),
+    (
+        "Mount Kilimanjaro, in Tanzania, is the highest mountain in Africa at 5,895 metres.",
+        "How high is Mount Kilimanjaro, and where is it?",
+    ),
+    (
+        "The first modern Olympic Games were held in Athens in 1896, with athletes from 14 nations.",
+        "Where and when were the first modern Olympic Games held?",
+    ),
+)
+
+
+def _task_prompts() -> list[str]:
+    prompts = [f"Write a Python function that {task}." for task in _CODE]
+    prompts += [f"Explain what a Python function that {task} has to take care of." for task in _CODE[::2]]
+    prompts += [
+        f"What is the difference between {a} and {b} in Python?"
+        if b
+        else f"What is the difference between {a} in Python?"
+        for a, b in _CONCEPTS
+    ]
+    prompts += [f"Continue the story: {start}" for start in _STORIES]
+    prompts += [f"Translate to {lang}: {s}" for s in _SENTENCES for lang in ("French", "Spanish", "German")]
+    prompts += [f"Give three tips for {topic}." for topic in _ADVICE]
+    prompts += [f"Summarize in one sentence: {fact}" for fact, _ in _FACTS]
+    prompts += [f"Context: {fact} Question: {question}" for fact, question in _FACTS]
+    return prompts
+
+
 def training_prompts() -> list[str]:
-    """A varied set of instructions, for training on a model's own generations (exit heads): general
-    questions about 30 topics in six forms, summaries and questions over the ACLSum ``train`` and ``val``
-    papers, and explanations of pydoc ``calib`` pages; 533 prompts, in a fixed shuffled order. It shares no
-    text with the evaluation sets (``PROMPTS``, ACLSum ``test``, pydoc ``heldout``); without the ``aclsum``
-    wheel the papers are left out."""
+    """A varied set of instructions, for training on a model's own generations (exit heads, draft
+    branches): general questions about 30 topics in six forms; 78 everyday tasks (Python functions and
+    concepts, story openings, translations, advice, one-sentence summaries and answers from a given
+    context); summaries and questions over the ACLSum ``train`` and ``val`` papers; and explanations of
+    pydoc ``calib`` pages. 611 prompts, in a fixed shuffled order. The tasks take the forms an open chat
+    asks in, ``PROMPTS``' among them, but the set shares no text with the evaluation sets (``PROMPTS``,
+    ACLSum ``test``, pydoc ``heldout``); without the ``aclsum`` wheel the papers are left out."""
     import random
 
-    prompts = [ask.format(topic) for topic in _TOPICS for ask in _ASKS]
+    prompts = [ask.format(topic) for topic in _TOPICS for ask in _ASKS] + _task_prompts()
     try:
         papers = aclsum("train") + aclsum("val")
     except DataLoadError:

@@ -524,8 +524,9 @@ def train_draft_branch(
         raise ValueError("text_tokens needs texts to read")
     start = time.perf_counter()
     sequences = own_generations(
-        program, tokenizer, prompts, max_new_tokens=new_tokens, max_tokens=max_tokens, progress=progress
-    )
+        program, tokenizer, prompts, max_new_tokens=new_tokens, max_tokens=max_tokens, batch_size=16,
+        bf16=native_bf16() if bf16 is None else bf16, progress=progress,
+    )  # fmt: skip
     source = f"own generations ({new_tokens} new tokens per prompt)"
     if text_tokens:
         sequences = text_sequences(tokenizer, texts, 256, text_tokens) + sequences

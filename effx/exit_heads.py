@@ -71,10 +71,14 @@ def own_generations(
     max_new_tokens: int = 128,
     max_tokens: int | None = None,
     batch_size: int = 8,
+    bf16: bool = False,
     progress: bool = True,
 ) -> list[tuple[torch.Tensor, int, int]]:
     """The program's own greedy continuations of ``prompts`` (chat-formatted where the tokenizer has a
-    template), ``batch_size`` at a time, until ``max_tokens`` new tokens (if given) are generated.
+    template), ``batch_size`` at a time, until ``max_tokens`` new tokens (if given) are generated. Within
+    each window of ``8 * batch_size`` prompts, batches are formed by prompt length (left padding costs a
+    prefill). ``bf16``: generate under bfloat16 autocast (1.4x on Zen 4, where it is native; the text is
+    then the model's own in bfloat16, which can part from float32's after a near-tie).
 
     Returns sequences ``(ids, first, last)``: the prompt and its continuation (cut after the first stop
     token), and the positions ``first..last-1`` that generated the continuation."""
@@ -92,9 +96,18 @@ def own_generations(
 
         bar = tqdm(total=max_tokens, desc="generate own text", unit="tok")
     try:
-        for i in range(0, len(prompts), batch_size):
-            ids, mask = encode_prompts(tokenizer, prompts[i : i + batch_size])
-            gen = program.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
+        batches = [
+            batch
+            for w in range(0, len(prompts), 8 * batch_size)
+            for window in [sorted(prompts[w : w + 8 * batch_size], key=len)]
+            for batch in (window[i : i + batch_size] for i in range(0, len(window), batch_size))
+        ]
+        for batch in batches:
+            ids, mask = encode_prompts(tokenizer, batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                gen = program.generate(
+                    ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False
+                )
             for row in range(ids.shape[0]):
                 prompt = ids[row][mask[row].bool()]
                 new = gen[row, ids.shape[1] :].tolist()

@@ -506,6 +506,23 @@ def test_bench_quantize_flag_is_for_the_defaults(capsys):
     assert "--quantize adds to the default configurations" in capsys.readouterr().err
 
 
+def test_bench_branch_flag_is_checked_before_the_model_loads(capsys, tmp_path):
+    assert main(["bench", "--model", "/no/such/model", "--branch", str(tmp_path / "none.safetensors")]) == 2
+    assert "--branch: no such file" in capsys.readouterr().err
+    (tmp_path / "b.safetensors").write_bytes(b"")
+    args = [
+        "bench",
+        "--model",
+        "/no/such/model",
+        "--branch",
+        str(tmp_path / "b.safetensors"),
+        "--passes",
+        "x",
+    ]
+    assert main(args) == 2
+    assert "--branch adds to the default configurations" in capsys.readouterr().err
+
+
 def _config(name: str, speedup: float, ttft_speedup: float, tok_s, ttft_ms) -> dict:
     samples = [
         {"prompt": p, "repeat": r, "decode_tok_s": tok_s[p], "ttft_ms": ttft_ms[p]}

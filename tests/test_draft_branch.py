@@ -333,6 +333,33 @@ def test_own_generations_feed_training(dense):
     assert data.features[0].shape == (ids.numel(), dense.info.hidden_size)
 
 
+def test_own_generations_batch_prompts_by_length(dense):
+    """Within a window of prompts, batches are formed by length (left padding costs a prefill); every prompt
+    is generated once, and the sequences keep the prompt before its continuation."""
+    from effx.data import encode_prompts
+    from effx.testing import tiny_tokenizer
+
+    calls = []
+
+    class Recorder:
+        plan = dense.plan
+
+        def generate(self, ids, **kw):
+            calls.append(ids.shape[0])
+            return dense.generate(ids, **kw)
+
+    tok = tiny_tokenizer()
+    prompts = ["w5", "w5 w6 w7 w8 w9 w10", "w6 w7", "w9 w8 w7 w6 w5 w4 w3", "w3 w4 w5"]
+    seqs = own_generations(Recorder(), tok, prompts, max_new_tokens=4, batch_size=2, progress=False)
+    assert calls == [2, 2, 1]
+    lengths = [s[1] + 1 for s in seqs]  # each sequence's prompt length
+    assert lengths[:2] == sorted(lengths[:2]) and lengths[2:4] == sorted(lengths[2:4])
+    assert max(lengths[:2]) <= min(lengths[2:])  # the short prompts share the first batch
+    assert sorted(lengths) == sorted(encode_prompts(tok, [p])[0].shape[1] for p in prompts)
+    for ids, first, last in seqs:
+        assert 0 < first < last <= ids.numel() - 1
+
+
 def test_collection_batches_sequences_and_keeps_their_order(dense):
     """Sequences of different lengths read right-padded in batches give each sequence's own features and
     targets, in the order given; in bfloat16 the features stay close to float32's."""

@@ -26,7 +26,7 @@ from ..exit_heads import (
 )
 from ..models import cache_dir, gguf_file
 from ..neurons import profile_neurons
-from ..passes import EarlyExit, NeuronMask, PromptLookup, TokenDrop, VocabReduce, parse_pipeline
+from ..passes import DraftBranch, EarlyExit, NeuronMask, PromptLookup, TokenDrop, VocabReduce, parse_pipeline
 from ..vocab import VocabProfile, calibrate_vocab
 from .errors import BenchConfigError
 from .sweep import BenchConfig
@@ -213,7 +213,13 @@ def default_quantize(dense) -> str:
 
 
 def default_configs(
-    model_name: str, dense, tokenizer, *, progress: bool = True, quantize: str | None = None
+    model_name: str,
+    dense,
+    tokenizer,
+    *,
+    progress: bool = True,
+    quantize: str | None = None,
+    branch: str | None = None,
 ) -> list[BenchConfig]:
     """Every pass at the setting its README section measured on SmolLM2, placed by depth so that other
     models get the same shape (on a 30-layer model: exactly the documented layers):
@@ -224,7 +230,9 @@ def default_configs(
     * ``early-exit`` lossy after 1/3, 1/2, 2/3, 5/6 of the layers (10, 15, 20, 25) with trained heads
       (4k pydoc tokens), calibrated to 0.95 agreement;
     * the same exits with ``vocab-reduce`` exits k = V/24 (2048), adaptive, calibrated to 0.95;
-    * ``prompt-lookup`` at its defaults (lossless drafts from the prompt; its acceptance in the table).
+    * ``prompt-lookup`` at its defaults (lossless drafts from the prompt; its acceptance in the table);
+    * with ``branch`` (a trained draft branch's file: ``effx train-draft``, about 20 minutes, so never made
+      here), ``draft-branch`` at its defaults, alone and with ``prompt-lookup`` (lossless).
 
     * the quantize step alone (:func:`default_quantize`: ``quantize{source=gguf}`` for a model loaded from
       a GGUF file, else int8).
@@ -273,6 +281,12 @@ def default_configs(
         ),
         BenchConfig("prompt-lookup (lossless)", (PromptLookup(),)),
     ]
+    if branch:
+        drafts = DraftBranch(weights=branch)
+        configs += [
+            BenchConfig("draft-branch (lossless)", (drafts,)),
+            BenchConfig("draft-branch + prompt-lookup (lossless)", (drafts, PromptLookup())),
+        ]
     alone = default_quantize(dense)
     out = configs + [BenchConfig(alone, tuple(parse_pipeline(alone)))]
     if quantize:

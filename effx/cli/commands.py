@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from .. import frontend, show
 from ..chat import ChatSession, input_lines, load_prompts
@@ -310,6 +311,12 @@ def _bench_configs(args, bench):
         raise bench.BenchConfigError(
             "--quantize adds to the default configurations; with --passes, add it there"
         )
+    if args.branch and (args.passes or args.sweep):
+        raise bench.BenchConfigError(
+            "--branch adds to the default configurations; with --passes, add it there"
+        )
+    if args.branch and not Path(args.branch).is_file():
+        raise bench.BenchConfigError(f"--branch: no such file: {args.branch}")
     if not (args.passes or args.sweep):
         return None
     return bench.expand_configs(
@@ -330,7 +337,7 @@ def bench(args) -> int:
     name, dense, tokenizer = runnable.source.path, runnable.program, runnable.tokenizer.hf
     if configs is None:
         quantize = bench.default_quantize(dense) if args.quantize == "auto" else args.quantize
-        configs = bench.default_configs(name, dense, tokenizer, quantize=quantize)
+        configs = bench.default_configs(name, dense, tokenizer, quantize=quantize, branch=args.branch)
     result = bench.run_bench(
         runnable.model,
         tokenizer,

@@ -495,6 +495,13 @@ def _bench(sub, model) -> None:
         "(alone: quantize{source=gguf} for a model loaded from a GGUF file, else int8); the defaults "
         "always include the quantize step alone",
     )
+    b.add_argument(
+        "--branch",
+        default=None,
+        metavar="FILE",
+        help="add draft-branch rows (alone and with prompt-lookup) to the default configurations, with "
+        "this trained branch (effx train-draft)",
+    )
     b.add_argument("--no-plot", action="store_true", help="skip the Pareto plot (no matplotlib needed)")
     b.add_argument("--out", default="results", help="output directory (default: %(default)s)")
 
