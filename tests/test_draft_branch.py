@@ -64,11 +64,17 @@ def trained(dense, sequences, tmp_path_factory):
     return result, path, data
 
 
+def _branch(prog, args):
+    """The branch's fuse and layer stages of ``prog`` on BranchLayer's inputs."""
+    (fused,) = prog.stages[-4].graph(*args[:2])
+    return prog.stages[-3].graph(fused, *args[2:])
+
+
 def test_the_pass_adds_the_branch_before_the_head_and_sets_the_policy(model, trained):
     result, path, _ = trained
     prog = effx.transform(model, passes=f"draft-branch{{weights={path} draft=3}}")
     kinds = [s.kind for s in prog.stages]
-    assert kinds[-3:] == ["branch", "branch_head", "head"]
+    assert kinds[-4:] == ["branch_fuse", "branch", "branch_head", "head"]
     assert prog.plan.policy.draft_branch.draft == 3 and prog.plan.speculative
     assert prog.stages[-2].attrs["vocab_k"] == len(result.vocab) == 48
     # the branch head scores the draft vocabulary only
@@ -76,21 +82,22 @@ def test_the_pass_adds_the_branch_before_the_head_and_sets_the_policy(model, tra
     outside = torch.ones(prog.info.vocab_size, dtype=torch.bool)
     outside[result.vocab] = False
     assert torch.isinf(logits[..., outside]).all() and torch.isfinite(logits[..., ~outside]).all()
-    # the branch stage computes what the module it was exported from computes; by default (bits=8) its
-    # products read int8 weights, within int8 rounding of the float32 branch (bits=32)
+    # the branch's stages compute what the module they were exported from computes; by default (bits=8)
+    # their products read int8 weights, within int8 rounding of the float32 branch (bits=32)
     layer, _ = load_branch(str(path), prog.info)
     args = (
         torch.randn(2, 3, 64), torch.randn(2, 3, 64), torch.randn(2, 3, 16), torch.randn(2, 3, 16),
         torch.zeros(2, 1, 3, 5), torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16),
     )  # fmt: skip
     exact = effx.transform(model, passes=f"draft-branch{{weights={path} bits=32}}")
-    for got, want in zip(exact.stages[-3].graph(*args), layer(*args), strict=True):
+    for got, want in zip(_branch(exact, args), layer(*args), strict=True):
         torch.testing.assert_close(got, want)
-    assert prog.stages[-3].attrs["bits"] == 8 and exact.stages[-3].attrs["bits"] == 32
-    for stage in prog.stages[-3:-1]:
+    assert all(s.attrs["bits"] == 8 for s in prog.stages[-4:-1])
+    assert all(s.attrs["bits"] == 32 for s in exact.stages[-4:-1])
+    for stage in prog.stages[-4:-1]:
         linears = [n for n in stage.graph.graph.nodes if n.target == torch.ops.aten.linear.default]
         assert not linears and any(t.dtype == torch.int8 for t in stage.graph.buffers())
-    for got, want in zip(prog.stages[-3].graph(*args), layer(*args), strict=True):
+    for got, want in zip(_branch(prog, args), layer(*args), strict=True):
         err = (got - want).norm() / want.norm()
         assert 0 < err < 0.02
     # a later quantize keeps the int8 branch as the pass stored it, and quantizes a float32 one
@@ -105,6 +112,37 @@ def test_the_pass_adds_the_branch_before_the_head_and_sets_the_policy(model, tra
         assert not [n for n in stage.graph.graph.nodes if n.target == torch.ops.aten.linear.default]
     # the plan round-trips with its stage kinds and policy
     assert effx.Plan.from_json(prog.plan.to_json()) == prog.plan
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_the_branch_layer_runs_as_one_kernel_call(model, trained, bits):
+    """The branch's decoder layer has a captured layer's form, so the torch backend runs it as one kernel
+    call, as it runs the model's layers; its output equals its lowered graph's within float rounding (the
+    kernel's attention), its keys and values exactly."""
+    from effx.kernels.layer import FusedLayer
+    from effx.runtime.forward import attention_masks
+    from effx.runtime.torch_backend import torch_backend
+
+    prog = effx.transform(model, passes=f"draft-branch{{weights={trained[1]} bits={bits}}}")
+    assert [s.kind for s in prog.stages][-4:] == ["branch_fuse", "branch", "branch_head", "head"]
+    layer = torch_backend(prog)._graphs["branch"]
+    assert isinstance(layer, FusedLayer)
+    info, g = prog.info, torch.Generator().manual_seed(0)
+    batch, seq, past = 2, 3, 5
+    hidden = torch.randn(batch, seq, info.hidden_size, generator=g)
+    cos, sin = (torch.randn(batch, seq, info.rope_width, generator=g) for _ in range(2))
+    buffers = [
+        torch.randn(batch, info.num_kv_heads, past + seq + 4, info.head_dim, generator=g) for _ in range(2)
+    ]
+    valid = torch.ones(batch, past + seq, dtype=torch.bool)
+    valid[0, :2] = False  # a left-padded row
+    mask = attention_masks(valid, past, seq, [None], torch.float32)[None]
+    inputs = (hidden, cos, sin, mask, *(b[:, :, :past] for b in buffers))
+    with torch.inference_mode():
+        want = layer.graph_module(*inputs)
+        got = layer(*inputs)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert (got[0] - want[0]).norm() / want[0].norm() < 1e-6
 
 
 @pytest.mark.parametrize("rows", [1, 4])

@@ -9,15 +9,17 @@ KV cache of its own, and the Program verifies the drafts in one multi-token step
 The branch's cache entries for verified tokens are recomputed from the true features before the next
 round (:mod:`effx.runtime.draft_branch`).
 
-The pass adds two stages before the head and records the run-time policy::
+The pass adds three stages before the head and records the run-time policy::
 
     draft-branch{weights=branch.safetensors draft=4 threshold=0 adaptive=true bits=8}
 
-* ``branch`` ``(hidden, prev_hidden, cos, sin, mask, past_k, past_v) -> (hidden, k, v)``: ``hidden`` is the
-  embedding of the new tokens (the embed stage's output), ``prev_hidden`` the feature of the token before
-  each; RMS-normed, concatenated and fused by a linear map, then one pre-norm decoder layer (grouped-query
-  attention of the model's shape with its rotary tables, a SwiGLU MLP ``ffn`` wide). Its output is the
-  predicted feature.
+* ``branch_fuse`` ``(hidden, prev_hidden) -> (hidden,)``: ``hidden`` is the embedding of the new tokens (the
+  embed stage's output), ``prev_hidden`` the feature of the token before each; both RMS-normed,
+  concatenated and fused by a linear map into the layer's input.
+* ``branch`` ``(hidden, cos, sin, mask, past_k, past_v) -> (hidden, k, v)``: one pre-norm decoder layer
+  (grouped-query attention of the model's shape with its rotary tables, a SwiGLU MLP ``ffn`` wide), in
+  the form of a captured model layer, so that the torch backend runs it as one kernel call as it runs
+  the model's layers. Its output is the predicted feature.
 * ``branch_head``: the model's final norm and LM head over the branch file's draft vocabulary (FR-Spec:
   the most frequent ids of the model's own text), ``-inf`` elsewhere; the full head where the file has no
   vocabulary.
@@ -82,6 +84,8 @@ class BranchLayer(torch.nn.Module):
         super().__init__()
         d, hd = info.hidden_size, info.head_dim
         self.heads, self.kv_heads, self.head_dim, self.eps = info.num_heads, info.num_kv_heads, hd, eps
+        # a model with several rotary tables side by side (Gemma 3) gives the branch its first one
+        self.rope_slice = info.rope_width != hd
         linear = torch.nn.Linear
         self.norm_emb = torch.nn.Parameter(torch.ones(d))
         self.norm_feat = torch.nn.Parameter(torch.ones(d))
@@ -109,10 +113,12 @@ class BranchLayer(torch.nn.Module):
         """Queries ``[b, heads, s, d]``, keys and values ``[b, kv_heads, s, d]`` (rotated) of ``x``."""
         b, s, _ = x.shape
         h = _rms(x, self.norm_attn, self.eps)
-        q = self.q(h).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos[..., : self.head_dim].unsqueeze(1), sin[..., : self.head_dim].unsqueeze(1)
+        q = self.q(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.k(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+        if self.rope_slice:
+            cos, sin = cos[..., : self.head_dim], sin[..., : self.head_dim]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
     def finish(
@@ -121,15 +127,12 @@ class BranchLayer(torch.nn.Module):
         """The layer's output: ``x`` plus attention of ``q`` over ``keys``/``values`` (additive ``mask``
         ``[b, 1, s, keys]``), plus the MLP."""
         b, _, s, _ = q.shape
-        d, kv, group = self.head_dim, self.kv_heads, self.heads // self.kv_heads
-        # grouped-query attention without copying keys and values per query head: query head h reads kv
-        # head h // group, so the group's queries stack as rows of one product with their kv head
-        q = q.reshape(b, kv, group * s, d)
-        scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(d)
-        scores = torch.unflatten(scores, 2, (group, s)) + mask[:, :, None]
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).flatten(2, 3)
-        attn = torch.unflatten(torch.matmul(probs, values), 2, (group, s)).flatten(1, 2)
-        x = x + self.o(attn.transpose(1, 2).reshape(b, s, self.heads * d))
+        # grouped-query attention as the captured model's layers run it (effx's attention for transformers):
+        # query head h reads kv head h // (heads / kv_heads)
+        attn = torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=1 / math.sqrt(self.head_dim), enable_gqa=True
+        )
+        x = x + self.o(attn.transpose(1, 2).reshape(b, s, -1))
         h = _rms(x, self.norm_mlp, self.eps)
         mlp: torch.Tensor = self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
         return x + mlp
@@ -150,17 +153,60 @@ class BranchLayer(torch.nn.Module):
         return out, k, v
 
 
+class _Fuse(torch.nn.Module):
+    """The ``branch_fuse`` stage: the branch layer's input from the new tokens' embeddings and the features
+    before them."""
+
+    def __init__(self, layer: BranchLayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden: torch.Tensor, prev_hidden: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.layer.fuse(hidden, prev_hidden),)
+
+
+class _Decoder(torch.nn.Module):
+    """The ``branch`` stage: the branch's decoder layer with a layer stage's inputs and outputs, in the form
+    of the captured model's layers, so the torch backend runs it as one kernel call as it does theirs
+    (``effx.kernels.layer``)."""
+
+    def __init__(self, layer: BranchLayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden, cos, sin, mask, past_k, past_v):
+        q, k, v = self.layer.qkv(hidden, cos, sin)
+        out = self.layer.finish(hidden, q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2), mask)
+        return out, k, v
+
+
+# the roles of the branch layer's products, as capture tags a model layer's (the lowering reads them)
+_ROLES = {"layer.q.weight": "attn.q", "layer.k.weight": "attn.k", "layer.v.weight": "attn.v"}
+
+
+def _tag_roles(gm: torch.fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.linear.default:
+            weight = node.args[1]
+            role = _ROLES.get(getattr(weight, "target", ""))
+            if role is not None:
+                node.meta["effx_role"] = role
+
+
 def branch_stages(program: Program, layer: BranchLayer, vocab_ids: torch.Tensor | None) -> list[Stage]:
-    """The ``branch`` and ``branch_head`` stages of ``layer`` for ``program``."""
+    """The ``branch_fuse``, ``branch`` and ``branch_head`` stages of ``layer`` for ``program``."""
     info, dtype = program.info, torch_dtype(program.info)
     layer = layer.to(dtype).eval()
     for weight in layer.parameters():
         weight.requires_grad_(False)
     b, s, p = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=info.max_positions), Dim("past", min=0)
     B, S, P, d = 2, 3, 2, info.hidden_size
+    hidden = torch.randn(B, S, d, dtype=dtype)
+    fuse = export_module(
+        _Fuse(layer), (hidden, torch.randn(B, S, d, dtype=dtype)), ({0: b, 1: s}, {0: b, 1: s})
+    )
     args = (
-        torch.randn(B, S, d, dtype=dtype),
-        torch.randn(B, S, d, dtype=dtype),
+        hidden,
         torch.randn(B, S, info.rope_width, dtype=dtype),
         torch.randn(B, S, info.rope_width, dtype=dtype),
         torch.zeros(B, 1, S, P + S, dtype=dtype),
@@ -171,13 +217,14 @@ def branch_stages(program: Program, layer: BranchLayer, vocab_ids: torch.Tensor 
         {0: b, 1: s},
         {0: b, 1: s},
         {0: b, 1: s},
-        {0: b, 1: s},
         {0: b, 2: s, 3: Dim.AUTO},
         {0: b, 2: p},
         {0: b, 2: p},
     )
-    gm = export_module(layer, args, dynamic)
-    simplify(gm)
+    gm = export_module(_Decoder(layer), args, dynamic)
+    for graph in (fuse, gm):
+        simplify(graph)
+    _tag_roles(gm)
     if vocab_ids is None:
         head = program.head.graph
         k = info.vocab_size
@@ -185,6 +232,7 @@ def branch_stages(program: Program, layer: BranchLayer, vocab_ids: torch.Tensor 
         head = static_subset_graph(program.head.graph, vocab_ids, info, "draft-branch")
         k = int(vocab_ids.numel())
     return [
+        Stage("branch.fuse", "branch_fuse", fuse),
         Stage("branch", "branch", gm, attrs={"ffn": layer.gate.out_features}),
         Stage("branch.head", "branch_head", head, attrs={"vocab_k": k}),
     ]
@@ -301,5 +349,5 @@ class DraftBranch(Pass):
         if program.plan.policy.get("draft_branch") is None:
             raise PassError("the program has no draft-branch policy")
         kinds = [s.kind for s in program.stages]
-        if "branch" not in kinds or "branch_head" not in kinds:
+        if any(kind not in kinds for kind in ("branch_fuse", "branch", "branch_head")):
             raise PassError("the program has no branch stages")

@@ -48,6 +48,7 @@ class BranchDraft(DraftSource):
     def start(self, spec: Speculation) -> None:
         backend, xp = spec.backend, spec.xp
         plan, info = backend.plan, backend.plan.model
+        self.fuse = next(s for s in plan.stages if s.kind == "branch_fuse")
         self.stage = next(s for s in plan.stages if s.kind == "branch")
         self.head = next(s for s in plan.stages if s.kind == "branch_head")
         capacity = spec.key_valid.shape[1]
@@ -72,7 +73,8 @@ class BranchDraft(DraftSource):
         q = tokens.shape[1]
         masks = attention_masks(spec.key_valid[:, :end], end - q, q, (None,), backend.dtype, spec.slot_pos)
         mask = masks[None]  # the branch attends to every slot (no sliding window)
-        out, k, v = backend.run(self.stage, hidden, prev, cos, sin, mask, *self.cache.past(0))
+        (fused,) = backend.run(self.fuse, hidden, prev)
+        out, k, v = backend.run(self.stage, fused, cos, sin, mask, *self.cache.past(0))
         self.cache.write(0, k, v)
         return out
 

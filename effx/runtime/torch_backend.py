@@ -59,7 +59,7 @@ class TorchBackend(Backend):
             from ..kernels.layer import fuse_layer
 
             for s in program.stages:
-                if s.kind == "layer":
+                if s.kind in ("layer", "branch"):  # a draft branch's layer has a layer's form
                     self._graphs[s.name] = fuse_layer(self._graphs[s.name]) or self._graphs[s.name]
         self._kv_only: dict[str, torch.fx.GraphModule] = {}
         self._stacks: dict[tuple[str, ...], FusedStack | None] = {}

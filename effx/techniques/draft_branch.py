@@ -38,7 +38,15 @@ class DraftBranchPolicy:
             raise PlanError(f"draft-branch policy adaptive must be true or false, got {self.adaptive!r}")
 
 
-def _check_branch(_prev: StageSpec, stage: StageSpec, next_: StageSpec | None) -> str | None:
+def _check_fuse(_prev: StageSpec, stage: StageSpec, next_: StageSpec | None) -> str | None:
+    if next_ is None or next_.kind != "branch":
+        return f"branch_fuse stage {stage.name!r} must be followed by its branch stage"
+    return None
+
+
+def _check_branch(prev: StageSpec, stage: StageSpec, next_: StageSpec | None) -> str | None:
+    if prev.kind != "branch_fuse":
+        return f"branch stage {stage.name!r} must directly follow its branch_fuse stage"
     if next_ is None or next_.kind != "branch_head":
         return f"branch stage {stage.name!r} must be followed by its branch_head stage"
     return None
@@ -69,9 +77,10 @@ register(
         policy=DraftBranchPolicy,
         # the branch runs only while drafting (not every step): not in the per-step totals
         stage_kinds=(
+            StageKind("branch_fuse", ("hidden", "prev_hidden"), ("hidden",), always=False, check=_check_fuse),
             StageKind(
                 "branch",
-                ("hidden", "prev_hidden", "cos", "sin", "mask", "past_k", "past_v"),
+                ("hidden", "cos", "sin", "mask", "past_k", "past_v"),
                 ("hidden", "k", "v"),
                 always=False,
                 check=_check_branch,
