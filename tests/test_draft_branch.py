@@ -344,6 +344,11 @@ def test_refused_with_lossy_exits_twice_and_in_a_bad_plan(model, dense, trained)
         dataclasses.replace(plan, policy=dense.plan.policy).validate()
     with pytest.raises(PlanError, match="must be followed by its branch_head"):
         dataclasses.replace(plan, stages=tuple(s for s in plan.stages if s.kind != "branch_head")).validate()
+    # a plan from before the fusion was a stage of its own (an older artifact) is told to export again
+    with pytest.raises(
+        PlanError, match="must directly follow its branch_fuse stage.*export the program again"
+    ):
+        dataclasses.replace(plan, stages=tuple(s for s in plan.stages if s.kind != "branch_fuse")).validate()
 
 
 def test_data_split_holds_out_whole_sequences(dense):

@@ -21,17 +21,36 @@ def test_rows_draft_as_far_as_pays_and_stop_when_rejected():
         p.update([4, 4], [4, 0], [True, True])  # row 0 keeps every draft, row 1 none
     assert p.lengths(4, [True, True]) == [4, 0]
     assert p.lengths(2, [True, False]) == [2, 0]  # never past n, nothing for an inactive row
-    # row 1 idles, then probes one draft every `probe` rounds
+    # row 1 idles, then probes one draft after `probe` rounds; each probe that is rejected doubles the wait
     seen = []
-    for _ in range(8):
+    for _ in range(28):
         k = p.lengths(4, [True, True])[1]
         seen.append(k)
         p.update([4, k], [4, 0], [True, True])
-    assert seen == [0, 0, 0, 1, 0, 0, 0, 1]
-    # drafts accepted again: the row resumes
+    assert [i for i, k in enumerate(seen) if k] == [3, 11, 27] and sum(seen) == 3
+    # drafts accepted again: the row resumes, and once it stops it waits `probe` rounds again
     for _ in range(6):
         p.update([4, 1], [4, 1], [True, True])
     assert p.lengths(4, [True, True])[1] >= 1
+    assert p.wait[1] == 4
+
+
+def test_probes_back_off_to_the_cap_and_a_probe_that_pays_resets_the_wait():
+    p = Pacer(1, 2, draft_cost=0.1, probe=2, max_probe=8)
+    p.hits, p.tries = [[0.0, 0.0]], [[20.0, 20.0]]  # nothing accepted: no length pays
+    probes = []
+    for r in range(40):
+        k = p.lengths(2, [True])[0]
+        if k:
+            probes.append(r)
+        p.update([k], [0], [True])
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    assert gaps[:3] == [4, 8, 8] and set(gaps[2:]) == {8}  # 2, 4, 8, then the cap
+    p.hits, p.tries = [[19.0, 19.0]], [[20.0, 20.0]]  # the text changed: drafts would pay now
+    while not p.lengths(2, [True])[0]:
+        p.update([0], [0], [True])
+    p.update([1], [1], [True])
+    assert p.wait == [2]
 
 
 def test_costly_drafts_are_kept_shorter():

@@ -7,8 +7,10 @@ wider costs ``width_cost`` more: about 0.05 on SmolLM2 in float32, ``docs/drafti
 ``a_j`` is the chance that draft ``j`` is accepted once the drafts before it were. A plain step costs 1
 and emits 1. Each row drafts the length with the most tokens per unit of cost, and none when no length
 beats a plain step by ``margin`` (5%: the cost model is rough, and a round that only breaks even still
-pays the source's bookkeeping); a row that stopped drafting tries one draft every ``probe`` rounds (16),
-so it resumes when drafts would pay again. ``a_j`` is estimated per row from that row's recent rounds (counts that decay by
+pays the source's bookkeeping); a row that stopped drafting tries one draft after ``probe`` rounds (16),
+so it resumes when drafts would pay again. A probe costs a draft step and a wider verify step, so each
+probe after which drafting still does not pay doubles the wait before the next one, up to ``max_probe``
+rounds (256); a row that drafts by choice again waits ``probe`` rounds once it stops. ``a_j`` is estimated per row from that row's recent rounds (counts that decay by
 ``decay`` each round it drafts, from a prior of one half), so a row adapts to its own text.
 
 ``draft_cost`` is the source's: a fixed estimate, or one the source refines as it runs (the draft branch
@@ -70,13 +72,16 @@ class Pacer:
         width_cost: float = WIDTH_COST,
         decay: float = 0.9,
         probe: int = 16,
+        max_probe: int = 256,
         margin: float = 0.05,
     ) -> None:
         self.longest, self.draft_cost, self.width_cost, self.margin = longest, draft_cost, width_cost, margin
-        self.decay, self.probe = decay, probe
+        self.decay, self.probe, self.max_probe = decay, probe, max_probe
         self.hits = [[0.0] * longest for _ in range(batch)]  # drafts at position j accepted (decayed)
         self.tries = [[0.0] * longest for _ in range(batch)]  # drafts at position j judged (decayed)
         self.idle = [0] * batch  # rounds since the row last drafted
+        self.wait = [probe] * batch  # rounds a row that does not draft waits before it probes
+        self.probing = [False] * batch  # the row's draft this round is a probe
 
     def rates(self, row: int) -> list[float]:
         """The row's estimated acceptance per draft position, given the drafts before it accepted."""
@@ -96,12 +101,13 @@ class Pacer:
         return best
 
     def lengths(self, n: int, active: list[bool]) -> list[int]:
-        """Each row's draft length this round (at most ``n``); a row that has not drafted for ``probe``
-        rounds drafts one token."""
+        """Each row's draft length this round (at most ``n``); a row that has not drafted for its wait
+        (``probe`` rounds, doubled by each probe that did not pay) drafts one token."""
         out = []
         for b, a in enumerate(active):
             k = self.best(b, min(n, self.longest)) if a else 0
-            if a and k == 0 and self.idle[b] + 1 >= self.probe:
+            self.probing[b] = a and k == 0 and self.idle[b] + 1 >= self.wait[b]
+            if self.probing[b]:
                 k = min(1, n)
             out.append(k)
         return out
@@ -123,3 +129,9 @@ class Pacer:
                 tries[j] += 1.0
                 if j < k:
                     hits[j] += 1.0
+            if (
+                self.probing[b] and self.best(b, self.longest) == 0
+            ):  # a probe after which drafts still do not pay
+                self.wait[b] = min(2 * self.wait[b], self.max_probe)
+            else:
+                self.wait[b] = self.probe

@@ -46,7 +46,11 @@ def _check_fuse(_prev: StageSpec, stage: StageSpec, next_: StageSpec | None) -> 
 
 def _check_branch(prev: StageSpec, stage: StageSpec, next_: StageSpec | None) -> str | None:
     if prev.kind != "branch_fuse":
-        return f"branch stage {stage.name!r} must directly follow its branch_fuse stage"
+        # the branch's fusion was once part of its layer stage: such an artifact must be exported again
+        return (
+            f"branch stage {stage.name!r} must directly follow its branch_fuse stage (a draft branch exported "
+            "before the fusion was a stage of its own: export the program again)"
+        )
     if next_ is None or next_.kind != "branch_head":
         return f"branch stage {stage.name!r} must be followed by its branch_head stage"
     return None
