@@ -174,7 +174,15 @@ class _Decoder(torch.nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, hidden, cos, sin, mask, past_k, past_v):
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = self.layer.qkv(hidden, cos, sin)
         out = self.layer.finish(hidden, q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2), mask)
         return out, k, v
