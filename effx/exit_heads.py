@@ -77,8 +77,9 @@ def own_generations(
     """The program's own greedy continuations of ``prompts`` (chat-formatted where the tokenizer has a
     template), ``batch_size`` at a time, until ``max_tokens`` new tokens (if given) are generated. Within
     each window of ``8 * batch_size`` prompts, batches are formed by prompt length (left padding costs a
-    prefill). ``bf16``: generate under bfloat16 autocast (1.4x on Zen 4, where it is native; the text is
-    then the model's own in bfloat16, which can part from float32's after a near-tie).
+    prefill); the sequences come back in the prompts' order. ``bf16``: generate under bfloat16 autocast
+    (1.4x on Zen 4, where it is native; the text is then the model's own in bfloat16, which can part from
+    float32's after a near-tie).
 
     Returns sequences ``(ids, first, last)``: the prompt and its continuation (cut after the first stop
     token), and the positions ``first..last-1`` that generated the continuation."""
@@ -96,29 +97,31 @@ def own_generations(
 
         bar = tqdm(total=max_tokens, desc="generate own text", unit="tok")
     try:
-        batches = [
-            batch
+        order = [  # prompt indices: each window of 8 batches by length (left padding costs a prefill)
+            i
             for w in range(0, len(prompts), 8 * batch_size)
-            for window in [sorted(prompts[w : w + 8 * batch_size], key=len)]
-            for batch in (window[i : i + batch_size] for i in range(0, len(window), batch_size))
+            for i in sorted(range(w, min(w + 8 * batch_size, len(prompts))), key=lambda i: len(prompts[i]))
         ]
-        for batch in batches:
-            ids, mask = encode_prompts(tokenizer, batch)
+        done: dict[int, tuple[torch.Tensor, int, int]] = {}
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            ids, mask = encode_prompts(tokenizer, [prompts[i] for i in batch])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 gen = program.generate(
                     ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False
                 )
-            for row in range(ids.shape[0]):
+            for row, i in enumerate(batch):
                 prompt = ids[row][mask[row].bool()]
                 new = gen[row, ids.shape[1] :].tolist()
                 cut = next((j + 1 for j, t in enumerate(new) if t in stop), len(new))
                 seq = torch.cat([prompt, torch.tensor(new[:cut], dtype=prompt.dtype)])
-                out.append((seq, prompt.numel() - 1, seq.numel() - 1))
+                done[i] = (seq, prompt.numel() - 1, seq.numel() - 1)
                 total += cut
                 if bar is not None:
                     bar.update(cut)
             if max_tokens is not None and total >= max_tokens:
                 break
+        out = [done[i] for i in sorted(done)]  # in the prompts' order
     finally:
         if bar is not None:
             bar.close()

@@ -378,29 +378,30 @@ def test_own_generations_feed_training(dense):
 
 def test_own_generations_batch_prompts_by_length(dense):
     """Within a window of prompts, batches are formed by length (left padding costs a prefill); every prompt
-    is generated once, and the sequences keep the prompt before its continuation."""
+    is generated once, the sequences come back in the prompts' order, each with its prompt first."""
     from effx.data import encode_prompts
     from effx.testing import tiny_tokenizer
 
-    calls = []
+    batches = []
+    tok = tiny_tokenizer()
+    prompts = ["w5", "w5 w6 w7 w8 w9 w10", "w6 w7", "w9 w8 w7 w6 w5 w4 w3", "w3 w4 w5"]
+    lengths = {encode_prompts(tok, [p])[0].shape[1]: i for i, p in enumerate(prompts)}
 
     class Recorder:
         plan = dense.plan
 
-        def generate(self, ids, **kw):
-            calls.append(ids.shape[0])
-            return dense.generate(ids, **kw)
+        def generate(self, ids, attention_mask, **kw):
+            batches.append([lengths[int(n)] for n in attention_mask.sum(1)])
+            return dense.generate(ids, attention_mask=attention_mask, **kw)
 
-    tok = tiny_tokenizer()
-    prompts = ["w5", "w5 w6 w7 w8 w9 w10", "w6 w7", "w9 w8 w7 w6 w5 w4 w3", "w3 w4 w5"]
     seqs = own_generations(Recorder(), tok, prompts, max_new_tokens=4, batch_size=2, progress=False)
-    assert calls == [2, 2, 1]
-    lengths = [s[1] + 1 for s in seqs]  # each sequence's prompt length
-    assert lengths[:2] == sorted(lengths[:2]) and lengths[2:4] == sorted(lengths[2:4])
-    assert max(lengths[:2]) <= min(lengths[2:])  # the short prompts share the first batch
-    assert sorted(lengths) == sorted(encode_prompts(tok, [p])[0].shape[1] for p in prompts)
-    for ids, first, last in seqs:
-        assert 0 < first < last <= ids.numel() - 1
+    assert [len(b) for b in batches] == [2, 2, 1]
+    # the short prompts share the first batch, the long ones the next
+    assert [sorted(b) for b in batches] == [[0, 2], [1, 4], [3]]
+    for p, (ids, first, last) in zip(prompts, seqs, strict=True):
+        prompt = encode_prompts(tok, [p])[0][0]
+        assert first == prompt.numel() - 1 < last == ids.numel() - 1
+        assert torch.equal(ids[: prompt.numel()], prompt)
 
 
 def test_collection_batches_sequences_and_keeps_their_order(dense):
