@@ -231,7 +231,7 @@ def default_configs(
       (4k pydoc tokens), calibrated to 0.95 agreement;
     * the same exits with ``vocab-reduce`` exits k = V/24 (2048), adaptive, calibrated to 0.95;
     * ``prompt-lookup`` at its defaults (lossless drafts from the prompt; its acceptance in the table);
-    * with ``branch`` (a trained draft branch's file: ``effx train-draft``, about 20 minutes, so never made
+    * with ``branch`` (a trained draft branch's file: ``effx train-draft``, 20 to 40 minutes, so never made
       here), ``draft-branch`` at its defaults, alone and with ``prompt-lookup`` (lossless).
 
     * the quantize step alone (:func:`default_quantize`: ``quantize{source=gguf}`` for a model loaded from
