@@ -89,7 +89,7 @@ def own_generations(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     stop = set(program.plan.eos_token_ids) | {program.plan.pad_token_id}
-    out: list[tuple[torch.Tensor, int, int]] = []
+    done: dict[int, tuple[torch.Tensor, int, int]] = {}
     total = 0
     bar = None
     if progress:
@@ -102,7 +102,6 @@ def own_generations(
             for w in range(0, len(prompts), 8 * batch_size)
             for i in sorted(range(w, min(w + 8 * batch_size, len(prompts))), key=lambda i: len(prompts[i]))
         ]
-        done: dict[int, tuple[torch.Tensor, int, int]] = {}
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             ids, mask = encode_prompts(tokenizer, [prompts[i] for i in batch])
@@ -121,11 +120,10 @@ def own_generations(
                     bar.update(cut)
             if max_tokens is not None and total >= max_tokens:
                 break
-        out = [done[i] for i in sorted(done)]  # in the prompts' order
     finally:
         if bar is not None:
             bar.close()
-    return out
+    return [done[i] for i in sorted(done)]  # in the prompts' order
 
 
 def text_sequences(tokenizer, texts, seq_len: int = 128, max_tokens: int = 4096):

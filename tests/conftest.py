@@ -26,12 +26,38 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 from effx import kernels  # noqa: E402
 from effx.testing import left_padded_batch, related_models, tiny_config, tiny_model  # noqa: E402
 
-__all__ = ["left_padded_batch", "on_every_isa", "opened", "related_models", "tiny_config", "tiny_model"]
+__all__ = [
+    "layer_inputs",
+    "left_padded_batch",
+    "on_every_isa",
+    "opened",
+    "related_models",
+    "tiny_config",
+    "tiny_model",
+]
 
 # a kernel test runs once per vector target this machine runs (AVX-512 machines run the AVX2 build too),
 # with the kernels built for it in force; the portable C, and aarch64 under emulation, are held to the same
 # bits by tests/test_kernels_harness.py
 on_every_isa = pytest.mark.parametrize("isa", [i for i in kernels.isas() if i != "generic"] or kernels.isas())
+
+
+def layer_inputs(program, batch, seq, past, seed=0):
+    """A layer stage's inputs for ``seq`` new tokens on a cache buffer filled to ``past`` (room for 8 more),
+    row 0 left-padded by two slots."""
+    from effx.runtime.forward import attention_masks
+
+    info = program.info
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, seq, info.hidden_size, generator=g)
+    cos, sin = (torch.randn(batch, seq, info.rope_width, generator=g) for _ in range(2))
+    buffers = [
+        torch.randn(batch, info.num_kv_heads, past + seq + 8, info.head_dim, generator=g) for _ in range(2)
+    ]
+    valid = torch.ones(batch, past + seq, dtype=torch.bool)
+    valid[0, :2] = False
+    mask = attention_masks(valid, past, seq, [None], torch.float32)[None]
+    return hidden, cos, sin, mask, *(b[:, :, :past] for b in buffers)
 
 
 def opened(gen) -> set[str]:

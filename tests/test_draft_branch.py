@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import layer_inputs, tiny_model
 from safetensors.torch import load_file, save_file
 
 import effx
@@ -120,24 +120,13 @@ def test_the_branch_layer_runs_as_one_kernel_call(model, trained, bits):
     call, as it runs the model's layers; its output equals its lowered graph's within float rounding (the
     kernel's attention), its keys and values exactly."""
     from effx.kernels.layer import FusedLayer
-    from effx.runtime.forward import attention_masks
     from effx.runtime.torch_backend import torch_backend
 
     prog = effx.transform(model, passes=f"draft-branch{{weights={trained[1]} bits={bits}}}")
     assert [s.kind for s in prog.stages][-4:] == ["branch_fuse", "branch", "branch_head", "head"]
     layer = torch_backend(prog)._graphs["branch"]
     assert isinstance(layer, FusedLayer)
-    info, g = prog.info, torch.Generator().manual_seed(0)
-    batch, seq, past = 2, 3, 5
-    hidden = torch.randn(batch, seq, info.hidden_size, generator=g)
-    cos, sin = (torch.randn(batch, seq, info.rope_width, generator=g) for _ in range(2))
-    buffers = [
-        torch.randn(batch, info.num_kv_heads, past + seq + 4, info.head_dim, generator=g) for _ in range(2)
-    ]
-    valid = torch.ones(batch, past + seq, dtype=torch.bool)
-    valid[0, :2] = False  # a left-padded row
-    mask = attention_masks(valid, past, seq, [None], torch.float32)[None]
-    inputs = (hidden, cos, sin, mask, *(b[:, :, :past] for b in buffers))
+    inputs = layer_inputs(prog, 2, 3, 5)
     with torch.inference_mode():
         want = layer.graph_module(*inputs)
         got = layer(*inputs)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import on_every_isa
+from conftest import layer_inputs, on_every_isa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -275,23 +275,6 @@ def test_backend_runs_reference_ops_where_kernels_are_missing(monkeypatch):
 # -- a whole layer in one call (effx.kernels.layer) -------------------------------------------------------
 
 
-def _layer_inputs(program, batch, seq, past, seed=0):
-    """Inputs of layer 0 for ``seq`` new tokens on a cache buffer filled to ``past`` (room for 8 more)."""
-    info = program.info
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(batch, seq, info.hidden_size, generator=g)
-    cos, sin = (torch.randn(batch, seq, info.head_dim, generator=g) for _ in range(2))
-    buffers = [
-        torch.randn(batch, info.num_kv_heads, past + seq + 8, info.head_dim, generator=g) for _ in range(2)
-    ]
-    valid = torch.ones(batch, past + seq, dtype=torch.bool)
-    valid[0, :2] = False  # a left-padded row
-    from effx.runtime.forward import attention_masks
-
-    mask = attention_masks(valid, past, seq, [None], torch.float32)[None]
-    return hidden, cos, sin, mask, *(b[:, :, :past] for b in buffers)
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_a_layer_runs_as_one_call_within_bound_of_the_lowered_graph(kind, quantized):
@@ -301,7 +284,7 @@ def test_a_layer_runs_as_one_call_within_bound_of_the_lowered_graph(kind, quanti
     assert isinstance(layer, FusedLayer)
     with torch.inference_mode():
         for batch, seq, past in ((1, 1, 7), (2, 4, 5), (3, 1, 0)):
-            inputs = _layer_inputs(program, batch, seq, past)
+            inputs = layer_inputs(program, batch, seq, past)
             got = layer(*inputs)
             want = layer.graph_module(*inputs)
             assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])  # the same kernels for k, v
@@ -331,7 +314,7 @@ def test_the_fused_layer_is_batch_invariant_and_falls_back_where_it_must():
     calls = counting.calls
     try:
         with torch.inference_mode():
-            hidden, cos, sin, mask, pk, pv = _layer_inputs(program, 3, 2, 6)
+            hidden, cos, sin, mask, pk, pv = layer_inputs(program, 3, 2, 6)
             together = layer(hidden, cos, sin, mask, pk, pv)[0]
             for b in range(3):
                 alone = layer(
@@ -344,7 +327,7 @@ def test_the_fused_layer_is_batch_invariant_and_falls_back_where_it_must():
                 )
                 assert torch.equal(alone[0], together[b : b + 1])
             assert not calls
-            big = _layer_inputs(program, 1, kernels.MAX_ROWS + 1, 0)  # a prefill: the lowered graph
+            big = layer_inputs(program, 1, kernels.MAX_ROWS + 1, 0)  # a prefill: the lowered graph
             layer(*big)
             full = [
                 t.contiguous() if t.dim() == 4 and t.shape[2] == 6 else t
@@ -366,14 +349,14 @@ def test_a_quantized_layer_takes_a_prefill_in_one_call():
     layer.graph_module = counting = _Counting(real)
     try:
         with torch.inference_mode():
-            inputs = _layer_inputs(program, 2, kernels.MAX_ROWS, 3)
+            inputs = layer_inputs(program, 2, kernels.MAX_ROWS, 3)
             got, want = layer(*inputs), real(*inputs)
             assert not counting.calls
             # over MAX_ROWS rows the lowered graph rotates q and k with torch's ops (float rounding there
             # too, carried through attention and the MLP)
             for a, b in zip(got, want, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-            layer(*_layer_inputs(program, 1, PREFILL_ROWS + 1, 0))  # longer: the lowered graph
+            layer(*layer_inputs(program, 1, PREFILL_ROWS + 1, 0))  # longer: the lowered graph
             assert len(counting.calls) == 1
     finally:
         layer.graph_module = real

@@ -147,9 +147,21 @@ class BranchLayer(torch.nn.Module):
         past_k: torch.Tensor,
         past_v: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.fuse(emb, feat)
-        q, k, v = self.qkv(x, cos, sin)
-        out = self.finish(x, q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2), mask)
+        return self.decode(self.fuse(emb, feat), cos, sin, mask, past_k, past_v)
+
+    def decode(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The decoder layer on its input ``hidden`` (see :meth:`fuse`) over a cache of ``past_k``/``past_v``:
+        its output and the new keys and values."""
+        q, k, v = self.qkv(hidden, cos, sin)
+        out = self.finish(hidden, q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2), mask)
         return out, k, v
 
 
@@ -182,10 +194,10 @@ class _Decoder(torch.nn.Module):
         mask: torch.Tensor,
         past_k: torch.Tensor,
         past_v: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self.layer.qkv(hidden, cos, sin)
-        out = self.layer.finish(hidden, q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2), mask)
-        return out, k, v
+    ) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor
+    ]:  # a layer stage's input names (fuse_layer reads them)
+        return self.layer.decode(hidden, cos, sin, mask, past_k, past_v)
 
 
 # the roles of the branch layer's products, as capture tags a model layer's (the lowering reads them)
